@@ -1,0 +1,322 @@
+"""The SQLite side: schema, the outbox queue, `sync_errors`, the daemon lock.
+
+Every write is a short BEGIN IMMEDIATE transaction and no transaction is ever held across
+network I/O: other applications write to this file at the same time.
+"""
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import IO, Any
+
+from outbox_sync.documents import COLUMNS
+from outbox_sync.errors import AlreadyRunningError, DatabaseBusyError, DatabaseError
+
+# How long a write waits for another connection's write lock before giving up (and retrying
+# later: a busy database never loses an entry).
+DEFAULT_BUSY_TIMEOUT_S = 30.0
+SCHEMA_VERSION = "1"
+TRIGGERS = ("sequences_outbox_insert", "sequences_outbox_update", "sequences_outbox_delete")
+TABLES = ("outbox", "sync_errors", "outbox_sync_meta")
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    id: int
+    sequence_id: Any
+    op: str
+
+
+@dataclass(frozen=True)
+class SyncFailure:
+    """A record given up on: one future row of `sync_errors`."""
+
+    outbox_id: int
+    sequence_id: Any
+    op: str
+    document: str | None
+    http_status: int | None
+    error: str
+    attempts: int
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def schema_statements() -> list[str]:
+    """schema.sql split into statements (triggers hold semicolons of their own)."""
+    text = resources.files("outbox_sync").joinpath("schema.sql").read_text()
+    statements, current = [], ""
+    for line in text.splitlines(keepends=True):
+        if not current and (not line.strip() or line.lstrip().startswith("--")):
+            continue
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return statements
+
+
+class Database:
+    """One connection to the database file, in autocommit mode."""
+
+    def __init__(
+        self, path: Path, *, create: bool = False, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S
+    ) -> None:
+        self.path = path
+        if not create and not path.exists():
+            raise DatabaseError(
+                f"database {path} does not exist: create it with `outbox-sync init --db {path}`"
+            )
+        try:
+            self.conn = sqlite3.connect(
+                path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as error:
+            raise DatabaseError(f"cannot open database {path}: {error}") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A short write transaction. BEGIN IMMEDIATE waits for the lock up front (a deferred
+        transaction upgrading to a writer would fail at once, ignoring the busy timeout)."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            if "locked" in str(error) or "busy" in str(error):
+                raise DatabaseBusyError(f"database {self.path} stayed locked: {error}") from None
+            raise DatabaseError(f"cannot write to database {self.path}: {error}") from None
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # -- schema ---------------------------------------------------------------------------------
+
+    def init(self, *, backfill: bool = False) -> int:
+        """Apply schema.sql, then enqueue every existing row once (or again with backfill=True).
+        Returns how many rows were enqueued. All in one transaction: no row slips between the
+        backfill and the triggers."""
+        try:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as error:
+            raise DatabaseError(f"cannot initialise database {self.path}: {error}") from None
+        with self.write() as conn:
+            try:
+                for statement in schema_statements():
+                    conn.execute(statement)
+            except sqlite3.Error as error:
+                raise DatabaseError(f"cannot apply schema to {self.path}: {error}") from None
+            self._check_sequences_columns()
+            self._index_sequences_id()
+            done = conn.execute(
+                "SELECT 1 FROM outbox_sync_meta WHERE key = 'backfilled_at'"
+            ).fetchone()
+            enqueued = 0
+            if backfill or not done:
+                enqueued = conn.execute(
+                    "INSERT INTO outbox (sequence_id, op) SELECT id, 'upsert' FROM sequences"
+                    " ORDER BY id"
+                ).rowcount
+            conn.executemany(
+                "INSERT OR REPLACE INTO outbox_sync_meta (key, value) VALUES (?, ?)",
+                [("schema_version", SCHEMA_VERSION)]
+                + ([("backfilled_at", utc_now())] if backfill or not done else []),
+            )
+        return enqueued
+
+    def check_schema(self) -> None:
+        """Raise DatabaseError, saying what to do, unless `init` has been applied."""
+        names = {
+            row[0]
+            for row in self.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type IN ('table', 'trigger')"
+            )
+        }
+        missing = [name for name in ("sequences", *TABLES, *TRIGGERS) if name not in names]
+        if missing:
+            raise DatabaseError(
+                f"database {self.path} is missing {', '.join(missing)}: "
+                f"run `outbox-sync init --db {self.path}`"
+            )
+        self._check_sequences_columns()
+
+    def _check_sequences_columns(self) -> None:
+        present = {row[1] for row in self.conn.execute("PRAGMA table_info(sequences)")}
+        missing = [column for column in COLUMNS if column not in present]
+        if missing:
+            raise DatabaseError(
+                f"table sequences in {self.path} has no column {', '.join(missing)}: "
+                "outbox-sync needs " + ", ".join(COLUMNS)
+            )
+
+    def _index_sequences_id(self) -> None:
+        """A legacy table whose `id` is not the rowid gets an index, so lookups stay O(log n)."""
+        info = {row[1]: row for row in self.conn.execute("PRAGMA table_info(sequences)")}
+        pk_columns = [name for name, row in info.items() if row[5]]
+        if pk_columns == ["id"] and str(info["id"][2]).upper() == "INTEGER":
+            return
+        first_columns = self.conn.execute(
+            "SELECT i.name FROM pragma_index_list('sequences') AS l,"
+            " pragma_index_info(l.name) AS i WHERE i.seqno = 0"
+        ).fetchall()
+        if ("id",) in first_columns:
+            return
+        self.conn.execute("CREATE INDEX IF NOT EXISTS outbox_sync_sequences_id ON sequences (id)")
+
+    # -- the queue ------------------------------------------------------------------------------
+
+    def _fetch_raw(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Fetch with TEXT as bytes, so invalid UTF-8 becomes a record error, not a crash."""
+        self.conn.text_factory = bytes
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        finally:
+            self.conn.text_factory = str
+
+    def claim(self, limit: int) -> list[OutboxEntry]:
+        """The oldest `limit` outbox entries, in id order."""
+        rows = self._fetch_raw(
+            "SELECT id, sequence_id, op FROM outbox ORDER BY id LIMIT ?", (limit,)
+        )
+        return [
+            OutboxEntry(
+                id,
+                key.decode("utf-8", "replace") if isinstance(key, bytes) else key,
+                op.decode(),
+            )
+            for id, key, op in rows
+        ]
+
+    def read_records(self, keys: Sequence[int]) -> dict[int, tuple[Any, ...]]:
+        """The current rows of `sequences` for these integer ids (absent ones are gone)."""
+        columns = ", ".join(COLUMNS)
+        try:
+            rows = self._fetch_raw(
+                f"SELECT {columns} FROM sequences WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(keys)),),
+            )
+        except sqlite3.OperationalError as error:
+            if "no such column" in str(error) or "no such table" in str(error):
+                raise DatabaseError(
+                    f"table sequences in {self.path} changed under the daemon ({error}): "
+                    "outbox-sync needs " + ", ".join(COLUMNS)
+                ) from None
+            raise
+        return {row[0]: row for row in rows}
+
+    def ack(
+        self,
+        last_id: int,
+        synced_keys: Sequence[Any],
+        failures: Sequence[SyncFailure],
+    ) -> None:
+        """Remove claimed entries up to last_id, record failures, close errors a later sync
+        superseded. Entries enqueued after the claim have higher ids and stay queued."""
+        now = utc_now()
+        with self.write() as conn:
+            conn.execute("DELETE FROM outbox WHERE id <= ?", (last_id,))
+            if (
+                synced_keys
+                and conn.execute(
+                    "SELECT 1 FROM sync_errors WHERE resolved_at IS NULL LIMIT 1"
+                ).fetchone()
+            ):
+                conn.execute(
+                    "UPDATE sync_errors SET resolved_at = ?, resolution = 'superseded'"
+                    " WHERE resolved_at IS NULL"
+                    " AND sequence_id IN (SELECT value FROM json_each(?))",
+                    (now, json.dumps(list(synced_keys))),
+                )
+            conn.executemany(
+                "INSERT INTO sync_errors (outbox_id, sequence_id, op, document, http_status,"
+                " error, attempts, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        f.outbox_id,
+                        f.sequence_id,
+                        f.op,
+                        f.document,
+                        f.http_status,
+                        f.error,
+                        f.attempts,
+                        now,
+                    )
+                    for f in failures
+                ],
+            )
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (cheap: poll it to wake up)."""
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    # -- reading for people ---------------------------------------------------------------------
+
+    def counts(self) -> dict[str, Any]:
+        pending, oldest = self.conn.execute(
+            "SELECT count(*), min(enqueued_at) FROM outbox"
+        ).fetchone()
+        (open_errors,) = self.conn.execute(
+            "SELECT count(*) FROM sync_errors WHERE resolved_at IS NULL"
+        ).fetchone()
+        (rows,) = self.conn.execute("SELECT count(*) FROM sequences").fetchone()
+        return {
+            "pending": pending,
+            "oldest_pending_age_s": None if oldest is None else round(time.time() - oldest, 3),
+            "sync_errors_open": open_errors,
+            "rows": rows,
+        }
+
+    def list_errors(self, *, include_resolved: bool = False) -> list[dict[str, Any]]:
+        where = "" if include_resolved else " WHERE resolved_at IS NULL"
+        cursor = self.conn.execute(
+            "SELECT id, outbox_id, sequence_id, op, document, http_status, error, attempts,"
+            f" failed_at, resolved_at, resolution, note FROM sync_errors{where} ORDER BY id"
+        )
+        names = [column[0] for column in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor]
+
+
+class DaemonLock:
+    """An exclusive flock on a file beside the database. The kernel drops it when the process
+    dies, so a crashed daemon never leaves a stale lock."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = db_path.with_name(db_path.name + ".outbox-sync.lock")
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        handle = open(self.path, "a+")  # noqa: SIM115 - held for the daemon's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise AlreadyRunningError(
+                f"another outbox-sync daemon (pid {holder}) is already running on this database "
+                f"(lock {self.path}); stop it first, only one may work a file at a time"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,124 @@
+"""Mapping a row of `sequences` to a Typesense document, with validation done on our side.
+
+Values must already have the right type: a loose legacy table may hold '12' in an integer
+column, and we refuse it (naming the field) rather than guess, so the index holds exactly what
+SQLite holds.
+"""
+
+import json
+from typing import Any
+
+from outbox_sync.errors import InvalidRecordError
+
+# The columns read from `sequences`, in this order.
+COLUMNS = ("id", "element_type", "element_id", "sequence_number", "comment", "created_at")
+
+# The collection schema (DEVELOPERS.md): `id` is implicit and always a string in Typesense.
+FIELDS: tuple[dict[str, Any], ...] = (
+    {"name": "element_type", "type": "string", "facet": True},
+    {"name": "element_id", "type": "int64"},
+    {"name": "sequence_number", "type": "int32", "sort": True},
+    {"name": "comment", "type": "string", "optional": True},
+    {"name": "created_at", "type": "string", "sort": True},
+)
+DEFAULT_SORTING_FIELD = "sequence_number"
+
+INT32 = (-(2**31), 2**31 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+# Typesense has no hard limit, but a megabyte of comment is a bug upstream, not a record.
+MAX_TEXT_BYTES = 64 * 1024
+MAX_SHORT_TEXT_BYTES = 1024
+
+
+def collection_schema(name: str) -> dict[str, Any]:
+    """The body that creates the collection."""
+    return {
+        "name": name,
+        "fields": [dict(field) for field in FIELDS],
+        "default_sorting_field": DEFAULT_SORTING_FIELD,
+    }
+
+
+def document_id(key: object) -> str | None:
+    """The document id for a `sequences.id` value, or None when no document can have it."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return str(key)
+    return None
+
+
+def to_document(row: tuple[Any, ...]) -> dict[str, Any]:
+    """Build the document for one row (in COLUMNS order); raise InvalidRecordError."""
+    key, element_type, element_id, sequence_number, comment, created_at = row
+    doc_id = document_id(key)
+    if doc_id is None:
+        raise InvalidRecordError("id", f"expected an integer, got {_describe(key)}")
+    document: dict[str, Any] = {
+        "id": doc_id,
+        "element_type": _text("element_type", element_type, MAX_SHORT_TEXT_BYTES),
+        "element_id": _integer("element_id", element_id, INT64),
+        "sequence_number": _integer("sequence_number", sequence_number, INT32),
+        "created_at": _text("created_at", created_at, MAX_SHORT_TEXT_BYTES),
+    }
+    if comment is not None:
+        document["comment"] = _text("comment", comment, MAX_TEXT_BYTES)
+    return document
+
+
+def encode(document: dict[str, Any]) -> bytes:
+    """One JSONL line (without the newline)."""
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def describe_row(row: tuple[Any, ...]) -> str:
+    """The row as JSON for `sync_errors`, when it could not become a document."""
+    return json.dumps(
+        {name: _jsonable(value) for name, value in zip(COLUMNS, row, strict=True)},
+        ensure_ascii=False,
+    )
+
+
+def _text(field: str, value: Any, max_bytes: int) -> str:
+    if value is None:
+        raise InvalidRecordError(field, "is NULL but the field is required")
+    if isinstance(value, bytes):  # rows are read with text_factory=bytes: decode here
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InvalidRecordError(
+                field, f"is not valid UTF-8 (bad byte at offset {error.start})"
+            ) from None
+        if len(value) > max_bytes:
+            raise InvalidRecordError(
+                field, f"is {len(value)} bytes, more than the limit of {max_bytes}"
+            )
+        return text
+    raise InvalidRecordError(field, f"expected text, got {_describe(value)}")
+
+
+def _integer(field: str, value: Any, bounds: tuple[int, int]) -> int:
+    if value is None:
+        raise InvalidRecordError(field, "is NULL but the field is required")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidRecordError(field, f"expected an integer, got {_describe(value)}")
+    low, high = bounds
+    if not low <= value <= high:
+        raise InvalidRecordError(field, f"{value} is outside the range {low}..{high}")
+    return value
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bytes):
+        text = value.decode("utf-8", "replace")
+        return f"text {text[:40]!r}"
+    if isinstance(value, float):
+        return f"real {value!r}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        text = value.decode("utf-8", "replace")
+        return text if len(text) <= 200 else text[:200] + "…"
+    return value

@@ -1,0 +1,243 @@
+"""The Typesense side: the collection, batched upserts and deletes, and the one place that
+decides whether a failure is the server's (retry later) or a request's (give up)."""
+
+import functools
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+import tenacity
+import typesense
+from typesense import exceptions as ts
+
+from outbox_sync.documents import FIELDS, collection_schema
+from outbox_sync.errors import (
+    ConfigError,
+    SchemaMismatchError,
+    TypesenseError,
+    TypesenseRejectedError,
+    TypesenseUnavailableError,
+)
+
+# A 10k-document import takes ~0.3 s here; 10 s leaves room for a busy server without letting a
+# hung one stall the loop for long.
+DEFAULT_TIMEOUT_S = 10.0
+# Ids per delete-by-filter request: keeps the URL far below httpx's 64 KiB limit.
+MAX_DELETE_IDS = 1000
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """Typesense's verdict on one line of an import."""
+
+    ok: bool
+    http_status: int | None = None
+    error: str | None = None
+
+
+def parse_node(url: str) -> dict[str, Any]:
+    """`http://host:port` -> the client's node dict; ConfigError on anything else."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"Typesense URL {url!r} must look like http://127.0.0.1:8108")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ConfigError(f"Typesense URL {url!r} must not carry credentials, a query or a #")
+    try:
+        port = parts.port or 8108
+    except ValueError:
+        raise ConfigError(f"Typesense URL {url!r} has an invalid port") from None
+    return {
+        "host": parts.hostname,
+        "port": port,
+        "protocol": parts.scheme,
+        "path": parts.path.rstrip("/"),
+    }
+
+
+def classify(error: Exception, collection: str) -> Exception:
+    """Map a client or transport exception onto our hierarchy. Unknown ones pass through."""
+    if isinstance(error, TypesenseError):
+        return error
+    if isinstance(error, httpx.TransportError | ts.Timeout | ts.HTTPStatus0Error):
+        return TypesenseUnavailableError(f"Typesense unreachable: {type(error).__name__}: {error}")
+    if isinstance(error, ts.TypesenseClientError) and len(error.args) >= 2:
+        status, message = error.args[0], str(error.args[1])
+        if isinstance(error, ts.ServerError | ts.ServiceUnavailable) or (
+            isinstance(error, ts.ObjectUnprocessable) and "resource" in message
+        ):
+            return TypesenseUnavailableError(f"Typesense answered {status}: {message}", status)
+        if isinstance(error, ts.RequestUnauthorized | ts.RequestForbidden):
+            return TypesenseRejectedError(
+                f"Typesense refused the API key ({status}): check TYPESENSE_API_KEY "
+                "or --api-key-file",
+                status,
+            )
+        if isinstance(error, ts.ObjectNotFound):
+            return TypesenseRejectedError(
+                f"Typesense collection {collection!r} does not exist ({status}: {message})",
+                status,
+            )
+        return TypesenseRejectedError(f"Typesense answered {status}: {message}", status)
+    if isinstance(error, ts.TypesenseClientError):  # e.g. a response that is not JSON
+        return TypesenseUnavailableError(f"Typesense gave a broken response: {error}")
+    return error
+
+
+# The single-retry policy for server trouble: one immediate retry, then the caller keeps the
+# rows queued and backs off. The client's own retries are off (num_retries=0).
+RETRY_ONCE: dict[str, Any] = {
+    "stop": tenacity.stop_after_attempt(2),
+    "retry": tenacity.retry_if_exception_type(TypesenseUnavailableError),
+    "reraise": True,
+}
+
+
+class TypesenseIndex:
+    """One collection on one Typesense server or cluster."""
+
+    def __init__(
+        self,
+        nodes: Sequence[str],
+        api_key: str,
+        collection: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        ca_file: str | None = None,
+    ) -> None:
+        self.collection = collection
+        # Typed as Any: the client's TypedDicts add nothing over the checks made here.
+        config: Any = {
+            "nodes": [parse_node(url) for url in nodes],
+            "api_key": api_key,
+            "num_retries": 0,
+            "connection_timeout_seconds": timeout_s,
+            "verify": ca_file or True,
+        }
+        self.client: Any = typesense.Client(config)
+        self.documents: Any = self.client.collections[collection].documents
+
+    def _call(self, request: Callable[[], T]) -> T:
+        try:
+            return request()
+        except Exception as error:
+            raise classify(error, self.collection) from None
+
+    def _call_retrying(self, request: Callable[[], T]) -> T:
+        for attempt in tenacity.Retrying(**RETRY_ONCE):
+            with attempt:
+                return self._call(request)
+        raise AssertionError("unreachable: tenacity reraises")
+
+    # -- collection -----------------------------------------------------------------------------
+
+    def ensure_collection(self) -> bool:
+        """Create the collection if absent (True), or check its schema; SchemaMismatchError
+        says what differs. Never index into a collection of another shape."""
+        try:
+            existing = self._call(self.client.collections[self.collection].retrieve)
+        except TypesenseRejectedError as error:
+            if error.http_status != 404:
+                raise
+            self._call_retrying(
+                lambda: self.client.collections.create(collection_schema(self.collection))
+            )
+            return True
+        problems = schema_differences(existing.get("fields", []))
+        if problems:
+            raise SchemaMismatchError(
+                f"Typesense collection {self.collection!r} has an incompatible schema: "
+                + "; ".join(problems)
+                + ". Use another --collection, or drop this one and let outbox-sync create it."
+            )
+        return False
+
+    def count(self) -> int:
+        info = self._call(self.client.collections[self.collection].retrieve)
+        return int(info["num_documents"])
+
+    def healthy(self) -> bool:
+        try:
+            return bool(self._call(self.client.operations.is_healthy))
+        except TypesenseError:
+            return False
+
+    # -- documents ------------------------------------------------------------------------------
+
+    def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
+        """Upsert `count` documents given as JSONL. Typesense answers 200 even when lines fail:
+        the verdicts come one per line, in order (0.24.1 omits ids on failed lines)."""
+        response = self._call_retrying(lambda: self.documents.import_(body, {"action": "upsert"}))
+        results = []
+        for line in response.splitlines():
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError:
+                raise TypesenseUnavailableError(
+                    f"broken import response line: {line[:200]!r}"
+                ) from None
+            if item.get("success"):
+                results.append(ImportResult(True))
+            else:
+                results.append(ImportResult(False, item.get("code"), str(item.get("error"))))
+        if len(results) != count:
+            raise TypesenseUnavailableError(
+                f"import answered {len(results)} results for {count} documents"
+            )
+        return results
+
+    def delete_ids(self, ids: Sequence[str]) -> int:
+        """Delete documents by id, in requests of at most MAX_DELETE_IDS. Missing ids are
+        ignored (already gone is success)."""
+        deleted = 0
+        for start in range(0, len(ids), MAX_DELETE_IDS):
+            chunk = ids[start : start + MAX_DELETE_IDS]
+            # ids are decimal strings (documents.document_id): nothing to escape.
+            params = {"filter_by": f"id:[{','.join(chunk)}]"}
+            response: dict[str, Any] = self._call_retrying(
+                functools.partial(self.documents.delete, params)
+            )
+            deleted += int(response.get("num_deleted", 0))
+        return deleted
+
+    def retrieve(self, doc_id: str) -> dict[str, Any] | None:
+        try:
+            return dict(self._call(self.documents[doc_id].retrieve))
+        except TypesenseRejectedError as error:
+            if error.http_status == 404:
+                return None
+            raise
+
+    def search(self, params: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._call(lambda: self.documents.search(params)))
+
+
+def schema_differences(fields: Sequence[dict[str, Any]]) -> list[str]:
+    """What keeps an existing collection's fields from taking our documents."""
+    actual = {field["name"]: field for field in fields}
+    problems = []
+    for wanted in FIELDS:
+        name = wanted["name"]
+        field = actual.get(name)
+        if field is None:
+            problems.append(f"field {name} is missing")
+            continue
+        for key, value in wanted.items():
+            if key not in ("name", "optional") and field.get(key) != value:
+                problems.append(f"field {name} has {key}={field.get(key)!r}, expected {value!r}")
+        if bool(field.get("optional", False)) != bool(wanted.get("optional", False)):
+            problems.append(
+                f"field {name} has optional={field.get('optional')!r}, "
+                f"expected {wanted.get('optional', False)!r}"
+            )
+    ours = {wanted["name"] for wanted in FIELDS}
+    for name, field in actual.items():
+        if name not in ours and name != ".*" and not field.get("optional", False):
+            problems.append(f"field {name} is required by the collection but outbox-sync has none")
+    return problems
