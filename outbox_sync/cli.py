@@ -17,7 +17,7 @@ from outbox_sync import __version__, logs
 from outbox_sync.config import DEFAULT_COLLECTION, DEFAULT_DB, Settings, build_settings
 from outbox_sync.db import DaemonLock, Database
 from outbox_sync.errors import OutboxSyncError, TypesenseError
-from outbox_sync.localserver import LocalTypesense, embedded_api_key
+from outbox_sync.localserver import DEFAULT_EMBEDDED_PORT, LocalTypesense, embedded_api_key
 from outbox_sync.typesense_index import DEFAULT_TIMEOUT_S, TypesenseIndex
 from outbox_sync.worker import DEFAULT_BATCH_SIZE, Worker
 
@@ -25,7 +25,8 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--db, --typesense-url, --api-key-file, --collection, --timeout, --ca-file: each also
+    """--db, --typesense-url, --api-key-file, --collection, --timeout, --embedded-port,
+    --ca-file: each also
     from its environment variable; a flag wins over the environment."""
     options = [
         click.option(
@@ -69,6 +70,15 @@ def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="Timeout of one Typesense request [env: OUTBOX_SYNC_TIMEOUT].",
         ),
         click.option(
+            "--embedded-port",
+            envvar="OUTBOX_SYNC_EMBEDDED_PORT",
+            type=click.IntRange(1, 65535),
+            default=DEFAULT_EMBEDDED_PORT,
+            show_default=True,
+            help="Port of the embedded Typesense on 127.0.0.1, used when no --typesense-url "
+            "is set [env: OUTBOX_SYNC_EMBEDDED_PORT].",
+        ),
+        click.option(
             "--ca-file",
             envvar="OUTBOX_SYNC_CA_FILE",
             metavar="PATH",
@@ -83,6 +93,7 @@ def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
         api_key_file: str | None,
         collection: str,
         timeout_s: float,
+        embedded_port: int,
         ca_file: str | None,
         **kwargs: Any,
     ) -> Any:
@@ -93,6 +104,7 @@ def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
             collection=collection,
             timeout_s=timeout_s,
             ca_file=ca_file,
+            embedded_port=embedded_port,
         )
         logs.configure(click.get_current_context().obj["log_level"], (settings.api_key or "",))
         return command(settings, **kwargs)

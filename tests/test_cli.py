@@ -1,0 +1,153 @@
+"""The command line as users meet it: help, configuration errors, status and errors list."""
+
+import json
+import os
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from outbox_sync.cli import main
+from outbox_sync.db import Database, SyncFailure
+from tests.conftest import ROW_SQL, Server, app_connection, make_row
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    for name in list(os.environ):
+        if name.startswith(("OUTBOX_SYNC_", "TYPESENSE_")):
+            monkeypatch.delenv(name)
+    return CliRunner()
+
+
+def all_commands(group: click.Group, prefix: str = "") -> list[tuple[str, click.Command]]:
+    found = []
+    for name, command in group.commands.items():
+        found.append((f"{prefix}{name}", command))
+        if isinstance(command, click.Group):
+            found += all_commands(command, f"{prefix}{name} ")
+    return found
+
+
+def test_every_command_explains_itself() -> None:
+    commands = all_commands(main)
+    assert {name for name, _ in commands} >= {"init", "run", "status", "errors", "errors list"}
+    for name, command in commands:
+        assert command.help and len(command.help) > 40, f"{name} needs a docstring"
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{name} {param.opts} needs help text"
+
+
+def test_status_json_names_a_missing_collection(
+    runner: CliRunner, db_path: Path, typesense_server: Server, collection: str
+) -> None:
+    env = {"TYPESENSE_URL": typesense_server.url, "TYPESENSE_API_KEY": typesense_server.api_key}
+    result = runner.invoke(
+        main, ["status", "--json", "--db", str(db_path), "--collection", collection], env=env
+    )
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    assert status["documents"] is None and status["typesense_ok"] is False
+    assert f"collection '{collection}' does not exist" in status["typesense_error"]
+
+
+def test_status_json_reports_backlog_and_documents(
+    runner: CliRunner, db_path: Path, typesense_server: Server, collection: str, index: object
+) -> None:
+    app_connection(db_path).executemany(ROW_SQL, [make_row(1), make_row(2)])
+    env = {"TYPESENSE_URL": typesense_server.url, "TYPESENSE_API_KEY": typesense_server.api_key}
+    result = runner.invoke(
+        main, ["status", "--json", "--db", str(db_path), "--collection", collection], env=env
+    )
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    assert status["pending"] == 2 and status["rows"] == 2
+    assert status["sync_errors_open"] == 0
+    assert status["documents"] == 0 and status["typesense_ok"] is True
+    assert 0 <= status["oldest_pending_age_s"] < 60
+
+
+def test_status_when_typesense_is_unreachable(runner: CliRunner, db_path: Path) -> None:
+    from outbox_sync.localserver import free_port
+
+    env = {"TYPESENSE_URL": f"http://127.0.0.1:{free_port()}", "TYPESENSE_API_KEY": "k"}
+    result = runner.invoke(main, ["status", "--json", "--db", str(db_path)], env=env)
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    assert status["documents"] is None and status["typesense_ok"] is False
+
+
+def test_errors_list_json(runner: CliRunner, db_path: Path) -> None:
+    db = Database(db_path)
+    db.ack(0, [], [SyncFailure(1, 7, "upsert", '{"id":"7"}', 400, "bad field", 2)])
+    db.ack(0, [], [SyncFailure(2, 8, "upsert", None, None, "sequence_number: is NULL", 1)])
+    db.ack(0, [8], [])  # record 8 synced later: its error closes itself
+    result = runner.invoke(main, ["errors", "list", "--json", "--db", str(db_path)])
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.output)
+    assert {k: row[k] for k in ("sequence_id", "op", "http_status", "error", "attempts")} == {
+        "sequence_id": 7,
+        "op": "upsert",
+        "http_status": 400,
+        "error": "bad field",
+        "attempts": 2,
+    }
+    assert row["failed_at"] and row["resolved_at"] is None and "id" in row
+    everything = runner.invoke(main, ["errors", "list", "--all", "--json", "--db", str(db_path)])
+    assert [r["sequence_id"] for r in json.loads(everything.output)] == [7, 8]
+    table = runner.invoke(main, ["errors", "list", "--db", str(db_path)])
+    assert "bad field" in table.output and "sequence_number" not in table.output
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["status", "--db", "missing.db"], {}, "database missing.db does not exist"),
+        (["status", "--typesense-url", "ftp://x"], {}, "must look like http://127.0.0.1:8108"),
+        (["status", "--typesense-url", "http://127.0.0.1:1"], {}, "no Typesense API key"),
+        (["status", "--collection", "a/b"], {}, "collection name 'a/b' must be"),
+        (["run", "--batch-size", "0"], {}, "Invalid value for '--batch-size'"),
+        (["status", "--api-key-file", "nope"], {"TYPESENSE_URL": "http://x"}, "cannot read"),
+    ],
+)
+def test_bad_configuration_is_one_clear_line(
+    runner: CliRunner, tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    with runner.isolated_filesystem(temp_dir=tmp_path):
+        result = runner.invoke(main, args, env=env)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_an_api_key_file_readable_by_others_is_refused(
+    runner: CliRunner, tmp_path: Path, db_path: Path
+) -> None:
+    key = tmp_path / "key"
+    key.write_text("secret-key-value\n")
+    key.chmod(0o644)
+    args = ["status", "--db", str(db_path), "--typesense-url", "http://127.0.0.1:1"]
+    result = runner.invoke(main, [*args, "--api-key-file", str(key)])
+    assert result.exit_code == 1 and "readable by other users" in result.output
+    key.chmod(0o600)
+    result = runner.invoke(main, [*args, "--api-key-file", str(key), "--json"])
+    assert result.exit_code == 0 and "secret-key-value" not in result.output
+
+
+def test_flags_override_environment(runner: CliRunner, tmp_path: Path, db_path: Path) -> None:
+    env = {"OUTBOX_SYNC_DB": str(tmp_path / "missing.db")}
+    result = runner.invoke(main, ["errors", "list", "--json", "--db", str(db_path)], env=env)
+    assert result.exit_code == 0 and json.loads(result.output) == []
+    result = runner.invoke(main, ["errors", "list", "--json"], env=env)
+    assert result.exit_code == 1 and "missing.db does not exist" in result.output
+
+
+def test_init_then_run_refuses_an_uninitialised_file(runner: CliRunner, tmp_path: Path) -> None:
+    path = tmp_path / "plain.db"
+    app_connection(path).execute("CREATE TABLE t (x)")
+    result = runner.invoke(main, ["run", "--once", "--db", str(path)])
+    assert result.exit_code == 1 and f"run `outbox-sync init --db {path}`" in result.output
+    result = runner.invoke(main, ["init", "--db", str(path)])
+    assert result.exit_code == 0 and "0 existing rows enqueued" in result.output

@@ -1,0 +1,165 @@
+"""The daemon as a real process against a real Typesense: signals, crashes, concurrency,
+outages. These are the promises an operator relies on."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from outbox_sync.db import Database
+from outbox_sync.localserver import LocalTypesense, free_port, port_in_use
+from tests.conftest import (
+    API_KEY,
+    ROW_SQL,
+    Daemon,
+    Server,
+    app_connection,
+    export,
+    make_row,
+    sqlite_documents,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def events(daemon: Daemon) -> list[dict[str, object]]:
+    lines = daemon.output().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def logged(daemon: Daemon, event: str) -> bool:
+    return any(entry.get("event") == event for entry in events(daemon))
+
+
+def pending(path: Path) -> int:
+    return int(Database(path).counts()["pending"])
+
+
+def test_sigterm_finishes_the_batch_and_exits_0(
+    db_path: Path, start_daemon: Callable[..., Daemon], typesense_server: Server, collection: str
+) -> None:
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 20_001)])
+    daemon = start_daemon("--batch-size", "500")
+    wait_until(lambda: pending(db_path) < 19_000, what="the drain to start")
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    assert logged(daemon, "stopping") and logged(daemon, "stopped")
+    # whatever was acknowledged is in Typesense; the rest is still queued, nothing in between
+    left = pending(db_path)
+    synced = export(typesense_server, collection)
+    assert len(synced) + left == 20_000
+    assert left % 500 == 0  # whole batches only
+    expected = sqlite_documents(db_path)
+    assert all(synced[doc_id] == expected[doc_id] for doc_id in synced)
+
+
+def test_a_second_daemon_on_the_same_file_exits_with_a_clear_message(
+    db_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    first = start_daemon()
+    wait_until(lambda: logged(first, "started"), what="the first daemon")
+    second = start_daemon()
+    assert second.wait() == 1
+    assert f"another outbox-sync daemon (pid {first.process.pid}) is already running" in (
+        second.output()
+    )
+    assert first.process.poll() is None
+
+
+def test_sigkill_mid_batch_then_restart_loses_nothing(
+    db_path: Path, start_daemon: Callable[..., Daemon], typesense_server: Server, collection: str
+) -> None:
+    conn = app_connection(db_path)
+    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 30_001)])
+    conn.execute("DELETE FROM sequences WHERE id % 10 = 0")
+    daemon = start_daemon("--batch-size", "1000")
+    wait_until(lambda: pending(db_path) < 30_000, what="the drain to start")
+    daemon.process.kill()
+    daemon.wait()
+    assert pending(db_path) > 0  # killed mid-stream
+    assert start_daemon("--once").wait(120) == 0
+    assert export(typesense_server, collection) == sqlite_documents(db_path)
+    assert Database(db_path).counts()["sync_errors_open"] == 0
+
+
+def test_writers_in_other_processes_during_a_drain(
+    db_path: Path, start_daemon: Callable[..., Daemon], typesense_server: Server, collection: str
+) -> None:
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 5_001)])
+    daemon = start_daemon("--batch-size", "200")
+    root = Path(__file__).resolve().parent.parent
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.writer", str(db_path), str(seed), "1500"], cwd=root
+        )
+        for seed in (1, 2, 3)
+    ]
+    assert [writer.wait(120) for writer in writers] == [0, 0, 0]
+    wait_until(lambda: pending(db_path) == 0, what="the outbox to drain")
+    assert export(typesense_server, collection) == sqlite_documents(db_path)
+    assert Database(db_path).counts()["sync_errors_open"] == 0
+    assert daemon.process.poll() is None
+
+
+@pytest.fixture
+def private_typesense(tmp_path: Path) -> LocalTypesense:
+    """A server of this test's own, so it can be stopped and started again."""
+    server = LocalTypesense(tmp_path / "typesense", api_key=API_KEY, port=free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_typesense_restart_mid_stream_loses_nothing_and_records_no_errors(
+    db_path: Path,
+    start_daemon: Callable[..., Daemon],
+    daemon_env: dict[str, str],
+    private_typesense: LocalTypesense,
+    collection: str,
+) -> None:
+    env = daemon_env | {"TYPESENSE_URL": private_typesense.url, "OUTBOX_SYNC_TIMEOUT": "2"}
+    daemon = start_daemon("--batch-size", "300", env=env)
+    conn = app_connection(db_path)
+    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 3_001)])
+    wait_until(lambda: pending(db_path) < 3_000, what="the drain to start")
+    private_typesense.stop()
+    conn.executemany(ROW_SQL, [make_row(i) for i in range(3_001, 4_001)])
+    conn.execute("DELETE FROM sequences WHERE id % 9 = 0")
+    wait_until(lambda: logged(daemon, "sync_paused"), what="the daemon to notice the outage")
+    assert pending(db_path) > 0
+    private_typesense.start()
+    wait_until(lambda: pending(db_path) == 0, what="the outbox to drain after the restart")
+    server = Server(private_typesense.url, API_KEY)
+    assert export(server, collection) == sqlite_documents(db_path)
+    assert Database(db_path).counts()["sync_errors_open"] == 0
+    assert logged(daemon, "sync_resumed")
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+def test_the_embedded_default_syncs_without_any_configuration(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    db_path = tmp_path / "sequences.db"
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_SYNC_", "TYPESENSE_"))}
+    env |= {"OUTBOX_SYNC_DB": str(db_path), "OUTBOX_SYNC_EMBEDDED_PORT": str(free_port())}
+    subprocess.run([sys.executable, "-m", "outbox_sync", "init"], env=env, cwd=root, check=True)
+    app_connection(db_path).execute(ROW_SQL, make_row(123, comment="Initial script creation"))
+    daemon = start_daemon(env=env)
+    wait_until(lambda: pending(db_path) == 0, what="the embedded sync")
+    [started] = [e for e in events(daemon) if e["event"] == "embedded_typesense_starting"]
+    key = (tmp_path / "sequences.db.typesense" / "api-key").read_text().strip()
+    assert oct((tmp_path / "sequences.db.typesense" / "api-key").stat().st_mode & 0o777) == "0o600"
+    documents = export(Server(str(started["url"]), key), "sequences")
+    assert documents["123"]["comment"] == "Initial script creation"
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    # the embedded server went down with the daemon
+    assert not port_in_use(int(str(started["url"]).rsplit(":", 1)[1]))

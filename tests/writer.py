@@ -1,0 +1,39 @@
+"""An application writing to the database from its own process: random inserts, updates,
+deletes and id changes, each in its own transaction. Usage: python -m tests.writer DB SEED N"""
+
+import random
+import sqlite3
+import sys
+
+from tests.conftest import ROW_SQL, make_row
+
+
+def write(path: str, seed: int, operations: int) -> None:
+    rng = random.Random(seed)
+    conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+    base = seed * 1_000_000  # each writer owns its id range
+    for step in range(operations):
+        key = base + rng.randrange(500)
+        choice = rng.random()
+        if choice < 0.5:
+            conn.execute(
+                ROW_SQL.replace("INSERT", "INSERT OR REPLACE"),
+                make_row(key, comment=f"w{seed} s{step}"),
+            )
+        elif choice < 0.75:
+            conn.execute(
+                "UPDATE sequences SET sequence_number = ?, comment = ? WHERE id = ?",
+                (step, f"u{step}", key),
+            )
+        elif choice < 0.9:
+            conn.execute("DELETE FROM sequences WHERE id = ?", (key,))
+        else:
+            conn.execute(
+                "UPDATE OR REPLACE sequences SET id = ? WHERE id = ?",
+                (base + rng.randrange(500), key),
+            )
+    conn.close()
+
+
+if __name__ == "__main__":
+    write(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
