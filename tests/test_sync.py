@@ -96,7 +96,8 @@ def test_bad_rows_of_a_legacy_table_land_in_sync_errors_while_neighbours_sync(
     path = tmp_path / "legacy.db"
     conn = app_connection(path)
     conn.execute(
-        "CREATE TABLE sequences (id, element_type, element_id, sequence_number, comment, created_at)"
+        "CREATE TABLE sequences"
+        " (id, element_type, element_id, sequence_number, comment, created_at)"
     )
     conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
     conn.execute("UPDATE sequences SET sequence_number = 'twelve' WHERE id = 3")
