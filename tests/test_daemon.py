@@ -139,6 +139,7 @@ def test_typesense_restart_mid_stream_loses_nothing_and_records_no_errors(
     assert export(server, collection) == sqlite_documents(db_path)
     assert Database(db_path).counts()["sync_errors_open"] == 0
     assert logged(daemon, "sync_resumed")
+    assert API_KEY not in daemon.output()
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0
 

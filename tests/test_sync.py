@@ -17,6 +17,7 @@ from tests.conftest import (
     export,
     make_row,
     sqlite_documents,
+    wait_until,
 )
 
 SOURCE_EXAMPLE = (123, "script", 456, 1, "Initial script creation", "2023-10-01T12:00:00Z")
@@ -181,3 +182,29 @@ def test_ensure_collection_creates_the_source_schema(index: TypesenseIndex) -> N
     assert fields["created_at"]["type"] == "string" and fields["created_at"]["sort"] is True
     assert fields["comment"]["optional"] is True
     assert index.ensure_collection() is False  # exists and matches: nothing to do
+
+
+def test_the_idle_loop_wakes_on_a_commit_not_on_a_timer(
+    db_path: Path, db: Database, index: TypesenseIndex
+) -> None:
+    # With the periodic recheck an hour away, only PRAGMA data_version can wake the loop.
+    worker = Worker(db, index, idle_recheck_s=3600)
+    idle = threading.Event()
+    wait_for_change = worker._wait_for_change
+
+    def waiting(version: int, stop: threading.Event) -> None:
+        idle.set()
+        wait_for_change(version, stop)
+
+    worker._wait_for_change = waiting  # type: ignore[method-assign]
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    try:
+        assert idle.wait(20), "the worker never went idle"
+        app_connection(db_path).execute(ROW_SQL, make_row(42))
+        wait_until(lambda: index.retrieve("42") is not None, timeout_s=20, what="the wake-up")
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()  # stop ends the idle wait promptly
