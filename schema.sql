@@ -57,6 +57,13 @@ CREATE TABLE IF NOT EXISTS sync_errors (
 
 CREATE INDEX IF NOT EXISTS sync_errors_open ON sync_errors (sequence_id) WHERE resolved_at IS NULL;
 
+-- Per-minute statistics of the daemon (applied, retried, failed, Typesense latency histograms,
+-- outages) for `outbox-sync report`. One small row a minute; rows past the retention are pruned.
+CREATE TABLE IF NOT EXISTS sync_stats (
+    bucket INTEGER PRIMARY KEY,  -- Unix time of the minute
+    data   TEXT NOT NULL         -- JSON
+);
+
 CREATE TABLE IF NOT EXISTS outbox_sync_meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL

@@ -16,8 +16,10 @@ import structlog
 from outbox_sync import __version__, logs
 from outbox_sync.config import DEFAULT_COLLECTION, DEFAULT_DB, Settings, build_settings
 from outbox_sync.db import DaemonLock, Database
-from outbox_sync.errors import OutboxSyncError, TypesenseError
+from outbox_sync.errors import ConfigError, OutboxSyncError, TypesenseError
 from outbox_sync.localserver import DEFAULT_EMBEDDED_PORT, LocalTypesense, embedded_api_key
+from outbox_sync.notify import notify
+from outbox_sync.telemetry import Telemetry, serve_metrics
 from outbox_sync.typesense_index import DEFAULT_TIMEOUT_S, TypesenseIndex
 from outbox_sync.worker import DEFAULT_BATCH_SIZE, Worker
 
@@ -207,7 +209,15 @@ def typesense(settings: Settings, *, start_embedded: bool) -> Iterator[Typesense
     envvar="OUTBOX_SYNC_BATCH_SIZE",
     help="Outbox entries applied per Typesense request [env: OUTBOX_SYNC_BATCH_SIZE].",
 )
-def run(settings: Settings, once: bool, batch_size: int) -> None:
+@click.option(
+    "--metrics-address",
+    envvar="OUTBOX_SYNC_METRICS_ADDRESS",
+    metavar="HOST:PORT",
+    help="Serve Prometheus /metrics and /healthz there, e.g. 127.0.0.1:9464 "
+    "[env: OUTBOX_SYNC_METRICS_ADDRESS]. Off by default; bind a non-loopback host only "
+    "where the network is yours.",
+)
+def run(settings: Settings, once: bool, batch_size: int, metrics_address: str | None) -> None:
     """Run the sync daemon: apply outbox entries to Typesense as they are committed.
 
     Creates the collection if it is missing (and refuses one with another schema). While
@@ -218,15 +228,24 @@ def run(settings: Settings, once: bool, batch_size: int) -> None:
     log = structlog.get_logger("outbox_sync")
     db = Database(settings.db_path)
     db.check_schema()
+    metrics_at = parse_address(metrics_address) if metrics_address else None
     lock = DaemonLock(settings.db_path)
     lock.acquire()
     stop = threading.Event()
+    telemetry = Telemetry()
+    if metrics_at is not None:
+        try:
+            serve_metrics(telemetry, *metrics_at)
+        except OSError as error:
+            raise ConfigError(f"cannot serve metrics on {metrics_address}: {error}") from None
+        log.info("metrics_serving", address=metrics_address, paths=["/metrics", "/healthz"])
 
     def request_stop(signum: int, _: Any) -> None:
         if stop.is_set():
             log.warning("stopping_now", signal=signal.Signals(signum).name)
             os._exit(128 + signum)
         log.info("stopping", signal=signal.Signals(signum).name)
+        notify("STOPPING=1")
         stop.set()
 
     signal.signal(signal.SIGTERM, request_stop)
@@ -240,9 +259,18 @@ def run(settings: Settings, once: bool, batch_size: int) -> None:
             batch_size=batch_size,
             once=once,
         )
-        Worker(db, index, batch_size=batch_size).run(stop, once=once)
+        Worker(db, index, batch_size=batch_size, telemetry=telemetry).run(stop, once=once)
     log.info("stopped", pending=db.counts()["pending"])
     lock.release()
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [::1]:PORT) -> (host, port); ConfigError otherwise."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"metrics address {address!r} must look like 127.0.0.1:9464")
+    return host, int(port)
 
 
 @main.command()

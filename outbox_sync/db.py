@@ -18,13 +18,16 @@ from typing import IO, Any
 
 from outbox_sync.documents import COLUMNS
 from outbox_sync.errors import AlreadyRunningError, DatabaseBusyError, DatabaseError
+from outbox_sync.telemetry import merge_stats
 
 # How long a write waits for another connection's write lock before giving up (and retrying
 # later: a busy database never loses an entry).
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 SCHEMA_VERSION = "1"
 TRIGGERS = ("sequences_outbox_insert", "sequences_outbox_update", "sequences_outbox_delete")
-TABLES = ("outbox", "sync_errors", "outbox_sync_meta")
+TABLES = ("outbox", "sync_errors", "sync_stats", "outbox_sync_meta")
+# How long per-minute statistics are kept: a month covers any weekly review.
+STATS_RETENTION_S = 35 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -259,6 +262,28 @@ class Database:
                 ],
             )
 
+    def save_stats(self, bucket: int, data: dict[str, Any]) -> None:
+        """Add one interval's statistics to its minute's row; prune rows past the retention."""
+        with self.write() as conn:
+            row = conn.execute("SELECT data FROM sync_stats WHERE bucket = ?", (bucket,)).fetchone()
+            merged = merge_stats(json.loads(row[0]), data) if row else data
+            conn.execute(
+                "INSERT OR REPLACE INTO sync_stats (bucket, data) VALUES (?, ?)",
+                (bucket, json.dumps(merged, separators=(",", ":"))),
+            )
+            conn.execute("DELETE FROM sync_stats WHERE bucket < ?", (bucket - STATS_RETENTION_S,))
+
+    def backlog(self) -> tuple[int, float | None, int]:
+        """(pending entries, age of the oldest in seconds, open sync errors)."""
+        pending, oldest = self.conn.execute(
+            "SELECT count(*), min(enqueued_at) FROM outbox"
+        ).fetchone()
+        (open_errors,) = self.conn.execute(
+            "SELECT count(*) FROM sync_errors WHERE resolved_at IS NULL"
+        ).fetchone()
+        age = None if oldest is None else max(0.0, round(time.time() - oldest, 3))
+        return pending, age, open_errors
+
     def data_version(self) -> int:
         """Changes whenever another connection commits (cheap: poll it to wake up)."""
         return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
@@ -266,16 +291,11 @@ class Database:
     # -- reading for people ---------------------------------------------------------------------
 
     def counts(self) -> dict[str, Any]:
-        pending, oldest = self.conn.execute(
-            "SELECT count(*), min(enqueued_at) FROM outbox"
-        ).fetchone()
-        (open_errors,) = self.conn.execute(
-            "SELECT count(*) FROM sync_errors WHERE resolved_at IS NULL"
-        ).fetchone()
+        pending, oldest_age, open_errors = self.backlog()
         (rows,) = self.conn.execute("SELECT count(*) FROM sequences").fetchone()
         return {
             "pending": pending,
-            "oldest_pending_age_s": None if oldest is None else round(time.time() - oldest, 3),
+            "oldest_pending_age_s": oldest_age,
             "sync_errors_open": open_errors,
             "rows": rows,
         }

@@ -3,6 +3,7 @@ decides whether a failure is the server's (retry later) or a request's (give up)
 
 import functools
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -120,17 +121,32 @@ class TypesenseIndex:
         }
         self.client: Any = typesense.Client(config)
         self.documents: Any = self.client.collections[collection].documents
+        # Called with (operation, outcome, seconds) after every request: metrics and stats.
+        self.observe: Callable[[str, str, float], None] | None = None
 
-    def _call(self, request: Callable[[], T]) -> T:
+    def _call(self, operation: str, request: Callable[[], T]) -> T:
+        """Run one request; classify its failure; report its duration to `observe`."""
+        started = time.perf_counter()
+        outcome = "ok"
         try:
             return request()
         except Exception as error:
-            raise classify(error, self.collection) from None
+            classified = classify(error, self.collection)
+            if isinstance(classified, TypesenseUnavailableError):
+                outcome = "unavailable"
+            elif isinstance(classified, TypesenseRejectedError):
+                outcome = "rejected"
+            else:
+                outcome = "error"
+            raise classified from None
+        finally:
+            if self.observe is not None:
+                self.observe(operation, outcome, time.perf_counter() - started)
 
-    def _call_retrying(self, request: Callable[[], T]) -> T:
+    def _call_retrying(self, operation: str, request: Callable[[], T]) -> T:
         for attempt in tenacity.Retrying(**RETRY_ONCE):
             with attempt:
-                return self._call(request)
+                return self._call(operation, request)
         raise AssertionError("unreachable: tenacity reraises")
 
     # -- collection -----------------------------------------------------------------------------
@@ -139,12 +155,13 @@ class TypesenseIndex:
         """Create the collection if absent (True), or check its schema; SchemaMismatchError
         says what differs. Never index into a collection of another shape."""
         try:
-            existing = self._call(self.client.collections[self.collection].retrieve)
+            existing = self._call("collection", self.client.collections[self.collection].retrieve)
         except TypesenseRejectedError as error:
             if error.http_status != 404:
                 raise
             self._call_retrying(
-                lambda: self.client.collections.create(collection_schema(self.collection))
+                "collection",
+                lambda: self.client.collections.create(collection_schema(self.collection)),
             )
             return True
         problems = schema_differences(existing.get("fields", []))
@@ -157,12 +174,12 @@ class TypesenseIndex:
         return False
 
     def count(self) -> int:
-        info = self._call(self.client.collections[self.collection].retrieve)
+        info = self._call("collection", self.client.collections[self.collection].retrieve)
         return int(info["num_documents"])
 
     def healthy(self) -> bool:
         try:
-            return bool(self._call(self.client.operations.is_healthy))
+            return bool(self._call("health", self.client.operations.is_healthy))
         except TypesenseError:
             return False
 
@@ -171,7 +188,9 @@ class TypesenseIndex:
     def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
         """Upsert `count` documents given as JSONL. Typesense answers 200 even when lines fail:
         the verdicts come one per line, in order (0.24.1 omits ids on failed lines)."""
-        response = self._call_retrying(lambda: self.documents.import_(body, {"action": "upsert"}))
+        response = self._call_retrying(
+            "import", lambda: self.documents.import_(body, {"action": "upsert"})
+        )
         results = []
         for line in response.splitlines():
             if not line.strip():
@@ -201,21 +220,21 @@ class TypesenseIndex:
             # ids are decimal strings (documents.document_id): nothing to escape.
             params = {"filter_by": f"id:[{','.join(chunk)}]"}
             response: dict[str, Any] = self._call_retrying(
-                functools.partial(self.documents.delete, params)
+                "delete", functools.partial(self.documents.delete, params)
             )
             deleted += int(response.get("num_deleted", 0))
         return deleted
 
     def retrieve(self, doc_id: str) -> dict[str, Any] | None:
         try:
-            return dict(self._call(self.documents[doc_id].retrieve))
+            return dict(self._call("retrieve", self.documents[doc_id].retrieve))
         except TypesenseRejectedError as error:
             if error.http_status == 404:
                 return None
             raise
 
     def search(self, params: dict[str, Any]) -> dict[str, Any]:
-        return dict(self._call(lambda: self.documents.search(params)))
+        return dict(self._call("search", lambda: self.documents.search(params)))
 
 
 def schema_differences(fields: Sequence[dict[str, Any]]) -> list[str]:

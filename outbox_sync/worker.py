@@ -6,6 +6,7 @@ watching `PRAGMA data_version`, and backs off while Typesense is in trouble.
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,6 +19,7 @@ from outbox_sync.errors import (
     InvalidRecordError,
     TypesenseUnavailableError,
 )
+from outbox_sync.telemetry import REFRESH_INTERVAL_S, STATS_BUCKET_S, Telemetry
 from outbox_sync.typesense_index import ImportResult
 
 # Entries per batch. One import of 5,000 documents costs ~0.1 s here and reaches most of
@@ -31,12 +33,17 @@ DEFAULT_IDLE_RECHECK_S = 1.0
 # Backoff while Typesense is unavailable: doubles from the minimum up to the maximum.
 DEFAULT_MIN_BACKOFF_S = 0.25
 DEFAULT_MAX_BACKOFF_S = 10.0
+# When idle, ask Typesense whether it is healthy this often (for /healthz and metrics).
+HEALTH_PROBE_INTERVAL_S = 5.0
 # While an outage lasts, repeat the warning at most this often.
 OUTAGE_LOG_INTERVAL_S = 60.0
 
 
 class Index(Protocol):
+    observe: Callable[[str, str, float], None] | None
+
     def ensure_collection(self) -> bool: ...
+    def healthy(self) -> bool: ...
     def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]: ...
     def delete_ids(self, ids: list[str]) -> int: ...
 
@@ -75,11 +82,14 @@ class Backoff:
         self.delay_s = min(self.delay_s * 2, self.maximum_s)
         return delay
 
-    def succeeded(self, now: float) -> None:
-        if self.since is not None:
-            self.log.info("sync_resumed", outage_s=round(now - self.since, 1))
+    def succeeded(self, now: float) -> float | None:
+        """Reset; the length of the outage that just ended, if any."""
+        outage = None if self.since is None else now - self.since
+        if outage is not None:
+            self.log.info("sync_resumed", outage_s=round(outage, 1))
         self.since = None
         self.delay_s = self.minimum_s
+        return outage
 
 
 class Worker:
@@ -93,8 +103,12 @@ class Worker:
         idle_recheck_s: float = DEFAULT_IDLE_RECHECK_S,
         min_backoff_s: float = DEFAULT_MIN_BACKOFF_S,
         max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.db, self.index = db, index
+        self.telemetry = telemetry or Telemetry()
+        index.observe = self.telemetry.request
+        self.refreshed_at = self.probed_at = self.stats_at = float("-inf")
         self.batch_size = batch_size
         self.poll_interval_s = poll_interval_s
         self.idle_recheck_s = idle_recheck_s
@@ -151,6 +165,12 @@ class Worker:
             synced.extend(entry.sequence_id for entry in deletes)
             report.deleted = len(deletes)
         self.db.ack(entries[-1].id, synced, report.failures)
+        self.telemetry.batch_applied(
+            report.upserted,
+            report.deleted,
+            report.retried,
+            [str(f.http_status or "validation") for f in report.failures],
+        )
         for failure in report.failures:
             self.log.warning(
                 "record_failed",
@@ -202,38 +222,84 @@ class Worker:
     def run(self, stop: threading.Event, *, once: bool = False) -> None:
         """Work until `stop` is set (or, with once=True, until the outbox is empty). Server
         trouble and a locked database pause the loop; other errors end it."""
-        while not stop.is_set():
-            try:
-                self.index.ensure_collection()
-                break
-            except TypesenseUnavailableError as error:
-                stop.wait(self.backoff.failed(error, time.monotonic()))
-        while not stop.is_set():
-            version = self.db.data_version()
-            started = time.monotonic()
-            try:
-                report = self.run_once()
-            except (TypesenseUnavailableError, DatabaseBusyError) as error:
-                stop.wait(self.backoff.failed(error, time.monotonic()))
-                continue
-            self.backoff.succeeded(time.monotonic())
-            if report.entries:
-                self.log.debug(
-                    "batch_applied",
-                    entries=report.entries,
-                    upserted=report.upserted,
-                    deleted=report.deleted,
-                    retried=report.retried,
-                    failed=len(report.failures),
-                    duration_ms=round((time.monotonic() - started) * 1000, 1),
-                )
-                continue
-            if once:
+        try:
+            while not stop.is_set():
+                try:
+                    self.index.ensure_collection()
+                    break
+                except TypesenseUnavailableError as error:
+                    self._pause(error, stop)
+            else:
                 return
-            self._wait_for_change(version, stop)
+            self.telemetry.ready()
+            while not stop.is_set():
+                version = self.db.data_version()
+                report = self._step(stop)
+                if report is None or report.entries:
+                    continue
+                if once:
+                    return
+                self._wait_for_change(version, stop)
+        finally:
+            self._save_stats()
+
+    def _step(self, stop: threading.Event) -> BatchReport | None:
+        """One turn of the loop: one batch, plus the periodic chores. None when paused."""
+        now = time.monotonic()
+        self.telemetry.loop_alive(now)
+        if now - self.refreshed_at >= REFRESH_INTERVAL_S:
+            self.refreshed_at = now
+            self.telemetry.backlog(*self.db.backlog())
+        if now - self.stats_at >= STATS_BUCKET_S:
+            self.stats_at = now
+            self._save_stats()
+        started = time.monotonic()
+        try:
+            report = self.run_once()
+        except (TypesenseUnavailableError, DatabaseBusyError) as error:
+            self._pause(error, stop)
+            return None
+        outage_s = self.backoff.succeeded(time.monotonic())
+        if outage_s is not None:
+            self.telemetry.outage_ended(time.time() - outage_s, time.time())
+        if report.entries:
+            self.log.debug(
+                "batch_applied",
+                entries=report.entries,
+                upserted=report.upserted,
+                deleted=report.deleted,
+                retried=report.retried,
+                failed=len(report.failures),
+                duration_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+        elif now - self.probed_at >= HEALTH_PROBE_INTERVAL_S:
+            # idle: ask Typesense now and then, so /healthz and the metrics stay true
+            self.probed_at = now
+            self.telemetry.reachable(self.index.healthy(), "health check failed")
+        return report
+
+    def _pause(self, error: Exception, stop: threading.Event) -> None:
+        """Wait out server trouble or a locked database, keeping the loop's heartbeat."""
+        if isinstance(error, TypesenseUnavailableError):
+            self.telemetry.reachable(False, str(error))
+        deadline = time.monotonic() + self.backoff.failed(error, time.monotonic())
+        while not stop.wait(max(0.0, min(1.0, deadline - time.monotonic()))):
+            self.telemetry.loop_alive(time.monotonic())
+            if time.monotonic() >= deadline:
+                return
+
+    def _save_stats(self) -> None:
+        taken = self.telemetry.take_stats()
+        if taken is not None:
+            try:
+                self.db.save_stats(*taken)
+            except DatabaseBusyError as error:  # statistics are not worth blocking the sync
+                self.log.warning("stats_not_saved", reason=str(error))
 
     def _wait_for_change(self, version: int, stop: threading.Event) -> None:
         deadline = time.monotonic() + self.idle_recheck_s
         while not stop.wait(self.poll_interval_s):
-            if self.db.data_version() != version or time.monotonic() >= deadline:
+            now = time.monotonic()
+            self.telemetry.loop_alive(now)
+            if self.db.data_version() != version or now >= deadline:
                 return

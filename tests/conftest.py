@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from outbox_sync.db import Database
-from outbox_sync.localserver import LocalTypesense
+from outbox_sync.localserver import LocalTypesense, free_port
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker
 
@@ -245,3 +245,12 @@ def start_daemon(daemon_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
     yield start
     for daemon in daemons:
         daemon.kill()
+
+
+@pytest.fixture
+def private_typesense(tmp_path: Path) -> Iterator[LocalTypesense]:
+    """A server of this test's own, so it can be stopped and started again."""
+    server = LocalTypesense(tmp_path / "typesense", api_key=API_KEY, port=free_port())
+    server.start()
+    yield server
+    server.stop()

@@ -107,15 +107,6 @@ def test_writers_in_other_processes_during_a_drain(
     assert daemon.process.poll() is None
 
 
-@pytest.fixture
-def private_typesense(tmp_path: Path) -> LocalTypesense:
-    """A server of this test's own, so it can be stopped and started again."""
-    server = LocalTypesense(tmp_path / "typesense", api_key=API_KEY, port=free_port())
-    server.start()
-    yield server
-    server.stop()
-
-
 def test_typesense_restart_mid_stream_loses_nothing_and_records_no_errors(
     db_path: Path,
     start_daemon: Callable[..., Daemon],

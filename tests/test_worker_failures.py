@@ -19,9 +19,13 @@ class FakeIndex:
         self.bad, self.refusals, self.down = bad, refusals, down
         self.imports: list[list[str]] = []
         self.documents: dict[str, bytes] = {}
+        self.observe = None
 
     def ensure_collection(self) -> bool:
         return False
+
+    def healthy(self) -> bool:
+        return self.down == 0
 
     def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
         if self.down > 0:

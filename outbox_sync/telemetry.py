@@ -1,0 +1,226 @@
+"""What the daemon tells the outside world: Prometheus metrics with a /healthz beside them, the
+systemd notify protocol, and compact per-minute statistics kept in SQLite for `report`.
+
+The worker and the index call into one Telemetry object; nothing here touches Typesense.
+"""
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+from outbox_sync.notify import Watchdog, notify, watchdog_interval_s
+
+# Upper bounds (seconds) of the latency buckets, shared by Prometheus and the SQLite stats.
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Statistics are summed per minute in memory and written to SQLite once a minute.
+STATS_BUCKET_S = 60
+# Backlog figures are recounted at most this often (a count over a large outbox is not free).
+REFRESH_INTERVAL_S = 1.0
+# /healthz says the loop is stuck when it has not gone round for this long (a batch can take up
+# to a request timeout or two).
+LOOP_STALL_S = 30.0
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.request_seconds = Histogram(
+            "outbox_sync_typesense_request_duration_seconds",
+            "Duration of Typesense requests, by operation and outcome.",
+            ["operation", "outcome"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.applied = Counter(
+            "outbox_sync_documents_applied_total",
+            "Records applied to Typesense, by operation.",
+            ["operation"],
+            registry=self.registry,
+        )
+        self.retried = Counter(
+            "outbox_sync_documents_retried_total",
+            "Documents Typesense refused once and that were retried.",
+            registry=self.registry,
+        )
+        self.given_up = Counter(
+            "outbox_sync_documents_failed_total",
+            "Records given up on (rows written to sync_errors), by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.pending = Gauge(
+            "outbox_sync_outbox_pending", "Outbox entries waiting.", registry=self.registry
+        )
+        self.oldest_age = Gauge(
+            "outbox_sync_outbox_oldest_age_seconds",
+            "Age of the oldest waiting outbox entry (0 when empty): the sync lag.",
+            registry=self.registry,
+        )
+        self.errors_open = Gauge(
+            "outbox_sync_sync_errors_open",
+            "Unresolved rows of sync_errors.",
+            registry=self.registry,
+        )
+        self.typesense_up = Gauge(
+            "outbox_sync_typesense_up",
+            "1 when the last request to Typesense succeeded, else 0.",
+            registry=self.registry,
+        )
+        self.last_success = Gauge(
+            "outbox_sync_last_success_timestamp_seconds",
+            "Unix time of the last batch applied (or idle check passed).",
+            registry=self.registry,
+        )
+        self.watchdog = Watchdog(watchdog_interval_s())
+        self.loop_at = time.monotonic()
+        self.up_reason = "not checked yet"
+        self.refreshed_at = float("-inf")
+        self.up = False
+        self._stats: dict[str, Any] = {}
+        self._stats_since: float | None = None
+        self._lock = threading.Lock()
+
+    # -- called by the index and the worker -----------------------------------------------------
+
+    def request(self, operation: str, outcome: str, seconds: float) -> None:
+        self.request_seconds.labels(operation, outcome).observe(seconds)
+        with self._lock:
+            counts = self._stats_section("latency", {}).setdefault(
+                operation, [0] * (len(LATENCY_BUCKETS_S) + 1)
+            )
+            counts[_bucket_index(seconds)] += 1
+
+    def batch_applied(self, upserted: int, deleted: int, retried: int, reasons: list[str]) -> None:
+        self.applied.labels("upsert").inc(upserted)
+        self.applied.labels("delete").inc(deleted)
+        self.retried.inc(retried)
+        for reason in reasons:
+            self.given_up.labels(reason).inc()
+        with self._lock:
+            applied = self._stats_section("applied", {})
+            applied["upsert"] = applied.get("upsert", 0) + upserted
+            applied["delete"] = applied.get("delete", 0) + deleted
+            self._stats["retried"] = self._stats.get("retried", 0) + retried
+            failed = self._stats_section("failed", {})
+            for reason in reasons:
+                failed[reason] = failed.get(reason, 0) + 1
+        self.reachable(True)
+        self.last_success.set(time.time())
+
+    def reachable(self, up: bool, reason: str = "") -> None:
+        self.up, self.up_reason = up, reason
+        self.typesense_up.set(1 if up else 0)
+
+    def outage_ended(self, started: float, ended: float) -> None:
+        """An outage, in Unix time, for the weekly report's "longest outage"."""
+        with self._lock:
+            self._stats_section("outages", []).append([round(started, 3), round(ended, 3)])
+
+    def ready(self) -> None:
+        """Start-up checks passed: tell systemd (Type=notify)."""
+        notify("READY=1")
+
+    def loop_alive(self, now: float) -> None:
+        """Called by the loop on every turn: feeds /healthz and the systemd watchdog."""
+        self.loop_at = now
+        self.watchdog.beat(now)
+
+    def backlog(self, pending: int, oldest_age_s: float | None, errors_open: int) -> None:
+        self.pending.set(pending)
+        self.oldest_age.set(oldest_age_s or 0.0)
+        self.errors_open.set(errors_open)
+        notify(
+            f"STATUS=backlog {pending}, oldest {oldest_age_s or 0:.1f} s, open errors {errors_open}"
+        )
+
+    def take_stats(self) -> tuple[int, dict[str, Any]] | None:
+        """The statistics gathered since the last call, as (minute they started in, data),
+        for SQLite; None when there are none."""
+        with self._lock:
+            if self._stats_since is None:
+                return None
+            taken, since = self._stats, self._stats_since
+            self._stats, self._stats_since = {}, None
+        return int(since // STATS_BUCKET_S * STATS_BUCKET_S), taken
+
+    def _stats_section(self, name: str, empty: Any) -> Any:
+        """A section of the current statistics (call with the lock held)."""
+        if self._stats_since is None:
+            self._stats_since = time.time()
+        return self._stats.setdefault(name, empty)
+
+    # -- /healthz -------------------------------------------------------------------------------
+
+    def health(self, now: float) -> tuple[bool, str]:
+        if now - self.loop_at > LOOP_STALL_S:
+            return False, f"sync loop has not run for {now - self.loop_at:.0f} s"
+        if not self.up:
+            return False, f"typesense unreachable: {self.up_reason}"
+        return True, "ok"
+
+
+def merge_stats(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """Add `other` into `into`: numbers add up, latency counts add up bucket by bucket,
+    outages are listed one after the other."""
+    for key, value in other.items():
+        mine = into.get(key)
+        if mine is None:
+            into[key] = value
+        elif isinstance(value, dict):
+            merge_stats(mine, value)
+        elif key == "outages":
+            mine.extend(value)
+        elif isinstance(value, list):
+            into[key] = [a + b for a, b in zip(mine, value, strict=True)]
+        else:
+            into[key] = mine + value
+    return into
+
+
+def _bucket_index(seconds: float) -> int:
+    for index, bound in enumerate(LATENCY_BUCKETS_S):
+        if seconds <= bound:
+            return index
+    return len(LATENCY_BUCKETS_S)
+
+
+def percentile(counts: list[int], fraction: float) -> float | None:
+    """The bucket upper bound below which `fraction` of the observations fall (None if none;
+    inf when it lies past the last bound)."""
+    total = sum(counts)
+    if not total:
+        return None
+    seen = 0
+    for index, count in enumerate(counts):
+        seen += count
+        if seen >= fraction * total:
+            return LATENCY_BUCKETS_S[index] if index < len(LATENCY_BUCKETS_S) else float("inf")
+    return float("inf")
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes every few seconds would drown the daemon's own logs
+
+
+def serve_metrics(telemetry: Telemetry, host: str, port: int) -> WSGIServer:
+    """Serve /metrics and /healthz on host:port from a background thread."""
+    metrics_app = make_wsgi_app(telemetry.registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/healthz":
+            ok, reason = telemetry.health(time.monotonic())
+            body = json.dumps({"status": "ok" if ok else "unhealthy", "reason": reason}).encode()
+            status = "200 OK" if ok else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "application/json")])
+            return [body]
+        return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+    server = make_server(host, port, app, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
