@@ -284,6 +284,40 @@ class Database:
         age = None if oldest is None else max(0.0, round(time.time() - oldest, 3))
         return pending, age, open_errors
 
+    def iter_rows(self, chunk: int) -> Iterator[list[tuple[Any, ...]]]:
+        """Every row of `sequences` in id order, `chunk` rows per short read (no read
+        transaction is held between chunks, so WAL checkpoints go on)."""
+        columns = ", ".join(COLUMNS)
+        rows = self._fetch_raw(f"SELECT {columns} FROM sequences ORDER BY id LIMIT ?", (chunk,))
+        while rows:
+            yield rows
+            rows = self._fetch_raw(
+                f"SELECT {columns} FROM sequences WHERE id > ? ORDER BY id LIMIT ?",
+                (rows[-1][0], chunk),
+            )
+
+    def enqueue(self, entries: Sequence[tuple[Any, str]]) -> None:
+        """Add (sequence_id, op) markers to the outbox, as the triggers would."""
+        with self.write() as conn:
+            conn.executemany("INSERT INTO outbox (sequence_id, op) VALUES (?, ?)", entries)
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute(
+            "SELECT value FROM outbox_sync_meta WHERE key = ?", (key,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        """Set (or, with None, remove) one key of outbox_sync_meta."""
+        with self.write() as conn:
+            if value is None:
+                conn.execute("DELETE FROM outbox_sync_meta WHERE key = ?", (key,))
+            else:
+                conn.execute(
+                    "INSERT OR REPLACE INTO outbox_sync_meta (key, value) VALUES (?, ?)",
+                    (key, value),
+                )
+
     def data_version(self) -> int:
         """Changes whenever another connection commits (cheap: poll it to wake up)."""
         return int(self.conn.execute("PRAGMA data_version").fetchone()[0])

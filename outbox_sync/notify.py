@@ -18,9 +18,8 @@ def notify(message: str) -> bool:
     if address.startswith("@"):  # abstract socket: the name starts with a NUL byte
         address = "\0" + address[1:]
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
     except OSError as error:
         # Once: a broken socket stays broken, and the watchdog would repeat this every beat.
         if not _failure_logged:

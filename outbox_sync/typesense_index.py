@@ -1,6 +1,7 @@
 """The Typesense side: the collection, batched upserts and deletes, and the one place that
 decides whether a failure is the server's (retry later) or a request's (give up)."""
 
+import copy
 import functools
 import json
 import time
@@ -153,16 +154,16 @@ class TypesenseIndex:
 
     def ensure_collection(self) -> bool:
         """Create the collection if absent (True), or check its schema; SchemaMismatchError
-        says what differs. Never index into a collection of another shape."""
+        says what differs. Never index into a collection of another shape.
+
+        A new collection is created under a versioned name with `collection` as an alias to
+        it, so `reindex` can later swap in a rebuilt one without a moment of downtime."""
         try:
             existing = self._call("collection", self.client.collections[self.collection].retrieve)
         except TypesenseRejectedError as error:
             if error.http_status != 404:
                 raise
-            self._call_retrying(
-                "collection",
-                lambda: self.client.collections.create(collection_schema(self.collection)),
-            )
+            self.point_alias(self.create_versioned())
             return True
         problems = schema_differences(existing.get("fields", []))
         if problems:
@@ -172,6 +173,50 @@ class TypesenseIndex:
                 + ". Use another --collection, or drop this one and let outbox-sync create it."
             )
         return False
+
+    def target(self) -> str | None:
+        """The real collection behind our name: an alias's target, the name itself for a plain
+        collection, or None when neither exists."""
+        try:
+            alias = self._call("alias", self.client.aliases[self.collection].retrieve)
+            return str(alias["collection_name"])
+        except TypesenseRejectedError as error:
+            if error.http_status != 404:
+                raise
+        try:
+            self._call("collection", self.client.collections[self.collection].retrieve)
+            return self.collection
+        except TypesenseRejectedError as error:
+            if error.http_status != 404:
+                raise
+        return None
+
+    def create_versioned(self) -> str:
+        """Create an empty collection `<name>_v<UTC time>` with our schema; its name."""
+        now = time.time()
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}"
+        name = f"{self.collection}_v{stamp}"
+        self._call_retrying(
+            "collection", lambda: self.client.collections.create(collection_schema(name))
+        )
+        return name
+
+    def point_alias(self, target: str) -> None:
+        """Make our name an alias of `target` (an atomic switch for searches)."""
+        self._call_retrying(
+            "alias",
+            lambda: self.client.aliases.upsert(self.collection, {"collection_name": target}),
+        )
+
+    def drop_collection(self, name: str) -> None:
+        self._call_retrying("collection", self.client.collections[name].delete)
+
+    def on_collection(self, name: str) -> "TypesenseIndex":
+        """The same server and settings, working on another collection (by its real name)."""
+        other = copy.copy(self)
+        other.collection = name
+        other.documents = self.client.collections[name].documents
+        return other
 
     def count(self) -> int:
         info = self._call("collection", self.client.collections[self.collection].retrieve)

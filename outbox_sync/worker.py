@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from outbox_sync import reindex
 from outbox_sync.db import Database, OutboxEntry, SyncFailure
 from outbox_sync.documents import describe_row, document_id, encode, to_document
 from outbox_sync.errors import (
@@ -20,7 +21,7 @@ from outbox_sync.errors import (
     TypesenseUnavailableError,
 )
 from outbox_sync.telemetry import REFRESH_INTERVAL_S, STATS_BUCKET_S, Telemetry
-from outbox_sync.typesense_index import ImportResult
+from outbox_sync.typesense_index import ImportResult, TypesenseIndex
 
 # Entries per batch. One import of 5,000 documents costs ~0.1 s here and reaches most of
 # Typesense's throughput (see README "Performance"); larger batches only add latency.
@@ -222,6 +223,9 @@ class Worker:
     def run(self, stop: threading.Event, *, once: bool = False) -> None:
         """Work until `stop` is set (or, with once=True, until the outbox is empty). Server
         trouble and a locked database pause the loop; other errors end it."""
+        # Ready once the database is ours: waiting for Typesense here must not look like a
+        # failed start to systemd (it would restart the daemon in a loop during an outage).
+        self.telemetry.ready()
         try:
             while not stop.is_set():
                 try:
@@ -231,7 +235,6 @@ class Worker:
                     self._pause(error, stop)
             else:
                 return
-            self.telemetry.ready()
             while not stop.is_set():
                 version = self.db.data_version()
                 report = self._step(stop)
@@ -250,6 +253,8 @@ class Worker:
         if now - self.refreshed_at >= REFRESH_INTERVAL_S:
             self.refreshed_at = now
             self.telemetry.backlog(*self.db.backlog())
+            if isinstance(self.index, TypesenseIndex):
+                reindex.serve_request(self.db, self.index)  # pauses applying while it runs
         if now - self.stats_at >= STATS_BUCKET_S:
             self.stats_at = now
             self._save_stats()

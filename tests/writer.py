@@ -1,6 +1,10 @@
 """An application writing to the database from its own process: random inserts, updates,
-deletes and id changes, each in its own transaction. Usage: python -m tests.writer DB SEED N"""
+deletes and id changes, each in its own transaction.
 
+Usage: python -m tests.writer DB SEED N [STOP_FILE] -- N operations, then on until STOP_FILE
+exists (when given)."""
+
+import os
 import random
 import sqlite3
 import sys
@@ -8,11 +12,13 @@ import sys
 from tests.conftest import ROW_SQL, make_row
 
 
-def write(path: str, seed: int, operations: int) -> None:
+def write(path: str, seed: int, operations: int, stop_file: str | None = None) -> None:
     rng = random.Random(seed)
     conn = sqlite3.connect(path, timeout=60, isolation_level=None)
     base = seed * 1_000_000  # each writer owns its id range
-    for step in range(operations):
+    step = 0
+    while step < operations or (stop_file and not os.path.exists(stop_file)):
+        step += 1
         key = base + rng.randrange(500)
         choice = rng.random()
         if choice < 0.5:
@@ -36,4 +42,4 @@ def write(path: str, seed: int, operations: int) -> None:
 
 
 if __name__ == "__main__":
-    write(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    write(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])

@@ -1,0 +1,160 @@
+"""Zero-downtime reindex against a real Typesense, directly and through a running daemon with
+writers active."""
+
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from outbox_sync import reindex
+from outbox_sync.db import Database
+from outbox_sync.documents import collection_schema
+from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.worker import Worker
+from tests.conftest import (
+    ROW_SQL,
+    Daemon,
+    Server,
+    app_connection,
+    export,
+    make_row,
+    sqlite_documents,
+    wait_until,
+)
+
+
+def exists(server: Server, name: str) -> bool:
+    response = httpx.get(
+        f"{server.url}/collections/{name}",
+        headers={"X-TYPESENSE-API-KEY": server.api_key},
+        timeout=10,
+    )
+    return response.status_code == 200
+
+
+def test_a_new_collection_is_created_behind_an_alias(index: TypesenseIndex) -> None:
+    target = index.target()
+    assert target is not None and target.startswith(f"{index.collection}_v")
+
+
+def test_rebuild_swaps_in_a_complete_collection_and_drops_the_old(
+    db_path: Path, db: Database, worker: Worker, typesense_server: Server, collection: str
+) -> None:
+    conn = app_connection(db_path)
+    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 2_001)])
+    conn.execute(ROW_SQL, make_row(5_000, element_id="bad"))
+    worker.run(threading.Event(), once=True)
+    index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
+    old = index.target()
+    # drift the rebuild must wipe out: a document nobody wrote, one edited behind our back
+    httpx.post(
+        f"{typesense_server.url}/collections/{collection}/documents/import?action=upsert",
+        content=b'{"id":"999999","element_type":"x","element_id":1,"sequence_number":1,'
+        b'"created_at":"x"}\n{"id":"7","element_type":"edited","element_id":1,'
+        b'"sequence_number":1,"created_at":"x"}',
+        headers={"X-TYPESENSE-API-KEY": typesense_server.api_key},
+    ).raise_for_status()
+    seen: list[tuple[int, int]] = []
+    result = reindex.rebuild(
+        db, index, chunk=300, progress=lambda done, total: seen.append((done, total))
+    )
+    assert (result.old, result.rows, result.indexed, result.invalid) == (old, 2_001, 2_000, 1)
+    assert index.target() == result.new != old
+    assert not exists(typesense_server, str(old))
+    expected = sqlite_documents(db_path)
+    del expected["5000"]  # invalid: stays in sync_errors
+    assert export(typesense_server, collection) == expected
+    assert seen[-1] == (2_001, 2_001) and len(seen) == 7
+
+
+def test_rebuild_turns_a_plain_collection_into_an_alias(
+    db_path: Path, db: Database, typesense_server: Server, collection: str
+) -> None:
+    httpx.post(
+        f"{typesense_server.url}/collections",
+        json=collection_schema(collection),
+        headers={"X-TYPESENSE-API-KEY": typesense_server.api_key},
+    ).raise_for_status()
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 101)])
+    index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
+    assert index.target() == collection
+    result = reindex.rebuild(db, index)
+    assert result.old == collection and index.target() == result.new
+    assert export(typesense_server, collection) == sqlite_documents(db_path)
+
+
+@pytest.mark.slow
+def test_reindex_through_the_daemon_with_writers_and_searchers_active(
+    db_path: Path,
+    start_daemon: Callable[..., Daemon],
+    typesense_server: Server,
+    collection: str,
+) -> None:
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 20_001)])
+    db = Database(db_path)
+    daemon = start_daemon()
+    wait_until(lambda: db.counts()["pending"] == 0, what="the initial drain")
+    index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
+    old = index.target()
+
+    failures: list[str] = []
+    searches = 0
+    done = threading.Event()
+
+    def search_all_the_time() -> None:
+        nonlocal searches
+        with httpx.Client(headers={"X-TYPESENSE-API-KEY": typesense_server.api_key}) as client:
+            while not done.is_set():
+                response = client.get(
+                    f"{typesense_server.url}/collections/{collection}/documents/search",
+                    params={"q": "comment", "query_by": "comment"},
+                )
+                searches += 1
+                if response.status_code != 200 or response.json()["found"] < 10_000:
+                    failures.append(f"{response.status_code} {response.text[:200]}")
+
+    searcher = threading.Thread(target=search_all_the_time)
+    searcher.start()
+    root = Path(__file__).resolve().parent.parent
+    stop_file = db_path.with_name("writers.stop")
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.writer", str(db_path), str(seed), "500", str(stop_file)],
+            cwd=root,
+        )
+        for seed in (1, 2)
+    ]
+    wait_until(
+        lambda: (
+            app_connection(db_path)
+            .execute("SELECT count(*) FROM sequences WHERE id > 999999")
+            .fetchone()[0]
+            > 50
+        ),
+        what="the writers to start",
+    )
+    token = reindex.request(db)
+    state = wait_until(
+        lambda: (s := reindex.status(db, token)) and s["state"] != "running" and s,
+        timeout_s=120,
+        what="the daemon's reindex",
+    )
+    writing_during_reindex = all(writer.poll() is None for writer in writers)
+    stop_file.touch()
+    assert [writer.wait(120) for writer in writers] == [0, 0]
+    wait_until(lambda: db.counts()["pending"] == 0, what="the drain after the reindex")
+    done.set()
+    searcher.join()
+
+    assert writing_during_reindex
+    assert state["state"] == "done" and state["old"] == old and state["rows"] >= 20_000
+    assert index.target() == state["new"] != old
+    assert not exists(typesense_server, str(old))
+    assert export(typesense_server, collection) == sqlite_documents(db_path)
+    assert db.counts()["sync_errors_open"] == 0
+    assert searches > 20 and failures == []
+    assert daemon.process.poll() is None
