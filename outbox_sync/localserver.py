@@ -73,12 +73,14 @@ class LocalTypesense:
         *,
         api_key: str | None = None,
         port: int | None = None,
+        peering_port: int | None = None,
         extra_args: tuple[str, ...] = (),
         log_file: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.api_key = api_key or embedded_api_key(data_dir)
         self.port = port or free_port()
+        self.peering_port = peering_port or free_port()
         self.extra_args = extra_args
         self.log_file = log_file or data_dir / "typesense.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -87,7 +89,9 @@ class LocalTypesense:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def start(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> None:
+    def start(self, timeout_s: float = DEFAULT_START_TIMEOUT_S, *, wait: bool = True) -> None:
+        """Start the server and (with wait) return once /health says ok. A cluster node
+        becomes healthy only with a quorum: start every node with wait=False first."""
         if port_in_use(self.port):
             raise ConfigError(
                 f"port {self.port} on {HOST} is already in use: stop what listens there, "
@@ -101,7 +105,7 @@ class LocalTypesense:
             f"--api-address={HOST}",
             f"--api-port={self.port}",
             f"--peering-address={HOST}",
-            f"--peering-port={free_port()}",
+            f"--peering-port={self.peering_port}",
             *self.extra_args,
         ]
         with open(self.log_file, "ab") as log:
@@ -112,7 +116,8 @@ class LocalTypesense:
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,
             )
-        self.wait_ready(timeout_s)
+        if wait:
+            self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
