@@ -1,0 +1,814 @@
+"""outbox-sync benchmarks (issue 5).
+
+    python -m tests.bench [--quick] [--json] [--only drain,lag,writer,memory,scaling]
+
+Starts its own Typesense (the real 0.24.1 binary, as the tests do) in a temporary directory.
+Every figure is a ratio to a reference measured in the same run on the same machine; absolute
+numbers are printed beside it, never asserted. Each measurement is repeated: the table shows
+the median and the spread (min-max) of the measured value. Progress goes to stderr; the table
+to stdout, or with --json to stderr while stdout gets one JSON object.
+"""
+
+import argparse
+import contextlib
+import itertools
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import typesense
+from typesense import exceptions as ts
+
+from outbox_sync.db import schema_statements
+from outbox_sync.documents import COLUMNS, collection_schema, encode, to_document
+from outbox_sync.localserver import LocalTypesense
+from outbox_sync.typesense_index import parse_node
+from tests.bench import app
+
+ROOT = Path(__file__).resolve().parents[2]
+API_KEY = "outbox-sync-bench"
+SEQUENCES_DDL = next(s for s in schema_statements() if "TABLE IF NOT EXISTS sequences" in s)
+# The lag reader polls a search this often; its resolution adds at most this to every lag.
+LAG_POLL_S = 0.001
+# After the writer finished, how long the reader waits for the last documents.
+LAG_GRACE_S = 30.0
+DAEMON_START_TIMEOUT_S = 60.0
+# Before each timed step, wait (at most SETTLE_MAX_S) until Typesense uses less than
+# SETTLE_CPU of a core, so work left from the previous step (dropping a big collection, say)
+# does not slow the next one.
+SETTLE_CPU = 0.05
+SETTLE_MAX_S = 30.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    sizes: tuple[int, int]  # drain backlogs, small and large
+    repeats: int  # repetitions of every measurement...
+    large_repeats: int  # ...but a drain of the large backlog
+    lag_cases: tuple[tuple[float, float], ...]  # (commits per second, seconds)
+    writer_rows: int  # bulk writer: rows, in transactions of app.ROWS_PER_TRANSACTION
+    writer_seconds: float  # row-at-a-time writer: how long it writes
+    batch_sizes: tuple[int, ...] = (1000, 5000, 10_000)  # raw ceiling: the best one counts
+    naive_sample: int = 2000  # records sent one POST each; the rate is extrapolated
+    reference_upserts: int = 300  # single upserts timed for the lag reference
+
+
+FULL = Plan((100_000, 1_000_000), 3, 2, ((50, 10), (2000, 5)), 500_000, 3.0)
+QUICK = Plan((20_000, 100_000), 3, 2, ((50, 4), (2000, 2)), 200_000, 1.0)
+
+
+@dataclass
+class Row:
+    name: str
+    unit: str
+    value: float | None  # median of the repetitions
+    reference: float | None
+    ratio: float | None  # value / reference
+    target: str = ""
+    met: bool | None = None
+    spread: tuple[float, float] | None = None  # min-max of the value
+    values: list[float] = field(default_factory=list)
+    references: list[float] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ProcessRun:
+    seconds: float
+    peak_rss_mb: float  # 10^6 bytes
+
+
+@dataclass
+class Context:
+    plan: Plan
+    workdir: Path
+    url: str = ""  # the Typesense of the benchmark running now
+    client: Any = None
+    server_pid: int = 0
+    typesense_version: str = ""
+    backlogs: dict[int, Path] = field(default_factory=dict)
+    drains: dict[int, list[ProcessRun]] = field(default_factory=dict)
+    ceilings: dict[int, list[float]] = field(default_factory=dict)  # seconds, best batch size
+    idle: list[ProcessRun] = field(default_factory=list)  # run --once on an empty outbox
+    batch_size: int | None = None  # the best batch size for the raw ceiling
+    names: int = 0
+
+    def fresh_name(self, prefix: str) -> str:
+        self.names += 1
+        return f"bench_{prefix}_{self.names}"
+
+    def env(self, db: Path, collection: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "TYPESENSE_URL": self.url,
+            "TYPESENSE_API_KEY": API_KEY,
+            "OUTBOX_SYNC_DB": str(db),
+            "OUTBOX_SYNC_COLLECTION": collection,
+            "OUTBOX_SYNC_LOG_LEVEL": "info",
+        }
+
+    def connect(self, server: LocalTypesense) -> None:
+        assert server.process is not None
+        self.url, self.client = server.url, make_client(server.url)
+        self.server_pid = server.process.pid
+        self.typesense_version = str(self.client.debug.retrieve().get("version"))
+
+    def repeats(self, n: int) -> int:
+        return self.plan.large_repeats if n == max(self.plan.sizes) else self.plan.repeats
+
+
+class BenchError(Exception):
+    """A run went wrong (a process failed, documents are missing): its figures mean nothing."""
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- statistics and rows ----------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def ratio_row(
+    name: str,
+    values: Sequence[float],
+    references: Sequence[float],
+    unit: str,
+    target: tuple[str, float] | None = None,
+    *,
+    absolute_target: bool = False,
+    note: str = "",
+) -> Row:
+    """A row comparing the median of `values` with the median of `references`. The target
+    applies to the ratio, or with absolute_target to the value itself (in `unit`)."""
+    value, reference = statistics.median(values), statistics.median(references)
+    ratio = value / reference if reference else None
+    row = Row(name, unit, value, reference, ratio, spread=(min(values), max(values)), note=note)
+    row.values, row.references = list(values), list(references)
+    if target is not None:
+        op, limit = target
+        checked = value if absolute_target else ratio
+        row.target = f"{op} {limit:g}{' ' + unit if absolute_target else 'x'}"
+        if checked is not None:
+            row.met = checked >= limit if op == ">=" else checked <= limit
+    return row
+
+
+# -- Typesense ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def typesense_server(data_dir: Path) -> Iterator[LocalTypesense]:
+    server = LocalTypesense(data_dir, api_key=API_KEY)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def settle(ctx: Context) -> None:
+    """Wait until the Typesense process is (nearly) idle."""
+
+    def cpu_s() -> float:
+        with open(f"/proc/{ctx.server_pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    deadline = time.monotonic() + SETTLE_MAX_S
+    while time.monotonic() < deadline:
+        before = cpu_s()
+        time.sleep(0.25)
+        if cpu_s() - before < SETTLE_CPU * 0.25:
+            return
+
+
+def make_client(url: str) -> Any:
+    config: Any = {
+        "nodes": [parse_node(url)],
+        "api_key": API_KEY,
+        "num_retries": 0,
+        "connection_timeout_seconds": 120,
+    }
+    return typesense.Client(config)
+
+
+@contextlib.contextmanager
+def fresh_collection(ctx: Context, prefix: str) -> Iterator[Any]:
+    """A new, empty collection with the daemon's schema; yields its documents endpoint."""
+    name = ctx.fresh_name(prefix)
+    ctx.client.collections.create(collection_schema(name))
+    try:
+        yield ctx.client.collections[name].documents
+    finally:
+        drop_collection(ctx, name)
+
+
+def drop_collection(ctx: Context, name: str) -> None:
+    with contextlib.suppress(ts.ObjectNotFound):
+        ctx.client.collections[name].delete()
+
+
+def count_documents(ctx: Context, name: str) -> int:
+    return int(ctx.client.collections[name].retrieve()["num_documents"])
+
+
+def import_seconds(ctx: Context, bodies: Sequence[bytes], count: int) -> float:
+    """Raw ceiling: pre-encoded JSONL bodies imported straight into a fresh collection."""
+    with fresh_collection(ctx, "ceiling") as documents:
+        settle(ctx)
+        started = time.perf_counter()
+        succeeded = sum(
+            documents.import_(body, {"action": "upsert"}).count('"success":true') for body in bodies
+        )
+        seconds = time.perf_counter() - started
+    if succeeded != count:
+        raise BenchError(f"raw import: {succeeded} of {count} documents succeeded")
+    return seconds
+
+
+def single_upsert_seconds(ctx: Context, docs: Sequence[dict[str, Any]]) -> list[float]:
+    """The naive sync: one POST (single-document upsert) per record, one retry on error, into
+    a fresh collection. Returns the seconds each record took."""
+    durations = []
+    with fresh_collection(ctx, "single") as documents:
+        settle(ctx)
+        for doc in docs:
+            started = time.perf_counter()
+            try:
+                documents.upsert(doc)
+            except (ts.TypesenseClientError, httpx.HTTPError):
+                documents.upsert(doc)
+            durations.append(time.perf_counter() - started)
+    return durations
+
+
+# -- SQLite and the daemon --------------------------------------------------------------------
+
+
+def init_db(ctx: Context, db: Path) -> None:
+    """A database prepared with `outbox-sync init`."""
+    for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        stale.unlink(missing_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "outbox_sync", "init"],
+        env=ctx.env(db, "unused"),
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+
+
+def backlog(ctx: Context, n: int) -> Path:
+    """A database after `outbox-sync init` into which the application wrote n rows with
+    executemany: its outbox holds n entries. Made once, copied for every run."""
+    if n not in ctx.backlogs:
+        db = ctx.workdir / f"backlog-{n}.db"
+        say(f"writing a backlog of {n:,} rows")
+        init_db(ctx, db)
+        conn = app.connect(db)
+        app.write_bulk(conn, list(app.make_rows(1, n)))
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+        ctx.backlogs[n] = db
+    return ctx.backlogs[n]
+
+
+def document_lines(db: Path) -> list[bytes]:
+    """The JSONL lines the daemon sends for this database's rows, built the daemon's way."""
+    conn = sqlite3.connect(db)
+    conn.text_factory = bytes  # as the daemon reads them
+    query = f"SELECT {', '.join(COLUMNS)} FROM sequences ORDER BY id"
+    lines = [encode(to_document(row)) for row in conn.execute(query)]
+    conn.close()
+    return lines
+
+
+def sample_documents(first_id: int, count: int) -> list[dict[str, Any]]:
+    """Documents for the rows app.make_rows(first_id, count), built the daemon's way."""
+    return [
+        to_document(tuple(v.encode() if isinstance(v, str) else v for v in row))
+        for row in app.make_rows(first_id, count)
+    ]
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# Starts a command and reports its wall time and peak RSS. Needed because on Linux a child's
+# ru_maxrss starts at its parent's RSS at fork: the daemon must be forked by this small process,
+# not by the bench, which holds hundreds of MB of documents.
+MEASURE = """
+import resource, subprocess, sys, time
+started = time.perf_counter()
+code = subprocess.call(sys.argv[2:])
+seconds = time.perf_counter() - started
+with open(sys.argv[1], "w") as out:
+    out.write(f"{seconds} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}")
+sys.exit(code)
+"""
+
+
+def run_once(ctx: Context, db: Path, collection: str) -> ProcessRun:
+    """`outbox-sync run --once` as a whole process: wall time and its own peak RSS."""
+    log, figures = ctx.workdir / f"{collection}.log", ctx.workdir / "measure.txt"
+    command = [sys.executable, "-m", "outbox_sync", "run", "--once"]
+    with open(log, "wb") as output:
+        code = subprocess.call(
+            [sys.executable, "-c", MEASURE, str(figures), *command],
+            env=ctx.env(db, collection),
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+        )
+    if code:
+        raise BenchError(f"run --once exited {code}:\n{log_tail(log)}")
+    seconds, max_rss_kib = figures.read_text().split()
+    return ProcessRun(float(seconds), int(max_rss_kib) * 1024 / 1e6)
+
+
+@contextlib.contextmanager
+def daemon(ctx: Context, db: Path, collection: str) -> Iterator[None]:
+    """`outbox-sync run` in the background, from the moment it has created the collection
+    until SIGTERM."""
+    log = ctx.workdir / f"{collection}.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "outbox_sync", "run"],
+            env=ctx.env(db, collection),
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+        )
+        try:
+            deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
+            while True:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(f"daemon did not start:\n{log_tail(log)}")
+                with contextlib.suppress(ts.ObjectNotFound):
+                    ctx.client.collections[collection].retrieve()
+                    break
+                time.sleep(0.02)
+            yield
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    drop_collection(ctx, collection)
+
+
+# -- 1. drain -----------------------------------------------------------------------------------
+
+
+def drain_once(ctx: Context, n: int) -> ProcessRun:
+    """Copy the backlog, drain it into a fresh collection (the daemon creates it), check."""
+    db = ctx.workdir / "drain.db"
+    for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        stale.unlink(missing_ok=True)
+    shutil.copyfile(backlog(ctx, n), db)
+    collection = ctx.fresh_name("drain")
+    settle(ctx)
+    run = run_once(ctx, db, collection)
+    documents = count_documents(ctx, collection)
+    drop_collection(ctx, collection)
+    conn = sqlite3.connect(db)
+    (pending,) = conn.execute("SELECT count(*) FROM outbox").fetchone()
+    conn.close()
+    if documents != n or pending:
+        raise BenchError(f"drain of {n}: {documents} documents, {pending} entries left")
+    say(f"drain {n:,}: {run.seconds:.2f} s, peak RSS {run.peak_rss_mb:.0f} MB")
+    return run
+
+
+def idle_runs(ctx: Context) -> list[ProcessRun]:
+    """`run --once` on an empty outbox: the process's fixed cost in time and memory."""
+    empty = ctx.workdir / "empty.db"
+    while len(ctx.idle) < ctx.plan.repeats:
+        init_db(ctx, empty)
+        ctx.idle.append(run_once(ctx, empty, name := ctx.fresh_name("idle")))
+        drop_collection(ctx, name)
+    return ctx.idle
+
+
+def drain_runs(ctx: Context, n: int) -> list[ProcessRun]:
+    if n not in ctx.drains:
+        ctx.drains[n] = [drain_once(ctx, n) for _ in range(ctx.repeats(n))]
+    return ctx.drains[n]
+
+
+def bench_drain(ctx: Context) -> list[Row]:
+    """Drain of each backlog vs (a) the raw import ceiling at the best batch size (swept on
+    the small backlog, reused for the large one), (b) the naive one-POST-per-record sync."""
+    # Naive first, on a Typesense that has seen no bulk import: right after one, single writes
+    # are 2-3x slower for the next few thousand (measured here), which would flatter the drain.
+    sample = sample_documents(1, ctx.plan.naive_sample)
+    naive = [len(sample) / sum(single_upsert_seconds(ctx, sample)) for _ in range(ctx.plan.repeats)]
+    say(f"naive: {', '.join(f'{rate:.0f}' for rate in naive)} records/s")
+    return [row for n in ctx.plan.sizes for row in drain_rows(ctx, n, naive)]
+
+
+def drain_rows(ctx: Context, n: int, naive_rates: list[float]) -> list[Row]:
+    lines = document_lines(backlog(ctx, n))
+    sizes = ctx.plan.batch_sizes if ctx.batch_size is None else (ctx.batch_size,)
+    sweep: dict[int, list[float]] = {size: [] for size in sizes}
+    ctx.drains[n] = []
+    for _ in range(ctx.repeats(n)):  # interleaved, so drift hits all alike
+        for size in sizes:
+            bodies = [b"\n".join(lines[i : i + size]) for i in range(0, n, size)]
+            sweep[size].append(import_seconds(ctx, bodies, n))
+            say(f"raw import {n:,} at {size:,}/request: {sweep[size][-1]:.2f} s")
+        ctx.drains[n].append(drain_once(ctx, n))
+    ctx.batch_size = min(sizes, key=lambda size: statistics.median(sweep[size]))
+    ctx.ceilings[n] = sweep[ctx.batch_size]
+    rates = [n / run.seconds for run in ctx.drains[n]]
+    startup_s = statistics.median(run.seconds for run in idle_runs(ctx))
+    return [
+        ratio_row(
+            f"drain {n:,}: rate vs raw import ({ctx.batch_size:,}/request)",
+            rates,
+            [n / seconds for seconds in ctx.ceilings[n]],
+            "docs/s",
+            (">=", 0.9),
+            note=f"whole `run --once` process; on an empty outbox it takes {startup_s:.2f} s",
+        ),
+        ratio_row(
+            f"drain {n:,}: rate vs naive (1 POST/record)",
+            rates,
+            naive_rates,
+            "docs/s",
+            (">=", 60),
+            note=f"naive: {ctx.plan.naive_sample:,} records into an empty collection, "
+            "extrapolated (it slows a little as the collection grows: flattered at large n)",
+        ),
+    ]
+
+
+# -- 2. lag -------------------------------------------------------------------------------------
+
+
+def watch(
+    url: str, collection: str, total: int, writer: subprocess.Popen[bytes]
+) -> tuple[dict[int, float], float]:
+    """When each id 1..total first became searchable: poll a search for sequence_number >= the
+    lowest id not seen yet (sequence_number == id), noting time.time() when the answer came
+    (an upper bound: a lag includes up to one poll cycle). Also returns the median cycle."""
+    seen: dict[int, float] = {}
+    answers: list[float] = []
+    lowest, deadline = 1, math.inf
+    path = f"/collections/{collection}/documents/search"
+    params: dict[str, Any] = {
+        "q": "*",
+        "query_by": "element_type",
+        "sort_by": "sequence_number:asc",
+        "per_page": 250,
+        "include_fields": "sequence_number",
+    }
+    with httpx.Client(base_url=url, headers={"X-TYPESENSE-API-KEY": API_KEY}) as http:
+        while lowest <= total and time.monotonic() < deadline:
+            if deadline == math.inf and writer.poll() is not None:
+                deadline = time.monotonic() + LAG_GRACE_S
+            response = http.get(path, params={**params, "filter_by": f"sequence_number:>={lowest}"})
+            now = time.time()
+            answers.append(now)
+            response.raise_for_status()
+            for hit in response.json()["hits"]:
+                seen.setdefault(hit["document"]["sequence_number"], now)
+            while lowest in seen:
+                lowest += 1
+            time.sleep(LAG_POLL_S)
+    return seen, statistics.median(b - a for a, b in itertools.pairwise(answers))
+
+
+def peak_backlog(commit_times: Sequence[float], seen_times: Sequence[float]) -> int:
+    """The most records ever committed but not yet searchable."""
+    events = sorted([(t, 1) for t in commit_times] + [(t, -1) for t in seen_times])
+    level = peak = 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    return peak
+
+
+@dataclass(frozen=True)
+class LagRun:
+    lags_ms: list[float]
+    missing: int
+    peak_backlog: int
+    achieved_rate: float
+    poll_cycle_ms: float
+
+
+def lag_once(ctx: Context, rate: float, seconds: float) -> LagRun:
+    db = ctx.workdir / "lag.db"
+    init_db(ctx, db)
+    commits_file = ctx.workdir / "commits.json"
+    total = int(rate * seconds)
+    writer_command = [sys.executable, "-m", "tests.bench.app", "--db", str(db)]
+    writer_command += ["--rate", str(rate), "--seconds", str(seconds), "--out", str(commits_file)]
+    settle(ctx)
+    with daemon(ctx, db, collection := ctx.fresh_name("lag")):
+        writer = subprocess.Popen(writer_command, cwd=ROOT)
+        seen, poll_cycle_s = watch(ctx.url, collection, total, writer)
+        if writer.wait():
+            raise BenchError(f"lag writer exited {writer.returncode}")
+    commits = json.loads(commits_file.read_text())
+    lags = [(seen[key] - committed) * 1000 for key, committed in commits if key in seen]
+    span = commits[-1][1] - commits[0][1]
+    return LagRun(
+        lags,
+        total - len(lags),
+        peak_backlog([t for _, t in commits], list(seen.values())),
+        (len(commits) - 1) / span if span > 0 else math.inf,
+        poll_cycle_s * 1000,
+    )
+
+
+def bench_lag(ctx: Context) -> list[Row]:
+    """Commit-to-searchable lag with the daemon running and a writer committing one row at a
+    time at a steady rate, vs the round trip of one single-document upsert."""
+    sample = sample_documents(1, ctx.plan.reference_upserts)
+    rows = []
+    targets = {50: {"p50": 3.0, "p99": 10.0}, 2000: {"p99": 30.0}}
+    for rate, seconds in ctx.plan.lag_cases:
+        references, runs = [], []
+        for _ in range(ctx.plan.repeats):
+            durations = single_upsert_seconds(ctx, sample)
+            references.append(statistics.median(durations[20:]) * 1000)  # after warm-up
+            runs.append(lag_once(ctx, rate, seconds))
+            say(
+                f"lag {rate:g}/s: p50 {percentile(runs[-1].lags_ms, 0.5):.1f} ms, "
+                f"p99 {percentile(runs[-1].lags_ms, 0.99):.1f} ms, "
+                f"single upsert {references[-1]:.2f} ms"
+            )
+        missing = sum(run.missing for run in runs)
+        cycle_ms = statistics.median(run.poll_cycle_ms for run in runs)
+        note = f"the reader saw Typesense every {cycle_ms:.2f} ms (median)" + (
+            f"; {missing} records never became searchable" if missing else ""
+        )
+        for label, fraction in (("p50", 0.5), ("p99", 0.99), ("max", 1.0)):
+            limit = targets.get(int(rate), {}).get(label)
+            rows.append(
+                ratio_row(
+                    f"lag {rate:g}/s {label} vs single upsert round trip",
+                    [percentile(run.lags_ms, fraction) for run in runs],
+                    references,
+                    "ms",
+                    None if limit is None else ("<=", limit),
+                    note=note if label == "p50" else "",
+                )
+            )
+        rows.append(
+            ratio_row(
+                f"lag {rate:g}/s writer: achieved vs asked commit rate",
+                [run.achieved_rate for run in runs],
+                [rate] * len(runs),
+                "commits/s",
+            )
+        )
+        if rate >= 1000:
+            rows.append(
+                ratio_row(
+                    f"lag {rate:g}/s peak backlog vs rows written per second",
+                    [run.peak_backlog for run in runs],
+                    [rate] * len(runs),
+                    "rows",
+                    ("<=", 1.0),
+                    note="bounded: never more than 1 s of writes unsearchable",
+                )
+            )
+    return rows
+
+
+# -- 3. writer overhead -----------------------------------------------------------------------
+
+WRITER_KINDS = ("plain", "triggers", "daemon")
+
+
+def write_rate(ctx: Context, kind: str, mode: str) -> float:
+    """Rows (bulk) or commits (row at a time) per second of the application, on a database
+    without triggers (plain), after init (triggers), or after init with the daemon draining."""
+    db = ctx.workdir / f"writer-{kind}.db"
+    if kind == "plain":  # same table, same journal mode as after init: only triggers differ
+        for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+            stale.unlink(missing_ok=True)
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(SEQUENCES_DDL)
+    else:
+        init_db(ctx, db)
+    draining = daemon(ctx, db, ctx.fresh_name("writer")) if kind == "daemon" else None
+    with draining or contextlib.nullcontext(), contextlib.closing(app.connect(db)) as conn:
+        settle(ctx)
+        if mode == "bulk":
+            rows = list(app.make_rows(1, ctx.plan.writer_rows))
+            started = time.perf_counter()
+            app.write_bulk(conn, rows)
+            return len(rows) / (time.perf_counter() - started)
+        return app.write_rows_for(conn, 1, ctx.plan.writer_seconds) / ctx.plan.writer_seconds
+
+
+def bench_writer(ctx: Context) -> list[Row]:
+    """Application write throughput: triggers vs none, and triggers with the daemon draining."""
+    rows = []
+    for mode, unit in (("bulk", "rows/s"), ("row-at-a-time", "commits/s")):
+        rates: dict[str, list[float]] = {kind: [] for kind in WRITER_KINDS}
+        for _ in range(ctx.plan.repeats):
+            for kind in WRITER_KINDS:
+                rates[kind].append(write_rate(ctx, kind, "bulk" if mode == "bulk" else "row"))
+            say(f"writer {mode}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()))
+        rows.append(
+            ratio_row(
+                f"writer {mode}: with triggers vs without",
+                rates["triggers"],
+                rates["plain"],
+                unit,
+                (">=", 0.75) if mode == "bulk" else None,
+            )
+        )
+        rows.append(
+            ratio_row(
+                f"writer {mode}: triggers + daemon draining vs triggers",
+                rates["daemon"],
+                rates["triggers"],
+                unit,
+                (">=", 0.8),
+            )
+        )
+    return rows
+
+
+# -- 4. memory ----------------------------------------------------------------------------------
+
+
+def bench_memory(ctx: Context) -> list[Row]:
+    """Peak RSS of `run --once` draining each backlog vs draining an empty outbox."""
+    idle = [run.peak_rss_mb for run in idle_runs(ctx)]
+    rows = []
+    for n in sorted(ctx.plan.sizes, reverse=True):
+        rows.append(
+            ratio_row(
+                f"daemon peak RSS draining {n:,} vs empty outbox",
+                [run.peak_rss_mb for run in drain_runs(ctx, n)],
+                idle,
+                "MB",
+                ("<=", 100) if n == max(ctx.plan.sizes) else None,
+                absolute_target=True,
+            )
+        )
+    # TODO(issue 5): peak RSS of `outbox-sync audit` over the large collection belongs here.
+    # The command does not exist yet; measure it like bench_memory's drains once it does.
+    rows.append(
+        Row("audit peak RSS", "MB", None, None, None, note="not measured: no `audit` command yet")
+    )
+    return rows
+
+
+# -- 5. scaling ---------------------------------------------------------------------------------
+
+
+def bench_scaling(ctx: Context) -> list[Row]:
+    small, large = ctx.plan.sizes
+    rows = [
+        ratio_row(
+            f"drain time {large:,} / {small:,}",
+            [run.seconds for run in drain_runs(ctx, large)],
+            [run.seconds for run in drain_runs(ctx, small)],
+            "s",
+            ("<=", 11),
+            note=f"linear would be {large / small:g}",
+        )
+    ]
+    if small in ctx.ceilings and large in ctx.ceilings:
+        rows.append(
+            ratio_row(
+                f"raw import time {large:,} / {small:,} (for comparison)",
+                ctx.ceilings[large],
+                ctx.ceilings[small],
+                "s",
+            )
+        )
+    return rows
+
+
+BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
+    "drain": bench_drain,
+    "lag": bench_lag,
+    "writer": bench_writer,
+    "memory": bench_memory,
+    "scaling": bench_scaling,
+}
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def table(rows: Sequence[Row]) -> str:
+    header = ("benchmark", "value", "reference", "ratio", "target", "met", "value min-max", "n")
+    lines = [header]
+    for row in rows:
+        met = {True: "yes", False: "NO", None: ""}[row.met]
+        spread = f"{number(row.spread[0])}-{number(row.spread[1])}" if row.spread else "-"
+        lines.append(
+            (
+                row.name,
+                f"{number(row.value)} {row.unit}",
+                f"{number(row.reference)} {row.unit}",
+                "-" if row.ratio is None else f"{row.ratio:.3g}x",
+                row.target,
+                met,
+                spread,
+                str(len(row.values)),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    ]
+    text.insert(1, "-" * len(text[0]))
+    notes = [f"  {row.name}: {row.note}" for row in rows if row.note]
+    return "\n".join(text + (["", "notes:", *notes] if notes else []))
+
+
+def environment(ctx: Context) -> dict[str, Any]:
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "commit": commit,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "settings": {k: v for k, v in os.environ.items() if k.startswith("OUTBOX_SYNC_")},
+        "plan": asdict(ctx.plan),
+        "raw_import_batch_size": ctx.batch_size,
+        "typesense": ctx.typesense_version,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller backlogs, shorter runs")
+    parser.add_argument("--json", action="store_true", help="JSON on stdout, table on stderr")
+    parser.add_argument(
+        "--only", default=",".join(BENCHMARKS), help=f"comma-separated: {','.join(BENCHMARKS)}"
+    )
+    args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(unknown)}: choose from {', '.join(BENCHMARKS)}")
+    plan = QUICK if args.quick else FULL
+    started = time.monotonic()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="outbox-sync-bench-") as workdir:
+        ctx = Context(plan, Path(workdir))
+        for name in BENCHMARKS:  # in this order: memory and scaling reuse the drains
+            if name in chosen:
+                say(f"== {name}")
+                # A fresh server for each benchmark: no state carries over from the previous.
+                with typesense_server(ctx.workdir / f"typesense-{name}") as server:
+                    ctx.connect(server)
+                    rows += BENCHMARKS[name](ctx)
+        info = environment(ctx)
+    info["seconds"] = round(time.monotonic() - started, 1)
+    print(table(rows), file=sys.stderr if args.json else sys.stdout, flush=True)
+    if args.json:
+        print(json.dumps({"environment": info, "rows": [asdict(row) for row in rows]}, indent=2))
+    return 0
