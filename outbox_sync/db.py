@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from outbox_sync.documents import COLUMNS
-from outbox_sync.errors import AlreadyRunningError, DatabaseBusyError, DatabaseError
+from outbox_sync.errors import (
+    AlreadyRunningError,
+    DatabaseBusyError,
+    DatabaseError,
+    OutboxSyncError,
+)
 from outbox_sync.telemetry import merge_stats
 
 # How long a write waits for another connection's write lock before giving up (and retrying
@@ -97,15 +102,28 @@ class Database:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as error:
-            if "locked" in str(error) or "busy" in str(error):
-                raise DatabaseBusyError(f"database {self.path} stayed locked: {error}") from None
-            raise DatabaseError(f"cannot write to database {self.path}: {error}") from None
+            raise self._write_error(error) from None
         try:
             yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
+            self.conn.execute("COMMIT")
+        except BaseException as error:
+            if self.conn.in_transaction:  # some errors end the transaction themselves
+                self.conn.execute("ROLLBACK")
+            # A read-only file may still let BEGIN IMMEDIATE through: the first write says so.
+            if isinstance(error, sqlite3.OperationalError):
+                raise self._write_error(error) from None
             raise
-        self.conn.execute("COMMIT")
+
+    def _write_error(self, error: sqlite3.OperationalError) -> DatabaseError:
+        if "locked" in str(error) or "busy" in str(error):
+            return DatabaseBusyError(f"database {self.path} stayed locked: {error}")
+        return DatabaseError(f"cannot write to database {self.path}: {error}")
+
+    def check_writable(self) -> None:
+        """Raise DatabaseError unless this connection may write: a daemon on a read-only file
+        would otherwise only fail at its first acknowledgement."""
+        with self.write() as conn:
+            conn.execute("DELETE FROM outbox_sync_meta WHERE key = 'write_probe'")
 
     # -- schema ---------------------------------------------------------------------------------
 
@@ -190,10 +208,11 @@ class Database:
         finally:
             self.conn.text_factory = str
 
-    def claim(self, limit: int) -> list[OutboxEntry]:
-        """The oldest `limit` outbox entries, in id order."""
+    def claim(self, limit: int, after: int = 0) -> list[OutboxEntry]:
+        """The oldest `limit` outbox entries with an id above `after`, in id order."""
         rows = self._fetch_raw(
-            "SELECT id, sequence_id, op FROM outbox ORDER BY id LIMIT ?", (limit,)
+            "SELECT id, sequence_id, op FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            (after, limit),
         )
         return [
             OutboxEntry(
@@ -343,6 +362,227 @@ class Database:
         names = [column[0] for column in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor]
 
+    # -- on-call: reviewing and closing sync errors, audit reads, report reads ------------------
+
+    def find_errors(
+        self, *, status: str = "open", since: str | None = None, op: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Rows of `sync_errors`, oldest first. status: 'open', 'resolved' or 'all'; since: an
+        ISO time (as in failed_at) the failure happened at or after; op: 'upsert' or 'delete'."""
+        conditions, params = [], []
+        if status == "open":
+            conditions.append("resolved_at IS NULL")
+        elif status == "resolved":
+            conditions.append("resolved_at IS NOT NULL")
+        elif status != "all":
+            raise ValueError(f"status must be open, resolved or all, not {status!r}")
+        if since is not None:
+            conditions.append("failed_at >= ?")
+            params.append(since)
+        if op is not None:
+            conditions.append("op = ?")
+            params.append(op)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        cursor = self.conn.execute(
+            f"SELECT {ERROR_COLUMNS} FROM sync_errors{where} ORDER BY id", params
+        )
+        names = [column[0] for column in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor]
+
+    def get_error(self, error_id: int) -> dict[str, Any]:
+        """One row of `sync_errors`, with what the record looks like now: `record_exists` (a row
+        of `sequences` has its id) and `pending` (outbox entries waiting for it)."""
+        cursor = self.conn.execute(
+            f"SELECT {ERROR_COLUMNS} FROM sync_errors WHERE id = ?", (error_id,)
+        )
+        row = cursor.fetchone()
+        if row is None:
+            raise UnknownSyncError(error_id)
+        names = [column[0] for column in cursor.description]
+        error = dict(zip(names, row, strict=True))
+        key = error["sequence_id"]
+        error["record_exists"] = (
+            self.conn.execute("SELECT 1 FROM sequences WHERE id IS ? LIMIT 1", (key,)).fetchone()
+            is not None
+        )
+        (error["pending"],) = self.conn.execute(
+            "SELECT count(*) FROM outbox WHERE sequence_id IS ?", (key,)
+        ).fetchone()
+        return error
+
+    def retry_errors(self, error_ids: Sequence[int] | None = None) -> list["Retry"]:
+        """Send the records of these open errors (every open one with None) through the outbox
+        again: one entry per record, 'upsert' if its row exists, else 'delete'. Every open error
+        of those records closes as 'retried' (a new failure writes a new row). Unknown or closed
+        ids raise UnknownSyncError or ClosedSyncError, and nothing changes."""
+        now = utc_now()
+        retries = []
+        with self.write() as conn:
+            if error_ids is None:
+                selected = conn.execute(
+                    "SELECT id, sequence_id FROM sync_errors WHERE resolved_at IS NULL ORDER BY id"
+                ).fetchall()
+            else:
+                selected = [(id, key) for id, key, _ in self._open_errors(conn, error_ids)]
+            keys: dict[Any, None] = dict.fromkeys(key for _, key in selected)
+            for key in keys:
+                exists = conn.execute(
+                    "SELECT 1 FROM sequences WHERE id IS ? LIMIT 1", (key,)
+                ).fetchone()
+                op = "upsert" if exists else "delete"
+                outbox_id = conn.execute(
+                    "INSERT INTO outbox (sequence_id, op) VALUES (?, ?)", (key, op)
+                ).lastrowid
+                assert outbox_id is not None  # an INSERT always sets it
+                closed = [
+                    id
+                    for (id,) in conn.execute(
+                        "SELECT id FROM sync_errors WHERE resolved_at IS NULL AND sequence_id IS ?"
+                        " ORDER BY id",
+                        (key,),
+                    )
+                ]
+                conn.execute(
+                    "UPDATE sync_errors SET resolved_at = ?, resolution = 'retried', note = ?"
+                    " WHERE resolved_at IS NULL AND sequence_id IS ?",
+                    (now, f"re-enqueued as outbox entry {outbox_id} ({op})", key),
+                )
+                retries.append(Retry(key, op, outbox_id, tuple(closed)))
+        return retries
+
+    def resolve_errors(self, error_ids: Sequence[int], note: str) -> None:
+        """Close these open errors by hand (resolution 'resolved'), keeping the note. Unknown or
+        closed ids raise UnknownSyncError or ClosedSyncError, and nothing changes."""
+        now = utc_now()
+        with self.write() as conn:
+            self._open_errors(conn, error_ids)
+            conn.executemany(
+                "UPDATE sync_errors SET resolved_at = ?, resolution = 'resolved', note = ?"
+                " WHERE id = ?",
+                [(now, note, error_id) for error_id in error_ids],
+            )
+
+    @staticmethod
+    def _open_errors(
+        conn: sqlite3.Connection, error_ids: Sequence[int]
+    ) -> list[tuple[int, Any, str | None]]:
+        """(id, sequence_id, resolution) of these errors; raise unless every one is open."""
+        found = {
+            row[0]: row
+            for row in conn.execute(
+                "SELECT id, sequence_id, resolution FROM sync_errors"
+                " WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(error_ids)),),
+            )
+        }
+        for error_id in error_ids:
+            if error_id not in found:
+                raise UnknownSyncError(error_id)
+            if found[error_id][2] is not None:
+                raise ClosedSyncError(error_id, found[error_id][2])
+        return [found[error_id] for error_id in dict.fromkeys(error_ids)]
+
+    def scan_sequences(self, chunk: int) -> Iterator[list[tuple[Any, ...]]]:
+        """Every row of `sequences` (COLUMNS, text as bytes), `chunk` rows per short read, in
+        rowid order: unlike paging by id, this visits a loose legacy table's NULL and duplicate
+        ids too. No read transaction is held between chunks."""
+        select = f"SELECT rowid, {', '.join(COLUMNS)} FROM sequences"
+        rows = self._fetch_raw(f"{select} ORDER BY rowid LIMIT ?", (chunk,))
+        while rows:
+            yield [row[1:] for row in rows]
+            rows = self._fetch_raw(
+                f"{select} WHERE rowid > ? ORDER BY rowid LIMIT ?", (rows[-1][0], chunk)
+            )
+
+    def scan_outbox_keys(self, chunk: int) -> Iterator[list[Any]]:
+        """The sequence_id of every waiting outbox entry, `chunk` per short read."""
+        yield from self._scan_keys(
+            "SELECT id, sequence_id FROM outbox WHERE id > ? ORDER BY id LIMIT ?", chunk
+        )
+
+    def scan_open_error_keys(self, chunk: int) -> Iterator[list[Any]]:
+        """The sequence_id of every open sync error, `chunk` per short read."""
+        yield from self._scan_keys(
+            "SELECT id, sequence_id FROM sync_errors WHERE resolved_at IS NULL AND id > ?"
+            " ORDER BY id LIMIT ?",
+            chunk,
+        )
+
+    def _scan_keys(self, sql: str, chunk: int) -> Iterator[list[Any]]:
+        last = 0
+        while rows := self.conn.execute(sql, (last, chunk)).fetchall():
+            last = rows[-1][0]
+            yield [key for _, key in rows]
+
+    def scan_stats(self, since_bucket: int) -> Iterator[dict[str, Any]]:
+        """The per-minute statistics from `since_bucket` (Unix time of a minute) on."""
+        last = since_bucket - 1
+        while rows := self.conn.execute(
+            "SELECT bucket, data FROM sync_stats WHERE bucket > ? ORDER BY bucket LIMIT 1000",
+            (last,),
+        ).fetchall():
+            last = rows[-1][0]
+            for _, data in rows:
+                yield json.loads(data)
+
+    def scan_failures_since(self, since: str) -> Iterator[tuple[int | None, str]]:
+        """(http_status, error) of every sync error that failed at or after `since` (ISO)."""
+        last = 0
+        while rows := self.conn.execute(
+            "SELECT id, http_status, error FROM sync_errors WHERE failed_at >= ? AND id > ?"
+            " ORDER BY id LIMIT 1000",
+            (since, last),
+        ).fetchall():
+            last = rows[-1][0]
+            for _, http_status, error in rows:
+                yield http_status, error
+
+    def closed_since(self, since: str) -> dict[str, int]:
+        """How many sync errors closed at or after `since` (ISO), by resolution."""
+        return dict(
+            self.conn.execute(
+                "SELECT resolution, count(*) FROM sync_errors WHERE resolved_at >= ?"
+                " GROUP BY resolution ORDER BY resolution",
+                (since,),
+            ).fetchall()
+        )
+
+
+# The columns of `sync_errors`, in the order people read them.
+ERROR_COLUMNS = (
+    "id, outbox_id, sequence_id, op, document, http_status, error, attempts, failed_at,"
+    " resolved_at, resolution, note"
+)
+
+
+class UnknownSyncError(OutboxSyncError):
+    """No row of `sync_errors` has this id."""
+
+    def __init__(self, error_id: int) -> None:
+        super().__init__(
+            f"no sync error has id {error_id}: `outbox-sync errors list --status all` lists them"
+        )
+
+
+class ClosedSyncError(OutboxSyncError):
+    """The sync error was closed already: retrying or resolving it again would hide history."""
+
+    def __init__(self, error_id: int, resolution: str) -> None:
+        super().__init__(
+            f"sync error {error_id} is already closed ({resolution}): see `outbox-sync errors "
+            f"show {error_id}`; to sync its record again, run `outbox-sync audit --repair`"
+        )
+
+
+@dataclass(frozen=True)
+class Retry:
+    """One record sent through the outbox again by `retry_errors`."""
+
+    sequence_id: Any
+    op: str
+    outbox_id: int
+    closed_error_ids: tuple[int, ...]
+
 
 class DaemonLock:
     """An exclusive flock on a file beside the database. The kernel drops it when the process
@@ -353,7 +593,12 @@ class DaemonLock:
         self._file: IO[str] | None = None
 
     def acquire(self) -> None:
-        handle = open(self.path, "a+")  # noqa: SIM115 - held for the daemon's lifetime
+        try:
+            handle = open(self.path, "a+")  # noqa: SIM115 - held for the daemon's lifetime
+        except OSError as error:
+            raise DatabaseError(
+                f"cannot create the daemon's lock file {self.path}: {error.strerror}"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

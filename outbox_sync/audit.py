@@ -1,0 +1,399 @@
+"""Audit: compare every row of `sequences` with every document in Typesense, and repair drift
+through the outbox.
+
+Both sides are compared after the daemon's own mapping (`documents.to_document`), so a record is
+consistent exactly when the daemon would leave it as it is. Drift comes in four kinds:
+
+- `missing`: a valid row with no document;
+- `extra`: a document whose id no row has;
+- `stale`: a valid row whose document differs (the differing fields are named);
+- `invalid`: a row that fails validation and has no open sync error (nobody knows about it:
+  an error closed by hand without fixing the row, or a row written while the triggers were
+  missing). The daemon cannot index it; `--repair` sends it through the outbox so it becomes an
+  open sync error again, where on-call sees it.
+
+Not drift, but counted: records that look drifted while they have an open sync error (the error
+already tells the story: `outbox-sync errors`), and records with an outbox entry waiting (the
+daemon is about to apply them). A record the daemon has not been able to index keeps whatever
+document it had; with an open error, that is expected.
+
+Correct while the application and the daemon keep working: outbox entries are snapshotted before
+the export, after reading `sequences` and at the very end, and every record waiting in one of
+them is left out. Then every candidate is checked again, record by record, with both sides read
+afresh (SQLite first, then Typesense): a change committed and applied between the export and the
+read of `sequences` would otherwise look like drift.
+
+Memory stays bounded however large the table: Typesense's export is streamed into a scratch
+SQLite file (in the temporary directory, TMPDIR), the rows are copied beside it in chunks with
+their expected documents, and the comparison is SQL over that file. Reads of the application's
+database are short, chunked, and never overlap network I/O.
+"""
+
+import json
+import sqlite3
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from outbox_sync.db import Database
+from outbox_sync.documents import INT64, to_document
+from outbox_sync.errors import InvalidRecordError, OutboxSyncError
+from outbox_sync.typesense_index import MAX_DELETE_IDS, TypesenseIndex
+
+KINDS = ("missing", "extra", "stale", "invalid")
+# Rows per read of `sequences` and documents per scratch write: a few MB at most.
+DEFAULT_CHUNK = 5000
+# Candidates checked again per Typesense request (ids in one filter_by, as for deletes).
+CONFIRM_CHUNK = MAX_DELETE_IDS
+
+# (phase, done, total): phases are "export", "rows" and "confirm".
+Progress = Callable[[str, int, int], None]
+
+SCRATCH_SCHEMA = (
+    "CREATE TABLE actual (key PRIMARY KEY, doc TEXT NOT NULL)",
+    "CREATE TABLE expected (key, doc TEXT, problem TEXT)",
+    "CREATE TABLE pending (key PRIMARY KEY)",
+    "CREATE TABLE known (key PRIMARY KEY)",
+    "CREATE TABLE candidates (n INTEGER PRIMARY KEY, key, kind TEXT NOT NULL, detail TEXT)",
+    "CREATE TABLE drift (n INTEGER PRIMARY KEY, key, kind TEXT NOT NULL, detail TEXT)",
+)
+
+
+@dataclass(frozen=True)
+class AuditSummary:
+    rows: int  # rows of `sequences` read
+    documents: int  # documents exported from Typesense
+    counts: dict[str, int]  # per kind of drift
+    known_errors: int  # records that differ but have an open sync error: not drift
+    pending: int  # records that differed while an outbox entry waited for them: not drift
+
+    @property
+    def consistent(self) -> bool:
+        return not any(self.counts.values())
+
+
+@dataclass(frozen=True)
+class RepairSummary:
+    enqueued: int  # outbox entries written, for the daemon to apply
+    deleted: list[str]  # ids of documents deleted here (see Audit.repair)
+
+
+def canonical(document: dict[str, Any]) -> str:
+    """One text per content: equal documents give equal texts, whatever their key order."""
+    return json.dumps(document, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def document_key(doc_id: str) -> int | str:
+    """The `sequences.id` a document id stands for: the integer when the id is one as the daemon
+    writes it (`documents.document_id`), else the id itself, which no valid row can have."""
+    body = doc_id[1:] if doc_id.startswith("-") else doc_id
+    if body.isascii() and body.isdigit():
+        value = int(doc_id)
+        if str(value) == doc_id and INT64[0] <= value <= INT64[1]:
+            return value
+    return doc_id
+
+
+def scratch_problem(error: Exception) -> str:
+    """What to say when SQLite fails under the audit: most likely, its scratch file's disk."""
+    return (
+        f"audit failed on SQLite: {error}; its scratch file in {tempfile.gettempdir()} needs "
+        "about twice the size of the data: if that disk is full, set TMPDIR to one with room"
+    )
+
+
+def is_integer(key: Any) -> bool:
+    return isinstance(key, int) and not isinstance(key, bool)
+
+
+def verdict(row: tuple[Any, ...] | None, document: dict[str, Any] | None) -> tuple[str, Any]:
+    """(kind, detail) of drift for one record from both sides, or ("", None) when consistent."""
+    if row is None:
+        return ("", None) if document is None else ("extra", None)
+    try:
+        expected = to_document(row)
+    except InvalidRecordError as error:
+        return "invalid", str(error)
+    if document is None:
+        return "missing", None
+    fields = sorted(
+        name
+        for name in expected.keys() | document.keys()
+        if name not in expected or name not in document or expected[name] != document[name]
+    )
+    return ("stale", ", ".join(fields)) if fields else ("", None)
+
+
+class Audit:
+    """`with Audit(db, index) as audit: summary = audit.run()`, then `audit.ids(kind)` and
+    `audit.repair()`. The scratch file goes away on close."""
+
+    def __init__(
+        self,
+        db: Database,
+        index: TypesenseIndex,
+        *,
+        chunk: int = DEFAULT_CHUNK,
+        progress: Progress | None = None,
+    ) -> None:
+        self.db, self.index, self.chunk = db, index, chunk
+        self.progress = progress or (lambda phase, done, total: None)
+        try:
+            self._directory = tempfile.TemporaryDirectory(prefix="outbox-sync-audit-")
+            self.scratch = sqlite3.connect(Path(self._directory.name) / "audit.db")
+            self.scratch.isolation_level = None
+            # A throwaway file: no journal, no fsync; its page cache stays small (the default).
+            self.scratch.execute("PRAGMA journal_mode = OFF")
+            self.scratch.execute("PRAGMA synchronous = OFF")
+            self.scratch.execute("PRAGMA temp_store = FILE")
+            for statement in SCRATCH_SCHEMA:
+                self.scratch.execute(statement)
+        except (OSError, sqlite3.Error) as error:
+            raise OutboxSyncError(scratch_problem(error)) from None
+
+    def close(self) -> None:
+        self.scratch.close()
+        self._directory.cleanup()
+
+    def __enter__(self) -> "Audit":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- the audit ------------------------------------------------------------------------------
+
+    def run(self) -> AuditSummary:
+        """Compare both sides completely; raises TypesenseError, DatabaseError, or
+        OutboxSyncError when SQLite fails under it (a full disk for the scratch file)."""
+        try:
+            return self._run()
+        except sqlite3.Error as error:
+            raise OutboxSyncError(scratch_problem(error)) from None
+
+    def _run(self) -> AuditSummary:
+        total_documents = self.index.count()  # also: a missing collection fails here, at once
+        self._snapshot_pending()
+        documents = self._load_actual(total_documents)
+        rows = self._load_expected()
+        self._snapshot_pending()
+        pending = self._find_candidates()
+        self._confirm()
+        self._snapshot_pending()
+        pending += self._execute("DELETE FROM drift WHERE key IN (SELECT key FROM pending)")
+        pending += self._execute(
+            "DELETE FROM drift WHERE key IS NULL AND EXISTS"
+            " (SELECT 1 FROM pending WHERE key IS NULL)"
+        )
+        known = self._set_aside_known()
+        counts = dict.fromkeys(KINDS, 0)
+        counts.update(
+            self.scratch.execute("SELECT kind, count(*) FROM drift GROUP BY kind").fetchall()
+        )
+        counts.pop("known", None)
+        return AuditSummary(rows, documents, counts, known, pending)
+
+    def ids(self, kind: str) -> Iterator[tuple[Any, str | None]]:
+        """(record id, detail) of one kind of drift (or "known"), in id order. Detail names the
+        differing fields (stale), the validation problem (invalid), or the kind (known)."""
+        last = 0
+        while rows := self.scratch.execute(
+            "SELECT n, key, detail FROM drift WHERE kind = ? AND n > ? ORDER BY n LIMIT ?",
+            (kind, last, self.chunk),
+        ).fetchall():
+            last = rows[-1][0]
+            for _, key, detail in rows:
+                yield key, detail
+
+    def repair(self) -> RepairSummary:
+        """Enqueue every drifted record into the outbox, so the daemon fixes it with its usual
+        guarantees: missing, stale and invalid ones as upserts, extras as deletes. Documents
+        with an id that no row can have (not a decimal integer, e.g. added by hand as "abc") are
+        deleted here: the daemon only ever deletes the ids it writes."""
+        enqueued, deleted = 0, []
+        entries: list[tuple[Any, str]] = []
+        for kind in KINDS:
+            for key, _ in self.ids(kind):
+                if kind != "extra":
+                    entries.append((key, "upsert"))
+                elif is_integer(key):
+                    entries.append((key, "delete"))
+                else:
+                    self.index.delete_document(str(key))
+                    deleted.append(str(key))
+                if len(entries) >= self.chunk:
+                    self.db.enqueue(entries)  # one short write transaction per chunk
+                    enqueued, entries = enqueued + len(entries), []
+        if entries:
+            self.db.enqueue(entries)
+        return RepairSummary(enqueued + len(entries), deleted)
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        return self.scratch.execute(sql, params).rowcount
+
+    def _insert(self, sql: str, values: list[tuple[Any, ...]]) -> None:
+        self.scratch.execute("BEGIN")
+        self.scratch.executemany(sql, values)
+        self.scratch.execute("COMMIT")
+
+    def _snapshot_pending(self) -> None:
+        for keys in self.db.scan_outbox_keys(self.chunk):
+            self._insert("INSERT OR IGNORE INTO pending (key) VALUES (?)", [(k,) for k in keys])
+
+    def _load_actual(self, total: int) -> int:
+        """Stream Typesense's export into the scratch file."""
+        loaded = 0
+        batch: list[tuple[Any, str]] = []
+        self.progress("export", 0, total)
+        for document in self.index.export_documents():
+            batch.append((document_key(str(document.get("id"))), canonical(document)))
+            if len(batch) >= self.chunk:
+                loaded += self._flush_actual(batch)
+                self.progress("export", loaded, total)
+        loaded += self._flush_actual(batch)
+        self.progress("export", loaded, total)
+        return loaded
+
+    def _flush_actual(self, batch: list[tuple[Any, str]]) -> int:
+        self._insert("INSERT OR REPLACE INTO actual (key, doc) VALUES (?, ?)", batch)
+        count = len(batch)
+        batch.clear()
+        return count
+
+    def _load_expected(self) -> int:
+        """Copy `sequences` into the scratch file in chunks, each row with the document the
+        daemon would send for it, or the validation problem that stops it."""
+        total = int(self.db.counts()["rows"])
+        loaded = 0
+        self.progress("rows", 0, total)
+        for rows in self.db.scan_sequences(self.chunk):
+            values: list[tuple[Any, str | None, str | None]] = []
+            for row in rows:
+                key = row[0].decode("utf-8", "replace") if isinstance(row[0], bytes) else row[0]
+                try:
+                    values.append((key, canonical(to_document(row)), None))
+                except InvalidRecordError as error:
+                    values.append((key, None, str(error)))
+            self._insert("INSERT INTO expected (key, doc, problem) VALUES (?, ?, ?)", values)
+            loaded += len(rows)
+            self.progress("rows", loaded, total)
+        self.scratch.execute("CREATE INDEX expected_key ON expected (key)")
+        return loaded
+
+    def _find_candidates(self) -> int:
+        """Everything that differs in the snapshot, less the records waiting in the outbox
+        (their count is returned)."""
+        self.scratch.execute(
+            "INSERT INTO candidates (key, kind, detail)"
+            " SELECT e.key, CASE WHEN e.problem IS NOT NULL THEN 'invalid'"
+            "   WHEN a.key IS NULL THEN 'missing' ELSE 'stale' END, e.problem"
+            " FROM expected AS e LEFT JOIN actual AS a ON a.key = e.key"
+            " WHERE e.problem IS NOT NULL OR a.key IS NULL OR a.doc != e.doc"
+        )
+        self.scratch.execute(
+            "INSERT INTO candidates (key, kind) SELECT key, 'extra' FROM actual AS a"
+            " WHERE NOT EXISTS (SELECT 1 FROM expected AS e WHERE e.key = a.key)"
+        )
+        pending = self._execute("DELETE FROM candidates WHERE key IN (SELECT key FROM pending)")
+        pending += self._execute(
+            "DELETE FROM candidates WHERE key IS NULL AND EXISTS"
+            " (SELECT 1 FROM pending WHERE key IS NULL)"
+        )
+        return pending
+
+    def _confirm(self) -> None:
+        """Check every candidate again with both sides read afresh: SQLite first, then
+        Typesense. Only integer ids can race with the daemon (it writes no other), so the
+        others keep the snapshot's verdict."""
+        (total,) = self.scratch.execute("SELECT count(*) FROM candidates").fetchone()
+        done, last = 0, 0
+        self.progress("confirm", 0, total)
+        while chunk := self.scratch.execute(
+            "SELECT n, key, kind, detail FROM candidates WHERE n > ? ORDER BY n LIMIT ?",
+            (last, CONFIRM_CHUNK),
+        ).fetchall():
+            last = chunk[-1][0]
+            keys = [key for _, key, _, _ in chunk if is_integer(key)]
+            rows = self.db.read_records(keys) if keys else {}
+            documents = {}
+            if keys:
+                id_filter = f"id:[{','.join(str(key) for key in keys)}]"
+                for document in self.index.export_documents(id_filter):
+                    documents[document_key(str(document.get("id")))] = document
+            drifted = []
+            for _, key, kind, detail in chunk:
+                if is_integer(key):
+                    kind, detail = verdict(rows.get(key), documents.get(key))
+                if kind:
+                    drifted.append((key, kind, detail))
+            self._insert("INSERT INTO drift (key, kind, detail) VALUES (?, ?, ?)", drifted)
+            done += len(chunk)
+            self.progress("confirm", done, total)
+        self.scratch.execute("CREATE INDEX drift_kind ON drift (kind, n)")
+
+    def _set_aside_known(self) -> int:
+        """Records with an open sync error are not drift: mark them "known" (the detail keeps
+        what differs). Returns how many."""
+        for keys in self.db.scan_open_error_keys(self.chunk):
+            self._insert("INSERT OR IGNORE INTO known (key) VALUES (?)", [(k,) for k in keys])
+        update = (
+            "UPDATE drift SET kind = 'known', detail = kind || coalesce(': ' || detail, '') WHERE "
+        )
+        known = self._execute(update + "key IN (SELECT key FROM known)")
+        known += self._execute(
+            update + "key IS NULL AND EXISTS (SELECT 1 FROM known WHERE key IS NULL)"
+        )
+        return known
+
+
+def audit_json(
+    audit: Audit, summary: AuditSummary, repaired: RepairSummary | None
+) -> Iterator[str]:
+    """The audit as one JSON object, in pieces: every id is listed, however many, without the
+    whole text in memory. Ids are integers, or text for ids no valid row can have."""
+    yield json.dumps(
+        {
+            "consistent": summary.consistent,
+            "rows": summary.rows,
+            "documents": summary.documents,
+            "waiting_in_outbox": summary.pending,
+        }
+    )[:-1]
+    for kind in (*KINDS, "known"):
+        count = summary.known_errors if kind == "known" else summary.counts[kind]
+        name = "with_open_error" if kind == "known" else kind
+        yield f', "{name}": {{"count": {count}, "ids": ['
+        yield from _joined(json.dumps(key) for key, _ in audit.ids(kind))
+        yield "]"
+        if kind in ("stale", "invalid", "known"):  # what differs, per id
+            yield ', "details": {'
+            yield from _joined(
+                f"{json.dumps(str(key))}: {json.dumps(detail)}" for key, detail in audit.ids(kind)
+            )
+            yield "}"
+        yield "}"
+    fixed = repaired and {"enqueued": repaired.enqueued, "deleted": repaired.deleted}
+    yield f', "repaired": {json.dumps(fixed)}}}'
+
+
+def _joined(items: Iterator[str], per_piece: int = 1000) -> Iterator[str]:
+    """`items` joined by commas, a thousand at a time."""
+    batch: list[str] = []
+    separator = ""
+    for item in items:
+        batch.append(item)
+        if len(batch) >= per_piece:
+            yield separator + ", ".join(batch)
+            batch, separator = [], ", "
+    if batch:
+        yield separator + ", ".join(batch)

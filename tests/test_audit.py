@@ -1,0 +1,268 @@
+"""`outbox-sync audit` against a real Typesense and a real SQLite file: drift made behind the
+daemon's back is found exactly, repaired through the outbox, and gone after the daemon drains."""
+
+import json
+import tempfile
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from outbox_sync.audit import Audit, document_key
+from outbox_sync.db import Database
+from outbox_sync.localserver import free_port
+from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.worker import Worker
+from tests.conftest import ROW_SQL, Server, app_connection, export, make_row, sqlite_documents
+from tests.oncall import by_hand, drain, invoke, one_line
+
+DOCUMENT = {"element_type": "script", "element_id": 1, "sequence_number": 1, "created_at": "x"}
+
+
+def audit(server: Server, db_path: Path, collection: str, *args: str) -> tuple[int, Any]:
+    result = invoke(["audit", "--json", *args], server, db_path, collection)
+    assert result.exit_code in (0, 1), result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_drift_behind_the_daemons_back_is_found_exactly_and_repaired(
+    db_path: Path,
+    db: Database,
+    worker: Worker,
+    index: TypesenseIndex,
+    typesense_server: Server,
+    collection: str,
+) -> None:
+    assert index.target() != collection  # the collection name is an alias, as the daemon makes it
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 31)])
+    drain(worker)
+    code, report = audit(typesense_server, db_path, collection)
+    assert code == 0 and report["consistent"] is True
+    assert (report["rows"], report["documents"]) == (30, 30)
+
+    documents = f"/collections/{collection}/documents"
+    by_hand(typesense_server, "DELETE", f"{documents}/3")
+    by_hand(typesense_server, "PATCH", f"{documents}/5", json={"comment": "edited by hand"})
+    by_hand(typesense_server, "PATCH", f"{documents}/6", json={"sequence_number": 999})
+    by_hand(typesense_server, "POST", documents, json={"id": "9999", **DOCUMENT})
+    by_hand(typesense_server, "POST", documents, json={"id": "abc", **DOCUMENT})
+
+    code, report = audit(typesense_server, db_path, collection)
+    assert code == 1 and report["consistent"] is False
+    assert report["missing"] == {"count": 1, "ids": [3]}
+    assert report["extra"] == {"count": 2, "ids": [9999, "abc"]}
+    assert report["stale"] == {
+        "count": 2,
+        "ids": [5, 6],
+        "details": {"5": "comment", "6": "sequence_number"},
+    }
+    assert report["invalid"]["count"] == 0 and report["with_open_error"]["count"] == 0
+    assert report["repaired"] is None
+    assert db.counts()["pending"] == 0  # a plain audit changes nothing
+
+    code, report = audit(typesense_server, db_path, collection, "--repair")
+    assert code == 1  # drift was found (and enqueued)
+    assert report["repaired"] == {"enqueued": 4, "deleted": ["abc"]}
+    queued = db.conn.execute("SELECT sequence_id, op FROM outbox ORDER BY sequence_id").fetchall()
+    assert queued == [(3, "upsert"), (5, "upsert"), (6, "upsert"), (9999, "delete")]
+
+    drain(worker)
+    code, report = audit(typesense_server, db_path, collection)
+    assert code == 0 and report["consistent"] is True
+    assert export(typesense_server, collection) == sqlite_documents(db_path)
+
+
+def test_the_terminal_view_caps_the_ids_and_says_what_to_do(
+    db_path: Path, worker: Worker, typesense_server: Server, collection: str
+) -> None:
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 41)])
+    drain(worker)
+    by_hand(
+        typesense_server,
+        "DELETE",
+        f"/collections/{collection}/documents",
+        params={"filter_by": "sequence_number:<=25"},
+    )
+    result = invoke(["audit"], typesense_server, db_path, collection)
+    assert result.exit_code == 1, result.output
+    assert "40 rows, 15 documents: drift found" in result.output
+    assert "missing          25  1, 2, 3" in result.output
+    assert "… and 5 more (--json lists all)" in result.output
+    assert "`outbox-sync audit --repair` enqueues them" in result.output
+    _, report = audit(typesense_server, db_path, collection)
+    assert report["missing"]["ids"] == list(range(1, 26))
+
+
+def test_records_waiting_in_the_outbox_are_not_drift(
+    db_path: Path, db: Database, worker: Worker, typesense_server: Server, collection: str
+) -> None:
+    app = app_connection(db_path)
+    app.executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    drain(worker)
+    app.execute(ROW_SQL, make_row(11))  # not indexed yet
+    app.execute("UPDATE sequences SET comment = 'changed' WHERE id = 2")  # not applied yet
+    app.execute("DELETE FROM sequences WHERE id = 3")  # still indexed
+    code, report = audit(typesense_server, db_path, collection)
+    assert code == 0, report
+    assert report["waiting_in_outbox"] == 3
+    assert db.counts()["pending"] == 3  # and the audit left them queued
+
+
+def test_invalid_rows_with_an_open_error_are_known_without_one_they_are_drift(
+    db_path: Path, db: Database, worker: Worker, typesense_server: Server, collection: str
+) -> None:
+    app = app_connection(db_path)
+    app.executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    drain(worker)
+    # row 2 goes bad after it was indexed (its old document stays); row 6 never was good
+    app.execute("UPDATE sequences SET sequence_number = 'twelve' WHERE id = 2")
+    app.execute(ROW_SQL, make_row(6, element_id="six"))
+    drain(worker)
+    assert {error["sequence_id"] for error in db.list_errors()} == {2, 6}
+
+    code, report = audit(typesense_server, db_path, collection)
+    assert code == 0, report
+    assert report["with_open_error"]["ids"] == [2, 6]
+    assert report["with_open_error"]["details"] == {
+        "2": "invalid: sequence_number: expected an integer, got text 'twelve'",
+        "6": "invalid: element_id: expected an integer, got text 'six'",
+    }
+
+    # someone closes row 6's error without fixing the row: now nobody knows about it
+    error_id = next(e["id"] for e in db.list_errors() if e["sequence_id"] == 6)
+    result = invoke(
+        ["errors", "resolve", str(error_id), "--note", "ignored"],
+        typesense_server,
+        db_path,
+        collection,
+    )
+    assert result.exit_code == 0, result.output
+    code, report = audit(typesense_server, db_path, collection)
+    assert code == 1
+    assert report["invalid"] == {
+        "count": 1,
+        "ids": [6],
+        "details": {"6": "element_id: expected an integer, got text 'six'"},
+    }
+    # repair sends it through the daemon, which records it again: known, not drift
+    code, report = audit(typesense_server, db_path, collection, "--repair")
+    assert report["repaired"] == {"enqueued": 1, "deleted": []}
+    drain(worker)
+    assert {error["sequence_id"] for error in db.list_errors()} == {2, 6}
+    code, report = audit(typesense_server, db_path, collection)
+    assert code == 0 and report["with_open_error"]["ids"] == [2, 6]
+
+
+def test_a_change_applied_while_the_audit_runs_is_not_drift(
+    db_path: Path, db: Database, worker: Worker, index: TypesenseIndex
+) -> None:
+    app = app_connection(db_path)
+    app.executemany(ROW_SQL, [make_row(i) for i in range(1, 21)])
+    drain(worker)
+
+    def meanwhile(phase: str, done: int, total: int) -> None:
+        # after the export, before `sequences` is read: the application changes row 7 and the
+        # daemon applies it at once, so no outbox entry is left to explain the difference
+        if phase == "rows" and done == 0:
+            app.execute("UPDATE sequences SET comment = 'changed meanwhile' WHERE id = 7")
+            drain(worker)
+
+    with Audit(db, index, chunk=6, progress=meanwhile) as checked:
+        summary = checked.run()
+        (candidates,) = checked.scratch.execute("SELECT count(*) FROM candidates").fetchone()
+    assert candidates == 1  # the snapshot did see the race ...
+    assert summary.consistent and summary.pending == 0  # ... and the second look cleared it
+    assert (summary.rows, summary.documents) == (20, 20)
+
+
+def test_memory_stays_flat_however_many_rows(
+    db_path: Path, db: Database, worker: Worker, index: TypesenseIndex, typesense_server: Server
+) -> None:
+    app = app_connection(db_path)
+    app.execute("BEGIN")
+    app.executemany(ROW_SQL, [make_row(i, comment="x" * 400) for i in range(1, 5001)])
+    app.execute("COMMIT")
+    drain(worker)
+    app.execute("UPDATE sequences SET element_type = 'edited' WHERE id % 500 = 0")  # 10 rows
+    app.execute("DELETE FROM outbox")  # as if edited with the triggers off: the daemon never knew
+
+    tracemalloc.start()
+    try:
+        with Audit(db, index, chunk=200) as checked:
+            summary = checked.run()
+            stale = [key for key, _ in checked.ids("stale")]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stale == list(range(500, 5001, 500))
+    assert summary.counts == {"missing": 0, "extra": 0, "stale": 10, "invalid": 0}
+    # the documents alone are ~2.5 MB of JSON: holding them all would cost far more than this
+    assert peak < 1_500_000, f"audit peaked at {peak / 1e6:.1f} MB"
+
+
+def test_document_key_maps_only_the_ids_the_daemon_writes_to_integers() -> None:
+    assert [document_key(i) for i in ("12", "-3", "0")] == [12, -3, 0]
+    assert [document_key(i) for i in ("007", "abc", "1e3", "+4", "99999999999999999999")] == [
+        "007",
+        "abc",
+        "1e3",
+        "+4",
+        "99999999999999999999",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("missing database", "does not exist: create it with `outbox-sync init"),
+        ("missing collection", "check --collection (OUTBOX_SYNC_COLLECTION)"),
+        ("wrong key", "refused the API key (401): check TYPESENSE_API_KEY"),
+        ("unreachable", "check that Typesense is up and healthy at http://127.0.0.1:"),
+    ],
+)
+def test_audit_fails_with_exit_status_2_and_one_line(
+    db_path: Path, typesense_server: Server, collection: str, problem: str, message: str
+) -> None:
+    env: dict[str, str | None] = {}
+    args = ["audit"]
+    if problem == "missing database":
+        args += ["--db", str(db_path.with_name("missing.db"))]
+    elif problem == "wrong key":
+        env["TYPESENSE_API_KEY"] = "wrong-key"
+    elif problem == "unreachable":
+        env["TYPESENSE_URL"] = f"http://127.0.0.1:{free_port()}"
+    result = invoke(args, typesense_server, db_path, collection, **env)
+    assert result.exit_code == 2
+    assert message in one_line(result)
+
+
+def test_a_scratch_file_that_cannot_be_made_is_one_line_with_exit_status_2(
+    db_path: Path,
+    typesense_server: Server,
+    collection: str,
+    index: TypesenseIndex,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(not_a_directory))
+    result = invoke(["audit"], typesense_server, db_path, collection)
+    assert result.exit_code == 2
+    assert "set TMPDIR to one with room" in one_line(result)
+
+
+def test_text_that_json_leaves_unescaped_survives_the_export(
+    db_path: Path, worker: Worker, typesense_server: Server, collection: str
+) -> None:
+    # U+2028, U+2029 and U+0085 split a line for str.splitlines() (and httpx's iter_lines)
+    comments = ["line\u2028separator", "paragraph\u2029separator", "next\x85line", 'quote " é 🙂']
+    app_connection(db_path).executemany(
+        ROW_SQL, [make_row(i, comment=comment) for i, comment in enumerate(comments, 1)]
+    )
+    drain(worker)
+    raw = by_hand(typesense_server, "GET", f"/collections/{collection}/documents/export")
+    assert "\u2028".encode() in raw.content  # Typesense sends it as is
+    code, report = audit(typesense_server, db_path, collection)
+    assert code == 0 and report["documents"] == 4, report

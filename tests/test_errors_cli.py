@@ -1,0 +1,177 @@
+"""`outbox-sync errors list|show|retry|resolve` on a real SQLite file, with the daemon's worker
+applying retries to a real Typesense."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from outbox_sync.db import Database, SyncFailure
+from outbox_sync.documents import collection_schema
+from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.worker import Worker
+from tests.conftest import ROW_SQL, Server, app_connection, make_row
+from tests.oncall import by_hand, drain, invoke, one_line
+
+
+def errors(server: Server, db_path: Path, *args: str) -> Any:
+    result = invoke(["errors", *args], server, db_path, "unused")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout) if "--json" in args else result.output
+
+
+def refusing_collection(server: Server, name: str) -> None:
+    """A collection that refuses every document with a comment (HTTP 400): `comment` is int32
+    there, as after a broken migration."""
+    schema = collection_schema(name)
+    for field in schema["fields"]:
+        if field["name"] == "comment":
+            field["type"] = "int32"
+    by_hand(server, "POST", "/collections", json=schema)
+
+
+def test_list_filters_by_status_time_and_operation(
+    db_path: Path, db: Database, typesense_server: Server
+) -> None:
+    db.ack(0, [], [SyncFailure(1, 7, "upsert", '{"id":"7"}', 400, "bad field", 2)])
+    db.ack(0, [], [SyncFailure(2, 8, "delete", None, None, "id: expected an integer", 1)])
+    db.ack(0, [], [SyncFailure(3, 9, "upsert", None, None, "comment: is 70000 bytes", 1)])
+    db.ack(0, [9], [])  # record 9 synced later: its error closes itself
+    db.conn.execute("UPDATE sync_errors SET failed_at = '2020-01-01T00:00:00Z' WHERE id = 1")
+
+    def ids(*args: str) -> list[int]:
+        return [
+            row["sequence_id"] for row in errors(typesense_server, db_path, "list", "--json", *args)
+        ]
+
+    assert ids() == [7, 8]
+    assert ids("--status", "resolved") == [9]
+    assert ids("--status", "all") == ids("--all") == [7, 8, 9]
+    assert ids("--op", "delete") == [8]
+    assert ids("--since", "1d") == [8]
+    assert ids("--since", "2019-12-31", "--op", "upsert") == [7]
+    assert ids("--since", "2020-01-01T00:00:01Z") == [8]
+    table = errors(typesense_server, db_path, "list", "--all")
+    assert "superseded" in table and "bad field" in table and "STATUS" in table
+    assert "no open sync errors matching" in errors(
+        typesense_server, db_path, "list", "--since", "1d", "--op", "upsert"
+    )
+    bad = invoke(["errors", "list", "--since", "last week"], typesense_server, db_path, "x")
+    assert bad.exit_code == 2 and "is neither a duration" in bad.output
+    both = invoke(["errors", "list", "--all", "--status", "open"], typesense_server, db_path, "x")
+    assert both.exit_code == 2 and "--all means --status all" in both.output
+
+
+def test_show_prints_everything_about_one_error(
+    db_path: Path, db: Database, worker: Worker, typesense_server: Server
+) -> None:
+    app_connection(db_path).execute(ROW_SQL, make_row(4, sequence_number="four"))
+    drain(worker)
+    [error] = db.list_errors()
+    shown = errors(typesense_server, db_path, "show", str(error["id"]), "--json")
+    assert shown["sequence_id"] == 4 and shown["http_status"] is None
+    assert shown["error"] == "sequence_number: expected an integer, got text 'four'"
+    assert json.loads(shown["document"])["sequence_number"] == "four"
+    assert shown["attempts"] == 1 and shown["failed_at"] and shown["resolved_at"] is None
+    assert shown["record_exists"] is True and shown["pending"] == 0
+    text = errors(typesense_server, db_path, "show", str(error["id"]))
+    assert f"sync error    {error['id']} (open)" in text
+    assert "expected an integer, got text 'four'" in text
+    assert '"sequence_number": "four"' in text  # the row, pretty-printed
+    missing = invoke(["errors", "show", "99"], typesense_server, db_path, "x")
+    assert "no sync error has id 99" in one_line(missing)
+
+
+def test_an_error_closes_itself_when_the_application_fixes_the_row(
+    db_path: Path, db: Database, worker: Worker, index: TypesenseIndex, typesense_server: Server
+) -> None:
+    app = app_connection(db_path)
+    app.execute(ROW_SQL, make_row(4, sequence_number="four"))
+    drain(worker)
+    assert [e["sequence_id"] for e in errors(typesense_server, db_path, "list", "--json")] == [4]
+    app.execute("UPDATE sequences SET sequence_number = 4 WHERE id = 4")
+    drain(worker)
+    assert errors(typesense_server, db_path, "list", "--json") == []
+    [closed] = errors(typesense_server, db_path, "list", "--status", "resolved", "--json")
+    assert closed["resolution"] == "superseded" and closed["resolved_at"]
+    assert index.retrieve("4") is not None
+
+
+def test_retry_resends_a_refused_record_once_the_collection_is_fixed(
+    db_path: Path, db: Database, typesense_server: Server, collection: str
+) -> None:
+    refusing_collection(typesense_server, collection)
+    index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
+    worker = Worker(db, index)
+    app = app_connection(db_path)
+    app.execute(ROW_SQL, make_row(1, comment=None))
+    app.execute(ROW_SQL, make_row(2, comment="refused"))
+    worker.run_once()
+    [error] = db.list_errors()
+    assert (error["sequence_id"], error["http_status"], error["attempts"]) == (2, 400, 2)
+
+    # retried before the cause is fixed: it fails again, and a new error row says so
+    result = invoke(["errors", "retry", str(error["id"])], typesense_server, db_path, collection)
+    assert result.exit_code == 0, result.output
+    assert "record 2: upsert enqueued as outbox entry" in result.output
+    worker.run_once()
+    [again] = db.list_errors()
+    assert again["id"] != error["id"] and again["sequence_id"] == 2
+    first = db.get_error(error["id"])
+    assert first["resolution"] == "retried" and "re-enqueued as outbox entry" in first["note"]
+
+    # on-call rebuilds the collection with the right schema, then retries every open error
+    by_hand(typesense_server, "DELETE", f"/collections/{collection}")
+    index.ensure_collection()
+    app.execute("UPDATE sequences SET comment = comment WHERE id = 1")  # re-send row 1 too
+    result = invoke(["errors", "retry", "--all"], typesense_server, db_path, collection)
+    assert result.exit_code == 0 and "1 records enqueued" in result.output
+    worker.run_once()
+    assert db.list_errors() == []
+    document = index.retrieve("2")
+    assert document is not None and document["comment"] == "refused"
+    history = [(e["id"], e["resolution"]) for e in db.list_errors(include_resolved=True)]
+    assert history == [(error["id"], "retried"), (again["id"], "retried")]  # nothing deleted
+
+
+def test_retry_of_a_deleted_record_enqueues_a_delete(
+    db_path: Path, db: Database, typesense_server: Server
+) -> None:
+    db.ack(0, [], [SyncFailure(1, 5, "upsert", '{"id":"5"}', 400, "refused", 2)])
+    app_connection(db_path).execute(ROW_SQL, make_row(6))
+    db.ack(0, [], [SyncFailure(2, 6, "upsert", '{"id":"6"}', 400, "refused", 2)])
+    db.ack(0, [], [SyncFailure(3, 6, "upsert", '{"id":"6"}', 400, "refused", 2)])
+    db.conn.execute("DELETE FROM outbox")
+    [five, six] = db.retry_errors([1, 2])
+    assert (five.sequence_id, five.op, five.closed_error_ids) == (5, "delete", (1,))
+    assert (six.sequence_id, six.op, six.closed_error_ids) == (6, "upsert", (2, 3))
+    outbox = db.conn.execute("SELECT id, sequence_id, op FROM outbox ORDER BY id").fetchall()
+    assert outbox == [(five.outbox_id, 5, "delete"), (six.outbox_id, 6, "upsert")]
+    closed = invoke(["errors", "retry", "2"], typesense_server, db_path, "x")
+    assert "sync error 2 is already closed (retried)" in one_line(closed)
+    neither = invoke(["errors", "retry"], typesense_server, db_path, "x")
+    assert neither.exit_code == 2 and "or --all" in neither.output
+
+
+def test_resolve_closes_by_hand_and_keeps_the_note(
+    db_path: Path, db: Database, typesense_server: Server
+) -> None:
+    db.ack(0, [], [SyncFailure(1, 7, "upsert", None, None, "bad", 1)])
+    db.ack(0, [], [SyncFailure(2, 8, "upsert", None, None, "bad", 1)])
+    unknown = invoke(
+        ["errors", "resolve", "1", "42", "--note", "x"], typesense_server, db_path, "x"
+    )
+    assert "no sync error has id 42" in one_line(unknown)
+    assert len(db.list_errors()) == 2  # all or nothing
+    result = invoke(
+        ["errors", "resolve", "1", "2", "--note", "row 7 fixed by hand in Typesense"],
+        typesense_server,
+        db_path,
+        "x",
+    )
+    assert result.exit_code == 0 and "closed 2 sync errors" in result.output
+    rows = db.list_errors(include_resolved=True)
+    assert [(r["resolution"], r["note"]) for r in rows] == [
+        ("resolved", "row 7 fixed by hand in Typesense")
+    ] * 2
+    no_note = invoke(["errors", "resolve", "1"], typesense_server, db_path, "x")
+    assert no_note.exit_code == 2 and "--note" in no_note.output

@@ -1,0 +1,91 @@
+"""`outbox-sync search`: what Typesense holds, without curl, through the collection's alias."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from outbox_sync.worker import Worker
+from tests.conftest import ROW_SQL, Server, app_connection
+from tests.oncall import drain, invoke, one_line
+
+ROWS = [
+    (123, "script", 456, 1, "Initial script creation", "2023-10-01T12:00:00Z"),
+    (124, "section", 457, 2, "Opening section", "2023-10-01T12:01:00Z"),
+    (125, "script", 458, 0, "Second script draft", "2023-10-01T12:02:00Z"),
+]
+
+
+@pytest.fixture
+def indexed(db_path: Path, worker: Worker) -> None:
+    app_connection(db_path).executemany(ROW_SQL, ROWS)
+    drain(worker)
+
+
+def search(server: Server, db_path: Path, collection: str, *args: str) -> tuple[int, list[str]]:
+    result = invoke(["search", *args, "--json"], server, db_path, collection)
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)
+    return found["found"], [document["id"] for document in found["documents"]]
+
+
+@pytest.mark.usefixtures("indexed")
+def test_search_by_comment_filter_sort_and_limit(
+    db_path: Path, typesense_server: Server, collection: str
+) -> None:
+    assert search(typesense_server, db_path, collection, "initial") == (1, ["123"])
+    assert search(typesense_server, db_path, collection, "script") == (2, ["123", "125"])
+    assert search(
+        typesense_server,
+        db_path,
+        collection,
+        "*",
+        "--filter",
+        "element_type:=script",
+        "--sort",
+        "sequence_number:asc",
+    ) == (2, ["125", "123"])
+    assert search(typesense_server, db_path, collection, "*", "--filter", "id:=124") == (
+        1,
+        ["124"],
+    )
+    found, ids = search(typesense_server, db_path, collection, "*", "--limit", "1")
+    assert found == 3 and len(ids) == 1
+    assert search(typesense_server, db_path, collection, "nothing-like-it") == (0, [])
+
+
+@pytest.mark.usefixtures("indexed")
+def test_the_terminal_view_shows_the_documents(
+    db_path: Path, typesense_server: Server, collection: str
+) -> None:
+    result = invoke(["search", "opening"], typesense_server, db_path, collection)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"found 1 in {collection!r}, showing 1"
+    assert lines[2].split() == [
+        "124",
+        "section",
+        "457",
+        "2",
+        "2023-10-01T12:01:00Z",
+        "Opening",
+        "section",
+    ]
+
+
+@pytest.mark.usefixtures("indexed")
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--filter", "nofield:=3"], "Could not find a filter field named `nofield`"),
+        (["--filter", "sequence_number:>>3"], "Error with filter field `sequence_number`"),
+        (["--sort", "nofield:desc"], "Could not find a field named `nofield`"),
+    ],
+)
+def test_a_bad_filter_or_sort_is_one_clear_line(
+    db_path: Path, typesense_server: Server, collection: str, args: list[str], message: str
+) -> None:
+    result = invoke(["search", "*", *args], typesense_server, db_path, collection)
+    line = one_line(result)
+    assert "Typesense refused the search" in line and message in line
+    assert "check QUERY, --filter and --sort" in line and "does not exist" not in line
