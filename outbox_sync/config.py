@@ -1,5 +1,6 @@
 """Settings: one frozen object built from flags and environment variables, validated once."""
 
+import math
 import os
 import re
 import stat
@@ -15,6 +16,8 @@ DEFAULT_COLLECTION = "sequences"
 API_KEY_ENV = "TYPESENSE_API_KEY"
 # Typesense accepts more, but a name that needs escaping in a URL path is a mistake.
 COLLECTION_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+# Visible ASCII, inner spaces allowed: what an HTTP header value can be.
+HEADER_SAFE_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,13 @@ def build_settings(
         api_key: str | None = read_api_key_file(Path(api_key_file))
     else:
         api_key = os.environ.get(API_KEY_ENV) or None
+    if api_key is not None and not HEADER_SAFE_KEY.fullmatch(api_key):
+        # Never echo it: httpx would refuse to send it with the key in its message.
+        raise ConfigError(
+            f"the Typesense API key (from {api_key_file or API_KEY_ENV}) holds a space, a control "
+            "or a non-ASCII character, which an HTTP header cannot carry: check for a stray "
+            "newline or quote"
+        )
     if urls and not api_key:
         raise ConfigError(
             f"no Typesense API key: set {API_KEY_ENV} or pass --api-key-file "
@@ -79,7 +89,7 @@ def build_settings(
         raise ConfigError(
             f"collection name {collection!r} must be 1-128 letters, digits, '_', '-' or '.'"
         )
-    if timeout_s <= 0:
+    if not math.isfinite(timeout_s) or timeout_s <= 0:
         raise ConfigError("--timeout must be a positive number of seconds")
     if ca_file and not Path(ca_file).is_file():
         raise ConfigError(f"CA file {ca_file} does not exist")

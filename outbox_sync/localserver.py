@@ -101,16 +101,20 @@ class LocalTypesense:
         command = [
             server_binary(),
             f"--data-dir={self.data_dir / 'data'}",
-            f"--api-key={self.api_key}",
             f"--api-address={HOST}",
             f"--api-port={self.port}",
             f"--peering-address={HOST}",
             f"--peering-port={self.peering_port}",
             *self.extra_args,
         ]
+        # The key goes by environment, not argv: `ps` shows a command line to every user, an
+        # environment only to the same user. No other TYPESENSE_* setting of ours leaks in.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TYPESENSE_")}
+        env["TYPESENSE_API_KEY"] = self.api_key
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
                 command,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

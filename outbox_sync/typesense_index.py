@@ -4,11 +4,12 @@ decides whether a failure is the server's (retry later) or a request's (give up)
 import copy
 import functools
 import json
+import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 import tenacity
@@ -65,6 +66,13 @@ def classify(error: Exception, collection: str) -> Exception:
     """Map a client or transport exception onto our hierarchy. Unknown ones pass through."""
     if isinstance(error, TypesenseError):
         return error
+    unverified = _certificate_error(error)
+    if unverified is not None:  # a configuration problem: retrying cannot help
+        return TypesenseRejectedError(
+            f"Typesense's TLS certificate could not be verified ({unverified.verify_message}): "
+            "pass the CA that signed it with --ca-file (OUTBOX_SYNC_CA_FILE), or fix the "
+            "server's certificate"
+        )
     if isinstance(error, httpx.TransportError | ts.Timeout | ts.HTTPStatus0Error):
         return TypesenseUnavailableError(f"Typesense unreachable: {type(error).__name__}: {error}")
     if isinstance(error, ts.TypesenseClientError) and len(error.args) >= 2:
@@ -88,6 +96,23 @@ def classify(error: Exception, collection: str) -> Exception:
     if isinstance(error, ts.TypesenseClientError):  # e.g. a response that is not JSON
         return TypesenseUnavailableError(f"Typesense gave a broken response: {error}")
     return error
+
+
+def _certificate_error(error: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind a transport error, if that is what it is
+    (httpx wraps it in its ConnectError, as an argument or a cause)."""
+    seen: list[BaseException] = []
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop()
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        if any(current is other for other in seen) or len(seen) > 20:
+            continue
+        seen.append(current)
+        linked = [current.__cause__, current.__context__, *current.args]
+        pending.extend(x for x in linked if isinstance(x, BaseException))
+    return None
 
 
 # The single-retry policy for server trouble: one immediate retry, then the caller keeps the
@@ -237,7 +262,9 @@ class TypesenseIndex:
             "import", lambda: self.documents.import_(body, {"action": "upsert"})
         )
         results = []
-        for line in response.splitlines():
+        # "\n" only: a refused line echoes its document, and JSON leaves U+2028, U+2029 and
+        # U+0085 unescaped, which str.splitlines() would also split on.
+        for line in response.split("\n"):
             if not line.strip():
                 continue
             try:
@@ -280,6 +307,64 @@ class TypesenseIndex:
 
     def search(self, params: dict[str, Any]) -> dict[str, Any]:
         return dict(self._call("search", lambda: self.documents.search(params)))
+
+    def export_documents(self, filter_by: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every document of the collection (or those matching `filter_by`), streamed from
+        Typesense's JSONL export: memory stays flat however large the collection. Nodes are
+        tried in order until one answers; a failure mid-stream raises
+        TypesenseUnavailableError (the client's own export reads everything into one string)."""
+        config = self.client.config
+        path = f"/collections/{quote(self.collection, safe='')}/documents/export"
+        params = {"filter_by": filter_by} if filter_by else {}
+        with httpx.Client(
+            verify=config.verify,
+            timeout=httpx.Timeout(config.connection_timeout_seconds),
+            headers={"X-TYPESENSE-API-KEY": config.api_key},
+        ) as http:
+            for position, node in enumerate(config.nodes):
+                started = False
+                try:
+                    with http.stream("GET", node.url() + path, params=params) as response:
+                        if response.status_code != 200:
+                            response.read()
+                            self.client.api_call.request_handler.raise_for_status(response)
+                        # Split on "\n" only: JSON leaves U+2028, U+2029 and U+0085 unescaped,
+                        # and httpx's iter_lines() splits on them as str.splitlines() does.
+                        rest = b""
+                        for chunk in response.iter_bytes():
+                            *lines, rest = (rest + chunk).split(b"\n")
+                            for line in lines:
+                                if line.strip():
+                                    started = True
+                                    yield json.loads(line)
+                        if rest.strip():
+                            yield json.loads(rest)
+                    return
+                except ValueError:
+                    raise TypesenseUnavailableError(
+                        "Typesense sent a broken export line: not JSON"
+                    ) from None
+                except Exception as error:
+                    classified = classify(error, self.collection)
+                    if (
+                        isinstance(classified, TypesenseUnavailableError)
+                        and not started
+                        and position + 1 < len(config.nodes)
+                    ):
+                        continue  # another node of the cluster may answer
+                    raise classified from None
+
+    def delete_document(self, doc_id: str) -> bool:
+        """Delete one document by id, whatever characters the id holds (`delete_ids` takes
+        decimal ids only). False when it was not there."""
+        document = self.documents[quote(doc_id, safe="")]
+        try:
+            self._call_retrying("delete", document.delete)
+        except TypesenseRejectedError as error:
+            if error.http_status == 404:
+                return False
+            raise
+        return True
 
 
 def schema_differences(fields: Sequence[dict[str, Any]]) -> list[str]:
