@@ -11,16 +11,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from typing import Any
 
 import click
 import structlog
 
-from outbox_sync import __version__, logs
+from outbox_sync import __version__, logs, reindex
 from outbox_sync.audit import KINDS, Audit, AuditSummary, RepairSummary, audit_json
 from outbox_sync.config import DEFAULT_COLLECTION, DEFAULT_DB, Settings, build_settings
 from outbox_sync.db import DaemonLock, Database
 from outbox_sync.errors import (
+    AlreadyRunningError,
     ConfigError,
     OutboxSyncError,
     TypesenseError,
@@ -241,16 +243,7 @@ def run(settings: Settings, once: bool, batch_size: int, metrics_address: str | 
     db.check_schema()
     db.check_writable()
     metrics_at = parse_address(metrics_address) if metrics_address else None
-    lock = DaemonLock(settings.db_path)
-    lock.acquire()
     stop = threading.Event()
-    telemetry = Telemetry()
-    if metrics_at is not None:
-        try:
-            serve_metrics(telemetry, *metrics_at)
-        except OSError as error:
-            raise ConfigError(f"cannot serve metrics on {metrics_address}: {error}") from None
-        log.info("metrics_serving", address=metrics_address, paths=["/metrics", "/healthz"])
 
     def request_stop(signum: int, _: Any) -> None:
         if stop.is_set():
@@ -260,9 +253,19 @@ def run(settings: Settings, once: bool, batch_size: int, metrics_address: str | 
         notify("STOPPING=1")
         stop.set()
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    with typesense(settings, start_embedded=True) as index:
+    with DaemonLock(settings.db_path), contextlib.ExitStack() as cleanup:
+        telemetry = Telemetry()
+        if metrics_at is not None:
+            try:
+                server = serve_metrics(telemetry, *metrics_at)
+            except OSError as error:
+                raise ConfigError(f"cannot serve metrics on {metrics_address}: {error}") from None
+            cleanup.callback(server.server_close)
+            cleanup.callback(server.shutdown)
+            log.info("metrics_serving", address=metrics_address, paths=["/metrics", "/healthz"])
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            cleanup.callback(signal.signal, signum, signal.signal(signum, request_stop))
+        index = cleanup.enter_context(typesense(settings, start_embedded=True))
         log.info(
             "started",
             db=str(settings.db_path),
@@ -273,7 +276,6 @@ def run(settings: Settings, once: bool, batch_size: int, metrics_address: str | 
         )
         Worker(db, index, batch_size=batch_size, telemetry=telemetry).run(stop, once=once)
     log.info("stopped", pending=db.counts()["pending"])
-    lock.release()
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -816,3 +818,94 @@ def seconds(value: float | None) -> str:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+@main.command("reindex")
+@connection_options
+def reindex_command(settings: Settings) -> None:
+    """Rebuild the collection from SQLite with zero downtime.
+
+    Fills a new versioned collection from the rows of `sequences`, points the collection name
+    (an alias) at it, and drops the old one: searches keep answering throughout, and nothing
+    committed meanwhile is lost. Also the way to apply a changed collection schema.
+
+    With a daemon running on the database, it asks the daemon to do it (the daemon pauses
+    applying changes while it rebuilds, then applies what was committed meanwhile) and follows
+    its progress; otherwise it does it itself, holding the daemon lock.
+    """
+    db = open_database(settings)
+    lock = DaemonLock(settings.db_path)
+    try:
+        lock.acquire()
+    except AlreadyRunningError:
+        result = follow_daemon_reindex(db, lock)
+    else:
+        try:
+            with typesense(settings, start_embedded=True) as index, progress_bar() as bar:
+                result = asdict(reindex.rebuild(db, index, progress=bar))
+        finally:
+            lock.release()
+    old = f", dropped {result['old']}" if result["old"] else ""
+    click.echo(
+        f"reindexed {result['rows']} rows into {result['new']}{old}: {result['indexed']} "
+        f"indexed, {result['invalid']} invalid (see `outbox-sync errors list`), "
+        f"{result['requeued']} refused by Typesense and queued again"
+    )
+
+
+@contextlib.contextmanager
+def progress_bar() -> Iterator[Callable[[int, int], None]]:
+    """(done, total) -> a progress bar on a terminal's stderr; nothing elsewhere."""
+    if not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    bar: Any = None
+    shown = 0
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar, shown
+        if bar is None:
+            bar = click.progressbar(length=max(total, 1), label="reindex", file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - shown)
+        shown = done
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+
+
+# How long the running daemon has to pick up a reindex request (it looks every second).
+REINDEX_PICKUP_TIMEOUT_S = 30.0
+
+
+def follow_daemon_reindex(db: Database, lock: DaemonLock) -> dict[str, Any]:
+    """Ask the running daemon to reindex and wait for its verdict, showing its progress."""
+    token = reindex.request(db)
+    asked = time.monotonic()
+    with progress_bar() as bar:
+        while True:
+            state = reindex.status(db, token)
+            if state is not None and state["state"] != "running":
+                break
+            if state is not None:
+                bar(state["done"], state["total"])
+            elif time.monotonic() - asked > REINDEX_PICKUP_TIMEOUT_S:
+                db.set_meta(reindex.REQUEST_KEY, None)
+                raise OutboxSyncError(
+                    "the running daemon did not take up the reindex within "
+                    f"{REINDEX_PICKUP_TIMEOUT_S:.0f} s: check its logs (is Typesense reachable?)"
+                )
+            try:  # the daemon died meanwhile?
+                lock.acquire()
+            except AlreadyRunningError:
+                time.sleep(0.2)
+                continue
+            lock.release()
+            db.set_meta(reindex.REQUEST_KEY, None)
+            raise OutboxSyncError("the daemon stopped before finishing the reindex: run it again")
+    if state["state"] == "failed":
+        raise OutboxSyncError(f"reindex failed, the old collection stays in use: {state['error']}")
+    return state

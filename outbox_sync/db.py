@@ -619,3 +619,10 @@ class DaemonLock:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def __enter__(self) -> "DaemonLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()

@@ -195,7 +195,8 @@ class TypesenseIndex:
             raise SchemaMismatchError(
                 f"Typesense collection {self.collection!r} has an incompatible schema: "
                 + "; ".join(problems)
-                + ". Use another --collection, or drop this one and let outbox-sync create it."
+                + ". Run `outbox-sync reindex` to rebuild it with the current schema "
+                "(no downtime), or use another --collection."
             )
         return False
 
