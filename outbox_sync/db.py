@@ -28,6 +28,9 @@ from outbox_sync.telemetry import merge_stats
 # How long a write waits for another connection's write lock before giving up (and retrying
 # later: a busy database never loses an entry).
 DEFAULT_BUSY_TIMEOUT_S = 30.0
+# Retry delays of our own write-lock wait (see Database._begin_immediate).
+WRITE_RETRY_MIN_S = 0.0002
+WRITE_RETRY_MAX_S = 0.002
 SCHEMA_VERSION = "1"
 TRIGGERS = ("sequences_outbox_insert", "sequences_outbox_update", "sequences_outbox_delete")
 TABLES = ("outbox", "sync_errors", "sync_stats", "outbox_sync_meta")
@@ -80,6 +83,7 @@ class Database:
         self, path: Path, *, create: bool = False, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S
     ) -> None:
         self.path = path
+        self.busy_timeout_s = busy_timeout_s
         if not create and not path.exists():
             raise DatabaseError(
                 f"database {path} does not exist: create it with `outbox-sync init --db {path}`"
@@ -100,7 +104,7 @@ class Database:
         """A short write transaction. BEGIN IMMEDIATE waits for the lock up front (a deferred
         transaction upgrading to a writer would fail at once, ignoring the busy timeout)."""
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
+            self._begin_immediate()
         except sqlite3.OperationalError as error:
             raise self._write_error(error) from None
         try:
@@ -113,6 +117,28 @@ class Database:
             if isinstance(error, sqlite3.OperationalError):
                 raise self._write_error(error) from None
             raise
+
+    def _begin_immediate(self) -> None:
+        """BEGIN IMMEDIATE, retried every few hundred microseconds up to the busy timeout.
+        SQLite's own busy handler sleeps 1, 2, 5 ... 100 ms between tries: under an application
+        committing thousands of times a second that stalled an acknowledgement for up to 80 ms
+        (measured by tests/bench), while the lock was free again within a millisecond."""
+        self.conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            deadline = time.monotonic() + self.busy_timeout_s
+            delay = WRITE_RETRY_MIN_S
+            while True:
+                try:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as error:
+                    busy = "locked" in str(error) or "busy" in str(error)
+                    if not busy or time.monotonic() >= deadline:
+                        raise
+                time.sleep(delay)
+                delay = min(delay * 2, WRITE_RETRY_MAX_S)
+        finally:
+            self.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
 
     def _write_error(self, error: sqlite3.OperationalError) -> DatabaseError:
         if "locked" in str(error) or "busy" in str(error):

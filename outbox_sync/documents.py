@@ -64,9 +64,13 @@ def to_document(row: tuple[Any, ...]) -> dict[str, Any]:
     return document
 
 
+# One encoder for all documents: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def encode(document: dict[str, Any]) -> bytes:
     """One JSONL line (without the newline)."""
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+    return _ENCODER.encode(document).encode()
 
 
 def describe_row(row: tuple[Any, ...]) -> str:

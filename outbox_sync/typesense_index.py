@@ -32,6 +32,7 @@ DEFAULT_TIMEOUT_S = 10.0
 MAX_DELETE_IDS = 1000
 
 T = TypeVar("T")
+SUCCESS_LINE = '{"success":true}'
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,9 @@ class TypesenseIndex:
         # "\n" only: a refused line echoes its document, and JSON leaves U+2028, U+2029 and
         # U+0085 unescaped, which str.splitlines() would also split on.
         for line in response.split("\n"):
+            if line == SUCCESS_LINE:  # nearly every line: skip parsing it
+                results.append(ImportResult(True))
+                continue
             if not line.strip():
                 continue
             try:
