@@ -66,11 +66,44 @@ def to_document(row: tuple[Any, ...]) -> dict[str, Any]:
 
 # One encoder for all documents: json.dumps with options builds a new one per call.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# JSON string quoting without escaping non-ASCII: what _ENCODER does to each string.
+_quote = json.encoder.encode_basestring
 
 
 def encode(document: dict[str, Any]) -> bytes:
     """One JSONL line (without the newline)."""
     return _ENCODER.encode(document).encode()
+
+
+def document_line(row: tuple[Any, ...]) -> bytes:
+    """`encode(to_document(row))`, byte for byte, several times faster: the daemon's hot path.
+    A row that is not plainly valid takes the slow path, which raises the error naming the
+    field. (tests/test_documents.py checks both paths agree on random rows.)"""
+    key, element_type, element_id, sequence_number, comment, created_at = row
+    if (
+        type(key) is int
+        and type(element_type) is bytes
+        and len(element_type) <= MAX_SHORT_TEXT_BYTES
+        and type(element_id) is int
+        and INT64[0] <= element_id <= INT64[1]
+        and type(sequence_number) is int
+        and INT32[0] <= sequence_number <= INT32[1]
+        and type(created_at) is bytes
+        and len(created_at) <= MAX_SHORT_TEXT_BYTES
+        and (comment is None or (type(comment) is bytes and len(comment) <= MAX_TEXT_BYTES))
+    ):
+        try:
+            line = (
+                f'{{"id":"{key}","element_type":{_quote(element_type.decode())},'
+                f'"element_id":{element_id},"sequence_number":{sequence_number},'
+                f'"created_at":{_quote(created_at.decode())}'
+            )
+            if comment is not None:
+                line += f',"comment":{_quote(comment.decode())}'
+            return (line + "}").encode()
+        except UnicodeDecodeError:
+            pass
+    return encode(to_document(row))
 
 
 def describe_row(row: tuple[Any, ...]) -> str:

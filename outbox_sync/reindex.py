@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from outbox_sync.db import Database
-from outbox_sync.documents import encode, to_document
+from outbox_sync.documents import document_line
 from outbox_sync.errors import InvalidRecordError, OutboxSyncError, TypesenseError
 from outbox_sync.typesense_index import TypesenseIndex
 
@@ -66,7 +66,7 @@ def rebuild(
             lines, keys = [], []
             for row in rows:
                 try:
-                    lines.append(encode(to_document(row)))
+                    lines.append(document_line(row))
                     keys.append(row[0])
                 except InvalidRecordError:
                     invalid += 1

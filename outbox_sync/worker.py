@@ -16,7 +16,7 @@ import structlog
 from outbox_sync import reindex
 from outbox_sync.audit import Audit
 from outbox_sync.db import Database, OutboxEntry, SyncFailure
-from outbox_sync.documents import describe_row, document_id, encode, to_document
+from outbox_sync.documents import describe_row, document_id, document_line
 from outbox_sync.errors import (
     DatabaseBusyError,
     InvalidRecordError,
@@ -210,7 +210,7 @@ class Worker:
                 batch.deletes.append(entry)
             else:
                 try:
-                    batch.upserts.append((entry, encode(to_document(row))))
+                    batch.upserts.append((entry, document_line(row)))
                 except InvalidRecordError as error:
                     batch.report.failures.append(
                         SyncFailure(entry.id, key, "upsert", describe_row(row), None, str(error), 1)

@@ -1,8 +1,17 @@
 """Row -> document mapping and the validation that names the field."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from outbox_sync.documents import MAX_TEXT_BYTES, describe_row, document_id, to_document
+from outbox_sync.documents import (
+    MAX_TEXT_BYTES,
+    describe_row,
+    document_id,
+    document_line,
+    encode,
+    to_document,
+)
 from outbox_sync.errors import InvalidRecordError
 
 GOOD = (123, b"script", 456, 1, b"Initial script creation", b"2023-10-01T12:00:00Z")
@@ -66,3 +75,72 @@ def test_document_id_only_for_integers() -> None:
 def test_describe_row_survives_invalid_utf8() -> None:
     text = describe_row((1, b"\xff", 2, 3, None, b"t"))
     assert '"element_type": "\ufffd"' in text
+
+
+integers = st.one_of(
+    st.integers(min_value=-(2**31) - 2, max_value=2**31 + 1), st.integers(), st.floats()
+)
+texts = st.one_of(
+    st.none(),
+    st.text().map(str.encode),
+    st.binary(max_size=8),  # often not UTF-8
+    st.integers(),
+    st.just(b"x" * (MAX_TEXT_BYTES + 1)),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    key=st.one_of(st.integers(), st.text().map(str.encode), st.none()),
+    element_type=texts,
+    element_id=integers,
+    sequence_number=integers,
+    comment=texts,
+    created_at=texts,
+)
+def test_the_fast_line_is_exactly_the_mapped_document(
+    key: object,
+    element_type: object,
+    element_id: object,
+    sequence_number: object,
+    comment: object,
+    created_at: object,
+) -> None:
+    row = (key, element_type, element_id, sequence_number, comment, created_at)
+    try:
+        expected: bytes | str = encode(to_document(row))
+    except InvalidRecordError as error:
+        expected = str(error)
+    try:
+        got: bytes | str = document_line(row)
+    except InvalidRecordError as error:
+        got = str(error)
+    assert got == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    key=st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    element_type=st.text(max_size=30),
+    element_id=st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    sequence_number=st.integers(min_value=-(2**31), max_value=2**31 - 1),
+    comment=st.one_of(st.none(), st.text()),
+    created_at=st.text(max_size=30),
+)
+def test_valid_rows_take_the_fast_line_with_the_same_bytes(
+    key: int,
+    element_type: str,
+    element_id: int,
+    sequence_number: int,
+    comment: str | None,
+    created_at: str,
+) -> None:
+    row = (
+        key,
+        element_type.encode(),
+        element_id,
+        sequence_number,
+        None if comment is None else comment.encode(),
+        created_at.encode(),
+    )
+    assert document_line(row) == encode(to_document(row))
