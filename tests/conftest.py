@@ -167,7 +167,7 @@ def export(server: Server, collection: str) -> dict[str, dict[str, Any]]:
         timeout=60,
     )
     response.raise_for_status()
-    documents = [json.loads(line) for line in response.text.splitlines() if line.strip()]
+    documents = [json.loads(line) for line in response.text.split("\n") if line.strip()]
     return {document["id"]: document for document in documents}
 
 

@@ -1,0 +1,288 @@
+"""Network and server faults between the worker and a real Typesense, injected by a real HTTP
+proxy on loopback (tests/faultproxy.py): what is retried, what is applied again, what is given
+up on. A dropped answer after Typesense applied a change is the classic trap: the worker must
+treat it as unknown and apply it again, which is safe because upserts and deletes are
+idempotent."""
+
+import json
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from outbox_sync.db import Database
+from outbox_sync.errors import TypesenseUnavailableError
+from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.worker import Worker
+from tests.conftest import (
+    ROW_SQL,
+    Daemon,
+    Server,
+    app_connection,
+    export,
+    make_row,
+    sqlite_documents,
+    wait_until,
+)
+from tests.faultproxy import Fault, FaultProxy
+
+# Short enough that a `delay` or `stall` fault costs little, long enough for a loaded machine.
+TIMEOUT_S = 0.6
+
+
+@pytest.fixture
+def proxy(typesense_server: Server) -> Iterator[FaultProxy]:
+    with FaultProxy(typesense_server.url) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def proxied(db: Database, typesense_server: Server, collection: str, proxy: FaultProxy) -> Worker:
+    """A worker whose every request goes through the proxy."""
+    index = TypesenseIndex([proxy.url], typesense_server.api_key, collection, timeout_s=TIMEOUT_S)
+    index.ensure_collection()
+    return Worker(db, index, min_backoff_s=0.01, max_backoff_s=0.05)
+
+
+def in_sync(db_path: Path, server: Server, collection: str) -> bool:
+    return export(server, collection) == sqlite_documents(db_path)
+
+
+def prepare_mixed_batch(db_path: Path, worker: Worker) -> None:
+    """20 records synced; then a batch of updates, deletes, an id change and inserts queued."""
+    conn = app_connection(db_path)
+    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 21)])
+    worker.run_once()
+    conn.execute("UPDATE sequences SET comment = 'edited', sequence_number = -id WHERE id <= 5")
+    conn.execute("DELETE FROM sequences WHERE id BETWEEN 6 AND 9")
+    conn.execute("UPDATE sequences SET id = 100 WHERE id = 10")
+    conn.executemany(ROW_SQL, [make_row(i) for i in range(21, 26)])
+
+
+def test_a_503_is_retried_once_immediately(
+    db_path: Path, proxied: Worker, proxy: FaultProxy, typesense_server: Server, collection: str
+) -> None:
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    proxy.add(Fault("status", status=503, path="/documents/import"))
+    report = proxied.run_once()
+    assert report.upserted == 5
+    imports = [r for r in proxy.requests if "/documents/import" in r.path]
+    assert [(r.fault, r.status) for r in imports] == [("status", 503), (None, 200)]
+    assert in_sync(db_path, typesense_server, collection)
+    assert Database(db_path).counts()["pending"] == 0
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault("drop_response", times=2),
+        Fault("truncate_response", times=2),
+        Fault("delay", seconds=TIMEOUT_S + 0.4, times=2),
+    ],
+    ids=lambda fault: fault.kind,
+)
+def test_an_answer_lost_after_typesense_applied_the_batch_is_applied_again(
+    db_path: Path,
+    db: Database,
+    proxied: Worker,
+    proxy: FaultProxy,
+    typesense_server: Server,
+    collection: str,
+    fault: Fault,
+) -> None:
+    prepare_mixed_batch(db_path, proxied)
+    queued = db.counts()["pending"]
+    proxy.add(replace(fault, path="/documents/import"))
+    with pytest.raises(TypesenseUnavailableError):
+        proxied.run_once()
+    # Typesense did apply the import (twice: the immediate retry) but the worker cannot know:
+    # nothing is acknowledged and nothing is given up.
+    applied = export(typesense_server, collection)
+    assert applied["1"]["comment"] == "edited" and "21" in applied
+    assert db.counts()["pending"] == queued
+    assert db.list_errors() == []
+    # Now the deletes lose their answers too, after Typesense deleted.
+    proxy.add(replace(fault, method="DELETE"))
+    with pytest.raises(TypesenseUnavailableError):
+        proxied.run_once()
+    assert "6" not in export(typesense_server, collection)
+    assert db.counts()["pending"] == queued
+    # The network heals: the same batch is applied again and converges.
+    report = proxied.run_once()
+    assert report.entries == queued and report.failures == []
+    assert in_sync(db_path, typesense_server, collection)
+    assert db.counts()["pending"] == 0 and db.list_errors() == []
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault("status", status=503, times=2),
+        Fault("status", status=500, times=2),
+        Fault("drop_request", times=2),
+        Fault("stall", seconds=TIMEOUT_S + 0.4, times=2),
+    ],
+    ids=lambda fault: f"{fault.kind}-{fault.status}" if fault.kind == "status" else fault.kind,
+)
+def test_a_request_typesense_never_saw_changes_nothing_and_stays_queued(
+    db_path: Path,
+    db: Database,
+    proxied: Worker,
+    proxy: FaultProxy,
+    typesense_server: Server,
+    collection: str,
+    fault: Fault,
+) -> None:
+    prepare_mixed_batch(db_path, proxied)
+    before = export(typesense_server, collection)
+    queued = db.counts()["pending"]
+    proxy.add(replace(fault))
+    with pytest.raises(TypesenseUnavailableError):
+        proxied.run_once()
+    assert export(typesense_server, collection) == before
+    assert db.counts()["pending"] == queued and db.list_errors() == []
+    proxied.run_once()
+    assert in_sync(db_path, typesense_server, collection)
+    assert db.counts()["pending"] == 0 and db.list_errors() == []
+
+
+def test_a_line_refused_once_is_retried_and_synced(
+    db_path: Path,
+    db: Database,
+    proxied: Worker,
+    proxy: FaultProxy,
+    typesense_server: Server,
+    collection: str,
+) -> None:
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    proxy.add(Fault("fail_lines", ids={"4", "7"}, status=400))
+    report = proxied.run_once()
+    assert (report.upserted, report.retried, report.failures) == (10, 2, [])
+    assert in_sync(db_path, typesense_server, collection)
+    assert db.list_errors() == []
+
+
+def test_a_line_refused_twice_goes_to_sync_errors_and_the_rest_syncs(
+    db_path: Path,
+    db: Database,
+    proxied: Worker,
+    proxy: FaultProxy,
+    typesense_server: Server,
+    collection: str,
+) -> None:
+    conn = app_connection(db_path)
+    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    proxy.add(Fault("fail_lines", ids={"4"}, status=400, error="Field `x` is wrong.", times=2))
+    report = proxied.run_once()
+    assert (report.upserted, report.retried, len(report.failures)) == (9, 1, 1)
+    assert sorted(export(typesense_server, collection), key=int) == [
+        str(i) for i in range(1, 11) if i != 4
+    ]
+    [error] = db.list_errors()
+    assert (error["sequence_id"], error["http_status"], error["attempts"]) == (4, 400, 2)
+    assert error["error"] == "Field `x` is wrong."
+    assert json.loads(error["document"])["id"] == "4"  # the document actually sent
+    assert db.counts()["pending"] == 0
+    # the next change of the record syncs, and closes its error
+    conn.execute("UPDATE sequences SET comment = 'fixed' WHERE id = 4")
+    proxied.run_once()
+    assert in_sync(db_path, typesense_server, collection)
+    assert db.list_errors() == []
+    [closed] = db.list_errors(include_resolved=True)
+    assert closed["resolution"] == "superseded"
+
+
+def test_a_refused_document_holding_a_unicode_line_separator_is_still_matched_to_its_line(
+    db_path: Path,
+    db: Database,
+    proxied: Worker,
+    proxy: FaultProxy,
+    typesense_server: Server,
+    collection: str,
+) -> None:
+    # Typesense echoes a refused document in its result line, and JSON leaves U+2028, U+2029
+    # and U+0085 unescaped: str.splitlines() would cut that line in two and make the whole batch
+    # look like server trouble, forever. Results are split on "\n" only.
+    conn = app_connection(db_path)
+    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 4)])
+    conn.execute("UPDATE sequences SET comment = 'a\u2028b\u2029c\x85d' WHERE id = 2")
+    proxy.add(Fault("fail_lines", ids={"2"}, status=400, times=2))
+    report = proxied.run_once()
+    assert (report.upserted, len(report.failures)) == (2, 1)
+    assert [e["sequence_id"] for e in db.list_errors()] == [2]
+    assert sorted(export(typesense_server, collection)) == ["1", "3"]
+
+
+def test_a_5xx_line_is_server_trouble_nothing_is_given_up(
+    db_path: Path,
+    db: Database,
+    proxied: Worker,
+    proxy: FaultProxy,
+    typesense_server: Server,
+    collection: str,
+) -> None:
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    proxy.add(Fault("fail_lines", ids={"5"}, status=500, times=3))
+    for _ in range(3):
+        with pytest.raises(TypesenseUnavailableError, match="500"):
+            proxied.run_once()
+        assert db.counts()["pending"] == 10 and db.list_errors() == []
+    report = proxied.run_once()
+    assert report.upserted == 10 and report.failures == []
+    assert in_sync(db_path, typesense_server, collection)
+
+
+def test_an_import_answer_with_too_few_lines_is_server_trouble(
+    db_path: Path, db: Database, proxied: Worker, proxy: FaultProxy
+) -> None:
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    proxy.add(Fault("garble_lines"))  # not retried at once: the answer came
+    with pytest.raises(TypesenseUnavailableError, match="answered 4 results for 5 documents"):
+        proxied.run_once()
+    assert db.counts()["pending"] == 5 and db.list_errors() == []
+    assert proxied.run_once().upserted == 5
+
+
+def events(daemon: Daemon) -> list[dict[str, object]]:
+    return [json.loads(x) for x in daemon.output().splitlines() if x.startswith("{")]
+
+
+@pytest.mark.slow
+def test_the_daemon_rides_out_faults_and_converges(
+    db_path: Path,
+    db: Database,
+    daemon_env: dict[str, str],
+    start_daemon: Callable[..., Daemon],
+    proxy: FaultProxy,
+    typesense_server: Server,
+    collection: str,
+) -> None:
+    conn = app_connection(db_path)
+    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 201)])
+    # a 503 outage long enough for the daemon to pause and back off twice (each attempt is
+    # retried once at once, so 4 answers)
+    proxy.add(Fault("status", status=503, path="/documents/import", times=4))
+    env = daemon_env | {"TYPESENSE_URL": proxy.url, "OUTBOX_SYNC_TIMEOUT": str(TIMEOUT_S)}
+    daemon = start_daemon("--batch-size", "50", env=env)
+    wait_until(lambda: db.counts()["pending"] == 0, what="the first drain")
+    # then every kind of lost answer, each after Typesense applied the change
+    proxy.add(
+        Fault("drop_response", path="/documents/import"),
+        Fault("truncate_response", method="DELETE"),
+        Fault("delay", seconds=TIMEOUT_S + 0.2, path="/documents/import", times=2),
+        Fault("fail_lines", ids={"150"}, status=400),
+        Fault("fail_lines", ids={"77"}, status=500),
+    )
+    conn.execute("UPDATE sequences SET comment = 'second pass' WHERE id % 3 = 0")
+    conn.execute("DELETE FROM sequences WHERE id % 7 = 0")
+    conn.execute("UPDATE sequences SET id = id + 1000 WHERE id % 11 = 0")
+    wait_until(lambda: not proxy.pending_faults(), what="the faults to be used up")
+    wait_until(lambda: db.counts()["pending"] == 0, what="the second drain")
+    assert in_sync(db_path, typesense_server, collection)
+    assert db.list_errors() == []
+    names = [e["event"] for e in events(daemon)]
+    assert "sync_paused" in names and "sync_resumed" in names
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.wait() == 0

@@ -1,0 +1,459 @@
+"""SQLite hazards and bad input, against a real Typesense: WAL growth under a busy writer, a
+writer holding the lock, the application changing the table, a database file that is missing,
+read-only or not a database, and values no document may carry."""
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import structlog
+from click.testing import CliRunner
+
+from outbox_sync.cli import main
+from outbox_sync.db import Database
+from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.worker import Worker
+from tests.conftest import (
+    ROOT,
+    ROW_SQL,
+    Daemon,
+    Server,
+    app_connection,
+    export,
+    make_row,
+    sqlite_documents,
+    wait_until,
+)
+
+# The -wal file a drain may leave: SQLite checkpoints every 1,000 pages (4 MiB); twice that is
+# room for a checkpoint that had to wait for one short read.
+WAL_BOUND_BYTES = 8 * 1024 * 1024
+
+
+def wal_size(db_path: Path) -> int:
+    with contextlib.suppress(FileNotFoundError):
+        return db_path.with_name(db_path.name + "-wal").stat().st_size
+    return 0
+
+
+class BusyWriter:
+    """An application committing one small update after another, from a thread, until stopped;
+    the -wal file's size is sampled meanwhile."""
+
+    def __init__(self, db_path: Path, keys: int) -> None:
+        self.db_path, self.keys = db_path, keys
+        self.stop = threading.Event()
+        self.commits = 0
+        self.largest_wal = 0
+        self.threads = [
+            threading.Thread(target=self._write),
+            threading.Thread(target=self._sample),
+        ]
+
+    def __enter__(self) -> "BusyWriter":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def _write(self) -> None:
+        conn = app_connection(self.db_path)
+        while not self.stop.is_set():
+            key = self.commits % self.keys + 1
+            conn.execute(
+                "UPDATE sequences SET comment = ? WHERE id = ?", (f"busy {self.commits}", key)
+            )
+            self.commits += 1
+        conn.close()
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.005):
+            self.largest_wal = max(self.largest_wal, wal_size(self.db_path))
+
+
+def test_a_long_drain_under_a_busy_writer_keeps_the_wal_bounded(
+    db_path: Path, db: Database, index: TypesenseIndex, typesense_server: Server, collection: str
+) -> None:
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 5_001)])
+    worker = Worker(db, index, batch_size=250)  # the daemon's loop, in many short batches
+    stop = threading.Event()
+    loop = threading.Thread(target=worker.run, args=(stop,))
+    loop.start()
+    try:
+        with BusyWriter(db_path, 5_000) as writer:
+            wait_until(lambda: writer.commits >= 4_000, 60, "4,000 commits of the writer")
+        wait_until(lambda: Database(db_path).counts()["pending"] == 0, 60, "the drain")
+    finally:
+        stop.set()
+        loop.join(30)
+    # Each commit appends at least 3 pages to the WAL (the row, the outbox, its sequence): far
+    # past the bound, had the daemon kept a checkpoint from resetting the log.
+    assert writer.commits * 3 * 4096 > 4 * WAL_BOUND_BYTES, writer.commits
+    assert writer.largest_wal <= WAL_BOUND_BYTES, (writer.largest_wal, writer.commits)
+    print(f"\nWAL at most {writer.largest_wal / 2**20:.1f} MiB over {writer.commits} commits")
+    assert export(typesense_server, collection) == sqlite_documents(db_path)
+
+    # The measurement can see the hazard: one read transaction held open (what the daemon must
+    # never do) and the same writer grows the -wal past the bound within a second or two.
+    reader = app_connection(db_path)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM outbox").fetchone()
+    with BusyWriter(db_path, 5_000) as stuck:
+        wait_until(lambda: stuck.largest_wal > WAL_BOUND_BYTES, 30, "the WAL to grow")
+    reader.execute("ROLLBACK")
+
+
+@pytest.mark.parametrize("busy_timeout_s", [0.2, 30.0], ids=["short-timeout", "default-timeout"])
+def test_a_writer_holding_the_write_lock_is_waited_out_and_nothing_is_lost(
+    db_path: Path,
+    index: TypesenseIndex,
+    typesense_server: Server,
+    collection: str,
+    busy_timeout_s: float,
+) -> None:
+    conn = app_connection(db_path)
+    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 2_001)])
+    db = Database(db_path, busy_timeout_s=busy_timeout_s)
+    worker = Worker(db, index, batch_size=100, min_backoff_s=0.05, max_backoff_s=0.2)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    with structlog.testing.capture_logs() as logs:
+        thread.start()
+        try:
+            wait_until(lambda: Database(db_path).counts()["pending"] < 2_000, 30, "a drain")
+            conn.execute("BEGIN IMMEDIATE")  # the application holds the write lock for 1.5 s
+            conn.execute("UPDATE sequences SET comment = 'under lock' WHERE id % 2 = 0")
+            conn.execute("DELETE FROM sequences WHERE id % 5 = 0")
+            time.sleep(1.5)
+            conn.execute("COMMIT")
+            wait_until(lambda: Database(db_path).counts()["pending"] == 0, 60, "the drain")
+        finally:
+            stop.set()
+            thread.join(30)
+    assert not thread.is_alive()
+    assert export(typesense_server, collection) == sqlite_documents(db_path)
+    assert Database(db_path).list_errors() == []
+    paused = [e for e in logs if e["event"] == "sync_paused"]
+    if busy_timeout_s < 1:  # the acknowledgement gave up on the lock: paused, then resumed
+        assert paused and "locked" in paused[0]["reason"]
+        assert any(e["event"] == "sync_resumed" for e in logs)
+    else:  # it simply waited for the lock
+        assert paused == []
+
+
+def test_the_application_adding_a_column_changes_nothing(
+    db_path: Path, db: Database, worker: Worker, typesense_server: Server, collection: str
+) -> None:
+    conn = app_connection(db_path)
+    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    worker.run_once()
+    # while the daemon's connection is open
+    conn.execute("ALTER TABLE sequences ADD COLUMN reviewed_by TEXT DEFAULT 'nobody'")
+    conn.execute(
+        "INSERT INTO sequences (id, element_type, element_id, sequence_number, created_at,"
+        " reviewed_by) VALUES (11, 'script', 1, 11, '2024-01-01T00:00:00Z', 'ana')"
+    )
+    conn.execute("UPDATE sequences SET reviewed_by = 'bo', comment = 'seen' WHERE id < 4")
+    assert worker.run_once().entries == 4
+    assert export(typesense_server, collection) == sqlite_documents(db_path)
+    db.check_schema()  # and a restarted daemon accepts the table
+    assert db.list_errors() == []
+
+
+def test_a_row_replaced_through_another_unique_constraint_needs_recursive_triggers(
+    tmp_path: Path, typesense_server: Server, collection: str, index: TypesenseIndex
+) -> None:
+    """INSERT OR REPLACE that removes a row through a UNIQUE constraint other than `id` fires no
+    delete trigger unless the application's connection has PRAGMA recursive_triggers=ON (SQLite's
+    rule): the removed row's document stays behind. A known limit, asserted so the README stays
+    true; `outbox-sync audit --repair` finds such leftovers."""
+    path = tmp_path / "unique.db"
+    conn = app_connection(path)
+    conn.execute(
+        "CREATE TABLE sequences (id INTEGER PRIMARY KEY, element_type TEXT NOT NULL,"
+        " element_id INTEGER NOT NULL, sequence_number INTEGER NOT NULL, comment TEXT,"
+        " created_at TEXT NOT NULL, UNIQUE (element_type, element_id))"
+    )
+    db = Database(path, create=True)
+    db.init()
+    worker = Worker(db, index)
+    replace = ROW_SQL.replace("INSERT", "INSERT OR REPLACE")
+    same = {"element_type": "script", "element_id": 7}
+    conn.execute(ROW_SQL, make_row(1, **same))
+    worker.run_once()  # record 1 is in search
+    conn.execute(replace, make_row(2, **same))  # removes row 1
+    while worker.run_once().entries:
+        pass
+    assert list(sqlite_documents(path)) == ["2"]
+    assert set(export(typesense_server, collection)) == {"1", "2"}  # "1" is a leftover
+    conn.execute("PRAGMA recursive_triggers = ON")  # the application's fix
+    conn.execute(replace, make_row(3, **same))  # removes row 2 (synced already)
+    while worker.run_once().entries:
+        pass
+    assert list(sqlite_documents(path)) == ["3"]
+    assert set(export(typesense_server, collection)) == {"1", "3"}  # "2" went, as it should
+
+
+def error_lines(output: str) -> list[str]:
+    """The lines of a run's output that are not JSON log lines."""
+    return [line for line in output.splitlines() if line.strip() and not line.startswith("{")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "change",
+    [
+        "ALTER TABLE sequences RENAME COLUMN comment TO remark",
+        "ALTER TABLE sequences DROP COLUMN comment",
+    ],
+    ids=["rename", "drop"],
+)
+def test_renaming_or_dropping_a_synced_column_stops_the_daemon_with_one_clear_line(
+    db_path: Path,
+    start_daemon: Callable[..., Daemon],
+    typesense_server: Server,
+    collection: str,
+    change: str,
+) -> None:
+    conn = app_connection(db_path)
+    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    daemon = start_daemon()
+    wait_until(lambda: Database(db_path).counts()["pending"] == 0, what="the first sync")
+    synced = export(typesense_server, collection)
+    conn.execute(change)
+    conn.execute("UPDATE sequences SET sequence_number = 99 WHERE id = 1")
+    assert daemon.wait(30) == 1
+    [line] = error_lines(daemon.output())
+    assert line.startswith(f"Error: table sequences in {db_path} changed under the daemon")
+    assert "no such column: comment" in line and "Traceback" not in daemon.output()
+    assert export(typesense_server, collection) == synced  # nothing half-read was indexed
+    assert Database(db_path).counts()["pending"] == 1  # the change waits for a fixed table
+    # a restart refuses the table at once, with what it needs
+    again = start_daemon()
+    assert again.wait(30) == 1
+    [line] = error_lines(again.output())
+    assert f"table sequences in {db_path} has no column comment" in line
+
+
+# -- the database file itself ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_env(typesense_server: Server, collection: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_SYNC_", "TYPESENSE_"))}
+    return env | {
+        "TYPESENSE_URL": typesense_server.url,
+        "TYPESENSE_API_KEY": typesense_server.api_key,
+        "OUTBOX_SYNC_COLLECTION": collection,
+    }
+
+
+def one_clear_line(result: subprocess.CompletedProcess[str] | object) -> str:
+    output = getattr(result, "stderr", None) or getattr(result, "output", "")
+    lines = error_lines(output)
+    assert len(lines) == 1 and lines[0].startswith("Error: "), output
+    assert "Traceback" not in output
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [["run", "--once"], ["status"], ["init"]])
+def test_a_file_that_is_not_a_database_is_one_clear_line(
+    tmp_path: Path, cli_env: dict[str, str], command: list[str]
+) -> None:
+    path = tmp_path / "notes.db"
+    path.write_text("these are my notes, not a database\n" * 200)
+    result = CliRunner().invoke(main, [*command, "--db", str(path)], env=cli_env)
+    assert result.exit_code == 1
+    assert f"database {path}: file is not a database" in one_clear_line(result)
+    assert path.read_text().startswith("these are my notes")  # untouched
+
+
+@pytest.mark.parametrize("command", [["run", "--once"], ["status"]])
+def test_a_missing_database_is_one_clear_line(
+    tmp_path: Path, cli_env: dict[str, str], command: list[str]
+) -> None:
+    path = tmp_path / "missing.db"
+    result = CliRunner().invoke(main, [*command, "--db", str(path)], env=cli_env)
+    assert result.exit_code == 1
+    assert f"database {path} does not exist: create it with `outbox-sync init" in (
+        one_clear_line(result)
+    )
+    assert not path.exists()
+
+
+def test_init_in_a_missing_directory_is_one_clear_line(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    path = tmp_path / "no-such-dir" / "app.db"
+    result = CliRunner().invoke(main, ["init", "--db", str(path)], env=cli_env)
+    assert result.exit_code == 1
+    assert f"cannot open database {path}: unable to open database file" in one_clear_line(result)
+
+
+def without_write_permission_bypass() -> None:
+    """In the child, before exec: as root, drop the capabilities that ignore file modes, so a
+    read-only file is read-only to it as to anyone."""
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def run_cli(
+    args: list[str], env: dict[str, str], timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "outbox_sync", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        preexec_fn=without_write_permission_bypass,
+    )
+
+
+@pytest.fixture
+def read_only_db(db_path: Path) -> Path:
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 4)])
+    db_path.chmod(0o444)
+    check = subprocess.run(
+        [sys.executable, "-c", f"open({str(db_path)!r}, 'ab')"],
+        preexec_fn=without_write_permission_bypass,
+        capture_output=True,
+    )
+    if check.returncode == 0:
+        pytest.skip("cannot make a file read-only for a child process here")
+    return db_path
+
+
+@pytest.mark.parametrize("command", [["run"], ["init"]])
+def test_a_read_only_database_stops_run_and_init_with_one_clear_line(
+    read_only_db: Path, cli_env: dict[str, str], command: list[str]
+) -> None:
+    # `run` without --once: a daemon that cannot write must not sit idle until the first change
+    result = run_cli([*command, "--db", str(read_only_db)], cli_env, timeout_s=30)
+    assert result.returncode == 1
+    assert f"cannot write to database {read_only_db}: attempt to write a readonly database" in (
+        one_clear_line(result)
+    )
+    assert Database(read_only_db).counts()["pending"] == 3  # nothing acknowledged
+
+
+def test_status_reads_a_read_only_database(read_only_db: Path, cli_env: dict[str, str]) -> None:
+    result = run_cli(["status", "--json", "--db", str(read_only_db)], cli_env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["pending"] == 3
+
+
+def test_a_lock_file_that_cannot_be_created_is_one_clear_line(
+    db_path: Path, cli_env: dict[str, str]
+) -> None:
+    # The database, its -wal and -shm are writable (an application keeps them open), but the
+    # directory is not: the daemon's lock file cannot be made.
+    app = app_connection(db_path)
+    app.execute(ROW_SQL, make_row(1))
+    db_path.parent.chmod(0o555)
+    try:
+        result = run_cli(["run", "--once", "--db", str(db_path)], cli_env, timeout_s=30)
+    finally:
+        db_path.parent.chmod(0o755)
+        app.close()
+    if result.returncode == 0:
+        pytest.skip("the directory stayed writable for the child process")
+    assert result.returncode == 1
+    line = one_clear_line(result)
+    assert "lock file" in line and "Permission denied" in line
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+LOOSE_TABLE = (
+    "CREATE TABLE sequences (id INTEGER PRIMARY KEY, element_type, element_id, sequence_number,"
+    " comment, created_at)"
+)
+BAD_ROWS = {
+    # id: (SQL values after the id, the error expected in sync_errors)
+    11: (
+        f"'script', 1, 1, '{'c' * (64 * 1024 + 1)}', 't'",
+        "comment: is 65537 bytes, more than the limit of 65536",
+    ),
+    12: (
+        "'script', 1, 1, CAST(x'ff' AS TEXT), 't'",
+        "comment: is not valid UTF-8 (bad byte at offset 0)",
+    ),
+    13: (
+        "CAST(x'6f6bff' AS TEXT), 1, 1, NULL, 't'",
+        "element_type: is not valid UTF-8 (bad byte at offset 2)",
+    ),
+    14: ("NULL, 1, 1, NULL, 't'", "element_type: is NULL but the field is required"),
+    15: ("'script', NULL, 1, NULL, 't'", "element_id: is NULL but the field is required"),
+    16: ("'script', 1, NULL, NULL, 't'", "sequence_number: is NULL but the field is required"),
+    17: ("'script', 1, 1, NULL, NULL", "created_at: is NULL but the field is required"),
+    18: (
+        "'script', 1, 2147483648, NULL, 't'",
+        "sequence_number: 2147483648 is outside the range -2147483648..2147483647",
+    ),
+    19: (
+        "'script', 1, -2147483649, NULL, 't'",
+        "sequence_number: -2147483649 is outside the range -2147483648..2147483647",
+    ),
+    20: (
+        "'script', 9223372036854775808, 1, NULL, 't'",  # past int64: SQLite keeps a real
+        "element_id: expected an integer, got real 9.223372036854776e+18",
+    ),
+}
+
+
+@pytest.mark.slow
+def test_bad_values_land_in_sync_errors_naming_the_field_and_the_daemon_goes_on(
+    tmp_path: Path,
+    daemon_env: dict[str, str],
+    start_daemon: Callable[..., Daemon],
+    typesense_server: Server,
+    collection: str,
+) -> None:
+    path = tmp_path / "legacy.db"
+    conn = app_connection(path)
+    conn.execute(LOOSE_TABLE)  # an application's own table: no NOT NULL, no types enforced
+    Database(path, create=True).init()
+    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    for key, (values, _) in BAD_ROWS.items():
+        conn.execute(f"INSERT INTO sequences VALUES ({key}, {values})")
+    daemon = start_daemon(env=daemon_env | {"OUTBOX_SYNC_DB": str(path)})
+    db = Database(path)
+    wait_until(lambda: db.counts()["pending"] == 0, what="the drain")
+    assert sorted(export(typesense_server, collection), key=int) == [str(i) for i in range(1, 11)]
+    errors = {row["sequence_id"]: row for row in db.list_errors()}
+    assert {key: row["error"] for key, row in errors.items()} == {
+        key: error for key, (_, error) in BAD_ROWS.items()
+    }
+    assert all(row["http_status"] is None and row["attempts"] == 1 for row in errors.values())
+    assert json.loads(errors[12]["document"])["comment"] == "\ufffd"  # readable, not raw bytes
+    assert len(json.loads(errors[11]["document"])["comment"]) < 300  # not the whole value
+    # no crash loop: each bad record failed once, and the daemon is still there, still syncing
+    time.sleep(0.5)
+    failed = [
+        e for e in map(json.loads, daemon.output().splitlines()) if e["event"] == "record_failed"
+    ]
+    assert len(failed) == len(BAD_ROWS) and daemon.process.poll() is None
+    conn.execute("UPDATE sequences SET sequence_number = 7 WHERE id = 18")  # the fix
+    wait_until(lambda: db.counts()["sync_errors_open"] == len(BAD_ROWS) - 1, what="the fix")
+    assert export(typesense_server, collection)["18"]["sequence_number"] == 7
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.wait() == 0
