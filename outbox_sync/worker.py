@@ -177,7 +177,7 @@ class Worker:
             finally:
                 wait([in_flight])  # never leave a request running behind an error
 
-    def _prepare(self, after: int) -> "Batch | None":
+    def _prepare(self, after: int) -> Batch | None:
         """Claim the entries after id `after`, read their records' current rows and encode
         the documents (SQLite and CPU only)."""
         entries = self.db.claim(self.batch_size, after=after)
@@ -217,7 +217,7 @@ class Worker:
                     )
         return batch
 
-    def _apply(self, batch: "Batch") -> None:
+    def _apply(self, batch: Batch) -> None:
         """Send the batch to Typesense (network only: runs on the import thread)."""
         if batch.upserts:
             self._apply_upserts(batch.upserts, batch.synced, batch.report)
@@ -226,7 +226,7 @@ class Worker:
             batch.synced.extend(entry.sequence_id for entry in batch.deletes)
             batch.report.deleted = len(batch.deletes)
 
-    def _ack(self, batch: "Batch") -> None:
+    def _ack(self, batch: Batch) -> None:
         report = batch.report
         self.db.ack(batch.last_id, batch.synced, report.failures)
         self.telemetry.batch_applied(
