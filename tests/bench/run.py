@@ -331,8 +331,17 @@ sys.exit(code)
 
 def run_once(ctx: Context, db: Path, collection: str) -> ProcessRun:
     """`outbox-sync run --once` as a whole process: wall time and its own peak RSS."""
-    log, figures = ctx.workdir / f"{collection}.log", ctx.workdir / "measure.txt"
-    command = [sys.executable, "-m", "outbox_sync", "run", "--once"]
+    run, code = measured(ctx, db, collection, "run", "--once")
+    if code:
+        log = ctx.workdir / f"{collection}-run.log"
+        raise BenchError(f"run --once exited {code}:\n{log_tail(log)}")
+    return run
+
+
+def measured(ctx: Context, db: Path, collection: str, *args: str) -> tuple[ProcessRun, int]:
+    """`outbox-sync ARGS` as a whole process (through MEASURE): wall time, peak RSS, exit."""
+    log, figures = ctx.workdir / f"{collection}-{args[0]}.log", ctx.workdir / "measure.txt"
+    command = [sys.executable, "-m", "outbox_sync", *args]
     with open(log, "wb") as output:
         code = subprocess.call(
             [sys.executable, "-c", MEASURE, str(figures), *command],
@@ -342,10 +351,8 @@ def run_once(ctx: Context, db: Path, collection: str) -> ProcessRun:
             stdout=output,
             stderr=output,
         )
-    if code:
-        raise BenchError(f"run --once exited {code}:\n{log_tail(log)}")
     seconds, max_rss_kib = figures.read_text().split()
-    return ProcessRun(float(seconds), int(max_rss_kib) * 1024 / 1e6)
+    return ProcessRun(float(seconds), int(max_rss_kib) * 1024 / 1e6), code
 
 
 @contextlib.contextmanager
@@ -680,11 +687,6 @@ def bench_memory(ctx: Context) -> list[Row]:
                 absolute_target=True,
             )
         )
-    # TODO(issue 5): peak RSS of `outbox-sync audit` over the large collection belongs here.
-    # The command does not exist yet; measure it like bench_memory's drains once it does.
-    rows.append(
-        Row("audit peak RSS", "MB", None, None, None, note="not measured: no `audit` command yet")
-    )
     return rows
 
 
@@ -715,12 +717,74 @@ def bench_scaling(ctx: Context) -> list[Row]:
     return rows
 
 
+# -- 6. audit -----------------------------------------------------------------------------------
+
+
+def export_and_scan_seconds(ctx: Context, db: Path, collection: str) -> float:
+    """The least an audit must do: stream Typesense's export, and read every row once."""
+    started = time.perf_counter()
+    with httpx.stream(
+        "GET",
+        f"{ctx.url}/collections/{collection}/documents/export",
+        headers={"X-TYPESENSE-API-KEY": API_KEY},
+        timeout=600,
+    ) as response:
+        for _ in response.iter_bytes():
+            pass
+    conn = sqlite3.connect(db)
+    for _ in conn.execute(f"SELECT {', '.join(COLUMNS)} FROM sequences"):
+        pass
+    conn.close()
+    return time.perf_counter() - started
+
+
+def bench_audit(ctx: Context) -> list[Row]:
+    """`outbox-sync audit` over the large backlog once synced: peak RSS (absolute target), and
+    its time vs a raw export plus a full scan of `sequences`."""
+    n = max(ctx.plan.sizes)
+    db = ctx.workdir / "audit.db"
+    for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        stale.unlink(missing_ok=True)
+    shutil.copyfile(backlog(ctx, n), db)
+    collection = ctx.fresh_name("audit")
+    run_once(ctx, db, collection)
+    audits, references = [], []
+    for _ in range(ctx.repeats(n)):
+        settle(ctx)
+        references.append(export_and_scan_seconds(ctx, db, collection))
+        settle(ctx)
+        run, code = measured(ctx, db, collection, "audit", "--json")
+        if code != 0:
+            raise BenchError(f"audit of a synced collection exited {code}")
+        audits.append(run)
+        say(f"audit {n:,}: {run.seconds:.2f} s, peak RSS {run.peak_rss_mb:.0f} MB")
+    drop_collection(ctx, collection)
+    return [
+        ratio_row(
+            f"audit peak RSS over {n:,} rows vs empty outbox run",
+            [run.peak_rss_mb for run in audits],
+            [run.peak_rss_mb for run in idle_runs(ctx)],
+            "MB",
+            ("<=", 200) if n >= 1_000_000 else None,
+            absolute_target=True,
+        ),
+        ratio_row(
+            f"audit time over {n:,} rows vs raw export + full scan",
+            [run.seconds for run in audits],
+            references,
+            "s",
+            ("<=", 1.5),
+        ),
+    ]
+
+
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "drain": bench_drain,
     "lag": bench_lag,
     "writer": bench_writer,
     "memory": bench_memory,
     "scaling": bench_scaling,
+    "audit": bench_audit,
 }
 
 
