@@ -314,29 +314,24 @@ def status(settings: Settings, as_json: bool) -> None:
 # -- on-call tooling: errors, audit, search, report ---------------------------------------------
 
 
-class CommandFailed(click.ClickException):
-    """One line on stderr with the exit status the command documents."""
+class AuditFailed(click.ClickException):
+    """One line on stderr and exit status 2: audit keeps 1 for "drift found"."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    exit_code = 2
 
 
-def exit_code_on_error(code: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Our errors end the command with exit status `code` (audit: 2, so that 1 can mean drift).
-    Put it above @connection_options, so a bad flag or variable exits with `code` too."""
+def audit_exit_status(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Our errors end the command with exit status 2 (so that 1 can mean drift). Put it above
+    @connection_options, so a bad flag or variable exits with 2 too."""
 
-    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(command)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return command(*args, **kwargs)
-            except OutboxSyncError as error:
-                raise CommandFailed(str(error), code) from None
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except OutboxSyncError as error:
+            raise AuditFailed(str(error)) from None
 
-        return wrapper
-
-    return decorate
+    return wrapper
 
 
 def open_database(settings: Settings) -> Database:
@@ -574,7 +569,7 @@ class ProgressBars:
 
 
 @main.command()
-@exit_code_on_error(2)
+@audit_exit_status
 @connection_options
 @click.option(
     "--repair",
