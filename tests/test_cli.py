@@ -113,10 +113,15 @@ def test_errors_list_json(runner: CliRunner, db_path: Path) -> None:
     ],
 )
 def test_bad_configuration_is_one_clear_line(
-    runner: CliRunner, tmp_path: Path, args: list[str], env: dict[str, str], message: str
+    runner: CliRunner,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    env: dict[str, str],
+    message: str,
 ) -> None:
-    with runner.isolated_filesystem(temp_dir=tmp_path):
-        result = runner.invoke(main, args, env=env)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(main, args, env=env)
     assert result.exit_code != 0
     assert message in result.output
     assert "Traceback" not in result.output
