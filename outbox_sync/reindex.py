@@ -98,9 +98,12 @@ def rebuild(
     return ReindexResult(old, new, rows_seen, indexed, invalid, len(refused))
 
 
-def serve_request(db: Database, index: TypesenseIndex) -> bool:
+def serve_request(
+    db: Database, index: TypesenseIndex, heartbeat: Callable[[], None] = lambda: None
+) -> bool:
     """In the daemon: run a reindex another process asked for, publishing progress and the
-    outcome in outbox_sync_meta. False when nothing was asked."""
+    outcome in outbox_sync_meta, and calling `heartbeat` as it goes (the systemd watchdog must
+    not take a long rebuild for a hung loop). False when nothing was asked."""
     token = db.get_meta(REQUEST_KEY)
     if token is None:
         return False
@@ -113,6 +116,7 @@ def serve_request(db: Database, index: TypesenseIndex) -> bool:
 
     def report(done: int, total: int) -> None:
         nonlocal published
+        heartbeat()
         if time.monotonic() - published >= PROGRESS_INTERVAL_S:
             published = time.monotonic()
             publish("running", done=done, total=total)

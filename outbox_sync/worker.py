@@ -329,7 +329,10 @@ class Worker:
             self.refreshed_at = now
             self.telemetry.backlog(*self.db.backlog())
             if isinstance(self.index, TypesenseIndex):
-                reindex.serve_request(self.db, self.index)  # pauses applying while it runs
+                # a requested reindex runs here, pausing the sync meanwhile
+                reindex.serve_request(
+                    self.db, self.index, lambda: self.telemetry.loop_alive(time.monotonic())
+                )
         if now - self.stats_at >= STATS_BUCKET_S:
             self.stats_at = now
             self._save_stats()

@@ -210,3 +210,18 @@ def test_reindex_command_asks_the_running_daemon(
     assert "reindexed 100 rows" in result.stdout
     assert '"event": "reindex_finished"' in daemon.output()
     assert daemon.process.poll() is None
+
+
+def test_a_served_request_reports_progress_and_keeps_the_heartbeat(
+    db_path: Path, db: Database, typesense_server: Server, collection: str
+) -> None:
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 201)])
+    index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
+    assert reindex.serve_request(db, index) is False  # nothing asked
+    token = reindex.request(db)
+    beats: list[int] = []
+    assert reindex.serve_request(db, index, lambda: beats.append(1)) is True
+    assert beats  # the daemon's watchdog is fed during the rebuild
+    state = reindex.status(db, token)
+    assert state is not None and state["state"] == "done" and state["indexed"] == 200
+    assert db.get_meta(reindex.REQUEST_KEY) is None
