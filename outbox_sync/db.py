@@ -329,18 +329,6 @@ class Database:
         age = None if oldest is None else max(0.0, round(time.time() - oldest, 3))
         return pending, age, open_errors
 
-    def iter_rows(self, chunk: int) -> Iterator[list[tuple[Any, ...]]]:
-        """Every row of `sequences` in id order, `chunk` rows per short read (no read
-        transaction is held between chunks, so WAL checkpoints go on)."""
-        columns = ", ".join(COLUMNS)
-        rows = self._fetch_raw(f"SELECT {columns} FROM sequences ORDER BY id LIMIT ?", (chunk,))
-        while rows:
-            yield rows
-            rows = self._fetch_raw(
-                f"SELECT {columns} FROM sequences WHERE id > ? ORDER BY id LIMIT ?",
-                (rows[-1][0], chunk),
-            )
-
     def enqueue(self, entries: Sequence[tuple[Any, str]]) -> None:
         """Add (sequence_id, op) markers to the outbox, as the triggers would."""
         with self.write() as conn:

@@ -62,7 +62,7 @@ def rebuild(
     rows_seen = indexed = invalid = 0
     refused: list[Any] = []
     try:
-        for rows in db.iter_rows(chunk):
+        for rows in db.scan_sequences(chunk):
             lines, keys = [], []
             for row in rows:
                 try:

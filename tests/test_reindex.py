@@ -225,3 +225,22 @@ def test_a_served_request_reports_progress_and_keeps_the_heartbeat(
     state = reindex.status(db, token)
     assert state is not None and state["state"] == "done" and state["indexed"] == 200
     assert db.get_meta(reindex.REQUEST_KEY) is None
+
+
+def test_rebuild_visits_every_row_of_a_loose_legacy_table(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    # NULL and repeated ids: paging by id would stop at the NULL and skip a repeat
+    path = tmp_path / "legacy.db"
+    app_connection(path).execute(
+        "CREATE TABLE sequences"
+        " (id, element_type, element_id, sequence_number, comment, created_at)"
+    )
+    rows = [make_row(i) for i in (1, 2, 3, 3, 4)] + [make_row(5, id=None)]
+    app_connection(path).executemany(ROW_SQL, rows)
+    db = Database(path)
+    db.init()
+    index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
+    result = reindex.rebuild(db, index, chunk=2)
+    assert (result.rows, result.indexed, result.invalid) == (6, 5, 1)
+    assert sorted(export(typesense_server, collection), key=int) == ["1", "2", "3", "4"]
