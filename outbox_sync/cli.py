@@ -836,7 +836,7 @@ def reindex_command(settings: Settings) -> None:
         result = follow_daemon_reindex(db, lock)
     else:
         try:
-            with typesense(settings, start_embedded=True) as index, progress_bar() as bar:
+            with typesense(settings, start_embedded=True) as index, progress_bar("reindex") as bar:
                 result = asdict(reindex.rebuild(db, index, progress=bar))
         finally:
             lock.release()
@@ -849,27 +849,16 @@ def reindex_command(settings: Settings) -> None:
 
 
 @contextlib.contextmanager
-def progress_bar() -> Iterator[Callable[[int, int], None]]:
-    """(done, total) -> a progress bar on a terminal's stderr; nothing elsewhere."""
+def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """(done, total) -> one of ProgressBars on a terminal's stderr; nothing elsewhere."""
     if not sys.stderr.isatty():
         yield lambda done, total: None
         return
-    bar: Any = None
-    shown = 0
-
-    def update(done: int, total: int) -> None:
-        nonlocal bar, shown
-        if bar is None:
-            bar = click.progressbar(length=max(total, 1), label="reindex", file=sys.stderr)
-            bar.__enter__()
-        bar.update(done - shown)
-        shown = done
-
+    bars = ProgressBars()
     try:
-        yield update
+        yield lambda done, total: bars(label, done, total)
     finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
+        bars.close()
 
 
 # How long the running daemon has to pick up a reindex request (it looks every second).
@@ -880,7 +869,7 @@ def follow_daemon_reindex(db: Database, lock: DaemonLock) -> dict[str, Any]:
     """Ask the running daemon to reindex and wait for its verdict, showing its progress."""
     token = reindex.request(db)
     asked = time.monotonic()
-    with progress_bar() as bar:
+    with progress_bar("reindex") as bar:
         while True:
             state = reindex.status(db, token)
             if state is not None and state["state"] != "running":
