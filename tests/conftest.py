@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -178,6 +179,11 @@ def sqlite_documents(path: Path) -> dict[str, dict[str, Any]]:
     ).fetchall()
     conn.close()
     return {str(row[0]): expected_document(row) for row in rows}
+
+
+def drain(worker: Worker) -> None:
+    """Apply everything waiting in the outbox (as `outbox-sync run --once`)."""
+    worker.run(threading.Event(), once=True)
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float = 60, what: str = "") -> Any:

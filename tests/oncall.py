@@ -2,7 +2,6 @@
 pointed at the test server, and Typesense changed by hand, behind the daemon's back."""
 
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,6 @@ import httpx
 from click.testing import CliRunner, Result
 
 from outbox_sync.cli import main
-from outbox_sync.worker import Worker
 from tests.conftest import Server
 
 
@@ -42,11 +40,6 @@ def by_hand(server: Server, method: str, path: str, **kwargs: Any) -> httpx.Resp
     )
     response.raise_for_status()
     return response
-
-
-def drain(worker: Worker) -> None:
-    """Apply everything waiting in the outbox (as `outbox-sync run --once`)."""
-    worker.run(threading.Event(), once=True)
 
 
 def one_line(result: Result) -> str:

@@ -14,8 +14,16 @@ from outbox_sync.db import Database
 from outbox_sync.localserver import free_port
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker
-from tests.conftest import ROW_SQL, Server, app_connection, export, make_row, sqlite_documents
-from tests.oncall import by_hand, drain, invoke, one_line
+from tests.conftest import (
+    ROW_SQL,
+    Server,
+    app_connection,
+    drain,
+    export,
+    make_row,
+    sqlite_documents,
+)
+from tests.oncall import by_hand, invoke, one_line
 
 DOCUMENT = {"element_type": "script", "element_id": 1, "sequence_number": 1, "created_at": "x"}
 

@@ -9,8 +9,8 @@ from outbox_sync.db import Database, SyncFailure
 from outbox_sync.documents import collection_schema
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker
-from tests.conftest import ROW_SQL, Server, app_connection, make_row
-from tests.oncall import by_hand, drain, invoke, one_line
+from tests.conftest import ROW_SQL, Server, app_connection, drain, make_row
+from tests.oncall import by_hand, invoke, one_line
 
 
 def errors(server: Server, db_path: Path, *args: str) -> Any:

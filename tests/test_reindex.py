@@ -22,6 +22,7 @@ from tests.conftest import (
     Daemon,
     Server,
     app_connection,
+    drain,
     export,
     make_row,
     sqlite_documents,
@@ -49,7 +50,7 @@ def test_rebuild_swaps_in_a_complete_collection_and_drops_the_old(
     conn = app_connection(db_path)
     conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 2_001)])
     conn.execute(ROW_SQL, make_row(5_000, element_id="bad"))
-    worker.run(threading.Event(), once=True)
+    drain(worker)
     index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
     old = index.target()
     # drift the rebuild must wipe out: a document nobody wrote, one edited behind our back

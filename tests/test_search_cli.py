@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from outbox_sync.worker import Worker
-from tests.conftest import ROW_SQL, Server, app_connection
-from tests.oncall import drain, invoke, one_line
+from tests.conftest import ROW_SQL, Server, app_connection, drain
+from tests.oncall import invoke, one_line
 
 ROWS = [
     (123, "script", 456, 1, "Initial script creation", "2023-10-01T12:00:00Z"),

@@ -14,6 +14,7 @@ from tests.conftest import (
     ROW_SQL,
     Server,
     app_connection,
+    drain,
     export,
     make_row,
     sqlite_documents,
@@ -21,11 +22,6 @@ from tests.conftest import (
 )
 
 SOURCE_EXAMPLE = (123, "script", 456, 1, "Initial script creation", "2023-10-01T12:00:00Z")
-
-
-def drain(worker: Worker) -> None:
-    stop = threading.Event()
-    worker.run(stop, once=True)
 
 
 def test_source_example_end_to_end(db_path: Path, worker: Worker, index: TypesenseIndex) -> None:
