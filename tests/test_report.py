@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense
@@ -111,6 +112,8 @@ def test_the_longest_outage_is_the_one_the_worker_lived_through(
     app = app_connection(db_path)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,))
+    captured = capture_logs()
+    logged = captured.__enter__()
     thread.start()
     try:
         app.execute(ROW_SQL, make_row(1))
@@ -123,14 +126,25 @@ def test_the_longest_outage_is_the_one_the_worker_lived_through(
         private_typesense.start()
         up_at = time.time()
         wait_until(lambda: index.retrieve("2"), what="the row written during the outage")
+        wait_until(
+            lambda: (
+                any(entry["event"] == "reconciled" for entry in logged)
+                and db.counts()["pending"] == 0
+            ),
+            what="the check after the outage and its repairs",
+        )
     finally:
         stop.set()
         thread.join(20)
+        captured.__exit__(None, None, None)
     figures = report(typesense_server, db_path, "--since", "10m")
     outages = figures["outages"]
     assert outages["count"] == 1
     assert 0.5 <= outages["longest"]["seconds"] <= up_at - down_at + 5
-    assert figures["applied"]["upsert"] == 2
+    # after the outage the worker audits; what Typesense lost in its restart (0.24.1 sometimes
+    # loses the last writes it acknowledged) is applied again and counted again
+    [reconciled] = [entry for entry in logged if entry["event"] == "reconciled"]
+    assert figures["applied"]["upsert"] == 2 + reconciled["enqueued"]
 
 
 def test_parse_since_takes_durations_and_iso_times() -> None:
