@@ -129,7 +129,7 @@ def test_the_longest_outage_is_the_one_the_worker_lived_through(
         wait_until(
             lambda: (
                 any(entry["event"] == "reconciled" for entry in logged)
-                and db.counts()["pending"] == 0
+                and Database(db_path).counts()["pending"] == 0
             ),
             what="the check after the outage and its repairs",
         )
