@@ -76,6 +76,17 @@ class Telemetry:
             "Unix time of the last batch applied (or idle check passed).",
             registry=self.registry,
         )
+        self.audit_drift = Gauge(
+            "outbox_sync_audit_drift",
+            "Records the last audit found drifted, by kind (missing, extra, stale, invalid).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.audit_last_success = Gauge(
+            "outbox_sync_audit_last_success_timestamp_seconds",
+            "Unix time the last audit finished (0 before the first one).",
+            registry=self.registry,
+        )
         self.watchdog = Watchdog(watchdog_interval_s())
         self.loop_at = time.monotonic()
         self.up_reason = "not checked yet"
