@@ -38,7 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from outbox_sync.db import Database
+from outbox_sync.db import Database, pages
 from outbox_sync.documents import INT64, to_document
 from outbox_sync.errors import InvalidRecordError, OutboxSyncError
 from outbox_sync.typesense_index import MAX_DELETE_IDS, TypesenseIndex
@@ -204,12 +204,9 @@ class Audit:
     def ids(self, kind: str) -> Iterator[tuple[Any, str | None]]:
         """(record id, detail) of one kind of drift (or "known"), in id order. Detail names the
         differing fields (stale), the validation problem (invalid), or the kind (known)."""
-        last = 0
-        while rows := self.scratch.execute(
-            "SELECT n, key, detail FROM drift WHERE kind = ? AND n > ? ORDER BY n LIMIT ?",
-            (kind, last, self.chunk),
-        ).fetchall():
-            last = rows[-1][0]
+        for rows in pages(
+            self.scratch, "drift", "n", "key, detail", where="kind = ?", params=(kind,)
+        ):
             for _, key, detail in rows:
                 yield key, detail
 
@@ -316,13 +313,11 @@ class Audit:
         Typesense. Only integer ids can race with the daemon (it writes no other), so the
         others keep the snapshot's verdict."""
         (total,) = self.scratch.execute("SELECT count(*) FROM candidates").fetchone()
-        done, last = 0, 0
+        done = 0
         self.progress("confirm", 0, total)
-        while chunk := self.scratch.execute(
-            "SELECT n, key, kind, detail FROM candidates WHERE n > ? ORDER BY n LIMIT ?",
-            (last, CONFIRM_CHUNK),
-        ).fetchall():
-            last = chunk[-1][0]
+        for chunk in pages(
+            self.scratch, "candidates", "n", "key, kind, detail", chunk=CONFIRM_CHUNK
+        ):
             keys = [key for _, key, _, _ in chunk if is_integer(key)]
             rows = self.db.read_records(keys) if keys else {}
             documents = {}

@@ -1,11 +1,15 @@
-"""Settings: one frozen object built from flags and environment variables, validated once."""
+"""Settings: every option declared once (`OPTIONS`: flag, environment variable, default, help),
+built into one frozen object and validated once. The CLI makes its flags from the declarations;
+a flag wins over the environment, which wins over the default."""
 
 import math
 import os
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from outbox_sync.errors import ConfigError
 from outbox_sync.localserver import DEFAULT_EMBEDDED_PORT
@@ -13,6 +17,10 @@ from outbox_sync.typesense_index import DEFAULT_TIMEOUT_S, parse_node
 
 DEFAULT_DB = "./sequences.db"
 DEFAULT_COLLECTION = "sequences"
+# Entries per batch. One import of 5,000 documents costs ~0.1 s here and reaches most of
+# Typesense's throughput (docs/performance.md); larger batches only add latency.
+DEFAULT_BATCH_SIZE = 5000
+MAX_BATCH_SIZE = 50_000
 API_KEY_ENV = "TYPESENSE_API_KEY"
 # Typesense accepts more, but a name that needs escaping in a URL path is a mistake.
 COLLECTION_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -21,14 +29,96 @@ HEADER_SAFE_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 
 
 @dataclass(frozen=True)
+class Option:
+    """One setting as people give it: `--flag` (from `name`) and its environment variable."""
+
+    name: str
+    env: str
+    help: str
+    default: Any = None
+    type: type = str
+    metavar: str | None = None
+    bounds: tuple[int, int] | None = None  # of an integer
+    daemon_only: bool = False  # an option of `run` alone
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS = (
+    Option("db", "OUTBOX_SYNC_DB", "SQLite database file.", DEFAULT_DB, metavar="PATH"),
+    Option(
+        "typesense_url",
+        "TYPESENSE_URL",
+        "Typesense node URL, or several comma-separated nodes of a cluster. Unset: the embedded "
+        "Typesense on 127.0.0.1, which `run` starts (needs the 'embedded' extra) and the other "
+        "commands reach while it runs.",
+        metavar="URL[,URL...]",
+    ),
+    Option(
+        "api_key_file",
+        "OUTBOX_SYNC_API_KEY_FILE",
+        f"File holding the Typesense API key; otherwise the key is read from {API_KEY_ENV}. "
+        "Never pass the key itself on the command line.",
+        metavar="PATH",
+    ),
+    Option("collection", "OUTBOX_SYNC_COLLECTION", "Typesense collection.", DEFAULT_COLLECTION),
+    Option(
+        "timeout",
+        "OUTBOX_SYNC_TIMEOUT",
+        "Timeout of one Typesense request, in seconds.",
+        DEFAULT_TIMEOUT_S,
+        float,
+        "SECONDS",
+    ),
+    Option(
+        "embedded_port",
+        "OUTBOX_SYNC_EMBEDDED_PORT",
+        "Port of the embedded Typesense on 127.0.0.1, used when no --typesense-url is set.",
+        DEFAULT_EMBEDDED_PORT,
+        int,
+        "PORT",
+        bounds=(1, 65535),
+    ),
+    Option(
+        "ca_file",
+        "OUTBOX_SYNC_CA_FILE",
+        "CA bundle to verify an https Typesense with.",
+        metavar="PATH",
+    ),
+    Option(
+        "batch_size",
+        "OUTBOX_SYNC_BATCH_SIZE",
+        "Outbox entries applied per Typesense request.",
+        DEFAULT_BATCH_SIZE,
+        int,
+        "N",
+        bounds=(1, MAX_BATCH_SIZE),
+        daemon_only=True,
+    ),
+    Option(
+        "metrics_address",
+        "OUTBOX_SYNC_METRICS_ADDRESS",
+        "Serve Prometheus /metrics and /healthz there, e.g. 127.0.0.1:9464. Off by default; "
+        "bind a non-loopback host only where the network is yours.",
+        metavar="HOST:PORT",
+        daemon_only=True,
+    ),
+)
+
+
+@dataclass(frozen=True)
 class Settings:
     db_path: Path
-    typesense_urls: tuple[str, ...]  # empty: start the embedded server
+    typesense_urls: tuple[str, ...]  # empty: the embedded server
     api_key: str | None = field(repr=False)
     collection: str = DEFAULT_COLLECTION
     timeout_s: float = DEFAULT_TIMEOUT_S
     ca_file: str | None = None
     embedded_port: int = DEFAULT_EMBEDDED_PORT
+    batch_size: int = DEFAULT_BATCH_SIZE
+    metrics_address: tuple[str, int] | None = None
 
     @property
     def embedded(self) -> bool:
@@ -56,49 +146,63 @@ def read_api_key_file(path: Path) -> str:
     return key
 
 
-def build_settings(
-    *,
-    db: str,
-    typesense_url: str | None,
-    api_key_file: str | None,
-    collection: str,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    ca_file: str | None = None,
-    embedded_port: int = DEFAULT_EMBEDDED_PORT,
-) -> Settings:
-    urls = tuple(url.strip() for url in (typesense_url or "").split(",") if url.strip())
+def parse_address(address: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [::1]:PORT) -> (host, port); ConfigError otherwise."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"metrics address {address!r} must look like 127.0.0.1:9464")
+    return host, int(port)
+
+
+def build_settings(given: Mapping[str, Any]) -> Settings:
+    """Settings from option values by name (from flags or the environment); an option that is
+    absent or None takes its default. Raises ConfigError naming what is wrong."""
+    values = {option.name: option.default for option in OPTIONS}
+    values.update({name: value for name, value in given.items() if value is not None})
+    urls = tuple(url.strip() for url in (values["typesense_url"] or "").split(",") if url.strip())
     for url in urls:
         parse_node(url)  # raises ConfigError with the URL in it
-    if api_key_file:
-        api_key: str | None = read_api_key_file(Path(api_key_file))
-    else:
-        api_key = os.environ.get(API_KEY_ENV) or None
-    if api_key is not None and not HEADER_SAFE_KEY.fullmatch(api_key):
-        # Never echo it: httpx would refuse to send it with the key in its message.
-        raise ConfigError(
-            f"the Typesense API key (from {api_key_file or API_KEY_ENV}) holds a space, a control "
-            "or a non-ASCII character, which an HTTP header cannot carry: check for a stray "
-            "newline or quote"
-        )
+    api_key = _api_key(values["api_key_file"])
     if urls and not api_key:
         raise ConfigError(
             f"no Typesense API key: set {API_KEY_ENV} or pass --api-key-file "
             "(never the key itself on the command line)"
         )
-    if not COLLECTION_NAME.fullmatch(collection):
+    if not COLLECTION_NAME.fullmatch(values["collection"]):
         raise ConfigError(
-            f"collection name {collection!r} must be 1-128 letters, digits, '_', '-' or '.'"
+            f"collection name {values['collection']!r} must be 1-128 letters, digits, '_', '-' "
+            "or '.'"
         )
-    if not math.isfinite(timeout_s) or timeout_s <= 0:
+    if not math.isfinite(values["timeout"]) or values["timeout"] <= 0:
         raise ConfigError("--timeout must be a positive number of seconds")
-    if ca_file and not Path(ca_file).is_file():
-        raise ConfigError(f"CA file {ca_file} does not exist")
+    for option in OPTIONS:
+        if option.bounds and not option.bounds[0] <= values[option.name] <= option.bounds[1]:
+            raise ConfigError(f"{option.flag} must be in the range {option.bounds}")
+    if values["ca_file"] and not Path(values["ca_file"]).is_file():
+        raise ConfigError(f"CA file {values['ca_file']} does not exist")
+    metrics = values["metrics_address"]
     return Settings(
-        db_path=Path(db),
+        db_path=Path(values["db"]),
         typesense_urls=urls,
         api_key=api_key,
-        collection=collection,
-        timeout_s=timeout_s,
-        ca_file=ca_file,
-        embedded_port=embedded_port,
+        collection=values["collection"],
+        timeout_s=values["timeout"],
+        ca_file=values["ca_file"],
+        embedded_port=values["embedded_port"],
+        batch_size=values["batch_size"],
+        metrics_address=parse_address(metrics) if metrics else None,
     )
+
+
+def _api_key(key_file: str | None) -> str | None:
+    """The key from the key file, else from the environment; refused (never echoed) when an
+    HTTP header cannot carry it: httpx would put it in its error message."""
+    key = read_api_key_file(Path(key_file)) if key_file else os.environ.get(API_KEY_ENV) or None
+    if key is not None and not HEADER_SAFE_KEY.fullmatch(key):
+        raise ConfigError(
+            f"the Typesense API key (from {key_file or API_KEY_ENV}) holds a space, a control "
+            "or a non-ASCII character, which an HTTP header cannot carry: check for a stray "
+            "newline or quote"
+        )
+    return key

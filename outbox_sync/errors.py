@@ -1,4 +1,9 @@
-"""One error hierarchy. Every message is a sentence a person can act on."""
+"""One error hierarchy. Every message is a sentence a person can act on.
+
+Typesense failures are split in one place (`typesense_index.classify`): server trouble is
+retryable (`TypesenseUnavailableError`: the rows stay queued, the loop backs off), a refused
+request is not (`TypesenseRejectedError` and its kinds). Callers decide by type, never by text.
+"""
 
 
 class OutboxSyncError(Exception):
@@ -26,11 +31,13 @@ class SchemaMismatchError(OutboxSyncError):
 
 
 class TypesenseError(OutboxSyncError):
-    """A request to Typesense failed as a whole (not one document of it)."""
+    """A request to Typesense failed as a whole (not one document of it). `reason` is what the
+    server (or the transport) said, without our words around it."""
 
-    def __init__(self, message: str, http_status: int | None = None) -> None:
+    def __init__(self, message: str, http_status: int | None = None, reason: str = "") -> None:
         super().__init__(message)
         self.http_status = http_status
+        self.reason = reason or message
 
 
 class TypesenseUnavailableError(TypesenseError):
@@ -38,13 +45,46 @@ class TypesenseUnavailableError(TypesenseError):
 
 
 class TypesenseRejectedError(TypesenseError):
-    """Typesense refused the request itself (wrong key, missing collection). Not retryable."""
+    """Typesense refused the request itself (wrong key, bad parameters). Not retryable."""
+
+
+class NotFoundError(TypesenseRejectedError):
+    """404 for something other than the collection: a document, an alias."""
+
+
+class CollectionNotFoundError(NotFoundError):
+    """The collection (or the alias naming it) does not exist."""
+
+    def __init__(self, collection: str, reason: str = "Not Found") -> None:
+        super().__init__(
+            f"Typesense collection {collection!r} does not exist (404: {reason})", 404, reason
+        )
+        self.collection = collection
 
 
 class InvalidRecordError(OutboxSyncError):
-    """A row of `sequences` cannot become a document. The message names the field."""
+    """A row cannot become a document. The message names the field."""
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
+
+
+class UnknownSyncError(OutboxSyncError):
+    """No row of `sync_errors` has this id."""
+
+    def __init__(self, error_id: int) -> None:
+        super().__init__(
+            f"no sync error has id {error_id}: `outbox-sync errors list --status all` lists them"
+        )
+
+
+class ClosedSyncError(OutboxSyncError):
+    """The sync error was closed already: retrying or resolving it again would hide history."""
+
+    def __init__(self, error_id: int, resolution: str) -> None:
+        super().__init__(
+            f"sync error {error_id} is already closed ({resolution}): see `outbox-sync errors "
+            f"show {error_id}`; to sync its record again, run `outbox-sync audit --repair`"
+        )

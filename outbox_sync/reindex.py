@@ -3,7 +3,8 @@ drop the old one.
 
 Only the process holding the daemon lock applies changes to Typesense, and it pauses applying
 while it rebuilds: so `outbox-sync reindex` either takes the lock itself (no daemon running) or
-asks the running daemon to do it, through `outbox_sync_meta`, and follows its progress.
+asks the running daemon to do it, through `outbox_sync_meta`, and follows its progress: the
+daemon's half is `serve_request`, the asking side's `follow`.
 
 Why nothing committed during the rebuild is lost: the outbox is not touched. Every change
 committed while the new collection fills leaves an entry that is still queued when the alias
@@ -23,7 +24,13 @@ import structlog
 
 from outbox_sync.db import Database
 from outbox_sync.documents import document_line
-from outbox_sync.errors import InvalidRecordError, OutboxSyncError, TypesenseError
+from outbox_sync.errors import (
+    AlreadyRunningError,
+    InvalidRecordError,
+    OutboxSyncError,
+    TypesenseError,
+)
+from outbox_sync.lock import DaemonLock
 from outbox_sync.typesense_index import TypesenseIndex
 
 REQUEST_KEY = "reindex_request"
@@ -32,6 +39,10 @@ STATUS_KEY = "reindex_status"
 DEFAULT_CHUNK = 5000
 # How often the daemon publishes its progress to a waiting `outbox-sync reindex`.
 PROGRESS_INTERVAL_S = 0.5
+# How long the running daemon has to pick up a request (it looks every second), and how often
+# the asking side looks at the progress.
+PICKUP_TIMEOUT_S = 30.0
+FOLLOW_INTERVAL_S = 0.2
 
 Progress = Callable[[int, int], None]
 
@@ -148,3 +159,33 @@ def status(db: Database, token: str) -> dict[str, Any] | None:
         return None
     state: dict[str, Any] = json.loads(raw)
     return state if state.get("request") == token else None
+
+
+def follow(db: Database, lock: DaemonLock, progress: Progress) -> dict[str, Any]:
+    """Ask the running daemon (holder of `lock`) to reindex and wait for its outcome, passing
+    its progress on; OutboxSyncError if it fails, never takes it up, or dies meanwhile."""
+    token = request(db)
+    asked = time.monotonic()
+    while True:
+        state = status(db, token)
+        if state is not None and state["state"] != "running":
+            break
+        if state is not None:
+            progress(state["done"], state["total"])
+        elif time.monotonic() - asked > PICKUP_TIMEOUT_S:
+            db.set_meta(REQUEST_KEY, None)
+            raise OutboxSyncError(
+                "the running daemon did not take up the reindex within "
+                f"{PICKUP_TIMEOUT_S:.0f} s: check its logs (is Typesense reachable?)"
+            )
+        try:  # the daemon died meanwhile?
+            lock.acquire()
+        except AlreadyRunningError:
+            time.sleep(FOLLOW_INTERVAL_S)
+            continue
+        lock.release()
+        db.set_meta(REQUEST_KEY, None)
+        raise OutboxSyncError("the daemon stopped before finishing the reindex: run it again")
+    if state["state"] == "failed":
+        raise OutboxSyncError(f"reindex failed, the old collection stays in use: {state['error']}")
+    return state

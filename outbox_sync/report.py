@@ -1,5 +1,5 @@
 """The weekly review: what the daemon did over a window, from the per-minute statistics it keeps
-in `sync_stats` (see telemetry.py) and the rows of `sync_errors`.
+in `sync_stats` (see stats.py) and the rows of `sync_errors`.
 
 Figures cover the minutes the daemon has saved: it writes its statistics once a minute and when
 it stops, so the current minute of a running daemon is not in them yet.
@@ -8,11 +8,13 @@ it stops, so the current minute of a running daemon is not in them yet.
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from typing import Any
 
-from outbox_sync.db import Database
-from outbox_sync.telemetry import LATENCY_BUCKETS_S, STATS_BUCKET_S, merge_stats, percentile
+from outbox_sync import stats
+from outbox_sync.db import Database, pages
+from outbox_sync.stats import LATENCY_BUCKETS_S, STATS_BUCKET_S, percentile
 
 DEFAULT_SINCE = "7d"
 DURATION = re.compile(r"(\d+)\s*([smhdw])")
@@ -63,17 +65,17 @@ def build_report(db: Database, since: float, now: float | None = None) -> dict[s
     """Everything `outbox-sync report` shows for the window from `since` (Unix time) to now.
     Statistics count by whole minutes: the minute `since` falls in is included."""
     now = time.time() if now is None else now
-    stats: dict[str, Any] = {}
+    totals: dict[str, Any] = {}
     minutes = 0
-    for data in db.scan_stats(int(since // STATS_BUCKET_S * STATS_BUCKET_S)):
-        merge_stats(stats, data)
+    for _, data in stats.scan(db, int(since // STATS_BUCKET_S * STATS_BUCKET_S)):
+        stats.merge(totals, data)
         minutes += 1
-    applied = stats.get("applied", {})
+    applied = totals.get("applied", {})
     upserts, deletes = int(applied.get("upsert", 0)), int(applied.get("delete", 0))
 
     by_status: Counter[str] = Counter()
     by_kind: Counter[str] = Counter()
-    for http_status, error in db.scan_failures_since(iso(since)):
+    for http_status, error in failures_since(db, iso(since)):
         by_status["validation" if http_status is None else str(http_status)] += 1
         by_kind[error_kind(http_status, error)] += 1
 
@@ -83,24 +85,45 @@ def build_report(db: Database, since: float, now: float | None = None) -> dict[s
         "until": iso(now),
         "stats_minutes": minutes,
         "applied": {"upsert": upserts, "delete": deletes, "total": upserts + deletes},
-        "retried": int(stats.get("retried", 0)),
+        "retried": int(totals.get("retried", 0)),
         "given_up": {
             "total": sum(by_status.values()),
             "by_status": dict(sorted(by_status.items())),
             "by_kind": [{"kind": kind, "count": n} for kind, n in by_kind.most_common()],
         },
-        "errors_closed": db.closed_since(iso(since)),
+        "errors_closed": closed_since(db, iso(since)),
         "latency": {
             operation: latency_summary(counts)
-            for operation, counts in sorted(stats.get("latency", {}).items())
+            for operation, counts in sorted(totals.get("latency", {}).items())
         },
-        "outages": outage_summary(stats.get("outages", [])),
+        "outages": outage_summary(totals.get("outages", [])),
         "backlog": {
             "pending": pending,
             "oldest_pending_age_s": oldest_age_s,
             "sync_errors_open": open_errors,
         },
     }
+
+
+def failures_since(db: Database, since: str) -> Iterator[tuple[int | None, str]]:
+    """(http_status, error) of every sync error that failed at or after `since` (ISO)."""
+    recent = "failed_at >= ?"
+    for rows in pages(
+        db.conn, "sync_errors", "id", "http_status, error", where=recent, params=(since,)
+    ):
+        for _, http_status, error in rows:
+            yield http_status, error
+
+
+def closed_since(db: Database, since: str) -> dict[str, int]:
+    """How many sync errors closed at or after `since` (ISO), by resolution."""
+    return dict(
+        db.conn.execute(
+            "SELECT resolution, count(*) FROM sync_errors WHERE resolved_at >= ?"
+            " GROUP BY resolution ORDER BY resolution",
+            (since,),
+        ).fetchall()
+    )
 
 
 def latency_summary(counts: list[int]) -> dict[str, Any]:

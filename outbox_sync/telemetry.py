@@ -1,5 +1,5 @@
 """What the daemon tells the outside world: Prometheus metrics with a /healthz beside them, the
-systemd notify protocol, and compact per-minute statistics kept in SQLite for `report`.
+systemd notify protocol, and the per-minute statistics (stats.py) it gathers for `report`.
 
 The worker and the index call into one Telemetry object; nothing here touches Typesense.
 """
@@ -14,11 +14,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from outbox_sync.notify import Watchdog, notify, watchdog_interval_s
+from outbox_sync.stats import LATENCY_BUCKETS_S, STATS_BUCKET_S, bucket_index
 
-# Upper bounds (seconds) of the latency buckets, shared by Prometheus and the SQLite stats.
-LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Statistics are summed per minute in memory and written to SQLite once a minute.
-STATS_BUCKET_S = 60
 # Backlog figures are recounted at most this often (a count over a large outbox is not free).
 REFRESH_INTERVAL_S = 1.0
 # /healthz says the loop is stuck when it has not gone round for this long (a batch can take up
@@ -104,7 +101,7 @@ class Telemetry:
             counts = self._stats_section("latency", {}).setdefault(
                 operation, [0] * (len(LATENCY_BUCKETS_S) + 1)
             )
-            counts[_bucket_index(seconds)] += 1
+            counts[bucket_index(seconds)] += 1
 
     def batch_applied(self, upserted: int, deleted: int, retried: int, reasons: list[str]) -> None:
         self.applied.labels("upsert").inc(upserted)
@@ -173,45 +170,6 @@ class Telemetry:
         if not self.up:
             return False, f"typesense unreachable: {self.up_reason}"
         return True, "ok"
-
-
-def merge_stats(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
-    """Add `other` into `into`: numbers add up, latency counts add up bucket by bucket,
-    outages are listed one after the other."""
-    for key, value in other.items():
-        mine = into.get(key)
-        if mine is None:
-            into[key] = value
-        elif isinstance(value, dict):
-            merge_stats(mine, value)
-        elif key == "outages":
-            mine.extend(value)
-        elif isinstance(value, list):
-            into[key] = [a + b for a, b in zip(mine, value, strict=True)]
-        else:
-            into[key] = mine + value
-    return into
-
-
-def _bucket_index(seconds: float) -> int:
-    for index, bound in enumerate(LATENCY_BUCKETS_S):
-        if seconds <= bound:
-            return index
-    return len(LATENCY_BUCKETS_S)
-
-
-def percentile(counts: list[int], fraction: float) -> float | None:
-    """The bucket upper bound below which `fraction` of the observations fall (None if none;
-    inf when it lies past the last bound)."""
-    total = sum(counts)
-    if not total:
-        return None
-    seen = 0
-    for index, count in enumerate(counts):
-        seen += count
-        if seen >= fraction * total:
-            return LATENCY_BUCKETS_S[index] if index < len(LATENCY_BUCKETS_S) else float("inf")
-    return float("inf")
 
 
 class _QuietHandler(WSGIRequestHandler):

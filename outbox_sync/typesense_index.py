@@ -1,6 +1,10 @@
-"""The Typesense side: the collection, batched upserts and deletes, and the one place that
-decides whether a failure is the server's (retry later) or a request's (give up)."""
+"""The Typesense side: the collection, batched upserts and deletes, the streamed export, and the
+one place that decides whether a failure is the server's (retry later) or a request's (give up).
+`open_index` builds the index from the settings, starting the embedded server when asked."""
 
+from __future__ import annotations
+
+import contextlib
 import copy
 import functools
 import json
@@ -8,22 +12,29 @@ import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx
+import structlog
 import tenacity
 import typesense
 from typesense import exceptions as ts
 
 from outbox_sync.documents import FIELDS, collection_schema
 from outbox_sync.errors import (
+    CollectionNotFoundError,
     ConfigError,
+    NotFoundError,
     SchemaMismatchError,
     TypesenseError,
     TypesenseRejectedError,
     TypesenseUnavailableError,
 )
+from outbox_sync.localserver import LocalTypesense, embedded_api_key
+
+if TYPE_CHECKING:
+    from outbox_sync.config import Settings
 
 # A 10k-document import takes ~0.3 s here; 10 s leaves room for a busy server without letting a
 # hung one stall the loop for long.
@@ -63,8 +74,10 @@ def parse_node(url: str) -> dict[str, Any]:
     }
 
 
-def classify(error: Exception, collection: str) -> Exception:
-    """Map a client or transport exception onto our hierarchy. Unknown ones pass through."""
+def classify(error: Exception, collection: str | None) -> Exception:
+    """Map a client or transport exception onto our hierarchy. `collection`: the collection
+    the request was about, when a 404 means that it is missing; None when a 404 means a
+    document or an alias is. Unknown exceptions pass through."""
     if isinstance(error, TypesenseError):
         return error
     unverified = _certificate_error(error)
@@ -77,26 +90,28 @@ def classify(error: Exception, collection: str) -> Exception:
     if isinstance(error, httpx.TransportError | ts.Timeout | ts.HTTPStatus0Error):
         return TypesenseUnavailableError(f"Typesense unreachable: {type(error).__name__}: {error}")
     if isinstance(error, ts.TypesenseClientError) and len(error.args) >= 2:
-        status, message = error.args[0], str(error.args[1])
-        if isinstance(error, ts.ServerError | ts.ServiceUnavailable) or (
-            isinstance(error, ts.ObjectUnprocessable) and "resource" in message
-        ):
-            return TypesenseUnavailableError(f"Typesense answered {status}: {message}", status)
-        if isinstance(error, ts.RequestUnauthorized | ts.RequestForbidden):
-            return TypesenseRejectedError(
-                f"Typesense refused the API key ({status}): check TYPESENSE_API_KEY "
-                "or --api-key-file",
-                status,
-            )
-        if isinstance(error, ts.ObjectNotFound):
-            return TypesenseRejectedError(
-                f"Typesense collection {collection!r} does not exist ({status}: {message})",
-                status,
-            )
-        return TypesenseRejectedError(f"Typesense answered {status}: {message}", status)
+        return status_error(int(error.args[0]), str(error.args[1]), collection)
     if isinstance(error, ts.TypesenseClientError):  # e.g. a response that is not JSON
         return TypesenseUnavailableError(f"Typesense gave a broken response: {error}")
     return error
+
+
+def status_error(status: int, message: str, collection: str | None) -> TypesenseError:
+    """Our error for an HTTP status Typesense answered with, by status alone: servers word
+    their messages differently from version to version ("Not Found", "Collection not found")."""
+    if status >= 500 or (status == 422 and "resource" in message.lower()):
+        return TypesenseUnavailableError(f"Typesense answered {status}: {message}", status, message)
+    if status in (401, 403):
+        return TypesenseRejectedError(
+            f"Typesense refused the API key ({status}): check TYPESENSE_API_KEY or --api-key-file",
+            status,
+            message,
+        )
+    if status == 404 and collection is not None:
+        return CollectionNotFoundError(collection, message)
+    if status == 404:
+        return NotFoundError(f"Typesense answered 404: {message}", status, message)
+    return TypesenseRejectedError(f"Typesense answered {status}: {message}", status, message)
 
 
 def _certificate_error(error: BaseException) -> ssl.SSLCertVerificationError | None:
@@ -116,13 +131,14 @@ def _certificate_error(error: BaseException) -> ssl.SSLCertVerificationError | N
     return None
 
 
-# The single-retry policy for server trouble: one immediate retry, then the caller keeps the
-# rows queued and backs off. The client's own retries are off (num_retries=0).
-RETRY_ONCE: dict[str, Any] = {
-    "stop": tenacity.stop_after_attempt(2),
-    "retry": tenacity.retry_if_exception_type(TypesenseUnavailableError),
-    "reraise": True,
-}
+# The policy for server trouble: one immediate retry, then stop (the caller keeps the rows
+# queued and backs off). The client's own retries are off (num_retries=0).
+RETRY_ONCE = tenacity.Retrying(
+    stop=tenacity.stop_after_attempt(2),
+    wait=tenacity.wait_none(),
+    retry=tenacity.retry_if_exception_type(TypesenseUnavailableError),
+    reraise=True,
+)
 
 
 class TypesenseIndex:
@@ -151,30 +167,37 @@ class TypesenseIndex:
         # Called with (operation, outcome, seconds) after every request: metrics and stats.
         self.observe: Callable[[str, str, float], None] | None = None
 
-    def _call(self, operation: str, request: Callable[[], T]) -> T:
-        """Run one request; classify its failure; report its duration to `observe`."""
+    def _call(self, operation: str, request: Callable[[], T], *, about: str = "documents") -> T:
+        """Run one request; classify its failure; report its duration to `observe`.
+
+        `about` says what a 404 means: "collection" (the request reads the collection: it is
+        missing), "documents" (a document or a field is missing, or the collection is: a
+        lookup decides, raising CollectionNotFoundError for the collection and NotFoundError
+        for the rest), "other" (NotFoundError: an alias, another collection)."""
         started = time.perf_counter()
         outcome = "ok"
         try:
             return request()
         except Exception as error:
-            classified = classify(error, self.collection)
+            classified = classify(error, self.collection if about == "collection" else None)
             if isinstance(classified, TypesenseUnavailableError):
                 outcome = "unavailable"
             elif isinstance(classified, TypesenseRejectedError):
                 outcome = "rejected"
             else:
                 outcome = "error"
+            if type(classified) is NotFoundError and about == "documents":
+                self.info()  # CollectionNotFoundError when that is what is missing
             raise classified from None
         finally:
             if self.observe is not None:
                 self.observe(operation, outcome, time.perf_counter() - started)
 
-    def _call_retrying(self, operation: str, request: Callable[[], T]) -> T:
-        for attempt in tenacity.Retrying(**RETRY_ONCE):
-            with attempt:
-                return self._call(operation, request)
-        raise AssertionError("unreachable: tenacity reraises")
+    def _call_retrying(
+        self, operation: str, request: Callable[[], T], *, about: str = "documents"
+    ) -> T:
+        result: T = RETRY_ONCE.copy()(self._call, operation, request, about=about)
+        return result
 
     # -- collection -----------------------------------------------------------------------------
 
@@ -185,10 +208,8 @@ class TypesenseIndex:
         A new collection is created under a versioned name with `collection` as an alias to
         it, so `reindex` can later swap in a rebuilt one without a moment of downtime."""
         try:
-            existing = self._call("collection", self.client.collections[self.collection].retrieve)
-        except TypesenseRejectedError as error:
-            if error.http_status != 404:
-                raise
+            existing = self.info()
+        except CollectionNotFoundError:
             self.point_alias(self.create_versioned())
             return True
         problems = schema_differences(existing.get("fields", []))
@@ -201,21 +222,22 @@ class TypesenseIndex:
             )
         return False
 
+    def info(self) -> dict[str, Any]:
+        """The collection as Typesense describes it (CollectionNotFoundError if absent)."""
+        collection = self.client.collections[self.collection]
+        return dict(self._call("collection", collection.retrieve, about="collection"))
+
     def target(self) -> str | None:
         """The real collection behind our name: an alias's target, the name itself for a plain
         collection, or None when neither exists."""
-        try:
-            alias = self._call("alias", self.client.aliases[self.collection].retrieve)
+        with contextlib.suppress(NotFoundError):
+            alias = self._call(
+                "alias", self.client.aliases[self.collection].retrieve, about="other"
+            )
             return str(alias["collection_name"])
-        except TypesenseRejectedError as error:
-            if error.http_status != 404:
-                raise
-        try:
-            self._call("collection", self.client.collections[self.collection].retrieve)
+        with contextlib.suppress(CollectionNotFoundError):
+            self.info()
             return self.collection
-        except TypesenseRejectedError as error:
-            if error.http_status != 404:
-                raise
         return None
 
     def create_versioned(self) -> str:
@@ -236,9 +258,9 @@ class TypesenseIndex:
         )
 
     def drop_collection(self, name: str) -> None:
-        self._call_retrying("collection", self.client.collections[name].delete)
+        self._call_retrying("collection", self.client.collections[name].delete, about="other")
 
-    def on_collection(self, name: str) -> "TypesenseIndex":
+    def on_collection(self, name: str) -> TypesenseIndex:
         """The same server and settings, working on another collection (by its real name)."""
         other = copy.copy(self)
         other.collection = name
@@ -246,8 +268,7 @@ class TypesenseIndex:
         return other
 
     def count(self) -> int:
-        info = self._call("collection", self.client.collections[self.collection].retrieve)
-        return int(info["num_documents"])
+        return int(self.info()["num_documents"])
 
     def healthy(self) -> bool:
         try:
@@ -269,19 +290,10 @@ class TypesenseIndex:
         for line in response.split("\n"):
             if line == SUCCESS_LINE:  # nearly every line: skip parsing it
                 results.append(ImportResult(True))
-                continue
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError:
-                raise TypesenseUnavailableError(
-                    f"broken import response line: {line[:200]!r}"
-                ) from None
-            if item.get("success"):
-                results.append(ImportResult(True))
-            else:
-                results.append(ImportResult(False, item.get("code"), str(item.get("error"))))
+            elif line.strip():
+                item = parse_line(line, "import response")
+                error = None if item.get("success") else str(item.get("error"))
+                results.append(ImportResult(error is None, item.get("code"), error))
         if len(results) != count:
             raise TypesenseUnavailableError(
                 f"import answered {len(results)} results for {count} documents"
@@ -303,24 +315,49 @@ class TypesenseIndex:
         return deleted
 
     def retrieve(self, doc_id: str) -> dict[str, Any] | None:
+        """One document, or None when the collection has no such id."""
+        document = self.documents[quote(doc_id, safe="")]
         try:
-            return dict(self._call("retrieve", self.documents[doc_id].retrieve))
-        except TypesenseRejectedError as error:
-            if error.http_status == 404:
-                return None
+            return dict(self._call("retrieve", document.retrieve))
+        except CollectionNotFoundError:
             raise
+        except NotFoundError:
+            return None
+
+    def delete_document(self, doc_id: str) -> bool:
+        """Delete one document by id, whatever characters the id holds (`delete_ids` takes
+        decimal ids only). False when it was not there."""
+        document = self.documents[quote(doc_id, safe="")]
+        try:
+            self._call("delete", document.delete)
+        except CollectionNotFoundError:
+            raise
+        except NotFoundError:
+            return False
+        return True
 
     def search(self, params: dict[str, Any]) -> dict[str, Any]:
         return dict(self._call("search", lambda: self.documents.search(params)))
 
     def export_documents(self, filter_by: str | None = None) -> Iterator[dict[str, Any]]:
         """Every document of the collection (or those matching `filter_by`), streamed from
-        Typesense's JSONL export: memory stays flat however large the collection. Nodes are
-        tried in order until one answers; a failure mid-stream raises
-        TypesenseUnavailableError (the client's own export reads everything into one string)."""
-        config = self.client.config
+        Typesense's JSONL export: memory stays flat however large the collection (the client's
+        own export reads everything into one string). A failure mid-stream, or a line that is
+        not a document (a newer server can write a plain-text error into the stream), raises
+        TypesenseUnavailableError: the caller tries again later."""
         path = f"/collections/{quote(self.collection, safe='')}/documents/export"
-        params = {"filter_by": filter_by} if filter_by else {}
+        for line in self._stream_lines(path, {"filter_by": filter_by} if filter_by else {}):
+            document = parse_line(line, "export line")
+            if "id" not in document:
+                raise TypesenseUnavailableError(
+                    f"Typesense sent an export line without an id: {line[:200]!r}"
+                )
+            yield document
+
+    def _stream_lines(self, path: str, params: dict[str, str]) -> Iterator[str]:
+        """The lines of a GET's body as they arrive, from the first node that answers (once
+        a node has started answering, its failure is final)."""
+        config = self.client.config
         with httpx.Client(
             verify=config.verify,
             timeout=httpx.Timeout(config.connection_timeout_seconds),
@@ -332,44 +369,48 @@ class TypesenseIndex:
                     with http.stream("GET", node.url() + path, params=params) as response:
                         if response.status_code != 200:
                             response.read()
-                            self.client.api_call.request_handler.raise_for_status(response)
-                        # Split on "\n" only: JSON leaves U+2028, U+2029 and U+0085 unescaped,
-                        # and httpx's iter_lines() splits on them as str.splitlines() does.
-                        rest = b""
-                        for chunk in response.iter_bytes():
-                            *lines, rest = (rest + chunk).split(b"\n")
-                            for line in lines:
-                                if line.strip():
-                                    started = True
-                                    yield json.loads(line)
-                        if rest.strip():
-                            yield json.loads(rest)
+                            message = _error_message(response)
+                            raise status_error(response.status_code, message, None)
+                        for line in _lines(response.iter_bytes()):
+                            started = True
+                            yield line
                     return
-                except ValueError:
-                    raise TypesenseUnavailableError(
-                        "Typesense sent a broken export line: not JSON"
-                    ) from None
                 except Exception as error:
-                    classified = classify(error, self.collection)
-                    if (
-                        isinstance(classified, TypesenseUnavailableError)
-                        and not started
-                        and position + 1 < len(config.nodes)
-                    ):
-                        continue  # another node of the cluster may answer
-                    raise classified from None
+                    classified = classify(error, None)
+                    if type(classified) is NotFoundError:
+                        self.info()  # CollectionNotFoundError when that is what is missing
+                    last = position + 1 == len(config.nodes)
+                    if started or last or not isinstance(classified, TypesenseUnavailableError):
+                        raise classified from None
 
-    def delete_document(self, doc_id: str) -> bool:
-        """Delete one document by id, whatever characters the id holds (`delete_ids` takes
-        decimal ids only). False when it was not there."""
-        document = self.documents[quote(doc_id, safe="")]
-        try:
-            self._call_retrying("delete", document.delete)
-        except TypesenseRejectedError as error:
-            if error.http_status == 404:
-                return False
-            raise
-        return True
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[str]:
+    """Non-blank lines of a byte stream, split on "\\n" only: JSON leaves U+2028, U+2029 and
+    U+0085 unescaped, and httpx's iter_lines() splits on them as str.splitlines() does."""
+    rest = b""
+    for chunk in chunks:
+        *lines, rest = (rest + chunk).split(b"\n")
+        yield from (line.decode() for line in lines if line.strip())
+    if rest.strip():
+        yield rest.decode()
+
+
+def parse_line(line: str, what: str) -> dict[str, Any]:
+    """One JSON object of a JSONL answer; anything else is a broken answer (server trouble)."""
+    try:
+        item = json.loads(line)
+    except ValueError:
+        item = None
+    if not isinstance(item, dict):
+        raise TypesenseUnavailableError(f"Typesense sent a broken {what}: {line[:200]!r}")
+    return item
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("message", response.text))
+    except ValueError:
+        return response.text[:200]
 
 
 def schema_differences(fields: Sequence[dict[str, Any]]) -> list[str]:
@@ -395,3 +436,34 @@ def schema_differences(fields: Sequence[dict[str, Any]]) -> list[str]:
         if name not in ours and name != ".*" and not field.get("optional", False):
             problems.append(f"field {name} is required by the collection but outbox-sync has none")
     return problems
+
+
+@contextlib.contextmanager
+def open_index(settings: Settings, *, start_embedded: bool) -> Iterator[TypesenseIndex]:
+    """The index the settings name. With no URL configured, the embedded server: started (and
+    stopped at the end) with start_embedded, only reached otherwise (it runs while a daemon
+    does)."""
+    if not settings.embedded:
+        assert settings.api_key is not None  # build_settings requires one with a URL
+        yield TypesenseIndex(
+            settings.typesense_urls,
+            settings.api_key,
+            settings.collection,
+            timeout_s=settings.timeout_s,
+            ca_file=settings.ca_file,
+        )
+        return
+    key = settings.api_key or embedded_api_key(settings.embedded_dir)
+    server = LocalTypesense(settings.embedded_dir, api_key=key, port=settings.embedded_port)
+    if start_embedded:
+        structlog.get_logger("outbox_sync").info(
+            "embedded_typesense_starting",
+            url=server.url,
+            data_dir=str(settings.embedded_dir),
+            note="no TYPESENSE_URL set: using the embedded server",
+        )
+        server.start()
+    try:
+        yield TypesenseIndex([server.url], key, settings.collection, timeout_s=settings.timeout_s)
+    finally:
+        server.stop()

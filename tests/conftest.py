@@ -21,10 +21,11 @@ from typing import Any
 import httpx
 import pytest
 
+from outbox_sync import schema
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense, free_port
 from outbox_sync.typesense_index import TypesenseIndex
-from outbox_sync.worker import Worker
+from outbox_sync.worker import Worker, daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-0f3c9a"
@@ -94,7 +95,7 @@ def collection(typesense_server: Server) -> Iterator[str]:
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     path = tmp_path / "app.db"
-    Database(path, create=True).init()
+    schema.init(Database(path, create=True))
     return path
 
 
@@ -114,7 +115,7 @@ def index(typesense_server: Server, collection: str) -> TypesenseIndex:
 
 @pytest.fixture
 def worker(db: Database, index: TypesenseIndex) -> Worker:
-    return Worker(db, index, min_backoff_s=0.05, max_backoff_s=0.5)
+    return daemon(db, index, min_backoff_s=0.05, max_backoff_s=0.5)
 
 
 def app_connection(path: Path) -> Any:
@@ -249,8 +250,8 @@ def start_daemon(daemon_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
         return daemon
 
     yield start
-    for daemon in daemons:
-        daemon.kill()
+    for started in daemons:
+        started.kill()
 
 
 @pytest.fixture

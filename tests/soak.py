@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from outbox_sync import schema
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense, free_port
 
@@ -176,7 +177,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="outbox-soak-"))
     db_path = work / "soak.db"
-    Database(db_path, create=True).init()
+    schema.init(Database(db_path, create=True))
     # Frequent snapshots: a restart replays only the raft log written since the last one (with
     # the default hour, a restart under this load replays minutes of writes before it is ready).
     server = LocalTypesense(

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from outbox_sync import sync_errors
 from outbox_sync.audit import Audit, document_key
 from outbox_sync.db import Database
 from outbox_sync.localserver import free_port
@@ -127,7 +128,7 @@ def test_invalid_rows_with_an_open_error_are_known_without_one_they_are_drift(
     app.execute("UPDATE sequences SET sequence_number = 'twelve' WHERE id = 2")
     app.execute(ROW_SQL, make_row(6, element_id="six"))
     drain(worker)
-    assert {error["sequence_id"] for error in db.list_errors()} == {2, 6}
+    assert {error["sequence_id"] for error in sync_errors.find(db)} == {2, 6}
 
     code, report = audit(typesense_server, db_path, collection)
     assert code == 0, report
@@ -138,7 +139,7 @@ def test_invalid_rows_with_an_open_error_are_known_without_one_they_are_drift(
     }
 
     # someone closes row 6's error without fixing the row: now nobody knows about it
-    error_id = next(e["id"] for e in db.list_errors() if e["sequence_id"] == 6)
+    error_id = next(e["id"] for e in sync_errors.find(db) if e["sequence_id"] == 6)
     result = invoke(
         ["errors", "resolve", str(error_id), "--note", "ignored"],
         typesense_server,
@@ -157,7 +158,7 @@ def test_invalid_rows_with_an_open_error_are_known_without_one_they_are_drift(
     code, report = audit(typesense_server, db_path, collection, "--repair")
     assert report["repaired"] == {"enqueued": 1, "deleted": []}
     drain(worker)
-    assert {error["sequence_id"] for error in db.list_errors()} == {2, 6}
+    assert {error["sequence_id"] for error in sync_errors.find(db)} == {2, 6}
     code, report = audit(typesense_server, db_path, collection)
     assert code == 0 and report["with_open_error"]["ids"] == [2, 6]
 

@@ -81,8 +81,36 @@ def test_status_when_typesense_is_unreachable(runner: CliRunner, db_path: Path) 
 
 def test_errors_list_json(runner: CliRunner, db_path: Path) -> None:
     db = Database(db_path)
-    db.ack(0, [], [SyncFailure(1, 7, "upsert", '{"id":"7"}', 400, "bad field", 2)])
-    db.ack(0, [], [SyncFailure(2, 8, "upsert", None, None, "sequence_number: is NULL", 1)])
+    db.ack(
+        0,
+        [],
+        [
+            SyncFailure(
+                outbox_id=1,
+                sequence_id=7,
+                op="upsert",
+                document='{"id":"7"}',
+                http_status=400,
+                error="bad field",
+                attempts=2,
+            )
+        ],
+    )
+    db.ack(
+        0,
+        [],
+        [
+            SyncFailure(
+                outbox_id=2,
+                sequence_id=8,
+                op="upsert",
+                document=None,
+                http_status=None,
+                error="sequence_number: is NULL",
+                attempts=1,
+            )
+        ],
+    )
     db.ack(0, [8], [])  # record 8 synced later: its error closes itself
     result = runner.invoke(main, ["errors", "list", "--json", "--db", str(db_path)])
     assert result.exit_code == 0, result.output

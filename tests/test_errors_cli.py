@@ -5,10 +5,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from outbox_sync import sync_errors
 from outbox_sync.db import Database, SyncFailure
 from outbox_sync.documents import collection_schema
 from outbox_sync.typesense_index import TypesenseIndex
-from outbox_sync.worker import Worker
+from outbox_sync.worker import daemon
 from tests.conftest import ROW_SQL, Server, app_connection, drain, make_row
 from tests.oncall import by_hand, invoke, one_line
 
@@ -32,9 +33,51 @@ def refusing_collection(server: Server, name: str) -> None:
 def test_list_filters_by_status_time_and_operation(
     db_path: Path, db: Database, typesense_server: Server
 ) -> None:
-    db.ack(0, [], [SyncFailure(1, 7, "upsert", '{"id":"7"}', 400, "bad field", 2)])
-    db.ack(0, [], [SyncFailure(2, 8, "delete", None, None, "id: expected an integer", 1)])
-    db.ack(0, [], [SyncFailure(3, 9, "upsert", None, None, "comment: is 70000 bytes", 1)])
+    db.ack(
+        0,
+        [],
+        [
+            SyncFailure(
+                outbox_id=1,
+                sequence_id=7,
+                op="upsert",
+                document='{"id":"7"}',
+                http_status=400,
+                error="bad field",
+                attempts=2,
+            )
+        ],
+    )
+    db.ack(
+        0,
+        [],
+        [
+            SyncFailure(
+                outbox_id=2,
+                sequence_id=8,
+                op="delete",
+                document=None,
+                http_status=None,
+                error="id: expected an integer",
+                attempts=1,
+            )
+        ],
+    )
+    db.ack(
+        0,
+        [],
+        [
+            SyncFailure(
+                outbox_id=3,
+                sequence_id=9,
+                op="upsert",
+                document=None,
+                http_status=None,
+                error="comment: is 70000 bytes",
+                attempts=1,
+            )
+        ],
+    )
     db.ack(0, [9], [])  # record 9 synced later: its error closes itself
     db.conn.execute("UPDATE sync_errors SET failed_at = '2020-01-01T00:00:00Z' WHERE id = 1")
 
@@ -62,11 +105,11 @@ def test_list_filters_by_status_time_and_operation(
 
 
 def test_show_prints_everything_about_one_error(
-    db_path: Path, db: Database, worker: Worker, typesense_server: Server
+    db_path: Path, db: Database, worker: daemon, typesense_server: Server
 ) -> None:
     app_connection(db_path).execute(ROW_SQL, make_row(4, sequence_number="four"))
     drain(worker)
-    [error] = db.list_errors()
+    [error] = sync_errors.find(db)
     shown = errors(typesense_server, db_path, "show", str(error["id"]), "--json")
     assert shown["sequence_id"] == 4 and shown["http_status"] is None
     assert shown["error"] == "sequence_number: expected an integer, got text 'four'"
@@ -82,7 +125,7 @@ def test_show_prints_everything_about_one_error(
 
 
 def test_an_error_closes_itself_when_the_application_fixes_the_row(
-    db_path: Path, db: Database, worker: Worker, index: TypesenseIndex, typesense_server: Server
+    db_path: Path, db: Database, worker: daemon, index: TypesenseIndex, typesense_server: Server
 ) -> None:
     app = app_connection(db_path)
     app.execute(ROW_SQL, make_row(4, sequence_number="four"))
@@ -101,22 +144,22 @@ def test_retry_resends_a_refused_record_once_the_collection_is_fixed(
 ) -> None:
     refusing_collection(typesense_server, collection)
     index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
-    worker = Worker(db, index)
+    worker = daemon(db, index)
     app = app_connection(db_path)
     app.execute(ROW_SQL, make_row(1, comment=None))
     app.execute(ROW_SQL, make_row(2, comment="refused"))
-    worker.run_once()
-    [error] = db.list_errors()
+    worker.applier.apply_once()
+    [error] = sync_errors.find(db)
     assert (error["sequence_id"], error["http_status"], error["attempts"]) == (2, 400, 2)
 
     # retried before the cause is fixed: it fails again, and a new error row says so
     result = invoke(["errors", "retry", str(error["id"])], typesense_server, db_path, collection)
     assert result.exit_code == 0, result.output
     assert "record 2: upsert enqueued as outbox entry" in result.output
-    worker.run_once()
-    [again] = db.list_errors()
+    worker.applier.apply_once()
+    [again] = sync_errors.find(db)
     assert again["id"] != error["id"] and again["sequence_id"] == 2
-    first = db.get_error(error["id"])
+    first = sync_errors.get(db, error["id"])
     assert first["resolution"] == "retried" and "re-enqueued as outbox entry" in first["note"]
 
     # on-call rebuilds the collection with the right schema, then retries every open error
@@ -125,23 +168,65 @@ def test_retry_resends_a_refused_record_once_the_collection_is_fixed(
     app.execute("UPDATE sequences SET comment = comment WHERE id = 1")  # re-send row 1 too
     result = invoke(["errors", "retry", "--all"], typesense_server, db_path, collection)
     assert result.exit_code == 0 and "1 records enqueued" in result.output
-    worker.run_once()
-    assert db.list_errors() == []
+    worker.applier.apply_once()
+    assert sync_errors.find(db) == []
     document = index.retrieve("2")
     assert document is not None and document["comment"] == "refused"
-    history = [(e["id"], e["resolution"]) for e in db.list_errors(include_resolved=True)]
+    history = [(e["id"], e["resolution"]) for e in sync_errors.find(db, status="all")]
     assert history == [(error["id"], "retried"), (again["id"], "retried")]  # nothing deleted
 
 
 def test_retry_of_a_deleted_record_enqueues_a_delete(
     db_path: Path, db: Database, typesense_server: Server
 ) -> None:
-    db.ack(0, [], [SyncFailure(1, 5, "upsert", '{"id":"5"}', 400, "refused", 2)])
+    db.ack(
+        0,
+        [],
+        [
+            SyncFailure(
+                outbox_id=1,
+                sequence_id=5,
+                op="upsert",
+                document='{"id":"5"}',
+                http_status=400,
+                error="refused",
+                attempts=2,
+            )
+        ],
+    )
     app_connection(db_path).execute(ROW_SQL, make_row(6))
-    db.ack(0, [], [SyncFailure(2, 6, "upsert", '{"id":"6"}', 400, "refused", 2)])
-    db.ack(0, [], [SyncFailure(3, 6, "upsert", '{"id":"6"}', 400, "refused", 2)])
+    db.ack(
+        0,
+        [],
+        [
+            SyncFailure(
+                outbox_id=2,
+                sequence_id=6,
+                op="upsert",
+                document='{"id":"6"}',
+                http_status=400,
+                error="refused",
+                attempts=2,
+            )
+        ],
+    )
+    db.ack(
+        0,
+        [],
+        [
+            SyncFailure(
+                outbox_id=3,
+                sequence_id=6,
+                op="upsert",
+                document='{"id":"6"}',
+                http_status=400,
+                error="refused",
+                attempts=2,
+            )
+        ],
+    )
     db.conn.execute("DELETE FROM outbox")
-    [five, six] = db.retry_errors([1, 2])
+    [five, six] = sync_errors.retry(db, [1, 2])
     assert (five.sequence_id, five.op, five.closed_error_ids) == (5, "delete", (1,))
     assert (six.sequence_id, six.op, six.closed_error_ids) == (6, "upsert", (2, 3))
     outbox = db.conn.execute("SELECT id, sequence_id, op FROM outbox ORDER BY id").fetchall()
@@ -155,13 +240,41 @@ def test_retry_of_a_deleted_record_enqueues_a_delete(
 def test_resolve_closes_by_hand_and_keeps_the_note(
     db_path: Path, db: Database, typesense_server: Server
 ) -> None:
-    db.ack(0, [], [SyncFailure(1, 7, "upsert", None, None, "bad", 1)])
-    db.ack(0, [], [SyncFailure(2, 8, "upsert", None, None, "bad", 1)])
+    db.ack(
+        0,
+        [],
+        [
+            SyncFailure(
+                outbox_id=1,
+                sequence_id=7,
+                op="upsert",
+                document=None,
+                http_status=None,
+                error="bad",
+                attempts=1,
+            )
+        ],
+    )
+    db.ack(
+        0,
+        [],
+        [
+            SyncFailure(
+                outbox_id=2,
+                sequence_id=8,
+                op="upsert",
+                document=None,
+                http_status=None,
+                error="bad",
+                attempts=1,
+            )
+        ],
+    )
     unknown = invoke(
         ["errors", "resolve", "1", "42", "--note", "x"], typesense_server, db_path, "x"
     )
     assert "no sync error has id 42" in one_line(unknown)
-    assert len(db.list_errors()) == 2  # all or nothing
+    assert len(sync_errors.find(db)) == 2  # all or nothing
     result = invoke(
         ["errors", "resolve", "1", "2", "--note", "row 7 fixed by hand in Typesense"],
         typesense_server,
@@ -169,7 +282,7 @@ def test_resolve_closes_by_hand_and_keeps_the_note(
         "x",
     )
     assert result.exit_code == 0 and "closed 2 sync errors" in result.output
-    rows = db.list_errors(include_resolved=True)
+    rows = sync_errors.find(db, status="all")
     assert [(r["resolution"], r["note"]) for r in rows] == [
         ("resolved", "row 7 fixed by hand in Typesense")
     ] * 2

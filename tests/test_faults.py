@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from outbox_sync import sync_errors
 from outbox_sync.db import Database
 from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.typesense_index import TypesenseIndex
-from outbox_sync.worker import Worker
+from outbox_sync.worker import Worker, daemon
 from tests.conftest import (
     ROW_SQL,
     Daemon,
@@ -43,7 +44,7 @@ def proxied(db: Database, typesense_server: Server, collection: str, proxy: Faul
     """A worker whose every request goes through the proxy."""
     index = TypesenseIndex([proxy.url], typesense_server.api_key, collection, timeout_s=TIMEOUT_S)
     index.ensure_collection()
-    return Worker(db, index, min_backoff_s=0.01, max_backoff_s=0.05)
+    return daemon(db, index, min_backoff_s=0.01, max_backoff_s=0.05)
 
 
 def in_sync(db_path: Path, server: Server, collection: str) -> bool:
@@ -54,7 +55,7 @@ def prepare_mixed_batch(db_path: Path, worker: Worker) -> None:
     """20 records synced; then a batch of updates, deletes, an id change and inserts queued."""
     conn = app_connection(db_path)
     conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 21)])
-    worker.run_once()
+    worker.applier.apply_once()
     conn.execute("UPDATE sequences SET comment = 'edited', sequence_number = -id WHERE id <= 5")
     conn.execute("DELETE FROM sequences WHERE id BETWEEN 6 AND 9")
     conn.execute("UPDATE sequences SET id = 100 WHERE id = 10")
@@ -66,7 +67,7 @@ def test_a_503_is_retried_once_immediately(
 ) -> None:
     app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
     proxy.add(Fault("status", status=503, path="/documents/import"))
-    report = proxied.run_once()
+    report = proxied.applier.apply_once()
     assert report.upserted == 5
     imports = [r for r in proxy.requests if "/documents/import" in r.path]
     assert [(r.fault, r.status) for r in imports] == [("status", 503), (None, 200)]
@@ -96,24 +97,24 @@ def test_an_answer_lost_after_typesense_applied_the_batch_is_applied_again(
     queued = db.counts()["pending"]
     proxy.add(replace(fault, path="/documents/import"))
     with pytest.raises(TypesenseUnavailableError):
-        proxied.run_once()
+        proxied.applier.apply_once()
     # Typesense did apply the import (twice: the immediate retry) but the worker cannot know:
     # nothing is acknowledged and nothing is given up.
     applied = export(typesense_server, collection)
     assert applied["1"]["comment"] == "edited" and "21" in applied
     assert db.counts()["pending"] == queued
-    assert db.list_errors() == []
+    assert sync_errors.find(db) == []
     # Now the deletes lose their answers too, after Typesense deleted.
     proxy.add(replace(fault, method="DELETE"))
     with pytest.raises(TypesenseUnavailableError):
-        proxied.run_once()
+        proxied.applier.apply_once()
     assert "6" not in export(typesense_server, collection)
     assert db.counts()["pending"] == queued
     # The network heals: the same batch is applied again and converges.
-    report = proxied.run_once()
+    report = proxied.applier.apply_once()
     assert report.entries == queued and report.failures == []
     assert in_sync(db_path, typesense_server, collection)
-    assert db.counts()["pending"] == 0 and db.list_errors() == []
+    assert db.counts()["pending"] == 0 and sync_errors.find(db) == []
 
 
 @pytest.mark.parametrize(
@@ -140,12 +141,12 @@ def test_a_request_typesense_never_saw_changes_nothing_and_stays_queued(
     queued = db.counts()["pending"]
     proxy.add(replace(fault))
     with pytest.raises(TypesenseUnavailableError):
-        proxied.run_once()
+        proxied.applier.apply_once()
     assert export(typesense_server, collection) == before
-    assert db.counts()["pending"] == queued and db.list_errors() == []
-    proxied.run_once()
+    assert db.counts()["pending"] == queued and sync_errors.find(db) == []
+    proxied.applier.apply_once()
     assert in_sync(db_path, typesense_server, collection)
-    assert db.counts()["pending"] == 0 and db.list_errors() == []
+    assert db.counts()["pending"] == 0 and sync_errors.find(db) == []
 
 
 def test_a_line_refused_once_is_retried_and_synced(
@@ -158,10 +159,10 @@ def test_a_line_refused_once_is_retried_and_synced(
 ) -> None:
     app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
     proxy.add(Fault("fail_lines", ids={"4", "7"}, status=400))
-    report = proxied.run_once()
+    report = proxied.applier.apply_once()
     assert (report.upserted, report.retried, report.failures) == (10, 2, [])
     assert in_sync(db_path, typesense_server, collection)
-    assert db.list_errors() == []
+    assert sync_errors.find(db) == []
 
 
 def test_a_line_refused_twice_goes_to_sync_errors_and_the_rest_syncs(
@@ -175,22 +176,22 @@ def test_a_line_refused_twice_goes_to_sync_errors_and_the_rest_syncs(
     conn = app_connection(db_path)
     conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
     proxy.add(Fault("fail_lines", ids={"4"}, status=400, error="Field `x` is wrong.", times=2))
-    report = proxied.run_once()
+    report = proxied.applier.apply_once()
     assert (report.upserted, report.retried, len(report.failures)) == (9, 1, 1)
     assert sorted(export(typesense_server, collection), key=int) == [
         str(i) for i in range(1, 11) if i != 4
     ]
-    [error] = db.list_errors()
+    [error] = sync_errors.find(db)
     assert (error["sequence_id"], error["http_status"], error["attempts"]) == (4, 400, 2)
     assert error["error"] == "Field `x` is wrong."
     assert json.loads(error["document"])["id"] == "4"  # the document actually sent
     assert db.counts()["pending"] == 0
     # the next change of the record syncs, and closes its error
     conn.execute("UPDATE sequences SET comment = 'fixed' WHERE id = 4")
-    proxied.run_once()
+    proxied.applier.apply_once()
     assert in_sync(db_path, typesense_server, collection)
-    assert db.list_errors() == []
-    [closed] = db.list_errors(include_resolved=True)
+    assert sync_errors.find(db) == []
+    [closed] = sync_errors.find(db, status="all")
     assert closed["resolution"] == "superseded"
 
 
@@ -209,9 +210,9 @@ def test_a_refused_document_holding_a_unicode_line_separator_is_still_matched_to
     conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 4)])
     conn.execute("UPDATE sequences SET comment = 'a\u2028b\u2029c\x85d' WHERE id = 2")
     proxy.add(Fault("fail_lines", ids={"2"}, status=400, times=2))
-    report = proxied.run_once()
+    report = proxied.applier.apply_once()
     assert (report.upserted, len(report.failures)) == (2, 1)
-    assert [e["sequence_id"] for e in db.list_errors()] == [2]
+    assert [e["sequence_id"] for e in sync_errors.find(db)] == [2]
     assert sorted(export(typesense_server, collection)) == ["1", "3"]
 
 
@@ -227,9 +228,9 @@ def test_a_5xx_line_is_server_trouble_nothing_is_given_up(
     proxy.add(Fault("fail_lines", ids={"5"}, status=500, times=3))
     for _ in range(3):
         with pytest.raises(TypesenseUnavailableError, match="500"):
-            proxied.run_once()
-        assert db.counts()["pending"] == 10 and db.list_errors() == []
-    report = proxied.run_once()
+            proxied.applier.apply_once()
+        assert db.counts()["pending"] == 10 and sync_errors.find(db) == []
+    report = proxied.applier.apply_once()
     assert report.upserted == 10 and report.failures == []
     assert in_sync(db_path, typesense_server, collection)
 
@@ -240,9 +241,9 @@ def test_an_import_answer_with_too_few_lines_is_server_trouble(
     app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
     proxy.add(Fault("garble_lines"))  # not retried at once: the answer came
     with pytest.raises(TypesenseUnavailableError, match="answered 4 results for 5 documents"):
-        proxied.run_once()
-    assert db.counts()["pending"] == 5 and db.list_errors() == []
-    assert proxied.run_once().upserted == 5
+        proxied.applier.apply_once()
+    assert db.counts()["pending"] == 5 and sync_errors.find(db) == []
+    assert proxied.applier.apply_once().upserted == 5
 
 
 def events(daemon: Daemon) -> list[dict[str, object]]:
@@ -281,7 +282,7 @@ def test_the_daemon_rides_out_faults_and_converges(
     wait_until(lambda: not proxy.pending_faults(), what="the faults to be used up")
     wait_until(lambda: db.counts()["pending"] == 0, what="the second drain")
     assert in_sync(db_path, typesense_server, collection)
-    assert db.list_errors() == []
+    assert sync_errors.find(db) == []
     names = [e["event"] for e in events(daemon)]
     assert "sync_paused" in names and "sync_resumed" in names
     daemon.process.send_signal(signal.SIGTERM)

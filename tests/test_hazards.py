@@ -18,10 +18,11 @@ import pytest
 import structlog
 from click.testing import CliRunner
 
+from outbox_sync import schema, sync_errors
 from outbox_sync.cli import main
 from outbox_sync.db import Database
 from outbox_sync.typesense_index import TypesenseIndex
-from outbox_sync.worker import Worker
+from outbox_sync.worker import Worker, daemon
 from tests.conftest import (
     ROOT,
     ROW_SQL,
@@ -88,7 +89,7 @@ def test_a_long_drain_under_a_busy_writer_keeps_the_wal_bounded(
     db_path: Path, db: Database, index: TypesenseIndex, typesense_server: Server, collection: str
 ) -> None:
     app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 5_001)])
-    worker = Worker(db, index, batch_size=250)  # the daemon's loop, in many short batches
+    worker = daemon(db, index, batch_size=250)  # the daemon's loop, in many short batches
     stop = threading.Event()
     loop = threading.Thread(target=worker.run, args=(stop,))
     loop.start()
@@ -127,7 +128,7 @@ def test_a_writer_holding_the_write_lock_is_waited_out_and_nothing_is_lost(
     conn = app_connection(db_path)
     conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 2_001)])
     db = Database(db_path, busy_timeout_s=busy_timeout_s)
-    worker = Worker(db, index, batch_size=100, min_backoff_s=0.05, max_backoff_s=0.2)
+    worker = daemon(db, index, batch_size=100, min_backoff_s=0.05, max_backoff_s=0.2)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,))
     with structlog.testing.capture_logs() as logs:
@@ -145,7 +146,7 @@ def test_a_writer_holding_the_write_lock_is_waited_out_and_nothing_is_lost(
             thread.join(30)
     assert not thread.is_alive()
     assert export(typesense_server, collection) == sqlite_documents(db_path)
-    assert Database(db_path).list_errors() == []
+    assert sync_errors.find(Database(db_path)) == []
     paused = [e for e in logs if e["event"] == "sync_paused"]
     if busy_timeout_s < 1:  # the acknowledgement gave up on the lock: paused, then resumed
         assert paused and "locked" in paused[0]["reason"]
@@ -159,7 +160,7 @@ def test_the_application_adding_a_column_changes_nothing(
 ) -> None:
     conn = app_connection(db_path)
     conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
-    worker.run_once()
+    worker.applier.apply_once()
     # while the daemon's connection is open
     conn.execute("ALTER TABLE sequences ADD COLUMN reviewed_by TEXT DEFAULT 'nobody'")
     conn.execute(
@@ -167,10 +168,10 @@ def test_the_application_adding_a_column_changes_nothing(
         " reviewed_by) VALUES (11, 'script', 1, 11, '2024-01-01T00:00:00Z', 'ana')"
     )
     conn.execute("UPDATE sequences SET reviewed_by = 'bo', comment = 'seen' WHERE id < 4")
-    assert worker.run_once().entries == 4
+    assert worker.applier.apply_once().entries == 4
     assert export(typesense_server, collection) == sqlite_documents(db_path)
-    db.check_schema()  # and a restarted daemon accepts the table
-    assert db.list_errors() == []
+    schema.check(db)  # and a restarted daemon accepts the table
+    assert sync_errors.find(db) == []
 
 
 def test_a_row_replaced_through_another_unique_constraint_needs_recursive_triggers(
@@ -188,20 +189,20 @@ def test_a_row_replaced_through_another_unique_constraint_needs_recursive_trigge
         " created_at TEXT NOT NULL, UNIQUE (element_type, element_id))"
     )
     db = Database(path, create=True)
-    db.init()
-    worker = Worker(db, index)
+    schema.init(db)
+    worker = daemon(db, index)
     replace = ROW_SQL.replace("INSERT", "INSERT OR REPLACE")
     same = {"element_type": "script", "element_id": 7}
     conn.execute(ROW_SQL, make_row(1, **same))
-    worker.run_once()  # record 1 is in search
+    worker.applier.apply_once()  # record 1 is in search
     conn.execute(replace, make_row(2, **same))  # removes row 1
-    while worker.run_once().entries:
+    while worker.applier.apply_once().entries:
         pass
     assert list(sqlite_documents(path)) == ["2"]
     assert set(export(typesense_server, collection)) == {"1", "2"}  # "1" is a leftover
     conn.execute("PRAGMA recursive_triggers = ON")  # the application's fix
     conn.execute(replace, make_row(3, **same))  # removes row 2 (synced already)
-    while worker.run_once().entries:
+    while worker.applier.apply_once().entries:
         pass
     assert list(sqlite_documents(path)) == ["3"]
     assert set(export(typesense_server, collection)) == {"1", "3"}  # "2" went, as it should
@@ -431,7 +432,7 @@ def test_bad_values_land_in_sync_errors_naming_the_field_and_the_daemon_goes_on(
     path = tmp_path / "legacy.db"
     conn = app_connection(path)
     conn.execute(LOOSE_TABLE)  # an application's own table: no NOT NULL, no types enforced
-    Database(path, create=True).init()
+    schema.init(Database(path, create=True))
     conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
     for key, (values, _) in BAD_ROWS.items():
         conn.execute(f"INSERT INTO sequences VALUES ({key}, {values})")
@@ -439,7 +440,7 @@ def test_bad_values_land_in_sync_errors_naming_the_field_and_the_daemon_goes_on(
     db = Database(path)
     wait_until(lambda: db.counts()["pending"] == 0, what="the drain")
     assert sorted(export(typesense_server, collection), key=int) == [str(i) for i in range(1, 11)]
-    errors = {row["sequence_id"]: row for row in db.list_errors()}
+    errors = {row["sequence_id"]: row for row in sync_errors.find(db)}
     assert {key: row["error"] for key, row in errors.items()} == {
         key: error for key, (_, error) in BAD_ROWS.items()
     }

@@ -47,10 +47,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from outbox_sync import schema, sync_errors
 from outbox_sync.db import Database
 from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.typesense_index import TypesenseIndex
-from outbox_sync.worker import Worker
+from outbox_sync.worker import Worker, daemon
 from tests.conftest import Server
 from tests.faultproxy import Fault, FaultProxy
 
@@ -211,7 +212,7 @@ class SyncMachine(RuleBasedStateMachine):
         self.proxy.clear()
         self.dir = Path(tempfile.mkdtemp(prefix="outbox-model-"))
         self.path = self.dir / "app.db"
-        Database(self.path, create=True).init()
+        schema.init(Database(self.path, create=True))
         # check_same_thread=False: it also writes from the worker's import thread (a hook)
         self.app = sqlite3.connect(
             self.path, timeout=30, isolation_level=None, check_same_thread=False
@@ -243,7 +244,7 @@ class SyncMachine(RuleBasedStateMachine):
         index = TypesenseIndex(
             [self.proxy.url], self.server.api_key, self.collection, timeout_s=TIMEOUT_S
         )
-        self.worker = Worker(Database(self.path), index, batch_size=self.batch_size)
+        self.worker = daemon(Database(self.path), index, batch_size=self.batch_size)
 
     def next_version(self) -> str:
         self.version += 1
@@ -319,10 +320,10 @@ class SyncMachine(RuleBasedStateMachine):
         (`drain`, when the worker has it)."""
         assert self.worker is not None
         with contextlib.suppress(TypesenseUnavailableError):
-            if how == "drain" and hasattr(self.worker, "drain"):
-                self.worker.drain(threading.Event(), 5.0)
+            if how == "drain" and True:
+                self.worker.applier.drain(threading.Event(), 5.0)
             else:
-                self.worker.run_once()
+                self.worker.applier.apply_once()
 
     @contextlib.contextmanager
     def patched(self, target: object, name: str, wrap: Callable[..., Any]) -> Iterator[None]:
@@ -463,9 +464,9 @@ class SyncMachine(RuleBasedStateMachine):
         self.worker.db.close()
         db = Database(self.path)
         index = TypesenseIndex([self.proxy.url], self.server.api_key, self.collection)
-        worker = Worker(db, index, batch_size=self.batch_size)
+        worker = daemon(db, index, batch_size=self.batch_size)
         for _ in range(1000):
-            if not worker.run_once().entries:
+            if not worker.applier.apply_once().entries:
                 break
         self.worker = worker
 
@@ -490,7 +491,7 @@ class SyncMachine(RuleBasedStateMachine):
             else:  # the last good state may stay searchable; never anything else
                 assert doc is None or doc == self.history[str(key)].get(doc["created_at"])
 
-        errors = db.list_errors()
+        errors = sync_errors.find(db)
         assert {e["sequence_id"] for e in errors} == {k for k, bad in invalid.items() if bad}
         latest = {e["sequence_id"]: e for e in errors}  # oldest first: the last one wins
         for key, error in latest.items():

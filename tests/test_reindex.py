@@ -11,7 +11,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from outbox_sync import reindex
+from outbox_sync import reindex, schema
 from outbox_sync.cli import main
 from outbox_sync.db import Database
 from outbox_sync.documents import collection_schema
@@ -240,7 +240,7 @@ def test_rebuild_visits_every_row_of_a_loose_legacy_table(
     rows = [make_row(i) for i in (1, 2, 3, 3, 4)] + [make_row(5, id=None)]
     app_connection(path).executemany(ROW_SQL, rows)
     db = Database(path)
-    db.init()
+    schema.init(db)
     index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
     result = reindex.rebuild(db, index, chunk=2)
     assert (result.rows, result.indexed, result.invalid) == (6, 5, 1)

@@ -10,12 +10,14 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from outbox_sync import stats
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense
 from outbox_sync.report import error_kind, parse_since
-from outbox_sync.telemetry import STATS_BUCKET_S, Telemetry
+from outbox_sync.stats import STATS_BUCKET_S
+from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
-from outbox_sync.worker import Worker
+from outbox_sync.worker import daemon
 from tests.conftest import ROW_SQL, Server, app_connection, make_row, wait_until
 from tests.oncall import invoke, one_line
 from tests.test_errors_cli import refusing_collection
@@ -34,19 +36,19 @@ def test_the_report_adds_up_what_the_worker_did(
     refusing_collection(typesense_server, collection)
     index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
     telemetry = Telemetry()
-    worker = Worker(db, index, telemetry=telemetry)
+    worker = daemon(db, index, telemetry=telemetry)
     app = app_connection(db_path)
     app.executemany(ROW_SQL, [make_row(i, comment=None) for i in range(1, 9)])
     app.execute(ROW_SQL, make_row(9, comment="refused"))
     app.execute(ROW_SQL, make_row(10, comment=None, sequence_number="ten"))
-    worker.run_once()  # import 9 documents, then the refused one again: 8 applied
+    worker.applier.apply_once()  # import 9 documents, then the refused one again: 8 applied
     app.execute("DELETE FROM sequences WHERE id IN (1, 2)")
-    worker.run_once()  # one delete request
+    worker.applier.apply_once()  # one delete request
     app.execute("UPDATE sequences SET sequence_number = 10 WHERE id = 10")
-    worker.run_once()  # the fixed row: applied, and its error closes itself
+    worker.applier.apply_once()  # the fixed row: applied, and its error closes itself
     taken = telemetry.take_stats()
     assert taken is not None
-    db.save_stats(*taken)
+    stats.save(db, *taken)
 
     figures = report(typesense_server, db_path, "--since", "1h")
     assert figures["stats_minutes"] == 1
@@ -87,9 +89,9 @@ def test_the_window_leaves_out_older_minutes(
     now = time.time()
     minute = int(now // STATS_BUCKET_S * STATS_BUCKET_S)
     three_days_ago = minute - 3 * 86400
-    db.save_stats(three_days_ago, {"applied": {"upsert": 100, "delete": 5}, "retried": 2})
-    db.save_stats(minute, {"applied": {"upsert": 1, "delete": 0}})
-    db.save_stats(minute, {"applied": {"upsert": 2, "delete": 1}})  # the same minute adds up
+    stats.save(db, three_days_ago, {"applied": {"upsert": 100, "delete": 5}, "retried": 2})
+    stats.save(db, minute, {"applied": {"upsert": 1, "delete": 0}})
+    stats.save(db, minute, {"applied": {"upsert": 2, "delete": 1}})  # the same minute adds up
     assert report(typesense_server, db_path, "--since", "1d")["applied"] == {
         "upsert": 3,
         "delete": 1,
@@ -108,7 +110,7 @@ def test_the_longest_outage_is_the_one_the_worker_lived_through(
     db_path: Path, db: Database, private_typesense: LocalTypesense, typesense_server: Server
 ) -> None:
     index = TypesenseIndex([private_typesense.url], private_typesense.api_key, "sequences")
-    worker = Worker(db, index, min_backoff_s=0.05, max_backoff_s=0.1)
+    worker = daemon(db, index, min_backoff_s=0.05, max_backoff_s=0.1)
     app = app_connection(db_path)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,))

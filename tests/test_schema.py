@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from outbox_sync import schema
 from outbox_sync.db import Database
 from outbox_sync.errors import DatabaseError
 from tests.conftest import ROW_SQL, app_connection, make_row
@@ -21,7 +22,7 @@ def test_init_is_idempotent(db_path: Path) -> None:
     before = (
         app_connection(db_path).execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
     )
-    assert Database(db_path).init() == 0
+    assert schema.init(Database(db_path)) == 0
     after = (
         app_connection(db_path).execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
     )
@@ -62,11 +63,11 @@ def test_backfill_enqueues_existing_rows_once(tmp_path: Path) -> None:
         " sequence_number INTEGER, comment TEXT, created_at TEXT)"
     )
     conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 4)])
-    assert Database(path, create=True).init() == 3
+    assert schema.init(Database(path, create=True)) == 3
     assert outbox(path) == [(1, "upsert"), (2, "upsert"), (3, "upsert")]
-    assert Database(path).init() == 0
+    assert schema.init(Database(path)) == 0
     assert len(outbox(path)) == 3
-    assert Database(path).init(backfill=True) == 3
+    assert schema.init(Database(path), backfill=True) == 3
     assert len(outbox(path)) == 6
 
 
@@ -78,7 +79,7 @@ def test_init_works_on_a_loose_legacy_table(tmp_path: Path) -> None:
         " created_at, extra)"
     )
     conn.execute(ROW_SQL, ("7", "script", "x", 1, None, "now"))
-    assert Database(path, create=True).init() == 1
+    assert schema.init(Database(path, create=True)) == 1
     # text stays text: the daemon must see what the application wrote
     assert outbox(path) == [("7", "upsert")]
     # a legacy id that is not the rowid gets an index for the daemon's lookups
@@ -94,7 +95,7 @@ def test_init_refuses_a_table_without_the_columns(tmp_path: Path) -> None:
     path = tmp_path / "other.db"
     app_connection(path).execute("CREATE TABLE sequences (id INTEGER PRIMARY KEY, name TEXT)")
     with pytest.raises(DatabaseError, match="no column element_type, element_id"):
-        Database(path).init()
+        schema.init(Database(path))
     # nothing half-applied
     names = app_connection(path).execute("SELECT name FROM sqlite_master").fetchall()
     assert ("outbox",) not in names
@@ -104,7 +105,7 @@ def test_check_schema_says_to_run_init(tmp_path: Path) -> None:
     path = tmp_path / "empty.db"
     sqlite3.connect(path).close()
     with pytest.raises(DatabaseError, match="run `outbox-sync init"):
-        Database(path).check_schema()
+        schema.check(Database(path))
 
 
 def test_missing_and_broken_files_are_one_clear_error(tmp_path: Path) -> None:

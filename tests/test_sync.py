@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 
+from outbox_sync import schema, sync_errors
 from outbox_sync.db import Database
 from outbox_sync.errors import SchemaMismatchError, TypesenseRejectedError
 from outbox_sync.typesense_index import TypesenseIndex
-from outbox_sync.worker import Worker
+from outbox_sync.worker import Worker, daemon
 from tests.conftest import (
     ROW_SQL,
     Server,
@@ -76,7 +77,7 @@ def test_superseded_entries_converge_to_what_sqlite_holds(
         )
     conn.execute("DELETE FROM sequences WHERE id % 7 = 0")
     conn.execute("UPDATE sequences SET id = id + 1000 WHERE id % 11 = 0")
-    worker.batch_size = 64  # many batches, each with repeated markers
+    worker.applier.batch_size = 64  # many batches, each with repeated markers
     drain(worker)
     assert export(typesense_server, collection) == sqlite_documents(db_path)
     assert Database(db_path).counts() | {"rows": None} == {
@@ -102,11 +103,11 @@ def test_bad_rows_of_a_legacy_table_land_in_sync_errors_while_neighbours_sync(
     conn.execute("UPDATE sequences SET sequence_number = 3000000000 WHERE id = 7")
     conn.execute("UPDATE sequences SET id = 'abc' WHERE id = 9")
     db = Database(path)
-    db.init()
-    drain(Worker(db, index))
+    schema.init(db)
+    drain(daemon(db, index))
 
     assert sorted(export(typesense_server, collection), key=int) == ["1", "2", "4", "6", "8", "10"]
-    errors = {row["sequence_id"]: row for row in db.list_errors()}
+    errors = {row["sequence_id"]: row for row in sync_errors.find(db)}
     assert set(errors) == {3, 5, 7, "abc"}
     assert errors[3]["error"] == "sequence_number: expected an integer, got text 'twelve'"
     assert errors[5]["error"] == "element_id: is NULL but the field is required"
@@ -118,10 +119,10 @@ def test_bad_rows_of_a_legacy_table_land_in_sync_errors_while_neighbours_sync(
 
     # the application fixes the row: the next sync succeeds and closes the error
     conn.execute("UPDATE sequences SET sequence_number = 12 WHERE id = 3")
-    drain(Worker(db, index))
+    drain(daemon(db, index))
     assert index.retrieve("3") is not None
-    assert {row["sequence_id"] for row in db.list_errors()} == {5, 7, "abc"}
-    closed = [row for row in db.list_errors(include_resolved=True) if row["sequence_id"] == 3]
+    assert {row["sequence_id"] for row in sync_errors.find(db)} == {5, 7, "abc"}
+    closed = [row for row in sync_errors.find(db, status="all") if row["sequence_id"] == 3]
     assert closed[0]["resolution"] == "superseded" and closed[0]["resolved_at"]
 
 
@@ -184,7 +185,7 @@ def test_the_idle_loop_wakes_on_a_commit_not_on_a_timer(
     db_path: Path, db: Database, index: TypesenseIndex
 ) -> None:
     # With the periodic recheck an hour away, only PRAGMA data_version can wake the loop.
-    worker = Worker(db, index, idle_recheck_s=3600)
+    worker = daemon(db, index, idle_recheck_s=3600)
     idle = threading.Event()
     wait_for_change = worker._wait_for_change
 

@@ -1,13 +1,17 @@
 """Failure branches of the worker, driven by a fake index (the real server is tested in
 test_sync.py and test_daemon.py; here we need failures on demand)."""
 
+import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from outbox_sync import sync_errors
 from outbox_sync.db import Database
 from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.typesense_index import ImportResult
-from outbox_sync.worker import Worker
+from outbox_sync.worker import daemon
 from tests.conftest import ROW_SQL, app_connection, make_row
 
 
@@ -28,9 +32,7 @@ class FakeIndex:
         return self.down == 0
 
     def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
-        if self.down > 0:
-            self.down -= 1
-            raise TypesenseUnavailableError("Typesense answered 503: Not Ready or Lagging", 503)
+        self._answer()
         lines = body.split(b"\n")
         ids = [line.split(b'"id":"')[1].split(b'"')[0].decode() for line in lines]
         self.imports.append(ids)
@@ -49,6 +51,23 @@ class FakeIndex:
             self.documents.pop(doc_id, None)
         return len(ids)
 
+    # What the reconcile after an outage reads (an audit).
+    def count(self) -> int:
+        self._answer()
+        return len(self.documents)
+
+    def export_documents(self, filter_by: str | None = None) -> Iterator[dict[str, Any]]:
+        self._answer()
+        wanted = filter_by and filter_by.removeprefix("id:[").removesuffix("]").split(",")
+        for doc_id, line in list(self.documents.items()):
+            if not wanted or doc_id in wanted:
+                yield json.loads(line)
+
+    def _answer(self) -> None:
+        if self.down > 0:
+            self.down -= 1
+            raise TypesenseUnavailableError("Typesense answered 503: Not Ready or Lagging", 503)
+
 
 def write_rows(path: Path, count: int) -> None:
     app_connection(path).executemany(ROW_SQL, [make_row(i) for i in range(1, count + 1)])
@@ -57,7 +76,7 @@ def write_rows(path: Path, count: int) -> None:
 def test_a_refused_document_is_retried_once_immediately(db_path: Path, db: Database) -> None:
     write_rows(db_path, 5)
     index = FakeIndex(bad="3", refusals=1)
-    report = Worker(db, index).run_once()
+    report = daemon(db, index).applier.apply_once()
     assert index.imports == [["1", "2", "3", "4", "5"], ["3"]]
     assert (report.upserted, report.retried, report.failures) == (5, 1, [])
     assert db.counts()["pending"] == 0
@@ -68,10 +87,10 @@ def test_a_document_refused_twice_goes_to_sync_errors_and_the_queue_moves_on(
 ) -> None:
     write_rows(db_path, 5)
     index = FakeIndex(bad="3", refusals=2)
-    report = Worker(db, index).run_once()
+    report = daemon(db, index).applier.apply_once()
     assert sorted(index.documents) == ["1", "2", "4", "5"]
     assert report.upserted == 4
-    [error] = db.list_errors()
+    [error] = sync_errors.find(db)
     assert (error["sequence_id"], error["op"], error["http_status"], error["attempts"]) == (
         3,
         "upsert",
@@ -88,16 +107,16 @@ def test_server_trouble_keeps_the_batch_queued_and_writes_no_sync_errors(
 ) -> None:
     write_rows(db_path, 3)
     index = FakeIndex(down=1)
-    worker = Worker(db, index)
+    worker = daemon(db, index)
     try:
-        worker.run_once()
+        worker.applier.apply_once()
     except TypesenseUnavailableError:
         pass
     else:
         raise AssertionError("expected TypesenseUnavailableError")
     assert db.counts()["pending"] == 3
-    assert db.list_errors() == []
-    worker.run_once()
+    assert sync_errors.find(db) == []
+    worker.applier.apply_once()
     assert sorted(index.documents) == ["1", "2", "3"]
     assert db.counts()["pending"] == 0
 
@@ -105,7 +124,7 @@ def test_server_trouble_keeps_the_batch_queued_and_writes_no_sync_errors(
 def test_the_loop_backs_off_through_an_outage_then_drains(db_path: Path, db: Database) -> None:
     write_rows(db_path, 3)
     index = FakeIndex(down=3)
-    worker = Worker(db, index, min_backoff_s=0.01, max_backoff_s=0.02)
+    worker = daemon(db, index, min_backoff_s=0.01, max_backoff_s=0.02)
     delays: list[float] = []
     failed = worker.backoff.failed
     worker.backoff.failed = lambda error, now: delays.append(failed(error, now)) or delays[-1]  # type: ignore[method-assign]
@@ -113,7 +132,7 @@ def test_the_loop_backs_off_through_an_outage_then_drains(db_path: Path, db: Dat
     assert delays == [0.01, 0.02, 0.02]  # capped exponential
     assert sorted(index.documents) == ["1", "2", "3"]
     assert worker.backoff.since is None  # recovered
-    assert db.list_errors() == []
+    assert sync_errors.find(db) == []
 
 
 def test_entries_written_during_a_batch_survive_its_acknowledgement(
@@ -129,8 +148,8 @@ def test_entries_written_during_a_batch_survive_its_acknowledgement(
             return super().import_jsonl(body, count)
 
     index = WritingIndex()
-    worker = Worker(db, index)
-    worker.run_once()
+    worker = daemon(db, index)
+    worker.applier.apply_once()
     assert db.counts()["pending"] == 1  # the late marker is still queued
-    worker.run_once()
+    worker.applier.apply_once()
     assert b"late change" in index.documents["1"]

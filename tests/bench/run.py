@@ -33,9 +33,9 @@ import httpx
 import typesense
 from typesense import exceptions as ts
 
-from outbox_sync.db import schema_statements
 from outbox_sync.documents import COLUMNS, collection_schema, encode, to_document
 from outbox_sync.localserver import LocalTypesense
+from outbox_sync.schema import schema_statements
 from outbox_sync.typesense_index import parse_node
 from tests.bench import app
 

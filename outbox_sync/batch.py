@@ -1,0 +1,221 @@
+"""Applying the outbox: claim the oldest entries, read their records' current rows, send them to
+Typesense, acknowledge. `apply_once()` is one batch; `drain()` pipelines batches until the outbox
+is empty (litestream's `Sync()`: one step, called by the loop in worker.py).
+"""
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from outbox_sync.db import Database, OutboxEntry, SyncFailure
+from outbox_sync.documents import describe_row, document_id, document_line
+from outbox_sync.errors import InvalidRecordError, TypesenseUnavailableError
+from outbox_sync.telemetry import Telemetry
+from outbox_sync.typesense_index import ImportResult
+
+# A long drain hands back to the loop this often, for its chores (watchdog, metrics, reindex).
+DRAIN_SLICE_S = 1.0
+
+
+class Index(Protocol):
+    """What applying batches needs of the Typesense side (a fake can stand in, in unit tests)."""
+
+    observe: Callable[[str, str, float], None] | None
+
+    def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]: ...
+    def delete_ids(self, ids: list[str]) -> int: ...
+
+
+@dataclass
+class BatchReport:
+    entries: int = 0
+    upserted: int = 0
+    deleted: int = 0
+    retried: int = 0
+    failures: list[SyncFailure] = field(default_factory=list)
+
+
+@dataclass
+class Batch:
+    """Claimed entries on their way through prepare -> apply -> acknowledge."""
+
+    entries: list[OutboxEntry]
+    report: BatchReport
+    upserts: list[tuple[OutboxEntry, bytes]] = field(default_factory=list)
+    deletes: list[OutboxEntry] = field(default_factory=list)
+    synced: list[Any] = field(default_factory=list)
+
+    @property
+    def last_id(self) -> int:
+        return self.entries[-1].id
+
+    def fail(self, entry: OutboxEntry, document: str | None, error: str, **result: Any) -> None:
+        """Give up on `entry`'s record: a sync error after one attempt (validation), or with
+        the attempts and HTTP status Typesense's answers add."""
+        self.report.failures.append(
+            SyncFailure(
+                outbox_id=entry.id,
+                sequence_id=entry.sequence_id,
+                op="upsert",
+                document=document,
+                error=error,
+                http_status=result.get("http_status"),
+                attempts=result.get("attempts", 1),
+            )
+        )
+
+
+class Applier:
+    def __init__(
+        self, db: Database, index: Index, *, batch_size: int, telemetry: Telemetry
+    ) -> None:
+        self.db, self.index, self.batch_size, self.telemetry = db, index, batch_size, telemetry
+        self.log = structlog.get_logger("outbox_sync")
+
+    def apply_once(self) -> BatchReport:
+        """Apply the oldest batch of outbox entries and acknowledge it. Raises
+        TypesenseUnavailableError (nothing acknowledged: the batch is applied again later)."""
+        batch = self._prepare(after=0)
+        self._apply_and_ack(batch)
+        return BatchReport() if batch is None else batch.report
+
+    def drain(self, stop: threading.Event, max_seconds: float = DRAIN_SLICE_S) -> int:
+        """Apply batches until the outbox is empty, `stop` is set or `max_seconds` have
+        passed (so the loop's chores go on during a long drain); how many entries were
+        acknowledged. Pipelined: while Typesense imports one batch (on a second thread), the
+        next is read and encoded, and the previous acknowledged. Batches still reach Typesense
+        one after the other, in order, so a record's changes are applied in commit order."""
+        until = time.monotonic() + max_seconds
+        batches = self._batches(stop, until)
+        batch = next(batches, None)
+        if batch is None or len(batch.entries) < self.batch_size:
+            # all there is (or nothing): no next batch to overlap with, so spare the thread
+            # hand-off (the low-latency path)
+            return self._apply_and_ack(batch)
+        acknowledged = 0
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import") as http:
+            in_flight = http.submit(self._apply, batch)
+            try:
+                while True:
+                    upcoming = next(batches, None)  # read and encoded while `batch` imports
+                    in_flight.result()  # server trouble: raise, `upcoming` is never sent
+                    if upcoming is not None:
+                        in_flight = http.submit(self._apply, upcoming)
+                    self._ack(batch)
+                    acknowledged += len(batch.entries)
+                    if upcoming is None:
+                        return acknowledged
+                    batch = upcoming
+            finally:
+                wait([in_flight])  # never leave a request running behind an error
+
+    def _batches(self, stop: threading.Event, until: float) -> Iterator[Batch]:
+        """Prepared batches in outbox order, while there are entries, time and no stop."""
+        batch = self._prepare(after=0)
+        while batch is not None:
+            yield batch
+            if stop.is_set() or time.monotonic() >= until:
+                return
+            batch = self._prepare(after=batch.last_id)
+
+    def _apply_and_ack(self, batch: Batch | None) -> int:
+        if batch is None:
+            return 0
+        self._apply(batch)
+        self._ack(batch)
+        return len(batch.entries)
+
+    def _prepare(self, after: int) -> Batch | None:
+        """Claim the entries after id `after`, read their records' current rows and encode
+        the documents (SQLite and CPU only)."""
+        entries = self.db.claim(self.batch_size, after=after)
+        if not entries:
+            return None
+        batch = Batch(entries, BatchReport(entries=len(entries)))
+        latest: dict[Any, OutboxEntry] = {}
+        for entry in entries:  # the last marker per record wins; its state is read now
+            latest.pop(entry.sequence_id, None)
+            latest[entry.sequence_id] = entry
+        rows = self.db.read_records([k for k in latest if document_id(k) is not None])
+        for key, entry in latest.items():
+            row = rows.get(key)
+            if document_id(key) is None:
+                if entry.op == "delete":  # no document can have this id: nothing to delete
+                    batch.synced.append(key)
+                else:
+                    batch.fail(entry, None, f"id: expected an integer, got {key!r}")
+            elif row is None:
+                batch.deletes.append(entry)
+            else:
+                try:
+                    batch.upserts.append((entry, document_line(row)))
+                except InvalidRecordError as error:
+                    batch.fail(entry, describe_row(row), str(error))
+        return batch
+
+    def _apply(self, batch: Batch) -> None:
+        """Send the batch to Typesense (network only: runs on the import thread)."""
+        if batch.upserts:
+            self._apply_upserts(batch)
+        if batch.deletes:
+            self.index.delete_ids([str(entry.sequence_id) for entry in batch.deletes])
+            batch.synced.extend(entry.sequence_id for entry in batch.deletes)
+            batch.report.deleted = len(batch.deletes)
+
+    def _apply_upserts(self, batch: Batch) -> None:
+        """Import, then retry the documents that failed once, immediately; the ones failing
+        twice become sync_errors. A 5xx on a line is server trouble: nothing is given up."""
+        pending = batch.upserts
+        for attempt in (1, 2):
+            results = self.index.import_jsonl(b"\n".join(line for _, line in pending), len(pending))
+            failed: list[tuple[OutboxEntry, bytes, ImportResult]] = []
+            for (entry, line), result in zip(pending, results, strict=True):
+                if result.ok:
+                    batch.synced.append(entry.sequence_id)
+                    batch.report.upserted += 1
+                elif result.http_status is not None and result.http_status >= 500:
+                    raise TypesenseUnavailableError(
+                        f"Typesense answered {result.http_status} for a document: {result.error}",
+                        result.http_status,
+                    )
+                else:
+                    failed.append((entry, line, result))
+            if attempt == 1:
+                batch.report.retried += len(failed)
+            pending = [(entry, line) for entry, line, _ in failed]
+            if not pending:
+                return
+        for entry, line, result in failed:
+            error = result.error or "import failed"
+            batch.fail(entry, line.decode(), error, http_status=result.http_status, attempts=2)
+
+    def _ack(self, batch: Batch) -> None:
+        report = batch.report
+        self.db.ack(batch.last_id, batch.synced, report.failures)
+        self.telemetry.batch_applied(
+            report.upserted,
+            report.deleted,
+            report.retried,
+            [str(f.http_status or "validation") for f in report.failures],
+        )
+        for failure in report.failures:
+            self.log.warning(
+                "record_failed",
+                sequence_id=failure.sequence_id,
+                op=failure.op,
+                http_status=failure.http_status,
+                error=failure.error,
+            )
+        self.log.debug(
+            "batch_applied",
+            entries=report.entries,
+            upserted=report.upserted,
+            deleted=report.deleted,
+            retried=report.retried,
+            failed=len(report.failures),
+        )

@@ -1,0 +1,9 @@
+"""The command line, a thin skin over the library: parse options, call the library, turn its
+errors into one clear line. base.py holds the group, the shared options and the error mapping;
+daemon.py the daemon's commands (init, run, reindex, status); oncall.py the on-call commands
+(errors, audit, search, report), which print through render.py."""
+
+from outbox_sync.cli import daemon, oncall  # noqa: F401 - registers their commands
+from outbox_sync.cli.base import main
+
+__all__ = ["main"]

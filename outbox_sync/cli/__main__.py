@@ -1,0 +1,3 @@
+from outbox_sync.cli import main
+
+main()

@@ -1,0 +1,176 @@
+"""The command group, the options every command shares (made from config.OPTIONS), and the
+mapping of our errors to one line on stderr with advice and an exit status."""
+
+import contextlib
+import functools
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import click
+
+from outbox_sync import __version__, logs
+from outbox_sync.config import OPTIONS, Option, Settings, build_settings
+from outbox_sync.db import Database
+from outbox_sync.errors import (
+    CollectionNotFoundError,
+    OutboxSyncError,
+    TypesenseUnavailableError,
+)
+from outbox_sync.report import parse_since
+from outbox_sync.schema import check as check_schema
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class Failed(click.ClickException):
+    """One line on stderr and exit status 1."""
+
+
+class FailedWith2(Failed):
+    """For commands that keep 1 for a finding (audit: drift)."""
+
+    exit_code = 2
+
+
+def click_option(option: Option) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    default = "" if option.default is None else f"default: {option.default}; "
+    return click.option(
+        option.flag,
+        option.name,
+        envvar=option.env,
+        type=click.IntRange(*option.bounds) if option.bounds else option.type,
+        metavar=option.metavar,
+        help=f"{option.help} [{default}env: {option.env}]",
+    )
+
+
+def with_settings(
+    *, daemon: bool = False, failure: type[Failed] = Failed
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give the command the shared options (and the daemon's, with daemon=True), and call it
+    with the Settings they make. Our errors end it with one line with advice, as `failure`."""
+    options = [option for option in OPTIONS if daemon or not option.daemon_only]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(**values: Any) -> Any:
+            settings = None
+            try:
+                settings = build_settings({o.name: values.pop(o.name) for o in options})
+                logs.configure(
+                    click.get_current_context().find_root().params["log_level"],
+                    (settings.api_key or "",),
+                )
+                return command(settings, **values)
+            except OutboxSyncError as error:
+                raise failure(advise(error, settings)) from None
+
+        decorated: Callable[..., Any] = wrapper
+        for option in reversed(options):
+            decorated = click_option(option)(decorated)
+        return decorated
+
+    return decorate
+
+
+def advise(error: OutboxSyncError, settings: Settings | None) -> str:
+    """The error's message, followed by what to do when the message does not say already."""
+    message = str(error)
+    if isinstance(error, TypesenseUnavailableError) and settings is not None:
+        if settings.embedded:
+            return (
+                f"{message}: no --typesense-url is set, so this is the embedded Typesense on "
+                f"127.0.0.1:{settings.embedded_port}, which runs only while `outbox-sync run` "
+                "does; start the daemon, or set TYPESENSE_URL to your Typesense"
+            )
+        return (
+            f"{message}: check that Typesense is up and healthy at "
+            f"{', '.join(settings.typesense_urls)} (--typesense-url, TYPESENSE_URL)"
+        )
+    if isinstance(error, CollectionNotFoundError):
+        return (
+            f"{message}: check --collection (OUTBOX_SYNC_COLLECTION); `outbox-sync run` creates "
+            "the collection when it starts"
+        )
+    return message
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="outbox-sync")
+@click.option(
+    "--log-level",
+    envvar="OUTBOX_SYNC_LOG_LEVEL",
+    default="info",
+    show_default=True,
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    help="Log verbosity [env: OUTBOX_SYNC_LOG_LEVEL]. Logs go to stderr: JSON lines "
+    "when it is not a terminal.",
+)
+def main(log_level: str) -> None:
+    """Keep a Typesense collection in step with the `sequences` table of a SQLite file.
+
+    Triggers on `sequences` record every insert, update and delete in an `outbox` table; the
+    daemon (`run`) applies them to Typesense in order, retries a failed record once, and moves
+    records that still fail into `sync_errors` for a human.
+
+    \b
+    Quick start (embedded Typesense, no setup):
+      outbox-sync init        # tables and triggers in ./sequences.db
+      outbox-sync run         # sync until Ctrl-C
+    """
+
+
+def open_database(settings: Settings) -> Database:
+    """The database, refused with what to do unless `init` has prepared it."""
+    db = Database(settings.db_path)
+    check_schema(db)
+    return db
+
+
+def since_value(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """--since: 30m, 12h, 7d, 2w, or an ISO date or time (UTC unless it says), as Unix time."""
+    if value is None:
+        return None
+    try:
+        return parse_since(value, time.time())
+    except ValueError as error:
+        raise click.BadParameter(str(error), ctx, param) from None
+
+
+class ProgressBars:
+    """Progress on stderr: one click progress bar per phase."""
+
+    def __init__(self) -> None:
+        self.phase = ""
+        self.bar: Any = None
+        self.done = 0
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase != self.phase:
+            self.close()
+            self.phase, self.done = phase, 0
+            self.bar = click.progressbar(length=max(total, 1), label=f"{phase:8}", file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+@contextlib.contextmanager
+def progress_bars() -> Iterator[ProgressBars | None]:
+    """ProgressBars on a terminal's stderr; None elsewhere."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    bars = ProgressBars()
+    try:
+        yield bars
+    finally:
+        bars.close()

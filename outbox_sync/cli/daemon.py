@@ -1,0 +1,163 @@
+"""The daemon's commands: init, run, reindex, status."""
+
+import contextlib
+import json
+import os
+import signal
+import threading
+from dataclasses import asdict
+from typing import Any
+
+import click
+import structlog
+
+from outbox_sync import reindex, schema
+from outbox_sync.cli.base import advise, main, open_database, progress_bars, with_settings
+from outbox_sync.config import Settings
+from outbox_sync.db import Database
+from outbox_sync.errors import AlreadyRunningError, ConfigError, TypesenseError
+from outbox_sync.lock import DaemonLock
+from outbox_sync.notify import notify
+from outbox_sync.telemetry import Telemetry, serve_metrics
+from outbox_sync.typesense_index import open_index
+from outbox_sync.worker import daemon
+
+
+@main.command()
+@with_settings()
+@click.option(
+    "--backfill",
+    is_flag=True,
+    help="Enqueue every existing row again, even if init already did once.",
+)
+def init(settings: Settings, backfill: bool) -> None:
+    """Prepare the database: create `sequences` if absent, the `outbox` and `sync_errors` tables
+    and the triggers, and enqueue rows that exist already (once). Safe to run again."""
+    enqueued = schema.init(Database(settings.db_path, create=True), backfill=backfill)
+    click.echo(f"initialised {settings.db_path}: {enqueued} existing rows enqueued for sync")
+
+
+@main.command()
+@with_settings(daemon=True)
+@click.option("--once", is_flag=True, help="Drain the outbox, then exit (for cron or scripts).")
+def run(settings: Settings, once: bool) -> None:
+    """Run the sync daemon: apply outbox entries to Typesense as they are committed.
+
+    Creates the collection if it is missing (and refuses one with another schema). While
+    Typesense is unreachable, entries stay queued and the daemon retries with a capped backoff.
+    SIGTERM or Ctrl-C finishes the current batch and exits 0; a second one exits at once.
+    Only one daemon may work a database file at a time.
+    """
+    log = structlog.get_logger("outbox_sync")
+    db = open_database(settings)
+    db.check_writable()
+    stop = threading.Event()
+
+    def request_stop(signum: int, _: Any) -> None:
+        if stop.is_set():
+            log.warning("stopping_now", signal=signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.info("stopping", signal=signal.Signals(signum).name)
+        notify("STOPPING=1")
+        stop.set()
+
+    with DaemonLock(settings.db_path), contextlib.ExitStack() as cleanup:
+        telemetry = Telemetry()
+        if settings.metrics_address is not None:
+            cleanup.enter_context(metrics_server(telemetry, settings.metrics_address))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            cleanup.callback(signal.signal, signum, signal.signal(signum, request_stop))
+        index = cleanup.enter_context(open_index(settings, start_embedded=True))
+        log.info(
+            "started",
+            db=str(settings.db_path),
+            collection=settings.collection,
+            nodes=list(settings.typesense_urls) or ["embedded"],
+            batch_size=settings.batch_size,
+            once=once,
+        )
+        worker = daemon(db, index, batch_size=settings.batch_size, telemetry=telemetry)
+        worker.run(stop, once=once)
+    log.info("stopped", pending=db.counts()["pending"])
+
+
+@contextlib.contextmanager
+def metrics_server(telemetry: Telemetry, address: tuple[str, int]) -> Any:
+    """/metrics and /healthz on `address` while the daemon runs."""
+    host, port = address
+    try:
+        server = serve_metrics(telemetry, host, port)
+    except OSError as error:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {error}") from None
+    structlog.get_logger("outbox_sync").info(
+        "metrics_serving", address=f"{host}:{port}", paths=["/metrics", "/healthz"]
+    )
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@main.command("reindex")
+@with_settings()
+def reindex_command(settings: Settings) -> None:
+    """Rebuild the collection from SQLite with zero downtime.
+
+    Fills a new versioned collection from the rows of `sequences`, points the collection name
+    (an alias) at it, and drops the old one: searches keep answering throughout, and nothing
+    committed meanwhile is lost. Also the way to apply a changed collection schema.
+
+    With a daemon running on the database, it asks the daemon to do it (the daemon pauses
+    applying changes while it rebuilds, then applies what was committed meanwhile) and follows
+    its progress; otherwise it does it itself, holding the daemon lock.
+    """
+    db = open_database(settings)
+    lock = DaemonLock(settings.db_path)
+    with progress_bars() as bars:
+
+        def progress(done: int, total: int) -> None:
+            if bars is not None:
+                bars("reindex", done, total)
+
+        try:
+            lock.acquire()
+        except AlreadyRunningError:
+            result = reindex.follow(db, lock, progress)
+        else:
+            try:
+                with open_index(settings, start_embedded=True) as index:
+                    result = asdict(reindex.rebuild(db, index, progress=progress))
+            finally:
+                lock.release()
+    old = f", dropped {result['old']}" if result["old"] else ""
+    click.echo(
+        f"reindexed {result['rows']} rows into {result['new']}{old}: {result['indexed']} "
+        f"indexed, {result['invalid']} invalid (see `outbox-sync errors list`), "
+        f"{result['requeued']} refused by Typesense and queued again"
+    )
+
+
+@main.command()
+@with_settings()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(settings: Settings, as_json: bool) -> None:
+    """Show the backlog, open sync errors, and what Typesense holds.
+
+    Fields: pending (outbox entries), oldest_pending_age_s, sync_errors_open, rows (in
+    `sequences`), documents (in Typesense; null when unreachable), typesense_ok. Exits 0
+    whatever it finds (it is for reading; `outbox-sync check` is for monitoring).
+    """
+    figures = open_database(settings).counts()
+    figures["documents"], figures["typesense_ok"] = None, False
+    with open_index(settings, start_embedded=False) as index:
+        try:
+            figures["documents"] = index.count()
+            figures["typesense_ok"] = True
+        except TypesenseError as error:
+            figures["typesense_error"] = advise(error, settings)
+    if as_json:
+        click.echo(json.dumps(figures))
+        return
+    for name, value in figures.items():
+        click.echo(f"{name:22} {'-' if value is None else value}")

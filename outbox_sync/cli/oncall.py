@@ -1,0 +1,273 @@
+"""The on-call commands: errors, audit, search, report (how they print: render.py)."""
+
+import json
+from typing import Any
+
+import click
+
+from outbox_sync import sync_errors
+from outbox_sync.audit import Audit, audit_json
+from outbox_sync.cli import render
+from outbox_sync.cli.base import (
+    FailedWith2,
+    main,
+    open_database,
+    progress_bars,
+    since_value,
+    with_settings,
+)
+from outbox_sync.config import Settings
+from outbox_sync.errors import CollectionNotFoundError, TypesenseRejectedError
+from outbox_sync.report import DEFAULT_SINCE, build_report, iso
+from outbox_sync.typesense_index import open_index
+
+
+@main.group()
+def errors() -> None:
+    """Review the records given up on (`sync_errors`)."""
+
+
+@errors.command("list")
+@with_settings()
+@click.option(
+    "--status",
+    type=click.Choice(sync_errors.STATUSES),
+    help="Which errors: open (the default), resolved (closed as superseded, retried or "
+    "resolved by hand) or all.",
+)
+@click.option("--all", "include_resolved", is_flag=True, help="Include resolved errors.")
+@click.option(
+    "--since",
+    callback=since_value,
+    metavar="WHEN",
+    help="Only errors that failed since then: 30m, 12h, 7d, 2w, or an ISO date or time.",
+)
+@click.option(
+    "--op", type=click.Choice(["upsert", "delete"]), help="Only errors of this operation."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of objects.")
+def errors_list(
+    settings: Settings,
+    status: str | None,
+    include_resolved: bool,
+    since: float | None,
+    op: str | None,
+    as_json: bool,
+) -> None:
+    """List sync errors, oldest first.
+
+    The open ones, unless --status or --all says otherwise; `outbox-sync errors show ID` prints
+    one in full."""
+    if include_resolved and status not in (None, "all"):
+        raise click.UsageError("--all means --status all: give one or the other")
+    status = "all" if include_resolved else status or "open"
+    rows = sync_errors.find(
+        open_database(settings), status=status, since=None if since is None else iso(since), op=op
+    )
+    if as_json:
+        click.echo(json.dumps(rows, default=str))
+    elif not rows:
+        which = "open sync errors" if status == "open" else "sync errors"
+        click.echo(f"no {which}" + (" matching" if since is not None or op else ""))
+    else:
+        render.echo_lines(render.error_table(rows))
+
+
+@errors.command("show")
+@with_settings()
+@click.argument("error_id", metavar="ID", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def errors_show(settings: Settings, error_id: int, as_json: bool) -> None:
+    """Show one sync error in full.
+
+    The document sent (or the row, when it failed validation), the HTTP status, the whole
+    error text, attempts, when it failed and how it closed, and whether the record is in
+    `sequences` and waiting in the outbox now."""
+    error = sync_errors.get(open_database(settings), error_id)
+    if as_json:
+        click.echo(json.dumps(error, default=str))
+    else:
+        render.echo_lines(render.error_details(error))
+
+
+@errors.command("retry")
+@with_settings()
+@click.argument("error_ids", metavar="[ID]...", nargs=-1, type=int)
+@click.option("--all", "retry_all", is_flag=True, help="Retry every open sync error.")
+def errors_retry(settings: Settings, error_ids: tuple[int, ...], retry_all: bool) -> None:
+    """Retry sync errors through the outbox, once their cause is fixed.
+
+    Each record gets one outbox entry ('upsert' if its row exists, else 'delete'), so the daemon
+    applies it with its usual guarantees; the record's open errors close as 'retried'. If it
+    fails again, the daemon writes a new error row.
+    """
+    if bool(error_ids) == retry_all:
+        raise click.UsageError("give the ids of the errors to retry, or --all (not both)")
+    retries = sync_errors.retry(open_database(settings), None if retry_all else error_ids)
+    if not retries:
+        click.echo("no open sync errors to retry")
+        return
+    for retry in retries:
+        closed = ", ".join(str(error_id) for error_id in retry.closed_error_ids)
+        click.echo(
+            f"record {retry.sequence_id!r}: {retry.op} enqueued as outbox entry "
+            f"{retry.outbox_id}; errors {closed} closed as retried"
+        )
+    click.echo(
+        f"{len(retries)} records enqueued: the daemon applies them next "
+        "(`outbox-sync errors list` shows any that fail again)"
+    )
+
+
+@errors.command("resolve")
+@with_settings()
+@click.argument("error_ids", metavar="ID...", nargs=-1, type=int, required=True)
+@click.option(
+    "--note",
+    required=True,
+    help="Why the error is closed without a sync (kept with it, e.g. 'row fixed by hand').",
+)
+def errors_resolve(settings: Settings, error_ids: tuple[int, ...], note: str) -> None:
+    """Close sync errors by hand, with a note.
+
+    Their resolution becomes 'resolved' and the note is kept. Nothing is deleted: `errors list
+    --status resolved` still shows them. The record is not synced again."""
+    sync_errors.resolve(open_database(settings), error_ids, note)
+    click.echo(f"closed {len(error_ids)} sync errors as resolved")
+
+
+@main.command()
+@with_settings(failure=FailedWith2)  # 1 means drift
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Enqueue exactly the drifted records into the outbox (extras as deletes); the running "
+    "daemon then fixes them with its usual guarantees.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object listing every drifted id."
+)
+def audit(settings: Settings, repair: bool, as_json: bool) -> None:
+    """Find drift between `sequences` and Typesense, and repair it.
+
+    Compares every row with every document, field by field, after the daemon's own mapping, and
+    reports drift: missing (row, no document), extra (document, no
+    row), stale (different content) and invalid (a row that fails validation with no open sync
+    error). Records waiting in the outbox, and records with an open sync error, are not drift.
+
+    Exit status: 0 consistent, 1 drift found (also with --repair), 2 error. Safe while the
+    daemon and the application run; memory stays flat however large the table.
+    """
+    db = open_database(settings)
+    with (
+        open_index(settings, start_embedded=False) as index,
+        progress_bars() as bars,
+        Audit(db, index, progress=bars) as checked,
+    ):
+        summary = checked.run()
+        if bars is not None:
+            bars.close()
+        repaired = checked.repair() if repair and not summary.consistent else None
+        if as_json:
+            for chunk in audit_json(checked, summary, repaired):
+                click.echo(chunk, nl=False)
+            click.echo()
+        else:
+            render.echo_lines(render.audit_lines(settings.collection, checked, summary, repaired))
+    if not summary.consistent:
+        click.get_current_context().exit(1)
+
+
+@main.command()
+@with_settings()
+@click.argument("query")
+@click.option(
+    "--filter",
+    "filter_by",
+    metavar="FILTER",
+    help="Typesense filter_by, e.g. 'id:=123' or 'element_type:=script && sequence_number:>5'.",
+)
+@click.option(
+    "--sort",
+    "sort_by",
+    metavar="SORT",
+    help="Typesense sort_by, e.g. 'sequence_number:asc' (default: best match, then "
+    "sequence_number descending).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 250),
+    default=10,
+    show_default=True,
+    help="Documents to show (Typesense gives at most 250 at once).",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object: found, and the documents."
+)
+def search(
+    settings: Settings,
+    query: str,
+    filter_by: str | None,
+    sort_by: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Search what Typesense holds.
+
+    QUERY matches `comment` ('*' matches every document).
+    A quick look for on-call, without curl: `outbox-sync search '*' --filter id:=123` shows
+    whether record 123 is indexed and what its document holds.
+    """
+    params: dict[str, Any] = {"q": query, "query_by": "comment", "per_page": limit}
+    if filter_by:
+        params["filter_by"] = filter_by
+    if sort_by:
+        params["sort_by"] = sort_by
+    with open_index(settings, start_embedded=False) as index:
+        index.count()  # a missing collection or a wrong key is said plainly, first
+        try:
+            result = index.search(params)
+        except CollectionNotFoundError:
+            raise
+        except TypesenseRejectedError as error:
+            raise TypesenseRejectedError(
+                f"Typesense refused the search: {error.reason}; check QUERY, --filter and --sort",
+                error.http_status,
+            ) from None
+    documents = [hit["document"] for hit in result.get("hits", [])]
+    if as_json:
+        click.echo(json.dumps({"found": result.get("found", 0), "documents": documents}))
+        return
+    click.echo(
+        f"found {result.get('found', 0)} in {settings.collection!r}, showing {len(documents)}"
+    )
+    if documents:
+        render.echo_lines(render.document_table(documents))
+
+
+@main.command()
+@with_settings()
+@click.option(
+    "--since",
+    callback=since_value,
+    metavar="WHEN",
+    default=DEFAULT_SINCE,
+    show_default=True,
+    help="Start of the window: 30m, 12h, 7d, 2w, or an ISO date or time (UTC unless it says).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def report(settings: Settings, since: float, as_json: bool) -> None:
+    """The weekly review of what the daemon did.
+
+    From the statistics the daemon keeps in the database: records applied (by operation),
+    retried and given up on (by HTTP status and error kind), Typesense latency (p50/p95/p99 per
+    operation), outages, and the backlog now.
+
+    Latency percentiles are bucket upper bounds (≤ 5 ms means between 2.5 and 5 ms). The daemon
+    saves its statistics once a minute and when it stops.
+    """
+    figures = build_report(open_database(settings), since)
+    if as_json:
+        click.echo(json.dumps(figures))
+    else:
+        render.echo_lines(render.report_lines(figures))

@@ -1,0 +1,163 @@
+"""The on-call workflow over `sync_errors`: find, show, retry through the outbox, resolve by hand.
+
+A row of `sync_errors` is never deleted; it closes with a resolution: 'superseded' (a later sync
+of the record succeeded: the daemon closes it), 'retried' (sent through the outbox again) or
+'resolved' (closed by hand, with a note).
+"""
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from outbox_sync.db import Database, pages, utc_now
+from outbox_sync.errors import ClosedSyncError, UnknownSyncError
+
+# The columns of `sync_errors`, in the order people read them.
+COLUMNS = (
+    "id, outbox_id, sequence_id, op, document, http_status, error, attempts, failed_at,"
+    " resolved_at, resolution, note"
+)
+STATUSES = ("open", "resolved", "all")
+# Records retried per write transaction: `errors retry --all` over thousands of errors must not
+# hold the application's write lock for all of it.
+RETRY_CHUNK = 200
+
+
+@dataclass(frozen=True)
+class Retry:
+    """One record sent through the outbox again by `retry`."""
+
+    sequence_id: Any
+    op: str
+    outbox_id: int
+    closed_error_ids: tuple[int, ...]
+
+
+def find(
+    db: Database, *, status: str = "open", since: str | None = None, op: str | None = None
+) -> list[dict[str, Any]]:
+    """Rows of `sync_errors`, oldest first. status: 'open', 'resolved' or 'all'; since: an ISO
+    time (as in failed_at) the failure happened at or after; op: 'upsert' or 'delete'."""
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+    conditions, params = [], []
+    if status != "all":
+        conditions.append(f"resolved_at IS {'NOT ' if status == 'resolved' else ''}NULL")
+    if since is not None:
+        conditions.append("failed_at >= ?")
+        params.append(since)
+    if op is not None:
+        conditions.append("op = ?")
+        params.append(op)
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    cursor = db.conn.execute(f"SELECT {COLUMNS} FROM sync_errors{where} ORDER BY id", params)
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor]
+
+
+def get(db: Database, error_id: int) -> dict[str, Any]:
+    """One row of `sync_errors`, with what the record looks like now: `record_exists` (a row
+    of `sequences` has its id) and `pending` (outbox entries waiting for it)."""
+    cursor = db.conn.execute(f"SELECT {COLUMNS} FROM sync_errors WHERE id = ?", (error_id,))
+    row = cursor.fetchone()
+    if row is None:
+        raise UnknownSyncError(error_id)
+    names = [column[0] for column in cursor.description]
+    error = dict(zip(names, row, strict=True))
+    key = error["sequence_id"]
+    error["record_exists"] = _record_exists(db.conn, key)
+    (error["pending"],) = db.conn.execute(
+        "SELECT count(*) FROM outbox WHERE sequence_id IS ?", (key,)
+    ).fetchone()
+    return error
+
+
+def retry(db: Database, error_ids: Sequence[int] | None = None) -> list[Retry]:
+    """Send the records of these open errors (every open one with None) through the outbox
+    again: one entry per record, 'upsert' if its row exists, else 'delete'. Every open error
+    of those records closes as 'retried' (a new failure writes a new row). Unknown or closed
+    ids raise UnknownSyncError or ClosedSyncError, and nothing changes. Records are retried in
+    short transactions of RETRY_CHUNK each."""
+    if error_ids is None:
+        keys = [
+            key
+            for rows in pages(
+                db.conn, "sync_errors", "id", "sequence_id", where="resolved_at IS NULL"
+            )
+            for _, key in rows
+        ]
+    else:
+        keys = [key for _, key in _open_errors(db.conn, error_ids)]
+    records = list(dict.fromkeys(keys))
+    retries: list[Retry] = []
+    for start in range(0, len(records), RETRY_CHUNK):
+        with db.write() as conn:
+            retries.extend(_retry_records(conn, records[start : start + RETRY_CHUNK]))
+    return retries
+
+
+def _retry_records(conn: sqlite3.Connection, keys: Sequence[Any]) -> list[Retry]:
+    now = utc_now()
+    retries = []
+    for key in keys:
+        closed = tuple(
+            error_id
+            for (error_id,) in conn.execute(
+                "SELECT id FROM sync_errors WHERE resolved_at IS NULL AND sequence_id IS ?"
+                " ORDER BY id",
+                (key,),
+            )
+        )
+        if not closed:  # closed meanwhile (a sync superseded it): nothing to retry
+            continue
+        op = "upsert" if _record_exists(conn, key) else "delete"
+        outbox_id = conn.execute(
+            "INSERT INTO outbox (sequence_id, op) VALUES (?, ?)", (key, op)
+        ).lastrowid
+        assert outbox_id is not None  # an INSERT always sets it
+        conn.execute(
+            "UPDATE sync_errors SET resolved_at = ?, resolution = 'retried', note = ?"
+            " WHERE resolved_at IS NULL AND sequence_id IS ?",
+            (now, f"re-enqueued as outbox entry {outbox_id} ({op})", key),
+        )
+        retries.append(Retry(key, op, outbox_id, closed))
+    return retries
+
+
+def resolve(db: Database, error_ids: Sequence[int], note: str) -> None:
+    """Close these open errors by hand (resolution 'resolved'), keeping the note. Unknown or
+    closed ids raise UnknownSyncError or ClosedSyncError, and nothing changes."""
+    now = utc_now()
+    with db.write() as conn:
+        _open_errors(conn, error_ids)
+        conn.executemany(
+            "UPDATE sync_errors SET resolved_at = ?, resolution = 'resolved', note = ?"
+            " WHERE id = ?",
+            [(now, note, error_id) for error_id in error_ids],
+        )
+
+
+def _open_errors(conn: sqlite3.Connection, error_ids: Sequence[int]) -> list[tuple[int, Any]]:
+    """(id, sequence_id) of these errors, each once; raise unless every one is open."""
+    found = {
+        row[0]: row
+        for row in conn.execute(
+            "SELECT id, sequence_id, resolution FROM sync_errors"
+            " WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(error_ids)),),
+        )
+    }
+    for error_id in error_ids:
+        if error_id not in found:
+            raise UnknownSyncError(error_id)
+        if found[error_id][2] is not None:
+            raise ClosedSyncError(error_id, found[error_id][2])
+    return [found[error_id][:2] for error_id in dict.fromkeys(error_ids)]
+
+
+def _record_exists(conn: sqlite3.Connection, key: Any) -> bool:
+    return (
+        conn.execute("SELECT 1 FROM sequences WHERE id IS ? LIMIT 1", (key,)).fetchone() is not None
+    )
