@@ -31,6 +31,12 @@ from outbox_sync.localserver import LocalTypesense, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "outbox-sync.service"
+# One daemon per database (outbox-sync@NAME), and the timer-driven `outbox-sync check` of one.
+TEMPLATE = REPO / "systemd" / "outbox-sync@.service"
+CHECK_SERVICE = REPO / "systemd" / "outbox-sync-check@.service"
+CHECK_TIMER = REPO / "systemd" / "outbox-sync-check@.timer"
+# Instance names the templates are tried with: two databases on one host.
+INSTANCES = ("sequences", "archive")
 ENV_EXAMPLE = REPO / "systemd" / "outbox-sync.env.example"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 COMPOSE = REPO / "docker" / "compose.yml"
@@ -61,8 +67,8 @@ def unit_entries(text: str) -> list[tuple[str, str, str]]:
     return entries
 
 
-def service_values(key: str) -> list[str]:
-    return [v for s, k, v in unit_entries(UNIT.read_text()) if s == "Service" and k == key]
+def service_values(key: str, unit: Path = UNIT) -> list[str]:
+    return [v for s, k, v in unit_entries(unit.read_text()) if s == "Service" and k == key]
 
 
 def env_example() -> tuple[dict[str, str], dict[str, str]]:
@@ -176,20 +182,24 @@ def installable(unit_text: str) -> str:
     return unit_text.replace(f"ExecStart={INSTALLED_COMMAND} ", f"ExecStart={program} ")
 
 
-def verify_problems(unit_text: str, directory: Path) -> str:
+def verify_problems(unit_text: str, directory: Path, name: str = UNIT.name) -> str:
     """What `systemd-analyze verify` says about the unit: "" when it says nothing.
 
     It exits 0 on some mistakes (an unknown Restart= value is only a warning): anything on
     stderr counts. User=outbox-sync and Group=sequences need not exist here: verify does not
-    resolve them (systemd does at start), so the test creates no user.
+    resolve them (systemd does at start), so the test creates no user. A template (NAME@.type)
+    is verified as two instances of it, which verify loads from the template beside them.
     """
-    path = directory / UNIT.name  # verify checks the unit's name against its type
+    path = directory / name  # verify checks the unit's name against its type
     path.write_text(unit_text)
+    verified = [path]
+    if "@." in name:
+        verified = [directory / name.replace("@.", f"@{i}.") for i in INSTANCES]
     # SYSTEMD_LOG_LEVEL=debug in a developer's shell would flood stderr: use the defaults.
     environment = {k: v for k, v in os.environ.items() if not k.startswith("SYSTEMD_")}
     assert SYSTEMD_ANALYZE is not None
     result = subprocess.run(
-        [SYSTEMD_ANALYZE, "verify", "--man=no", str(path)],
+        [SYSTEMD_ANALYZE, "verify", "--man=no", *map(str, verified)],
         capture_output=True,
         text=True,
         env=environment,
@@ -236,10 +246,11 @@ def test_execstart_arguments_are_options_of_run() -> None:
     assert context.params["api_key_file"] == "${CREDENTIALS_DIRECTORY}/typesense-api-key"
 
 
-def test_the_credential_execstart_reads_is_the_one_loaded() -> None:
-    (exec_start,) = service_values("ExecStart")
+@pytest.mark.parametrize("unit", [UNIT, TEMPLATE, CHECK_SERVICE], ids=["unit", "template", "check"])
+def test_the_credential_execstart_reads_is_the_one_loaded(unit: Path) -> None:
+    (exec_start,) = service_values("ExecStart", unit)
     read = set(re.findall(r"\$\{CREDENTIALS_DIRECTORY\}/([^\s/]+)", exec_start))
-    loaded = {value.partition(":")[0] for value in service_values("LoadCredential")}
+    loaded = {value.partition(":")[0] for value in service_values("LoadCredential", unit)}
     assert read
     assert read <= loaded
 
@@ -378,18 +389,18 @@ def expand(names: list[str], groups: dict[str, list[str]]) -> set[str]:
     return result
 
 
-def seccomp_spec() -> dict[str, Any]:
+def seccomp_spec(unit: Path = UNIT) -> dict[str, Any]:
     """The unit's seccomp settings, resolved as systemd resolves them."""
     spec: dict[str, Any] = {
-        "memory_deny_write_execute": service_values("MemoryDenyWriteExecute") == ["yes"],
+        "memory_deny_write_execute": service_values("MemoryDenyWriteExecute", unit) == ["yes"],
         "address_families": None,
         "allowed_syscalls": None,
         "errno": errno.EPERM,
     }
-    if families := service_values("RestrictAddressFamilies"):
+    if families := service_values("RestrictAddressFamilies", unit):
         assert not families[0].startswith("~"), "only an allow-list is emulated"
         spec["address_families"] = [getattr(socket, n) for v in families for n in v.split()]
-    if filters := service_values("SystemCallFilter"):
+    if filters := service_values("SystemCallFilter", unit):
         # The first line not starting with ~ makes an allow-list, which always includes
         # @default; lines starting with ~ remove from it.
         assert not filters[0].startswith("~"), "only an allow-list is emulated"
@@ -399,13 +410,13 @@ def seccomp_spec() -> dict[str, Any]:
             names = expand(value.lstrip("~").split(), groups)
             allowed = allowed - names if value.startswith("~") else allowed | names
         spec["allowed_syscalls"] = sorted(allowed)
-    if number := service_values("SystemCallErrorNumber"):
+    if number := service_values("SystemCallErrorNumber", unit):
         spec["errno"] = getattr(errno, number[0])
     return spec
 
 
-def confined() -> list[str]:
-    return [sys.executable, "-c", SECCOMP_EXEC, json.dumps(seccomp_spec())]
+def confined(unit: Path = UNIT) -> list[str]:
+    return [sys.executable, "-c", SECCOMP_EXEC, json.dumps(seccomp_spec(unit))]
 
 
 needs_seccomp = pytest.mark.skipif(
@@ -431,11 +442,13 @@ def test_the_emulated_sandbox_is_enforced() -> None:
 
 @needs_seccomp
 @pytest.mark.slow
+@pytest.mark.parametrize("unit", [UNIT, TEMPLATE], ids=["unit", "template"])
 def test_daemon_syncs_under_the_units_seccomp_sandbox(
-    embedded_typesense: LocalTypesense, tmp_path: Path
+    embedded_typesense: LocalTypesense, tmp_path: Path, unit: Path
 ) -> None:
     """MemoryDenyWriteExecute=, RestrictAddressFamilies= and SystemCallFilter= break a program
-    only when it runs: init, run --once, status and notify, confined as the unit confines them."""
+    only when it runs: init, run --once, status and notify, confined as the unit confines them
+    (the template's instances as the template does)."""
     database = tmp_path / "sequences.db"
     environment = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_SYNC_", "TYPESENSE_"))},
@@ -444,7 +457,7 @@ def test_daemon_syncs_under_the_units_seccomp_sandbox(
         API_KEY_ENV: embedded_typesense.api_key,
         "OUTBOX_SYNC_COLLECTION": f"sandbox_{uuid.uuid4().hex[:8]}",
     }
-    daemon = [*confined(), sys.executable, "-m", "outbox_sync"]
+    daemon = [*confined(unit), sys.executable, "-m", "outbox_sync"]
 
     def run(*arguments: str) -> str:
         result = subprocess.run(
@@ -474,7 +487,7 @@ def test_daemon_syncs_under_the_units_seccomp_sandbox(
         environment["NOTIFY_SOCKET"] = str(tmp_path / "notify")
         sent = subprocess.run(
             [
-                *confined(),
+                *confined(unit),
                 sys.executable,
                 "-c",
                 "from outbox_sync.notify import notify\n"
@@ -591,3 +604,140 @@ def test_dockerfile_copies_what_the_build_reads() -> None:
         *pyproject["tool"]["setuptools"]["packages"],
     }
     assert needed <= copied
+
+
+# --- systemd: the template unit, one daemon per database, and the check timer -----------------
+
+# The settings an instance of the template has of its own; all others are the unit's.
+PER_INSTANCE = ("EnvironmentFile", "LoadCredential", "ReadWritePaths", "Group")
+# What only the daemon has (it is a notify service that runs until stopped), and only the check
+# has (a oneshot with a time limit); the rest of the check's [Service] is the daemon's.
+DAEMON_ONLY = (
+    "Type", "NotifyAccess", "ExecStart", "WatchdogSec", "Restart", "RestartSec", "KillSignal",
+    "TimeoutStopSec",
+)  # fmt: skip
+CHECK_ONLY = ("Type", "ExecStart", "TimeoutStartSec")
+
+
+def entries_of(unit: Path, section: str, instance: str | None = None) -> list[tuple[str, str]]:
+    """(key, value) of a section, in order; with `instance`, %i replaced by it as systemd does."""
+    text = unit.read_text()
+    if instance is not None:
+        text = text.replace("%i", instance)
+    return [(k, v) for s, k, v in unit_entries(text) if s == section]
+
+
+def timespan_us(value: str) -> int:
+    """A systemd time span in microseconds, as systemd-analyze parses it."""
+    assert SYSTEMD_ANALYZE is not None
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "timespan", value], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    (microseconds,) = re.findall(r"μs: (\d+)", result.stdout)
+    return int(microseconds)
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("unit", [TEMPLATE, CHECK_SERVICE, CHECK_TIMER], ids=lambda u: u.name)
+def test_templates_pass_systemd_analyze_verify(tmp_path: Path, unit: Path) -> None:
+    for companion in (TEMPLATE, CHECK_SERVICE, CHECK_TIMER):  # a timer's service beside it
+        (tmp_path / companion.name).write_text(installable(companion.read_text()))
+    text = unit.read_text()
+    if unit.suffix == ".service":
+        assert f"ExecStart={INSTALLED_COMMAND} " in text
+    assert verify_problems(installable(text), tmp_path, unit.name) == ""
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize(
+    ("unit", "good", "broken"),
+    [
+        pytest.param(TEMPLATE, "Restart=on-failure", "Restart=sometimes", id="bad-value"),
+        pytest.param(TEMPLATE, "EnvironmentFile=/etc", "EnvironmentFile=etc", id="relative-path"),
+        pytest.param(CHECK_SERVICE, "Type=oneshot", "Type=oneshots", id="bad-type"),
+        pytest.param(CHECK_SERVICE, "TimeoutStartSec=2min", "TimeoutStartSec=soon", id="bad-time"),
+        pytest.param(CHECK_TIMER, "OnUnitActiveSec=5min", "OnUnitActiveSec=often", id="bad-span"),
+        pytest.param(CHECK_TIMER, "[Timer]", "[Timers]", id="no-timer-section"),
+    ],
+)
+def test_verify_check_catches_a_broken_template(
+    tmp_path: Path, unit: Path, good: str, broken: str
+) -> None:
+    """Proves verifying templates through their instances can fail."""
+    text = unit.read_text()
+    assert good in text
+    assert verify_problems(installable(text.replace(good, broken, 1)), tmp_path, unit.name) != ""
+
+
+def test_the_template_is_the_unit_but_per_instance() -> None:
+    """Every setting of outbox-sync.service (hardening, watchdog, restart, user...) is the
+    template's too, in the same order, except the few each instance has of its own."""
+    for section in ("Unit", "Service", "Install"):
+        unit = [(k, v) for k, v in entries_of(UNIT, section) if k not in PER_INSTANCE]
+        template = [(k, v) for k, v in entries_of(TEMPLATE, section) if k not in PER_INSTANCE]
+        if section == "Unit":  # the description names the instance
+            unit, template = unit[1:], template[1:]
+        assert template == unit, section
+    keys = [k for k, _ in entries_of(TEMPLATE, "Service")]
+    for key in PER_INSTANCE:
+        assert keys.count(key) == 1, key
+        assert "%i" in service_values(key, TEMPLATE)[0], key
+
+
+def test_each_instance_has_its_own_settings_key_and_directory() -> None:
+    instances = {name: dict(entries_of(TEMPLATE, "Service", name)) for name in INSTANCES}
+    for key in PER_INSTANCE:
+        values = {service[key] for service in instances.values()}
+        assert len(values) == len(INSTANCES), f"instances share {key}"
+    sequences = instances["sequences"]
+    # Required, no "-": an instance without its own file must not run on the defaults.
+    assert sequences["EnvironmentFile"] == "/etc/outbox-sync/sequences.env"
+    assert sequences["LoadCredential"] == "typesense-api-key:/etc/outbox-sync/sequences.api-key"
+    # The env example, installed as sequences.env, names a database this instance may write.
+    database = PurePosixPath(env_example()[0]["OUTBOX_SYNC_DB"])
+    assert database.parent == PurePosixPath(sequences["ReadWritePaths"])
+    assert service_values("ProtectSystem", TEMPLATE) == ["strict"]
+
+
+def test_the_check_runs_in_the_daemons_sandbox() -> None:
+    """Same user, group, settings, key, writable directory and hardening as the daemon of the
+    same instance: it reads the same database and asks the same Typesense."""
+    check = [(k, v) for k, v in entries_of(CHECK_SERVICE, "Service") if k not in CHECK_ONLY]
+    daemon = [(k, v) for k, v in entries_of(TEMPLATE, "Service") if k not in DAEMON_ONLY]
+    assert check == daemon
+    assert len(check) > 20
+
+
+def test_a_failed_check_stays_visible() -> None:
+    """Exit 1, 2 or 3 must fail the unit (systemctl --failed, the journal), and a hung check
+    must end, or the timer could never start the next one."""
+    assert service_values("Type", CHECK_SERVICE) == ["oneshot"]
+    (exec_start,) = service_values("ExecStart", CHECK_SERVICE)
+    assert exec_start.startswith("/")  # no "-" (ignore failure) or other prefix
+    for hiding in ("SuccessExitStatus", "RemainAfterExit", "Restart"):
+        assert service_values(hiding, CHECK_SERVICE) == [], hiding
+    (timeout,) = service_values("TimeoutStartSec", CHECK_SERVICE)
+    if SYSTEMD_ANALYZE is not None:
+        assert 0 < timespan_us(timeout) <= timespan_us("5min")  # shorter than the timer's period
+
+
+def test_the_check_execstart_is_outbox_sync_check() -> None:
+    (exec_start,) = service_values("ExecStart", CHECK_SERVICE)
+    program, command, *arguments = shlex.split(exec_start)
+    assert (program, command) == (INSTALLED_COMMAND, "check")
+    if "check" not in main.commands:
+        pytest.skip("`outbox-sync check` is not in the CLI yet: its options cannot be parsed")
+    context = main.commands["check"].make_context("check", arguments)  # raises on an unknown one
+    assert context.params["api_key_file"] == "${CREDENTIALS_DIRECTORY}/typesense-api-key"
+
+
+@needs_systemd_analyze
+def test_the_timer_starts_the_check_every_few_minutes() -> None:
+    timer = dict(entries_of(CHECK_TIMER, "Timer"))
+    # No Unit=: a timer starts the service of its own name, outbox-sync-check@NAME.service.
+    assert "Unit" not in timer
+    assert CHECK_TIMER.with_suffix(".service") == CHECK_SERVICE
+    assert timespan_us("1min") <= timespan_us(timer["OnUnitActiveSec"]) <= timespan_us("10min")
+    assert "OnBootSec" in timer  # OnUnitActiveSec= alone never fires before a first start
+    assert entries_of(CHECK_TIMER, "Install") == [("WantedBy", "timers.target")]
