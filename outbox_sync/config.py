@@ -98,6 +98,16 @@ OPTIONS = (
         daemon_only=True,
     ),
     Option(
+        "audit_every",
+        "OUTBOX_SYNC_AUDIT_EVERY",
+        "Audit Typesense against SQLite at start and this often (30m, 24h, 7d), in the "
+        "background, repairing what differs; 0 turns these audits off (the ones after an "
+        "outage or a trigger repair still run).",
+        "24h",
+        metavar="DURATION",
+        daemon_only=True,
+    ),
+    Option(
         "metrics_address",
         "OUTBOX_SYNC_METRICS_ADDRESS",
         "Serve Prometheus /metrics and /healthz there, e.g. 127.0.0.1:9464. Off by default; "
@@ -118,6 +128,7 @@ class Settings:
     ca_file: str | None = None
     embedded_port: int = DEFAULT_EMBEDDED_PORT
     batch_size: int = DEFAULT_BATCH_SIZE
+    audit_every_s: float = 24 * 3600.0
     metrics_address: tuple[str, int] | None = None
 
     @property
@@ -144,6 +155,20 @@ def read_api_key_file(path: Path) -> str:
     if not key:
         raise ConfigError(f"API key file {path} is empty")
     return key
+
+
+DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?")
+SECONDS_PER_UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, what: str = "duration") -> float:
+    """`90s`, `10m`, `24h`, `7d`, `2w` (a bare number: seconds) -> seconds; ConfigError
+    naming `what` otherwise."""
+    match = DURATION.fullmatch(text.strip())
+    seconds = float(match[1]) * SECONDS_PER_UNIT[match[2] or "s"] if match else math.inf
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{what} {text!r} must be a duration such as 90s, 10m, 24h or 7d")
+    return seconds
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -191,6 +216,7 @@ def build_settings(given: Mapping[str, Any]) -> Settings:
         ca_file=values["ca_file"],
         embedded_port=values["embedded_port"],
         batch_size=values["batch_size"],
+        audit_every_s=parse_duration(values["audit_every"], "--audit-every"),
         metrics_address=parse_address(metrics) if metrics else None,
     )
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from outbox_sync.documents import COLUMNS
-from outbox_sync.errors import DatabaseBusyError, DatabaseError
+from outbox_sync.errors import DatabaseBusyError, DatabaseError, TableMissingError
 
 # How long a write waits for another connection's write lock before giving up (and retrying
 # later: a busy database never loses an entry).
@@ -156,7 +156,9 @@ class Database:
                 (json.dumps(list(keys)),),
             )
         except sqlite3.OperationalError as error:
-            if "no such column" in str(error) or "no such table" in str(error):
+            if "no such table" in str(error):
+                raise TableMissingError("sequences", self.path) from None
+            if "no such column" in str(error):
                 raise DatabaseError(
                     f"table sequences in {self.path} changed under the daemon ({error}): "
                     "outbox-sync needs " + ", ".join(COLUMNS)
@@ -214,6 +216,10 @@ class Database:
         """Changes whenever another connection commits (cheap: poll it to wake up)."""
         return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
 
+    def schema_version(self) -> int:
+        """Changes whenever any connection changes the schema (a few microseconds to ask)."""
+        return int(self.conn.execute("PRAGMA schema_version").fetchone()[0])
+
     # -- the daemon's own state -----------------------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:
@@ -247,8 +253,14 @@ class Database:
         return pending, age, open_errors
 
     def counts(self) -> dict[str, Any]:
+        """The backlog, and the rows of `sequences` (None while the table is gone)."""
         pending, oldest_age, open_errors = self.backlog()
-        (rows,) = self.conn.execute("SELECT count(*) FROM sequences").fetchone()
+        try:
+            (rows,) = self.conn.execute("SELECT count(*) FROM sequences").fetchone()
+        except sqlite3.OperationalError as error:
+            if "no such table" not in str(error):
+                raise
+            rows = None
         return {
             "pending": pending,
             "oldest_pending_age_s": oldest_age,

@@ -7,7 +7,10 @@ request is not (`TypesenseRejectedError` and its kinds). Callers decide by type,
 
 
 class OutboxSyncError(Exception):
-    """Base of every error outbox-sync raises on purpose."""
+    """Base of every error outbox-sync raises on purpose. `retryable`: the daemon waits it out
+    (backing off) instead of stopping; nothing is lost meanwhile."""
+
+    retryable = False
 
 
 class ConfigError(OutboxSyncError):
@@ -19,7 +22,23 @@ class DatabaseError(OutboxSyncError):
 
 
 class DatabaseBusyError(DatabaseError):
-    """Another connection held the write lock past the busy timeout. Retryable: nothing is lost."""
+    """Another connection held the lock past the busy timeout. Retryable: nothing is lost."""
+
+    retryable = True
+
+
+class TableMissingError(DatabaseError):
+    """The synced table is gone (dropped, or renamed away by a migration). Retryable: the daemon
+    waits for a table of that name, deleting nothing from Typesense on a guess."""
+
+    retryable = True
+
+    def __init__(self, table: str, path: object) -> None:
+        super().__init__(
+            f"table {table} is gone from {path}: the sync waits for a table of that name and "
+            "deletes nothing from Typesense meanwhile"
+        )
+        self.table = table
 
 
 class AlreadyRunningError(OutboxSyncError):
@@ -42,6 +61,8 @@ class TypesenseError(OutboxSyncError):
 
 class TypesenseUnavailableError(TypesenseError):
     """Server trouble: unreachable, timed out, 5xx/503, out of resources. Retryable."""
+
+    retryable = True
 
 
 class TypesenseRejectedError(TypesenseError):

@@ -1,11 +1,22 @@
-"""One daemon per database file: an exclusive flock on a file beside it."""
+"""One daemon per database file: an exclusive flock on a file beside it.
 
+The lock is named after the database's real path (symlinks and `..` resolved): two daemons
+reaching one file by two spellings would otherwise both apply, and could leave an older state
+of a record in Typesense.
+"""
+
+import contextlib
 import fcntl
 import os
+import time
 from pathlib import Path
 from typing import IO
 
 from outbox_sync.errors import AlreadyRunningError, DatabaseError
+
+# A reader (`check`, `status`) takes the lock shared for a moment to see whether a daemon holds
+# it: a daemon starting at that very moment waits this long before concluding another one runs.
+ACQUIRE_PATIENCE_S = 1.0
 
 
 class DaemonLock:
@@ -13,7 +24,8 @@ class DaemonLock:
     dies, so a crashed daemon never leaves a stale lock."""
 
     def __init__(self, db_path: Path) -> None:
-        self.path = db_path.with_name(db_path.name + ".outbox-sync.lock")
+        real = db_path.resolve()
+        self.path = real.with_name(real.name + ".outbox-sync.lock")
         self._file: IO[str] | None = None
 
     def acquire(self) -> None:
@@ -23,21 +35,48 @@ class DaemonLock:
             raise DatabaseError(
                 f"cannot create the daemon's lock file {self.path}: {error.strerror}"
             ) from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise AlreadyRunningError(
-                f"another outbox-sync daemon (pid {holder}) is already running on this database "
-                f"(lock {self.path}); stop it first, only one may work a file at a time"
-            ) from None
+        deadline = time.monotonic() + ACQUIRE_PATIENCE_S
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                raise AlreadyRunningError(
+                    f"another outbox-sync daemon (pid {holder}) is already running on this "
+                    f"database (lock {self.path}); stop it first, only one may work a file at "
+                    "a time"
+                ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         self._file = handle
+
+    def holder(self) -> str | None:
+        """The pid of the daemon holding the lock ("unknown" if it wrote none), or None when
+        no daemon runs. Creates nothing: works on a read-only directory."""
+        try:
+            handle = open(self.path)  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return None  # no daemon ever ran here
+        except OSError as error:
+            raise DatabaseError(
+                f"cannot read the lock file {self.path}: {error.strerror}"
+            ) from None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read().strip() or "unknown"
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            return None
 
     def release(self) -> None:
         if self._file is not None:

@@ -25,7 +25,6 @@ import structlog
 from outbox_sync.db import Database
 from outbox_sync.documents import document_line
 from outbox_sync.errors import (
-    AlreadyRunningError,
     InvalidRecordError,
     OutboxSyncError,
     TypesenseError,
@@ -178,14 +177,10 @@ def follow(db: Database, lock: DaemonLock, progress: Progress) -> dict[str, Any]
                 "the running daemon did not take up the reindex within "
                 f"{PICKUP_TIMEOUT_S:.0f} s: check its logs (is Typesense reachable?)"
             )
-        try:  # the daemon died meanwhile?
-            lock.acquire()
-        except AlreadyRunningError:
-            time.sleep(FOLLOW_INTERVAL_S)
-            continue
-        lock.release()
-        db.set_meta(REQUEST_KEY, None)
-        raise OutboxSyncError("the daemon stopped before finishing the reindex: run it again")
+        if lock.holder() is None:  # the daemon died meanwhile
+            db.set_meta(REQUEST_KEY, None)
+            raise OutboxSyncError("the daemon stopped before finishing the reindex: run it again")
+        time.sleep(FOLLOW_INTERVAL_S)
     if state["state"] == "failed":
         raise OutboxSyncError(f"reindex failed, the old collection stays in use: {state['error']}")
     return state

@@ -129,6 +129,11 @@ class Telemetry:
         with self._lock:
             self._stats_section("outages", []).append([round(started, 3), round(ended, 3)])
 
+    def audit_done(self, drift: dict[str, int], finished_unix: float) -> None:
+        for kind, count in drift.items():
+            self.audit_drift.labels(kind).set(count)
+        self.audit_last_success.set(finished_unix)
+
     def ready(self) -> None:
         """Start-up checks passed: tell systemd (Type=notify)."""
         notify("READY=1")

@@ -166,6 +166,8 @@ class TypesenseIndex:
         self.documents: Any = self.client.collections[collection].documents
         # Called with (operation, outcome, seconds) after every request: metrics and stats.
         self.observe: Callable[[str, str, float], None] | None = None
+        # The embedded server this index talks to, when it is the embedded one.
+        self.server: LocalTypesense | None = None
 
     def _call(self, operation: str, request: Callable[[], T], *, about: str = "documents") -> T:
         """Run one request; classify its failure; report its duration to `observe`.
@@ -463,7 +465,9 @@ def open_index(settings: Settings, *, start_embedded: bool) -> Iterator[Typesens
             note="no TYPESENSE_URL set: using the embedded server",
         )
         server.start()
+    index = TypesenseIndex([server.url], key, settings.collection, timeout_s=settings.timeout_s)
+    index.server = server
     try:
-        yield TypesenseIndex([server.url], key, settings.collection, timeout_s=settings.timeout_s)
+        yield index
     finally:
         server.stop()

@@ -6,6 +6,7 @@ turns it until `stop` is set, waiting for a change in between (litestream's moni
 `Sync()`, huey's `loop(now)`).
 """
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -15,11 +16,13 @@ from typing import Any, Protocol
 import structlog
 
 from outbox_sync import reindex, stats
-from outbox_sync.audit import Audit
 from outbox_sync.batch import Applier
 from outbox_sync.config import DEFAULT_BATCH_SIZE
-from outbox_sync.db import Database
-from outbox_sync.errors import DatabaseBusyError, TypesenseUnavailableError
+from outbox_sync.db import Database, is_busy
+from outbox_sync.errors import DatabaseBusyError, OutboxSyncError, TypesenseUnavailableError
+from outbox_sync.localserver import LocalTypesense
+from outbox_sync.reconcile import Reconciler
+from outbox_sync.schema import SchemaWatch
 from outbox_sync.telemetry import REFRESH_INTERVAL_S, Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
 
@@ -49,24 +52,24 @@ class Index(Protocol):
 
 
 class Job:
-    """A chore of the loop: `run()` every `interval_s` (first at the first turn, unless
-    due_at_start=False), and at the next turn after `trigger()`. It may raise
-    TypesenseUnavailableError or DatabaseBusyError: the loop pauses, and the job stays due.
-    after_outage: triggered by Typesense trouble (it runs once Typesense is back); at_stop: run
-    once more when the loop ends."""
+    """A chore of the loop: `run(now)` every `interval_s` (0: every turn), first at the first
+    turn unless due_at_start=False. It may raise a retryable error (Typesense trouble, a locked
+    database, a missing table): the loop pauses, and the job stays due. at_stop: run once more
+    when the loop ends. settle: for `run --once`, finish what the job has under way; True when
+    that queued entries the loop must apply before it stops."""
 
     def __init__(
         self,
         name: str,
         interval_s: float,
-        run: Callable[[], Any],
+        run: Callable[[float], Any],
         *,
         due_at_start: bool = True,
-        after_outage: bool = False,
         at_stop: bool = False,
+        settle: Callable[[], bool] | None = None,
     ) -> None:
         self.name, self.interval_s, self.run = name, interval_s, run
-        self.after_outage, self.at_stop = after_outage, at_stop
+        self.at_stop, self.settle = at_stop, settle
         self.next_at = float("-inf") if due_at_start else float("inf")
 
     def due(self, now: float) -> bool:
@@ -74,9 +77,6 @@ class Job:
 
     def done(self, now: float) -> None:
         self.next_at = now + self.interval_s
-
-    def trigger(self) -> None:
-        self.next_at = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,7 @@ class Worker:
         jobs: Sequence[Job] = (),
         *,
         telemetry: Telemetry,
+        after_outage: Callable[[], None] = lambda: None,
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
         idle_recheck_s: float = DEFAULT_IDLE_RECHECK_S,
         min_backoff_s: float = DEFAULT_MIN_BACKOFF_S,
@@ -138,6 +139,8 @@ class Worker:
     ) -> None:
         self.db, self.index, self.applier, self.telemetry = db, index, applier, telemetry
         self.jobs = {job.name: job for job in jobs}
+        self.after_outage = after_outage
+        self.typesense_down = False
         self.poll_interval_s = poll_interval_s
         self.idle_recheck_s = idle_recheck_s
         self.probe_at = float("-inf")
@@ -163,12 +166,14 @@ class Worker:
                 if turn.paused or turn.applied:
                     continue
                 if once:
+                    if any([job.settle() for job in self.jobs.values() if job.settle]):
+                        continue  # an audit queued repairs: apply them too
                     return
                 self._wait_for_change(version, stop)
         finally:
             for job in self.jobs.values():
                 if job.at_stop:
-                    job.run()
+                    job.run(time.monotonic())
 
     def loop(self, now: float, stop: threading.Event) -> Turn:
         """One turn: the chores that are due, then up to one drain slice of batches; while
@@ -177,7 +182,7 @@ class Worker:
         try:
             for job in self.jobs.values():
                 if job.due(now):
-                    job.run()
+                    job.run(now)
                     job.done(now)
             applied = self.applier.drain(stop)
             in_outage = self.backoff.since is not None
@@ -188,22 +193,31 @@ class Worker:
                 if not self.index.healthy():
                     raise TypesenseUnavailableError("Typesense health check failed")
                 self.telemetry.reachable(True)
-        except (TypesenseUnavailableError, DatabaseBusyError) as error:
+        except OutboxSyncError as error:
+            if not error.retryable:
+                raise
             self._pause(error, stop)
+            return Turn(paused=True)
+        except sqlite3.OperationalError as error:  # a read the application's lock held up
+            if not is_busy(error):
+                raise
+            self._pause(DatabaseBusyError(f"database {self.db.path} stayed locked: {error}"), stop)
             return Turn(paused=True)
         outage_s = self.backoff.succeeded(time.monotonic())
         if outage_s is not None:
             self.telemetry.outage_ended(time.time() - outage_s, time.time())
+        if self.typesense_down:  # and back now
+            self.typesense_down = False
+            self.after_outage()
         return Turn(applied)
 
     def _pause(self, error: Exception, stop: threading.Event) -> None:
-        """Wait out server trouble or a locked database, keeping the loop's heartbeat. After
-        Typesense trouble, the reconcile job runs once it is back."""
+        """Wait out server trouble, a locked database or a missing table, keeping the loop's
+        heartbeat. Once Typesense answers again after trouble, `after_outage` is called (the
+        daemon audits: it may have lost writes)."""
         if isinstance(error, TypesenseUnavailableError):
             self.telemetry.reachable(False, str(error))
-            for job in self.jobs.values():
-                if job.after_outage:
-                    job.trigger()
+            self.typesense_down = True
         deadline = time.monotonic() + self.backoff.failed(error, time.monotonic())
         while not stop.wait(max(0.0, min(1.0, deadline - time.monotonic()))):
             self.telemetry.loop_alive(time.monotonic())
@@ -229,21 +243,22 @@ def save_stats(db: Database, telemetry: Telemetry) -> None:
             structlog.get_logger("outbox_sync").warning("stats_not_saved", reason=str(error))
 
 
-def reconcile(db: Database, index: TypesenseIndex, telemetry: Telemetry) -> None:
-    """Compare Typesense with SQLite and queue what differs. Typesense 0.24.1 can lose writes it
-    acknowledged just before it restarted (seen in tests/test_daemon.py); the outbox cannot
-    know, so after every outage the loop looks."""
-    started = time.monotonic()
-    with Audit(db, index, progress=lambda *_: telemetry.loop_alive(time.monotonic())) as audit:
-        summary = audit.run()
-        enqueued = 0 if summary.consistent else audit.repair().enqueued
-    log = structlog.get_logger("outbox_sync")
-    (log.warning if enqueued else log.info)(
-        "reconciled",
-        drift=summary.counts,
-        enqueued=enqueued,
-        duration_s=round(time.monotonic() - started, 1),
+def supervise(server: LocalTypesense, reconciler: Reconciler) -> None:
+    """Start the embedded server again if it died, then audit: it may have come back without
+    writes it had acknowledged."""
+    if server.process is None or server.process.poll() is None:
+        return
+    structlog.get_logger("outbox_sync").warning(
+        "embedded_typesense_exited",
+        exit_code=server.process.returncode,
+        note="starting it again, then auditing",
     )
+    try:
+        server.start()
+    except OutboxSyncError as error:
+        message = f"the embedded Typesense did not come back: {error}"
+        raise TypesenseUnavailableError(message) from None
+    reconciler.request("embedded restart")
 
 
 def daemon(
@@ -252,29 +267,41 @@ def daemon(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     telemetry: Telemetry | None = None,
+    audit_every_s: float = 0.0,
+    server: LocalTypesense | None = None,
     **loop_options: float,
 ) -> Worker:
     """The daemon's worker: the loop over a batch applier, with its chores: the backlog figures
-    for metrics and systemd, reindexes asked for by `outbox-sync reindex`, the statistics, and
-    the reconcile after an outage."""
+    for metrics and systemd, reindexes asked for by `outbox-sync reindex`, the statistics, the
+    triggers (put back when a migration took them), the embedded `server` if there is one
+    (started again if it died), and audits (at start and every `audit_every_s` when that is not 0; after an outage,
+    a trigger repair and an embedded restart always)."""
     telemetry = telemetry or Telemetry()
     index.observe = telemetry.request
 
     def heartbeat() -> None:  # a long chore must not look like a hung loop to the watchdog
         telemetry.loop_alive(time.monotonic())
 
+    reconciler = Reconciler(db, index, telemetry, every_s=audit_every_s)
     jobs = [
-        Job("backlog", REFRESH_INTERVAL_S, lambda: telemetry.backlog(*db.backlog())),
+        Job("schema", 0, SchemaWatch(db, reconciler.request)),
+        Job("backlog", REFRESH_INTERVAL_S, lambda now: telemetry.backlog(*db.backlog())),
         # a requested reindex runs here, pausing the sync meanwhile
-        Job("reindex", REFRESH_INTERVAL_S, lambda: reindex.serve_request(db, index, heartbeat)),
-        Job("stats", STATS_SAVE_INTERVAL_S, lambda: save_stats(db, telemetry), at_stop=True),
-        Job(
-            "reconcile",
-            float("inf"),
-            lambda: reconcile(db, index, telemetry),
-            due_at_start=False,
-            after_outage=True,
-        ),
+        Job("reindex", REFRESH_INTERVAL_S, lambda now: reindex.serve_request(db, index, heartbeat)),
+        Job("stats", STATS_SAVE_INTERVAL_S, lambda now: save_stats(db, telemetry), at_stop=True),
+        Job("audit", 0, reconciler, settle=reconciler.settle),
     ]
+    if server is not None:
+        jobs.append(
+            Job("embedded", HEALTH_PROBE_INTERVAL_S, lambda now: supervise(server, reconciler))
+        )
     applier = Applier(db, index, batch_size=batch_size, telemetry=telemetry)
-    return Worker(db, index, applier, jobs, telemetry=telemetry, **loop_options)
+    return Worker(
+        db,
+        index,
+        applier,
+        jobs,
+        telemetry=telemetry,
+        after_outage=lambda: reconciler.request("outage"),
+        **loop_options,
+    )

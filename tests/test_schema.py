@@ -22,7 +22,7 @@ def test_init_is_idempotent(db_path: Path) -> None:
     before = (
         app_connection(db_path).execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
     )
-    assert schema.init(Database(db_path)) == 0
+    assert schema.init(Database(db_path)).enqueued == 0
     after = (
         app_connection(db_path).execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
     )
@@ -63,11 +63,11 @@ def test_backfill_enqueues_existing_rows_once(tmp_path: Path) -> None:
         " sequence_number INTEGER, comment TEXT, created_at TEXT)"
     )
     conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 4)])
-    assert schema.init(Database(path, create=True)) == 3
+    assert schema.init(Database(path, create=True)).enqueued == 3
     assert outbox(path) == [(1, "upsert"), (2, "upsert"), (3, "upsert")]
-    assert schema.init(Database(path)) == 0
+    assert schema.init(Database(path)).enqueued == 0
     assert len(outbox(path)) == 3
-    assert schema.init(Database(path), backfill=True) == 3
+    assert schema.init(Database(path), backfill=True).enqueued == 3
     assert len(outbox(path)) == 6
 
 
@@ -79,7 +79,7 @@ def test_init_works_on_a_loose_legacy_table(tmp_path: Path) -> None:
         " created_at, extra)"
     )
     conn.execute(ROW_SQL, ("7", "script", "x", 1, None, "now"))
-    assert schema.init(Database(path, create=True)) == 1
+    assert schema.init(Database(path, create=True)).enqueued == 1
     # text stays text: the daemon must see what the application wrote
     assert outbox(path) == [("7", "upsert")]
     # a legacy id that is not the rowid gets an index for the daemon's lookups

@@ -11,11 +11,19 @@ from typing import Any
 import click
 import structlog
 
-from outbox_sync import reindex, schema
-from outbox_sync.cli.base import advise, main, open_database, progress_bars, with_settings
-from outbox_sync.config import Settings
+from outbox_sync import health, reindex, schema
+from outbox_sync.cli import render
+from outbox_sync.cli.base import (
+    Failed,
+    advise,
+    main,
+    open_database,
+    progress_bars,
+    with_settings,
+)
+from outbox_sync.config import Settings, parse_duration
 from outbox_sync.db import Database
-from outbox_sync.errors import AlreadyRunningError, ConfigError, TypesenseError
+from outbox_sync.errors import AlreadyRunningError, ConfigError
 from outbox_sync.lock import DaemonLock
 from outbox_sync.notify import notify
 from outbox_sync.telemetry import Telemetry, serve_metrics
@@ -33,8 +41,14 @@ from outbox_sync.worker import daemon
 def init(settings: Settings, backfill: bool) -> None:
     """Prepare the database: create `sequences` if absent, the `outbox` and `sync_errors` tables
     and the triggers, and enqueue rows that exist already (once). Safe to run again."""
-    enqueued = schema.init(Database(settings.db_path, create=True), backfill=backfill)
-    click.echo(f"initialised {settings.db_path}: {enqueued} existing rows enqueued for sync")
+    result = schema.init(Database(settings.db_path, create=True), backfill=backfill)
+    if result.repaired:
+        click.echo(
+            f"put back outbox-sync's triggers on {schema.TABLE} ({'; '.join(result.repaired)}): "
+            "changes made meanwhile left no outbox entry, so the daemon audits Typesense and "
+            "repairs it (now if it runs, else when it starts)"
+        )
+    click.echo(f"initialised {settings.db_path}: {result.enqueued} existing rows enqueued for sync")
 
 
 @main.command()
@@ -76,7 +90,14 @@ def run(settings: Settings, once: bool) -> None:
             batch_size=settings.batch_size,
             once=once,
         )
-        worker = daemon(db, index, batch_size=settings.batch_size, telemetry=telemetry)
+        worker = daemon(
+            db,
+            index,
+            batch_size=settings.batch_size,
+            telemetry=telemetry,
+            audit_every_s=settings.audit_every_s,
+            server=index.server,
+        )
         worker.run(stop, once=once)
     log.info("stopped", pending=db.counts()["pending"])
 
@@ -145,19 +166,75 @@ def status(settings: Settings, as_json: bool) -> None:
     """Show the backlog, open sync errors, and what Typesense holds.
 
     Fields: pending (outbox entries), oldest_pending_age_s, sync_errors_open, rows (in
-    `sequences`), documents (in Typesense; null when unreachable), typesense_ok. Exits 0
-    whatever it finds (it is for reading; `outbox-sync check` is for monitoring).
+    `sequences`), documents (in Typesense; null when unreachable), typesense_ok, daemon_pid
+    (null: no daemon runs), table_ok, triggers_ok (and trigger_problems), last_audit (the
+    daemon's last audit: when, why, what it found and repaired). Exits 0 whatever it finds
+    (it is for reading: `outbox-sync check` is for monitoring).
     """
-    figures = open_database(settings).counts()
-    figures["documents"], figures["typesense_ok"] = None, False
+    db = open_database(settings)
     with open_index(settings, start_embedded=False) as index:
-        try:
-            figures["documents"] = index.count()
-            figures["typesense_ok"] = True
-        except TypesenseError as error:
-            figures["typesense_error"] = advise(error, settings)
+        figures = health.gather(
+            db, index, DaemonLock(settings.db_path), lambda error: advise(error, settings)
+        )
     if as_json:
         click.echo(json.dumps(figures))
-        return
-    for name, value in figures.items():
-        click.echo(f"{name:22} {'-' if value is None else value}")
+    else:
+        render.echo_lines(render.status_lines(figures))
+
+
+class CheckFailed(Failed):
+    """`check` itself could not run: UNKNOWN (3), on stdout as monitors read it."""
+
+    exit_code = health.UNKNOWN
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"OUTBOX-SYNC UNKNOWN - {self.format_message()}")
+
+
+class CheckCommand(click.Command):
+    """Bad options are UNKNOWN too, not click's usage error (2 means CRITICAL to a monitor)."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as error:
+            raise CheckFailed(error.format_message()) from None
+
+
+@main.command(cls=CheckCommand)
+@with_settings(failure=CheckFailed)
+@click.option(
+    "--max-lag",
+    default=health.DEFAULT_MAX_LAG,
+    show_default=True,
+    metavar="DURATION",
+    help="CRITICAL when the oldest change has waited longer (e.g. 60s, 5m).",
+)
+@click.option(
+    "--max-audit-age",
+    default=health.DEFAULT_MAX_AUDIT_AGE,
+    show_default=True,
+    metavar="DURATION",
+    help="WARNING when the daemon's last audit is older.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def check(settings: Settings, max_lag: str, max_audit_age: str, as_json: bool) -> None:
+    """Check the sync for a monitor (Nagios/Icinga plugin convention).
+
+    CRITICAL (exit 2): no daemon runs on the database, Typesense does not answer, the table or
+    the triggers are not intact, or the oldest change waits longer than --max-lag. WARNING (1):
+    open sync errors, or the daemon's last audit failed, found drift, or is older than
+    --max-audit-age. OK (0) otherwise; UNKNOWN (3) when the check itself cannot run. Prints
+    one line (with performance data after `|`), for cron, systemd timers and monitors.
+    """
+    max_lag_s = parse_duration(max_lag, "--max-lag")
+    max_audit_age_s = parse_duration(max_audit_age, "--max-audit-age")
+    db = open_database(settings)
+    with open_index(settings, start_embedded=False) as index:
+        figures = health.gather(db, index, DaemonLock(settings.db_path), lambda error: error.reason)
+    code, line = health.verdict(figures, max_lag_s=max_lag_s, max_audit_age_s=max_audit_age_s)
+    if as_json:
+        click.echo(json.dumps({"status": health.STATES[code], "summary": line, **figures}))
+    else:
+        click.echo(line)
+    click.get_current_context().exit(code)

@@ -16,7 +16,7 @@ from outbox_sync.cli.base import (
     since_value,
     with_settings,
 )
-from outbox_sync.config import Settings
+from outbox_sync.config import Settings, parse_duration
 from outbox_sync.errors import CollectionNotFoundError, TypesenseRejectedError
 from outbox_sync.report import DEFAULT_SINCE, build_report, iso
 from outbox_sync.typesense_index import open_index
@@ -145,9 +145,17 @@ def errors_resolve(settings: Settings, error_ids: tuple[int, ...], note: str) ->
     "daemon then fixes them with its usual guarantees.",
 )
 @click.option(
+    "--max-lag",
+    default="10m",
+    show_default=True,
+    metavar="DURATION",
+    help="Exit 1 also when the oldest change waiting in the outbox is older: records waiting "
+    "are not drift, but a stalled outbox is not consistent either.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object listing every drifted id."
 )
-def audit(settings: Settings, repair: bool, as_json: bool) -> None:
+def audit(settings: Settings, repair: bool, max_lag: str, as_json: bool) -> None:
     """Find drift between `sequences` and Typesense, and repair it.
 
     Compares every row with every document, field by field, after the daemon's own mapping, and
@@ -155,9 +163,11 @@ def audit(settings: Settings, repair: bool, as_json: bool) -> None:
     row), stale (different content) and invalid (a row that fails validation with no open sync
     error). Records waiting in the outbox, and records with an open sync error, are not drift.
 
-    Exit status: 0 consistent, 1 drift found (also with --repair), 2 error. Safe while the
-    daemon and the application run; memory stays flat however large the table.
+    Exit status: 0 consistent, 1 drift found (also with --repair) or a change waiting longer
+    than --max-lag, 2 error. Safe while the daemon and the application run; memory stays flat
+    however large the table.
     """
+    max_lag_s = parse_duration(max_lag, "--max-lag")
     db = open_database(settings)
     with (
         open_index(settings, start_embedded=False) as index,
@@ -174,7 +184,14 @@ def audit(settings: Settings, repair: bool, as_json: bool) -> None:
             click.echo()
         else:
             render.echo_lines(render.audit_lines(settings.collection, checked, summary, repaired))
-    if not summary.consistent:
+    waited_s = db.backlog()[1] or 0.0
+    if waited_s > max_lag_s:
+        click.echo(
+            f"stalled: the oldest change has waited {waited_s:.0f} s in the outbox (more than "
+            "--max-lag): is the daemon running? (`outbox-sync check`)",
+            err=as_json,
+        )
+    if not summary.consistent or waited_s > max_lag_s:
         click.get_current_context().exit(1)
 
 

@@ -100,6 +100,21 @@ def audit_lines(
         yield "`outbox-sync audit --repair` enqueues them for the daemon to fix"
 
 
+def status_lines(figures: dict[str, Any]) -> Iterator[str]:
+    for name, value in figures.items():
+        if name == "last_audit" and value is not None:
+            outcome = "consistent" if value["consistent"] else f"drift {value['drift']}"
+            if not value["ok"]:
+                outcome = f"failed: {value['error']}"
+            value = (
+                f"{value['finished_at']} ({value['reason']}): {outcome}, "
+                f"{value['enqueued']} repairs queued"
+            )
+        elif isinstance(value, list):
+            value = "; ".join(value)
+        yield f"{name:22} {'-' if value is None else value}"
+
+
 def document_table(documents: list[dict[str, Any]]) -> Iterator[str]:
     yield f"{'ID':>10}  {'TYPE':12}  {'ELEMENT':>10}  {'SEQ':>10}  {'CREATED AT':20}  COMMENT"
     columns = ("id", "element_type", "element_id", "sequence_number", "created_at", "comment")

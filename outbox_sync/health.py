@@ -1,0 +1,97 @@
+"""What people and monitors ask of an installation: the figures `status` prints, and the verdict
+`check` gives in the Nagios/Icinga plugin convention (exit 0 OK, 1 WARNING, 2 CRITICAL,
+3 UNKNOWN, one summary line with performance data)."""
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from outbox_sync.db import Database
+from outbox_sync.errors import TypesenseError
+from outbox_sync.lock import DaemonLock
+from outbox_sync.reconcile import last_audit
+from outbox_sync.schema import table_exists, trigger_problems
+from outbox_sync.typesense_index import TypesenseIndex
+
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+STATES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+DEFAULT_MAX_LAG = "60s"
+# The daemon audits every 24 h by default: two missed audits are worth a look.
+DEFAULT_MAX_AUDIT_AGE = "50h"
+
+
+def gather(
+    db: Database,
+    index: TypesenseIndex,
+    lock: DaemonLock,
+    explain: Callable[[TypesenseError], str] = str,
+) -> dict[str, Any]:
+    """Everything `status` shows: the backlog and open errors, rows and documents, whether
+    Typesense answers, whether a daemon runs, the triggers, the last audit."""
+    figures: dict[str, Any] = db.counts()
+    figures["documents"], figures["typesense_ok"] = None, False
+    try:
+        figures["documents"] = index.count()
+        figures["typesense_ok"] = True
+    except TypesenseError as error:
+        figures["typesense_error"] = explain(error)
+    figures["daemon_pid"] = lock.holder()
+    figures["table_ok"] = table_exists(db.conn)
+    problems = trigger_problems(db.conn)
+    figures["triggers_ok"] = not problems
+    if problems:
+        figures["trigger_problems"] = [p.replace(" was ", " is ") for p in problems]
+    audit = last_audit(db)
+    figures["last_audit"] = None if audit is None else asdict(audit)
+    return figures
+
+
+def verdict(
+    figures: dict[str, Any], *, max_lag_s: float, max_audit_age_s: float, now: float | None = None
+) -> tuple[int, str]:
+    """(exit status, summary line) of `check` for the figures of `gather`."""
+    now = time.time() if now is None else now
+    found: list[tuple[int, str]] = []
+    if figures["daemon_pid"] is None:
+        found.append((CRITICAL, "no daemon runs on this database"))
+    if not figures["typesense_ok"]:
+        found.append((CRITICAL, f"Typesense does not answer ({figures.get('typesense_error')})"))
+    if not figures["table_ok"]:
+        found.append((CRITICAL, "the synced table is gone"))
+    elif not figures["triggers_ok"]:
+        problems = "; ".join(figures["trigger_problems"])
+        found.append((CRITICAL, f"triggers not intact ({problems}): the daemon repairs them"))
+    lag = figures["oldest_pending_age_s"] or 0.0
+    if lag > max_lag_s:
+        found.append((CRITICAL, f"the oldest change has waited {lag:.0f} s (> {max_lag_s:g} s)"))
+    if figures["sync_errors_open"]:
+        found.append((WARNING, f"{figures['sync_errors_open']} open sync errors"))
+    found.extend(_audit_findings(figures["last_audit"], max_audit_age_s, now))
+    status = max((level for level, _ in found), default=OK)
+    text = "; ".join(message for _, message in sorted(found, key=lambda f: -f[0]))
+    if not text:
+        pid = figures["daemon_pid"]
+        text = f"daemon {pid} syncing, {figures['pending']} pending, Typesense answers"
+    perfdata = (
+        f"lag={lag:g}s;{max_lag_s:g};{max_lag_s:g} pending={figures['pending']} "
+        f"errors_open={figures['sync_errors_open']}"
+    )
+    return status, f"OUTBOX-SYNC {STATES[status]} - {text} | {perfdata}"
+
+
+def _audit_findings(
+    audit: dict[str, Any] | None, max_age_s: float, now: float
+) -> list[tuple[int, str]]:
+    if audit is None:
+        return []  # a new installation: its first audit comes at the daemon's start
+    age = now - audit["finished_unix"]
+    found = []
+    if not audit["ok"]:
+        found.append((WARNING, f"the last audit failed ({audit['error']})"))
+    elif not audit["consistent"]:
+        drift = ", ".join(f"{n} {kind}" for kind, n in audit["drift"].items() if n)
+        found.append((WARNING, f"the last audit found drift ({drift}) and repaired it"))
+    if age > max_age_s:
+        found.append((WARNING, f"the last audit is {age / 3600:.0f} h old"))
+    return found

@@ -1,0 +1,145 @@
+"""The daemon's own audits: compare Typesense with SQLite and queue what differs (audit.py), in a
+background thread, so changes keep flowing while a large table is read in short transactions.
+
+The daemon cannot see everything that happens between SQLite and Typesense, so it looks:
+- when it starts (it cannot know what happened while it was down);
+- after an outage, and after it restarted the embedded server: Typesense 0.24.1 can come back
+  from a restart with fewer documents than it acknowledged;
+- after it put back triggers a migration took away (changes made meanwhile left no outbox entry);
+- every `--audit-every` (default 24 h), for whatever else (a restart between two health probes).
+Each one logs `audit_done` (or `audit_failed`), sets the audit metrics, and is kept in
+`outbox_sync_meta` for `status` and `check`.
+"""
+
+import contextlib
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from outbox_sync.audit import Audit
+from outbox_sync.db import Database, utc_now
+from outbox_sync.errors import OutboxSyncError
+from outbox_sync.telemetry import Telemetry
+from outbox_sync.typesense_index import TypesenseIndex
+
+LAST_AUDIT_KEY = "last_audit"
+DEFAULT_AUDIT_EVERY_S = 24 * 3600.0
+# The audit thread's nice value: the sync itself and the application come first.
+AUDIT_NICENESS = 10
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audit of the daemon's, as `status` and `check` read it back."""
+
+    reason: str
+    finished_at: str  # ISO, UTC
+    finished_unix: float
+    ok: bool  # False: the audit itself failed (see error)
+    consistent: bool
+    drift: dict[str, int]
+    enqueued: int  # outbox entries written to repair the drift
+    duration_s: float
+    error: str | None = None
+
+
+def last_audit(db: Database) -> AuditRecord | None:
+    raw = db.get_meta(LAST_AUDIT_KEY)
+    return None if raw is None else AuditRecord(**json.loads(raw))
+
+
+class Reconciler:
+    """A loop job (call it every turn): starts an audit with repair when one is due, in a
+    thread of its own with its own database connection, and reports it once it is done."""
+
+    def __init__(
+        self, db: Database, index: TypesenseIndex, telemetry: Telemetry, *, every_s: float
+    ) -> None:
+        self.db, self.index, self.telemetry, self.every_s = db, index, telemetry, every_s
+        self.log = structlog.get_logger("outbox_sync")
+        self.requested: str | None = "start" if every_s else None
+        self.next_at = float("inf")
+        self.thread: threading.Thread | None = None
+        self.outcome: AuditRecord | None = None
+
+    def request(self, reason: str) -> None:
+        """Audit at the next turn (one audit answers several requests)."""
+        self.requested = self.requested or reason
+
+    def __call__(self, now: float) -> None:
+        if self.thread is not None:
+            if self.thread.is_alive():
+                return
+            self._report()
+        if self.requested is None and now >= self.next_at:
+            self.requested = "schedule"
+        if self.requested is not None:
+            reason, self.requested = self.requested, None
+            self.next_at = now + self.every_s if self.every_s else float("inf")
+            self.thread = threading.Thread(
+                target=self._audit, args=(reason,), name="audit", daemon=True
+            )
+            self.thread.start()
+
+    def settle(self) -> bool:
+        """Finish a requested or running audit here and now (for `run --once`); True when it
+        queued entries, which the loop must apply before it stops."""
+        if self.requested is not None and self.thread is None:
+            self(time.monotonic())
+        if self.thread is None:
+            return False
+        self.thread.join()
+        outcome = self._report()
+        return outcome is not None and outcome.enqueued > 0
+
+    def _audit(self, reason: str) -> None:
+        """In the audit thread: audit, repair, and leave the outcome for the loop to report."""
+        with contextlib.suppress(OSError, AttributeError):  # Linux: per-thread priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), AUDIT_NICENESS)
+        started = time.monotonic()
+        record: dict[str, Any] = {"reason": reason, "drift": {}, "enqueued": 0, "ok": False}
+        record["consistent"] = False
+        db = None
+        try:
+            db = Database(Path(self.db.path), busy_timeout_s=self.db.busy_timeout_s)
+            with Audit(db, self.index) as audit:
+                summary = audit.run()
+                record["drift"], record["consistent"] = summary.counts, summary.consistent
+                if not summary.consistent:
+                    record["enqueued"] = audit.repair().enqueued
+            record["ok"] = True
+        except OutboxSyncError as error:  # e.g. Typesense down: the outage asks again later
+            record["error"] = str(error)
+        except Exception as error:  # an audit must never take the daemon down
+            record["error"] = f"{type(error).__name__}: {error}"
+        finally:
+            if db is not None:
+                db.close()
+        record.update(
+            finished_at=utc_now(),
+            finished_unix=time.time(),
+            duration_s=round(time.monotonic() - started, 3),
+        )
+        self.outcome = AuditRecord(**record)
+
+    def _report(self) -> AuditRecord | None:
+        """In the loop: log the finished audit, set its metrics, keep it for `status`."""
+        outcome, self.outcome, self.thread = self.outcome, None, None
+        if outcome is None:
+            return None
+        fields = asdict(outcome)
+        del fields["finished_unix"]
+        if not outcome.ok:
+            self.log.warning("audit_failed", **fields)
+        else:
+            (self.log.warning if outcome.enqueued else self.log.info)("audit_done", **fields)
+            self.telemetry.audit_done(outcome.drift, outcome.finished_unix)
+        with contextlib.suppress(OutboxSyncError):  # a busy database only loses the record
+            self.db.set_meta(LAST_AUDIT_KEY, json.dumps(asdict(outcome)))
+        return outcome
