@@ -274,8 +274,8 @@ def daemon(
     """The daemon's worker: the loop over a batch applier, with its chores: the backlog figures
     for metrics and systemd, reindexes asked for by `outbox-sync reindex`, the statistics, the
     triggers (put back when a migration took them), the embedded `server` if there is one
-    (started again if it died), and audits (at start and every `audit_every_s` when that is not 0; after an outage,
-    a trigger repair and an embedded restart always)."""
+    (started again if it died), and audits: at start and every `audit_every_s` unless that is
+    0; after an outage, a trigger repair and an embedded restart always."""
     telemetry = telemetry or Telemetry()
     index.observe = telemetry.request
 
