@@ -1,0 +1,138 @@
+"""Audits are a property of the daemon: at start and every --audit-every, in the background,
+repairing what they find, logged, exported as metrics and shown by `status`; changes keep
+flowing while one runs; `audit --max-lag` does not call a stalled outbox consistent."""
+
+import json
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from outbox_sync import reconcile
+from outbox_sync.audit import Audit
+from outbox_sync.db import Database
+from outbox_sync.localserver import free_port
+from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.worker import daemon
+from tests.conftest import (
+    ROW_SQL,
+    Daemon,
+    Server,
+    app_connection,
+    export,
+    make_row,
+    sqlite_documents,
+    wait_until,
+)
+from tests.oncall import by_hand, invoke
+
+
+def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
+    found = [json.loads(line) for line in daemon.output().splitlines() if line.startswith("{")]
+    return [entry for entry in found if entry.get("event") == name]
+
+
+@pytest.mark.slow
+def test_the_daemon_audits_on_schedule_repairs_and_reports(
+    db_path: Path,
+    start_daemon: Callable[..., Daemon],
+    typesense_server: Server,
+    collection: str,
+) -> None:
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 21)])
+    metrics = f"127.0.0.1:{free_port()}"
+    daemon = start_daemon("--audit-every", "2s", "--metrics-address", metrics)
+    wait_until(lambda: events(daemon, "audit_done"), what="the audit at start")
+    assert events(daemon, "audit_done")[0]["reason"] == "start"
+    wait_until(lambda: len(export(typesense_server, collection)) == 20, what="the sync")
+    # behind the daemon's back, while it is idle: one document gone, one that has no row
+    path = f"/collections/{collection}/documents"
+    by_hand(typesense_server, "DELETE", path, params={"filter_by": "id:[5]"})
+    by_hand(typesense_server, "POST", path, json=make_document(999))
+    wait_until(
+        lambda: any(e["enqueued"] for e in events(daemon, "audit_done")),
+        what="a scheduled audit to find the drift",
+    )
+    [found] = [e for e in events(daemon, "audit_done") if e["enqueued"]]
+    assert found["reason"] == "schedule" and found["consistent"] is False
+    assert found["drift"] == {"missing": 1, "extra": 1, "stale": 0, "invalid": 0}
+    assert found["enqueued"] == 2
+    wait_until(
+        lambda: export(typesense_server, collection) == sqlite_documents(db_path),
+        what="the repair",
+    )
+    scraped = httpx.get(f"http://{metrics}/metrics").text
+    assert 'outbox_sync_audit_drift{kind="missing"}' in scraped
+    assert "outbox_sync_audit_last_success_timestamp_seconds 0.0" not in scraped
+    status = invoke(["status", "--json"], typesense_server, db_path, collection)
+    last = json.loads(status.output)["last_audit"]
+    assert last["reason"] in ("schedule", "start") and last["ok"] is True
+    assert json.loads(status.output)["daemon_pid"] == str(daemon.process.pid)
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+def make_document(key: int) -> dict[str, Any]:
+    _, kind, element, number, comment, created = make_row(key)
+    return {
+        "id": str(key),
+        "element_type": kind,
+        "element_id": element,
+        "sequence_number": number,
+        "comment": comment,
+        "created_at": created,
+    }
+
+
+def test_changes_keep_flowing_while_an_audit_runs(
+    db_path: Path, db: Database, index: TypesenseIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    class HeldAudit(Audit):
+        """An audit that stops half-way until the test lets it go on."""
+
+        def _load_expected(self) -> int:
+            started.set()
+            assert release.wait(60)
+            return super()._load_expected()
+
+    monkeypatch.setattr(reconcile, "Audit", HeldAudit)
+    app = app_connection(db_path)
+    app.executemany(ROW_SQL, [make_row(i) for i in range(1, 101)])
+    worker = daemon(db, index, audit_every_s=3600)  # audits at start
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    try:
+        assert started.wait(30), "the audit at start never began"
+        app.execute(ROW_SQL, make_row(500, comment="written while the audit runs"))
+        wait_until(lambda: index.retrieve("500"), what="the change, during the audit")
+        assert not release.is_set()  # the audit is still held: it held nothing up
+        release.set()
+        wait_until(lambda: reconcile.last_audit(db), what="the audit to finish")
+    finally:
+        release.set()
+        stop.set()
+        thread.join(30)
+    assert reconcile.last_audit(db) is not None
+    assert reconcile.last_audit(db).consistent  # type: ignore[union-attr]
+
+
+def test_audit_does_not_call_a_stalled_outbox_consistent(
+    db_path: Path, index: TypesenseIndex, typesense_server: Server, collection: str
+) -> None:
+    conn = app_connection(db_path)
+    conn.execute(ROW_SQL, make_row(1))  # no daemon: it waits in the outbox
+    fresh = invoke(["audit"], typesense_server, db_path, collection)
+    assert fresh.exit_code == 0, fresh.output  # waiting records are not drift
+    conn.execute("UPDATE outbox SET enqueued_at = enqueued_at - 700")
+    stalled = invoke(["audit"], typesense_server, db_path, collection)
+    assert stalled.exit_code == 1
+    assert "stalled: the oldest change has waited 700 s" in stalled.output
+    lenient = invoke(["audit", "--max-lag", "1h"], typesense_server, db_path, collection)
+    assert lenient.exit_code == 0, lenient.output

@@ -1,0 +1,173 @@
+"""`outbox-sync check`: one state per test, in the Nagios plugin convention (exit 0 OK,
+1 WARNING, 2 CRITICAL, 3 UNKNOWN, one line with performance data), against a real Typesense."""
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from outbox_sync.db import Database, SyncFailure
+from outbox_sync.localserver import free_port
+from outbox_sync.lock import DaemonLock
+from outbox_sync.reconcile import LAST_AUDIT_KEY, AuditRecord
+from outbox_sync.typesense_index import TypesenseIndex
+from tests.conftest import ROW_SQL, Server, app_connection, make_row
+from tests.oncall import invoke
+
+
+@pytest.fixture
+def running(db_path: Path, index: TypesenseIndex) -> Iterator[DaemonLock]:
+    """The daemon's lock held, as by a running daemon; the collection exists."""
+    with DaemonLock(db_path) as lock:
+        yield lock
+
+
+def check(
+    server: Server, db_path: Path, collection: str, *args: str, **env: str
+) -> tuple[int, str]:
+    result = invoke(["check", *args], server, db_path, collection, **env)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output  # one line, as monitors read it
+    return result.exit_code, lines[0]
+
+
+def audited(db: Database, **changes: object) -> None:
+    record = AuditRecord(
+        reason="schedule",
+        finished_at="2026-01-01T00:00:00Z",
+        finished_unix=time.time(),
+        ok=True,
+        consistent=True,
+        drift={"missing": 0, "extra": 0, "stale": 0, "invalid": 0},
+        enqueued=0,
+        duration_s=0.1,
+    )
+    db.set_meta(LAST_AUDIT_KEY, json.dumps(asdict(record) | changes))
+
+
+@pytest.mark.usefixtures("running")
+def test_ok(typesense_server: Server, db_path: Path, collection: str) -> None:
+    code, line = check(typesense_server, db_path, collection)
+    assert code == 0, line
+    assert line.startswith("OUTBOX-SYNC OK - daemon ")
+    assert "| lag=0s;60;60 pending=0 errors_open=0" in line
+
+
+def test_no_daemon_is_critical(
+    typesense_server: Server, db_path: Path, collection: str, index: TypesenseIndex
+) -> None:
+    code, line = check(typesense_server, db_path, collection)
+    assert (code, line.split(" - ")[0]) == (2, "OUTBOX-SYNC CRITICAL")
+    assert "no daemon runs on this database" in line
+
+
+@pytest.mark.usefixtures("running")
+def test_typesense_down_is_critical(
+    typesense_server: Server, db_path: Path, collection: str
+) -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    code, line = check(typesense_server, db_path, collection, TYPESENSE_URL=down)
+    assert code == 2 and "Typesense does not answer" in line
+
+
+@pytest.mark.usefixtures("running")
+def test_missing_triggers_are_critical(
+    typesense_server: Server, db_path: Path, collection: str
+) -> None:
+    app_connection(db_path).execute("DROP TRIGGER sequences_outbox_update")
+    code, line = check(typesense_server, db_path, collection)
+    assert code == 2 and "sequences_outbox_update is missing" in line
+
+
+@pytest.mark.usefixtures("running")
+def test_a_missing_table_is_critical(
+    typesense_server: Server, db_path: Path, collection: str
+) -> None:
+    app_connection(db_path).execute("DROP TABLE sequences")
+    code, line = check(typesense_server, db_path, collection)
+    assert code == 2 and "the synced table is gone" in line
+
+
+@pytest.mark.usefixtures("running")
+def test_a_change_waiting_past_max_lag_is_critical(
+    typesense_server: Server, db_path: Path, collection: str
+) -> None:
+    conn = app_connection(db_path)
+    conn.execute(ROW_SQL, make_row(1))
+    conn.execute("UPDATE outbox SET enqueued_at = enqueued_at - 90")
+    code, line = check(typesense_server, db_path, collection, "--max-lag", "2m")
+    assert code == 0, line  # 90 s is within 2 minutes
+    code, line = check(typesense_server, db_path, collection)
+    assert code == 2 and "the oldest change has waited 90 s (> 60 s)" in line
+    assert "pending=1" in line
+
+
+@pytest.mark.usefixtures("running")
+def test_open_sync_errors_are_a_warning(
+    typesense_server: Server, db_path: Path, collection: str, db: Database
+) -> None:
+    failure = SyncFailure(
+        outbox_id=1,
+        sequence_id=7,
+        op="upsert",
+        document=None,
+        http_status=None,
+        error="comment: is NULL",
+        attempts=1,
+    )
+    db.ack(0, [], [failure])
+    code, line = check(typesense_server, db_path, collection)
+    assert (code, line.split(" - ")[0]) == (1, "OUTBOX-SYNC WARNING")
+    assert "1 open sync errors" in line
+
+
+@pytest.mark.usefixtures("running")
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({}, None),
+        (
+            {"consistent": False, "drift": {"missing": 3, "extra": 0}, "enqueued": 3},
+            "the last audit found drift (3 missing) and repaired it",
+        ),
+        ({"ok": False, "error": "Typesense unreachable"}, "the last audit failed"),
+        ({"finished_unix": time.time() - 80 * 3600}, "the last audit is 80 h old"),
+    ],
+)
+def test_the_last_audit(
+    typesense_server: Server,
+    db_path: Path,
+    collection: str,
+    db: Database,
+    changes: dict[str, object],
+    says: str | None,
+) -> None:
+    audited(db, **changes)
+    code, line = check(typesense_server, db_path, collection)
+    assert code == (0 if says is None else 1), line
+    assert says is None or says in line
+
+
+def test_a_check_that_cannot_run_is_unknown(
+    typesense_server: Server, tmp_path: Path, collection: str, db_path: Path
+) -> None:
+    code, line = check(typesense_server, tmp_path / "missing.db", collection)
+    assert code == 3 and line.startswith("OUTBOX-SYNC UNKNOWN - database ")
+    code, line = check(typesense_server, db_path, collection, "--max-lag", "soon")
+    assert code == 3 and "--max-lag 'soon' must be a duration" in line
+    code, line = check(typesense_server, db_path, collection, "--no-such-option")
+    assert code == 3 and "No such option '--no-such-option'" in line
+
+
+@pytest.mark.usefixtures("running")
+def test_json(typesense_server: Server, db_path: Path, collection: str) -> None:
+    app_connection(db_path).execute("DROP TRIGGER sequences_outbox_delete")
+    result = invoke(["check", "--json"], typesense_server, db_path, collection)
+    figures = json.loads(result.output)
+    assert result.exit_code == 2
+    assert figures["status"] == "CRITICAL" and figures["triggers_ok"] is False
+    assert figures["trigger_problems"] == ["sequences_outbox_delete is missing"]
+    assert figures["summary"].startswith("OUTBOX-SYNC CRITICAL - ")
