@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import structlog
 
 from outbox_sync.db import Database, OutboxEntry, SyncFailure
-from outbox_sync.documents import describe_row, document_id, document_line
+from outbox_sync.documents import describe, describe_row, document_id, document_line
 from outbox_sync.errors import InvalidRecordError, TypesenseUnavailableError
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import ImportResult
@@ -148,7 +148,7 @@ class Applier:
                 if entry.op == "delete":  # no document can have this id: nothing to delete
                     batch.synced.append(key)
                 else:
-                    batch.fail(entry, None, f"id: expected an integer, got {key!r}")
+                    batch.fail(entry, None, f"id: expected an integer, got {describe(key)}")
             elif row is None:
                 batch.deletes.append(entry)
             else:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from outbox_sync.documents import COLUMNS
+from outbox_sync.documents import COLUMNS, RawText
 from outbox_sync.errors import DatabaseBusyError, DatabaseError, TableMissingError
 
 # How long a write waits for another connection's write lock before giving up (and retrying
@@ -127,7 +127,8 @@ class Database:
     # -- reading --------------------------------------------------------------------------------
 
     def fetch_raw(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Fetch with TEXT as bytes, so invalid UTF-8 becomes a record error, not a crash."""
+        """Fetch with TEXT as RawText (bytes), so invalid UTF-8 becomes a record error, not a
+        crash, and a BLOB is told apart from text."""
         return fetch(self.conn, sql, params, raw=True)
 
     # -- the queue ------------------------------------------------------------------------------
@@ -271,11 +272,14 @@ class Database:
     # -- pages of the tables audit and reindex walk ---------------------------------------------
 
     def scan_sequences(self, chunk: int = DEFAULT_PAGE_ROWS) -> Iterator[list[tuple[Any, ...]]]:
-        """Every row of `sequences` (COLUMNS, text as bytes), in rowid order: unlike paging by
-        id, this visits a loose legacy table's NULL and duplicate ids too."""
+        """Every row of `sequences` (COLUMNS, text as RawText), in rowid order: unlike paging by
+        id, this visits a loose legacy table's NULL and duplicate ids too (a WITHOUT ROWID
+        table, by its primary key)."""
+        key = page_key(self.conn, "sequences")
+        width = key.count(",") + 1
         columns = ", ".join(COLUMNS)
-        for rows in pages(self.conn, "sequences", "rowid", columns, chunk=chunk, raw=True):
-            yield [row[1:] for row in rows]
+        for rows in pages(self.conn, "sequences", key, columns, chunk=chunk, raw=True):
+            yield [row[width:] for row in rows]
 
     def scan_outbox_keys(self, chunk: int = DEFAULT_PAGE_ROWS) -> Iterator[list[Any]]:
         """The sequence_id of every waiting outbox entry."""
@@ -289,6 +293,28 @@ class Database:
             yield [key for _, key in rows]
 
 
+def page_key(conn: sqlite3.Connection, table: str) -> str:
+    """What to page `table` by: its rowid, under a name no column hides (rowid, _rowid_, oid:
+    an application may have a column called rowid), or the primary key of a WITHOUT ROWID
+    table."""
+    columns = {row[1].lower() for row in conn.execute(f"PRAGMA table_xinfo({table})")}
+    for alias in ("rowid", "_rowid_", "oid"):
+        if alias in columns:
+            continue
+        try:
+            conn.execute(f"SELECT {alias} FROM {table} LIMIT 0")
+            return alias
+        except sqlite3.OperationalError:
+            break  # WITHOUT ROWID: no alias of the rowid exists
+    key = [row for row in conn.execute(f"PRAGMA table_info({table})") if row[5]]
+    if not key:
+        raise DatabaseError(
+            f"table {table} has no primary key and every name of its rowid is a column: "
+            "outbox-sync cannot read it in pages"
+        )
+    return ", ".join(f'"{row[1]}"' for row in sorted(key, key=lambda row: row[5]))
+
+
 def is_busy(error: sqlite3.Error) -> bool:
     """SQLite's "database is locked" / "database is busy": another connection holds the lock."""
     return "locked" in str(error) or "busy" in str(error)
@@ -300,7 +326,7 @@ def fetch(
     """All rows of one query; raw=True reads TEXT as bytes."""
     if not raw:
         return conn.execute(sql, params).fetchall()
-    conn.text_factory = bytes
+    conn.text_factory = RawText
     try:
         return conn.execute(sql, params).fetchall()
     finally:
@@ -318,10 +344,11 @@ def pages(
     chunk: int = DEFAULT_PAGE_ROWS,
     raw: bool = False,
 ) -> Iterator[list[tuple[Any, ...]]]:
-    """The rows of `table` in `order_by` order (a unique, non-NULL column), `chunk` per query,
-    each (order_by value, *columns). No read transaction is held between pages, so a large
-    table never holds back the application or the WAL checkpoint. raw=True reads TEXT as
-    bytes."""
+    """The rows of `table` in `order_by` order (a unique, non-NULL column, or several, comma-
+    separated), `chunk` per query, each (*order_by values, *columns). No read transaction is
+    held between pages, so a large table never holds back the application or the WAL
+    checkpoint. raw=True reads TEXT as RawText."""
+    width = order_by.count(",") + 1
     select = f"SELECT {order_by}, {columns} FROM {table}"
     rows = fetch(
         conn,
@@ -330,11 +357,19 @@ def pages(
         raw=raw,
     )
     condition = f"({where}) AND " if where else ""
+    after = f"({order_by}) > ({', '.join('?' * width)})"
     while rows:
         yield rows
+        last = [_bindable(value) for value in rows[-1][:width]]
         rows = fetch(
             conn,
-            f"{select} WHERE {condition}{order_by} > ? ORDER BY {order_by} LIMIT ?",
-            (*params, rows[-1][0], chunk),
+            f"{select} WHERE {condition}{after} ORDER BY {order_by} LIMIT ?",
+            (*params, *last, chunk),
             raw=raw,
         )
+
+
+def _bindable(value: Any) -> Any:
+    """A value read raw, as it must be bound to compare equal to itself (a RawText bound as
+    bytes would be a BLOB, which sorts after every TEXT)."""
+    return value.decode("utf-8", "replace") if type(value) is RawText else value

@@ -10,6 +10,13 @@ from typing import Any
 
 from outbox_sync.errors import InvalidRecordError
 
+
+class RawText(bytes):
+    """A TEXT value as SQLite stored it (rows are read with this text factory): bytes, so that
+    invalid UTF-8 becomes a record error and not a crash, and a type of its own, so that a BLOB
+    (plain bytes) in a text column is told apart."""
+
+
 # The columns read from `sequences`, in this order.
 COLUMNS = ("id", "element_type", "element_id", "sequence_number", "comment", "created_at")
 
@@ -82,15 +89,15 @@ def document_line(row: tuple[Any, ...]) -> bytes:
     key, element_type, element_id, sequence_number, comment, created_at = row
     if (
         type(key) is int
-        and type(element_type) is bytes
+        and type(element_type) is RawText
         and len(element_type) <= MAX_SHORT_TEXT_BYTES
         and type(element_id) is int
         and INT64[0] <= element_id <= INT64[1]
         and type(sequence_number) is int
         and INT32[0] <= sequence_number <= INT32[1]
-        and type(created_at) is bytes
+        and type(created_at) is RawText
         and len(created_at) <= MAX_SHORT_TEXT_BYTES
-        and (comment is None or (type(comment) is bytes and len(comment) <= MAX_TEXT_BYTES))
+        and (comment is None or (type(comment) is RawText and len(comment) <= MAX_TEXT_BYTES))
     ):
         try:
             line = (
@@ -117,7 +124,7 @@ def describe_row(row: tuple[Any, ...]) -> str:
 def _text(field: str, value: Any, max_bytes: int) -> str:
     if value is None:
         raise InvalidRecordError(field, "is NULL but the field is required")
-    if isinstance(value, bytes):  # rows are read with text_factory=bytes: decode here
+    if type(value) is RawText:  # rows are read with text_factory=RawText: decode here
         try:
             text = value.decode("utf-8")
         except UnicodeDecodeError as error:
@@ -144,17 +151,29 @@ def _integer(field: str, value: Any, bounds: tuple[int, int]) -> int:
 
 
 def _describe(value: Any) -> str:
+    """A value as SQLite people say it: NULL, text 'abc', integer 12, real 1.5, a BLOB."""
     if value is None:
         return "NULL"
-    if isinstance(value, bytes):
-        text = value.decode("utf-8", "replace")
+    if type(value) is RawText or isinstance(value, str):
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
         return f"text {text[:40]!r}"
+    if isinstance(value, bytes):
+        return f"a BLOB of {len(value)} bytes"
     if isinstance(value, float):
         return f"real {value!r}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"integer {value}"
     return f"{type(value).__name__} {value!r}"
 
 
+def describe(value: Any) -> str:
+    """`_describe`, for callers outside: a record's key in a message."""
+    return _describe(value)
+
+
 def _jsonable(value: Any) -> Any:
+    if type(value) is not RawText and isinstance(value, bytes):
+        return f"<BLOB of {len(value)} bytes>"
     if isinstance(value, bytes):
         text = value.decode("utf-8", "replace")
         return text if len(text) <= 200 else text[:200] + "…"

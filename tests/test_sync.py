@@ -112,7 +112,7 @@ def test_bad_rows_of_a_legacy_table_land_in_sync_errors_while_neighbours_sync(
     assert errors[3]["error"] == "sequence_number: expected an integer, got text 'twelve'"
     assert errors[5]["error"] == "element_id: is NULL but the field is required"
     assert "sequence_number: 3000000000 is outside the range" in errors[7]["error"]
-    assert errors["abc"]["error"] == "id: expected an integer, got 'abc'"
+    assert errors["abc"]["error"] == "id: expected an integer, got text 'abc'"
     assert errors[3]["op"] == "upsert" and errors[3]["http_status"] is None
     assert '"sequence_number": "twelve"' in errors[3]["document"]
     assert db.counts()["pending"] == 0
