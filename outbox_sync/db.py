@@ -58,6 +58,10 @@ class Database:
     ) -> None:
         self.path = path
         self.busy_timeout_s = busy_timeout_s
+        if not path.parent.is_dir():
+            raise DatabaseError(
+                f"directory {path.parent} does not exist: create it, or give another --db"
+            )
         if not create and not path.exists():
             raise DatabaseError(
                 f"database {path} does not exist: create it with `outbox-sync init --db {path}`"
@@ -174,25 +178,21 @@ class Database:
         failures: Sequence[SyncFailure],
     ) -> None:
         """Remove claimed entries up to last_id, record failures, close errors a later sync
-        superseded. Entries enqueued after the claim have higher ids and stay queued."""
+        superseded. Entries enqueued after the claim have higher ids and stay queued. A record
+        has at most one open error: the same failure again adds nothing (a no-op UPDATE of an
+        invalid row), another one takes the place of the old."""
         now = utc_now()
         with self.write() as conn:
             conn.execute("DELETE FROM outbox WHERE id <= ?", (last_id,))
-            if (
-                synced_keys
-                and conn.execute(
-                    "SELECT 1 FROM sync_errors WHERE resolved_at IS NULL LIMIT 1"
-                ).fetchone()
-            ):
-                conn.execute(
-                    "UPDATE sync_errors SET resolved_at = ?, resolution = 'superseded'"
-                    " WHERE resolved_at IS NULL"
-                    " AND sequence_id IN (SELECT value FROM json_each(?))",
-                    (now, json.dumps(list(synced_keys))),
-                )
+            if not conn.execute("SELECT 1 FROM sync_errors WHERE resolved_at IS NULL").fetchone():
+                synced_keys = []  # the usual case: nothing to close
+            for keys in (synced_keys, [f.sequence_id for f in failures]):
+                if keys:
+                    self._supersede(conn, keys, now, keep=failures)
             conn.executemany(
                 "INSERT INTO sync_errors (outbox_id, sequence_id, op, document, http_status,"
-                " error, attempts, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " error, attempts, failed_at) SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS"
+                " (SELECT 1 FROM sync_errors WHERE resolved_at IS NULL AND sequence_id IS ?)",
                 [
                     (
                         f.outbox_id,
@@ -203,10 +203,34 @@ class Database:
                         f.error,
                         f.attempts,
                         now,
+                        f.sequence_id,
                     )
                     for f in failures
                 ],
             )
+
+    def close_errors(self, keys: Sequence[Any]) -> None:
+        """Close the open errors of these records as superseded: they synced another way."""
+        with self.write() as conn:
+            self._supersede(conn, keys, utc_now(), keep=())
+
+    @staticmethod
+    def _supersede(
+        conn: sqlite3.Connection, keys: Sequence[Any], now: str, keep: Sequence[SyncFailure]
+    ) -> None:
+        """Close the open errors of these records as superseded, except one that says exactly
+        what a failure in `keep` says (it stays open, as the record's one open error)."""
+        same = json.dumps([[f.sequence_id, f.op, f.error] for f in keep])
+        conn.execute(
+            "UPDATE sync_errors SET resolved_at = ?, resolution = 'superseded'"
+            " WHERE resolved_at IS NULL"
+            " AND (sequence_id IN (SELECT value FROM json_each(?))"
+            "      OR (sequence_id IS NULL AND ?))"  # IN never matches NULL
+            " AND NOT EXISTS (SELECT 1 FROM json_each(?) AS f WHERE"
+            "  json_extract(f.value, '$[0]') IS sync_errors.sequence_id"
+            "  AND json_extract(f.value, '$[1]') = op AND json_extract(f.value, '$[2]') = error)",
+            (now, json.dumps(list(keys)), None in keys, same),
+        )
 
     def enqueue(self, entries: Sequence[tuple[Any, str]]) -> None:
         """Add (sequence_id, op) markers to the outbox, as the triggers would."""

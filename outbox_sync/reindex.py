@@ -17,20 +17,20 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import structlog
 
 from outbox_sync.db import Database
-from outbox_sync.documents import document_line
+from outbox_sync.documents import document_id, document_line, encode
 from outbox_sync.errors import (
     InvalidRecordError,
     OutboxSyncError,
     TypesenseError,
 )
 from outbox_sync.lock import DaemonLock
-from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.typesense_index import MAX_DELETE_IDS, TypesenseIndex
 
 REQUEST_KEY = "reindex_request"
 STATUS_KEY = "reindex_status"
@@ -64,48 +64,108 @@ def rebuild(
     progress: Progress | None = None,
 ) -> ReindexResult:
     """Rebuild the collection behind `index.collection`. The caller makes sure nothing else
-    applies changes meanwhile (it holds the daemon lock)."""
+    applies changes meanwhile (it holds the daemon lock).
+
+    Everything that can fail without harm happens before the switch (filling, keeping the last
+    good documents, queueing the refused rows): a failure there drops the new collection and
+    the old one stays in use. After the switch, the rebuild has happened."""
     old = index.target()
     new = index.create_versioned()
     fresh = index.on_collection(new)
-    total = int(db.counts()["rows"])
-    rows_seen = indexed = invalid = 0
-    refused: list[Any] = []
     try:
-        for rows in db.scan_sequences(chunk):
-            lines, keys = [], []
-            for row in rows:
-                try:
-                    lines.append(document_line(row))
-                    keys.append(row[0])
-                except InvalidRecordError:
-                    invalid += 1
-            if lines:
-                results = fresh.import_jsonl(b"\n".join(lines), len(lines))
-                for key, result in zip(keys, results, strict=True):
-                    if result.ok:
-                        indexed += 1
-                    else:
-                        refused.append(key)
-            rows_seen += len(rows)
-            if progress is not None:
-                progress(rows_seen, max(total, rows_seen))
-    except BaseException:
+        fill = _fill(db, fresh, chunk, progress)
+        if old is not None and fill.invalid_ids:
+            _keep_last_good(index.on_collection(old), fresh, fill.invalid_ids)
+        if fill.refused:  # applied by the daemon after the switch, so to the new collection
+            db.enqueue([(key, "upsert") for key in fill.refused])
+    except Exception as error:
         with contextlib.suppress(TypesenseError):
             index.drop_collection(new)
-        raise
-    if old == index.collection:
-        # A plain collection holds the name: it must go before the alias can take it (the one
-        # moment without the collection; later reindexes are pure alias switches).
-        index.drop_collection(old)
-        index.point_alias(new)
-    else:
+        raise OutboxSyncError(f"{error} (the old collection stays in use)") from error
+    _switch(index, old, new)
+    _close_errors(db, fill.indexed_with_errors)
+    return ReindexResult(old, new, fill.rows, fill.indexed, fill.invalid, len(fill.refused))
+
+
+@dataclass
+class _Fill:
+    rows: int = 0
+    indexed: int = 0
+    invalid: int = 0
+    refused: list[Any] = field(default_factory=list)
+    invalid_ids: list[str] = field(default_factory=list)  # document ids of invalid rows
+    indexed_with_errors: list[Any] = field(default_factory=list)  # keys with an open error
+
+
+def _fill(db: Database, fresh: TypesenseIndex, chunk: int, progress: Progress | None) -> _Fill:
+    """Import every valid row into the new collection, in chunks of short reads."""
+    fill = _Fill()
+    total = int(db.counts()["rows"] or 0)
+    with_errors = {key for keys in db.scan_open_error_keys() for key in keys}
+    for rows in db.scan_sequences(chunk):
+        lines, keys = [], []
+        for row in rows:
+            try:
+                lines.append(document_line(row))
+                keys.append(row[0])
+            except InvalidRecordError:
+                fill.invalid += 1
+                if (doc_id := document_id(row[0])) is not None:
+                    fill.invalid_ids.append(doc_id)
+        if lines:
+            results = fresh.import_jsonl(b"\n".join(lines), len(lines))
+            for key, result in zip(keys, results, strict=True):
+                if not result.ok:
+                    fill.refused.append(key)
+                    continue
+                fill.indexed += 1
+                if key in with_errors:
+                    fill.indexed_with_errors.append(key)
+        fill.rows += len(rows)
+        if progress is not None:
+            progress(fill.rows, max(total, fill.rows))
+    return fill
+
+
+def _keep_last_good(old: TypesenseIndex, fresh: TypesenseIndex, doc_ids: list[str]) -> None:
+    """A record whose latest row is invalid keeps its last good document: copied from the old
+    collection (the README promises it stays searchable while its error is open)."""
+    for start in range(0, len(doc_ids), MAX_DELETE_IDS):
+        chunk = doc_ids[start : start + MAX_DELETE_IDS]
+        documents = [encode(d) for d in old.export_documents(f"id:[{','.join(chunk)}]")]
+        if documents:
+            fresh.import_jsonl(b"\n".join(documents), len(documents))
+
+
+def _switch(index: TypesenseIndex, old: str | None, new: str) -> None:
+    """Point the alias at the new collection and drop the old one."""
+    if old != index.collection:
         index.point_alias(new)
         if old is not None:
-            index.drop_collection(old)
-    if refused:
-        db.enqueue([(key, "upsert") for key in refused])
-    return ReindexResult(old, new, rows_seen, indexed, invalid, len(refused))
+            try:
+                index.drop_collection(old)
+            except TypesenseError as error:  # the rebuild is done: only space is lost
+                structlog.get_logger("outbox_sync").warning(
+                    "old_collection_kept", collection=old, reason=str(error)
+                )
+        return
+    # A plain collection holds the name: it must go before the alias can take it (the one
+    # moment without the collection; later reindexes are pure alias switches).
+    index.drop_collection(old)
+    try:
+        index.point_alias(new)
+    except TypesenseError as error:
+        raise OutboxSyncError(
+            f"dropped the plain collection {old} but could not point the alias at {new} "
+            f"({error}): the daemon adopts {new} when it next finds the name missing; or run "
+            "`outbox-sync reindex` again"
+        ) from None
+
+
+def _close_errors(db: Database, keys: list[Any]) -> None:
+    """The rebuild indexed these records' current rows: their open errors are superseded."""
+    for start in range(0, len(keys), DEFAULT_CHUNK):
+        db.close_errors(keys[start : start + DEFAULT_CHUNK])
 
 
 def serve_request(
@@ -133,9 +193,10 @@ def serve_request(
 
     try:
         result = rebuild(db, index, progress=report)
-    except OutboxSyncError as error:
-        log.warning("reindex_failed", error=str(error))
-        publish("failed", error=str(error))
+    except Exception as error:  # ends this request, never the daemon (nor each start after it)
+        reason = str(error) or type(error).__name__
+        log.warning("reindex_failed", error=reason)
+        publish("failed", error=reason)
     else:
         log.info("reindex_finished", **asdict(result))
         publish("done", **asdict(result))
@@ -182,5 +243,5 @@ def follow(db: Database, lock: DaemonLock, progress: Progress) -> dict[str, Any]
             raise OutboxSyncError("the daemon stopped before finishing the reindex: run it again")
         time.sleep(FOLLOW_INTERVAL_S)
     if state["state"] == "failed":
-        raise OutboxSyncError(f"reindex failed, the old collection stays in use: {state['error']}")
+        raise OutboxSyncError(f"reindex failed: {state['error']}")
     return state

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -177,9 +178,21 @@ class Telemetry:
         return True, "ok"
 
 
+# A scraper that opens a connection and sends nothing is dropped after this long.
+METRICS_CONNECTION_TIMEOUT_S = 10.0
+
+
 class _QuietHandler(WSGIRequestHandler):
+    timeout = METRICS_CONNECTION_TIMEOUT_S
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # scrapes every few seconds would drown the daemon's own logs
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection: one slow or idle client must not block the others."""
+
+    daemon_threads = True
 
 
 def serve_metrics(telemetry: Telemetry, host: str, port: int) -> WSGIServer:
@@ -195,6 +208,8 @@ def serve_metrics(telemetry: Telemetry, host: str, port: int) -> WSGIServer:
             return [body]
         return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
-    server = make_server(host, port, app, handler_class=_QuietHandler)
+    server = make_server(
+        host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler
+    )
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

@@ -8,6 +8,7 @@ import contextlib
 import copy
 import functools
 import json
+import re
 import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -56,12 +57,19 @@ class ImportResult:
 
 
 def parse_node(url: str) -> dict[str, Any]:
-    """`http://host:port` -> the client's node dict; ConfigError on anything else."""
+    """`http://host:port` -> the client's node dict; ConfigError on anything else. The URL is
+    echoed in the message only without what may be a secret (user and password)."""
     parts = urlsplit(url.strip())
+    if parts.username or parts.password:
+        shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+        raise ConfigError(
+            f"Typesense URL {shown!r} must not carry credentials: give the API key in "
+            "TYPESENSE_API_KEY or --api-key-file"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"Typesense URL {url!r} must look like http://127.0.0.1:8108")
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise ConfigError(f"Typesense URL {url!r} must not carry credentials, a query or a #")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"Typesense URL {url!r} must not carry a query or a #")
     try:
         port = parts.port or 8108
     except ValueError:
@@ -212,8 +220,14 @@ class TypesenseIndex:
         try:
             existing = self.info()
         except CollectionNotFoundError:
-            self.point_alias(self.create_versioned())
-            return True
+            versions = self.versions()
+            if not versions:
+                self.point_alias(self.create_versioned())
+                return True
+            # the name was lost but a rebuilt collection is there (a reindex that failed
+            # between dropping a plain collection and pointing the alias): adopt the newest
+            self.point_alias(versions[-1])
+            existing = self.info()
         problems = schema_differences(existing.get("fields", []))
         if problems:
             raise SchemaMismatchError(
@@ -241,6 +255,12 @@ class TypesenseIndex:
             self.info()
             return self.collection
         return None
+
+    def versions(self) -> list[str]:
+        """The collections `create_versioned` made for our name, oldest first."""
+        pattern = re.compile(re.escape(self.collection) + r"_v\d{17}")
+        listed = self._call("collection", self.client.collections.retrieve, about="other")
+        return sorted(c["name"] for c in listed if pattern.fullmatch(c["name"]))
 
     def create_versioned(self) -> str:
         """Create an empty collection `<name>_v<UTC time>` with our schema; its name."""
@@ -273,10 +293,18 @@ class TypesenseIndex:
         return int(self.info()["num_documents"])
 
     def healthy(self) -> bool:
+        """Whether Typesense says it can take writes: `/health` answers ok, and (since 26) names
+        no `resource_error` (OUT_OF_DISK, OUT_OF_MEMORY), which a server reports while
+        answering ok."""
         try:
-            return bool(self._call("health", self.client.operations.is_healthy))
+            health = self._call(
+                "health",
+                lambda: self.client.api_call.get("/health", as_json=True, entity_type=dict),
+                about="other",
+            )
         except TypesenseError:
             return False
+        return bool(health.get("ok")) and not health.get("resource_error")
 
     # -- documents ------------------------------------------------------------------------------
 

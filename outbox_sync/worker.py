@@ -19,7 +19,12 @@ from outbox_sync import reindex, stats
 from outbox_sync.batch import Applier
 from outbox_sync.config import DEFAULT_BATCH_SIZE
 from outbox_sync.db import Database, is_busy
-from outbox_sync.errors import DatabaseBusyError, OutboxSyncError, TypesenseUnavailableError
+from outbox_sync.errors import (
+    CollectionNotFoundError,
+    DatabaseBusyError,
+    OutboxSyncError,
+    TypesenseUnavailableError,
+)
 from outbox_sync.localserver import LocalTypesense
 from outbox_sync.reconcile import Reconciler
 from outbox_sync.schema import SchemaWatch
@@ -140,7 +145,7 @@ class Worker:
         self.db, self.index, self.applier, self.telemetry = db, index, applier, telemetry
         self.jobs = {job.name: job for job in jobs}
         self.after_outage = after_outage
-        self.typesense_down = False
+        self.typesense_down = self.collection_lost = False
         self.poll_interval_s = poll_interval_s
         self.idle_recheck_s = idle_recheck_s
         self.probe_at = float("-inf")
@@ -161,7 +166,7 @@ class Worker:
                 except TypesenseUnavailableError as error:
                     self._pause(error, stop)
             while not stop.is_set():
-                version = self.db.data_version()
+                version = self._data_version()
                 turn = self.loop(time.monotonic(), stop)
                 if turn.paused or turn.applied:
                     continue
@@ -180,6 +185,9 @@ class Worker:
         idle (or to see whether an outage is over), a health probe now and then."""
         self.telemetry.loop_alive(now)
         try:
+            if self.collection_lost:
+                self.index.ensure_collection()
+                self.collection_lost = False
             for job in self.jobs.values():
                 if job.due(now):
                     job.run(now)
@@ -193,6 +201,12 @@ class Worker:
                 if not self.index.healthy():
                     raise TypesenseUnavailableError("Typesense health check failed")
                 self.telemetry.reachable(True)
+        except CollectionNotFoundError as error:
+            # deleted behind our back (or lost by a failed reindex): make it again, or adopt a
+            # rebuilt one, then audit: every row missing from it is queued again
+            self.log.warning("collection_missing", reason=str(error), note="recreating, auditing")
+            self.collection_lost = self.typesense_down = True  # audit once it is back
+            return Turn(paused=True)
         except OutboxSyncError as error:
             if not error.retryable:
                 raise
@@ -224,13 +238,23 @@ class Worker:
             if time.monotonic() >= deadline:
                 return
 
-    def _wait_for_change(self, version: int, stop: threading.Event) -> None:
+    def _wait_for_change(self, version: int | None, stop: threading.Event) -> None:
         deadline = time.monotonic() + self.idle_recheck_s
         while not stop.wait(self.poll_interval_s):
             now = time.monotonic()
             self.telemetry.loop_alive(now)
-            if self.db.data_version() != version or now >= deadline:
+            if version is None or self._data_version() != version or now >= deadline:
                 return
+
+    def _data_version(self) -> int | None:
+        """PRAGMA data_version; None when the application's lock holds the read up (a file in
+        rollback-journal mode): then there may be a change, and the turn finds out."""
+        try:
+            return self.db.data_version()
+        except sqlite3.OperationalError as error:
+            if not is_busy(error):
+                raise
+            return None
 
 
 def save_stats(db: Database, telemetry: Telemetry) -> None:

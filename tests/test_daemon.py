@@ -133,7 +133,12 @@ def test_typesense_restart_mid_stream_loses_nothing_and_records_no_errors(
     wait_until(lambda: logged(daemon, "sync_paused"), what="the daemon to notice the outage")
     assert pending(db_path) > 0
     private_typesense.start()
-    wait_until(lambda: logged(daemon, "audit_done"), what="the audit after the outage")
+    wait_until(
+        lambda: any(
+            e.get("reason") == "outage" for e in events(daemon) if e["event"] == "audit_done"
+        ),
+        what="the audit after the outage",
+    )
     wait_until(lambda: pending(db_path) == 0, what="the outbox to drain after the restart")
     server = Server(private_typesense.url, API_KEY)
     assert export(server, collection) == sqlite_documents(db_path)

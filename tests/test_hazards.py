@@ -301,7 +301,7 @@ def test_init_in_a_missing_directory_is_one_clear_line(
     path = tmp_path / "no-such-dir" / "app.db"
     result = CliRunner().invoke(main, ["init", "--db", str(path)], env=cli_env)
     assert result.exit_code == 1
-    assert f"cannot open database {path}: unable to open database file" in one_clear_line(result)
+    assert f"directory {path.parent} does not exist" in one_clear_line(result)
 
 
 def without_write_permission_bypass() -> None:

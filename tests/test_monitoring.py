@@ -21,7 +21,8 @@ import httpx
 import pytest
 import yaml
 
-from outbox_sync.cli import main, parse_address
+from outbox_sync.cli import main
+from outbox_sync.config import parse_address
 from outbox_sync.db import Database
 from outbox_sync.localserver import free_port
 from outbox_sync.telemetry import Telemetry

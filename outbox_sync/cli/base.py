@@ -5,7 +5,7 @@ import contextlib
 import functools
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import click
@@ -18,7 +18,7 @@ from outbox_sync.errors import (
     OutboxSyncError,
     TypesenseUnavailableError,
 )
-from outbox_sync.report import parse_since
+from outbox_sync.report import iso, parse_since
 from outbox_sync.schema import check as check_schema
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -98,7 +98,31 @@ def advise(error: OutboxSyncError, settings: Settings | None) -> str:
     return message
 
 
-@click.group(context_settings=CONTEXT)
+class Group(click.Group):
+    """Every failure is one line on stderr, usage errors included (click adds the usage and a
+    hint on lines of their own): `--help` is where the usage is."""
+
+    def main(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, standalone_mode: bool = True, **kwargs: Any
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(args, standalone_mode=False, **kwargs)
+        except click.UsageError as error:
+            where = f" (see `{error.ctx.command_path} --help`)" if error.ctx else ""
+            click.echo(f"Error: {error.format_message()}{where}", err=True)
+            sys.exit(error.exit_code)
+        except click.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=Group, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="outbox-sync")
 @click.option(
     "--log-level",
@@ -135,9 +159,14 @@ def since_value(ctx: click.Context, param: click.Parameter, value: str | None) -
     if value is None:
         return None
     try:
-        return parse_since(value, time.time())
+        since = parse_since(value, time.time())
     except ValueError as error:
         raise click.BadParameter(str(error), ctx, param) from None
+    try:
+        iso(since)  # as the rows it is compared with write times
+    except (OverflowError, OSError, ValueError):
+        raise click.BadParameter(f"{value!r} is too far from today", ctx, param) from None
+    return since
 
 
 class ProgressBars:

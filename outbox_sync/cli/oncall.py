@@ -21,6 +21,9 @@ from outbox_sync.errors import CollectionNotFoundError, TypesenseRejectedError
 from outbox_sync.report import DEFAULT_SINCE, build_report, iso
 from outbox_sync.typesense_index import open_index
 
+# Ids of `sync_errors` rows: SQLite integers (a larger number would overflow the binding).
+ERROR_ID = click.IntRange(1, 2**63 - 1)
+
 
 @main.group()
 def errors() -> None:
@@ -75,7 +78,7 @@ def errors_list(
 
 @errors.command("show")
 @with_settings()
-@click.argument("error_id", metavar="ID", type=int)
+@click.argument("error_id", metavar="ID", type=ERROR_ID)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def errors_show(settings: Settings, error_id: int, as_json: bool) -> None:
     """Show one sync error in full.
@@ -92,7 +95,7 @@ def errors_show(settings: Settings, error_id: int, as_json: bool) -> None:
 
 @errors.command("retry")
 @with_settings()
-@click.argument("error_ids", metavar="[ID]...", nargs=-1, type=int)
+@click.argument("error_ids", metavar="[ID]...", nargs=-1, type=ERROR_ID)
 @click.option("--all", "retry_all", is_flag=True, help="Retry every open sync error.")
 def errors_retry(settings: Settings, error_ids: tuple[int, ...], retry_all: bool) -> None:
     """Retry sync errors through the outbox, once their cause is fixed.
@@ -121,7 +124,7 @@ def errors_retry(settings: Settings, error_ids: tuple[int, ...], retry_all: bool
 
 @errors.command("resolve")
 @with_settings()
-@click.argument("error_ids", metavar="ID...", nargs=-1, type=int, required=True)
+@click.argument("error_ids", metavar="ID...", nargs=-1, type=ERROR_ID, required=True)
 @click.option(
     "--note",
     required=True,
