@@ -25,8 +25,8 @@ from tests.oncall import invoke, one_line
 from tests.test_errors_cli import refusing_collection
 
 
-def report(server: Server, db_path: Path, *args: str) -> Any:
-    result = invoke(["report", "--json", *args], server, db_path, "unused")
+def report(server: Server, db_path: Path, *args: str, collection: str = "unused") -> Any:
+    result = invoke(["report", "--json", *args], server, db_path, collection)
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -178,3 +178,29 @@ def test_error_kinds_count_messages_without_their_particulars() -> None:
     assert error_kind(400, "Field `comment` must be an int32.") == (
         "HTTP 400: Field `comment` must be an int32."
     )
+
+
+def test_two_saves_of_one_minute_add_counts_and_keep_the_highest_backlog(db: Database) -> None:
+    minute = 1_714_564_800
+    stats.save(db, minute, {"applied": {"upsert": 3}})  # a row from before backlog_max existed
+    stats.save(db, minute, {"applied": {"upsert": 2}, "backlog_max": {"pending": 40}})
+    stats.save(
+        db,
+        minute,
+        {"applied": {"upsert": 1}, "backlog_max": {"pending": 25, "oldest_age_s": 1.5}},
+    )
+    [(_, data)] = list(stats.scan(db, minute))
+    assert data == {
+        "applied": {"upsert": 6},
+        "backlog_max": {"pending": 40, "oldest_age_s": 1.5},  # a maximum, not 65
+    }
+
+
+def test_the_daemon_keeps_the_highest_backlog_sample_of_the_interval() -> None:
+    telemetry = Telemetry()
+    telemetry.backlog(5, 0.25, 0)  # the loop refreshes the backlog every second
+    telemetry.backlog(9, 2.5, 1)
+    telemetry.backlog(0, None, 1)  # drained: the lag is 0, not unknown
+    taken = telemetry.take_stats()
+    assert taken is not None
+    assert taken[1] == {"backlog_max": {"pending": 9, "oldest_age_s": 2.5}}
