@@ -5,6 +5,7 @@ import contextlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ from outbox_sync.report import error_kind, parse_since
 from outbox_sync.stats import STATS_BUCKET_S
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
-from outbox_sync.worker import daemon
-from tests.conftest import ROW_SQL, Server, app_connection, make_row, wait_until
+from outbox_sync.worker import STATS_SAVE_INTERVAL_S, daemon
+from tests.conftest import ROW_SQL, Daemon, Server, app_connection, make_row, wait_until
 from tests.oncall import invoke, one_line
 from tests.test_errors_cli import refusing_collection
 
@@ -178,6 +179,32 @@ def test_error_kinds_count_messages_without_their_particulars() -> None:
     assert error_kind(400, "Field `comment` must be an int32.") == (
         "HTTP 400: Field `comment` must be an int32."
     )
+
+
+def test_a_running_daemon_shows_what_it_applied_a_moment_ago(
+    db_path: Path, start_daemon: Callable[..., Daemon], typesense_server: Server, collection: str
+) -> None:
+    # `outbox-sync run` as a real process; the report must not wait for the minute to end (nor
+    # for the daemon to stop) to count what it applied
+    running = start_daemon()
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    wait_until(lambda: Database(db_path).counts()["pending"] == 0, what="the rows to sync")
+    synced_at = time.monotonic()
+
+    def applied() -> Any:
+        figures = report(typesense_server, db_path, "--since", "10m", collection=collection)
+        return figures["applied"]["upsert"] == 5 and figures
+
+    # the minute's row gets what was applied within STATS_SAVE_INTERVAL_S; far less than the
+    # minute the daemon used to wait (the timeout fails that)
+    assert STATS_SAVE_INTERVAL_S <= 10
+    figures = wait_until(applied, timeout_s=STATS_SAVE_INTERVAL_S + 5, what="the report")
+    assert time.monotonic() - synced_at < STATS_SAVE_INTERVAL_S + 5
+    assert running.process.poll() is None  # counted while running, not by the save at its stop
+    assert figures["latency"]["import"]["requests"] >= 1
+    # the backlog samples of the running daemon are in the minute's row too
+    [row] = Database(db_path).conn.execute("SELECT data FROM sync_stats").fetchall()
+    assert json.loads(row[0])["backlog_max"]["pending"] >= 0
 
 
 def test_two_saves_of_one_minute_add_counts_and_keep_the_highest_backlog(db: Database) -> None:
