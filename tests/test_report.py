@@ -16,8 +16,8 @@ from outbox_sync import stats
 from outbox_sync.db import Database
 from outbox_sync.errors import CollectionNotFoundError
 from outbox_sync.localserver import LocalTypesense
-from outbox_sync.report import error_kind, parse_since
-from outbox_sync.stats import STATS_BUCKET_S
+from outbox_sync.report import build_report, error_kind, parse_since
+from outbox_sync.stats import LATENCY_BUCKETS_S, STATS_BUCKET_S
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import STATS_SAVE_INTERVAL_S, daemon
@@ -231,3 +231,85 @@ def test_the_daemon_keeps_the_highest_backlog_sample_of_the_interval() -> None:
     taken = telemetry.take_stats()
     assert taken is not None
     assert taken[1] == {"backlog_max": {"pending": 9, "oldest_age_s": 2.5}}
+
+
+def latency_counts(**by_bound: int) -> list[int]:
+    """A latency histogram: latency_counts(ms5=3) puts 3 requests in the ≤ 5 ms bucket."""
+    counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+    for name, count in by_bound.items():
+        counts[LATENCY_BUCKETS_S.index(float(name[2:]) / 1000)] += count
+    return counts
+
+
+def test_series_are_per_hour_sums_merged_percentiles_and_maxima(db: Database) -> None:
+    hour = 1_714_564_800  # 2024-05-01T12:00:00Z
+    save = stats.save
+    # 12:00: 10 fast requests in one minute, 10 slow ones in another: the hour's p50 is the
+    # fast bucket, its p95 the slow one, which neither minute alone says
+    save(
+        db,
+        hour,
+        {"applied": {"upsert": 4, "delete": 1}, "latency": {"import": latency_counts(ms1=10)}},
+    )
+    save(
+        db,
+        hour + 300,
+        {
+            "applied": {"upsert": 6},
+            "latency": {"import": latency_counts(ms25=10)},
+            "backlog_max": {"pending": 7, "oldest_age_s": 0.5},
+        },
+    )
+    save(db, hour + 600, {"backlog_max": {"pending": 3, "oldest_age_s": 2.0}})
+    # 13:00: statistics, but nothing applied and no backlog samples (a row from an older daemon)
+    save(db, hour + 3600, {"latency": {"health": latency_counts(ms5=2)}})
+    # 14:00: nothing saved (the daemon was down); 15:00: one minute
+    save(db, hour + 3 * 3600 + 60, {"applied": {"delete": 2}, "backlog_max": {"pending": 1}})
+
+    figures = build_report(db, hour, now=hour + 3 * 3600 + 120)
+    series = figures["series"]
+    assert series["hours"] == [
+        "2024-05-01T12:00:00Z",
+        "2024-05-01T13:00:00Z",
+        "2024-05-01T14:00:00Z",
+        "2024-05-01T15:00:00Z",
+    ]
+    assert series["applied"] == {"upsert": [10, 0, None, 0], "delete": [1, 0, None, 2]}
+    assert series["latency"]["import"] == {
+        "p50_s": [0.001, None, None, None],
+        "p95_s": [0.025, None, None, None],
+        "p99_s": [0.025, None, None, None],
+    }
+    assert series["latency"]["health"]["p50_s"] == [None, 0.005, None, None]
+    assert series["backlog_max"] == {
+        "pending": [7, None, None, 1],  # the highest sample of the hour, not 10
+        "oldest_age_s": [2.0, None, None, None],
+    }
+    # the totals are the hours added up once (merging the hours into them changes no hour)
+    assert figures["applied"] == {"upsert": 10, "delete": 3, "total": 13}
+    assert figures["latency"]["import"]["requests"] == 20
+    assert figures["stats_minutes"] == 5
+
+
+def test_sync_errors_are_counted_per_day_and_kind(db: Database) -> None:
+    day = 1_714_521_600  # 2024-05-01
+    with db.write() as conn:
+        conn.executemany(
+            "INSERT INTO sync_errors (outbox_id, sequence_id, op, http_status, error, attempts,"
+            " failed_at) VALUES (?, ?, 'upsert', ?, ?, 2, ?)",
+            [
+                (1, 1, 400, "Field `comment` must be an int32.", "2024-05-01T08:00:00Z"),
+                (2, 2, 400, "Field `comment` must be an int32.", "2024-05-03T09:00:00Z"),
+                (3, 3, None, "sequence_number: 'x' is not an integer", "2024-05-03T10:00:00Z"),
+                (4, 4, None, "sequence_number: 'y' is not an integer", "2024-05-03T11:00:00Z"),
+                (5, 5, 400, "too old to count", "2024-04-29T23:59:59Z"),
+            ],
+        )
+    errors = build_report(db, day, now=day + 2 * 86400 + 3600)["series"]["errors_by_day"]
+    assert errors == {
+        "days": ["2024-05-01", "2024-05-02", "2024-05-03"],
+        "by_kind": {
+            "HTTP 400: Field `comment` must be an int32.": [1, 0, 1],
+            "validation: sequence_number: … is not an integer": [0, 0, 2],
+        },
+    }
