@@ -3,6 +3,7 @@ Typesense, its statistics are saved as the daemon saves them, and the report add
 
 import contextlib
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -313,3 +314,16 @@ def test_sync_errors_are_counted_per_day_and_kind(db: Database) -> None:
             "validation: sequence_number: … is not an integer": [0, 0, 2],
         },
     }
+
+
+def test_html_without_plotly_says_in_one_line_what_to_install(
+    db_path: Path, typesense_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "plotly", None)  # `import plotly` raises ImportError
+    page = tmp_path / "review.html"
+    result = invoke(["report", "--html", str(page)], typesense_server, db_path, "unused")
+    assert one_line(result) == (
+        "Error: --html draws its charts with plotly, which is not installed: "
+        "pip install 'outbox-sync[report]'"
+    )
+    assert result.exit_code == 1 and not page.exists()
