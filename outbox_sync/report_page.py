@@ -16,6 +16,8 @@ from outbox_sync.stats import LATENCY_BUCKETS_S
 
 INSTALL_HINT = "pip install 'outbox-sync[report]'"
 CHART_HEIGHT_PX = 340
+LATENCY_ROW_PX = 170
+PERCENTILE_COLORS = ("#2ca02c", "#ff7f0e", "#d62728")  # p50, p95, p99 alike in every row
 # Error kinds drawn apart in the errors chart; the others are added up as "other kinds" (a
 # legend of dozens of kinds reads as noise; the text report lists them all).
 SHOWN_KINDS = 8
@@ -61,16 +63,16 @@ def page(figures: dict[str, Any], summary: Sequence[str]) -> str:
             errors_chart(series["errors_by_day"]),
         ),
     ]
-    for operation, percentiles in series["latency"].items():
-        charts.append(
-            (
-                f"latency-{operation}",
-                f"Typesense latency per hour: {operation}",
-                "p50, p95 and p99 of the hour's requests. Each is the upper bound of the "
-                "histogram bucket it falls in (5 ms means between 2.5 and 5 ms).",
-                latency_chart(series["hours"], percentiles, window),
-            )
+    charts.append(
+        (
+            "latency",
+            "Typesense latency per hour, by operation",
+            "p50, p95 and p99 of the hour's requests, one row per operation (the busiest first). "
+            "Each is the upper bound of the histogram bucket it falls in (5 ms means between "
+            "2.5 and 5 ms).",
+            latency_chart(series["hours"], series["latency"], figures["latency"], window),
         )
+    )
     charts += [
         (
             "outages",
@@ -94,7 +96,7 @@ def page(figures: dict[str, Any], summary: Sequence[str]) -> str:
             include_plotlyjs=False,
             div_id=f"chart-{name}",
             config=PLOTLY_CONFIG,
-            default_height=f"{CHART_HEIGHT_PX}px",
+            default_height=f"{figure.layout.height}px",
         )
         + "</section>"
         for name, title, how, figure in charts
@@ -198,31 +200,55 @@ def errors_chart(errors_by_day: dict[str, Any]) -> Any:
 
 
 def latency_chart(
-    hours: list[str], percentiles: dict[str, list[float | None]], window: tuple[str, str]
+    hours: list[str],
+    latency: dict[str, dict[str, list[float | None]]],
+    summary: dict[str, dict[str, Any]],
+    window: tuple[str, str],
 ) -> Any:
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
-    figure = base_figure(window, "at most (bucket bound)")
+    operations = sorted(latency, key=lambda op: -summary[op]["requests"]) or ["none"]
+    figure = make_subplots(
+        rows=len(operations),
+        cols=1,
+        shared_xaxes=True,
+        subplot_titles=operations,
+        vertical_spacing=0.3 / len(operations),
+    )
+    figure.update_layout(
+        height=LATENCY_ROW_PX * len(operations) + 80,
+        margin={"l": 60, "r": 60, "t": 30, "b": 40},
+        legend={"orientation": "h", "y": -40 / (LATENCY_ROW_PX * len(operations))},
+    )
     # the values are always bucket bounds: tick exactly those, in words
     labels = [
         f"{bound * 1000:g} ms" if bound < 1 else f"{bound:g} s" for bound in LATENCY_BUCKETS_S
     ]
-    figure.update_yaxes(
-        type="log", rangemode=None, tickvals=list(LATENCY_BUCKETS_S), ticktext=labels
-    )
-    for name, values in percentiles.items():
-        figure.add_trace(
-            go.Scatter(
-                x=[plot_time(hour) for hour in hours],
-                y=values,
-                name=name.removesuffix("_s"),
-                mode="lines+markers",
-                line_shape="hv",
-                hovertemplate="≤ %{y} s<extra>%{x|%Y-%m-%d %H:00}</extra>",
-                marker={"size": 4},
+    figure.update_yaxes(type="log", tickvals=list(LATENCY_BUCKETS_S), ticktext=labels)
+    figure.update_xaxes(type="date", range=list(window))
+    x = [plot_time(hour) for hour in hours]
+    for row, operation in enumerate(operations, start=1):
+        for (name, values), color in zip(
+            latency.get(operation, {}).items(), PERCENTILE_COLORS, strict=False
+        ):
+            figure.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=values,
+                    name=name.removesuffix("_s"),
+                    meta=operation,
+                    legendgroup=name,
+                    showlegend=row == 1,
+                    mode="lines+markers",
+                    line={"shape": "hv", "color": color},
+                    marker={"size": 4},
+                    hovertemplate="≤ %{y} s<extra>" + operation + " %{x|%Y-%m-%d %H:00}</extra>",
+                ),
+                row=row,
+                col=1,
             )
-        )
-    return figure
+    return say_if_empty(figure, not latency, "no Typesense requests in this window")
 
 
 def outages_chart(outages: list[dict[str, Any]], window: tuple[str, str]) -> Any:
