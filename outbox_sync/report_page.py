@@ -8,10 +8,11 @@ draws the `series` of report.build_report; nothing here reads the database.
 
 import html
 from collections.abc import Sequence
+from datetime import date, timedelta
 from typing import Any
 
 from outbox_sync.errors import OutboxSyncError
-from outbox_sync.report import HOUR_S
+from outbox_sync.report import DAY_S, HOUR_S
 from outbox_sync.stats import LATENCY_BUCKETS_S
 
 INSTALL_HINT = "pip install 'outbox-sync[report]'"
@@ -62,8 +63,6 @@ def page(figures: dict[str, Any], summary: Sequence[str]) -> str:
             "particulars. `outbox-sync errors list --since …` shows them one by one.",
             errors_chart(series["errors_by_day"]),
         ),
-    ]
-    charts.append(
         (
             "latency",
             "Typesense latency per hour, by operation",
@@ -71,9 +70,7 @@ def page(figures: dict[str, Any], summary: Sequence[str]) -> str:
             "Each is the upper bound of the histogram bucket it falls in (5 ms means between "
             "2.5 and 5 ms).",
             latency_chart(series["hours"], series["latency"], figures["latency"], window),
-        )
-    )
-    charts += [
+        ),
         (
             "outages",
             "Outages",
@@ -126,7 +123,8 @@ pre {{ background: #f6f6f6; padding: 0.8em; overflow-x: auto; }}
 
 
 def plot_time(iso: str) -> str:
-    """2024-05-01T12:00:00Z as plotly.js reads a date (it would not parse the Z)."""
+    """2024-05-01T12:00:00Z as plotly.js shows dates: 2024-05-01 12:00:00. It knows no time
+    zones (it draws the Z's time as it is), so the page says its times are UTC."""
     return iso.replace("T", " ").removesuffix("Z")
 
 
@@ -190,12 +188,16 @@ def errors_chart(errors_by_day: dict[str, Any]) -> Any:
                 x=days,
                 y=counts,
                 name=label,
+                xperiod=DAY_S * 1000,
+                xperiodalignment="middle",
                 hovertext=[kind] * len(days),
-                hovertemplate="%{y} on %{x}<extra>%{hovertext}</extra>",
+                hovertemplate="%{y} on %{x|%Y-%m-%d}<extra>%{hovertext}</extra>",
             )
         )
-    figure.update_xaxes(type="date", range=[days[0], days[-1]] if len(days) > 1 else None)
-    figure.update_xaxes(tickformat="%b %d", dtick=86400 * 1000)
+    after_the_last = date.fromisoformat(days[-1]) + timedelta(days=1)
+    figure.update_xaxes(
+        type="date", range=[days[0], after_the_last.isoformat()], tickformat="%b %d"
+    )
     return say_if_empty(figure, not kinds, "no sync errors in this window")
 
 
@@ -208,7 +210,9 @@ def latency_chart(
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    operations = sorted(latency, key=lambda op: -summary[op]["requests"]) or ["none"]
+    if not latency:
+        return say_if_empty(base_figure(window, ""), True, "no Typesense requests in this window")
+    operations = sorted(latency, key=lambda op: -summary[op]["requests"])
     figure = make_subplots(
         rows=len(operations),
         cols=1,
@@ -248,7 +252,7 @@ def latency_chart(
                 row=row,
                 col=1,
             )
-    return say_if_empty(figure, not latency, "no Typesense requests in this window")
+    return figure
 
 
 def outages_chart(outages: list[dict[str, Any]], window: tuple[str, str]) -> Any:

@@ -327,3 +327,17 @@ def test_html_without_plotly_says_in_one_line_what_to_install(
         "pip install 'outbox-sync[report]'"
     )
     assert result.exit_code == 1 and not page.exists()
+
+
+def test_the_page_of_an_empty_database_says_each_chart_is_empty(
+    db_path: Path, typesense_server: Server, tmp_path: Path
+) -> None:
+    page = tmp_path / "review.html"
+    result = invoke(["report", "--html", str(page)], typesense_server, db_path, "unused")
+    assert result.exit_code == 0, result.output
+    assert f"wrote the weekly review with charts to {page}" in result.stderr
+    assert result.stdout.startswith("outbox-sync report, ")  # the text, as without --html
+    text = page.read_text()
+    for empty in ("records applied", "sync errors", "Typesense requests", "outages"):
+        assert f"no {empty} in this window" in text
+    assert "no backlog samples in this window" in text
