@@ -32,8 +32,6 @@ from tests.conftest import ROW_SQL, Server, app_connection, make_row, wait_until
 from tests.oncall import by_hand, invoke
 from tests.test_errors_cli import refusing_collection
 
-pytestmark = pytest.mark.slow  # restarts Typesense
-
 # Root needs --no-sandbox; the rest keeps Chromium off the network it would call home on (this
 # machine has none) and off the GPU it does not have.
 CHROMIUM_ARGS = [
@@ -68,6 +66,7 @@ def chromium() -> Iterator[Browser]:
         browser.close()
 
 
+@pytest.mark.slow  # restarts Typesense
 def test_the_page_draws_every_chart_offline(
     chromium: Browser,
     db_path: Path,
@@ -87,45 +86,18 @@ def test_the_page_draws_every_chart_offline(
     figures = report_json(server, db_path, "--since", "7d", "--html", str(page_path))
     assert page_path.stat().st_size > 1_000_000  # plotly.js is in it
 
-    context = chromium.new_context(viewport={"width": 1100, "height": 900})
-    requested: list[str] = []
-
-    def only_the_file(route: Route) -> None:
-        requested.append(route.request.url)
-        if route.request.url.startswith("file:"):
-            route.continue_()
-        else:
-            route.abort()  # nothing may leave the machine; the assert below says what tried
-
-    context.route("**/*", only_the_file)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(page_path.as_uri(), wait_until="load")
-    assert requested == [page_path.as_uri()]  # here, before a missing script times out below
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('.plotly-graph-div')]"
-        ".every(div => div._fullLayout && div.querySelector('.main-svg'))",
-        timeout=15_000,
-    )
-    charts = {chart["id"]: chart for chart in page.evaluate(CHARTS_JS)}
-    page.screenshot(path=tmp_path / "weekly-review.png", full_page=True)
+    charts = open_offline(chromium, page_path, tmp_path / "weekly-review.png")
     if os.environ.get(SCREENSHOT_ENV):
         shutil.copyfile(tmp_path / "weekly-review.png", os.environ[SCREENSHOT_ENV])
-    context.close()
-
-    assert errors == []
-    assert requested == [page_path.as_uri()]
-    assert set(charts) == {
-        "chart-applied",
-        "chart-errors",
-        "chart-latency",
-        "chart-outages",
-        "chart-backlog",
-    }
-    for chart in charts.values():
-        assert chart["drawn"] > 0, chart["id"]  # bars or markers in the SVG, not only axes
+    assert set(charts) == CHARTS
+    for chart in charts.values():  # in the SVG: a bar for every figure but 0, a marker for each
+        figures_drawn = sum(
+            1
+            for trace in chart["traces"]
+            for value in trace["y"]
+            if (value if trace["type"] == "bar" else value is not None)
+        )
+        assert chart["drawn"] == figures_drawn > 0, chart["id"]
 
     # records applied: every hour's bar, the daemon's own hours among them
     hours = figures["series"]["hours"]
@@ -169,16 +141,66 @@ def test_the_page_draws_every_chart_offline(
     assert sum(1 for value in pending if value is not None) > 100
 
 
-# Each chart as plotly.js holds it (its data, decoded) and how many bars or markers it drew.
+def test_the_page_of_an_empty_database_loads_too(
+    chromium: Browser, db_path: Path, tmp_path: Path
+) -> None:
+    page_path = tmp_path / "weekly-review.html"
+    server = Server("http://127.0.0.1:9", "unused")  # report asks nothing of Typesense
+    report_json(server, db_path, "--html", str(page_path))
+    charts = open_offline(chromium, page_path, tmp_path / "weekly-review.png")
+    assert set(charts) == CHARTS
+    for chart in charts.values():
+        assert chart["drawn"] == 0 and "in this window" in chart["note"], chart["id"]
+
+
+def open_offline(chromium: Browser, page_path: Path, screenshot: Path) -> dict[str, Any]:
+    """Open the page with every request but its own file blocked; check it asked for nothing
+    else and logged no error; each chart as CHARTS_JS finds it, by id; a screenshot."""
+    context = chromium.new_context(viewport={"width": 1100, "height": 900})
+    requested: list[str] = []
+
+    def only_the_file(route: Route) -> None:
+        requested.append(route.request.url)
+        if route.request.url.startswith("file:"):
+            route.continue_()
+        else:
+            route.abort()  # nothing may leave the machine; the asserts below say what tried
+
+    context.route("**/*", only_the_file)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(page_path.as_uri(), wait_until="load")
+    assert requested == [page_path.as_uri()]  # here, before a missing script times out below
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.plotly-graph-div')]"
+        ".every(div => div._fullLayout && div.querySelector('.main-svg'))",
+        timeout=15_000,
+    )
+    charts = {chart["id"]: chart for chart in page.evaluate(CHARTS_JS)}
+    page.screenshot(path=screenshot, full_page=True)
+    context.close()
+    assert errors == []
+    assert requested == [page_path.as_uri()]
+    return charts
+
+
+CHARTS = {"chart-applied", "chart-errors", "chart-latency", "chart-outages", "chart-backlog"}
+# Each chart as plotly.js holds it (its data, decoded), how many bars or markers it drew (plotly
+# keeps an empty shape for a bar of 0 or null: not counted) and the notes written on it.
 CHARTS_JS = """() => [...document.querySelectorAll('.plotly-graph-div')].map(div => ({
     id: div.id,
     traces: div._fullData.map(trace => ({
         name: trace.name,
+        type: trace.type,
         meta: trace.meta,
         x: Array.from(trace.x || []),
         y: Array.from(trace.y || []),
     })),
-    drawn: div.querySelectorAll('.barlayer .point path, .scatterlayer .point').length,
+    drawn: [...div.querySelectorAll('.barlayer .point path, .scatterlayer .point')]
+        .filter(shape => shape.getBBox().width > 0 && shape.getBBox().height > 0).length,
+    note: [...div.querySelectorAll('.annotation-text')].map(text => text.textContent).join(),
 }))"""
 
 
