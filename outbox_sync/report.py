@@ -1,8 +1,9 @@
 """The weekly review: what the daemon did over a window, from the per-minute statistics it keeps
 in `sync_stats` (see stats.py) and the rows of `sync_errors`.
 
-Figures cover the minutes the daemon has saved: it writes its statistics once a minute and when
-it stops, so the current minute of a running daemon is not in them yet.
+Figures cover what the daemon has saved: it adds its statistics to the current minute's row every
+few seconds (worker.STATS_SAVE_INTERVAL_S) and when it stops. Beside the totals, `series` holds the
+same figures hour by hour (and the sync errors day by day) for the charts of the HTML page.
 """
 
 import re
@@ -20,6 +21,9 @@ DEFAULT_SINCE = "7d"
 DURATION = re.compile(r"(\d+)\s*([smhdw])")
 SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 PERCENTILES = {"p50_s": 0.50, "p95_s": 0.95, "p99_s": 0.99}
+# The series of the charts: statistics per hour (168 points a week), sync errors per day.
+HOUR_S = 3600
+DAY_S = 86400
 # An error kind is the message with its particulars (numbers, quoted values) blanked, so that
 # "got text 'twelve'" and "got text 'seven'" count as one kind.
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
@@ -65,19 +69,25 @@ def build_report(db: Database, since: float, now: float | None = None) -> dict[s
     """Everything `outbox-sync report` shows for the window from `since` (Unix time) to now.
     Statistics count by whole minutes: the minute `since` falls in is included."""
     now = time.time() if now is None else now
-    totals: dict[str, Any] = {}
+    hours: dict[int, dict[str, Any]] = {}
     minutes = 0
-    for _, data in stats.scan(db, int(since // STATS_BUCKET_S * STATS_BUCKET_S)):
-        stats.merge(totals, data)
+    for bucket, data in stats.scan(db, int(since // STATS_BUCKET_S * STATS_BUCKET_S)):
+        stats.merge(hours.setdefault(bucket // HOUR_S * HOUR_S, {}), data)
         minutes += 1
+    totals: dict[str, Any] = {}
+    for hour in hours.values():
+        stats.merge(totals, hour)
     applied = totals.get("applied", {})
     upserts, deletes = int(applied.get("upsert", 0)), int(applied.get("delete", 0))
 
     by_status: Counter[str] = Counter()
     by_kind: Counter[str] = Counter()
-    for http_status, error in failures_since(db, iso(since)):
+    by_day: dict[str, Counter[str]] = {}
+    for failed_at, http_status, error in failures_since(db, iso(since)):
+        kind = error_kind(http_status, error)
         by_status["validation" if http_status is None else str(http_status)] += 1
-        by_kind[error_kind(http_status, error)] += 1
+        by_kind[kind] += 1
+        by_day.setdefault(failed_at[:10], Counter())[kind] += 1
 
     pending, oldest_age_s, open_errors = db.backlog()
     return {
@@ -102,17 +112,69 @@ def build_report(db: Database, since: float, now: float | None = None) -> dict[s
             "oldest_pending_age_s": oldest_age_s,
             "sync_errors_open": open_errors,
         },
+        "series": {
+            **hourly_series(hours, since, now),
+            "errors_by_day": daily_errors(
+                by_day, [kind for kind, _ in by_kind.most_common()], since, now
+            ),
+            "outages": [
+                {"start": iso(start), "end": iso(end), "seconds": round(end - start, 3)}
+                for start, end in sorted(totals.get("outages", []))
+            ],
+        },
     }
 
 
-def failures_since(db: Database, since: str) -> Iterator[tuple[int | None, str]]:
-    """(http_status, error) of every sync error that failed at or after `since` (ISO)."""
+def hourly_series(hours: dict[int, dict[str, Any]], since: float, now: float) -> dict[str, Any]:
+    """Every hour of the window, oldest first, with what the daemon saved in it: records applied
+    per operation, latency percentiles per operation, and the highest backlog and lag. An hour
+    with no saved statistics (the daemon was not running) is None, a gap in the charts; an hour
+    with statistics but nothing of a kind counts 0 records, or None for a latency or a backlog
+    it has no samples of."""
+    grid = range(int(since // HOUR_S * HOUR_S), int(now) + 1, HOUR_S)
+    operations = sorted({op for hour in hours.values() for op in hour.get("latency", {})})
+    applied: dict[str, list[int | None]] = {"upsert": [], "delete": []}
+    latency: dict[str, dict[str, list[float | None]]] = {
+        op: {name: [] for name in PERCENTILES} for op in operations
+    }
+    backlog: dict[str, list[float | None]] = {"pending": [], "oldest_age_s": []}
+    for hour in (hours.get(start) for start in grid):
+        for op, counts in applied.items():
+            counts.append(None if hour is None else int(hour.get("applied", {}).get(op, 0)))
+        for op, percentiles in latency.items():
+            histogram = None if hour is None else hour.get("latency", {}).get(op)
+            summary = None if histogram is None else latency_summary(histogram)
+            for name, values in percentiles.items():
+                values.append(None if summary is None else summary[name])
+        for figure, values in backlog.items():
+            values.append(None if hour is None else hour.get("backlog_max", {}).get(figure))
+    return {
+        "hours": [iso(start) for start in grid],
+        "applied": applied,
+        "latency": latency,
+        "backlog_max": backlog,
+    }
+
+
+def daily_errors(
+    by_day: dict[str, Counter[str]], kinds: list[str], since: float, now: float
+) -> dict[str, Any]:
+    """Sync errors per UTC day of the window, by kind (most frequent first)."""
+    days = [iso(day)[:10] for day in range(int(since // DAY_S * DAY_S), int(now) + 1, DAY_S)]
+    return {
+        "days": days,
+        "by_kind": {kind: [by_day.get(day, Counter())[kind] for day in days] for kind in kinds},
+    }
+
+
+def failures_since(db: Database, since: str) -> Iterator[tuple[str, int | None, str]]:
+    """(failed_at, http_status, error) of every sync error that failed at or after `since`
+    (ISO)."""
     recent = "failed_at >= ?"
-    for rows in pages(
-        db.conn, "sync_errors", "id", "http_status, error", where=recent, params=(since,)
-    ):
-        for _, http_status, error in rows:
-            yield http_status, error
+    columns = "failed_at, http_status, error"
+    for rows in pages(db.conn, "sync_errors", "id", columns, where=recent, params=(since,)):
+        for _, failed_at, http_status, error in rows:
+            yield failed_at, http_status, error
 
 
 def closed_since(db: Database, since: str) -> dict[str, int]:

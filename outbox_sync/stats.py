@@ -1,11 +1,14 @@
 """The daemon's per-minute statistics, kept in SQLite (`sync_stats`) for `outbox-sync report`.
 
 One row a minute holds a small JSON object: records applied per operation, documents retried,
-records given up on per reason, Typesense latency histograms per operation, and outages. The
-daemon (telemetry.py) gathers them in memory and adds them to their minute's row; two rows of the
-same minute add up (`merge`).
+records given up on per reason, Typesense latency histograms per operation, outages, and the
+highest backlog seen (`backlog_max`: pending entries and the age of the oldest). The daemon
+(telemetry.py) gathers them in memory and adds them to their minute's row every few seconds; two
+rows of the same minute add up (`merge`), except the backlog, a level, which keeps its maximum.
+Rows written before `backlog_max` existed simply lack it.
 """
 
+import copy
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -18,21 +21,27 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 STATS_BUCKET_S = 60
 # How long per-minute statistics are kept: a month covers any weekly review.
 STATS_RETENTION_S = 35 * 24 * 3600
+# Sections that hold samples of a level, not counts: 40 entries pending at 12:00:05 and 40 still
+# pending at 12:00:10 are 40, not 80, so two rows of one minute keep the higher figure.
+MAX_SECTIONS = frozenset({"backlog_max"})
 
 
-def merge(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
-    """Add `other` into `into`: numbers add up, latency counts add up bucket by bucket,
-    outages are listed one after the other."""
+def merge(into: dict[str, Any], other: dict[str, Any], *, highest: bool = False) -> dict[str, Any]:
+    """Add `other` into `into`: numbers add up (in MAX_SECTIONS: the higher one stays), latency
+    counts add up bucket by bucket, outages are listed one after the other. `other` is copied,
+    never shared: the report merges one row into its hour and the hour into the totals."""
     for key, value in other.items():
         mine = into.get(key)
         if mine is None:
-            into[key] = value
+            into[key] = copy.deepcopy(value)
         elif isinstance(value, dict):
-            merge(mine, value)
+            merge(mine, value, highest=highest or key in MAX_SECTIONS)
         elif key == "outages":
-            mine.extend(value)
+            mine.extend(copy.deepcopy(value))
         elif isinstance(value, list):
             into[key] = [a + b for a, b in zip(mine, value, strict=True)]
+        elif highest:
+            into[key] = max(mine, value)
         else:
             into[key] = mine + value
     return into

@@ -148,6 +148,10 @@ class Telemetry:
         self.pending.set(pending)
         self.oldest_age.set(oldest_age_s or 0.0)
         self.errors_open.set(errors_open)
+        with self._lock:  # the report's backlog and lag over time: the highest sample a minute
+            highest = self._stats_section("backlog_max", {})
+            highest["pending"] = max(highest.get("pending", 0), pending)
+            highest["oldest_age_s"] = max(highest.get("oldest_age_s", 0.0), oldest_age_s or 0.0)
         notify(
             f"STATUS=backlog {pending}, oldest {oldest_age_s or 0:.1f} s, open errors {errors_open}"
         )

@@ -45,8 +45,12 @@ DEFAULT_MAX_BACKOFF_S = 10.0
 HEALTH_PROBE_INTERVAL_S = 5.0
 # While an outage lasts, repeat the warning at most this often.
 OUTAGE_LOG_INTERVAL_S = 60.0
-# Saving the per-minute statistics: once a minute, and when the loop ends.
-STATS_SAVE_INTERVAL_S = stats.STATS_BUCKET_S
+# Saving the per-minute statistics into their minute's row: this often, and when the loop ends,
+# so `report` counts the current minute too, at most this late. A save is one write transaction
+# on the application's file, 4.0 ms median (p95 5.8 ms), nearly all of it the WAL fsync of the
+# commit at SQLite's default synchronous=FULL (0.14 ms without), measured here with a month of
+# rows: every 5 s that holds the write lock 0.08 % of the time, against 0.4 % every second.
+STATS_SAVE_INTERVAL_S = 5.0
 
 
 class Index(Protocol):

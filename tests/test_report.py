@@ -1,9 +1,12 @@
 """`outbox-sync report`: a Worker with a Telemetry goes through known work against a real
 Typesense, its statistics are saved as the daemon saves them, and the report adds up."""
 
+import contextlib
 import json
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +15,20 @@ from structlog.testing import capture_logs
 
 from outbox_sync import stats
 from outbox_sync.db import Database
+from outbox_sync.errors import CollectionNotFoundError
 from outbox_sync.localserver import LocalTypesense
-from outbox_sync.report import error_kind, parse_since
-from outbox_sync.stats import STATS_BUCKET_S
+from outbox_sync.report import build_report, error_kind, parse_since
+from outbox_sync.stats import LATENCY_BUCKETS_S, STATS_BUCKET_S
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
-from outbox_sync.worker import daemon
-from tests.conftest import ROW_SQL, Server, app_connection, make_row, wait_until
+from outbox_sync.worker import STATS_SAVE_INTERVAL_S, daemon
+from tests.conftest import ROW_SQL, Daemon, Server, app_connection, make_row, wait_until
 from tests.oncall import invoke, one_line
 from tests.test_errors_cli import refusing_collection
 
 
-def report(server: Server, db_path: Path, *args: str) -> Any:
-    result = invoke(["report", "--json", *args], server, db_path, "unused")
+def report(server: Server, db_path: Path, *args: str, collection: str = "unused") -> Any:
+    result = invoke(["report", "--json", *args], server, db_path, collection)
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -105,6 +109,13 @@ def test_the_window_leaves_out_older_minutes(
     assert "does not exist: create it with `outbox-sync init" in one_line(missing)
 
 
+def retrieved(index: TypesenseIndex, key: str) -> dict[str, Any] | None:
+    """The document, or None while it (or the collection the worker creates) is not there."""
+    with contextlib.suppress(CollectionNotFoundError):
+        return index.retrieve(key)
+    return None
+
+
 @pytest.mark.slow
 def test_the_longest_outage_is_the_one_the_worker_lived_through(
     db_path: Path, db: Database, private_typesense: LocalTypesense, typesense_server: Server
@@ -119,7 +130,7 @@ def test_the_longest_outage_is_the_one_the_worker_lived_through(
     thread.start()
     try:
         app.execute(ROW_SQL, make_row(1))
-        wait_until(lambda: index.retrieve("1"), what="the first row")
+        wait_until(lambda: retrieved(index, "1"), what="the first row")
         private_typesense.stop()
         down_at = time.time()
         app.execute(ROW_SQL, make_row(2))
@@ -127,7 +138,7 @@ def test_the_longest_outage_is_the_one_the_worker_lived_through(
         time.sleep(0.5)
         private_typesense.start()
         up_at = time.time()
-        wait_until(lambda: index.retrieve("2"), what="the row written during the outage")
+        wait_until(lambda: retrieved(index, "2"), what="the row written during the outage")
         wait_until(
             lambda: (
                 any(entry["event"] == "reconciled" for entry in logged)
@@ -169,3 +180,164 @@ def test_error_kinds_count_messages_without_their_particulars() -> None:
     assert error_kind(400, "Field `comment` must be an int32.") == (
         "HTTP 400: Field `comment` must be an int32."
     )
+
+
+def test_a_running_daemon_shows_what_it_applied_a_moment_ago(
+    db_path: Path, start_daemon: Callable[..., Daemon], typesense_server: Server, collection: str
+) -> None:
+    # `outbox-sync run` as a real process; the report must not wait for the minute to end (nor
+    # for the daemon to stop) to count what it applied
+    running = start_daemon()
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    wait_until(lambda: Database(db_path).counts()["pending"] == 0, what="the rows to sync")
+    synced_at = time.monotonic()
+
+    def applied() -> Any:
+        figures = report(typesense_server, db_path, "--since", "10m", collection=collection)
+        return figures["applied"]["upsert"] == 5 and figures
+
+    # the minute's row gets what was applied within STATS_SAVE_INTERVAL_S; far less than the
+    # minute the daemon used to wait (the timeout fails that)
+    assert STATS_SAVE_INTERVAL_S <= 10
+    figures = wait_until(applied, timeout_s=STATS_SAVE_INTERVAL_S + 5, what="the report")
+    assert time.monotonic() - synced_at < STATS_SAVE_INTERVAL_S + 5
+    assert running.process.poll() is None  # counted while running, not by the save at its stop
+    assert figures["latency"]["import"]["requests"] >= 1
+    # the backlog samples of the running daemon are in the minute's row too
+    [row] = Database(db_path).conn.execute("SELECT data FROM sync_stats").fetchall()
+    assert json.loads(row[0])["backlog_max"]["pending"] >= 0
+
+
+def test_two_saves_of_one_minute_add_counts_and_keep_the_highest_backlog(db: Database) -> None:
+    minute = 1_714_564_800
+    stats.save(db, minute, {"applied": {"upsert": 3}})  # a row from before backlog_max existed
+    stats.save(db, minute, {"applied": {"upsert": 2}, "backlog_max": {"pending": 40}})
+    stats.save(
+        db,
+        minute,
+        {"applied": {"upsert": 1}, "backlog_max": {"pending": 25, "oldest_age_s": 1.5}},
+    )
+    [(_, data)] = list(stats.scan(db, minute))
+    assert data == {
+        "applied": {"upsert": 6},
+        "backlog_max": {"pending": 40, "oldest_age_s": 1.5},  # a maximum, not 65
+    }
+
+
+def test_the_daemon_keeps_the_highest_backlog_sample_of_the_interval() -> None:
+    telemetry = Telemetry()
+    telemetry.backlog(5, 0.25, 0)  # the loop refreshes the backlog every second
+    telemetry.backlog(9, 2.5, 1)
+    telemetry.backlog(0, None, 1)  # drained: the lag is 0, not unknown
+    taken = telemetry.take_stats()
+    assert taken is not None
+    assert taken[1] == {"backlog_max": {"pending": 9, "oldest_age_s": 2.5}}
+
+
+def latency_counts(**by_bound: int) -> list[int]:
+    """A latency histogram: latency_counts(ms5=3) puts 3 requests in the ≤ 5 ms bucket."""
+    counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+    for name, count in by_bound.items():
+        counts[LATENCY_BUCKETS_S.index(float(name[2:]) / 1000)] += count
+    return counts
+
+
+def test_series_are_per_hour_sums_merged_percentiles_and_maxima(db: Database) -> None:
+    hour = 1_714_564_800  # 2024-05-01T12:00:00Z
+    save = stats.save
+    # 12:00: 10 fast requests in one minute, 10 slow ones in another: the hour's p50 is the
+    # fast bucket, its p95 the slow one, which neither minute alone says
+    save(
+        db,
+        hour,
+        {"applied": {"upsert": 4, "delete": 1}, "latency": {"import": latency_counts(ms1=10)}},
+    )
+    save(
+        db,
+        hour + 300,
+        {
+            "applied": {"upsert": 6},
+            "latency": {"import": latency_counts(ms25=10)},
+            "backlog_max": {"pending": 7, "oldest_age_s": 0.5},
+        },
+    )
+    save(db, hour + 600, {"backlog_max": {"pending": 3, "oldest_age_s": 2.0}})
+    # 13:00: statistics, but nothing applied and no backlog samples (a row from an older daemon)
+    save(db, hour + 3600, {"latency": {"health": latency_counts(ms5=2)}})
+    # 14:00: nothing saved (the daemon was down); 15:00: one minute
+    save(db, hour + 3 * 3600 + 60, {"applied": {"delete": 2}, "backlog_max": {"pending": 1}})
+
+    figures = build_report(db, hour, now=hour + 3 * 3600 + 120)
+    series = figures["series"]
+    assert series["hours"] == [
+        "2024-05-01T12:00:00Z",
+        "2024-05-01T13:00:00Z",
+        "2024-05-01T14:00:00Z",
+        "2024-05-01T15:00:00Z",
+    ]
+    assert series["applied"] == {"upsert": [10, 0, None, 0], "delete": [1, 0, None, 2]}
+    assert series["latency"]["import"] == {
+        "p50_s": [0.001, None, None, None],
+        "p95_s": [0.025, None, None, None],
+        "p99_s": [0.025, None, None, None],
+    }
+    assert series["latency"]["health"]["p50_s"] == [None, 0.005, None, None]
+    assert series["backlog_max"] == {
+        "pending": [7, None, None, 1],  # the highest sample of the hour, not 10
+        "oldest_age_s": [2.0, None, None, None],
+    }
+    # the totals are the hours added up once (merging the hours into them changes no hour)
+    assert figures["applied"] == {"upsert": 10, "delete": 3, "total": 13}
+    assert figures["latency"]["import"]["requests"] == 20
+    assert figures["stats_minutes"] == 5
+
+
+def test_sync_errors_are_counted_per_day_and_kind(db: Database) -> None:
+    day = 1_714_521_600  # 2024-05-01
+    with db.write() as conn:
+        conn.executemany(
+            "INSERT INTO sync_errors (outbox_id, sequence_id, op, http_status, error, attempts,"
+            " failed_at) VALUES (?, ?, 'upsert', ?, ?, 2, ?)",
+            [
+                (1, 1, 400, "Field `comment` must be an int32.", "2024-05-01T08:00:00Z"),
+                (2, 2, 400, "Field `comment` must be an int32.", "2024-05-03T09:00:00Z"),
+                (3, 3, None, "sequence_number: 'x' is not an integer", "2024-05-03T10:00:00Z"),
+                (4, 4, None, "sequence_number: 'y' is not an integer", "2024-05-03T11:00:00Z"),
+                (5, 5, 400, "too old to count", "2024-04-29T23:59:59Z"),
+            ],
+        )
+    errors = build_report(db, day, now=day + 2 * 86400 + 3600)["series"]["errors_by_day"]
+    assert errors == {
+        "days": ["2024-05-01", "2024-05-02", "2024-05-03"],
+        "by_kind": {
+            "HTTP 400: Field `comment` must be an int32.": [1, 0, 1],
+            "validation: sequence_number: … is not an integer": [0, 0, 2],
+        },
+    }
+
+
+def test_html_without_plotly_says_in_one_line_what_to_install(
+    db_path: Path, typesense_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "plotly", None)  # `import plotly` raises ImportError
+    page = tmp_path / "review.html"
+    result = invoke(["report", "--html", str(page)], typesense_server, db_path, "unused")
+    assert one_line(result) == (
+        "Error: --html draws its charts with plotly, which is not installed: "
+        "pip install 'outbox-sync[report]'"
+    )
+    assert result.exit_code == 1 and not page.exists()
+
+
+def test_the_page_of_an_empty_database_says_each_chart_is_empty(
+    db_path: Path, typesense_server: Server, tmp_path: Path
+) -> None:
+    page = tmp_path / "review.html"
+    result = invoke(["report", "--html", str(page)], typesense_server, db_path, "unused")
+    assert result.exit_code == 0, result.output
+    assert f"wrote the weekly review with charts to {page}" in result.stderr
+    assert result.stdout.startswith("outbox-sync report, ")  # the text, as without --html
+    text = page.read_text()
+    for empty in ("records applied", "sync errors", "Typesense requests", "outages"):
+        assert f"no {empty} in this window" in text
+    assert "no backlog samples in this window" in text

@@ -1,6 +1,7 @@
 """The on-call commands: errors, audit, search, report (how they print: render.py)."""
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
@@ -19,6 +20,7 @@ from outbox_sync.cli.base import (
 from outbox_sync.config import Settings, parse_duration
 from outbox_sync.errors import CollectionNotFoundError, TypesenseRejectedError
 from outbox_sync.report import DEFAULT_SINCE, build_report, iso
+from outbox_sync.report_page import INSTALL_HINT, check_chart_library, page
 from outbox_sync.typesense_index import open_index
 
 # Ids of `sync_errors` rows: SQLite integers (a larger number would overflow the binding).
@@ -275,19 +277,38 @@ def search(
     show_default=True,
     help="Start of the window: 30m, 12h, 7d, 2w, or an ISO date or time (UTC unless it says).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def report(settings: Settings, since: float, as_json: bool) -> None:
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object (with the charts' series)."
+)
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Also write the review as one HTML page with charts, which opens with no network "
+    f"(needs the report extra: {INSTALL_HINT}).",
+)
+def report(settings: Settings, since: float, as_json: bool, html_path: Path | None) -> None:
     """The weekly review of what the daemon did.
 
     From the statistics the daemon keeps in the database: records applied (by operation),
     retried and given up on (by HTTP status and error kind), Typesense latency (p50/p95/p99 per
-    operation), outages, and the backlog now.
+    operation), outages, and the backlog now. --html draws them hour by hour, with the backlog
+    and lag over time.
 
     Latency percentiles are bucket upper bounds (≤ 5 ms means between 2.5 and 5 ms). The daemon
-    saves its statistics once a minute and when it stops.
+    adds its statistics to the current minute every few seconds, and when it stops.
     """
+    if html_path is not None:
+        check_chart_library()  # before the work, not after it
     figures = build_report(open_database(settings), since)
     if as_json:
         click.echo(json.dumps(figures))
     else:
         render.echo_lines(render.report_lines(figures))
+    if html_path is not None:
+        try:
+            html_path.write_text(page(figures, list(render.report_lines(figures))))
+        except OSError as error:
+            raise click.ClickException(f"cannot write {html_path}: {error.strerror}") from None
+        click.echo(f"wrote the weekly review with charts to {html_path}", err=True)
