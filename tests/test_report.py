@@ -141,7 +141,7 @@ def test_the_longest_outage_is_the_one_the_worker_lived_through(
         wait_until(lambda: retrieved(index, "2"), what="the row written during the outage")
         wait_until(
             lambda: (
-                any(entry["event"] == "reconciled" for entry in logged)
+                any(entry["event"] == "audit_done" for entry in logged)
                 and Database(db_path).counts()["pending"] == 0
             ),
             what="the check after the outage and its repairs",
@@ -156,7 +156,7 @@ def test_the_longest_outage_is_the_one_the_worker_lived_through(
     assert 0.5 <= outages["longest"]["seconds"] <= up_at - down_at + 5
     # after the outage the worker audits; what Typesense lost in its restart (0.24.1 sometimes
     # loses the last writes it acknowledged) is applied again and counted again
-    [reconciled] = [entry for entry in logged if entry["event"] == "reconciled"]
+    [reconciled] = [entry for entry in logged if entry["event"] == "audit_done"]
     assert figures["applied"]["upsert"] == 2 + reconciled["enqueued"]
 
 

@@ -241,7 +241,7 @@ def run_a_daemon(db_path: Path, db: Database, typesense: LocalTypesense) -> None
             typesense.start()
             wait_until(
                 lambda: (
-                    any(entry["event"] == "reconciled" for entry in logged)
+                    any(entry["event"] == "audit_done" for entry in logged)
                     and pending(db_path) == 0
                 ),
                 what="the check after the outage and its repairs",
