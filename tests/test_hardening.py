@@ -1,0 +1,374 @@
+"""The cases a hostile review broke, each against a real Typesense 0.24.1 and real SQLite files:
+tables that page differently, the daemon lock through another spelling of the path, reindex
+failure paths, sync errors that never closed or doubled, monitoring that lied or died, and bad
+input that ended in a traceback."""
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+
+from outbox_sync import reindex, sync_errors
+from outbox_sync.db import Database
+from outbox_sync.errors import (
+    AlreadyRunningError,
+    DatabaseBusyError,
+    OutboxSyncError,
+    TypesenseUnavailableError,
+)
+from outbox_sync.localserver import LocalTypesense, free_port
+from outbox_sync.lock import DaemonLock
+from outbox_sync.report import build_report
+from outbox_sync.telemetry import Telemetry, serve_metrics
+from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.worker import Worker, daemon
+from tests.conftest import (
+    API_KEY,
+    ROW_SQL,
+    Server,
+    app_connection,
+    drain,
+    export,
+    make_row,
+    sqlite_documents,
+    wait_until,
+)
+from tests.oncall import invoke, one_line
+
+COLUMNS = (
+    "element_type TEXT NOT NULL, element_id INTEGER NOT NULL, sequence_number INTEGER NOT NULL,"
+    " comment TEXT, created_at TEXT NOT NULL"
+)
+
+
+def legacy(tmp_path: Path, table_sql: str) -> Path:
+    """A database whose `sequences` an application made its own way, then `init`."""
+    path = tmp_path / "legacy.db"
+    app_connection(path).execute(table_sql)
+    from outbox_sync import schema
+
+    schema.init(Database(path, create=True))
+    return path
+
+
+@contextlib.contextmanager
+def running(worker: Worker) -> Iterator[threading.Thread]:
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    try:
+        yield thread
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+# -- tables that page differently --------------------------------------------------------------
+
+
+def test_a_column_named_rowid_does_not_cut_reindex_or_audit_short(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    path = legacy(
+        tmp_path, f"CREATE TABLE sequences (id INTEGER, {COLUMNS}, rowid TEXT DEFAULT 'x')"
+    )
+    app_connection(path).executemany(ROW_SQL, [make_row(i) for i in range(1, 12_001)])
+    app_connection(path).execute("DELETE FROM outbox")  # only reindex fills the collection
+    index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
+    index.ensure_collection()
+    result = reindex.rebuild(Database(path), index)
+    assert (result.rows, result.indexed) == (12_000, 12_000)
+    assert len(export(typesense_server, collection)) == 12_000
+    audited = invoke(["audit", "--json"], typesense_server, path, collection)
+    assert audited.exit_code == 0, audited.output
+    assert json.loads(audited.output)["rows"] == 12_000
+
+
+WITHOUT_ROWID = f"CREATE TABLE sequences (id INTEGER PRIMARY KEY, {COLUMNS}) WITHOUT ROWID"
+
+
+def test_without_rowid_tables_sync_audit_and_reindex(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    path = legacy(tmp_path, WITHOUT_ROWID)
+    app_connection(path).executemany(ROW_SQL, [make_row(i) for i in range(1, 7_001)])
+    index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
+    worker = daemon(Database(path), index, audit_every_s=3600)  # with the audit at start
+    drain(worker)
+    assert export(typesense_server, collection) == sqlite_documents(path)
+    audited = invoke(["audit"], typesense_server, path, collection)
+    assert audited.exit_code == 0, audited.output
+    assert "7000 rows, 7000 documents: consistent" in audited.output
+    reindexed = invoke(["reindex"], typesense_server, path, collection)
+    assert reindexed.exit_code == 0, reindexed.output
+    assert "reindexed 7000 rows" in reindexed.output
+    assert export(typesense_server, collection) == sqlite_documents(path)
+
+
+def test_a_reindex_request_that_fails_is_answered_and_never_crashes_the_daemon(
+    db_path: Path, db: Database, index: TypesenseIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("something nobody expected")
+
+    monkeypatch.setattr(reindex, "rebuild", broken)
+    token = reindex.request(db)
+    app_connection(db_path).execute(ROW_SQL, make_row(1))
+    worker = daemon(db, index)
+    with running(worker):
+        wait_until(lambda: reindex.status(db, token), what="the daemon's answer")
+        wait_until(lambda: index.retrieve("1"), what="the sync to go on")
+    state = reindex.status(db, token)
+    assert state is not None and state["state"] == "failed"
+    assert "something nobody expected" in state["error"]
+    assert db.get_meta(reindex.REQUEST_KEY) is None  # not tried again at every start
+
+
+# -- the daemon lock ---------------------------------------------------------------------------
+
+
+def test_a_second_daemon_through_a_symlink_is_refused(tmp_path: Path, db_path: Path) -> None:
+    link = tmp_path / "elsewhere" / "link.db"
+    link.parent.mkdir()
+    link.symlink_to(db_path)
+    with DaemonLock(db_path), pytest.raises(AlreadyRunningError):
+        DaemonLock(link).acquire()
+    with (
+        DaemonLock(tmp_path / "elsewhere" / ".." / db_path.name),
+        pytest.raises(AlreadyRunningError),
+    ):
+        DaemonLock(db_path).acquire()
+
+
+# -- reindex keeps what it promises ------------------------------------------------------------
+
+
+def test_reindex_keeps_the_last_good_document_and_closes_the_errors_it_fixed(
+    db_path: Path, db: Database, worker: Worker, index: TypesenseIndex
+) -> None:
+    conn = app_connection(db_path)
+    conn.executemany(ROW_SQL, [make_row(i) for i in (1, 2, 3)])
+    drain(worker)
+    conn.execute("UPDATE sequences SET element_id = 'broken' WHERE id = 2")  # last good stays
+    drain(worker)
+    [error] = sync_errors.find(db)
+    assert error["sequence_id"] == 2
+    # an open 400 of record 3 (refused once by a collection that has since been fixed)
+    db.conn.execute(
+        "INSERT INTO sync_errors (outbox_id, sequence_id, op, http_status, error, attempts,"
+        " failed_at) VALUES (9, 3, 'upsert', 400, 'refused', 2, '2026-01-01T00:00:00Z')"
+    )
+    before = index.retrieve("2")
+    result = reindex.rebuild(db, index)
+    assert result.invalid == 1 and result.indexed == 2
+    assert index.retrieve("2") == before  # still searchable, as the README promises
+    assert [e["sequence_id"] for e in sync_errors.find(db)] == [2]  # record 3's closed
+
+
+def test_a_failure_before_the_switch_leaves_the_old_collection_in_use(
+    db_path: Path,
+    db: Database,
+    worker: Worker,
+    index: TypesenseIndex,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    drain(worker)
+    old = index.target()
+
+    def busy(entries: Any) -> None:
+        raise DatabaseBusyError("database stayed locked")
+
+    original_fill = reindex._fill
+
+    def refusing(*args: Any) -> Any:
+        fill = original_fill(*args)
+        fill.refused.append(1)  # as if Typesense refused a row: it must be queued again
+        return fill
+
+    monkeypatch.setattr(reindex, "_fill", refusing)
+    monkeypatch.setattr(db, "enqueue", busy)
+    with pytest.raises(OutboxSyncError, match="the old collection stays in use"):
+        reindex.rebuild(db, index)
+    assert index.target() == old and index.count() == 10
+    assert index.versions() == [old]  # the new one was dropped
+
+
+def test_a_lost_alias_after_the_plain_collection_went_is_adopted(
+    db_path: Path,
+    db: Database,
+    typesense_server: Server,
+    collection: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plain = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
+    from outbox_sync.documents import collection_schema
+
+    plain.client.collections.create(collection_schema(collection))  # an older setup's
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    drain(daemon(db, plain))
+
+    def down(self: TypesenseIndex, target: str) -> None:
+        raise TypesenseUnavailableError("Typesense unreachable: ConnectError")
+
+    monkeypatch.setattr(TypesenseIndex, "point_alias", down)
+    with pytest.raises(OutboxSyncError, match="could not point the alias"):
+        reindex.rebuild(db, plain)
+    monkeypatch.undo()
+    index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
+    index.ensure_collection()  # what the daemon does when it finds the name missing
+    assert index.count() == 10
+    assert export(typesense_server, collection) == sqlite_documents(db_path)
+
+
+# -- sync errors -------------------------------------------------------------------------------
+
+
+def test_sync_errors_of_null_keys_close_and_a_no_op_update_adds_none(
+    tmp_path: Path, index: TypesenseIndex
+) -> None:
+    loose = "id, element_type, element_id, sequence_number, comment, created_at"
+    path = legacy(tmp_path, f"CREATE TABLE sequences ({loose})")
+    conn = app_connection(path)
+    conn.execute(ROW_SQL, make_row(6, id=None))
+    conn.execute(ROW_SQL, make_row(7, element_id=None))
+    conn.execute(ROW_SQL, make_row(8, comment=b"\x00binary"))
+    db = Database(path)
+    worker = daemon(db, index)
+    drain(worker)
+    errors = {e["sequence_id"]: e["error"] for e in sync_errors.find(db)}
+    assert errors == {
+        None: "id: expected an integer, got NULL",
+        7: "element_id: is NULL but the field is required",
+        8: "comment: expected text, got a BLOB of 7 bytes",
+    }
+    conn.execute("UPDATE sequences SET comment = comment WHERE id = 7")  # a no-op update
+    drain(worker)
+    assert len(sync_errors.find(db)) == 3  # still one open error per record
+    conn.execute("DELETE FROM sequences WHERE id IS NULL")
+    drain(worker)
+    assert None not in {e["sequence_id"] for e in sync_errors.find(db)}
+    [closed] = [e for e in sync_errors.find(db, status="resolved") if e["sequence_id"] is None]
+    assert closed["resolution"] == "superseded"
+
+
+# -- monitoring --------------------------------------------------------------------------------
+
+
+def test_an_outage_with_an_empty_outbox_is_one_line_each_way_and_one_outage(
+    db_path: Path, db: Database, tmp_path: Path, collection: str
+) -> None:
+    server = LocalTypesense(tmp_path / "typesense", api_key=API_KEY, port=free_port())
+    server.start()
+    try:
+        index = TypesenseIndex([server.url], API_KEY, collection, timeout_s=2)
+        telemetry = Telemetry()
+        worker = daemon(db, index, telemetry=telemetry, min_backoff_s=0.05, max_backoff_s=0.2)
+        with structlog.testing.capture_logs() as logs, running(worker):
+            wait_until(lambda: telemetry.up, what="the first health probe")
+            server.stop()
+            wait_until(
+                lambda: any(e["event"] == "sync_paused" for e in logs), what="the daemon to notice"
+            )
+            time.sleep(3)  # an outage of some seconds, over many backoff rounds
+            server.start()
+            wait_until(lambda: any(e["event"] == "sync_resumed" for e in logs), what="recovery")
+        events = [e["event"] for e in logs]
+        assert events.count("sync_paused") == 1 and events.count("sync_resumed") == 1
+        from outbox_sync.worker import save_stats
+
+        save_stats(db, telemetry)
+        outages = build_report(db, time.time() - 600)["outages"]
+        assert outages["count"] == 1 and outages["longest"]["seconds"] >= 3
+    finally:
+        server.stop()
+
+
+def test_metrics_answer_while_an_idle_connection_stays_open() -> None:
+    port = free_port()
+    server = serve_metrics(Telemetry(), "127.0.0.1", port)
+    try:
+        idle = socket.create_connection(("127.0.0.1", port))  # sends nothing, ever
+        try:
+            response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+            assert response.status_code == 200 and "outbox_sync_" in response.text
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 503
+        finally:
+            idle.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_file_switched_to_rollback_journal_and_locked_pauses_the_daemon(
+    db_path: Path, index: TypesenseIndex, typesense_server: Server, collection: str
+) -> None:
+    app = app_connection(db_path)
+    app.execute("PRAGMA journal_mode=DELETE")
+    worker = daemon(Database(db_path, busy_timeout_s=0.3), index, min_backoff_s=0.05)
+    with structlog.testing.capture_logs() as logs, running(worker) as thread:
+        app.execute(ROW_SQL, make_row(1))
+        wait_until(lambda: index.retrieve("1"), what="the first sync")
+        app.execute("BEGIN EXCLUSIVE")  # readers wait too, in this journal mode
+        app.execute(ROW_SQL, make_row(2))
+        wait_until(lambda: any(e["event"] == "sync_paused" for e in logs), what="a pause")
+        assert thread.is_alive()
+        app.execute("COMMIT")
+        wait_until(lambda: index.retrieve("2"), what="the sync after the lock")
+    assert export(typesense_server, collection) == sqlite_documents(db_path)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["errors", "show", "99999999999999999999"], "is not in the range"),
+        (["errors", "show", str(2**63)], "is not in the range"),
+        (["errors", "retry", str(2**63)], "is not in the range"),
+        (["errors", "list", "--since", "999999999999w"], "is too far from today"),
+        (["report", "--since", "999999999999w"], "is too far from today"),
+    ],
+)
+def test_numbers_out_of_range_are_one_line_and_exit_2(
+    db_path: Path, typesense_server: Server, args: list[str], says: str
+) -> None:
+    result = invoke(args, typesense_server, db_path, "x")
+    assert result.exit_code == 2
+    assert says in one_line(result)
+
+
+def test_a_url_with_credentials_is_refused_without_echoing_them(
+    db_path: Path, typesense_server: Server
+) -> None:
+    url = "http://admin:hunter2secret@127.0.0.1:8108"
+    result = invoke(["status"], typesense_server, db_path, "x", TYPESENSE_URL=url)
+    line = one_line(result)
+    assert "must not carry credentials" in line and "127.0.0.1:8108" in line
+    assert "hunter2secret" not in line and "admin" not in line
+
+
+def test_a_database_in_a_missing_directory_says_so(
+    tmp_path: Path, typesense_server: Server
+) -> None:
+    missing = tmp_path / "no-such-dir" / "app.db"
+    for command in (["run", "--once"], ["init"]):
+        line = one_line(invoke(command, typesense_server, missing, "x"))
+        assert f"directory {missing.parent} does not exist" in line
+
+
+def test_help_says_what_an_unset_url_does_for_each_command(typesense_server: Server) -> None:
+    for command in (["status"], ["search"], ["errors", "list"], ["report"], ["run"]):
+        text = " ".join(
+            invoke([*command, "--help"], typesense_server, Path("x"), "x").output.split()
+        )
+        assert "which `run` starts" in text and "the other commands reach while it runs" in text
