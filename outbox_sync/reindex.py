@@ -129,7 +129,7 @@ def _fill(db: Database, fresh: TypesenseIndex, chunk: int, progress: Progress | 
 
 def _keep_last_good(old: TypesenseIndex, fresh: TypesenseIndex, doc_ids: list[str]) -> None:
     """A record whose latest row is invalid keeps its last good document: copied from the old
-    collection (the README promises it stays searchable while its error is open)."""
+    collection (docs/guarantees.md promises it stays searchable while its error is open)."""
     for start in range(0, len(doc_ids), MAX_DELETE_IDS):
         chunk = doc_ids[start : start + MAX_DELETE_IDS]
         documents = [encode(d) for d in old.export_documents(f"id:[{','.join(chunk)}]")]

@@ -169,7 +169,7 @@ def test_reindex_keeps_the_last_good_document_and_closes_the_errors_it_fixed(
     before = index.retrieve("2")
     result = reindex.rebuild(db, index)
     assert result.invalid == 1 and result.indexed == 2
-    assert index.retrieve("2") == before  # still searchable, as the README promises
+    assert index.retrieve("2") == before  # still searchable, as docs/guarantees.md promises
     assert [e["sequence_id"] for e in sync_errors.find(db)] == [2]  # record 3's closed
 
 
