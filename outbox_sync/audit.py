@@ -39,8 +39,8 @@ from types import TracebackType
 from typing import Any
 
 from outbox_sync.db import Database, pages
-from outbox_sync.documents import INT64, to_document
 from outbox_sync.errors import InvalidRecordError, OutboxSyncError
+from outbox_sync.mapping import INT64, Mapping
 from outbox_sync.typesense_index import MAX_DELETE_IDS, TypesenseIndex
 
 KINDS = ("missing", "extra", "stale", "invalid")
@@ -86,9 +86,12 @@ def canonical(document: dict[str, Any]) -> str:
     return json.dumps(document, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
-def document_key(doc_id: str) -> int | str:
-    """The `sequences.id` a document id stands for: the integer when the id is one as the daemon
-    writes it (`documents.document_id`), else the id itself, which no valid row can have."""
+def document_key(mapping: Mapping, doc_id: str) -> int | str:
+    """The key a document id stands for: for an integer key, the integer when the id is one as
+    the daemon writes it, else the id itself, which no valid row can have; for a text key, the
+    id."""
+    if mapping.key_kind != "integer":
+        return doc_id
     body = doc_id[1:] if doc_id.startswith("-") else doc_id
     if body.isascii() and body.isdigit():
         value = int(doc_id)
@@ -105,16 +108,20 @@ def scratch_problem(error: Exception) -> str:
     )
 
 
-def is_integer(key: Any) -> bool:
-    return isinstance(key, int) and not isinstance(key, bool)
+def row_key(value: Any) -> Any:
+    """A key as read raw, as the outbox and the scratch file hold it (text decoded)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def verdict(row: tuple[Any, ...] | None, document: dict[str, Any] | None) -> tuple[str, Any]:
-    """(kind, detail) of drift for one record from both sides, or ("", None) when consistent."""
+def verdict(
+    mapping: Mapping, row: tuple[Any, ...] | None, document: dict[str, Any] | None
+) -> tuple[str, Any]:
+    """(kind, detail) of drift for one record from both sides (a row as `Database.read_rows`
+    gives it), or ("", None) when consistent."""
     if row is None:
         return ("", None) if document is None else ("extra", None)
     try:
-        expected = to_document(row)
+        expected = json.loads(mapping.judge(row))
     except InvalidRecordError as error:
         return "invalid", str(error)
     if document is None:
@@ -140,6 +147,7 @@ class Audit:
         progress: Progress | None = None,
     ) -> None:
         self.db, self.index, self.chunk = db, index, chunk
+        self.mapping = index.mapping
         self.progress = progress or (lambda phase, done, total: None)
         try:
             self._directory = tempfile.TemporaryDirectory(prefix="outbox-sync-audit-")
@@ -221,16 +229,16 @@ class Audit:
             for key, _ in self.ids(kind):
                 if kind != "extra":
                     entries.append((key, "upsert"))
-                elif is_integer(key):
+                elif self.mapping.document_id(key) is not None:
                     entries.append((key, "delete"))
                 else:
                     self.index.delete_document(str(key))
                     deleted.append(str(key))
-                if len(entries) >= self.chunk:
-                    self.db.enqueue(entries)  # one short write transaction per chunk
+                if len(entries) >= self.chunk:  # one short write transaction per chunk
+                    self.db.enqueue(self.mapping.name, entries)
                     enqueued, entries = enqueued + len(entries), []
         if entries:
-            self.db.enqueue(entries)
+            self.db.enqueue(self.mapping.name, entries)
         return RepairSummary(enqueued + len(entries), deleted)
 
     # -- steps ----------------------------------------------------------------------------------
@@ -244,7 +252,7 @@ class Audit:
         self.scratch.execute("COMMIT")
 
     def _snapshot_pending(self) -> None:
-        for keys in self.db.scan_outbox_keys(self.chunk):
+        for keys in self.db.scan_outbox_keys(self.mapping.name, self.chunk):
             self._insert("INSERT OR IGNORE INTO pending (key) VALUES (?)", [(k,) for k in keys])
 
     def _load_actual(self, total: int) -> int:
@@ -253,7 +261,8 @@ class Audit:
         batch: list[tuple[Any, str]] = []
         self.progress("export", 0, total)
         for document in self.index.export_documents():
-            batch.append((document_key(str(document.get("id"))), canonical(document)))
+            key = document_key(self.mapping, str(document.get("id")))
+            batch.append((key, canonical(document)))
             if len(batch) >= self.chunk:
                 loaded += self._flush_actual(batch)
                 self.progress("export", loaded, total)
@@ -268,19 +277,19 @@ class Audit:
         return count
 
     def _load_expected(self) -> int:
-        """Copy `sequences` into the scratch file in chunks, each row with the document the
+        """Copy the mapping's rows into the scratch file in chunks, each with the document the
         daemon would send for it, or the validation problem that stops it."""
-        total = int(self.db.counts()["rows"])
+        total = int(self.db.count_rows(self.mapping) or 0)
         loaded = 0
         self.progress("rows", 0, total)
-        for rows in self.db.scan_sequences(self.chunk):
+        for rows in self.db.scan_rows(self.mapping, self.chunk):
             values: list[tuple[Any, str | None, str | None]] = []
             for row in rows:
-                key = row[0].decode("utf-8", "replace") if isinstance(row[0], bytes) else row[0]
                 try:
-                    values.append((key, canonical(to_document(row)), None))
+                    document = json.loads(self.mapping.judge(row))
+                    values.append((row_key(row[0]), canonical(document), None))
                 except InvalidRecordError as error:
-                    values.append((key, None, str(error)))
+                    values.append((row_key(row[0]), None, str(error)))
             self._insert("INSERT INTO expected (key, doc, problem) VALUES (?, ?, ?)", values)
             loaded += len(rows)
             self.progress("rows", loaded, total)
@@ -310,25 +319,24 @@ class Audit:
 
     def _confirm(self) -> None:
         """Check every candidate again with both sides read afresh: SQLite first, then
-        Typesense. Only integer ids can race with the daemon (it writes no other), so the
-        others keep the snapshot's verdict."""
+        Typesense. Only keys that can be records race with the daemon (it writes no other
+        ids), so the others keep the snapshot's verdict."""
         (total,) = self.scratch.execute("SELECT count(*) FROM candidates").fetchone()
         done = 0
         self.progress("confirm", 0, total)
         for chunk in pages(
             self.scratch, "candidates", "n", "key, kind, detail", chunk=CONFIRM_CHUNK
         ):
-            keys = [key for _, key, _, _ in chunk if is_integer(key)]
-            rows = self.db.read_records(keys) if keys else {}
+            ids = {key: self.mapping.document_id(key) for _, key, _, _ in chunk}
+            keys = [key for key, doc_id in ids.items() if doc_id is not None]
+            rows = {row_key(row[0]): row for row in self.db.read_rows(self.mapping, keys)}
             documents = {}
-            if keys:
-                id_filter = f"id:[{','.join(str(key) for key in keys)}]"
-                for document in self.index.export_documents(id_filter):
-                    documents[document_key(str(document.get("id")))] = document
+            for document in self.index.export_ids([ids[key] or "" for key in keys]):
+                documents[document_key(self.mapping, str(document.get("id")))] = document
             drifted = []
             for _, key, kind, detail in chunk:
-                if is_integer(key):
-                    kind, detail = verdict(rows.get(key), documents.get(key))
+                if ids[key] is not None:
+                    kind, detail = verdict(self.mapping, rows.get(key), documents.get(key))
                 if kind:
                     drifted.append((key, kind, detail))
             self._insert("INSERT INTO drift (key, kind, detail) VALUES (?, ?, ?)", drifted)
@@ -339,7 +347,7 @@ class Audit:
     def _set_aside_known(self) -> int:
         """Records with an open sync error are not drift: mark them "known" (the detail keeps
         what differs). Returns how many."""
-        for keys in self.db.scan_open_error_keys(self.chunk):
+        for keys in self.db.scan_open_error_keys(self.mapping.name, self.chunk):
             self._insert("INSERT OR IGNORE INTO known (key) VALUES (?)", [(k,) for k in keys])
         update = (
             "UPDATE drift SET kind = 'known', detail = kind || coalesce(': ' || detail, '') WHERE "

@@ -1,11 +1,16 @@
 """Applying the outbox: claim the oldest entries, read their records' current rows, send them to
 Typesense, acknowledge. `apply_once()` is one batch; `drain()` pipelines batches until the outbox
 is empty (litestream's `Sync()`: one step, called by the loop in worker.py).
+
+One batch may hold entries of several mappings: each mapping's rows are read with its own SELECT
+(SQLite writes the finished JSON line of each valid row, see mapping.py) and imported into its
+own collection.
 """
 
 import threading
 import time
 from collections.abc import Callable, Iterator
+from collections.abc import Mapping as Lookup
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -13,8 +18,8 @@ from typing import Any, Protocol
 import structlog
 
 from outbox_sync.db import Database, OutboxEntry, SyncFailure
-from outbox_sync.documents import describe, describe_row, document_id, document_line
 from outbox_sync.errors import InvalidRecordError, TypesenseUnavailableError
+from outbox_sync.mapping import Mapping
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import ImportResult
 
@@ -23,9 +28,11 @@ DRAIN_SLICE_S = 1.0
 
 
 class Index(Protocol):
-    """What applying batches needs of the Typesense side (a fake can stand in, in unit tests)."""
+    """What applying batches needs of the Typesense side (a fake can stand in, in unit tests):
+    one collection, and the mapping its documents are made by."""
 
     observe: Callable[[str, str, float], None] | None
+    mapping: Mapping
 
     def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]: ...
     def delete_ids(self, ids: list[str]) -> int: ...
@@ -41,14 +48,21 @@ class BatchReport:
 
 
 @dataclass
+class Work:
+    """What one batch sends to one collection."""
+
+    upserts: list[tuple[OutboxEntry, bytes]] = field(default_factory=list)
+    deletes: list[tuple[OutboxEntry, str]] = field(default_factory=list)  # and the document id
+
+
+@dataclass
 class Batch:
     """Claimed entries on their way through prepare -> apply -> acknowledge."""
 
     entries: list[OutboxEntry]
     report: BatchReport
-    upserts: list[tuple[OutboxEntry, bytes]] = field(default_factory=list)
-    deletes: list[OutboxEntry] = field(default_factory=list)
-    synced: list[Any] = field(default_factory=list)
+    work: dict[str, Work] = field(default_factory=dict)  # by mapping
+    synced: list[tuple[str, Any]] = field(default_factory=list)  # (mapping, key)
 
     @property
     def last_id(self) -> int:
@@ -60,7 +74,8 @@ class Batch:
         self.report.failures.append(
             SyncFailure(
                 outbox_id=entry.id,
-                sequence_id=entry.sequence_id,
+                mapping=entry.mapping,
+                key=entry.key,
                 op="upsert",
                 document=document,
                 error=error,
@@ -72,10 +87,14 @@ class Batch:
 
 class Applier:
     def __init__(
-        self, db: Database, index: Index, *, batch_size: int, telemetry: Telemetry
+        self, db: Database, indexes: Lookup[str, Index], *, batch_size: int, telemetry: Telemetry
     ) -> None:
-        self.db, self.index, self.batch_size, self.telemetry = db, index, batch_size, telemetry
+        """`indexes` by mapping name; entries of a mapping not there (a mapping taken out of
+        the configuration) are acknowledged with a warning."""
+        self.db, self.indexes = db, indexes
+        self.batch_size, self.telemetry = batch_size, telemetry
         self.log = structlog.get_logger("outbox_sync")
+        self.unknown_logged: set[str] = set()
 
     def apply_once(self) -> BatchReport:
         """Apply the oldest batch of outbox entries and acknowledge it. Raises
@@ -131,52 +150,81 @@ class Applier:
         return len(batch.entries)
 
     def _prepare(self, after: int) -> Batch | None:
-        """Claim the entries after id `after`, read their records' current rows and encode
-        the documents (SQLite and CPU only)."""
+        """Claim the entries after id `after`, read their records' current rows (SQLite writes
+        the JSON lines) and sort them into upserts, deletes and failures (SQLite and CPU
+        only)."""
         entries = self.db.claim(self.batch_size, after=after)
         if not entries:
             return None
         batch = Batch(entries, BatchReport(entries=len(entries)))
-        latest: dict[Any, OutboxEntry] = {}
+        latest: dict[tuple[str, Any], OutboxEntry] = {}
         for entry in entries:  # the last marker per record wins; its state is read now
-            latest.pop(entry.sequence_id, None)
-            latest[entry.sequence_id] = entry
-        rows = self.db.read_records([k for k in latest if document_id(k) is not None])
-        for key, entry in latest.items():
-            row = rows.get(key)
-            if document_id(key) is None:
-                if entry.op == "delete":  # no document can have this id: nothing to delete
-                    batch.synced.append(key)
+            latest.pop((entry.mapping, entry.key), None)
+            latest[(entry.mapping, entry.key)] = entry
+        by_mapping: dict[str, list[OutboxEntry]] = {}
+        for entry in latest.values():
+            by_mapping.setdefault(entry.mapping, []).append(entry)
+        for name, group in by_mapping.items():
+            index = self.indexes.get(name)
+            if index is None:
+                self._unknown(name, len(group))
+            else:  # the mapping as the collection lets it be (see ensure_collection)
+                self._prepare_mapping(batch, index.mapping, group)
+        return batch
+
+    def _prepare_mapping(self, batch: Batch, mapping: Mapping, group: list[OutboxEntry]) -> None:
+        work = batch.work.setdefault(mapping.name, Work())
+        ids = {entry.key: mapping.document_id(entry.key) for entry in group}
+        found = self.db.read_rows(mapping, [key for key, id_ in ids.items() if id_ is not None])
+        rows = {_key(row[0]): row for row in found}
+        for entry in group:
+            row = rows.get(entry.key)
+            if ids[entry.key] is None:  # no document can have this key
+                if entry.op == "delete":  # nothing to delete
+                    batch.synced.append((mapping.name, entry.key))
                 else:
-                    batch.fail(entry, None, f"id: expected an integer, got {describe(key)}")
-            elif row is None:
-                batch.deletes.append(entry)
+                    batch.fail(entry, None, mapping.key_problem(entry.key) or "")
+            elif row is None:  # gone, or outside the mapping's `where`
+                work.deletes.append((entry, ids[entry.key] or ""))
             else:
                 try:
-                    batch.upserts.append((entry, document_line(row)))
+                    work.upserts.append((entry, mapping.judge(row)))
                 except InvalidRecordError as error:
-                    batch.fail(entry, describe_row(row), str(error))
-        return batch
+                    batch.fail(entry, mapping.describe_row(row[:-2]), str(error))
+
+    def _unknown(self, mapping: str, count: int) -> None:
+        if mapping not in self.unknown_logged:
+            self.unknown_logged.add(mapping)
+            self.log.warning(
+                "unknown_mapping",
+                mapping=mapping,
+                entries=count,
+                note="no mapping of this name is configured: its outbox entries are dropped",
+            )
 
     def _apply(self, batch: Batch) -> None:
         """Send the batch to Typesense (network only: runs on the import thread)."""
-        if batch.upserts:
-            self._apply_upserts(batch)
-        if batch.deletes:
-            self.index.delete_ids([str(entry.sequence_id) for entry in batch.deletes])
-            batch.synced.extend(entry.sequence_id for entry in batch.deletes)
-            batch.report.deleted = len(batch.deletes)
+        for name, work in batch.work.items():
+            index = self.indexes[name]
+            if work.upserts:
+                self._apply_upserts(batch, index, work.upserts)
+            if work.deletes:
+                index.delete_ids([doc_id for _, doc_id in work.deletes])
+                batch.synced.extend((name, entry.key) for entry, _ in work.deletes)
+                batch.report.deleted += len(work.deletes)
 
-    def _apply_upserts(self, batch: Batch) -> None:
+    def _apply_upserts(
+        self, batch: Batch, index: Index, upserts: list[tuple[OutboxEntry, bytes]]
+    ) -> None:
         """Import, then retry the documents that failed once, immediately; the ones failing
         twice become sync_errors. A 5xx on a line is server trouble: nothing is given up."""
-        pending = batch.upserts
+        pending = upserts
         for attempt in (1, 2):
-            results = self.index.import_jsonl(b"\n".join(line for _, line in pending), len(pending))
+            results = index.import_jsonl(b"\n".join(line for _, line in pending), len(pending))
             failed: list[tuple[OutboxEntry, bytes, ImportResult]] = []
             for (entry, line), result in zip(pending, results, strict=True):
                 if result.ok:
-                    batch.synced.append(entry.sequence_id)
+                    batch.synced.append((entry.mapping, entry.key))
                     batch.report.upserted += 1
                 elif result.http_status is not None and result.http_status >= 500:
                     raise TypesenseUnavailableError(
@@ -206,7 +254,8 @@ class Applier:
         for failure in report.failures:
             self.log.warning(
                 "record_failed",
-                sequence_id=failure.sequence_id,
+                mapping=failure.mapping,
+                key=failure.key,
                 op=failure.op,
                 http_status=failure.http_status,
                 error=failure.error,
@@ -219,3 +268,7 @@ class Applier:
             retried=report.retried,
             failed=len(report.failures),
         )
+
+
+def _key(value: Any) -> Any:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

@@ -6,13 +6,16 @@ import math
 import os
 import re
 import stat
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping as Mapping_
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from outbox_sync import config_file as config_file_
+from outbox_sync.config_file import COLLECTION_NAME
 from outbox_sync.errors import ConfigError
 from outbox_sync.localserver import DEFAULT_EMBEDDED_PORT
+from outbox_sync.mapping import SEQUENCES, Mapping
 from outbox_sync.typesense_index import DEFAULT_TIMEOUT_S, parse_node
 
 DEFAULT_DB = "./sequences.db"
@@ -22,8 +25,6 @@ DEFAULT_COLLECTION = "sequences"
 DEFAULT_BATCH_SIZE = 5000
 MAX_BATCH_SIZE = 50_000
 API_KEY_ENV = "TYPESENSE_API_KEY"
-# Typesense accepts more, but a name that needs escaping in a URL path is a mistake.
-COLLECTION_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 # Visible ASCII, inner spaces allowed: what an HTTP header value can be.
 HEADER_SAFE_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 
@@ -47,6 +48,13 @@ class Option:
 
 
 OPTIONS = (
+    Option(
+        "config",
+        "OUTBOX_SYNC_CONFIG",
+        "TOML file with [[sync]] mappings of your own tables, and settings (flags and variables "
+        "win over it). Unset: the built-in mapping of `sequences`.",
+        metavar="FILE",
+    ),
     Option("db", "OUTBOX_SYNC_DB", "SQLite database file.", DEFAULT_DB, metavar="PATH"),
     Option(
         "typesense_url",
@@ -63,7 +71,13 @@ OPTIONS = (
         "Never pass the key itself on the command line.",
         metavar="PATH",
     ),
-    Option("collection", "OUTBOX_SYNC_COLLECTION", "Typesense collection.", DEFAULT_COLLECTION),
+    Option(
+        "collection",
+        "OUTBOX_SYNC_COLLECTION",
+        "Typesense collection: of the built-in mapping; with --config, the mapping the command "
+        "works on (default: all of them).",
+        metavar="NAME",
+    ),
     Option(
         "timeout",
         "OUTBOX_SYNC_TIMEOUT",
@@ -123,7 +137,9 @@ class Settings:
     db_path: Path
     typesense_urls: tuple[str, ...]  # empty: the embedded server
     api_key: str | None = field(repr=False)
-    collection: str = DEFAULT_COLLECTION
+    mappings: tuple[Mapping, ...] = (SEQUENCES,)
+    collection: str | None = None  # the one collection asked for (None: every mapping's)
+    config_file: Path | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
     ca_file: str | None = None
     embedded_port: int = DEFAULT_EMBEDDED_PORT
@@ -134,6 +150,13 @@ class Settings:
     @property
     def embedded(self) -> bool:
         return not self.typesense_urls
+
+    @property
+    def selected(self) -> tuple[Mapping, ...]:
+        """The mappings a command works on: the one of --collection, or all."""
+        if self.collection is None:
+            return self.mappings
+        return tuple(m for m in self.mappings if m.collection == self.collection)
 
     @property
     def embedded_dir(self) -> Path:
@@ -180,10 +203,17 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def build_settings(given: Mapping[str, Any]) -> Settings:
-    """Settings from option values by name (from flags or the environment); an option that is
-    absent or None takes its default. Raises ConfigError naming what is wrong."""
+def build_settings(given: Mapping_[str, Any]) -> Settings:
+    """Settings from option values by name (from flags or the environment) over the
+    configuration file's; an option that is absent or None takes its default. Raises
+    ConfigError naming what is wrong."""
     values = {option.name: option.default for option in OPTIONS}
+    config_file = given.get("config")
+    mappings: tuple[Mapping, ...] = ()
+    if config_file:
+        in_file = {o.name: o.type for o in OPTIONS if o.name not in ("config", "collection")}
+        from_file, mappings = config_file_.load(Path(config_file), in_file)
+        values.update(from_file)
     values.update({name: value for name, value in given.items() if value is not None})
     urls = tuple(url.strip() for url in (values["typesense_url"] or "").split(",") if url.strip())
     for url in urls:
@@ -194,10 +224,17 @@ def build_settings(given: Mapping[str, Any]) -> Settings:
             f"no Typesense API key: set {API_KEY_ENV} or pass --api-key-file "
             "(never the key itself on the command line)"
         )
-    if not COLLECTION_NAME.fullmatch(values["collection"]):
+    collection = values["collection"]
+    if collection is not None and not COLLECTION_NAME.fullmatch(collection):
         raise ConfigError(
-            f"collection name {values['collection']!r} must be 1-128 letters, digits, '_', '-' "
-            "or '.'"
+            f"collection name {collection!r} must be 1-128 letters, digits, '_', '-' or '.'"
+        )
+    if not mappings:  # the built-in mapping, under the collection asked for
+        mappings = (replace(SEQUENCES, collection=collection or DEFAULT_COLLECTION),)
+    elif collection is not None and collection not in {m.collection for m in mappings}:
+        known = ", ".join(m.collection for m in mappings)
+        raise ConfigError(
+            f"no mapping of {config_file} writes to collection {collection!r} ({known})"
         )
     if not math.isfinite(values["timeout"]) or values["timeout"] <= 0:
         raise ConfigError("--timeout must be a positive number of seconds")
@@ -211,7 +248,9 @@ def build_settings(given: Mapping[str, Any]) -> Settings:
         db_path=Path(values["db"]),
         typesense_urls=urls,
         api_key=api_key,
-        collection=values["collection"],
+        mappings=mappings,
+        collection=collection,
+        config_file=Path(config_file) if config_file else None,
         timeout_s=values["timeout"],
         ca_file=values["ca_file"],
         embedded_port=values["embedded_port"],

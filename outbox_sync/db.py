@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from outbox_sync.documents import COLUMNS, RawText
 from outbox_sync.errors import DatabaseBusyError, DatabaseError, TableMissingError
+from outbox_sync.mapping import Mapping, RawText, quote_identifier
 
 # How long a write waits for another connection's write lock before giving up (and retrying
 # later: a busy database never loses an entry).
@@ -29,7 +29,8 @@ DEFAULT_PAGE_ROWS = 5000
 @dataclass(frozen=True)
 class OutboxEntry:
     id: int
-    sequence_id: Any
+    mapping: str
+    key: Any
     op: str
 
 
@@ -38,7 +39,8 @@ class SyncFailure:
     """A record given up on: one future row of `sync_errors`."""
 
     outbox_id: int
-    sequence_id: Any
+    mapping: str
+    key: Any
     op: str
     document: str | None
     http_status: int | None
@@ -140,102 +142,83 @@ class Database:
     def claim(self, limit: int, after: int = 0) -> list[OutboxEntry]:
         """The oldest `limit` outbox entries with an id above `after`, in id order."""
         rows = self.fetch_raw(
-            "SELECT id, sequence_id, op FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            "SELECT id, mapping, record_key, op FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
             (after, limit),
         )
         return [
-            OutboxEntry(
-                id,
-                key.decode("utf-8", "replace") if isinstance(key, bytes) else key,
-                op.decode(),
-            )
-            for id, key, op in rows
+            OutboxEntry(id, mapping.decode(), _bindable(key), op.decode())
+            for id, mapping, key, op in rows
         ]
 
-    def read_records(self, keys: Sequence[int]) -> dict[int, tuple[Any, ...]]:
-        """The current rows of `sequences` for these integer ids (absent ones are gone)."""
-        columns = ", ".join(COLUMNS)
+    def read_rows(self, mapping: Mapping, keys: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """The rows these keys name that the mapping covers: (key, *values, line, verdict), as
+        `Mapping.select_by_keys` reads them (absent ones are gone, or outside `where`)."""
         try:
-            rows = self.fetch_raw(
-                f"SELECT {columns} FROM sequences WHERE id IN (SELECT value FROM json_each(?))",
-                (json.dumps(list(keys)),),
-            )
+            return self.fetch_raw(mapping.select_by_keys(), (json.dumps(list(keys)),))
         except sqlite3.OperationalError as error:
             if "no such table" in str(error):
-                raise TableMissingError("sequences", self.path) from None
+                raise TableMissingError(mapping.table, self.path) from None
             if "no such column" in str(error):
                 raise DatabaseError(
-                    f"table sequences in {self.path} changed under the daemon ({error}): "
-                    "outbox-sync needs " + ", ".join(COLUMNS)
+                    f"table {mapping.table} in {self.path} changed under the daemon ({error}): "
+                    f"the mapping of {mapping.origin} needs its columns"
                 ) from None
             raise
-        return {row[0]: row for row in rows}
 
     def ack(
         self,
         last_id: int,
-        synced_keys: Sequence[Any],
+        synced: Sequence[tuple[str, Any]],
         failures: Sequence[SyncFailure],
     ) -> None:
         """Remove claimed entries up to last_id, record failures, close errors a later sync
-        superseded. Entries enqueued after the claim have higher ids and stay queued. A record
-        has at most one open error: the same failure again adds nothing (a no-op UPDATE of an
-        invalid row), another one takes the place of the old."""
+        superseded (`synced`: (mapping, key) pairs). Entries enqueued after the claim have
+        higher ids and stay queued. A record has at most one open error: the same failure again
+        adds nothing (a no-op UPDATE of an invalid row), another one takes the place of the
+        old."""
         now = utc_now()
         with self.write() as conn:
             conn.execute("DELETE FROM outbox WHERE id <= ?", (last_id,))
             if not conn.execute("SELECT 1 FROM sync_errors WHERE resolved_at IS NULL").fetchone():
-                synced_keys = []  # the usual case: nothing to close
-            for keys in (synced_keys, [f.sequence_id for f in failures]):
-                if keys:
-                    self._supersede(conn, keys, now, keep=failures)
+                synced = []  # the usual case: nothing to close
+            for records in (synced, [(f.mapping, f.key) for f in failures]):
+                if records:
+                    _supersede(conn, records, now, keep=failures)
             conn.executemany(
-                "INSERT INTO sync_errors (outbox_id, sequence_id, op, document, http_status,"
-                " error, attempts, failed_at) SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS"
-                " (SELECT 1 FROM sync_errors WHERE resolved_at IS NULL AND sequence_id IS ?)",
+                "INSERT INTO sync_errors (outbox_id, mapping, record_key, op, document,"
+                " http_status, error, attempts, failed_at) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?"
+                " WHERE NOT EXISTS (SELECT 1 FROM sync_errors WHERE resolved_at IS NULL"
+                " AND mapping = ? AND record_key IS ?)",
                 [
                     (
                         f.outbox_id,
-                        f.sequence_id,
+                        f.mapping,
+                        f.key,
                         f.op,
                         f.document,
                         f.http_status,
                         f.error,
                         f.attempts,
                         now,
-                        f.sequence_id,
+                        f.mapping,
+                        f.key,
                     )
                     for f in failures
                 ],
             )
 
-    def close_errors(self, keys: Sequence[Any]) -> None:
-        """Close the open errors of these records as superseded: they synced another way."""
+    def close_errors(self, records: Sequence[tuple[str, Any]]) -> None:
+        """Close the open errors of these (mapping, key) records: they synced another way."""
         with self.write() as conn:
-            self._supersede(conn, keys, utc_now(), keep=())
+            _supersede(conn, records, utc_now(), keep=())
 
-    @staticmethod
-    def _supersede(
-        conn: sqlite3.Connection, keys: Sequence[Any], now: str, keep: Sequence[SyncFailure]
-    ) -> None:
-        """Close the open errors of these records as superseded, except one that says exactly
-        what a failure in `keep` says (it stays open, as the record's one open error)."""
-        same = json.dumps([[f.sequence_id, f.op, f.error] for f in keep])
-        conn.execute(
-            "UPDATE sync_errors SET resolved_at = ?, resolution = 'superseded'"
-            " WHERE resolved_at IS NULL"
-            " AND (sequence_id IN (SELECT value FROM json_each(?))"
-            "      OR (sequence_id IS NULL AND ?))"  # IN never matches NULL
-            " AND NOT EXISTS (SELECT 1 FROM json_each(?) AS f WHERE"
-            "  json_extract(f.value, '$[0]') IS sync_errors.sequence_id"
-            "  AND json_extract(f.value, '$[1]') = op AND json_extract(f.value, '$[2]') = error)",
-            (now, json.dumps(list(keys)), None in keys, same),
-        )
-
-    def enqueue(self, entries: Sequence[tuple[Any, str]]) -> None:
-        """Add (sequence_id, op) markers to the outbox, as the triggers would."""
+    def enqueue(self, mapping: str, entries: Sequence[tuple[Any, str]]) -> None:
+        """Add (key, op) markers of a mapping to the outbox, as the triggers would."""
         with self.write() as conn:
-            conn.executemany("INSERT INTO outbox (sequence_id, op) VALUES (?, ?)", entries)
+            conn.executemany(
+                "INSERT INTO outbox (mapping, record_key, op) VALUES (?, ?, ?)",
+                [(mapping, key, op) for key, op in entries],
+            )
 
     def data_version(self) -> int:
         """Changes whenever another connection commits (cheap: poll it to wake up)."""
@@ -266,55 +249,120 @@ class Database:
 
     # -- figures --------------------------------------------------------------------------------
 
-    def backlog(self) -> tuple[int, float | None, int]:
-        """(pending entries, age of the oldest in seconds, open sync errors)."""
+    def backlog(self, mapping: str | None = None) -> tuple[int, float | None, int]:
+        """(pending entries, age of the oldest in seconds, open sync errors), of one mapping
+        or of all."""
+        where, params = ("WHERE mapping = ?", (mapping,)) if mapping else ("", ())
         pending, oldest = self.conn.execute(
-            "SELECT count(*), min(enqueued_at) FROM outbox"
+            f"SELECT count(*), min(enqueued_at) FROM outbox {where}", params
         ).fetchone()
         (open_errors,) = self.conn.execute(
             "SELECT count(*) FROM sync_errors WHERE resolved_at IS NULL"
+            + (" AND mapping = ?" if mapping else ""),
+            params,
         ).fetchone()
         age = None if oldest is None else max(0.0, round(time.time() - oldest, 3))
         return pending, age, open_errors
 
-    def counts(self) -> dict[str, Any]:
-        """The backlog, and the rows of `sequences` (None while the table is gone)."""
-        pending, oldest_age, open_errors = self.backlog()
+    def count_rows(self, mapping: Mapping) -> int | None:
+        """Rows the mapping covers (None while its table is gone)."""
+        where = f" WHERE {mapping.where}" if mapping.where else ""
         try:
-            (rows,) = self.conn.execute("SELECT count(*) FROM sequences").fetchone()
+            (rows,) = self.conn.execute(
+                f"SELECT count(*) FROM {quote_identifier(mapping.table)}{where}"
+            ).fetchone()
         except sqlite3.OperationalError as error:
             if "no such table" not in str(error):
                 raise
-            rows = None
+            return None
+        return int(rows)
+
+    def counts(self, mapping: Mapping) -> dict[str, Any]:
+        """The backlog of one mapping, and the rows it covers."""
+        pending, oldest_age, open_errors = self.backlog(mapping.name)
         return {
             "pending": pending,
             "oldest_pending_age_s": oldest_age,
             "sync_errors_open": open_errors,
-            "rows": rows,
+            "rows": self.count_rows(mapping),
         }
 
     # -- pages of the tables audit and reindex walk ---------------------------------------------
 
-    def scan_sequences(self, chunk: int = DEFAULT_PAGE_ROWS) -> Iterator[list[tuple[Any, ...]]]:
-        """Every row of `sequences` (COLUMNS, text as RawText), in rowid order: unlike paging by
-        id, this visits a loose legacy table's NULL and duplicate ids too (a WITHOUT ROWID
-        table, by its primary key)."""
-        key = page_key(self.conn, "sequences")
-        width = key.count(",") + 1
-        columns = ", ".join(COLUMNS)
-        for rows in pages(self.conn, "sequences", key, columns, chunk=chunk, raw=True):
+    def scan_rows(
+        self, mapping: Mapping, chunk: int = DEFAULT_PAGE_ROWS
+    ) -> Iterator[list[tuple[Any, ...]]]:
+        """Every row the mapping covers, as `read_rows` gives them, in rowid order: unlike
+        paging by key, this visits a loose legacy table's NULL and duplicate keys too (a WITHOUT
+        ROWID table, by its primary key)."""
+        order = page_key(self.conn, mapping.table)
+        width = order.count(",") + 1
+        columns = f"{mapping.columns()}, {mapping.line_and_verdict()}"
+        for rows in pages(
+            self.conn,
+            quote_identifier(mapping.table),
+            order,
+            columns,
+            where=mapping.where or "",
+            chunk=chunk,
+            raw=True,
+        ):
             yield [row[width:] for row in rows]
 
-    def scan_outbox_keys(self, chunk: int = DEFAULT_PAGE_ROWS) -> Iterator[list[Any]]:
-        """The sequence_id of every waiting outbox entry."""
-        for rows in pages(self.conn, "outbox", "id", "sequence_id", chunk=chunk):
+    def scan_outbox_keys(self, mapping: str, chunk: int = DEFAULT_PAGE_ROWS) -> Iterator[list[Any]]:
+        """The key of every waiting outbox entry of a mapping."""
+        for rows in pages(
+            self.conn,
+            "outbox",
+            "id",
+            "record_key",
+            where="mapping = ?",
+            params=(mapping,),
+            chunk=chunk,
+        ):
             yield [key for _, key in rows]
 
-    def scan_open_error_keys(self, chunk: int = DEFAULT_PAGE_ROWS) -> Iterator[list[Any]]:
-        """The sequence_id of every open sync error."""
-        open_errors = "resolved_at IS NULL"
-        for rows in pages(self.conn, "sync_errors", "id", "sequence_id", where=open_errors):
+    def scan_open_error_keys(
+        self, mapping: str, chunk: int = DEFAULT_PAGE_ROWS
+    ) -> Iterator[list[Any]]:
+        """The key of every open sync error of a mapping."""
+        where = "resolved_at IS NULL AND mapping = ?"
+        for rows in pages(
+            self.conn,
+            "sync_errors",
+            "id",
+            "record_key",
+            where=where,
+            params=(mapping,),
+            chunk=chunk,
+        ):
             yield [key for _, key in rows]
+
+
+def _supersede(
+    conn: sqlite3.Connection,
+    records: Sequence[tuple[str, Any]],
+    now: str,
+    keep: Sequence[SyncFailure],
+) -> None:
+    """Close the open errors of these (mapping, key) records as superseded, except one that
+    says exactly what a failure in `keep` says (it stays open, as the record's one open
+    error)."""
+    same = json.dumps([[f.mapping, f.key, f.op, f.error] for f in keep])
+    listed = "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)"
+    conn.execute(
+        "UPDATE sync_errors SET resolved_at = ?, resolution = 'superseded'"
+        " WHERE resolved_at IS NULL"
+        f" AND ((mapping, record_key) IN ({listed})"  # by the open-errors index
+        "      OR (record_key IS NULL AND mapping IN"  # IN never matches a NULL key
+        "          (SELECT json_extract(value, '$[0]') FROM json_each(?)"
+        "           WHERE json_extract(value, '$[1]') IS NULL)))"
+        " AND NOT EXISTS (SELECT 1 FROM json_each(?) AS f WHERE"
+        "  json_extract(f.value, '$[0]') = mapping"
+        "  AND json_extract(f.value, '$[1]') IS sync_errors.record_key"
+        "  AND json_extract(f.value, '$[2]') = op AND json_extract(f.value, '$[3]') = error)",
+        (now, *[json.dumps([list(record) for record in records])] * 2, same),
+    )
 
 
 def page_key(conn: sqlite3.Connection, table: str) -> str:

@@ -3,15 +3,16 @@
 3 UNKNOWN, one summary line with performance data)."""
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
 from outbox_sync.db import Database
 from outbox_sync.errors import TypesenseError
 from outbox_sync.lock import DaemonLock
+from outbox_sync.mapping import Mapping
 from outbox_sync.reconcile import last_audit
-from outbox_sync.schema import table_exists, trigger_problems
+from outbox_sync.schema import missing_tables, trigger_problems
 from outbox_sync.typesense_index import TypesenseIndex
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -23,27 +24,49 @@ DEFAULT_MAX_AUDIT_AGE = "50h"
 
 def gather(
     db: Database,
-    index: TypesenseIndex,
+    indexes: Sequence[TypesenseIndex],
+    mappings: Sequence[Mapping],
     lock: DaemonLock,
     explain: Callable[[TypesenseError], str] = str,
 ) -> dict[str, Any]:
     """Everything `status` shows: the backlog and open errors, rows and documents, whether
-    Typesense answers, whether a daemon runs, the triggers, the last audit."""
-    figures: dict[str, Any] = db.counts()
-    figures["documents"], figures["typesense_ok"] = None, False
-    try:
-        figures["documents"] = index.count()
-        figures["typesense_ok"] = True
-    except TypesenseError as error:
-        figures["typesense_error"] = explain(error)
+    Typesense answers, whether a daemon runs, the tables and triggers, the last audit; in all,
+    and per collection (`collections`, of `indexes`: the ones asked for). The tables and
+    triggers of every configured mapping (`mappings`) are checked."""
+    pending, oldest, open_errors = db.backlog()
+    figures: dict[str, Any] = {
+        "pending": pending,
+        "oldest_pending_age_s": oldest,
+        "sync_errors_open": open_errors,
+        "rows": 0,
+        "documents": 0,
+        "typesense_ok": True,
+    }
+    collections = {}
+    for index in indexes:
+        one = db.counts(index.mapping)
+        one["documents"] = None
+        try:
+            one["documents"] = index.count()
+        except TypesenseError as error:
+            figures["typesense_ok"] = False
+            figures["typesense_error"] = explain(error)
+        collections[index.collection] = one
+    for total in ("rows", "documents"):  # None when one is unknown
+        values = [one[total] for one in collections.values()]
+        figures[total] = None if None in values else sum(values)
     figures["daemon_pid"] = lock.holder()
-    figures["table_ok"] = table_exists(db.conn)
-    problems = trigger_problems(db.conn)
+    gone = missing_tables(db.conn, mappings)
+    figures["table_ok"] = not gone
+    if gone:
+        figures["missing_tables"] = gone
+    problems = trigger_problems(db.conn, mappings)
     figures["triggers_ok"] = not problems
     if problems:
         figures["trigger_problems"] = [p.replace(" was ", " is ") for p in problems]
     audit = last_audit(db)
     figures["last_audit"] = None if audit is None else asdict(audit)
+    figures["collections"] = collections
     return figures
 
 
@@ -58,7 +81,7 @@ def verdict(
     if not figures["typesense_ok"]:
         found.append((CRITICAL, f"Typesense does not answer ({figures.get('typesense_error')})"))
     if not figures["table_ok"]:
-        found.append((CRITICAL, "the synced table is gone"))
+        found.append((CRITICAL, f"table {', '.join(figures['missing_tables'])} is gone"))
     elif not figures["triggers_ok"]:
         problems = "; ".join(figures["trigger_problems"])
         found.append((CRITICAL, f"triggers not intact ({problems}): the daemon repairs them"))

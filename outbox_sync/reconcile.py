@@ -16,13 +16,15 @@ import json
 import os
 import threading
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from outbox_sync.audit import Audit
+from outbox_sync.audit import KINDS, Audit
 from outbox_sync.db import Database, utc_now
 from outbox_sync.errors import OutboxSyncError
 from outbox_sync.telemetry import Telemetry
@@ -59,9 +61,14 @@ class Reconciler:
     thread of its own with its own database connection, and reports it once it is done."""
 
     def __init__(
-        self, db: Database, index: TypesenseIndex, telemetry: Telemetry, *, every_s: float
+        self,
+        db: Database,
+        indexes: Sequence[TypesenseIndex],
+        telemetry: Telemetry,
+        *,
+        every_s: float,
     ) -> None:
-        self.db, self.index, self.telemetry, self.every_s = db, index, telemetry, every_s
+        self.db, self.indexes, self.telemetry, self.every_s = db, indexes, telemetry, every_s
         self.log = structlog.get_logger("outbox_sync")
         self.requested: str | None = "start" if every_s else None
         self.next_at = float("inf")
@@ -108,11 +115,15 @@ class Reconciler:
         db = None
         try:
             db = Database(Path(self.db.path), busy_timeout_s=self.db.busy_timeout_s)
-            with Audit(db, self.index) as audit:
-                summary = audit.run()
-                record["drift"], record["consistent"] = summary.counts, summary.consistent
-                if not summary.consistent:
-                    record["enqueued"] = audit.repair().enqueued
+            drift: Counter[str] = Counter()
+            for index in self.indexes:  # one collection after the other
+                with Audit(db, index) as audit:
+                    summary = audit.run()
+                    drift.update(summary.counts)
+                    if not summary.consistent:
+                        record["enqueued"] += audit.repair().enqueued
+            record["drift"] = {kind: drift[kind] for kind in KINDS}
+            record["consistent"] = not any(drift.values())
             record["ok"] = True
         except OutboxSyncError as error:  # e.g. Typesense down: the outage asks again later
             record["error"] = str(error)

@@ -16,20 +16,21 @@ Searches keep answering from the old collection until the alias switches, atomic
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import structlog
 
+from outbox_sync.audit import row_key
 from outbox_sync.db import Database
-from outbox_sync.documents import document_id, document_line, encode
 from outbox_sync.errors import (
     InvalidRecordError,
     OutboxSyncError,
     TypesenseError,
 )
 from outbox_sync.lock import DaemonLock
+from outbox_sync.mapping import encode
 from outbox_sync.typesense_index import MAX_DELETE_IDS, TypesenseIndex
 
 REQUEST_KEY = "reindex_request"
@@ -48,6 +49,7 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class ReindexResult:
+    collection: str
     old: str | None
     new: str
     rows: int
@@ -77,14 +79,16 @@ def rebuild(
         if old is not None and fill.invalid_ids:
             _keep_last_good(index.on_collection(old), fresh, fill.invalid_ids)
         if fill.refused:  # applied by the daemon after the switch, so to the new collection
-            db.enqueue([(key, "upsert") for key in fill.refused])
+            db.enqueue(index.mapping.name, [(key, "upsert") for key in fill.refused])
     except Exception as error:
         with contextlib.suppress(TypesenseError):
             index.drop_collection(new)
         raise OutboxSyncError(f"{error} (the old collection stays in use)") from error
     _switch(index, old, new)
-    _close_errors(db, fill.indexed_with_errors)
-    return ReindexResult(old, new, fill.rows, fill.indexed, fill.invalid, len(fill.refused))
+    _close_errors(db, index.mapping.name, fill.indexed_with_errors)
+    return ReindexResult(
+        index.collection, old, new, fill.rows, fill.indexed, fill.invalid, len(fill.refused)
+    )
 
 
 @dataclass
@@ -100,17 +104,19 @@ class _Fill:
 def _fill(db: Database, fresh: TypesenseIndex, chunk: int, progress: Progress | None) -> _Fill:
     """Import every valid row into the new collection, in chunks of short reads."""
     fill = _Fill()
-    total = int(db.counts()["rows"] or 0)
-    with_errors = {key for keys in db.scan_open_error_keys() for key in keys}
-    for rows in db.scan_sequences(chunk):
+    mapping = fresh.mapping
+    total = int(db.count_rows(mapping) or 0)
+    with_errors = {key for keys in db.scan_open_error_keys(mapping.name) for key in keys}
+    for rows in db.scan_rows(mapping, chunk):
         lines, keys = [], []
         for row in rows:
+            key = row_key(row[0])
             try:
-                lines.append(document_line(row))
-                keys.append(row[0])
+                lines.append(mapping.judge(row))
+                keys.append(key)
             except InvalidRecordError:
                 fill.invalid += 1
-                if (doc_id := document_id(row[0])) is not None:
+                if (doc_id := mapping.document_id(key)) is not None:
                     fill.invalid_ids.append(doc_id)
         if lines:
             results = fresh.import_jsonl(b"\n".join(lines), len(lines))
@@ -131,8 +137,7 @@ def _keep_last_good(old: TypesenseIndex, fresh: TypesenseIndex, doc_ids: list[st
     """A record whose latest row is invalid keeps its last good document: copied from the old
     collection (docs/guarantees.md promises it stays searchable while its error is open)."""
     for start in range(0, len(doc_ids), MAX_DELETE_IDS):
-        chunk = doc_ids[start : start + MAX_DELETE_IDS]
-        documents = [encode(d) for d in old.export_documents(f"id:[{','.join(chunk)}]")]
+        documents = [encode(d) for d in old.export_ids(doc_ids[start : start + MAX_DELETE_IDS])]
         if documents:
             fresh.import_jsonl(b"\n".join(documents), len(documents))
 
@@ -162,27 +167,31 @@ def _switch(index: TypesenseIndex, old: str | None, new: str) -> None:
         ) from None
 
 
-def _close_errors(db: Database, keys: list[Any]) -> None:
+def _close_errors(db: Database, mapping: str, keys: list[Any]) -> None:
     """The rebuild indexed these records' current rows: their open errors are superseded."""
     for start in range(0, len(keys), DEFAULT_CHUNK):
-        db.close_errors(keys[start : start + DEFAULT_CHUNK])
+        db.close_errors([(mapping, key) for key in keys[start : start + DEFAULT_CHUNK]])
 
 
 def serve_request(
-    db: Database, index: TypesenseIndex, heartbeat: Callable[[], None] = lambda: None
+    db: Database,
+    indexes: Sequence[TypesenseIndex],
+    heartbeat: Callable[[], None] = lambda: None,
 ) -> bool:
-    """In the daemon: run a reindex another process asked for, publishing progress and the
-    outcome in outbox_sync_meta, and calling `heartbeat` as it goes (the systemd watchdog must
-    not take a long rebuild for a hung loop). False when nothing was asked."""
-    token = db.get_meta(REQUEST_KEY)
-    if token is None:
+    """In the daemon: run a reindex another process asked for (of the collections it names,
+    among `indexes`), publishing progress and the outcome in outbox_sync_meta, and calling
+    `heartbeat` as it goes (the systemd watchdog must not take a long rebuild for a hung loop).
+    False when nothing was asked."""
+    raw = db.get_meta(REQUEST_KEY)
+    if raw is None:
         return False
+    asked = _request(raw)
     log = structlog.get_logger("outbox_sync")
-    log.info("reindex_started", request=token)
+    log.info("reindex_started", request=asked["token"], collections=asked["collections"])
     published = 0.0
 
     def publish(state: str, **fields: Any) -> None:
-        db.set_meta(STATUS_KEY, json.dumps({"request": token, "state": state, **fields}))
+        db.set_meta(STATUS_KEY, json.dumps({"request": asked["token"], "state": state, **fields}))
 
     def report(done: int, total: int) -> None:
         nonlocal published
@@ -191,24 +200,37 @@ def serve_request(
             published = time.monotonic()
             publish("running", done=done, total=total)
 
+    chosen = [i for i in indexes if i.mapping.collection in asked["collections"]]
     try:
-        result = rebuild(db, index, progress=report)
+        results = [asdict(rebuild(db, index, progress=report)) for index in chosen]
     except Exception as error:  # ends this request, never the daemon (nor each start after it)
         reason = str(error) or type(error).__name__
         log.warning("reindex_failed", error=reason)
         publish("failed", error=reason)
     else:
-        log.info("reindex_finished", **asdict(result))
-        publish("done", **asdict(result))
+        for result in results:
+            log.info("reindex_finished", **result)
+        publish("done", results=results)
     db.set_meta(REQUEST_KEY, None)
     return True
 
 
-def request(db: Database) -> str:
-    """Ask the running daemon for a reindex; the token to follow in `status`."""
+def _request(raw: str) -> dict[str, Any]:
+    """A request as written by `request` (an older version wrote the bare token)."""
+    try:
+        asked = json.loads(raw)
+    except ValueError:
+        asked = None
+    if not isinstance(asked, dict):
+        return {"token": raw, "collections": ["sequences"]}
+    return asked
+
+
+def request(db: Database, collections: Sequence[str]) -> str:
+    """Ask the running daemon to reindex these collections; the token to follow in `status`."""
     token = f"{time.time():.6f}"
     db.set_meta(STATUS_KEY, None)
-    db.set_meta(REQUEST_KEY, token)
+    db.set_meta(REQUEST_KEY, json.dumps({"token": token, "collections": list(collections)}))
     return token
 
 
@@ -221,10 +243,13 @@ def status(db: Database, token: str) -> dict[str, Any] | None:
     return state if state.get("request") == token else None
 
 
-def follow(db: Database, lock: DaemonLock, progress: Progress) -> dict[str, Any]:
-    """Ask the running daemon (holder of `lock`) to reindex and wait for its outcome, passing
-    its progress on; OutboxSyncError if it fails, never takes it up, or dies meanwhile."""
-    token = request(db)
+def follow(
+    db: Database, lock: DaemonLock, collections: Sequence[str], progress: Progress
+) -> list[dict[str, Any]]:
+    """Ask the running daemon (holder of `lock`) to reindex these collections and wait for its
+    outcome, passing its progress on; OutboxSyncError if it fails, never takes it up, or dies
+    meanwhile. The result of each collection."""
+    token = request(db, collections)
     asked = time.monotonic()
     while True:
         state = status(db, token)
@@ -244,4 +269,5 @@ def follow(db: Database, lock: DaemonLock, progress: Progress) -> dict[str, Any]
         time.sleep(FOLLOW_INTERVAL_S)
     if state["state"] == "failed":
         raise OutboxSyncError(f"reindex failed: {state['error']}")
-    return state
+    results: list[dict[str, Any]] = state["results"]
+    return results

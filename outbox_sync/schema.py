@@ -1,6 +1,7 @@
-"""The schema outbox-sync keeps in the application's database: the shared tables and the triggers
-it owns on `sequences` (schema.sql holds their text), the checks that say what is missing, and
-the repair that puts the triggers back where a migration took them away.
+"""The schema outbox-sync keeps in the application's database: the shared tables (schema.sql),
+the triggers it owns on each mapped table (made from the mappings), the checks that say what is
+missing, the repair that puts triggers back where a migration took them away, and the upgrade
+of a database an older version wrote.
 
 Migrations move and drop triggers without a word: SQLite's 12-step table rebuild (what Django,
 Alembic and `sqlite-utils transform` do) drops them with the old table; renaming the table away
@@ -10,36 +11,40 @@ text, at start and whenever `PRAGMA schema_version` changes, and reinstalls them
 
 import re
 import sqlite3
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from importlib import resources
 
 import structlog
 
 from outbox_sync.db import Database, utc_now
-from outbox_sync.documents import COLUMNS
-from outbox_sync.errors import DatabaseError, TableMissingError
+from outbox_sync.errors import ConfigError, DatabaseError, TableMissingError
+from outbox_sync.mapping import SEQUENCES, Mapping, Trigger, key_kind, quote_identifier
 
-SCHEMA_VERSION = "1"
-TABLE = "sequences"
+SCHEMA_VERSION = "2"
 TABLES = ("outbox", "sync_errors", "sync_stats", "outbox_sync_meta")
 # Set by `init` when it had to repair the triggers: the running daemon (or the next one to
-# start) then compares Typesense with the table, which changed unseen meanwhile.
+# start) then compares Typesense with the tables, which changed unseen meanwhile.
 RECONCILE_REQUEST_KEY = "reconcile_requested"
-_TRIGGER = re.compile(r"CREATE TRIGGER IF NOT EXISTS (\w+) AFTER \w+ ON (\w+)")
-
-
-@dataclass(frozen=True)
-class Trigger:
-    name: str
-    table: str
-    sql: str  # as SQLite keeps it: without IF NOT EXISTS
+# What every trigger of ours does, and no other trigger does: write our outbox.
+OUR_TRIGGER = re.compile(r"\bINSERT\s+INTO\s+outbox\b", re.IGNORECASE)
+# Version 1 (one table, `sequences`): the outbox and sync_errors had no mapping column and
+# called the key sequence_id. Renaming the column rewrites the old triggers too; they are then
+# put back as version 2 writes them.
+UPGRADE_FROM_1 = (
+    "ALTER TABLE outbox RENAME COLUMN sequence_id TO record_key",
+    "ALTER TABLE outbox ADD COLUMN mapping TEXT NOT NULL DEFAULT 'sequences'",
+    "ALTER TABLE sync_errors RENAME COLUMN sequence_id TO record_key",
+    "ALTER TABLE sync_errors ADD COLUMN mapping TEXT NOT NULL DEFAULT 'sequences'",
+    "DROP INDEX IF EXISTS sync_errors_open",
+)
 
 
 @dataclass(frozen=True)
 class InitResult:
-    enqueued: int  # rows enqueued by the backfill
+    enqueued: dict[str, int]  # rows enqueued by the backfill, per mapping
     repaired: list[str]  # what was wrong with the triggers (empty: nothing)
+    upgraded: bool  # the database was an older version's
 
 
 def schema_statements() -> list[str]:
@@ -56,108 +61,213 @@ def schema_statements() -> list[str]:
     return statements
 
 
-def owned_triggers() -> list[Trigger]:
-    """The triggers outbox-sync owns, as schema.sql declares them."""
-    triggers = []
-    for statement in schema_statements():
-        if match := _TRIGGER.match(statement):
-            sql = statement.replace("CREATE TRIGGER IF NOT EXISTS", "CREATE TRIGGER", 1)
-            sql = sql.removesuffix(";")  # SQLite keeps the statement without it
-            triggers.append(Trigger(match[1], match[2], sql))
-    return triggers
+def is_builtin(mapping: Mapping) -> bool:
+    """The built-in `sequences` mapping (whatever collection it writes to)."""
+    return (mapping.table, mapping.key, mapping.fields) == (
+        SEQUENCES.table,
+        SEQUENCES.key,
+        SEQUENCES.fields,
+    )
 
 
-def _same_sql(a: str, b: str) -> bool:
-    return a.split() == b.split()
+def owned_triggers(mappings: Sequence[Mapping]) -> list[Trigger]:
+    return [trigger for mapping in mappings for trigger in mapping.triggers()]
 
 
-def trigger_problems(conn: sqlite3.Connection) -> list[str]:
-    """What is wrong with our triggers: missing, on another table, or not our SQL text."""
+def trigger_problems(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> list[str]:
+    """What is wrong with our triggers: missing, on another table, not our SQL text, or left
+    behind by a mapping that is no more."""
     present = {
         name: (table, sql)
         for name, table, sql in conn.execute(
             "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'trigger'"
         )
     }
+    wanted = owned_triggers(mappings)
     problems = []
-    for trigger in owned_triggers():
+    for trigger in wanted:
         if trigger.name not in present:
             problems.append(f"{trigger.name} was missing")
         elif present[trigger.name][0] != trigger.table:
             problems.append(f"{trigger.name} was on table {present[trigger.name][0]}")
-        elif not _same_sql(present[trigger.name][1], trigger.sql):
+        elif present[trigger.name][1].split() != trigger.sql.split():
             problems.append(f"{trigger.name} was not outbox-sync's")
+    names = {trigger.name for trigger in wanted}
+    for name, (_, sql) in present.items():
+        if name not in names and OUR_TRIGGER.search(sql):
+            problems.append(f"{name} was of no mapping")
     return problems
 
 
-def table_exists(conn: sqlite3.Connection, table: str = TABLE) -> bool:
+def missing_tables(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> list[str]:
+    present = {
+        row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
+    return [t for mapping in mappings for t in mapping.tables if t not in present]
+
+
+def table_exists(conn: sqlite3.Connection, table: str) -> bool:
     row = conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
     ).fetchone()
     return row is not None
 
 
-def _reinstall(conn: sqlite3.Connection) -> list[str]:
-    """Inside a write transaction: drop and create again each trigger that is wrong."""
-    problems = trigger_problems(conn)
+def _reinstall(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> list[str]:
+    """Inside a write transaction: drop every trigger of ours and create the mappings' again,
+    when anything about them is wrong."""
+    problems = trigger_problems(conn, mappings)
     if problems:
-        for trigger in owned_triggers():
-            conn.execute(f"DROP TRIGGER IF EXISTS {trigger.name}")
+        for name, sql in conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"
+        ).fetchall():
+            if OUR_TRIGGER.search(sql):
+                conn.execute(f"DROP TRIGGER {quote_identifier(name)}")
+        for trigger in owned_triggers(mappings):
             conn.execute(trigger.sql)
     return problems
 
 
-def repair_triggers(db: Database) -> list[str]:
+def repair_triggers(db: Database, mappings: Sequence[Mapping]) -> list[str]:
     """Put our triggers back as they should be, where they should be, in one short write
     transaction; what was wrong (empty: nothing, and nothing written). TableMissingError when
-    the table itself is gone."""
-    if not table_exists(db.conn):
-        raise TableMissingError(TABLE, db.path)
-    if not trigger_problems(db.conn):
+    a mapped table itself is gone."""
+    if gone := missing_tables(db.conn, mappings):
+        raise TableMissingError(gone[0], db.path)
+    if not trigger_problems(db.conn, mappings):
         return []
     with db.write() as conn:
-        if not table_exists(conn):
-            raise TableMissingError(TABLE, db.path)
-        return _reinstall(conn)
+        if gone := missing_tables(conn, mappings):
+            raise TableMissingError(gone[0], db.path)
+        return _reinstall(conn, mappings)
 
 
-def init(db: Database, *, backfill: bool = False) -> InitResult:
-    """Apply schema.sql, put back triggers a migration took away, then enqueue every existing
-    row once (or again with backfill=True). All in one transaction: no row slips between the
-    backfill and the triggers."""
+def bind(conn: sqlite3.Connection, mapping: Mapping, path: object) -> Mapping:
+    """The mapping checked against its table: the key and every column there, every `sql` and
+    `where` accepted by SQLite; with its key's kind from the key column's declared type.
+    ConfigError names the mapping and what is wrong; TableMissingError when the table is
+    gone."""
+    if not table_exists(conn, mapping.table):
+        raise TableMissingError(mapping.table, path)
+    declared = {
+        row[1]: str(row[2])
+        for row in conn.execute(f"PRAGMA table_info({quote_identifier(mapping.table)})")
+    }
+    wanted = [("key", mapping.key)] + [
+        (f"field {f.name}", f.column or f.name) for f in mapping.fields if not f.sql
+    ]
+    for what, column in wanted:
+        if column not in declared:
+            raise ConfigError(
+                f"{mapping.origin}: {what}: table {mapping.table} has no column {column!r}"
+            )
+    for dependency in mapping.depends_on:
+        if not table_exists(conn, dependency.table):
+            raise TableMissingError(dependency.table, path)
+        columns = {
+            r[1] for r in conn.execute(f"PRAGMA table_info({quote_identifier(dependency.table)})")
+        }
+        if dependency.key not in columns:
+            raise ConfigError(
+                f"{mapping.origin}: depends_on {dependency.table}: it has no column "
+                f"{dependency.key!r}"
+            )
+    bound = replace(mapping, key_kind=key_kind(declared[mapping.key]))
+    try:
+        conn.execute(f"{bound.select_by_keys()} LIMIT 0", ("[]",))
+    except sqlite3.Error as error:
+        raise ConfigError(f"{mapping.origin}: SQLite refuses its sql or where: {error}") from None
+    return bound
+
+
+def _upgrade(conn: sqlite3.Connection) -> bool:
+    """Bring a version 1 database to version 2 (inside init's transaction); True if it was."""
+    row = conn.execute("SELECT value FROM outbox_sync_meta WHERE key = 'schema_version'").fetchone()
+    if row is None or row[0] != "1":
+        return False
+    for statement in UPGRADE_FROM_1:
+        conn.execute(statement)
+    if conn.execute("SELECT 1 FROM outbox_sync_meta WHERE key = 'backfilled_at'").fetchone():
+        conn.execute(
+            "INSERT OR REPLACE INTO outbox_sync_meta (key, value)"
+            " SELECT 'backfilled:sequences', value FROM outbox_sync_meta WHERE key = 'backfilled_at'"
+        )
+    return True
+
+
+def init(db: Database, mappings: Sequence[Mapping], *, backfill: bool = False) -> InitResult:
+    """Apply schema.sql (the built-in table only when its mapping is in use), upgrade a database
+    an older version wrote, put back triggers a migration took away, then enqueue every existing
+    row of a mapping once (or again with backfill=True). All in one transaction: no row slips
+    between the backfill and the triggers."""
     try:
         db.conn.execute("PRAGMA journal_mode=WAL")
     except sqlite3.Error as error:
         raise DatabaseError(f"cannot initialise database {db.path}: {error}") from None
+    with_builtin = any(is_builtin(m) for m in mappings)
     with db.write() as conn:
         try:
             for statement in schema_statements():
-                if not _TRIGGER.match(statement):
+                sequences = "TABLE IF NOT EXISTS sequences" in statement
+                later = "CREATE TRIGGER" in statement or "CREATE INDEX" in statement
+                if not later and (with_builtin or not sequences):
                     conn.execute(statement)
-            repaired = _reinstall(conn)
+            upgraded = _upgrade(conn)
+            conn.execute(schema_statements_index())
+            bound = [_bind_for_init(conn, mapping, db) for mapping in mappings]
+            for mapping in bound:
+                index_keys(conn, mapping)
+            repaired = _reinstall(conn, bound)
         except sqlite3.Error as error:
             raise DatabaseError(f"cannot apply schema to {db.path}: {error}") from None
-        check_columns(db)
-        index_sequences_id(db)
-        done = conn.execute("SELECT 1 FROM outbox_sync_meta WHERE key = 'backfilled_at'").fetchone()
-        enqueued = 0
-        if backfill or not done:
-            enqueued = conn.execute(
-                "INSERT INTO outbox (sequence_id, op) SELECT id, 'upsert' FROM sequences"
-                " ORDER BY id"
-            ).rowcount
+        enqueued: dict[str, int] = {}
+        new: set[str] = set()
         meta = [("schema_version", SCHEMA_VERSION)]
-        if backfill or not done:
-            meta.append(("backfilled_at", utc_now()))
-        if done and repaired:  # a first init has nothing to reconcile: it backfills
+        for mapping in bound:
+            done = conn.execute(
+                "SELECT 1 FROM outbox_sync_meta WHERE key = ?", (f"backfilled:{mapping.name}",)
+            ).fetchone()
+            if not done:  # a new mapping: its triggers are installed, not repaired
+                new.update(trigger.name for trigger in mapping.triggers())
+            if backfill or not done:
+                enqueued[mapping.name] = _backfill(conn, mapping)
+                meta.append((f"backfilled:{mapping.name}", utc_now()))
+        repaired = [problem for problem in repaired if problem.split()[0] not in new]
+        if repaired:  # changes made meanwhile left no outbox entry: the daemon audits
             meta.append((RECONCILE_REQUEST_KEY, "; ".join(repaired)))
         conn.executemany("INSERT OR REPLACE INTO outbox_sync_meta (key, value) VALUES (?, ?)", meta)
-    return InitResult(enqueued, repaired if done else [])
+    return InitResult(enqueued, repaired, upgraded)
 
 
-def check(db: Database) -> None:
-    """Raise DatabaseError, saying what to do, unless `init` has been applied (the daemon
-    repairs its triggers itself; `trigger_problems` says what is wrong with them)."""
+def _bind_for_init(conn: sqlite3.Connection, mapping: Mapping, db: Database) -> Mapping:
+    try:
+        return bind(conn, mapping, db.path)
+    except TableMissingError as error:
+        raise DatabaseError(
+            f"{mapping.origin}: table {error.table} does not exist in {db.path}: the application "
+            "owns it; create it, then run init again"
+        ) from None
+
+
+def schema_statements_index() -> str:
+    """The open-errors index (after an upgrade has given sync_errors its mapping column)."""
+    return next(s for s in schema_statements() if "sync_errors_open_records" in s)
+
+
+def _backfill(conn: sqlite3.Connection, mapping: Mapping) -> int:
+    key = quote_identifier(mapping.key)
+    where = f" WHERE {mapping.where}" if mapping.where else ""
+    return conn.execute(
+        f"INSERT INTO outbox (mapping, record_key, op) SELECT ?, {key}, 'upsert'"
+        f" FROM {quote_identifier(mapping.table)}{where} ORDER BY {key}",
+        (mapping.name,),
+    ).rowcount
+
+
+def check(db: Database, mappings: Sequence[Mapping]) -> list[Mapping]:
+    """The mappings bound to their tables (see `bind`), once `init` has prepared the database
+    for this version; DatabaseError saying what to do otherwise. A mapped table that is gone is
+    left unbound (the daemon waits for it); its triggers are the daemon's to repair."""
     names = {
         row[0] for row in db.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
     }
@@ -167,43 +277,68 @@ def check(db: Database) -> None:
             f"database {db.path} is missing {', '.join(missing)}: "
             f"run `outbox-sync init --db {db.path}`"
         )
-    if TABLE in names:
-        check_columns(db)
-
-
-def check_columns(db: Database) -> None:
-    present = {row[1] for row in db.conn.execute(f"PRAGMA table_info({TABLE})")}
-    missing = [column for column in COLUMNS if column not in present]
-    if missing:
+    version = db.get_meta("schema_version")
+    if version != SCHEMA_VERSION:
         raise DatabaseError(
-            f"table {TABLE} in {db.path} has no column {', '.join(missing)}: "
-            "outbox-sync needs " + ", ".join(COLUMNS)
+            f"database {db.path} was prepared by an older outbox-sync (schema {version}): "
+            f"`outbox-sync init --db {db.path}` (or starting the daemon) upgrades it, nothing lost"
         )
+    bound = []
+    for mapping in mappings:
+        try:
+            bound.append(bind(db.conn, mapping, db.path))
+        except TableMissingError:
+            bound.append(mapping)
+    return bound
 
 
-def index_sequences_id(db: Database) -> None:
-    """A legacy table whose `id` is not the rowid gets an index, so lookups stay O(log n)."""
-    info = {row[1]: row for row in db.conn.execute(f"PRAGMA table_info({TABLE})")}
-    pk_columns = [name for name, row in info.items() if row[5]]
-    if pk_columns == ["id"] and str(info["id"][2]).upper() == "INTEGER":
-        return
-    first_columns = db.conn.execute(
-        f"SELECT i.name FROM pragma_index_list('{TABLE}') AS l,"
-        " pragma_index_info(l.name) AS i WHERE i.seqno = 0"
-    ).fetchall()
-    if ("id",) in first_columns:
-        return
-    db.conn.execute(f"CREATE INDEX IF NOT EXISTS outbox_sync_sequences_id ON {TABLE} (id)")
+def upgrade(db: Database) -> bool:
+    """What `run` does first: upgrade a database an older version wrote (its triggers are put
+    back by the daemon's own check). True if it did."""
+    if db.get_meta("schema_version") != "1":
+        return False
+    with db.write() as conn:
+        _upgrade(conn)
+        conn.execute(schema_statements_index())
+        conn.execute(
+            "INSERT OR REPLACE INTO outbox_sync_meta (key, value) VALUES ('schema_version', ?)",
+            (SCHEMA_VERSION,),
+        )
+    return True
+
+
+def index_keys(conn: sqlite3.Connection, mapping: Mapping) -> None:
+    """An index on each column the daemon looks records up by (the key, and each dependency's
+    key), unless the table has one already, so lookups stay O(log n)."""
+    for table, column in [(mapping.table, mapping.key)] + [
+        (d.table, d.key) for d in mapping.depends_on
+    ]:
+        quoted = quote_identifier(table)
+        info = conn.execute(f"PRAGMA table_info({quoted})").fetchall()
+        primary = [row[1] for row in info if row[5]]
+        if primary[:1] == [column]:
+            continue
+        first_columns = conn.execute(
+            "SELECT i.name FROM pragma_index_list(?) AS l, pragma_index_info(l.name) AS i"
+            " WHERE i.seqno = 0",
+            (table,),
+        ).fetchall()
+        if (column,) in first_columns:
+            continue
+        name = quote_identifier(f"outbox_sync_{table}_{column}")
+        conn.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {quoted} ({quote_identifier(column)})")
 
 
 class SchemaWatch:
-    """A loop job, every turn: whenever `PRAGMA schema_version` changes, check that the table is
-    there (TableMissingError pauses the sync until it is back) and that the triggers are ours,
-    putting them back if not; then ask for an audit (`request(reason)`): changes made while
-    they were gone left no outbox entry."""
+    """A loop job, every turn: whenever `PRAGMA schema_version` changes, check that the mapped
+    tables are there (TableMissingError pauses the sync until they are back) and that the
+    triggers are ours, putting them back if not; then ask for an audit (`request(reason)`):
+    changes made while they were gone left no outbox entry."""
 
-    def __init__(self, db: Database, request: Callable[[str], None]) -> None:
-        self.db, self.request = db, request
+    def __init__(
+        self, db: Database, mappings: Sequence[Mapping], request: Callable[[str], None]
+    ) -> None:
+        self.db, self.mappings, self.request = db, mappings, request
         self.version: int | None = None
         self.log = structlog.get_logger("outbox_sync")
 
@@ -211,12 +346,11 @@ class SchemaWatch:
         version = self.db.schema_version()
         if version == self.version:
             return
-        problems = repair_triggers(self.db)  # raises TableMissingError while the table is gone
+        problems = repair_triggers(self.db, self.mappings)  # TableMissingError: paused
         self.version = self.db.schema_version()  # our own repair changed it too
         if problems:
             self.log.warning(
                 "triggers_repaired",
-                table=TABLE,
                 problems=problems,
                 note="auditing: changes made meanwhile left no outbox entry",
             )

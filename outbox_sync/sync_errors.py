@@ -7,16 +7,18 @@ of the record succeeded: the daemon closes it), 'retried' (sent through the outb
 
 import json
 import sqlite3
+from collections.abc import Mapping as Lookup
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from outbox_sync.db import Database, pages, utc_now
-from outbox_sync.errors import ClosedSyncError, UnknownSyncError
+from outbox_sync.errors import ClosedSyncError, ConfigError, UnknownSyncError
+from outbox_sync.mapping import Mapping, quote_identifier
 
 # The columns of `sync_errors`, in the order people read them.
 COLUMNS = (
-    "id, outbox_id, sequence_id, op, document, http_status, error, attempts, failed_at,"
+    "id, outbox_id, mapping, record_key, op, document, http_status, error, attempts, failed_at,"
     " resolved_at, resolution, note"
 )
 STATUSES = ("open", "resolved", "all")
@@ -29,17 +31,24 @@ RETRY_CHUNK = 200
 class Retry:
     """One record sent through the outbox again by `retry`."""
 
-    sequence_id: Any
+    mapping: str
+    key: Any
     op: str
     outbox_id: int
     closed_error_ids: tuple[int, ...]
 
 
 def find(
-    db: Database, *, status: str = "open", since: str | None = None, op: str | None = None
+    db: Database,
+    *,
+    status: str = "open",
+    since: str | None = None,
+    op: str | None = None,
+    mappings: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of `sync_errors`, oldest first. status: 'open', 'resolved' or 'all'; since: an ISO
-    time (as in failed_at) the failure happened at or after; op: 'upsert' or 'delete'."""
+    time (as in failed_at) the failure happened at or after; op: 'upsert' or 'delete';
+    mappings: only those of these mappings (by name)."""
     if status not in STATUSES:
         raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
     conditions, params = [], []
@@ -51,78 +60,94 @@ def find(
     if op is not None:
         conditions.append("op = ?")
         params.append(op)
+    if mappings is not None:
+        conditions.append("mapping IN (SELECT value FROM json_each(?))")
+        params.append(json.dumps(list(mappings)))
     where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
     cursor = db.conn.execute(f"SELECT {COLUMNS} FROM sync_errors{where} ORDER BY id", params)
     names = [column[0] for column in cursor.description]
     return [dict(zip(names, row, strict=True)) for row in cursor]
 
 
-def get(db: Database, error_id: int) -> dict[str, Any]:
-    """One row of `sync_errors`, with what the record looks like now: `record_exists` (a row
-    of `sequences` has its id) and `pending` (outbox entries waiting for it)."""
+def get(db: Database, error_id: int, mappings: Lookup[str, Mapping]) -> dict[str, Any]:
+    """One row of `sync_errors`, with what the record looks like now: `record_exists` (its
+    mapping covers a row of its key; None when the mapping is not configured) and `pending`
+    (outbox entries waiting for it)."""
     cursor = db.conn.execute(f"SELECT {COLUMNS} FROM sync_errors WHERE id = ?", (error_id,))
     row = cursor.fetchone()
     if row is None:
         raise UnknownSyncError(error_id)
     names = [column[0] for column in cursor.description]
     error = dict(zip(names, row, strict=True))
-    key = error["sequence_id"]
-    error["record_exists"] = _record_exists(db.conn, key)
+    mapping = mappings.get(error["mapping"])
+    key = error["record_key"]
+    error["record_exists"] = None if mapping is None else _record_exists(db.conn, mapping, key)
     (error["pending"],) = db.conn.execute(
-        "SELECT count(*) FROM outbox WHERE sequence_id IS ?", (key,)
+        "SELECT count(*) FROM outbox WHERE mapping = ? AND record_key IS ?", (error["mapping"], key)
     ).fetchone()
     return error
 
 
-def retry(db: Database, error_ids: Sequence[int] | None = None) -> list[Retry]:
+def retry(
+    db: Database, mappings: Lookup[str, Mapping], error_ids: Sequence[int] | None = None
+) -> list[Retry]:
     """Send the records of these open errors (every open one with None) through the outbox
-    again: one entry per record, 'upsert' if its row exists, else 'delete'. Every open error
-    of those records closes as 'retried' (a new failure writes a new row). Unknown or closed
-    ids raise UnknownSyncError or ClosedSyncError, and nothing changes. Records are retried in
+    again: one entry per record, 'upsert' if its mapping covers a row of its key, else
+    'delete'. Every open error of those records closes as 'retried' (a new failure writes a new
+    row). Unknown or closed ids raise UnknownSyncError or ClosedSyncError, and nothing changes;
+    so does an error of a mapping no longer configured (ConfigError). Records are retried in
     short transactions of RETRY_CHUNK each."""
     if error_ids is None:
-        keys = [
-            key
+        records = [
+            (mapping, key)
             for rows in pages(
-                db.conn, "sync_errors", "id", "sequence_id", where="resolved_at IS NULL"
+                db.conn, "sync_errors", "id", "mapping, record_key", where="resolved_at IS NULL"
             )
-            for _, key in rows
+            for _, mapping, key in rows
         ]
     else:
-        keys = [key for _, key in _open_errors(db.conn, error_ids)]
-    records = list(dict.fromkeys(keys))
+        records = [(mapping, key) for _, mapping, key in _open_errors(db.conn, error_ids)]
+    records = list(dict.fromkeys(records))
+    if unknown := sorted({name for name, _ in records if name not in mappings}):
+        raise ConfigError(
+            f"sync errors of mapping {', '.join(unknown)}, which is not configured: give its "
+            "--config, or close them with `outbox-sync errors resolve`"
+        )
     retries: list[Retry] = []
     for start in range(0, len(records), RETRY_CHUNK):
         with db.write() as conn:
-            retries.extend(_retry_records(conn, records[start : start + RETRY_CHUNK]))
+            chunk = records[start : start + RETRY_CHUNK]
+            retries.extend(_retry_records(conn, mappings, chunk))
     return retries
 
 
-def _retry_records(conn: sqlite3.Connection, keys: Sequence[Any]) -> list[Retry]:
+def _retry_records(
+    conn: sqlite3.Connection, mappings: Lookup[str, Mapping], records: Sequence[tuple[str, Any]]
+) -> list[Retry]:
     now = utc_now()
     retries = []
-    for key in keys:
+    for name, key in records:
         closed = tuple(
             error_id
             for (error_id,) in conn.execute(
-                "SELECT id FROM sync_errors WHERE resolved_at IS NULL AND sequence_id IS ?"
-                " ORDER BY id",
-                (key,),
+                "SELECT id FROM sync_errors WHERE resolved_at IS NULL AND mapping = ?"
+                " AND record_key IS ? ORDER BY id",
+                (name, key),
             )
         )
         if not closed:  # closed meanwhile (a sync superseded it): nothing to retry
             continue
-        op = "upsert" if _record_exists(conn, key) else "delete"
+        op = "upsert" if _record_exists(conn, mappings[name], key) else "delete"
         outbox_id = conn.execute(
-            "INSERT INTO outbox (sequence_id, op) VALUES (?, ?)", (key, op)
+            "INSERT INTO outbox (mapping, record_key, op) VALUES (?, ?, ?)", (name, key, op)
         ).lastrowid
         assert outbox_id is not None  # an INSERT always sets it
         conn.execute(
             "UPDATE sync_errors SET resolved_at = ?, resolution = 'retried', note = ?"
-            " WHERE resolved_at IS NULL AND sequence_id IS ?",
-            (now, f"re-enqueued as outbox entry {outbox_id} ({op})", key),
+            " WHERE resolved_at IS NULL AND mapping = ? AND record_key IS ?",
+            (now, f"re-enqueued as outbox entry {outbox_id} ({op})", name, key),
         )
-        retries.append(Retry(key, op, outbox_id, closed))
+        retries.append(Retry(name, key, op, outbox_id, closed))
     return retries
 
 
@@ -139,12 +164,12 @@ def resolve(db: Database, error_ids: Sequence[int], note: str) -> None:
         )
 
 
-def _open_errors(conn: sqlite3.Connection, error_ids: Sequence[int]) -> list[tuple[int, Any]]:
-    """(id, sequence_id) of these errors, each once; raise unless every one is open."""
+def _open_errors(conn: sqlite3.Connection, error_ids: Sequence[int]) -> list[tuple[int, str, Any]]:
+    """(id, mapping, key) of these errors, each once; raise unless every one is open."""
     found = {
         row[0]: row
         for row in conn.execute(
-            "SELECT id, sequence_id, resolution FROM sync_errors"
+            "SELECT id, mapping, record_key, resolution FROM sync_errors"
             " WHERE id IN (SELECT value FROM json_each(?))",
             (json.dumps(list(error_ids)),),
         )
@@ -152,12 +177,17 @@ def _open_errors(conn: sqlite3.Connection, error_ids: Sequence[int]) -> list[tup
     for error_id in error_ids:
         if error_id not in found:
             raise UnknownSyncError(error_id)
-        if found[error_id][2] is not None:
-            raise ClosedSyncError(error_id, found[error_id][2])
-    return [found[error_id][:2] for error_id in dict.fromkeys(error_ids)]
+        if found[error_id][3] is not None:
+            raise ClosedSyncError(error_id, found[error_id][3])
+    return [found[error_id][:3] for error_id in dict.fromkeys(error_ids)]
 
 
-def _record_exists(conn: sqlite3.Connection, key: Any) -> bool:
-    return (
-        conn.execute("SELECT 1 FROM sequences WHERE id IS ? LIMIT 1", (key,)).fetchone() is not None
-    )
+def _record_exists(conn: sqlite3.Connection, mapping: Mapping, key: Any) -> bool:
+    """Whether the mapping covers a row of this key (its `where` included)."""
+    where = f" AND ({mapping.where})" if mapping.where else ""
+    row = conn.execute(
+        f"SELECT 1 FROM {quote_identifier(mapping.table)}"
+        f" WHERE {quote_identifier(mapping.key)} IS ?{where} LIMIT 1",
+        (key,),
+    ).fetchone()
+    return row is not None

@@ -22,7 +22,6 @@ import tenacity
 import typesense
 from typesense import exceptions as ts
 
-from outbox_sync.documents import FIELDS, collection_schema
 from outbox_sync.errors import (
     CollectionNotFoundError,
     ConfigError,
@@ -33,6 +32,7 @@ from outbox_sync.errors import (
     TypesenseUnavailableError,
 )
 from outbox_sync.localserver import LocalTypesense, embedded_api_key
+from outbox_sync.mapping import SEQUENCES, Mapping
 
 if TYPE_CHECKING:
     from outbox_sync.config import Settings
@@ -158,10 +158,14 @@ class TypesenseIndex:
         api_key: str,
         collection: str,
         *,
+        mapping: Mapping = SEQUENCES,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         ca_file: str | None = None,
     ) -> None:
         self.collection = collection
+        # What the documents are; once ensure_collection has looked at the collection, as the
+        # collection lets them be (its int32 or int64, its required fields).
+        self.mapping = mapping
         # Typed as Any: the client's TypedDicts add nothing over the checks made here.
         config: Any = {
             "nodes": [parse_node(url) for url in nodes],
@@ -212,8 +216,9 @@ class TypesenseIndex:
     # -- collection -----------------------------------------------------------------------------
 
     def ensure_collection(self) -> bool:
-        """Create the collection if absent (True), or check its schema; SchemaMismatchError
-        says what differs. Never index into a collection of another shape.
+        """Create the collection if absent (True), or check its schema and take the mapping as
+        it lets it be (`Mapping.against`); SchemaMismatchError says what differs. Never index
+        into a collection of another shape.
 
         A new collection is created under a versioned name with `collection` as an alias to
         it, so `reindex` can later swap in a rebuilt one without a moment of downtime."""
@@ -228,14 +233,15 @@ class TypesenseIndex:
             # between dropping a plain collection and pointing the alias): adopt the newest
             self.point_alias(versions[-1])
             existing = self.info()
-        problems = schema_differences(existing.get("fields", []))
+        effective, problems = self.mapping.against(existing.get("fields", []))
         if problems:
             raise SchemaMismatchError(
                 f"Typesense collection {self.collection!r} has an incompatible schema: "
                 + "; ".join(problems)
-                + ". Run `outbox-sync reindex` to rebuild it with the current schema "
-                "(no downtime), or use another --collection."
+                + f". Run `outbox-sync reindex --collection {self.collection}` to rebuild it "
+                "with the mapping's fields (no downtime), or use another collection."
             )
+        self.mapping = effective
         return False
 
     def info(self) -> dict[str, Any]:
@@ -268,7 +274,8 @@ class TypesenseIndex:
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}"
         name = f"{self.collection}_v{stamp}"
         self._call_retrying(
-            "collection", lambda: self.client.collections.create(collection_schema(name))
+            "collection",
+            lambda: self.client.collections.create(self.mapping.collection_schema(name)),
         )
         return name
 
@@ -282,11 +289,13 @@ class TypesenseIndex:
     def drop_collection(self, name: str) -> None:
         self._call_retrying("collection", self.client.collections[name].delete, about="other")
 
-    def on_collection(self, name: str) -> TypesenseIndex:
-        """The same server and settings, working on another collection (by its real name)."""
+    def on_collection(self, name: str, mapping: Mapping | None = None) -> TypesenseIndex:
+        """The same server and settings, working on another collection (by its real name), of
+        the same mapping or another."""
         other = copy.copy(self)
         other.collection = name
         other.documents = self.client.collections[name].documents
+        other.mapping = mapping or self.mapping
         return other
 
     def count(self) -> int:
@@ -333,16 +342,26 @@ class TypesenseIndex:
     def delete_ids(self, ids: Sequence[str]) -> int:
         """Delete documents by id, in requests of at most MAX_DELETE_IDS. Missing ids are
         ignored (already gone is success)."""
+        listed, alone = split_ids(ids)
         deleted = 0
-        for start in range(0, len(ids), MAX_DELETE_IDS):
-            chunk = ids[start : start + MAX_DELETE_IDS]
-            # ids are decimal strings (documents.document_id): nothing to escape.
-            params = {"filter_by": f"id:[{','.join(chunk)}]"}
+        for start in range(0, len(listed), MAX_DELETE_IDS):
+            params = {"filter_by": id_filter(listed[start : start + MAX_DELETE_IDS])}
             response: dict[str, Any] = self._call_retrying(
                 "delete", functools.partial(self.documents.delete, params)
             )
             deleted += int(response.get("num_deleted", 0))
+        for doc_id in alone:
+            deleted += self.delete_document(doc_id)
         return deleted
+
+    def export_ids(self, ids: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """The documents of these ids that exist, in requests of at most MAX_DELETE_IDS."""
+        listed, alone = split_ids(ids)
+        for start in range(0, len(listed), MAX_DELETE_IDS):
+            yield from self.export_documents(id_filter(listed[start : start + MAX_DELETE_IDS]))
+        for doc_id in alone:
+            if (document := self.retrieve(doc_id)) is not None:
+                yield document
 
     def retrieve(self, doc_id: str) -> dict[str, Any] | None:
         """One document, or None when the collection has no such id."""
@@ -443,59 +462,58 @@ def _error_message(response: httpx.Response) -> str:
         return response.text[:200]
 
 
-def schema_differences(fields: Sequence[dict[str, Any]]) -> list[str]:
-    """What keeps an existing collection's fields from taking our documents."""
-    actual = {field["name"]: field for field in fields}
-    problems = []
-    for wanted in FIELDS:
-        name = wanted["name"]
-        field = actual.get(name)
-        if field is None:
-            problems.append(f"field {name} is missing")
-            continue
-        for key, value in wanted.items():
-            if key not in ("name", "optional") and field.get(key) != value:
-                problems.append(f"field {name} has {key}={field.get(key)!r}, expected {value!r}")
-        if bool(field.get("optional", False)) != bool(wanted.get("optional", False)):
-            problems.append(
-                f"field {name} has optional={field.get('optional')!r}, "
-                f"expected {wanted.get('optional', False)!r}"
-            )
-    ours = {wanted["name"] for wanted in FIELDS}
-    for name, field in actual.items():
-        if name not in ours and name != ".*" and not field.get("optional", False):
-            problems.append(f"field {name} is required by the collection but outbox-sync has none")
-    return problems
+def split_ids(ids: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Ids a filter can list, and ids it cannot (a backtick cannot be quoted in a filter
+    value of 0.24.1: those are asked for one by one, by URL)."""
+    listed = [doc_id for doc_id in ids if "`" not in doc_id]
+    return listed, [doc_id for doc_id in ids if "`" in doc_id]
+
+
+def id_filter(ids: Sequence[str]) -> str:
+    """filter_by for these ids: each in backticks, so that commas, spaces, brackets and the
+    like stay part of the value (decimal ids need none)."""
+    quoted = (i if i.isascii() and i.lstrip("-").isdigit() else f"`{i}`" for i in ids)
+    return f"id:[{','.join(quoted)}]"
 
 
 @contextlib.contextmanager
-def open_index(settings: Settings, *, start_embedded: bool) -> Iterator[TypesenseIndex]:
-    """The index the settings name. With no URL configured, the embedded server: started (and
-    stopped at the end) with start_embedded, only reached otherwise (it runs while a daemon
-    does)."""
-    if not settings.embedded:
+def open_indexes(
+    settings: Settings, mappings: Sequence[Mapping], *, start_embedded: bool
+) -> Iterator[dict[str, TypesenseIndex]]:
+    """The index of each mapping, by mapping name (one client for all). With no URL
+    configured, the embedded server: started (and stopped at the end) with start_embedded, only
+    reached otherwise (it runs while a daemon does)."""
+    server = None
+    if settings.embedded:
+        key = settings.api_key or embedded_api_key(settings.embedded_dir)
+        server = LocalTypesense(settings.embedded_dir, api_key=key, port=settings.embedded_port)
+        urls: Sequence[str] = [server.url]
+        if start_embedded:
+            structlog.get_logger("outbox_sync").info(
+                "embedded_typesense_starting",
+                url=server.url,
+                data_dir=str(settings.embedded_dir),
+                note="no TYPESENSE_URL set: using the embedded server",
+            )
+            server.start()
+    else:
         assert settings.api_key is not None  # build_settings requires one with a URL
-        yield TypesenseIndex(
-            settings.typesense_urls,
-            settings.api_key,
-            settings.collection,
-            timeout_s=settings.timeout_s,
-            ca_file=settings.ca_file,
-        )
-        return
-    key = settings.api_key or embedded_api_key(settings.embedded_dir)
-    server = LocalTypesense(settings.embedded_dir, api_key=key, port=settings.embedded_port)
-    if start_embedded:
-        structlog.get_logger("outbox_sync").info(
-            "embedded_typesense_starting",
-            url=server.url,
-            data_dir=str(settings.embedded_dir),
-            note="no TYPESENSE_URL set: using the embedded server",
-        )
-        server.start()
-    index = TypesenseIndex([server.url], key, settings.collection, timeout_s=settings.timeout_s)
+        key, urls = settings.api_key, settings.typesense_urls
+    first, *rest = mappings
+    index = TypesenseIndex(
+        urls,
+        key,
+        first.collection,
+        mapping=first,
+        timeout_s=settings.timeout_s,
+        ca_file=None if server else settings.ca_file,
+    )
     index.server = server
+    indexes = {first.name: index}
+    for mapping in rest:
+        indexes[mapping.name] = index.on_collection(mapping.collection, mapping)
     try:
-        yield index
+        yield indexes
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()

@@ -135,7 +135,7 @@ class Worker:
     def __init__(
         self,
         db: Database,
-        index: Index,
+        indexes: Sequence[Index],
         applier: Applier,
         jobs: Sequence[Job] = (),
         *,
@@ -146,7 +146,7 @@ class Worker:
         min_backoff_s: float = DEFAULT_MIN_BACKOFF_S,
         max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
     ) -> None:
-        self.db, self.index, self.applier, self.telemetry = db, index, applier, telemetry
+        self.db, self.indexes, self.applier, self.telemetry = db, indexes, applier, telemetry
         self.jobs = {job.name: job for job in jobs}
         self.after_outage = after_outage
         self.typesense_down = self.collection_lost = False
@@ -165,7 +165,7 @@ class Worker:
         try:
             while not stop.is_set():
                 try:
-                    self.index.ensure_collection()
+                    self._ensure_collections()
                     break
                 except TypesenseUnavailableError as error:
                     self._pause(error, stop)
@@ -190,7 +190,7 @@ class Worker:
         self.telemetry.loop_alive(now)
         try:
             if self.collection_lost:
-                self.index.ensure_collection()
+                self._ensure_collections()
                 self.collection_lost = False
             for job in self.jobs.values():
                 if job.due(now):
@@ -202,7 +202,7 @@ class Worker:
                 # idle: ask Typesense now and then, so /healthz and the metrics stay true; an
                 # empty outbox proves nothing about an outage, so probe to end one
                 self.probe_at = now + HEALTH_PROBE_INTERVAL_S
-                if not self.index.healthy():
+                if not self.indexes[0].healthy():
                     raise TypesenseUnavailableError("Typesense health check failed")
                 self.telemetry.reachable(True)
         except CollectionNotFoundError as error:
@@ -228,6 +228,10 @@ class Worker:
             self.typesense_down = False
             self.after_outage()
         return Turn(applied)
+
+    def _ensure_collections(self) -> None:
+        for index in self.indexes:
+            index.ensure_collection()
 
     def _pause(self, error: Exception, stop: threading.Event) -> None:
         """Wait out server trouble, a locked database or a missing table, keeping the loop's
@@ -291,7 +295,7 @@ def supervise(server: LocalTypesense, reconciler: Reconciler) -> None:
 
 def daemon(
     db: Database,
-    index: TypesenseIndex,
+    indexes: Sequence[TypesenseIndex],
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     telemetry: Telemetry | None = None,
@@ -299,23 +303,30 @@ def daemon(
     server: LocalTypesense | None = None,
     **loop_options: float,
 ) -> Worker:
-    """The daemon's worker: the loop over a batch applier, with its chores: the backlog figures
-    for metrics and systemd, reindexes asked for by `outbox-sync reindex`, the statistics, the
-    triggers (put back when a migration took them), the embedded `server` if there is one
-    (started again if it died), and audits: at start and every `audit_every_s` unless that is
-    0; after an outage, a trigger repair and an embedded restart always."""
+    """The daemon's worker over one index per mapping: the loop over a batch applier, with its
+    chores: the backlog figures for metrics and systemd, reindexes asked for by `outbox-sync
+    reindex`, the statistics, the triggers (put back when a migration took them), the embedded
+    `server` if there is one (started again if it died), and audits: at start and every
+    `audit_every_s` unless that is 0; after an outage, a trigger repair and an embedded
+    restart always."""
     telemetry = telemetry or Telemetry()
-    index.observe = telemetry.request
+    for index in indexes:
+        index.observe = telemetry.request
 
     def heartbeat() -> None:  # a long chore must not look like a hung loop to the watchdog
         telemetry.loop_alive(time.monotonic())
 
-    reconciler = Reconciler(db, index, telemetry, every_s=audit_every_s)
+    mappings = [index.mapping for index in indexes]
+    reconciler = Reconciler(db, indexes, telemetry, every_s=audit_every_s)
     jobs = [
-        Job("schema", 0, SchemaWatch(db, reconciler.request)),
+        Job("schema", 0, SchemaWatch(db, mappings, reconciler.request)),
         Job("backlog", REFRESH_INTERVAL_S, lambda now: telemetry.backlog(*db.backlog())),
         # a requested reindex runs here, pausing the sync meanwhile
-        Job("reindex", REFRESH_INTERVAL_S, lambda now: reindex.serve_request(db, index, heartbeat)),
+        Job(
+            "reindex",
+            REFRESH_INTERVAL_S,
+            lambda now: reindex.serve_request(db, indexes, heartbeat),
+        ),
         Job("stats", STATS_SAVE_INTERVAL_S, lambda now: save_stats(db, telemetry), at_stop=True),
         Job("audit", 0, reconciler, settle=reconciler.settle),
     ]
@@ -323,10 +334,11 @@ def daemon(
         jobs.append(
             Job("embedded", HEALTH_PROBE_INTERVAL_S, lambda now: supervise(server, reconciler))
         )
-    applier = Applier(db, index, batch_size=batch_size, telemetry=telemetry)
+    by_name = {index.mapping.name: index for index in indexes}
+    applier = Applier(db, by_name, batch_size=batch_size, telemetry=telemetry)
     return Worker(
         db,
-        index,
+        indexes,
         applier,
         jobs,
         telemetry=telemetry,

@@ -6,20 +6,24 @@ import functools
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import click
+import structlog
 
-from outbox_sync import __version__, logs
+from outbox_sync import __version__, logs, schema
 from outbox_sync.config import OPTIONS, Option, Settings, build_settings
+from outbox_sync.config_file import ConfigFileError
 from outbox_sync.db import Database
 from outbox_sync.errors import (
     CollectionNotFoundError,
     OutboxSyncError,
     TypesenseUnavailableError,
 )
+from outbox_sync.mapping import Mapping
 from outbox_sync.report import iso, parse_since
-from outbox_sync.schema import check as check_schema
+from outbox_sync.typesense_index import TypesenseIndex, open_indexes
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -65,6 +69,12 @@ def with_settings(
                     (settings.api_key or "",),
                 )
                 return command(settings, **values)
+            except ConfigFileError as error:  # a usage error
+                raise (
+                    FailedWith2(advise(error, settings))
+                    if failure is Failed
+                    else failure(str(error))
+                ) from None
             except OutboxSyncError as error:
                 raise failure(advise(error, settings)) from None
 
@@ -147,11 +157,41 @@ def main(log_level: str) -> None:
     """
 
 
-def open_database(settings: Settings) -> Database:
-    """The database, refused with what to do unless `init` has prepared it."""
+@dataclass(frozen=True)
+class Opened:
+    """The database, with every configured mapping bound to its table."""
+
+    db: Database
+    mappings: tuple[Mapping, ...]
+    collection: str | None  # the one asked for with --collection
+
+    @property
+    def selected(self) -> tuple[Mapping, ...]:
+        return tuple(m for m in self.mappings if self.collection in (None, m.collection))
+
+    @property
+    def by_name(self) -> dict[str, Mapping]:
+        return {mapping.name: mapping for mapping in self.mappings}
+
+
+def open_database(settings: Settings, *, upgrade: bool = False) -> Opened:
+    """The database, refused with what to do unless `init` has prepared it (`run` upgrades
+    one an older version prepared: upgrade=True)."""
     db = Database(settings.db_path)
-    check_schema(db)
-    return db
+    if upgrade and schema.upgrade(db):
+        structlog.get_logger("outbox_sync").info(
+            "database_upgraded", db=str(db.path), schema_version=schema.SCHEMA_VERSION
+        )
+    return Opened(db, tuple(schema.check(db, settings.mappings)), settings.collection)
+
+
+@contextlib.contextmanager
+def typesense(
+    settings: Settings, opened: Opened, *, start_embedded: bool
+) -> Iterator[list[TypesenseIndex]]:
+    """The index of each mapping asked for (see open_indexes)."""
+    with open_indexes(settings, opened.mappings, start_embedded=start_embedded) as indexes:
+        yield [indexes[mapping.name] for mapping in opened.selected]
 
 
 def since_value(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:

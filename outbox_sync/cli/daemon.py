@@ -19,6 +19,7 @@ from outbox_sync.cli.base import (
     main,
     open_database,
     progress_bars,
+    typesense,
     with_settings,
 )
 from outbox_sync.config import Settings, parse_duration
@@ -27,7 +28,6 @@ from outbox_sync.errors import AlreadyRunningError, ConfigError
 from outbox_sync.lock import DaemonLock
 from outbox_sync.notify import notify
 from outbox_sync.telemetry import Telemetry, serve_metrics
-from outbox_sync.typesense_index import open_index
 from outbox_sync.worker import daemon
 
 
@@ -39,16 +39,23 @@ from outbox_sync.worker import daemon
     help="Enqueue every existing row again, even if init already did once.",
 )
 def init(settings: Settings, backfill: bool) -> None:
-    """Prepare the database: create `sequences` if absent, the `outbox` and `sync_errors` tables
-    and the triggers, and enqueue rows that exist already (once). Safe to run again."""
-    result = schema.init(Database(settings.db_path, create=True), backfill=backfill)
+    """Prepare the database: the `outbox` and `sync_errors` tables, the triggers of every
+    mapping (the built-in one creates `sequences` if absent), and enqueue the rows of a mapping
+    that exist already (once). Upgrades a database an older version prepared, and puts back
+    triggers a migration took away. Safe to run again."""
+    result = schema.init(
+        Database(settings.db_path, create=True), settings.mappings, backfill=backfill
+    )
+    if result.upgraded:
+        click.echo(f"upgraded {settings.db_path} to schema {schema.SCHEMA_VERSION}: nothing lost")
     if result.repaired:
         click.echo(
-            f"put back outbox-sync's triggers on {schema.TABLE} ({'; '.join(result.repaired)}): "
-            "changes made meanwhile left no outbox entry, so the daemon audits Typesense and "
-            "repairs it (now if it runs, else when it starts)"
+            f"put back outbox-sync's triggers ({'; '.join(result.repaired)}): changes made "
+            "meanwhile left no outbox entry, so the daemon audits Typesense and repairs it (now "
+            "if it runs, else when it starts)"
         )
-    click.echo(f"initialised {settings.db_path}: {result.enqueued} existing rows enqueued for sync")
+    enqueued = ", ".join(f"{n} of {name}" for name, n in result.enqueued.items()) or "none"
+    click.echo(f"initialised {settings.db_path}: existing rows enqueued for sync: {enqueued}")
 
 
 @main.command()
@@ -63,7 +70,13 @@ def run(settings: Settings, once: bool) -> None:
     Only one daemon may work a database file at a time.
     """
     log = structlog.get_logger("outbox_sync")
-    db = open_database(settings)
+    if settings.collection is not None and settings.config_file is not None:
+        raise ConfigError(
+            "the daemon syncs every mapping of the configuration: --collection (or "
+            "OUTBOX_SYNC_COLLECTION) is for the on-call commands"
+        )
+    opened = open_database(settings, upgrade=True)
+    db = opened.db
     db.check_writable()
     stop = threading.Event()
 
@@ -81,25 +94,25 @@ def run(settings: Settings, once: bool) -> None:
             cleanup.enter_context(metrics_server(telemetry, settings.metrics_address))
         for signum in (signal.SIGTERM, signal.SIGINT):
             cleanup.callback(signal.signal, signum, signal.signal(signum, request_stop))
-        index = cleanup.enter_context(open_index(settings, start_embedded=True))
+        indexes = cleanup.enter_context(typesense(settings, opened, start_embedded=True))
         log.info(
             "started",
             db=str(settings.db_path),
-            collection=settings.collection,
+            collections=[index.collection for index in indexes],
             nodes=list(settings.typesense_urls) or ["embedded"],
             batch_size=settings.batch_size,
             once=once,
         )
         worker = daemon(
             db,
-            index,
+            indexes,
             batch_size=settings.batch_size,
             telemetry=telemetry,
             audit_every_s=settings.audit_every_s,
-            server=index.server,
+            server=indexes[0].server,
         )
         worker.run(stop, once=once)
-    log.info("stopped", pending=db.counts()["pending"])
+    log.info("stopped", pending=db.backlog()[0])
 
 
 @contextlib.contextmanager
@@ -123,18 +136,20 @@ def metrics_server(telemetry: Telemetry, address: tuple[str, int]) -> Any:
 @main.command("reindex")
 @with_settings()
 def reindex_command(settings: Settings) -> None:
-    """Rebuild the collection from SQLite with zero downtime.
+    """Rebuild collections from SQLite with zero downtime (each mapping's, or the one of
+    --collection).
 
-    Fills a new versioned collection from the rows of `sequences`, points the collection name
-    (an alias) at it, and drops the old one: searches keep answering throughout, and nothing
-    committed meanwhile is lost. Also the way to apply a changed collection schema.
+    Fills a new versioned collection from the mapping's rows, points the collection name (an
+    alias) at it, and drops the old one: searches keep answering throughout, and nothing
+    committed meanwhile is lost. Also the way to apply a mapping's changed fields.
 
     With a daemon running on the database, it asks the daemon to do it (the daemon pauses
     applying changes while it rebuilds, then applies what was committed meanwhile) and follows
     its progress; otherwise it does it itself, holding the daemon lock.
     """
-    db = open_database(settings)
+    opened = open_database(settings)
     lock = DaemonLock(settings.db_path)
+    collections = [mapping.collection for mapping in opened.selected]
     with progress_bars() as bars:
 
         def progress(done: int, total: int) -> None:
@@ -144,19 +159,24 @@ def reindex_command(settings: Settings) -> None:
         try:
             lock.acquire()
         except AlreadyRunningError:
-            result = reindex.follow(db, lock, progress)
+            results = reindex.follow(opened.db, lock, collections, progress)
         else:
             try:
-                with open_index(settings, start_embedded=True) as index:
-                    result = asdict(reindex.rebuild(db, index, progress=progress))
+                with typesense(settings, opened, start_embedded=True) as indexes:
+                    results = [
+                        asdict(reindex.rebuild(opened.db, index, progress=progress))
+                        for index in indexes
+                    ]
             finally:
                 lock.release()
-    old = f", dropped {result['old']}" if result["old"] else ""
-    click.echo(
-        f"reindexed {result['rows']} rows into {result['new']}{old}: {result['indexed']} "
-        f"indexed, {result['invalid']} invalid (see `outbox-sync errors list`), "
-        f"{result['requeued']} refused by Typesense and queued again"
-    )
+    for result in results:
+        old = f", dropped {result['old']}" if result["old"] else ""
+        click.echo(
+            f"reindexed {result['rows']} rows of {result['collection']!r} into "
+            f"{result['new']}{old}: {result['indexed']} indexed, {result['invalid']} invalid "
+            f"(see `outbox-sync errors list`), {result['requeued']} refused by Typesense and "
+            "queued again"
+        )
 
 
 @main.command()
@@ -171,10 +191,14 @@ def status(settings: Settings, as_json: bool) -> None:
     daemon's last audit: when, why, what it found and repaired). Exits 0 whatever it finds
     (it is for reading: `outbox-sync check` is for monitoring).
     """
-    db = open_database(settings)
-    with open_index(settings, start_embedded=False) as index:
+    opened = open_database(settings)
+    with typesense(settings, opened, start_embedded=False) as indexes:
         figures = health.gather(
-            db, index, DaemonLock(settings.db_path), lambda error: advise(error, settings)
+            opened.db,
+            indexes,
+            opened.mappings,
+            DaemonLock(settings.db_path),
+            lambda error: advise(error, settings),
         )
     if as_json:
         click.echo(json.dumps(figures))
@@ -229,12 +253,28 @@ def check(settings: Settings, max_lag: str, max_audit_age: str, as_json: bool) -
     """
     max_lag_s = parse_duration(max_lag, "--max-lag")
     max_audit_age_s = parse_duration(max_audit_age, "--max-audit-age")
-    db = open_database(settings)
-    with open_index(settings, start_embedded=False) as index:
-        figures = health.gather(db, index, DaemonLock(settings.db_path), lambda error: error.reason)
+    opened = open_database(settings)
+    with typesense(settings, opened, start_embedded=False) as indexes:
+        figures = health.gather(
+            opened.db, indexes, opened.mappings, DaemonLock(settings.db_path), lambda e: e.reason
+        )
     code, line = health.verdict(figures, max_lag_s=max_lag_s, max_audit_age_s=max_audit_age_s)
     if as_json:
         click.echo(json.dumps({"status": health.STATES[code], "summary": line, **figures}))
     else:
         click.echo(line)
     click.get_current_context().exit(code)
+
+
+@main.command("config")
+@with_settings(daemon=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def config_command(settings: Settings, as_json: bool) -> None:
+    """Print the effective configuration: every setting (from flags, environment variables,
+    the --config file and the defaults; secrets masked) and every mapping, with its fields as
+    the collection will declare them. Checks the file as every command does."""
+    effective = render.effective_config(settings)
+    if as_json:
+        click.echo(json.dumps(effective, indent=2))
+    else:
+        render.echo_lines(render.toml_lines(effective))

@@ -15,13 +15,14 @@ from outbox_sync.cli.base import (
     open_database,
     progress_bars,
     since_value,
+    typesense,
     with_settings,
 )
 from outbox_sync.config import Settings, parse_duration
 from outbox_sync.errors import CollectionNotFoundError, TypesenseRejectedError
 from outbox_sync.report import DEFAULT_SINCE, build_report, iso
 from outbox_sync.report_page import INSTALL_HINT, check_chart_library, page
-from outbox_sync.typesense_index import open_index
+from outbox_sync.typesense_index import TypesenseIndex
 
 # Ids of `sync_errors` rows: SQLite integers (a larger number would overflow the binding).
 ERROR_ID = click.IntRange(1, 2**63 - 1)
@@ -66,9 +67,17 @@ def errors_list(
     if include_resolved and status not in (None, "all"):
         raise click.UsageError("--all means --status all: give one or the other")
     status = "all" if include_resolved else status or "open"
+    opened = open_database(settings)
     rows = sync_errors.find(
-        open_database(settings), status=status, since=None if since is None else iso(since), op=op
+        opened.db,
+        status=status,
+        since=None if since is None else iso(since),
+        op=op,
+        mappings=None if settings.collection is None else [m.name for m in opened.selected],
     )
+    collections = {m.name: m.collection for m in opened.mappings}
+    for row in rows:
+        row["collection"] = collections.get(row["mapping"])
     if as_json:
         click.echo(json.dumps(rows, default=str))
     elif not rows:
@@ -88,7 +97,8 @@ def errors_show(settings: Settings, error_id: int, as_json: bool) -> None:
     The document sent (or the row, when it failed validation), the HTTP status, the whole
     error text, attempts, when it failed and how it closed, and whether the record is in
     `sequences` and waiting in the outbox now."""
-    error = sync_errors.get(open_database(settings), error_id)
+    opened = open_database(settings)
+    error = sync_errors.get(opened.db, error_id, opened.by_name)
     if as_json:
         click.echo(json.dumps(error, default=str))
     else:
@@ -108,14 +118,15 @@ def errors_retry(settings: Settings, error_ids: tuple[int, ...], retry_all: bool
     """
     if bool(error_ids) == retry_all:
         raise click.UsageError("give the ids of the errors to retry, or --all (not both)")
-    retries = sync_errors.retry(open_database(settings), None if retry_all else error_ids)
+    opened = open_database(settings)
+    retries = sync_errors.retry(opened.db, opened.by_name, None if retry_all else error_ids)
     if not retries:
         click.echo("no open sync errors to retry")
         return
     for retry in retries:
         closed = ", ".join(str(error_id) for error_id in retry.closed_error_ids)
         click.echo(
-            f"record {retry.sequence_id!r}: {retry.op} enqueued as outbox entry "
+            f"record {retry.key!r} of {retry.mapping}: {retry.op} enqueued as outbox entry "
             f"{retry.outbox_id}; errors {closed} closed as retried"
         )
     click.echo(
@@ -137,7 +148,7 @@ def errors_resolve(settings: Settings, error_ids: tuple[int, ...], note: str) ->
 
     Their resolution becomes 'resolved' and the note is kept. Nothing is deleted: `errors list
     --status resolved` still shows them. The record is not synced again."""
-    sync_errors.resolve(open_database(settings), error_ids, note)
+    sync_errors.resolve(open_database(settings).db, error_ids, note)
     click.echo(f"closed {len(error_ids)} sync errors as resolved")
 
 
@@ -173,30 +184,32 @@ def audit(settings: Settings, repair: bool, max_lag: str, as_json: bool) -> None
     however large the table.
     """
     max_lag_s = parse_duration(max_lag, "--max-lag")
-    db = open_database(settings)
-    with (
-        open_index(settings, start_embedded=False) as index,
-        progress_bars() as bars,
-        Audit(db, index, progress=bars) as checked,
-    ):
-        summary = checked.run()
-        if bars is not None:
-            bars.close()
-        repaired = checked.repair() if repair and not summary.consistent else None
-        if as_json:
-            for chunk in audit_json(checked, summary, repaired):
-                click.echo(chunk, nl=False)
-            click.echo()
-        else:
-            render.echo_lines(render.audit_lines(settings.collection, checked, summary, repaired))
-    waited_s = db.backlog()[1] or 0.0
+    opened = open_database(settings)
+    consistent = True
+    with typesense(settings, opened, start_embedded=False) as indexes, progress_bars() as bars:
+        for index in indexes:
+            with Audit(opened.db, index, progress=bars) as checked:
+                summary = checked.run()
+                if bars is not None:
+                    bars.close()
+                consistent = consistent and summary.consistent
+                repaired = checked.repair() if repair and not summary.consistent else None
+                if as_json:  # one object a line, a collection each
+                    for chunk in audit_json(checked, summary, repaired):
+                        click.echo(chunk, nl=False)
+                    click.echo()
+                else:
+                    render.echo_lines(
+                        render.audit_lines(index.collection, checked, summary, repaired)
+                    )
+    waited_s = opened.db.backlog()[1] or 0.0
     if waited_s > max_lag_s:
         click.echo(
             f"stalled: the oldest change has waited {waited_s:.0f} s in the outbox (more than "
             "--max-lag): is the daemon running? (`outbox-sync check`)",
             err=as_json,
         )
-    if not summary.consistent or waited_s > max_lag_s:
+    if not consistent or waited_s > max_lag_s:
         click.get_current_context().exit(1)
 
 
@@ -213,8 +226,16 @@ def audit(settings: Settings, repair: bool, max_lag: str, as_json: bool) -> None
     "--sort",
     "sort_by",
     metavar="SORT",
-    help="Typesense sort_by, e.g. 'sequence_number:asc' (default: best match, then "
-    "sequence_number descending).",
+    help="Typesense sort_by, e.g. 'sequence_number:asc' (default: best match, then the "
+    "collection's default sorting field).",
+)
+@click.option(
+    "--facet",
+    "facets",
+    metavar="FIELD",
+    multiple=True,
+    help="Count the documents found per value of this field (a facet field, e.g. "
+    "element_type); may be given more than once.",
 )
 @click.option(
     "--limit",
@@ -224,47 +245,83 @@ def audit(settings: Settings, repair: bool, max_lag: str, as_json: bool) -> None
     help="Documents to show (Typesense gives at most 250 at once).",
 )
 @click.option(
-    "--json", "as_json", is_flag=True, help="Print one JSON object: found, and the documents."
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object a collection: found, the documents, the facet counts.",
 )
 def search(
     settings: Settings,
     query: str,
     filter_by: str | None,
     sort_by: str | None,
+    facets: tuple[str, ...],
     limit: int,
     as_json: bool,
 ) -> None:
-    """Search what Typesense holds.
+    """Search what Typesense holds (every mapping's collection, or the one of --collection).
 
-    QUERY matches `comment` ('*' matches every document).
-    A quick look for on-call, without curl: `outbox-sync search '*' --filter id:=123` shows
-    whether record 123 is indexed and what its document holds.
+    QUERY matches the collection's text fields (for `sequences`: element_type and comment; '*'
+    matches every document); on a terminal the match is highlighted. A quick look for on-call,
+    without curl: `outbox-sync search '*' --filter id:=123` shows whether record 123 is indexed
+    and what its document holds.
     """
-    params: dict[str, Any] = {"q": query, "query_by": "comment", "per_page": limit}
-    if filter_by:
-        params["filter_by"] = filter_by
-    if sort_by:
-        params["sort_by"] = sort_by
-    with open_index(settings, start_embedded=False) as index:
-        index.count()  # a missing collection or a wrong key is said plainly, first
-        try:
-            result = index.search(params)
-        except CollectionNotFoundError:
-            raise
-        except TypesenseRejectedError as error:
-            raise TypesenseRejectedError(
-                f"Typesense refused the search: {error.reason}; check QUERY, --filter and --sort",
-                error.http_status,
-            ) from None
-    documents = [hit["document"] for hit in result.get("hits", [])]
-    if as_json:
-        click.echo(json.dumps({"found": result.get("found", 0), "documents": documents}))
-        return
-    click.echo(
-        f"found {result.get('found', 0)} in {settings.collection!r}, showing {len(documents)}"
-    )
-    if documents:
-        render.echo_lines(render.document_table(documents))
+    opened = open_database(settings)
+    with typesense(settings, opened, start_embedded=False) as indexes:
+        for index in indexes:
+            result = _search(index, query, filter_by, sort_by, facets, limit)
+            documents = [hit["document"] for hit in result.get("hits", [])]
+            if as_json:
+                counts = render.facet_counts(result)
+                click.echo(
+                    json.dumps(
+                        {
+                            "collection": index.collection,
+                            "found": result.get("found", 0),
+                            "documents": documents,
+                            **({"facets": counts} if facets else {}),
+                        }
+                    )
+                )
+                continue
+            render.echo_lines(render.search_lines(index.collection, index.mapping, result))
+
+
+def _search(
+    index: TypesenseIndex,
+    query: str,
+    filter_by: str | None,
+    sort_by: str | None,
+    facets: tuple[str, ...],
+    limit: int,
+) -> dict[str, Any]:
+    searched = [
+        f.name
+        for f in index.mapping.fields
+        if f.element == "string" and f.index  # the text a person would look for
+    ]
+    params: dict[str, Any] = {
+        "q": query,
+        "query_by": ",".join(searched) or "id",
+        "per_page": limit,
+        "highlight_full_fields": ",".join(searched),
+    }
+    for name, value in (("filter_by", filter_by), ("sort_by", sort_by)):
+        if value:
+            params[name] = value
+    if facets:
+        params["facet_by"] = ",".join(facets)
+    index.count()  # a missing collection or a wrong key is said plainly, first
+    try:
+        return index.search(params)
+    except CollectionNotFoundError:
+        raise
+    except TypesenseRejectedError as error:
+        raise TypesenseRejectedError(
+            f"Typesense refused the search of {index.collection!r}: {error.reason}; check "
+            "QUERY, --filter, --sort and --facet",
+            error.http_status,
+        ) from None
 
 
 @main.command()
@@ -301,7 +358,7 @@ def report(settings: Settings, since: float, as_json: bool, html_path: Path | No
     """
     if html_path is not None:
         check_chart_library()  # before the work, not after it
-    figures = build_report(open_database(settings), since)
+    figures = build_report(open_database(settings).db, since)
     if as_json:
         click.echo(json.dumps(figures))
     else:

@@ -3,12 +3,15 @@
 import contextlib
 import itertools
 import json
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import click
 
 from outbox_sync.audit import KINDS, Audit, AuditSummary, RepairSummary
+from outbox_sync.config import Settings
+from outbox_sync.mapping import Mapping
 from outbox_sync.stats import LATENCY_BUCKETS_S
 
 # Ids shown per kind of drift on a terminal; --json lists them all.
@@ -26,23 +29,32 @@ def shorten(text: str, width: int) -> str:
 
 
 def error_table(rows: list[dict[str, Any]]) -> Iterator[str]:
-    yield f"{'ID':>6}  {'RECORD':>10}  {'OP':6}  {'HTTP':4}  {'FAILED AT':20}  {'STATUS':10}  ERROR"
+    yield (
+        f"{'ID':>6}  {'COLLECTION':12}  {'RECORD':>10}  {'OP':6}  {'HTTP':4}  {'FAILED AT':20}  "
+        f"{'STATUS':10}  ERROR"
+    )
     for row in rows:
         http = "-" if row["http_status"] is None else str(row["http_status"])
         state = row["resolution"] or "open"
+        collection = row.get("collection") or f"({row['mapping']})"
         yield (
-            f"{row['id']:>6}  {row['sequence_id']!s:>10}  {row['op']:6}  {http:4}  "
-            f"{row['failed_at']:20}  {state:10}  {shorten(row['error'], 100)}"
+            f"{row['id']:>6}  {shorten(collection, 12):12}  {row['record_key']!s:>10}  "
+            f"{row['op']:6}  {http:4}  {row['failed_at']:20}  {state:10}  "
+            f"{shorten(row['error'], 100)}"
         )
 
 
 def error_details(error: dict[str, Any]) -> Iterator[str]:
     state = "open" if error["resolved_at"] is None else f"closed: {error['resolution']}"
     http = error["http_status"] if error["http_status"] is not None else "- (our validation)"
-    record = "in sequences" if error["record_exists"] else "not in sequences (deleted)"
+    record = {
+        True: f"a row of mapping {error['mapping']}",
+        False: f"no row of mapping {error['mapping']} (deleted, or outside its where)",
+        None: f"of mapping {error['mapping']}, which is not configured",
+    }[error["record_exists"]]
     for name, value in (
         ("sync error", f"{error['id']} ({state})"),
-        ("record", f"{error['sequence_id']!r}, {record}, {error['pending']} outbox entries"),
+        ("record", f"{error['record_key']!r}, {record}, {error['pending']} outbox entries"),
         ("operation", error["op"]),
         ("http status", http),
         ("attempts", error["attempts"]),
@@ -102,6 +114,8 @@ def audit_lines(
 
 def status_lines(figures: dict[str, Any]) -> Iterator[str]:
     for name, value in figures.items():
+        if name == "collections":
+            continue
         if name == "last_audit" and value is not None:
             outcome = "consistent" if value["consistent"] else f"drift {value['drift']}"
             if not value["ok"]:
@@ -113,19 +127,42 @@ def status_lines(figures: dict[str, Any]) -> Iterator[str]:
         elif isinstance(value, list):
             value = "; ".join(value)
         yield f"{name:22} {'-' if value is None else value}"
+    for collection, one in figures.get("collections", {}).items():
+        shown = ", ".join(f"{k} {'-' if v is None else v}" for k, v in one.items())
+        yield f"{'collection ' + collection:22} {shown}"
 
 
-def document_table(documents: list[dict[str, Any]]) -> Iterator[str]:
-    yield f"{'ID':>10}  {'TYPE':12}  {'ELEMENT':>10}  {'SEQ':>10}  {'CREATED AT':20}  COMMENT"
-    columns = ("id", "element_type", "element_id", "sequence_number", "created_at", "comment")
-    for document in documents:
-        key, element_type, element_id, number, created_at, comment = (
-            str(document.get(name, "")) for name in columns
-        )
-        yield (
-            f"{key:>10}  {element_type:12}  {element_id:>10}  {number:>10}  {created_at:20}  "
-            f"{shorten(comment, 60)}"
-        )
+def search_lines(collection: str, mapping: Mapping, result: dict[str, Any]) -> Iterator[str]:
+    """What a search found: a line a document (its id and fields, the match highlighted where
+    the terminal can show it), then the facet counts."""
+    hits = result.get("hits", [])
+    yield f"found {result.get('found', 0)} in {collection!r}, showing {len(hits)}"
+    for hit in hits:
+        document = hit["document"]
+        marked = {h["field"]: h.get("value") or h.get("snippet") for h in hit.get("highlights", [])}
+        parts = [f"{document.get('id', '')!s:>10}"]
+        for field_ in mapping.fields:
+            if field_.name in document:
+                value = marked.get(field_.name) or str(document[field_.name])
+                parts.append(f"{field_.name}={highlighted(shorten(str(value), 60))}")
+        yield "  ".join(parts)
+    for name, counts in facet_counts(result).items():
+        yield f"facet {name}: " + ", ".join(f"{value} ({n})" for value, n in counts.items())
+
+
+def highlighted(text: str) -> str:
+    """Typesense's <mark>…</mark> as bold on a terminal (click drops the styling elsewhere)."""
+    parts = re.split(r"<mark>(.*?)</mark>", text)
+    return "".join(
+        click.style(p, bold=True, underline=True) if i % 2 else p for i, p in enumerate(parts)
+    )
+
+
+def facet_counts(result: dict[str, Any]) -> dict[str, dict[str, int]]:
+    return {
+        facet["field_name"]: {c["value"]: c["count"] for c in facet.get("counts", [])}
+        for facet in result.get("facet_counts", [])
+    }
 
 
 def report_lines(figures: dict[str, Any]) -> Iterator[str]:
@@ -186,3 +223,76 @@ def seconds(value: float | None) -> str:
     if value is None:
         return "-"
     return f"≤{value * 1000:g} ms" if value < 1 else f"≤{value:g} s"
+
+
+def effective_config(settings: Settings) -> dict[str, Any]:
+    """The settings and mappings in the shape of the configuration file (secrets masked)."""
+    values: dict[str, Any] = {
+        "db": str(settings.db_path),
+        "typesense_url": ",".join(settings.typesense_urls) or None,
+        "timeout": settings.timeout_s,
+        "embedded_port": settings.embedded_port,
+        "ca_file": settings.ca_file,
+        "batch_size": settings.batch_size,
+        "audit_every": f"{settings.audit_every_s:g}s",
+        "metrics_address": ":".join(map(str, settings.metrics_address or ())) or None,
+        # not settings of the file: what they are, as comments
+        "# config": str(settings.config_file) if settings.config_file else "(none: built-in)",
+        "# api_key": "(none)" if settings.api_key is None else "*** (set)",
+    }
+    effective = {k: v for k, v in values.items() if v is not None}
+    effective["sync"] = [
+        {
+            "name": m.name,
+            "table": m.table,
+            "key": m.key,
+            "collection": m.collection,
+            **({"where": m.where} if m.where else {}),
+            **(
+                {"default_sorting_field": m.default_sorting_field}
+                if m.default_sorting_field
+                else {}
+            ),
+            "fields": [
+                {
+                    **f.schema(),
+                    **({"column": f.column} if f.column else {}),
+                    **({"sql": f.sql} if f.sql else {}),
+                }
+                for f in m.fields
+            ],
+            **(
+                {"depends_on": [{"table": d.table, "key": d.key} for d in m.depends_on]}
+                if m.depends_on
+                else {}
+            ),
+        }
+        for m in settings.mappings
+    ]
+    return effective
+
+
+def toml_lines(effective: dict[str, Any]) -> Iterator[str]:
+    """The effective configuration as TOML (it reads back as a --config file)."""
+    for key, value in effective.items():
+        if key.startswith("#"):
+            yield f"{key}: {value}"
+        elif key != "sync":
+            yield f"{key} = {json.dumps(value)}"
+    for mapping in effective["sync"]:
+        yield ""
+        yield "[[sync]]"
+        for key, value in mapping.items():
+            if key == "fields":
+                yield "fields = ["
+                for field_ in value:
+                    inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in field_.items())
+                    yield f"  {{ {inner} }},"
+                yield "]"
+            elif key != "depends_on":
+                yield f"{key} = {json.dumps(value)}"
+        for dependency in mapping.get("depends_on", []):
+            yield ""
+            yield "[[sync.depends_on]]"
+            for key, value in dependency.items():
+                yield f"{key} = {json.dumps(value)}"
