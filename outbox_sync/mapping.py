@@ -230,7 +230,7 @@ class Mapping:
                 return bytes(line)
             except UnicodeDecodeError:
                 pass
-        return self.line(row[:-2])
+        return self.line(row[:-2])  # a verdict, or a line SQLite could not write (see _json_value)
 
     def line(self, row: Sequence[Any]) -> bytes:
         """The document's JSONL line, byte for byte what `select` makes SQLite write."""
@@ -352,8 +352,8 @@ def _value(field_: Field, value: Any) -> Any:
         raise InvalidRecordError(
             field_.name, f"expected a JSON array (text), got {describe(value)}"
         )
-    try:
-        items = json.loads(_decode(field_.name, value))
+    try:  # NaN and Infinity are no JSON, as SQLite's json_valid says too
+        items = json.loads(_decode(field_.name, value), parse_constant=_no_constant)
     except ValueError:
         items = None
     if not isinstance(items, list):
@@ -388,18 +388,24 @@ def _scalar(name: str, kind: str, value: Any) -> Any:
     return bool(value)
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
 def _element(field_: Field, position: int, item: Any) -> Any:
-    """One element of a JSON array, as json_each sees it."""
+    """One element of a JSON array, judged as json_each sees it (SQLite reads an integer past
+    int64 as a real)."""
     kind = field_.element
-    ok = {
-        "string": isinstance(item, str),
-        "float": type(item) in (int, float),
-        "bool": type(item) is bool,
-    }.get(
-        kind, type(item) is int and BOUNDS.get(kind, INT64)[0] <= item <= BOUNDS.get(kind, INT64)[1]
-    )
-    if kind == "string" and ok and len(item.encode()) > MAX_TEXT_BYTES:
-        ok = False
+    if type(item) is int and not INT64[0] <= item <= INT64[1]:
+        item = float(item)
+    if kind == "string":
+        ok = isinstance(item, str) and len(item.encode()) <= MAX_TEXT_BYTES
+    elif kind in BOUNDS:
+        ok = type(item) is int and BOUNDS[kind][0] <= item <= BOUNDS[kind][1]
+    elif kind == "float":
+        ok = type(item) in (int, float) and math.isfinite(item)
+    else:
+        ok = type(item) is bool
     if not ok:
         raise InvalidRecordError(
             field_.name, f"element {position} is {_describe_json(item)}, expected {kind}"
@@ -489,15 +495,19 @@ def _element_ok(kind: str) -> str:
         low, high = BOUNDS[kind]
         return f"e.type = 'integer' AND e.value BETWEEN {low} AND {high}"
     if kind == "float":
-        return "e.type IN ('integer', 'real')"
+        return "e.type IN ('integer', 'real') AND abs(e.value) <= 1.7976931348623157e308"
     return "e.type IN ('true', 'false')"
 
 
 def _json_value(field_: Field) -> str:
     v = field_.source
     if field_.array:
+        # Rebuilt element by element, so it is written as the mapper writes it. An array with
+        # an escape in its text is left to the mapper (the line is NULL without a verdict):
+        # json_each would keep "\u00e9" escaped, and cut a string at an escaped NUL.
         element = "json(e.type)" if field_.element == "bool" else "e.value"
-        return f"(SELECT json_group_array({element}) FROM json_each({v}) AS e)"
+        rebuilt = f"(SELECT json_group_array({element}) FROM json_each({v}) AS e)"
+        return f"CASE WHEN instr({v}, '\\') = 0 THEN {rebuilt} END"
     if field_.element == "bool":
         return f"json(CASE WHEN {v} THEN 'true' ELSE 'false' END)"
     return v
@@ -544,10 +554,15 @@ def describe(value: Any) -> str:
         return f"real {real_text(value) if math.isfinite(value) else _inf(value)}"
     if type(value) is RawText or isinstance(value, str):
         text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-        return f"text {sql_text(text[:SHOWN_CHARS])}"
+        return f"text {sql_text(_shown(text))}"
     if isinstance(value, bytes):
         return f"a BLOB of {len(value)} bytes"
     return f"{type(value).__name__} {value!r}"
+
+
+def _shown(text: str) -> str:
+    """The start of a text, as SQLite's quote(substr(x, 1, 40)) shows it (it stops at a NUL)."""
+    return text[:SHOWN_CHARS].split("\x00", 1)[0]
 
 
 def _inf(value: float) -> str:
@@ -560,7 +575,7 @@ def _describe_json(item: Any) -> str:
     if isinstance(item, bool):
         return "true" if item else "false"
     if isinstance(item, str):
-        return f"text {sql_text(item[:SHOWN_CHARS])}"
+        return f"text {sql_text(_shown(item))}"
     if isinstance(item, int):
         return f"integer {item}"
     if isinstance(item, float):

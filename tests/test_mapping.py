@@ -1,0 +1,275 @@
+"""The mapping's two halves agree: the SELECT each mapping compiles to (SQLite writes the JSON line
+or the verdict: the daemon's hot path) and the Python mapper (the reference) give the same bytes
+and the same verdicts for random rows of every type, odd text and out-of-range values included.
+One exception, measured here: SQLite writes a REAL with its own printf (%!.15g, in long double),
+which rounds a digit that lies exactly half-way differently from Python's correctly rounded
+formatting (7473829253676535.0: ...53e+15 against ...54e+15); such a number is compared as the
+same number to 15 digits. And the trigger generator writes exactly what schema.sql holds for the
+built-in mapping."""
+
+import json
+import math
+import re
+import sqlite3
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from outbox_sync.errors import InvalidRecordError
+from outbox_sync.mapping import (
+    INT32,
+    INT64,
+    MAX_TEXT_BYTES,
+    SEQUENCES,
+    TYPES,
+    Field,
+    Mapping,
+    RawText,
+    describe,
+    real_text,
+)
+from outbox_sync.schema import schema_statements
+
+# One field of every type, required and optional.
+FIELDS = tuple(
+    Field(
+        f"f_{kind.replace('[]', '_array')}_{'opt' if optional else 'req'}", kind, optional=optional
+    )
+    for kind in TYPES
+    for optional in (False, True)
+)
+
+
+def mapping(key_kind: str) -> Mapping:
+    return Mapping(
+        table="t", key="k", collection="c", fields=FIELDS, key_kind=key_kind, origin="the test"
+    )
+
+
+texts = st.one_of(
+    st.text(),
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=5),
+    st.sampled_from(["", "it's", 'q"uote', "back\\slash", "\x00nul", "\u2028", "é", "`tick`"]),
+)
+odd_bytes = st.binary(max_size=6)  # as TEXT: often not UTF-8
+integers = st.one_of(
+    st.integers(min_value=INT64[0], max_value=INT64[1]),
+    st.sampled_from([INT32[0] - 1, INT32[0], INT32[1], INT32[1] + 1, INT64[0], INT64[1], 0, 1, 2]),
+)
+reals = st.one_of(
+    st.floats(allow_nan=False),
+    st.sampled_from([0.1, 1e20, -0.0, 1e-7, 2.0**53, math.inf, -math.inf, 1.5, 100.0]),
+)
+json_items = st.one_of(
+    st.none(), st.booleans(), integers, st.floats(allow_nan=False, allow_infinity=False), texts
+)
+arrays = st.one_of(
+    st.lists(json_items, max_size=4).map(json.dumps),
+    st.lists(texts, max_size=3).map(json.dumps),
+    st.lists(integers, max_size=3).map(json.dumps),
+    st.lists(st.booleans(), max_size=3).map(json.dumps),
+    st.sampled_from(["[]", "[1,", "{}", "5", '"x"', "[[1]]", '["a\\u00e9"]']),
+)
+# A value as the application may have stored it: (kind, value) for the insert.
+values = st.one_of(
+    st.none().map(lambda v: ("value", v)),
+    integers.map(lambda v: ("value", v)),
+    reals.map(lambda v: ("value", v)),
+    texts.map(lambda v: ("value", v)),
+    arrays.map(lambda v: ("value", v)),
+    odd_bytes.map(lambda v: ("text", v)),  # bytes stored as TEXT
+    odd_bytes.map(lambda v: ("value", v)),  # a BLOB
+    st.just(("value", "x" * (MAX_TEXT_BYTES + 1))),
+)
+
+
+def stored(conn: sqlite3.Connection, cells: list[tuple[str, Any]]) -> tuple[Any, ...]:
+    """Insert one row as given (a typeless table keeps every value as it is), read it back
+    raw, and return (key, *values, line, verdict) as the daemon reads rows."""
+    conn.execute("DELETE FROM t")
+    marks = ", ".join("CAST(? AS TEXT)" if kind == "text" else "?" for kind, _ in cells)
+    conn.execute(f"INSERT INTO t VALUES ({marks})", [value for _, value in cells])
+    return tuple(conn.execute(query(conn)).fetchone())
+
+
+def query(conn: sqlite3.Connection) -> str:
+    return f"SELECT {MAPPING.columns()}, {MAPPING.line_and_verdict()} FROM t"
+
+
+MAPPING = mapping("integer")
+
+
+@pytest.fixture(scope="module")
+def conn() -> sqlite3.Connection:
+    connection = sqlite3.connect(":memory:")
+    connection.execute(f"CREATE TABLE t (k, {', '.join(f.name for f in FIELDS)})")
+    connection.text_factory = RawText
+    return connection
+
+
+@settings(max_examples=600, deadline=None)
+@given(key=values, cells=st.lists(values, min_size=len(FIELDS), max_size=len(FIELDS)))
+def test_sqlite_and_the_python_mapper_agree(
+    conn: sqlite3.Connection, key: tuple[str, Any], cells: list[tuple[str, Any]]
+) -> None:
+    for key_kind in ("integer", "text"):
+        global MAPPING
+        MAPPING = mapping(key_kind)
+        row = stored(conn, [key, *cells])
+        values_, line, verdict = row[:-2], row[-2], row[-1]
+        try:
+            expected: bytes | str = MAPPING.line(values_)
+        except InvalidRecordError as error:
+            expected = str(error)
+        if verdict is None and line is None:  # SQLite left the line to the mapper
+            assert isinstance(expected, bytes)
+        elif verdict is None:
+            try:
+                line.decode()
+            except UnicodeDecodeError:  # SQLite cannot tell: the mapper must refuse the row
+                assert isinstance(expected, str) and "not valid UTF-8" in expected
+                continue
+            assert same_line(bytes(line), expected)  # the same bytes
+        else:
+            assert line is None and isinstance(expected, str)
+            try:
+                said = verdict.decode()
+            except UnicodeDecodeError:  # quoting text that is not UTF-8: the mapper's words
+                continue
+            if "not valid UTF-8" not in expected:  # an earlier field SQLite cannot judge
+                assert same_words(said, expected)  # the same verdict, word for word
+        # what the daemon makes of the row: the reference's bytes or words
+        try:
+            assert same_line(MAPPING.judge(row), expected)
+        except InvalidRecordError as error:
+            assert str(error) == expected
+
+
+REAL = re.compile(r"real (-?[0-9.]+(?:e[-+][0-9]+)?)")
+
+
+def same_line(got: bytes, expected: bytes | str) -> bool:
+    """Byte for byte, but for REALs half-way at their 15th digit (see the module's docstring)."""
+    if got == expected:
+        return True
+    assert isinstance(expected, bytes), expected
+    return _close(json.loads(got), json.loads(expected))
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-14)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def same_words(said: str, expected: str) -> bool:
+    if said == expected:
+        return True
+    words, numbers = REAL.sub("real N", said), REAL.findall(said)
+    return words == REAL.sub("real N", expected) and all(
+        math.isclose(float(x), float(y), rel_tol=1e-14)
+        for x, y in zip(numbers, REAL.findall(expected), strict=True)
+    )
+
+
+def test_each_kind_of_value_is_told_apart() -> None:
+    assert [describe(v) for v in (None, 7, 1.5, RawText(b"it's"), b"\x00\x01")] == [
+        "NULL",
+        "integer 7",
+        "real 1.5",
+        "text 'it''s'",
+        "a BLOB of 2 bytes",
+    ]
+    assert [real_text(v) for v in (1e20, 0.1, -0.0, 100.0, 1 / 3)] == [
+        "1.0e+20",
+        "0.1",
+        "0.0",
+        "100.0",
+        "0.333333333333333",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        (Field("n", "int32"), 1.5, "n: expected an integer, got real 1.5"),
+        (Field("n", "int32"), 2**31, "n: 2147483648 is outside the range"),
+        (Field("b", "bool"), 2, "b: expected 0 or 1 (false or true), got integer 2"),
+        (Field("w", "float"), RawText(b"x"), "w: expected a number, got text 'x'"),
+        (Field("w", "float"), math.inf, "w: is real Inf, not a finite number"),
+        (Field("t", "string[]"), 5, "t: expected a JSON array (text), got integer 5"),
+        (Field("t", "string[]"), RawText(b"a,b"), "t: expected a JSON array, got text 'a,b'"),
+        (Field("t", "string[]"), RawText(b'["a", 1]'), "t: element 1 is integer 1"),
+        (Field("s", "string"), b"\x00", "s: expected text, got a BLOB of 1 bytes"),
+        (Field("s", "string"), RawText(b"\xff"), "s: is not valid UTF-8 (bad byte at offset 0)"),
+        (Field("s", "string"), None, "s: is NULL but the field is required"),
+    ],
+)
+def test_a_value_of_the_wrong_type_names_the_field(field: Field, value: Any, problem: str) -> None:
+    one = Mapping(table="t", key="k", collection="c", fields=(field,))
+    with pytest.raises(InvalidRecordError) as caught:
+        one.document((1, value))
+    assert str(caught.value).startswith(problem)
+    assert caught.value.field == field.name
+
+
+def test_text_keys_take_odd_characters_and_refuse_what_typesense_cannot_hold() -> None:
+    text = Mapping(
+        table="t", key="slug", collection="c", fields=(Field("n", "string"),), key_kind="text"
+    )
+    for key in ("a/b", "50%", "q?x", "h#1", "sp ace", 'dq"x', "sq'x", "bt`x", "ünï", "co,ma"):
+        assert text.document_id(key) == key
+    assert text.key_problem("") == "slug: is empty, which Typesense cannot hold as an id"
+    assert text.key_problem(None) == "slug: expected text, got NULL"
+    assert text.key_problem("x" * 1025) == "slug: is 1025 bytes, more than the limit of 1024"
+    assert SEQUENCES.key_problem(RawText(b"abc")) == "id: expected an integer, got text 'abc'"
+
+
+def test_the_generator_writes_exactly_the_triggers_schema_sql_holds() -> None:
+    held = [
+        " ".join(s.replace("IF NOT EXISTS ", "").removesuffix(";").split())
+        for s in schema_statements()
+        if s.startswith("CREATE TRIGGER")
+    ]
+    made = [" ".join(trigger.sql.split()) for trigger in SEQUENCES.triggers()]
+    assert held == made and len(made) == 3
+
+
+def test_the_built_in_mapping_is_the_source_documents() -> None:
+    schema = SEQUENCES.collection_schema("sequences")
+    assert schema["fields"] == [
+        {"name": "element_type", "type": "string", "facet": True},
+        {"name": "element_id", "type": "int32"},
+        {"name": "sequence_number", "type": "int32", "sort": True},
+        {"name": "comment", "type": "string", "optional": True},
+        {"name": "created_at", "type": "string", "sort": True},
+    ]
+    assert schema["default_sorting_field"] == "sequence_number"
+
+
+def test_a_collection_of_compatible_fields_is_used_as_it_is() -> None:
+    """The source document's table as a collection: int64 where we say int32 is checked as
+    int64, and a required comment makes a NULL comment a validation error."""
+    declared = [
+        {"name": "element_type", "type": "string", "facet": True},
+        {"name": "element_id", "type": "int64"},
+        {"name": "sequence_number", "type": "int32", "sort": True},
+        {"name": "comment", "type": "string", "optional": False},
+        {"name": "created_at", "type": "string", "sort": True},
+    ]
+    effective, problems = SEQUENCES.against(declared)
+    assert problems == []
+    row = (1, RawText(b"script"), 2**40, 1, None, RawText(b"t"))
+    with pytest.raises(InvalidRecordError, match="comment: is NULL but the field is required"):
+        effective.document(row)
+    assert effective.document((*row[:4], RawText(b"c"), row[5]))["element_id"] == 2**40
+    _, problems = SEQUENCES.against(
+        [{**f, "type": "float"} if f["name"] == "element_id" else f for f in declared]
+    )
+    assert problems == ["field element_id has type='float', expected 'int32'"]
