@@ -8,7 +8,7 @@ after every `wait()`, whatever `wait()` returned:
         watch.wait(remaining_s)
 
 A signal handler that stops the loop must also call `watch.interrupt()`: PEP 475 retries a
-poll() interrupted by a signal, so setting a flag alone leaves the wait running to its end.
+select() interrupted by a signal, so setting a flag alone leaves the wait running to its end.
 
 Which events a commit raises (strace and inotify traces here, Linux 6.18, SQLite 3.x):
 - WAL: write()s to `-wal`, then the wal-index header in `-shm` is updated through mmap, which
@@ -17,11 +17,13 @@ Which events a commit raises (strace and inotify traces here, Linux 6.18, SQLite
   p99, 50 ms at worst in 300 commits (0.05 ms with synchronous=NORMAL). Hence the rechecks
   after every event (RECHECK_*).
 - DELETE (rollback journal): `-journal` created, written, the main file written, then
-  `-journal` unlinked: the unlink is the commit. TRUNCATE and PERSIST end with a write to it.
+  `-journal` unlinked: the unlink is the commit. While the journal has content no look-up is
+  asked for (see _journal_busy). TRUNCATE and PERSIST end with a write to the journal.
 - A checkpoint writes the main file; a new `-wal` or `-journal` is a creation in the
   directory: one watch on the directory sees them all, whenever the files come and go.
-The daemon's own writes (its acknowledgements) raise the same events: each costs a handful of
-look-ups (see tests/bench/idle.py for what they cost).
+The daemon's own writes (its acknowledgements) raise the same events, and cannot be told from
+another process's: each costs one burst of rechecks, ~13 look-ups, ~2 ms of CPU here
+(tests/bench/idle.py).
 """
 
 import contextlib
@@ -87,13 +89,13 @@ class ChangeWatch:
     ) -> None:
         # SQLite resolves a symlinked database and puts -wal and -journal beside the target.
         path = Path(db_path).resolve()
-        self.names = {os.fsencode(path.name) + suffix for suffix in (b"", b"-wal", b"-journal")}
-        self.journal = Path(f"{path}-journal")
-        self.deferred_since: float | None = None  # since when looks wait for the journal
+        self._names = {os.fsencode(path.name) + suffix for suffix in (b"", b"-wal", b"-journal")}
+        self._journal = Path(f"{path}-journal")
+        self._deferred_since: float | None = None  # since when looks wait for the journal
         self.poll_interval_s = poll_interval_s
         self.mode, self.reason = "poll", "inotify switched off"
-        self.looked_at = time.monotonic()  # when wait() last returned: the caller looked
-        self.event_at = float("-inf")  # when the last event about the database was read
+        self._looked_at = time.monotonic()  # when wait() last returned: the caller looked
+        self._event_at = float("-inf")  # when the last event about the database was read
         self._inotify = -1
         # select() below: these descriptors are opened with the daemon, far below its limit
         # (FD_SETSIZE, 1024); poll() would do, but counts in milliseconds.
@@ -129,38 +131,38 @@ class ChangeWatch:
         while True:
             now = time.monotonic()
             if self._read_events():
-                self.event_at = now
+                self._event_at = now
             look_at = self._next_look()
             if look_at <= now and self._journal_busy(now):
-                self.looked_at = now  # a look of our own: it paces the next ones all the same
+                self._looked_at = now  # a look of our own: it paces the next ones all the same
                 continue
             if look_at <= now or deadline <= now:
-                self.looked_at = now
+                self._looked_at = now
                 return look_at <= now
             # An event cannot bring a look-up closer than LOOK_PACE_S after the last one: until
             # then sleep on the wake-up pipe alone, so a writer streaming pages into the WAL
             # does not wake us for every write().
             fds = [self._wake_r]
-            if self._inotify >= 0 and look_at > self.looked_at + LOOK_PACE_S:
+            if self._inotify >= 0 and look_at > self._looked_at + LOOK_PACE_S:
                 fds.append(self._inotify)
             readable, _, _ = select.select(fds, [], [], min(look_at, deadline) - now)
             if self._wake_r in readable:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)  # every interrupt so far: one wake-up
-                self.looked_at = time.monotonic()
+                self._looked_at = time.monotonic()
                 return True
 
     def _next_look(self) -> float:
         """When the caller should look next: at once after a new event, but not twice within
         LOOK_PACE_S, then again and again until RECHECK_WINDOW_S (see RECHECK_*)."""
         if self.mode == "poll":
-            return self.looked_at + self.poll_interval_s
-        if self.event_at > self.looked_at:
-            return max(self.event_at, self.looked_at + LOOK_PACE_S)
-        age = self.looked_at - self.event_at
+            return self._looked_at + self.poll_interval_s
+        if self._event_at > self._looked_at:
+            return max(self._event_at, self._looked_at + LOOK_PACE_S)
+        age = self._looked_at - self._event_at
         if age > RECHECK_WINDOW_S:
             return float("inf")
-        return self.looked_at + max(RECHECK_MIN_S, age * RECHECK_GROWTH)
+        return self._looked_at + max(RECHECK_MIN_S, age * RECHECK_GROWTH)
 
     def _journal_busy(self, now: float) -> bool:
         """Whether a rollback-journal transaction is writing (its -journal has content) and
@@ -170,15 +172,15 @@ class ChangeWatch:
         the journal (its commit) raises an event instead. The cap is for PERSIST mode, whose
         journal keeps content, and for a hot journal left by a crash."""
         try:
-            busy = os.stat(self.journal).st_size > 0
+            busy = os.stat(self._journal).st_size > 0
         except FileNotFoundError:
             busy = False
         if not busy:
-            self.deferred_since = None
+            self._deferred_since = None
             return False
-        if self.deferred_since is None:
-            self.deferred_since = now
-        return now - self.deferred_since < RECHECK_WINDOW_S
+        if self._deferred_since is None:
+            self._deferred_since = now
+        return now - self._deferred_since < RECHECK_WINDOW_S
 
     def _read_events(self) -> bool:
         """Take every pending event in one read; whether one concerns the database."""
@@ -196,7 +198,7 @@ class ChangeWatch:
             if mask & IN_IGNORED:
                 self._stop_inotify("the watch on the directory ended (deleted or unmounted?)")
                 return True
-            relevant = relevant or name in self.names or bool(mask & IN_Q_OVERFLOW)
+            relevant = relevant or name in self._names or bool(mask & IN_Q_OVERFLOW)
         return relevant
 
     def _stop_inotify(self, reason: str) -> None:
