@@ -13,6 +13,7 @@ change with a 1 s recheck. A separate writer process commits rows. Times are
 import argparse
 import bisect
 import contextlib
+import faulthandler
 import json
 import os
 import random
@@ -135,7 +136,10 @@ def waiter(args: argparse.Namespace) -> None:
         watch = ChangeWatch(args.db, use_inotify=args.how == "watch")
 
     def request_stop(*_: Any) -> None:
-        stop.set()
+        # Not stop.set() here: a handler that runs while the main thread is inside
+        # stop.wait()'s lock deadlocks on it (17 of 30 SIGTERMs against a stop.wait(0) loop;
+        # one hung poll waiter in a bench run). interrupt() takes no lock.
+        threading.Thread(target=stop.set).start()
         if watch is not None:
             watch.interrupt()
 
@@ -149,6 +153,7 @@ def waiter(args: argparse.Namespace) -> None:
             conn.execute("UPDATE bench_own SET n = n + 1")
 
     signal.signal(signal.SIGTERM, request_stop)
+    faulthandler.register(signal.SIGUSR1)
     seen: list[tuple[float, int]] = []
     looks = own_writes = 0
     every = args.own_write_every
@@ -231,7 +236,14 @@ def waiting(db: Path, how: str, *options: str) -> Iterator[tuple[int, dict[str, 
         yield process.pid, report
     finally:
         process.send_signal(signal.SIGTERM)
-        process.wait(30)
+        try:
+            process.wait(READY_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGUSR1)  # faulthandler: where it is stuck, on stderr
+            time.sleep(1)
+            process.kill()
+            process.wait()
+            raise
     report.update(json.loads(out.read_text()))
 
 
