@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 # Where no event can be had: ask SQLite this often. A look-up woken from sleep costs an idle
-# loop 50-100 us of CPU here (measured by tests/bench/idle.py: 0.2 % of a core at 50 ms), so
-# 0.1 s stays within the 0.2 % target, for +50 ms of lag on average on the rare systems that
-# fall back here.
-DEFAULT_FALLBACK_POLL_S = 0.1
+# loop ~170 us of CPU here (tests/bench/idle.py: 0.17 % of a core at 0.1 s), so 0.25 s keeps the
+# whole daemon within the 0.2 % target, for +125 ms of lag on average on the rare systems that
+# fall back here (and gentle on a network file system, where each look may be a round trip).
+DEFAULT_FALLBACK_POLL_S = 0.25
 # After an event, look at once, then again after RECHECK_MIN_S, and so on at intervals that
 # grow with the time since the event (by RECHECK_GROWTH of it: a commit is seen at most 50 %
 # later than it became visible) until RECHECK_WINDOW_S, because the commit that wrote to the
