@@ -110,17 +110,20 @@ def daemon_idle_cpu(ctx: Context, seconds: float, warmup_s: float = 3.0) -> floa
 
 
 def fresh_db(path: Path, journal: str) -> Path:
-    """A database after init (WAL) with a one-row table for the waiter's own writes, in the
-    given journal mode."""
+    """A database after `outbox-sync init` (WAL) with a one-row table for the waiter's own
+    writes, in the given journal mode."""
     for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
         stale.unlink(missing_ok=True)
-    database = Database(path, create=True)
-    database.init()
-    with database.write() as conn:
+    subprocess.run(
+        [sys.executable, "-m", "outbox_sync", "init"],
+        env={**os.environ, "OUTBOX_SYNC_DB": str(path)},
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
         conn.execute("CREATE TABLE bench_own (n INTEGER)")
         conn.execute("INSERT INTO bench_own VALUES (0)")
-    database.close()
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
         conn.execute(f"PRAGMA journal_mode={journal}")
     return path
 
