@@ -356,7 +356,7 @@ def measured(ctx: Context, db: Path, collection: str, *args: str) -> tuple[Proce
 
 
 @contextlib.contextmanager
-def daemon(ctx: Context, db: Path, collection: str) -> Iterator[None]:
+def daemon(ctx: Context, db: Path, collection: str) -> Iterator[subprocess.Popen[bytes]]:
     """`outbox-sync run` in the background, from the moment it has created the collection
     until SIGTERM."""
     log = ctx.workdir / f"{collection}.log"
@@ -378,7 +378,7 @@ def daemon(ctx: Context, db: Path, collection: str) -> Iterator[None]:
                     ctx.client.collections[collection].retrieve()
                     break
                 time.sleep(0.02)
-            yield
+            yield process
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -778,6 +778,13 @@ def bench_audit(ctx: Context) -> list[Row]:
     ]
 
 
+def bench_idle(ctx: Context) -> list[Row]:
+    """Wake-up latency and idle CPU: tests/bench/idle.py."""
+    from tests.bench import idle  # imported here: it builds on this module
+
+    return idle.bench_idle(ctx)
+
+
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "drain": bench_drain,
     "lag": bench_lag,
@@ -785,6 +792,7 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "memory": bench_memory,
     "scaling": bench_scaling,
     "audit": bench_audit,
+    "idle": bench_idle,
 }
 
 
