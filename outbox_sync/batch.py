@@ -7,7 +7,6 @@ One batch may hold entries of several mappings: each mapping's rows are read wit
 own collection.
 """
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from collections.abc import Mapping as Lookup
@@ -25,6 +24,10 @@ from outbox_sync.typesense_index import ImportResult
 
 # A long drain hands back to the loop this often, for its chores (watchdog, metrics, reindex).
 DRAIN_SLICE_S = 1.0
+
+
+class Stopping(Protocol):
+    def is_set(self) -> bool: ...
 
 
 class Index(Protocol):
@@ -103,7 +106,7 @@ class Applier:
         self._apply_and_ack(batch)
         return BatchReport() if batch is None else batch.report
 
-    def drain(self, stop: threading.Event, max_seconds: float = DRAIN_SLICE_S) -> int:
+    def drain(self, stop: Stopping, max_seconds: float = DRAIN_SLICE_S) -> int:
         """Apply batches until the outbox is empty, `stop` is set or `max_seconds` have
         passed (so the loop's chores go on during a long drain); how many entries were
         acknowledged. Pipelined: while Typesense imports one batch (on a second thread), the
@@ -133,7 +136,7 @@ class Applier:
             finally:
                 wait([in_flight])  # never leave a request running behind an error
 
-    def _batches(self, stop: threading.Event, until: float) -> Iterator[Batch]:
+    def _batches(self, stop: Stopping, until: float) -> Iterator[Batch]:
         """Prepared batches in outbox order, while there are entries, time and no stop."""
         batch = self._prepare(after=0)
         while batch is not None:

@@ -4,7 +4,6 @@ import contextlib
 import json
 import os
 import signal
-import threading
 from dataclasses import asdict
 from typing import Any
 
@@ -28,7 +27,7 @@ from outbox_sync.errors import AlreadyRunningError, ConfigError
 from outbox_sync.lock import DaemonLock
 from outbox_sync.notify import notify
 from outbox_sync.telemetry import Telemetry, serve_metrics
-from outbox_sync.worker import daemon
+from outbox_sync.worker import Stop, daemon
 
 
 @main.command()
@@ -78,7 +77,7 @@ def run(settings: Settings, once: bool) -> None:
     opened = open_database(settings, upgrade=True)
     db = opened.db
     db.check_writable()
-    stop = threading.Event()
+    stop = Stop()
 
     def request_stop(signum: int, _: Any) -> None:
         if stop.is_set():
@@ -89,6 +88,7 @@ def run(settings: Settings, once: bool) -> None:
         stop.set()
 
     with DaemonLock(settings.db_path), contextlib.ExitStack() as cleanup:
+        cleanup.callback(stop.close)
         telemetry = Telemetry()
         if settings.metrics_address is not None:
             cleanup.enter_context(metrics_server(telemetry, settings.metrics_address))
