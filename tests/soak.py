@@ -10,7 +10,6 @@ database, the daemon as a real process (`python -m outbox_sync run`).
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal
@@ -30,6 +29,7 @@ import httpx
 from outbox_sync import schema
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense, free_port
+from tests.support.cli import without_settings
 
 API_KEY = "soak-key-4b1f"
 COLLECTION = "soak"
@@ -187,14 +187,13 @@ def main() -> int:
         extra_args=("--snapshot-interval-seconds=30",),
     )
     server.start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_SYNC_", "TYPESENSE_"))}
-    env |= {
-        "TYPESENSE_URL": server.url,
-        "TYPESENSE_API_KEY": API_KEY,
-        "OUTBOX_SYNC_DB": str(db_path),
-        "OUTBOX_SYNC_COLLECTION": COLLECTION,
-        "OUTBOX_SYNC_TIMEOUT": "5",
-    }
+    env = without_settings(
+        TYPESENSE_URL=server.url,
+        TYPESENSE_API_KEY=API_KEY,
+        OUTBOX_SYNC_DB=str(db_path),
+        OUTBOX_SYNC_COLLECTION=COLLECTION,
+        OUTBOX_SYNC_TIMEOUT="5",
+    )
     log = open(work / "daemon.log", "wb")  # noqa: SIM115 - closed at the end
     daemon = subprocess.Popen(
         [sys.executable, "-m", "outbox_sync", "run", "--batch-size", "2000"],

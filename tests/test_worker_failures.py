@@ -12,7 +12,7 @@ from outbox_sync.db import Database
 from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.typesense_index import ImportResult
 from outbox_sync.worker import daemon
-from tests.conftest import ROW_SQL, app_connection, make_row
+from tests.support.app import app_connection, insert_rows
 
 
 class FakeIndex:
@@ -69,12 +69,8 @@ class FakeIndex:
             raise TypesenseUnavailableError("Typesense answered 503: Not Ready or Lagging", 503)
 
 
-def write_rows(path: Path, count: int) -> None:
-    app_connection(path).executemany(ROW_SQL, [make_row(i) for i in range(1, count + 1)])
-
-
 def test_a_refused_document_is_retried_once_immediately(db_path: Path, db: Database) -> None:
-    write_rows(db_path, 5)
+    insert_rows(db_path, range(1, 6))
     index = FakeIndex(bad="3", refusals=1)
     report = daemon(db, index).applier.apply_once()
     assert index.imports == [["1", "2", "3", "4", "5"], ["3"]]
@@ -85,7 +81,7 @@ def test_a_refused_document_is_retried_once_immediately(db_path: Path, db: Datab
 def test_a_document_refused_twice_goes_to_sync_errors_and_the_queue_moves_on(
     db_path: Path, db: Database
 ) -> None:
-    write_rows(db_path, 5)
+    insert_rows(db_path, range(1, 6))
     index = FakeIndex(bad="3", refusals=2)
     report = daemon(db, index).applier.apply_once()
     assert sorted(index.documents) == ["1", "2", "4", "5"]
@@ -105,7 +101,7 @@ def test_a_document_refused_twice_goes_to_sync_errors_and_the_queue_moves_on(
 def test_server_trouble_keeps_the_batch_queued_and_writes_no_sync_errors(
     db_path: Path, db: Database
 ) -> None:
-    write_rows(db_path, 3)
+    insert_rows(db_path, range(1, 4))
     index = FakeIndex(down=1)
     worker = daemon(db, index)
     try:
@@ -122,7 +118,7 @@ def test_server_trouble_keeps_the_batch_queued_and_writes_no_sync_errors(
 
 
 def test_the_loop_backs_off_through_an_outage_then_drains(db_path: Path, db: Database) -> None:
-    write_rows(db_path, 3)
+    insert_rows(db_path, range(1, 4))
     index = FakeIndex(down=3)
     worker = daemon(db, index, min_backoff_s=0.01, max_backoff_s=0.02)
     delays: list[float] = []
@@ -138,7 +134,7 @@ def test_the_loop_backs_off_through_an_outage_then_drains(db_path: Path, db: Dat
 def test_entries_written_during_a_batch_survive_its_acknowledgement(
     db_path: Path, db: Database
 ) -> None:
-    write_rows(db_path, 2)
+    insert_rows(db_path, range(1, 3))
     app = app_connection(db_path)
 
     class WritingIndex(FakeIndex):
