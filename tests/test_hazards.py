@@ -412,14 +412,14 @@ def test_bad_values_land_in_sync_errors_naming_the_field_and_the_daemon_goes_on(
     assert all(row["http_status"] is None and row["attempts"] == 1 for row in errors.values())
     assert json.loads(errors[12]["document"])["comment"] == "\ufffd"  # readable, not raw bytes
     assert len(json.loads(errors[11]["document"])["comment"]) < 300  # not the whole value
+    conn.execute("UPDATE sequences SET sequence_number = 7 WHERE id = 18")  # the fix
+    wait_until(lambda: db.counts()["sync_errors_open"] == len(BAD_ROWS) - 1, what="the fix")
+    assert export(typesense_server, collection)["18"]["sequence_number"] == 7
     # no crash loop: each bad record failed once, and the daemon is still there, still syncing
-    time.sleep(0.5)
+    # (it applied the fix, queued after every failed entry)
     failed = [
         e for e in map(json.loads, daemon.output().splitlines()) if e["event"] == "record_failed"
     ]
     assert len(failed) == len(BAD_ROWS) and daemon.process.poll() is None
-    conn.execute("UPDATE sequences SET sequence_number = 7 WHERE id = 18")  # the fix
-    wait_until(lambda: db.counts()["sync_errors_open"] == len(BAD_ROWS) - 1, what="the fix")
-    assert export(typesense_server, collection)["18"]["sequence_number"] == 7
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0
