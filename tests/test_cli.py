@@ -1,6 +1,8 @@
 """The command line as users meet it: help, configuration errors, status and errors list."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -9,7 +11,7 @@ import pytest
 from outbox_sync.cli import main
 from outbox_sync.db import Database
 from tests.support.app import app_connection, insert_rows
-from tests.support.cli import invoke
+from tests.support.cli import ROOT, invoke, without_settings
 from tests.support.daemon import record_failure
 from tests.support.typesense import Server
 
@@ -24,13 +26,36 @@ def all_commands(group: click.Group, prefix: str = "") -> list[tuple[str, click.
 
 
 def test_every_command_explains_itself() -> None:
-    commands = all_commands(main)
+    commands = [("outbox-sync", main), *all_commands(main)]
     assert {name for name, _ in commands} >= {"init", "run", "status", "errors", "errors list"}
     for name, command in commands:
         assert command.help and len(command.help) > 40, f"{name} needs a docstring"
         for param in command.params:
             if isinstance(param, click.Option):
                 assert param.help, f"{name} {param.opts} needs help text"
+
+
+@pytest.mark.parametrize("command", [[], ["reindex"]], ids=["outbox-sync", "reindex"])
+def test_help_works_when_the_cli_package_runs_as_a_module(command: list[str]) -> None:
+    """`python -m outbox_sync.cli` is how the units and the docs may start it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "outbox_sync.cli", *command, "--help"],
+        env=without_settings(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    usage = " ".join(["python -m outbox_sync.cli", *command])
+    assert result.stdout.startswith(f"Usage: {usage} [OPTIONS]"), result.stdout
+    chosen = main.get_command(click.Context(main), command[0]) if command else main
+    assert chosen is not None and chosen.help is not None
+    assert " ".join(chosen.help.split()[:5]) in " ".join(result.stdout.split())
+    if not command:  # every command is listed
+        listed = result.stdout.split("Commands:")[1]
+        assert {line.split()[0] for line in listed.strip().splitlines()} == set(main.commands)
 
 
 def test_status_json_names_a_missing_collection(
