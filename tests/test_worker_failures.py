@@ -1,11 +1,8 @@
 """Failure branches of the worker, driven by a fake index (the real server is tested in
 test_sync.py and test_daemon.py; here we need failures on demand)."""
 
-import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from outbox_sync import sync_errors
 from outbox_sync.db import Database
@@ -13,60 +10,7 @@ from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.typesense_index import ImportResult
 from outbox_sync.worker import daemon
 from tests.support.app import app_connection, insert_rows
-
-
-class FakeIndex:
-    """Refuses the document with id `bad` `refusals` times; fails whole requests while
-    `down` > 0 (counting down)."""
-
-    def __init__(self, bad: str = "", refusals: int = 0, down: int = 0) -> None:
-        self.bad, self.refusals, self.down = bad, refusals, down
-        self.imports: list[list[str]] = []
-        self.documents: dict[str, bytes] = {}
-        self.observe = None
-
-    def ensure_collection(self) -> bool:
-        return False
-
-    def healthy(self) -> bool:
-        return self.down == 0
-
-    def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
-        self._answer()
-        lines = body.split(b"\n")
-        ids = [line.split(b'"id":"')[1].split(b'"')[0].decode() for line in lines]
-        self.imports.append(ids)
-        results = []
-        for doc_id, line in zip(ids, lines, strict=True):
-            if doc_id == self.bad and self.refusals > 0:
-                self.refusals -= 1
-                results.append(ImportResult(False, 400, "Field `comment` must be a string."))
-            else:
-                self.documents[doc_id] = line
-                results.append(ImportResult(True))
-        return results
-
-    def delete_ids(self, ids: list[str]) -> int:
-        for doc_id in ids:
-            self.documents.pop(doc_id, None)
-        return len(ids)
-
-    # What the reconcile after an outage reads (an audit).
-    def count(self) -> int:
-        self._answer()
-        return len(self.documents)
-
-    def export_documents(self, filter_by: str | None = None) -> Iterator[dict[str, Any]]:
-        self._answer()
-        wanted = filter_by and filter_by.removeprefix("id:[").removesuffix("]").split(",")
-        for doc_id, line in list(self.documents.items()):
-            if not wanted or doc_id in wanted:
-                yield json.loads(line)
-
-    def _answer(self) -> None:
-        if self.down > 0:
-            self.down -= 1
-            raise TypesenseUnavailableError("Typesense answered 503: Not Ready or Lagging", 503)
+from tests.support.fake_index import FakeIndex
 
 
 def test_a_refused_document_is_retried_once_immediately(db_path: Path, db: Database) -> None:
