@@ -2,6 +2,7 @@
 sleeping, no patched clock."""
 
 import threading
+from collections.abc import Callable
 
 from outbox_sync.batch import Applier
 from outbox_sync.db import Database
@@ -40,29 +41,44 @@ def test_a_job_runs_at_the_first_turn_then_each_time_its_interval_has_passed(
 
 def test_a_job_after_outage_runs_once_typesense_is_back(db: Database) -> None:
     index = FakeIndex(down=1)  # down until the test says otherwise (health probes do not count)
-    ran: list[float] = []
+    ran: dict[str, list[float]] = {"reconcile": [], "periodic": [], "unrelated": []}
     now = 0.0
 
-    def reconcile() -> None:  # needs Typesense, as the real reconcile does
-        if not index.healthy():
-            raise TypesenseUnavailableError("Typesense answered 503: Not Ready or Lagging", 503)
-        ran.append(now)
+    def needing_typesense(name: str) -> Callable[[], None]:
+        def run() -> None:
+            if not index.healthy():
+                raise TypesenseUnavailableError("Typesense answered 503: Not Ready or Lagging")
+            ran[name].append(now)
 
-    after_outage = Job("reconcile", float("inf"), reconcile, due_at_start=False, after_outage=True)
-    unrelated = Job("unrelated", float("inf"), lambda: ran.append(-now), due_at_start=False)
-    worker = worker_with(db, index, after_outage, unrelated)
+        return run
+
+    worker = worker_with(
+        db,
+        index,
+        Job("periodic", 10, needing_typesense("periodic")),
+        Job(
+            "reconcile",
+            float("inf"),
+            needing_typesense("reconcile"),
+            due_at_start=False,
+            after_outage=True,
+        ),
+        Job("unrelated", float("inf"), needing_typesense("unrelated"), due_at_start=False),
+    )
     stop = threading.Event()
 
     now = 100
-    assert worker.loop(now, stop) == Turn(paused=True)  # the health probe failed: a pause
-    assert ran == [] and worker.backoff.since is not None
+    assert worker.loop(now, stop) == Turn(paused=True)  # the periodic job failed: a pause
+    assert worker.backoff.since is not None
     now = 101
-    assert worker.loop(now, stop) == Turn(paused=True)  # due, but Typesense is still down
-    assert ran == []
+    assert worker.loop(now, stop) == Turn(paused=True)  # both due, Typesense still down
+    assert ran == {"reconcile": [], "periodic": [], "unrelated": []}
     index.down = 0  # Typesense is back
     now = 102
     assert worker.loop(now, stop) == Turn(0)
-    assert ran == [102] and worker.backoff.since is None
-    for now in (103, 200):
+    assert worker.backoff.since is None
+    for now in (103, 111, 112, 200):
         assert worker.loop(now, stop) == Turn(0)
-    assert ran == [102]  # once per outage; the unrelated job was never triggered
+    # the failed periodic job stayed due and ran at once; the reconcile once per outage; the
+    # unrelated job was never triggered
+    assert ran == {"reconcile": [102], "periodic": [102, 112, 200], "unrelated": []}
