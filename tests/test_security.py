@@ -22,7 +22,7 @@ from outbox_sync.localserver import LocalTypesense, free_port
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
 from tests.support.cli import ROOT, invoke, run_module, without_settings
 from tests.support.daemon import Daemon
-from tests.support.typesense import API_KEY, Server
+from tests.support.typesense import API_KEY, Server, export
 from tests.support.wait import wait_until
 
 # A key no server knows: for runs that must fail (wrong key, unreachable server).
@@ -308,13 +308,8 @@ def test_https_with_the_ca_file_syncs(
     env = https_env(daemon_env, tls_typesense) | {"OUTBOX_SYNC_CA_FILE": str(tls_typesense.cert)}
     daemon = start_daemon("--once", env=env)
     assert daemon.wait(60) == 0, daemon.output()
-    response = httpx.get(
-        f"{tls_typesense.url}/collections/{collection}/documents/export",
-        headers={"X-TYPESENSE-API-KEY": API_KEY},
-        verify=tls_typesense.context,
-    )
-    lines = [line for line in response.text.split("\n") if line.strip()]
-    documents = {d["id"]: d for d in map(json.loads, lines)}
+    server = Server(tls_typesense.url, API_KEY)
+    documents = export(server, collection, verify=tls_typesense.context)
     assert documents == sqlite_documents(db_path)
 
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +40,15 @@ def by_hand(server: Server, method: str, path: str, **kwargs: Any) -> httpx.Resp
     return response
 
 
-def export(server: Server, collection: str) -> dict[str, dict[str, Any]]:
-    """Every document of the collection, by id."""
+def export(
+    server: Server, collection: str, *, timeout_s: float = 60, verify: ssl.SSLContext | bool = True
+) -> dict[str, dict[str, Any]]:
+    """Every document of the collection, by id (`verify`: the CA of an https server)."""
     response = httpx.get(
         f"{server.url}/collections/{collection}/documents/export",
         headers={"X-TYPESENSE-API-KEY": server.api_key},
-        timeout=60,
+        timeout=timeout_s,
+        verify=verify,
     )
     response.raise_for_status()
     documents = [json.loads(line) for line in response.text.split("\n") if line.strip()]
