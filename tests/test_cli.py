@@ -37,7 +37,8 @@ def test_every_command_explains_itself() -> None:
 
 @pytest.mark.parametrize("command", [[], ["reindex"]], ids=["outbox-sync", "reindex"])
 def test_help_works_when_the_cli_package_runs_as_a_module(command: list[str]) -> None:
-    """`python -m outbox_sync.cli` is how the units and the docs may start it."""
+    """The package runs as a module (its __main__), and the help is whole, in a process of its
+    own as users run it."""
     result = subprocess.run(
         [sys.executable, "-m", "outbox_sync.cli", *command, "--help"],
         env=without_settings(),
