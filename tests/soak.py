@@ -10,7 +10,6 @@ database, the daemon as a real process (`python -m outbox_sync run`).
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal
@@ -25,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from outbox_sync import schema
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense, free_port
+from tests.support.app import sqlite_documents
+from tests.support.cli import without_settings
+from tests.support.typesense import Server, export
 
 API_KEY = "soak-key-4b1f"
 COLLECTION = "soak"
@@ -133,33 +133,8 @@ def pending(path: Path) -> int:
 def drift(path: Path, server: LocalTypesense) -> tuple[int, int, int]:
     """(documents that differ from their row, rows missing from Typesense, documents no row
     has)."""
-    conn = sqlite3.connect(path)
-    expected = {}
-    for key, element_type, element_id, number, comment, created_at in conn.execute(
-        f"SELECT {COLUMNS} FROM sequences"
-    ):
-        document = {
-            "id": str(key),
-            "element_type": element_type,
-            "element_id": element_id,
-            "sequence_number": number,
-            "created_at": created_at,
-        }
-        if comment is not None:
-            document["comment"] = comment
-        expected[str(key)] = document
-    conn.close()
-    response = httpx.get(
-        f"{server.url}/collections/{COLLECTION}/documents/export",
-        headers={"X-TYPESENSE-API-KEY": API_KEY},
-        timeout=120,
-    )
-    response.raise_for_status()
-    actual = {}
-    for line in response.text.split("\n"):
-        if line.strip():
-            document = json.loads(line)
-            actual[document["id"]] = document
+    expected = sqlite_documents(path)
+    actual = export(Server(server.url, API_KEY), COLLECTION, timeout_s=120)
     differing = sum(1 for k in expected.keys() & actual.keys() if expected[k] != actual[k])
     return differing, len(expected.keys() - actual.keys()), len(actual.keys() - expected.keys())
 
@@ -187,14 +162,13 @@ def main() -> int:
         extra_args=("--snapshot-interval-seconds=30",),
     )
     server.start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_SYNC_", "TYPESENSE_"))}
-    env |= {
-        "TYPESENSE_URL": server.url,
-        "TYPESENSE_API_KEY": API_KEY,
-        "OUTBOX_SYNC_DB": str(db_path),
-        "OUTBOX_SYNC_COLLECTION": COLLECTION,
-        "OUTBOX_SYNC_TIMEOUT": "5",
-    }
+    env = without_settings(
+        TYPESENSE_URL=server.url,
+        TYPESENSE_API_KEY=API_KEY,
+        OUTBOX_SYNC_DB=str(db_path),
+        OUTBOX_SYNC_COLLECTION=COLLECTION,
+        OUTBOX_SYNC_TIMEOUT="5",
+    )
     log = open(work / "daemon.log", "wb")  # noqa: SIM115 - closed at the end
     daemon = subprocess.Popen(
         [sys.executable, "-m", "outbox_sync", "run", "--batch-size", "2000"],

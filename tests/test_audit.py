@@ -15,16 +15,10 @@ from outbox_sync.db import Database
 from outbox_sync.localserver import free_port
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker
-from tests.conftest import (
-    ROW_SQL,
-    Server,
-    app_connection,
-    drain,
-    export,
-    make_row,
-    sqlite_documents,
-)
-from tests.oncall import by_hand, invoke, one_line
+from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
+from tests.support.cli import invoke, one_line
+from tests.support.daemon import drain
+from tests.support.typesense import Server, by_hand, export
 
 DOCUMENT = {"element_type": "script", "element_id": 1, "sequence_number": 1, "created_at": "x"}
 
@@ -44,7 +38,7 @@ def test_drift_behind_the_daemons_back_is_found_exactly_and_repaired(
     collection: str,
 ) -> None:
     assert index.target() != collection  # the collection name is an alias, as the daemon makes it
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 31)])
+    insert_rows(db_path, range(1, 31))
     drain(worker)
     code, report = audit(typesense_server, db_path, collection)
     assert code == 0 and report["consistent"] is True
@@ -85,7 +79,7 @@ def test_drift_behind_the_daemons_back_is_found_exactly_and_repaired(
 def test_the_terminal_view_caps_the_ids_and_says_what_to_do(
     db_path: Path, worker: Worker, typesense_server: Server, collection: str
 ) -> None:
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 41)])
+    insert_rows(db_path, range(1, 41))
     drain(worker)
     by_hand(
         typesense_server,
@@ -107,7 +101,7 @@ def test_records_waiting_in_the_outbox_are_not_drift(
     db_path: Path, db: Database, worker: Worker, typesense_server: Server, collection: str
 ) -> None:
     app = app_connection(db_path)
-    app.executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    insert_rows(app, range(1, 11))
     drain(worker)
     app.execute(ROW_SQL, make_row(11))  # not indexed yet
     app.execute("UPDATE sequences SET comment = 'changed' WHERE id = 2")  # not applied yet
@@ -122,7 +116,7 @@ def test_invalid_rows_with_an_open_error_are_known_without_one_they_are_drift(
     db_path: Path, db: Database, worker: Worker, typesense_server: Server, collection: str
 ) -> None:
     app = app_connection(db_path)
-    app.executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    insert_rows(app, range(1, 6))
     drain(worker)
     # row 2 goes bad after it was indexed (its old document stays); row 6 never was good
     app.execute("UPDATE sequences SET sequence_number = 'twelve' WHERE id = 2")
@@ -167,7 +161,7 @@ def test_a_change_applied_while_the_audit_runs_is_not_drift(
     db_path: Path, db: Database, worker: Worker, index: TypesenseIndex
 ) -> None:
     app = app_connection(db_path)
-    app.executemany(ROW_SQL, [make_row(i) for i in range(1, 21)])
+    insert_rows(app, range(1, 21))
     drain(worker)
 
     def meanwhile(phase: str, done: int, total: int) -> None:
@@ -190,7 +184,7 @@ def test_memory_stays_flat_however_many_rows(
 ) -> None:
     app = app_connection(db_path)
     app.execute("BEGIN")
-    app.executemany(ROW_SQL, [make_row(i, comment="x" * 400) for i in range(1, 5001)])
+    insert_rows(app, range(1, 5001), comment="x" * 400)
     app.execute("COMMIT")
     drain(worker)
     app.execute("UPDATE sequences SET element_type = 'edited' WHERE id % 500 = 0")  # 10 rows

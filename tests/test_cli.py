@@ -1,24 +1,19 @@
 """The command line as users meet it: help, configuration errors, status and errors list."""
 
 import json
-import os
+import subprocess
+import sys
 from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner
 
 from outbox_sync.cli import main
-from outbox_sync.db import Database, SyncFailure
-from tests.conftest import ROW_SQL, Server, app_connection, make_row
-
-
-@pytest.fixture
-def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    for name in list(os.environ):
-        if name.startswith(("OUTBOX_SYNC_", "TYPESENSE_")):
-            monkeypatch.delenv(name)
-    return CliRunner()
+from outbox_sync.db import Database
+from tests.support.app import app_connection, insert_rows
+from tests.support.cli import ROOT, invoke, without_settings
+from tests.support.daemon import record_failure
+from tests.support.typesense import Server
 
 
 def all_commands(group: click.Group, prefix: str = "") -> list[tuple[str, click.Command]]:
@@ -31,7 +26,7 @@ def all_commands(group: click.Group, prefix: str = "") -> list[tuple[str, click.
 
 
 def test_every_command_explains_itself() -> None:
-    commands = all_commands(main)
+    commands = [("outbox-sync", main), *all_commands(main)]
     assert {name for name, _ in commands} >= {"init", "run", "status", "errors", "errors list"}
     for name, command in commands:
         assert command.help and len(command.help) > 40, f"{name} needs a docstring"
@@ -40,12 +35,35 @@ def test_every_command_explains_itself() -> None:
                 assert param.help, f"{name} {param.opts} needs help text"
 
 
+@pytest.mark.parametrize("command", [[], ["reindex"]], ids=["outbox-sync", "reindex"])
+def test_help_works_when_the_cli_package_runs_as_a_module(command: list[str]) -> None:
+    """The package runs as a module (its __main__), and the help is whole, in a process of its
+    own as users run it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "outbox_sync.cli", *command, "--help"],
+        env=without_settings(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    usage = " ".join(["python -m outbox_sync.cli", *command])
+    assert result.stdout.startswith(f"Usage: {usage} [OPTIONS]"), result.stdout
+    chosen = main.get_command(click.Context(main), command[0]) if command else main
+    assert chosen is not None and chosen.help is not None
+    assert " ".join(chosen.help.split()[:5]) in " ".join(result.stdout.split())
+    if not command:  # every command is listed
+        listed = result.stdout.split("Commands:")[1]
+        assert {line.split()[0] for line in listed.strip().splitlines()} == set(main.commands)
+
+
 def test_status_json_names_a_missing_collection(
-    runner: CliRunner, db_path: Path, typesense_server: Server, collection: str
+    db_path: Path, typesense_server: Server, collection: str
 ) -> None:
-    env = {"TYPESENSE_URL": typesense_server.url, "TYPESENSE_API_KEY": typesense_server.api_key}
-    result = runner.invoke(
-        main, ["status", "--json", "--db", str(db_path), "--collection", collection], env=env
+    result = invoke(
+        ["status", "--json", "--db", str(db_path), "--collection", collection], typesense_server
     )
     assert result.exit_code == 0, result.output
     status = json.loads(result.output)
@@ -54,12 +72,11 @@ def test_status_json_names_a_missing_collection(
 
 
 def test_status_json_reports_backlog_and_documents(
-    runner: CliRunner, db_path: Path, typesense_server: Server, collection: str, index: object
+    db_path: Path, typesense_server: Server, collection: str, index: object
 ) -> None:
-    app_connection(db_path).executemany(ROW_SQL, [make_row(1), make_row(2)])
-    env = {"TYPESENSE_URL": typesense_server.url, "TYPESENSE_API_KEY": typesense_server.api_key}
-    result = runner.invoke(
-        main, ["status", "--json", "--db", str(db_path), "--collection", collection], env=env
+    insert_rows(db_path, [1, 2])
+    result = invoke(
+        ["status", "--json", "--db", str(db_path), "--collection", collection], typesense_server
     )
     assert result.exit_code == 0, result.output
     status = json.loads(result.output)
@@ -69,50 +86,22 @@ def test_status_json_reports_backlog_and_documents(
     assert 0 <= status["oldest_pending_age_s"] < 60
 
 
-def test_status_when_typesense_is_unreachable(runner: CliRunner, db_path: Path) -> None:
+def test_status_when_typesense_is_unreachable(db_path: Path) -> None:
     from outbox_sync.localserver import free_port
 
     env = {"TYPESENSE_URL": f"http://127.0.0.1:{free_port()}", "TYPESENSE_API_KEY": "k"}
-    result = runner.invoke(main, ["status", "--json", "--db", str(db_path)], env=env)
+    result = invoke(["status", "--json", "--db", str(db_path)], **env)
     assert result.exit_code == 0, result.output
     status = json.loads(result.output)
     assert status["documents"] is None and status["typesense_ok"] is False
 
 
-def test_errors_list_json(runner: CliRunner, db_path: Path) -> None:
+def test_errors_list_json(db_path: Path) -> None:
     db = Database(db_path)
-    db.ack(
-        0,
-        [],
-        [
-            SyncFailure(
-                outbox_id=1,
-                sequence_id=7,
-                op="upsert",
-                document='{"id":"7"}',
-                http_status=400,
-                error="bad field",
-                attempts=2,
-            )
-        ],
-    )
-    db.ack(
-        0,
-        [],
-        [
-            SyncFailure(
-                outbox_id=2,
-                sequence_id=8,
-                op="upsert",
-                document=None,
-                http_status=None,
-                error="sequence_number: is NULL",
-                attempts=1,
-            )
-        ],
-    )
+    record_failure(db, 1, 7, "bad field", document='{"id":"7"}', http_status=400, attempts=2)
+    record_failure(db, 2, 8, "sequence_number: is NULL")
     db.ack(0, [8], [])  # record 8 synced later: its error closes itself
-    result = runner.invoke(main, ["errors", "list", "--json", "--db", str(db_path)])
+    result = invoke(["errors", "list", "--json", "--db", str(db_path)])
     assert result.exit_code == 0, result.output
     [row] = json.loads(result.output)
     assert {k: row[k] for k in ("sequence_id", "op", "http_status", "error", "attempts")} == {
@@ -123,9 +112,9 @@ def test_errors_list_json(runner: CliRunner, db_path: Path) -> None:
         "attempts": 2,
     }
     assert row["failed_at"] and row["resolved_at"] is None and "id" in row
-    everything = runner.invoke(main, ["errors", "list", "--all", "--json", "--db", str(db_path)])
+    everything = invoke(["errors", "list", "--all", "--json", "--db", str(db_path)])
     assert [r["sequence_id"] for r in json.loads(everything.output)] == [7, 8]
-    table = runner.invoke(main, ["errors", "list", "--db", str(db_path)])
+    table = invoke(["errors", "list", "--db", str(db_path)])
     assert "bad field" in table.output and "sequence_number" not in table.output
 
 
@@ -141,7 +130,6 @@ def test_errors_list_json(runner: CliRunner, db_path: Path) -> None:
     ],
 )
 def test_bad_configuration_is_one_clear_line(
-    runner: CliRunner,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     args: list[str],
@@ -149,38 +137,36 @@ def test_bad_configuration_is_one_clear_line(
     message: str,
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(main, args, env=env)
+    result = invoke(args, **env)
     assert result.exit_code != 0
     assert message in result.output
     assert "Traceback" not in result.output
 
 
-def test_an_api_key_file_readable_by_others_is_refused(
-    runner: CliRunner, tmp_path: Path, db_path: Path
-) -> None:
+def test_an_api_key_file_readable_by_others_is_refused(tmp_path: Path, db_path: Path) -> None:
     key = tmp_path / "key"
     key.write_text("secret-key-value\n")
     key.chmod(0o644)
     args = ["status", "--db", str(db_path), "--typesense-url", "http://127.0.0.1:1"]
-    result = runner.invoke(main, [*args, "--api-key-file", str(key)])
+    result = invoke([*args, "--api-key-file", str(key)])
     assert result.exit_code == 1 and "readable by other users" in result.output
     key.chmod(0o600)
-    result = runner.invoke(main, [*args, "--api-key-file", str(key), "--json"])
+    result = invoke([*args, "--api-key-file", str(key), "--json"])
     assert result.exit_code == 0 and "secret-key-value" not in result.output
 
 
-def test_flags_override_environment(runner: CliRunner, tmp_path: Path, db_path: Path) -> None:
+def test_flags_override_environment(tmp_path: Path, db_path: Path) -> None:
     env = {"OUTBOX_SYNC_DB": str(tmp_path / "missing.db")}
-    result = runner.invoke(main, ["errors", "list", "--json", "--db", str(db_path)], env=env)
+    result = invoke(["errors", "list", "--json", "--db", str(db_path)], **env)
     assert result.exit_code == 0 and json.loads(result.output) == []
-    result = runner.invoke(main, ["errors", "list", "--json"], env=env)
+    result = invoke(["errors", "list", "--json"], **env)
     assert result.exit_code == 1 and "missing.db does not exist" in result.output
 
 
-def test_init_then_run_refuses_an_uninitialised_file(runner: CliRunner, tmp_path: Path) -> None:
+def test_init_then_run_refuses_an_uninitialised_file(tmp_path: Path) -> None:
     path = tmp_path / "plain.db"
     app_connection(path).execute("CREATE TABLE t (x)")
-    result = runner.invoke(main, ["run", "--once", "--db", str(path)])
+    result = invoke(["run", "--once", "--db", str(path)])
     assert result.exit_code == 1 and f"run `outbox-sync init --db {path}`" in result.output
-    result = runner.invoke(main, ["init", "--db", str(path)])
+    result = invoke(["init", "--db", str(path)])
     assert result.exit_code == 0 and "0 existing rows enqueued" in result.output

@@ -12,17 +12,10 @@ import pytest
 
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense, free_port
-from tests.conftest import (
-    API_KEY,
-    ROW_SQL,
-    Daemon,
-    Server,
-    app_connection,
-    export,
-    make_row,
-    sqlite_documents,
-    wait_until,
-)
+from tests.support.app import app_connection, insert_rows, sqlite_documents
+from tests.support.daemon import Daemon
+from tests.support.typesense import API_KEY, Server, export
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +82,7 @@ def test_killing_the_leader_while_writes_flow_loses_nothing(
         nonlocal written
         conn = app_connection(db_path)
         while not stop_writing.is_set() or written < 2_000:
-            conn.executemany(ROW_SQL, [make_row(written + i + 1) for i in range(20)])
+            insert_rows(conn, range(written + 1, written + 21))
             written += 20
             stop_writing.wait(0.02)
 

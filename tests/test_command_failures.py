@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from outbox_sync.localserver import free_port
-from tests.conftest import Server, app_connection
-from tests.oncall import invoke, one_line
+from tests.support.app import app_connection
+from tests.support.cli import invoke, one_line
+from tests.support.typesense import Server
 
 DATABASE_COMMANDS = [
     ["status"],

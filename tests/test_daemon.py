@@ -1,8 +1,6 @@
 """The daemon as a real process against a real Typesense: signals, crashes, concurrency,
 outages. These are the promises an operator relies on."""
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,28 +12,13 @@ import pytest
 
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense, free_port, port_in_use
-from tests.conftest import (
-    API_KEY,
-    ROW_SQL,
-    Daemon,
-    Server,
-    app_connection,
-    export,
-    make_row,
-    sqlite_documents,
-    wait_until,
-)
+from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
+from tests.support.cli import ROOT, without_settings
+from tests.support.daemon import Daemon
+from tests.support.typesense import API_KEY, Server, export
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def events(daemon: Daemon) -> list[dict[str, object]]:
-    lines = daemon.output().splitlines()
-    return [json.loads(line) for line in lines if line.startswith("{")]
-
-
-def logged(daemon: Daemon, event: str) -> bool:
-    return any(entry.get("event") == event for entry in events(daemon))
 
 
 def pending(path: Path) -> int:
@@ -45,12 +28,12 @@ def pending(path: Path) -> int:
 def test_sigterm_finishes_the_batch_and_exits_0(
     db_path: Path, start_daemon: Callable[..., Daemon], typesense_server: Server, collection: str
 ) -> None:
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 20_001)])
+    insert_rows(db_path, range(1, 20_001))
     daemon = start_daemon("--batch-size", "500")
     wait_until(lambda: pending(db_path) < 19_000, what="the drain to start")
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0
-    assert logged(daemon, "stopping") and logged(daemon, "stopped")
+    assert daemon.logged("stopping") and daemon.logged("stopped")
     # whatever was acknowledged is in Typesense; the rest is still queued, nothing in between
     left = pending(db_path)
     synced = export(typesense_server, collection)
@@ -64,7 +47,7 @@ def test_a_second_daemon_on_the_same_file_exits_with_a_clear_message(
     db_path: Path, start_daemon: Callable[..., Daemon]
 ) -> None:
     first = start_daemon()
-    wait_until(lambda: logged(first, "started"), what="the first daemon")
+    wait_until(lambda: first.logged("started"), what="the first daemon")
     second = start_daemon()
     assert second.wait() == 1
     assert f"another outbox-sync daemon (pid {first.process.pid}) is already running" in (
@@ -77,7 +60,7 @@ def test_sigkill_mid_batch_then_restart_loses_nothing(
     db_path: Path, start_daemon: Callable[..., Daemon], typesense_server: Server, collection: str
 ) -> None:
     conn = app_connection(db_path)
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 30_001)])
+    insert_rows(conn, range(1, 30_001))
     conn.execute("DELETE FROM sequences WHERE id % 10 = 0")
     daemon = start_daemon("--batch-size", "1000")
     wait_until(lambda: pending(db_path) < 30_000, what="the drain to start")
@@ -92,12 +75,12 @@ def test_sigkill_mid_batch_then_restart_loses_nothing(
 def test_writers_in_other_processes_during_a_drain(
     db_path: Path, start_daemon: Callable[..., Daemon], typesense_server: Server, collection: str
 ) -> None:
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 5_001)])
+    insert_rows(db_path, range(1, 5_001))
     daemon = start_daemon("--batch-size", "200")
-    root = Path(__file__).resolve().parent.parent
     writers = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.writer", str(db_path), str(seed), "1500"], cwd=root
+            [sys.executable, "-m", "tests.support.writer", str(db_path), str(seed), "1500"],
+            cwd=ROOT,
         )
         for seed in (1, 2, 3)
     ]
@@ -118,7 +101,7 @@ def test_typesense_restart_mid_stream_loses_nothing_and_records_no_errors(
     env = daemon_env | {"TYPESENSE_URL": private_typesense.url, "OUTBOX_SYNC_TIMEOUT": "2"}
     daemon = start_daemon("--batch-size", "300", env=env)
     conn = app_connection(db_path)
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 3_001)])
+    insert_rows(conn, range(1, 3_001))
     wait_until(lambda: pending(db_path) < 3_000, what="the drain to start")
     # documents lost behind the daemon's back: after the outage it must find and restore them
     # (Typesense 0.24.1 itself loses writes it acknowledged just before a restart, under load)
@@ -128,14 +111,14 @@ def test_typesense_restart_mid_stream_loses_nothing_and_records_no_errors(
         headers={"X-TYPESENSE-API-KEY": API_KEY},
     ).raise_for_status()
     private_typesense.stop()
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(3_001, 4_001)])
+    insert_rows(conn, range(3_001, 4_001))
     conn.execute("DELETE FROM sequences WHERE id % 9 = 0")
-    wait_until(lambda: logged(daemon, "sync_paused"), what="the daemon to notice the outage")
+    wait_until(lambda: daemon.logged("sync_paused"), what="the daemon to notice the outage")
     assert pending(db_path) > 0
     private_typesense.start()
     wait_until(
         lambda: any(
-            e.get("reason") == "outage" for e in events(daemon) if e["event"] == "audit_done"
+            e.get("reason") == "outage" for e in daemon.events() if e["event"] == "audit_done"
         ),
         what="the audit after the outage",
     )
@@ -143,7 +126,7 @@ def test_typesense_restart_mid_stream_loses_nothing_and_records_no_errors(
     server = Server(private_typesense.url, API_KEY)
     assert export(server, collection) == sqlite_documents(db_path)
     assert Database(db_path).counts()["sync_errors_open"] == 0
-    assert logged(daemon, "sync_resumed")
+    assert daemon.logged("sync_resumed")
     assert API_KEY not in daemon.output()
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0
@@ -153,14 +136,12 @@ def test_the_embedded_default_syncs_without_any_configuration(
     tmp_path: Path, start_daemon: Callable[..., Daemon]
 ) -> None:
     db_path = tmp_path / "sequences.db"
-    root = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_SYNC_", "TYPESENSE_"))}
-    env |= {"OUTBOX_SYNC_DB": str(db_path), "OUTBOX_SYNC_EMBEDDED_PORT": str(free_port())}
-    subprocess.run([sys.executable, "-m", "outbox_sync", "init"], env=env, cwd=root, check=True)
+    env = without_settings(OUTBOX_SYNC_DB=str(db_path), OUTBOX_SYNC_EMBEDDED_PORT=str(free_port()))
+    subprocess.run([sys.executable, "-m", "outbox_sync", "init"], env=env, cwd=ROOT, check=True)
     app_connection(db_path).execute(ROW_SQL, make_row(123, comment="Initial script creation"))
     daemon = start_daemon(env=env)
     wait_until(lambda: pending(db_path) == 0, what="the embedded sync")
-    [started] = [e for e in events(daemon) if e["event"] == "embedded_typesense_starting"]
+    [started] = [e for e in daemon.events() if e["event"] == "embedded_typesense_starting"]
     key = (tmp_path / "sequences.db.typesense" / "api-key").read_text().strip()
     assert oct((tmp_path / "sequences.db.typesense" / "api-key").stat().st_mode & 0o777) == "0o600"
     documents = export(Server(str(started["url"]), key), "sequences")

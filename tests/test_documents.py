@@ -1,11 +1,17 @@
 """Row -> document mapping and the validation that names the field."""
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from outbox_sync.documents import (
+    COLUMNS,
+    FIELDS,
+    MAX_SHORT_TEXT_BYTES,
     MAX_TEXT_BYTES,
+    collection_schema,
     describe_row,
     document_id,
     document_line,
@@ -148,3 +154,79 @@ def test_valid_rows_take_the_fast_line_with_the_same_bytes(
         T(created_at.encode()),
     )
     assert document_line(row) == encode(to_document(row))
+
+
+def test_the_collection_schema_is_a_fresh_copy_of_the_fields() -> None:
+    schema = collection_schema("sequences_v1")
+    assert schema == {
+        "name": "sequences_v1",
+        "fields": [dict(field) for field in FIELDS],
+        "default_sorting_field": "sequence_number",
+    }
+    schema["fields"][0]["type"] = "int32"  # a caller changing its copy (as tests do)
+    assert collection_schema("x")["fields"][0]["type"] == "string"
+    assert {field["name"] for field in FIELDS} == set(COLUMNS) - {"id"}
+
+
+@pytest.mark.parametrize(
+    ("position", "value", "message"),
+    [
+        (0, True, "id: expected an integer, got bool True"),
+        (0, b"x" * 100, f"id: expected an integer, got text {'x' * 40!r}"),
+        (
+            1,
+            b"s" * (MAX_SHORT_TEXT_BYTES + 1),
+            "element_type: is 1025 bytes, more than the limit of 1024",
+        ),
+        (2, False, "element_id: expected an integer, got bool False"),
+        (2, 2**63, f"element_id: {2**63} is outside the range {-(2**63)}..{2**63 - 1}"),
+        (
+            3,
+            -(2**31) - 1,
+            "sequence_number: -2147483649 is outside the range -2147483648..2147483647",
+        ),
+        (3, 1.0, "sequence_number: expected an integer, got real 1.0"),
+        (4, "text", "comment: expected text, got str 'text'"),
+        (5, 5, "created_at: expected text, got int 5"),
+        (
+            5,
+            b"t" * (MAX_SHORT_TEXT_BYTES + 1),
+            "created_at: is 1025 bytes, more than the limit of 1024",
+        ),
+    ],
+)
+def test_each_validation_message_in_full(position: int, value: object, message: str) -> None:
+    row = list(GOOD)
+    row[position] = value
+    with pytest.raises(InvalidRecordError) as caught:
+        to_document(tuple(row))
+    assert str(caught.value) == message
+    assert caught.value.field == message.split(":")[0] == COLUMNS[position]
+    with pytest.raises(InvalidRecordError, match=f"^{caught.value.field}: "):
+        document_line(tuple(row))  # the fast path names the same field
+
+
+def test_limits_are_inclusive() -> None:
+    longest = (*GOOD[:4], b"c" * MAX_TEXT_BYTES, b"t" * MAX_SHORT_TEXT_BYTES)
+    document = to_document(longest)
+    assert len(document["comment"]) == MAX_TEXT_BYTES
+    assert len(document["created_at"]) == MAX_SHORT_TEXT_BYTES
+    for value in (-(2**63), 2**63 - 1):
+        assert to_document((GOOD[0], GOOD[1], value, *GOOD[3:]))["element_id"] == value
+
+
+def test_encode_is_compact_and_leaves_non_ascii_as_it_is() -> None:
+    document = {"id": "1", "comment": 'é "q" \u2028 \n'}
+    assert encode(document) == '{"id":"1","comment":"é \\"q\\" \u2028 \\n"}'.encode()
+
+
+def test_describe_row_keeps_the_columns_and_cuts_long_text() -> None:
+    described = json.loads(describe_row((1, b"x" * 500, 2, "twelve", None, 3.5)))
+    assert list(described) == list(COLUMNS)
+    assert described["element_type"] == "x" * 200 + "…"
+    assert (described["id"], described["sequence_number"], described["comment"]) == (
+        1,
+        "twelve",
+        None,
+    )
+    assert described["created_at"] == 3.5

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from outbox_sync import sync_errors
-from outbox_sync.db import Database, SyncFailure
-from outbox_sync.documents import collection_schema
+from outbox_sync.db import Database
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import daemon
-from tests.conftest import ROW_SQL, Server, app_connection, drain, make_row
-from tests.oncall import by_hand, invoke, one_line
+from tests.support.app import ROW_SQL, app_connection, make_row
+from tests.support.cli import invoke, one_line
+from tests.support.daemon import drain, record_failure
+from tests.support.typesense import Server, by_hand, refusing_collection
 
 
 def errors(server: Server, db_path: Path, *args: str) -> Any:
@@ -20,64 +21,12 @@ def errors(server: Server, db_path: Path, *args: str) -> Any:
     return json.loads(result.stdout) if "--json" in args else result.output
 
 
-def refusing_collection(server: Server, name: str) -> None:
-    """A collection that refuses every document with a comment (HTTP 400): `comment` is int32
-    there, as after a broken migration."""
-    schema = collection_schema(name)
-    for field in schema["fields"]:
-        if field["name"] == "comment":
-            field["type"] = "int32"
-    by_hand(server, "POST", "/collections", json=schema)
-
-
 def test_list_filters_by_status_time_and_operation(
     db_path: Path, db: Database, typesense_server: Server
 ) -> None:
-    db.ack(
-        0,
-        [],
-        [
-            SyncFailure(
-                outbox_id=1,
-                sequence_id=7,
-                op="upsert",
-                document='{"id":"7"}',
-                http_status=400,
-                error="bad field",
-                attempts=2,
-            )
-        ],
-    )
-    db.ack(
-        0,
-        [],
-        [
-            SyncFailure(
-                outbox_id=2,
-                sequence_id=8,
-                op="delete",
-                document=None,
-                http_status=None,
-                error="id: expected an integer",
-                attempts=1,
-            )
-        ],
-    )
-    db.ack(
-        0,
-        [],
-        [
-            SyncFailure(
-                outbox_id=3,
-                sequence_id=9,
-                op="upsert",
-                document=None,
-                http_status=None,
-                error="comment: is 70000 bytes",
-                attempts=1,
-            )
-        ],
-    )
+    record_failure(db, 1, 7, "bad field", document='{"id":"7"}', http_status=400, attempts=2)
+    record_failure(db, 2, 8, "id: expected an integer", op="delete")
+    record_failure(db, 3, 9, "comment: is 70000 bytes")
     db.ack(0, [9], [])  # record 9 synced later: its error closes itself
     db.conn.execute("UPDATE sync_errors SET failed_at = '2020-01-01T00:00:00Z' WHERE id = 1")
 
@@ -179,43 +128,15 @@ def test_retry_resends_a_refused_record_once_the_collection_is_fixed(
 def test_retry_of_a_deleted_record_enqueues_a_delete(
     db_path: Path, db: Database, typesense_server: Server
 ) -> None:
-    db.ack(
-        0,
-        [],
-        [
-            SyncFailure(
-                outbox_id=1,
-                sequence_id=5,
-                op="upsert",
-                document='{"id":"5"}',
-                http_status=400,
-                error="refused",
-                attempts=2,
-            )
-        ],
-    )
+    record_failure(db, 1, 5, "refused", document='{"id":"5"}', http_status=400, attempts=2)
     app_connection(db_path).execute(ROW_SQL, make_row(6))
-    db.ack(
-        0,
-        [],
-        [
-            SyncFailure(
-                outbox_id=2,
-                sequence_id=6,
-                op="upsert",
-                document='{"id":"6"}',
-                http_status=400,
-                error="refused",
-                attempts=2,
-            )
-        ],
-    )
+    record_failure(db, 2, 6, "refused", document='{"id":"6"}', http_status=400, attempts=2)
     # a second open error of the same record, as a database from before one-open-error-per-
     # record may hold: retry closes them all
     db.conn.execute(
-        "INSERT INTO sync_errors (outbox_id, sequence_id, op, document, http_status, error,"
-        " attempts, failed_at) SELECT 3, sequence_id, op, document, http_status, error, attempts,"
-        " failed_at FROM sync_errors WHERE id = 2"
+        "INSERT INTO sync_errors (outbox_id, mapping, record_key, op, document, http_status,"
+        " error, attempts, failed_at) SELECT 3, mapping, record_key, op, document, http_status,"
+        " error, attempts, failed_at FROM sync_errors WHERE id = 2"
     )
     db.conn.execute("DELETE FROM outbox")
     [five, six] = sync_errors.retry(db, [1, 2])
@@ -232,36 +153,8 @@ def test_retry_of_a_deleted_record_enqueues_a_delete(
 def test_resolve_closes_by_hand_and_keeps_the_note(
     db_path: Path, db: Database, typesense_server: Server
 ) -> None:
-    db.ack(
-        0,
-        [],
-        [
-            SyncFailure(
-                outbox_id=1,
-                sequence_id=7,
-                op="upsert",
-                document=None,
-                http_status=None,
-                error="bad",
-                attempts=1,
-            )
-        ],
-    )
-    db.ack(
-        0,
-        [],
-        [
-            SyncFailure(
-                outbox_id=2,
-                sequence_id=8,
-                op="upsert",
-                document=None,
-                http_status=None,
-                error="bad",
-                attempts=1,
-            )
-        ],
-    )
+    record_failure(db, 1, 7, "bad")
+    record_failure(db, 2, 8, "bad")
     unknown = invoke(
         ["errors", "resolve", "1", "42", "--note", "x"], typesense_server, db_path, "x"
     )

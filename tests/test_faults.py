@@ -1,7 +1,7 @@
 """Network and server faults between the worker and a real Typesense, injected by a real HTTP
-proxy on loopback (tests/faultproxy.py): what is retried, what is applied again, what is given
-up on. A dropped answer after Typesense applied a change is the classic trap: the worker must
-treat it as unknown and apply it again, which is safe because upserts and deletes are
+proxy on loopback (tests/support/faultproxy.py): what is retried, what is applied again, what is
+given up on. A dropped answer after Typesense applied a change is the classic trap: the worker
+must treat it as unknown and apply it again, which is safe because upserts and deletes are
 idempotent."""
 
 import json
@@ -17,17 +17,11 @@ from outbox_sync.db import Database
 from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
-from tests.conftest import (
-    ROW_SQL,
-    Daemon,
-    Server,
-    app_connection,
-    export,
-    make_row,
-    sqlite_documents,
-    wait_until,
-)
-from tests.faultproxy import Fault, FaultProxy
+from tests.support.app import app_connection, insert_rows, sqlite_documents
+from tests.support.daemon import Daemon
+from tests.support.faultproxy import Fault, FaultProxy
+from tests.support.typesense import Server, export
+from tests.support.wait import wait_until
 
 # Short enough that a `delay` or `stall` fault costs little, long enough for a loaded machine.
 TIMEOUT_S = 0.6
@@ -54,18 +48,18 @@ def in_sync(db_path: Path, server: Server, collection: str) -> bool:
 def prepare_mixed_batch(db_path: Path, worker: Worker) -> None:
     """20 records synced; then a batch of updates, deletes, an id change and inserts queued."""
     conn = app_connection(db_path)
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 21)])
+    insert_rows(conn, range(1, 21))
     worker.applier.apply_once()
     conn.execute("UPDATE sequences SET comment = 'edited', sequence_number = -id WHERE id <= 5")
     conn.execute("DELETE FROM sequences WHERE id BETWEEN 6 AND 9")
     conn.execute("UPDATE sequences SET id = 100 WHERE id = 10")
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(21, 26)])
+    insert_rows(conn, range(21, 26))
 
 
 def test_a_503_is_retried_once_immediately(
     db_path: Path, proxied: Worker, proxy: FaultProxy, typesense_server: Server, collection: str
 ) -> None:
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    insert_rows(db_path, range(1, 6))
     proxy.add(Fault("status", status=503, path="/documents/import"))
     report = proxied.applier.apply_once()
     assert report.upserted == 5
@@ -157,7 +151,7 @@ def test_a_line_refused_once_is_retried_and_synced(
     typesense_server: Server,
     collection: str,
 ) -> None:
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    insert_rows(db_path, range(1, 11))
     proxy.add(Fault("fail_lines", ids={"4", "7"}, status=400))
     report = proxied.applier.apply_once()
     assert (report.upserted, report.retried, report.failures) == (10, 2, [])
@@ -174,7 +168,7 @@ def test_a_line_refused_twice_goes_to_sync_errors_and_the_rest_syncs(
     collection: str,
 ) -> None:
     conn = app_connection(db_path)
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    insert_rows(conn, range(1, 11))
     proxy.add(Fault("fail_lines", ids={"4"}, status=400, error="Field `x` is wrong.", times=2))
     report = proxied.applier.apply_once()
     assert (report.upserted, report.retried, len(report.failures)) == (9, 1, 1)
@@ -207,7 +201,7 @@ def test_a_refused_document_holding_a_unicode_line_separator_is_still_matched_to
     # and U+0085 unescaped: str.splitlines() would cut that line in two and make the whole batch
     # look like server trouble, forever. Results are split on "\n" only.
     conn = app_connection(db_path)
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 4)])
+    insert_rows(conn, range(1, 4))
     conn.execute("UPDATE sequences SET comment = 'a\u2028b\u2029c\x85d' WHERE id = 2")
     proxy.add(Fault("fail_lines", ids={"2"}, status=400, times=2))
     report = proxied.applier.apply_once()
@@ -224,7 +218,7 @@ def test_a_5xx_line_is_server_trouble_nothing_is_given_up(
     typesense_server: Server,
     collection: str,
 ) -> None:
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    insert_rows(db_path, range(1, 11))
     proxy.add(Fault("fail_lines", ids={"5"}, status=500, times=3))
     for _ in range(3):
         with pytest.raises(TypesenseUnavailableError, match="500"):
@@ -238,16 +232,12 @@ def test_a_5xx_line_is_server_trouble_nothing_is_given_up(
 def test_an_import_answer_with_too_few_lines_is_server_trouble(
     db_path: Path, db: Database, proxied: Worker, proxy: FaultProxy
 ) -> None:
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    insert_rows(db_path, range(1, 6))
     proxy.add(Fault("garble_lines"))  # not retried at once: the answer came
     with pytest.raises(TypesenseUnavailableError, match="answered 4 results for 5 documents"):
         proxied.applier.apply_once()
     assert db.counts()["pending"] == 5 and sync_errors.find(db) == []
     assert proxied.applier.apply_once().upserted == 5
-
-
-def events(daemon: Daemon) -> list[dict[str, object]]:
-    return [json.loads(x) for x in daemon.output().splitlines() if x.startswith("{")]
 
 
 @pytest.mark.slow
@@ -261,7 +251,7 @@ def test_the_daemon_rides_out_faults_and_converges(
     collection: str,
 ) -> None:
     conn = app_connection(db_path)
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 201)])
+    insert_rows(conn, range(1, 201))
     # a 503 outage long enough for the daemon to pause and back off twice (each attempt is
     # retried once at once, so 4 answers)
     proxy.add(Fault("status", status=503, path="/documents/import", times=4))
@@ -283,7 +273,7 @@ def test_the_daemon_rides_out_faults_and_converges(
     wait_until(lambda: db.counts()["pending"] == 0, what="the second drain")
     assert in_sync(db_path, typesense_server, collection)
     assert sync_errors.find(db) == []
-    names = [e["event"] for e in events(daemon)]
+    names = [e["event"] for e in daemon.events()]
     assert "sync_paused" in names and "sync_resumed" in names
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0

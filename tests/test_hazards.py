@@ -16,24 +16,16 @@ from pathlib import Path
 
 import pytest
 import structlog
-from click.testing import CliRunner
 
 from outbox_sync import schema, sync_errors
-from outbox_sync.cli import main
 from outbox_sync.db import Database
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
-from tests.conftest import (
-    ROOT,
-    ROW_SQL,
-    Daemon,
-    Server,
-    app_connection,
-    export,
-    make_row,
-    sqlite_documents,
-    wait_until,
-)
+from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
+from tests.support.cli import error_lines, invoke, run_module, without_settings
+from tests.support.daemon import Daemon, running
+from tests.support.typesense import Server, export
+from tests.support.wait import wait_until
 
 # The -wal file a drain may leave: SQLite checkpoints every 1,000 pages (4 MiB); twice that is
 # room for a checkpoint that had to wait for one short read.
@@ -88,18 +80,12 @@ class BusyWriter:
 def test_a_long_drain_under_a_busy_writer_keeps_the_wal_bounded(
     db_path: Path, db: Database, index: TypesenseIndex, typesense_server: Server, collection: str
 ) -> None:
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 5_001)])
+    insert_rows(db_path, range(1, 5_001))
     worker = daemon(db, index, batch_size=250)  # the daemon's loop, in many short batches
-    stop = threading.Event()
-    loop = threading.Thread(target=worker.run, args=(stop,))
-    loop.start()
-    try:
+    with running(worker):
         with BusyWriter(db_path, 5_000) as writer:
             wait_until(lambda: writer.commits >= 4_000, 60, "4,000 commits of the writer")
         wait_until(lambda: Database(db_path).counts()["pending"] == 0, 60, "the drain")
-    finally:
-        stop.set()
-        loop.join(30)
     # Each commit appends at least 3 pages to the WAL (the row, the outbox, its sequence): far
     # past the bound, had the daemon kept a checkpoint from resetting the log.
     assert writer.commits * 3 * 4096 > 4 * WAL_BOUND_BYTES, writer.commits
@@ -126,24 +112,17 @@ def test_a_writer_holding_the_write_lock_is_waited_out_and_nothing_is_lost(
     busy_timeout_s: float,
 ) -> None:
     conn = app_connection(db_path)
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 2_001)])
+    insert_rows(conn, range(1, 2_001))
     db = Database(db_path, busy_timeout_s=busy_timeout_s)
     worker = daemon(db, index, batch_size=100, min_backoff_s=0.05, max_backoff_s=0.2)
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,))
-    with structlog.testing.capture_logs() as logs:
-        thread.start()
-        try:
-            wait_until(lambda: Database(db_path).counts()["pending"] < 2_000, 30, "a drain")
-            conn.execute("BEGIN IMMEDIATE")  # the application holds the write lock for 1.5 s
-            conn.execute("UPDATE sequences SET comment = 'under lock' WHERE id % 2 = 0")
-            conn.execute("DELETE FROM sequences WHERE id % 5 = 0")
-            time.sleep(1.5)
-            conn.execute("COMMIT")
-            wait_until(lambda: Database(db_path).counts()["pending"] == 0, 60, "the drain")
-        finally:
-            stop.set()
-            thread.join(30)
+    with structlog.testing.capture_logs() as logs, running(worker) as thread:
+        wait_until(lambda: Database(db_path).counts()["pending"] < 2_000, 30, "a drain")
+        conn.execute("BEGIN IMMEDIATE")  # the application holds the write lock for 1.5 s
+        conn.execute("UPDATE sequences SET comment = 'under lock' WHERE id % 2 = 0")
+        conn.execute("DELETE FROM sequences WHERE id % 5 = 0")
+        time.sleep(1.5)
+        conn.execute("COMMIT")
+        wait_until(lambda: Database(db_path).counts()["pending"] == 0, 60, "the drain")
     assert not thread.is_alive()
     assert export(typesense_server, collection) == sqlite_documents(db_path)
     assert sync_errors.find(Database(db_path)) == []
@@ -159,7 +138,7 @@ def test_the_application_adding_a_column_changes_nothing(
     db_path: Path, db: Database, worker: Worker, typesense_server: Server, collection: str
 ) -> None:
     conn = app_connection(db_path)
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    insert_rows(conn, range(1, 11))
     worker.applier.apply_once()
     # while the daemon's connection is open
     conn.execute("ALTER TABLE sequences ADD COLUMN reviewed_by TEXT DEFAULT 'nobody'")
@@ -208,11 +187,6 @@ def test_a_row_replaced_through_another_unique_constraint_needs_recursive_trigge
     assert set(export(typesense_server, collection)) == {"1", "3"}  # "2" went, as it should
 
 
-def error_lines(output: str) -> list[str]:
-    """The lines of a run's output that are not JSON log lines."""
-    return [line for line in output.splitlines() if line.strip() and not line.startswith("{")]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "change",
@@ -230,7 +204,7 @@ def test_renaming_or_dropping_a_synced_column_stops_the_daemon_with_one_clear_li
     change: str,
 ) -> None:
     conn = app_connection(db_path)
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    insert_rows(conn, range(1, 6))
     daemon = start_daemon()
     wait_until(lambda: Database(db_path).counts()["pending"] == 0, what="the first sync")
     synced = export(typesense_server, collection)
@@ -254,12 +228,11 @@ def test_renaming_or_dropping_a_synced_column_stops_the_daemon_with_one_clear_li
 
 @pytest.fixture
 def cli_env(typesense_server: Server, collection: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_SYNC_", "TYPESENSE_"))}
-    return env | {
-        "TYPESENSE_URL": typesense_server.url,
-        "TYPESENSE_API_KEY": typesense_server.api_key,
-        "OUTBOX_SYNC_COLLECTION": collection,
-    }
+    return without_settings(
+        TYPESENSE_URL=typesense_server.url,
+        TYPESENSE_API_KEY=typesense_server.api_key,
+        OUTBOX_SYNC_COLLECTION=collection,
+    )
 
 
 def one_clear_line(result: subprocess.CompletedProcess[str] | object) -> str:
@@ -276,7 +249,7 @@ def test_a_file_that_is_not_a_database_is_one_clear_line(
 ) -> None:
     path = tmp_path / "notes.db"
     path.write_text("these are my notes, not a database\n" * 200)
-    result = CliRunner().invoke(main, [*command, "--db", str(path)], env=cli_env)
+    result = invoke([*command, "--db", str(path)], **cli_env)
     assert result.exit_code == 1
     assert f"database {path}: file is not a database" in one_clear_line(result)
     assert path.read_text().startswith("these are my notes")  # untouched
@@ -287,7 +260,7 @@ def test_a_missing_database_is_one_clear_line(
     tmp_path: Path, cli_env: dict[str, str], command: list[str]
 ) -> None:
     path = tmp_path / "missing.db"
-    result = CliRunner().invoke(main, [*command, "--db", str(path)], env=cli_env)
+    result = invoke([*command, "--db", str(path)], **cli_env)
     assert result.exit_code == 1
     assert f"database {path} does not exist: create it with `outbox-sync init" in (
         one_clear_line(result)
@@ -299,7 +272,7 @@ def test_init_in_a_missing_directory_is_one_clear_line(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
     path = tmp_path / "no-such-dir" / "app.db"
-    result = CliRunner().invoke(main, ["init", "--db", str(path)], env=cli_env)
+    result = invoke(["init", "--db", str(path)], **cli_env)
     assert result.exit_code == 1
     assert f"directory {path.parent} does not exist" in one_clear_line(result)
 
@@ -318,20 +291,12 @@ def without_write_permission_bypass() -> None:
 def run_cli(
     args: list[str], env: dict[str, str], timeout_s: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "outbox_sync", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        preexec_fn=without_write_permission_bypass,
-    )
+    return run_module(args, env, timeout_s, preexec_fn=without_write_permission_bypass)
 
 
 @pytest.fixture
 def read_only_db(db_path: Path) -> Path:
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 4)])
+    insert_rows(db_path, range(1, 4))
     db_path.chmod(0o444)
     check = subprocess.run(
         [sys.executable, "-c", f"open({str(db_path)!r}, 'ab')"],
@@ -433,7 +398,7 @@ def test_bad_values_land_in_sync_errors_naming_the_field_and_the_daemon_goes_on(
     conn = app_connection(path)
     conn.execute(LOOSE_TABLE)  # an application's own table: no NOT NULL, no types enforced
     schema.init(Database(path, create=True))
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    insert_rows(conn, range(1, 11))
     for key, (values, _) in BAD_ROWS.items():
         conn.execute(f"INSERT INTO sequences VALUES ({key}, {values})")
     daemon = start_daemon(env=daemon_env | {"OUTBOX_SYNC_DB": str(path)})
@@ -447,14 +412,14 @@ def test_bad_values_land_in_sync_errors_naming_the_field_and_the_daemon_goes_on(
     assert all(row["http_status"] is None and row["attempts"] == 1 for row in errors.values())
     assert json.loads(errors[12]["document"])["comment"] == "\ufffd"  # readable, not raw bytes
     assert len(json.loads(errors[11]["document"])["comment"]) < 300  # not the whole value
+    conn.execute("UPDATE sequences SET sequence_number = 7 WHERE id = 18")  # the fix
+    wait_until(lambda: db.counts()["sync_errors_open"] == len(BAD_ROWS) - 1, what="the fix")
+    assert export(typesense_server, collection)["18"]["sequence_number"] == 7
     # no crash loop: each bad record failed once, and the daemon is still there, still syncing
-    time.sleep(0.5)
+    # (it applied the fix, queued after every failed entry)
     failed = [
         e for e in map(json.loads, daemon.output().splitlines()) if e["event"] == "record_failed"
     ]
     assert len(failed) == len(BAD_ROWS) and daemon.process.poll() is None
-    conn.execute("UPDATE sequences SET sequence_number = 7 WHERE id = 18")  # the fix
-    wait_until(lambda: db.counts()["sync_errors_open"] == len(BAD_ROWS) - 1, what="the fix")
-    assert export(typesense_server, collection)["18"]["sequence_number"] == 7
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0

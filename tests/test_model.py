@@ -52,8 +52,8 @@ from outbox_sync.db import Database
 from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
-from tests.conftest import Server
-from tests.faultproxy import Fault, FaultProxy
+from tests.support.faultproxy import Fault, FaultProxy
+from tests.support.typesense import Server
 
 LONG = bool(os.environ.get("OUTBOX_SYNC_LONG_TESTS"))
 MODEL_SETTINGS = settings(

@@ -26,7 +26,9 @@ from outbox_sync.config import parse_address
 from outbox_sync.db import Database
 from outbox_sync.localserver import free_port
 from outbox_sync.telemetry import Telemetry
-from tests.conftest import ROW_SQL, Daemon, app_connection, make_row, wait_until
+from tests.support.app import ROW_SQL, app_connection, make_row
+from tests.support.daemon import Daemon
+from tests.support.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker" / "compose.yml"

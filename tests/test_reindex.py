@@ -9,25 +9,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from click.testing import CliRunner
 
 from outbox_sync import reindex, schema
-from outbox_sync.cli import main
 from outbox_sync.db import Database
 from outbox_sync.documents import collection_schema
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker
-from tests.conftest import (
-    ROW_SQL,
-    Daemon,
-    Server,
-    app_connection,
-    drain,
-    export,
-    make_row,
-    sqlite_documents,
-    wait_until,
-)
+from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
+from tests.support.cli import ROOT, invoke
+from tests.support.daemon import Daemon, drain
+from tests.support.typesense import Server, export
+from tests.support.wait import wait_until
 
 
 def exists(server: Server, name: str) -> bool:
@@ -48,7 +40,7 @@ def test_rebuild_swaps_in_a_complete_collection_and_drops_the_old(
     db_path: Path, db: Database, worker: Worker, typesense_server: Server, collection: str
 ) -> None:
     conn = app_connection(db_path)
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 2_001)])
+    insert_rows(conn, range(1, 2_001))
     conn.execute(ROW_SQL, make_row(5_000, element_id="bad"))
     drain(worker)
     index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
@@ -82,7 +74,7 @@ def test_rebuild_turns_a_plain_collection_into_an_alias(
         json=collection_schema(collection),
         headers={"X-TYPESENSE-API-KEY": typesense_server.api_key},
     ).raise_for_status()
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 101)])
+    insert_rows(db_path, range(1, 101))
     index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
     assert index.target() == collection
     result = reindex.rebuild(db, index)
@@ -97,7 +89,7 @@ def test_reindex_through_the_daemon_with_writers_and_searchers_active(
     typesense_server: Server,
     collection: str,
 ) -> None:
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 20_001)])
+    insert_rows(db_path, range(1, 20_001))
     db = Database(db_path)
     daemon = start_daemon()
     wait_until(lambda: db.counts()["pending"] == 0, what="the initial drain")
@@ -122,13 +114,10 @@ def test_reindex_through_the_daemon_with_writers_and_searchers_active(
 
     searcher = threading.Thread(target=search_all_the_time)
     searcher.start()
-    root = Path(__file__).resolve().parent.parent
     stop_file = db_path.with_name("writers.stop")
+    writer = ["-m", "tests.support.writer", str(db_path)]
     writers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.writer", str(db_path), str(seed), "500", str(stop_file)],
-            cwd=root,
-        )
+        subprocess.Popen([sys.executable, *writer, str(seed), "500", str(stop_file)], cwd=ROOT)
         for seed in (1, 2)
     ]
     wait_until(
@@ -176,27 +165,25 @@ def test_reindex_command_applies_a_changed_schema(
         json={"name": collection, "fields": fields},
         headers={"X-TYPESENSE-API-KEY": typesense_server.api_key},
     ).raise_for_status()
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 51)])
-    env = {"TYPESENSE_URL": typesense_server.url, "TYPESENSE_API_KEY": typesense_server.api_key}
+    insert_rows(db_path, range(1, 51))
     args = ["--db", str(db_path), "--collection", collection]
-    runner = CliRunner()
-    refused = runner.invoke(main, ["run", "--once", *args], env=env)
+    refused = invoke(["run", "--once", *args], typesense_server)
     assert refused.exit_code == 1 and "Run `outbox-sync reindex`" in refused.output
     # ...and `reindex` (no daemon running: it does the work itself) rebuilds it
-    result = runner.invoke(main, ["reindex", *args], env=env)
+    result = invoke(["reindex", *args], typesense_server)
     assert result.exit_code == 0, result.output
     assert "reindexed 50 rows" in result.output and f"dropped {collection}" in result.output
     index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
     assert index.ensure_collection() is False  # the current schema now
     assert export(typesense_server, collection) == sqlite_documents(db_path)
-    assert runner.invoke(main, ["run", "--once", *args], env=env).exit_code == 0
+    assert invoke(["run", "--once", *args], typesense_server).exit_code == 0
 
 
 @pytest.mark.slow
 def test_reindex_command_asks_the_running_daemon(
     db_path: Path, start_daemon: Callable[..., Daemon], daemon_env: dict[str, str]
 ) -> None:
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 101)])
+    insert_rows(db_path, range(1, 101))
     daemon = start_daemon()
     db = Database(db_path)
     wait_until(lambda: db.counts()["pending"] == 0, what="the initial drain")
@@ -216,7 +203,7 @@ def test_reindex_command_asks_the_running_daemon(
 def test_a_served_request_reports_progress_and_keeps_the_heartbeat(
     db_path: Path, db: Database, typesense_server: Server, collection: str
 ) -> None:
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 201)])
+    insert_rows(db_path, range(1, 201))
     index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
     assert reindex.serve_request(db, index) is False  # nothing asked
     token = reindex.request(db)

@@ -22,9 +22,10 @@ from outbox_sync.stats import LATENCY_BUCKETS_S, STATS_BUCKET_S
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import STATS_SAVE_INTERVAL_S, daemon
-from tests.conftest import ROW_SQL, Daemon, Server, app_connection, make_row, wait_until
-from tests.oncall import invoke, one_line
-from tests.test_errors_cli import refusing_collection
+from tests.support.app import ROW_SQL, app_connection, make_row
+from tests.support.cli import invoke, one_line
+from tests.support.typesense import Server, refusing_collection
+from tests.support.wait import wait_until
 
 
 def report(server: Server, db_path: Path, *args: str, collection: str = "unused") -> Any:

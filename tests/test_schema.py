@@ -8,7 +8,7 @@ import pytest
 from outbox_sync import schema
 from outbox_sync.db import Database
 from outbox_sync.errors import DatabaseError
-from tests.conftest import ROW_SQL, app_connection, make_row
+from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row
 
 
 def outbox(path: Path) -> list[tuple[object, str]]:
@@ -62,8 +62,8 @@ def test_backfill_enqueues_existing_rows_once(tmp_path: Path) -> None:
         "CREATE TABLE sequences (id INTEGER PRIMARY KEY, element_type TEXT, element_id INTEGER,"
         " sequence_number INTEGER, comment TEXT, created_at TEXT)"
     )
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 4)])
-    assert schema.init(Database(path, create=True)).enqueued == 3
+    insert_rows(conn, range(1, 4))
+    assert schema.init(Database(path, create=True), [SEQUENCES]).enqueued == {"sequences": 3}
     assert outbox(path) == [(1, "upsert"), (2, "upsert"), (3, "upsert")]
     assert schema.init(Database(path)).enqueued == 0
     assert len(outbox(path)) == 3

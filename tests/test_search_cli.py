@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 
 from outbox_sync.worker import Worker
-from tests.conftest import ROW_SQL, Server, app_connection, drain
-from tests.oncall import invoke, one_line
+from tests.support.app import ROW_SQL, app_connection
+from tests.support.cli import invoke, one_line
+from tests.support.daemon import drain
+from tests.support.typesense import Server
 
 ROWS = [
     (123, "script", 456, 1, "Initial script creation", "2023-10-01T12:00:00Z"),

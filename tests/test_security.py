@@ -6,56 +6,27 @@ import ast
 import datetime
 import ipaddress
 import json
-import os
 import shutil
 import signal
 import ssl
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from click.testing import CliRunner
 
 from outbox_sync import sync_errors
-from outbox_sync.cli import main
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense, free_port
-from tests.conftest import (
-    API_KEY,
-    ROOT,
-    ROW_SQL,
-    Daemon,
-    Server,
-    app_connection,
-    make_row,
-    sqlite_documents,
-    wait_until,
-)
+from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
+from tests.support.cli import ROOT, invoke, run_module, without_settings
+from tests.support.daemon import Daemon
+from tests.support.typesense import API_KEY, Server, export
+from tests.support.wait import wait_until
 
 # A key no server knows: for runs that must fail (wrong key, unreachable server).
 WRONG_KEY = "wr0ng-k3y-5ecret-7d1e"
-
-
-def events(daemon: Daemon) -> list[dict[str, object]]:
-    return [json.loads(x) for x in daemon.output().splitlines() if x.startswith("{")]
-
-
-def logged(daemon: Daemon, event: str) -> bool:
-    return any(e.get("event") == event for e in events(daemon))
-
-
-def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "outbox_sync", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def proc_file(pid: int, name: str) -> bytes:
@@ -112,7 +83,7 @@ def test_the_api_key_never_appears_in_any_output(
     outputs = Outputs()
     key = typesense_server.api_key
     conn = app_connection(db_path)
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    insert_rows(conn, range(1, 6))
     conn.execute(ROW_SQL, make_row(6, sequence_number=2**31))  # a sync error
     conn.execute(ROW_SQL, make_row(7, comment="c" * 70_000))  # another
     debug = ["--log-level", "debug"]
@@ -126,7 +97,7 @@ def test_the_api_key_never_appears_in_any_output(
     assert key.encode() in proc_file(daemon.process.pid, "environ")  # given there: only
     outputs.add("daemon cmdline", proc_file(daemon.process.pid, "cmdline"))  # its user reads it
     for command in (["status"], ["status", "--json"], ["errors", "list", "--all", "--json"]):
-        result = cli([*debug, *command], daemon_env)
+        result = run_module([*debug, *command], daemon_env)
         assert result.returncode == 0, result.stderr
         outputs.add(" ".join(command), result.stdout + result.stderr)
     daemon.process.send_signal(signal.SIGTERM)
@@ -138,19 +109,19 @@ def test_the_api_key_never_appears_in_any_output(
     refused = start_daemon(env=wrong | verbose)
     assert refused.wait(30) == 1
     assert "refused the API key" in refused.output()
-    status = cli(["status", "--json"], wrong)
+    status = run_module(["status", "--json"], wrong)
     outputs.add("status, wrong key", status.stdout + status.stderr)
 
     # 3. an unreachable server: paused, metrics and health say so
     unreachable = wrong | {"TYPESENSE_URL": f"http://127.0.0.1:{free_port()}"}
     metrics = f"127.0.0.1:{free_port()}"
     paused = start_daemon("--metrics-address", metrics, env=unreachable | verbose)
-    wait_until(lambda: logged(paused, "sync_paused"), what="the outage")
+    wait_until(lambda: paused.logged("sync_paused"), what="the outage")
     outputs.add("metrics, unreachable", scrape(metrics))
     outputs.add("cmdline, unreachable", proc_file(paused.process.pid, "cmdline"))
     assert WRONG_KEY.encode() in proc_file(paused.process.pid, "environ")
     for command in (["status"], ["status", "--json"]):
-        result = cli([*debug, *command], unreachable)
+        result = run_module([*debug, *command], unreachable)
         outputs.add(f"{command}, unreachable", result.stdout + result.stderr)
     paused.process.send_signal(signal.SIGTERM)
     assert paused.wait() == 0
@@ -166,11 +137,10 @@ def test_the_embedded_servers_key_is_not_on_any_command_line(
     tmp_path: Path, start_daemon: Callable[..., Daemon]
 ) -> None:
     db_path = tmp_path / "sequences.db"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_SYNC_", "TYPESENSE_"))}
-    env |= {"OUTBOX_SYNC_DB": str(db_path), "OUTBOX_SYNC_EMBEDDED_PORT": str(free_port())}
-    assert cli(["init"], env).returncode == 0
+    env = without_settings(OUTBOX_SYNC_DB=str(db_path), OUTBOX_SYNC_EMBEDDED_PORT=str(free_port()))
+    assert run_module(["init"], env).returncode == 0
     daemon = start_daemon(env=env)
-    wait_until(lambda: logged(daemon, "started"), what="the embedded server")
+    wait_until(lambda: daemon.logged("started"), what="the embedded server")
     key = (tmp_path / "sequences.db.typesense" / "api-key").read_text().strip()
     [server] = children(daemon.process.pid)
     assert b"typesense-server" in proc_file(server, "cmdline")
@@ -193,7 +163,7 @@ def test_an_api_key_no_http_header_can_carry_is_refused_without_showing_it(
     # b's3cret\\n...'"), which log redaction cannot recognise: refuse it up front instead.
     env = {"TYPESENSE_URL": typesense_server.url, "TYPESENSE_API_KEY": key}
     for command in (["status", "--json"], ["run", "--once"]):
-        result = CliRunner().invoke(main, [*command, "--db", str(db_path)], env=env)
+        result = invoke([*command, "--db", str(db_path)], **env)
         assert result.exit_code == 1, result.output
         assert "API key" in result.output and "s3cr" not in result.output
         assert "Traceback" not in result.output
@@ -207,7 +177,7 @@ def test_a_key_file_readable_by_others_stops_run(
     key_file.chmod(0o604)
     env = {"TYPESENSE_URL": typesense_server.url}
     args = ["run", "--once", "--db", str(db_path), "--api-key-file", str(key_file)]
-    result = CliRunner().invoke(main, args, env=env)
+    result = invoke(args, **env)
     assert result.exit_code == 1
     assert f"API key file {key_file} is readable by other users" in result.output
     assert API_KEY not in result.output
@@ -334,17 +304,12 @@ def test_https_with_the_ca_file_syncs(
     collection: str,
     tmp_path: Path,
 ) -> None:
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 21)])
+    insert_rows(db_path, range(1, 21))
     env = https_env(daemon_env, tls_typesense) | {"OUTBOX_SYNC_CA_FILE": str(tls_typesense.cert)}
     daemon = start_daemon("--once", env=env)
     assert daemon.wait(60) == 0, daemon.output()
-    response = httpx.get(
-        f"{tls_typesense.url}/collections/{collection}/documents/export",
-        headers={"X-TYPESENSE-API-KEY": API_KEY},
-        verify=tls_typesense.context,
-    )
-    lines = [line for line in response.text.split("\n") if line.strip()]
-    documents = {d["id"]: d for d in map(json.loads, lines)}
+    server = Server(tls_typesense.url, API_KEY)
+    documents = export(server, collection, verify=tls_typesense.context)
     assert documents == sqlite_documents(db_path)
 
 
@@ -368,9 +333,9 @@ def test_an_unverifiable_certificate_stops_the_daemon_with_one_clear_line(
     assert daemon.wait(30) == 1
     [line] = [x for x in daemon.output().splitlines() if not x.startswith("{")]
     assert line.startswith("Error: ") and "certificate" in line and "--ca-file" in line
-    assert not logged(daemon, "sync_paused")
+    assert not daemon.logged("sync_paused")
     assert Database(db_path).counts()["pending"] == 1
-    status = cli(["status", "--json"], env)
+    status = run_module(["status", "--json"], env)
     assert status.returncode == 0
     assert "certificate" in json.loads(status.stdout)["typesense_error"]
 
@@ -419,7 +384,7 @@ def test_every_connection_option_is_validated(
     db_path: Path, option: str, value: str, message: str
 ) -> None:
     env = {"TYPESENSE_URL": "http://127.0.0.1:1", "TYPESENSE_API_KEY": "k"}
-    result = CliRunner().invoke(main, ["status", "--db", str(db_path), option, value], env=env)
+    result = invoke(["status", "--db", str(db_path), option, value], **env)
     assert result.exit_code != 0
     assert message in result.output and "Traceback" not in result.output
 
@@ -439,7 +404,7 @@ def test_every_run_option_is_validated(
     db_path: Path, typesense_server: Server, args: list[str], message: str
 ) -> None:
     env = {"TYPESENSE_URL": typesense_server.url, "TYPESENSE_API_KEY": "k"}
-    result = CliRunner().invoke(main, ["run", "--once", "--db", str(db_path), *args], env=env)
+    result = invoke(["run", "--once", "--db", str(db_path), *args], **env)
     assert result.exit_code != 0
     assert message in result.output and "Traceback" not in result.output
 

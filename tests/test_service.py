@@ -13,7 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense, free_port
-from tests.conftest import ROW_SQL, Daemon, app_connection, make_row, wait_until
+from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row
+from tests.support.daemon import Daemon
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +48,7 @@ def test_metrics_match_what_happened_and_healthz_follows_typesense(
         "OUTBOX_SYNC_TIMEOUT": "2",
     }
     conn = app_connection(db_path)
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 101)])
+    insert_rows(conn, range(1, 101))
     conn.execute("DELETE FROM sequences WHERE id <= 10")
     conn.execute(ROW_SQL, make_row(500, element_id="not a number"))
     started = time.time()

@@ -11,16 +11,10 @@ from outbox_sync.db import Database
 from outbox_sync.errors import SchemaMismatchError, TypesenseRejectedError
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
-from tests.conftest import (
-    ROW_SQL,
-    Server,
-    app_connection,
-    drain,
-    export,
-    make_row,
-    sqlite_documents,
-    wait_until,
-)
+from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
+from tests.support.daemon import drain, running
+from tests.support.typesense import Server, export
+from tests.support.wait import wait_until
 
 SOURCE_EXAMPLE = (123, "script", 456, 1, "Initial script creation", "2023-10-01T12:00:00Z")
 
@@ -69,7 +63,7 @@ def test_superseded_entries_converge_to_what_sqlite_holds(
     db_path: Path, worker: Worker, typesense_server: Server, collection: str
 ) -> None:
     conn = app_connection(db_path)
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 301)])
+    insert_rows(conn, range(1, 301))
     for i in range(1, 301, 3):
         conn.execute(
             "UPDATE sequences SET comment = 'changed', sequence_number = ? WHERE id = ?",
@@ -97,7 +91,7 @@ def test_bad_rows_of_a_legacy_table_land_in_sync_errors_while_neighbours_sync(
         "CREATE TABLE sequences"
         " (id, element_type, element_id, sequence_number, comment, created_at)"
     )
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    insert_rows(conn, range(1, 11))
     conn.execute("UPDATE sequences SET sequence_number = 'twelve' WHERE id = 3")
     conn.execute("UPDATE sequences SET element_id = NULL WHERE id = 5")
     conn.execute("UPDATE sequences SET sequence_number = 3000000000 WHERE id = 7")
@@ -194,14 +188,8 @@ def test_the_idle_loop_wakes_on_a_commit_not_on_a_timer(
         wait_for_change(version, stop)
 
     worker._wait_for_change = waiting  # type: ignore[method-assign]
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,))
-    thread.start()
-    try:
+    with running(worker, join_s=10) as thread:
         assert idle.wait(20), "the worker never went idle"
         app_connection(db_path).execute(ROW_SQL, make_row(42))
         wait_until(lambda: index.retrieve("42") is not None, timeout_s=20, what="the wake-up")
-    finally:
-        stop.set()
-        thread.join(10)
     assert not thread.is_alive()  # stop ends the idle wait promptly

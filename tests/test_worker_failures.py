@@ -1,82 +1,20 @@
 """Failure branches of the worker, driven by a fake index (the real server is tested in
 test_sync.py and test_daemon.py; here we need failures on demand)."""
 
-import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from outbox_sync import sync_errors
 from outbox_sync.db import Database
 from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.typesense_index import ImportResult
 from outbox_sync.worker import daemon
-from tests.conftest import ROW_SQL, app_connection, make_row
-
-
-class FakeIndex:
-    """Refuses the document with id `bad` `refusals` times; fails whole requests while
-    `down` > 0 (counting down)."""
-
-    def __init__(self, bad: str = "", refusals: int = 0, down: int = 0) -> None:
-        self.bad, self.refusals, self.down = bad, refusals, down
-        self.imports: list[list[str]] = []
-        self.documents: dict[str, bytes] = {}
-        self.observe = None
-
-    def ensure_collection(self) -> bool:
-        return False
-
-    def healthy(self) -> bool:
-        return self.down == 0
-
-    def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
-        self._answer(counts=True)
-        lines = body.split(b"\n")
-        ids = [line.split(b'"id":"')[1].split(b'"')[0].decode() for line in lines]
-        self.imports.append(ids)
-        results = []
-        for doc_id, line in zip(ids, lines, strict=True):
-            if doc_id == self.bad and self.refusals > 0:
-                self.refusals -= 1
-                results.append(ImportResult(False, 400, "Field `comment` must be a string."))
-            else:
-                self.documents[doc_id] = line
-                results.append(ImportResult(True))
-        return results
-
-    def delete_ids(self, ids: list[str]) -> int:
-        for doc_id in ids:
-            self.documents.pop(doc_id, None)
-        return len(ids)
-
-    # What the reconcile after an outage reads (an audit).
-    def count(self) -> int:
-        self._answer()
-        return len(self.documents)
-
-    def export_documents(self, filter_by: str | None = None) -> Iterator[dict[str, Any]]:
-        self._answer()
-        wanted = filter_by and filter_by.removeprefix("id:[").removesuffix("]").split(",")
-        for doc_id, line in list(self.documents.items()):
-            if not wanted or doc_id in wanted:
-                yield json.loads(line)
-
-    def _answer(self, *, counts: bool = False) -> None:
-        """Fail while down; only the loop's own requests count the outage down (the audit's
-        run on a thread of their own, at times of their own)."""
-        if self.down > 0:
-            self.down -= counts
-            raise TypesenseUnavailableError("Typesense answered 503: Not Ready or Lagging", 503)
-
-
-def write_rows(path: Path, count: int) -> None:
-    app_connection(path).executemany(ROW_SQL, [make_row(i) for i in range(1, count + 1)])
+from tests.support.app import app_connection, insert_rows
+from tests.support.fake_index import FakeIndex
 
 
 def test_a_refused_document_is_retried_once_immediately(db_path: Path, db: Database) -> None:
-    write_rows(db_path, 5)
+    insert_rows(db_path, range(1, 6))
     index = FakeIndex(bad="3", refusals=1)
     report = daemon(db, index).applier.apply_once()
     assert index.imports == [["1", "2", "3", "4", "5"], ["3"]]
@@ -87,7 +25,7 @@ def test_a_refused_document_is_retried_once_immediately(db_path: Path, db: Datab
 def test_a_document_refused_twice_goes_to_sync_errors_and_the_queue_moves_on(
     db_path: Path, db: Database
 ) -> None:
-    write_rows(db_path, 5)
+    insert_rows(db_path, range(1, 6))
     index = FakeIndex(bad="3", refusals=2)
     report = daemon(db, index).applier.apply_once()
     assert sorted(index.documents) == ["1", "2", "4", "5"]
@@ -107,7 +45,7 @@ def test_a_document_refused_twice_goes_to_sync_errors_and_the_queue_moves_on(
 def test_server_trouble_keeps_the_batch_queued_and_writes_no_sync_errors(
     db_path: Path, db: Database
 ) -> None:
-    write_rows(db_path, 3)
+    insert_rows(db_path, range(1, 4))
     index = FakeIndex(down=1)
     worker = daemon(db, index)
     try:
@@ -124,7 +62,7 @@ def test_server_trouble_keeps_the_batch_queued_and_writes_no_sync_errors(
 
 
 def test_the_loop_backs_off_through_an_outage_then_drains(db_path: Path, db: Database) -> None:
-    write_rows(db_path, 3)
+    insert_rows(db_path, range(1, 4))
     index = FakeIndex(down=3)
     worker = daemon(db, index, min_backoff_s=0.01, max_backoff_s=0.02)
     delays: list[float] = []
@@ -140,7 +78,7 @@ def test_the_loop_backs_off_through_an_outage_then_drains(db_path: Path, db: Dat
 def test_entries_written_during_a_batch_survive_its_acknowledgement(
     db_path: Path, db: Database
 ) -> None:
-    write_rows(db_path, 2)
+    insert_rows(db_path, range(1, 3))
     app = app_connection(db_path)
 
     class WritingIndex(FakeIndex):

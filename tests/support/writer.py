@@ -1,15 +1,15 @@
 """An application writing to the database from its own process: random inserts, updates,
 deletes and id changes, each in its own transaction.
 
-Usage: python -m tests.writer DB SEED N [STOP_FILE] -- N operations, then on until STOP_FILE
-exists (when given)."""
+Usage: python -m tests.support.writer DB SEED N [STOP_FILE] -- N operations, then on until
+STOP_FILE exists (when given)."""
 
 import os
 import random
 import sqlite3
 import sys
 
-from tests.conftest import ROW_SQL, make_row
+from tests.support.app import ROW_SQL, make_row
 
 
 def write(path: str, seed: int, operations: int, stop_file: str | None = None) -> None:

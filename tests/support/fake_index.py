@@ -1,0 +1,72 @@
+"""A Typesense index in memory that fails on demand: for the worker's failure branches, which
+the real server cannot be made to take at will."""
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from outbox_sync.errors import TypesenseUnavailableError
+from outbox_sync.mapping import SEQUENCES
+from outbox_sync.typesense_index import ImportResult
+
+
+class FakeIndex:
+    """Refuses the document with id `bad` `refusals` times; fails whole requests while
+    `down` > 0 (counting down)."""
+
+    collection = "fake"
+
+    def __init__(self, bad: str = "", refusals: int = 0, down: int = 0) -> None:
+        self.bad, self.refusals, self.down = bad, refusals, down
+        self.imports: list[list[str]] = []
+        self.documents: dict[str, bytes] = {}
+        self.observe = None
+        self.mapping = SEQUENCES
+
+    def ensure_collection(self) -> bool:
+        return False
+
+    def healthy(self) -> bool:
+        return self.down == 0
+
+    def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
+        self._answer(counts=True)
+        lines = body.split(b"\n")
+        ids = [line.split(b'"id":"')[1].split(b'"')[0].decode() for line in lines]
+        self.imports.append(ids)
+        results = []
+        for doc_id, line in zip(ids, lines, strict=True):
+            if doc_id == self.bad and self.refusals > 0:
+                self.refusals -= 1
+                results.append(ImportResult(False, 400, "Field `comment` must be a string."))
+            else:
+                self.documents[doc_id] = line
+                results.append(ImportResult(True))
+        return results
+
+    def delete_ids(self, ids: list[str]) -> int:
+        for doc_id in ids:
+            self.documents.pop(doc_id, None)
+        return len(ids)
+
+    # What the reconcile after an outage reads (an audit).
+    def count(self) -> int:
+        self._answer()
+        return len(self.documents)
+
+    def export_documents(self, filter_by: str | None = None) -> Iterator[dict[str, Any]]:
+        self._answer()
+        wanted = filter_by and filter_by.removeprefix("id:[").removesuffix("]").split(",")
+        for doc_id, line in list(self.documents.items()):
+            if not wanted or doc_id in wanted:
+                yield json.loads(line)
+
+    def export_ids(self, ids: list[str]) -> Iterator[dict[str, Any]]:
+        return self.export_documents(f"id:[{','.join(ids)}]")
+
+    def _answer(self, *, counts: bool = False) -> None:
+        """Fail while down; only the loop's own requests count the outage down (the audit's
+        run on a thread of their own, at times of their own)."""
+        if self.down > 0:
+            self.down -= counts
+            raise TypesenseUnavailableError("Typesense answered 503: Not Ready or Lagging", 503)

@@ -1,0 +1,274 @@
+"""The Typesense side on its own: the one place that tells server trouble (retry later) from a
+refused request (give up), what a 404 means, and the parsing of URLs and JSONL answers. The
+classification is checked on exceptions made here and, where the server decides, against the
+real 0.24.1 server (through the fault proxy for answers it will not give at will)."""
+
+import ssl
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from typesense import exceptions as ts
+
+from outbox_sync.errors import (
+    CollectionNotFoundError,
+    ConfigError,
+    NotFoundError,
+    TypesenseError,
+    TypesenseRejectedError,
+    TypesenseUnavailableError,
+)
+from outbox_sync.localserver import free_port
+from outbox_sync.typesense_index import (
+    TypesenseIndex,
+    _lines,
+    classify,
+    parse_line,
+    parse_node,
+    status_error,
+)
+from tests.support.faultproxy import Fault, FaultProxy
+from tests.support.typesense import Server, by_hand
+
+# -- classify and status_error -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "collection", "expected"),
+    [
+        (500, "Internal Server Error", None, TypesenseUnavailableError),
+        (502, "Bad Gateway", "c", TypesenseUnavailableError),
+        (503, "Not Ready or Lagging", "c", TypesenseUnavailableError),
+        (422, "Rejecting write: out of resource type: DISK", None, TypesenseUnavailableError),
+        (422, "Field `comment` must be a string.", None, TypesenseRejectedError),
+        (400, "Bad JSON.", "c", TypesenseRejectedError),
+        (409, "A collection with name `c` already exists.", None, TypesenseRejectedError),
+        (
+            401,
+            "Forbidden - a valid x-typesense-api-key header must be sent.",
+            "c",
+            TypesenseRejectedError,
+        ),
+        (403, "Forbidden", "c", TypesenseRejectedError),
+        (404, "Not Found", "c", CollectionNotFoundError),
+        (404, "Collection not found", "c", CollectionNotFoundError),
+        (404, "Not Found", None, NotFoundError),
+        (404, "Could not find a filter field named `x` in the schema.", None, NotFoundError),
+    ],
+)
+def test_status_error_decides_by_status_alone(
+    status: int, message: str, collection: str | None, expected: type[TypesenseError]
+) -> None:
+    error = status_error(status, message, collection)
+    assert type(error) is expected
+    assert (error.http_status, error.reason) == (status, message)
+
+
+def test_status_errors_say_what_to_do() -> None:
+    assert "refused the API key (401): check TYPESENSE_API_KEY" in str(
+        status_error(401, "Forbidden", None)
+    )
+    missing = status_error(404, "Not Found", "sequences")
+    assert isinstance(missing, CollectionNotFoundError) and missing.collection == "sequences"
+    assert str(missing) == "Typesense collection 'sequences' does not exist (404: Not Found)"
+    assert str(status_error(503, "Not Ready or Lagging", None)) == (
+        "Typesense answered 503: Not Ready or Lagging"
+    )
+
+
+def certificate_failure() -> httpx.ConnectError:
+    """A certificate that did not verify, as httpx reports it: its ConnectError, caused by the
+    ssl error."""
+    cause = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    cause.verify_message = "self-signed certificate"
+    try:
+        raise httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED]") from cause
+    except httpx.ConnectError as error:
+        return error
+
+
+@pytest.mark.parametrize(
+    ("error", "expected", "words"),
+    [
+        (httpx.ConnectError("refused"), TypesenseUnavailableError, "unreachable: ConnectError"),
+        (httpx.ReadTimeout("slow"), TypesenseUnavailableError, "unreachable: ReadTimeout"),
+        (httpx.RemoteProtocolError("cut"), TypesenseUnavailableError, "unreachable"),
+        (ts.Timeout("t"), TypesenseUnavailableError, "unreachable: Timeout"),
+        (ts.HTTPStatus0Error("0"), TypesenseUnavailableError, "unreachable"),
+        (ts.ServiceUnavailable(503, "Not Ready or Lagging"), TypesenseUnavailableError, "503"),
+        (ts.ServerError(500, "boom"), TypesenseUnavailableError, "answered 500: boom"),
+        (ts.RequestUnauthorized(401, "no"), TypesenseRejectedError, "refused the API key"),
+        (ts.RequestMalformed(400, "Bad JSON."), TypesenseRejectedError, "answered 400"),
+        (ts.ObjectNotFound(404, "Not Found"), NotFoundError, "answered 404: Not Found"),
+        (ts.TypesenseClientError("not JSON"), TypesenseUnavailableError, "broken response"),
+        (certificate_failure(), TypesenseRejectedError, "self-signed certificate"),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, Exception) else None,
+)
+def test_classify_maps_client_and_transport_errors(
+    error: Exception, expected: type[TypesenseError], words: str
+) -> None:
+    classified = classify(error, None)
+    assert type(classified) is expected
+    assert words in str(classified)
+
+
+def test_classify_a_404_about_the_collection_and_what_is_not_ours() -> None:
+    missing = classify(ts.ObjectNotFound(404, "Not Found"), "sequences")
+    assert type(missing) is CollectionNotFoundError
+    ours = TypesenseRejectedError("already ours")
+    assert classify(ours, "sequences") is ours
+    foreign = KeyError("x")
+    assert classify(foreign, None) is foreign  # not ours to decide: passes through
+    assert "--ca-file" in str(classify(certificate_failure(), None))
+
+
+# -- against the real server -------------------------------------------------------------------
+
+
+def test_a_404_of_a_search_is_a_missing_collection_only_when_it_is_missing(
+    index: TypesenseIndex, typesense_server: Server
+) -> None:
+    # 0.24.1 answers an unknown filter field with 404: a refused search, not a missing collection
+    with pytest.raises(NotFoundError) as caught:
+        index.search({"q": "*", "filter_by": "nofield:=3"})
+    assert type(caught.value) is NotFoundError
+    assert "Could not find a filter field named `nofield`" in caught.value.reason
+    by_hand(typesense_server, "DELETE", f"/collections/{index.target()}")
+    with pytest.raises(CollectionNotFoundError):
+        index.search({"q": "*", "filter_by": "nofield:=3"})
+
+
+def test_a_missing_document_is_none_or_false_a_missing_collection_is_an_error(
+    index: TypesenseIndex, typesense_server: Server
+) -> None:
+    document = {
+        "id": "a/b c",  # any id: retrieve and delete_document escape it
+        "element_type": "script",
+        "element_id": 1,
+        "sequence_number": 1,
+        "created_at": "x",
+    }
+    by_hand(typesense_server, "POST", f"/collections/{index.collection}/documents", json=document)
+    assert index.retrieve("a/b c") == document
+    assert index.retrieve("404") is None
+    assert index.delete_document("404") is False
+    assert index.delete_document("a/b c") is True
+    assert index.retrieve("a/b c") is None
+
+    missing = index.on_collection(f"{index.collection}_missing")
+    with pytest.raises(CollectionNotFoundError, match="_missing' does not exist"):
+        missing.retrieve("1")
+    with pytest.raises(CollectionNotFoundError):
+        missing.delete_document("1")
+    with pytest.raises(CollectionNotFoundError):
+        missing.info()
+    with pytest.raises(CollectionNotFoundError):
+        list(missing.export_documents())
+    assert missing.target() is None
+
+
+def test_a_wrong_key_is_refused_and_an_unreachable_server_is_server_trouble(
+    typesense_server: Server, collection: str
+) -> None:
+    wrong = TypesenseIndex([typesense_server.url], "wrong-key", collection)
+    with pytest.raises(TypesenseRejectedError, match=r"refused the API key \(401\)"):
+        wrong.retrieve("1")
+    with pytest.raises(TypesenseRejectedError, match=r"refused the API key \(401\)"):
+        list(wrong.export_documents())
+    nobody = TypesenseIndex([f"http://127.0.0.1:{free_port()}"], "k", collection, timeout_s=2)
+    with pytest.raises(TypesenseUnavailableError, match="unreachable"):
+        nobody.info()
+    with pytest.raises(TypesenseUnavailableError, match="unreachable"):
+        list(nobody.export_documents())
+    assert nobody.healthy() is False
+
+
+@pytest.fixture
+def proxied(
+    typesense_server: Server, index: TypesenseIndex
+) -> Iterator[tuple[FaultProxy, TypesenseIndex]]:
+    with FaultProxy(typesense_server.url) as proxy:
+        yield proxy, TypesenseIndex([proxy.url], typesense_server.api_key, index.collection)
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_a_5xx_answer_is_server_trouble_on_every_path(
+    proxied: tuple[FaultProxy, TypesenseIndex], status: int
+) -> None:
+    proxy, index = proxied
+    outcomes: list[tuple[str, str]] = []
+    index.observe = lambda operation, outcome, _: outcomes.append((operation, outcome))
+    proxy.add(Fault("status", status=status, times=None))
+    with pytest.raises(TypesenseUnavailableError, match=f"answered {status}") as caught:
+        index.search({"q": "*"})
+    assert caught.value.http_status == status
+    with pytest.raises(TypesenseUnavailableError, match=f"answered {status}"):
+        index.retrieve("1")
+    with pytest.raises(TypesenseUnavailableError, match=f"answered {status}"):
+        list(index.export_documents())
+    with pytest.raises(TypesenseUnavailableError):  # retried once at once, then given up
+        index.import_jsonl(b'{"id":"1"}', 1)
+    assert (
+        outcomes
+        == [("search", "unavailable"), ("retrieve", "unavailable")]
+        + [("import", "unavailable")] * 2
+    )
+    assert index.healthy() is False
+
+
+# -- parsing -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "node"),
+    [
+        ("http://127.0.0.1:8108", ("127.0.0.1", 8108, "http", "")),
+        ("https://search.example.org", ("search.example.org", 8108, "https", "")),
+        (" http://h:1/ ", ("h", 1, "http", "")),
+        ("http://h:1/typesense/", ("h", 1, "http", "/typesense")),
+        ("http://[::1]:8108", ("::1", 8108, "http", "")),
+    ],
+)
+def test_parse_node(url: str, node: tuple[str, int, str, str]) -> None:
+    host, port, protocol, path = node
+    assert parse_node(url) == {"host": host, "port": port, "protocol": protocol, "path": path}
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://127.0.0.1:8108", "must look like http://127.0.0.1:8108"),
+        ("127.0.0.1:8108", "must look like"),
+        ("http://", "must look like"),
+        ("http://user:pass@h:1", "must not carry credentials, a query or a #"),
+        ("http://h:1/?x=1", "must not carry"),
+        ("http://h:1/#x", "must not carry"),
+        ("http://h:99999", "has an invalid port"),
+    ],
+)
+def test_parse_node_refuses_what_is_not_a_node(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=r"^Typesense URL ") as caught:
+        parse_node(url)
+    assert message in str(caught.value) and repr(url) in str(caught.value)
+
+
+def test_parse_line() -> None:
+    assert parse_line('{"success":true}', "import response") == {"success": True}
+    for bad in ("[1]", "not json", '"text"', ""):
+        with pytest.raises(TypesenseUnavailableError, match="sent a broken export line"):
+            parse_line(bad, "export line")
+    with pytest.raises(TypesenseUnavailableError) as caught:
+        parse_line("x" * 1000, "export line")
+    assert len(str(caught.value)) < 300  # a long answer is cut
+
+
+def test_lines_split_on_newlines_only_across_chunks() -> None:
+    text = '{"c":"a\u2028b"}\n\n{"c":"p\u2029q\x85r"}\r\n  \n{"c":"é"}'.encode()
+    whole = list(_lines(iter([text])))
+    assert whole == ['{"c":"a\u2028b"}', '{"c":"p\u2029q\x85r"}\r', '{"c":"é"}']
+    # cut anywhere, even inside a character of several bytes: the same lines
+    for cut in range(1, len(text)):
+        assert list(_lines(iter([text[:cut], text[cut:]]))) == whole
+    assert list(_lines(iter([text[i : i + 1] for i in range(len(text))]))) == whole
+    assert list(_lines(iter([b"", b"\n", b" "]))) == []
