@@ -161,7 +161,7 @@ class Database:
             if "no such column" in str(error):
                 raise DatabaseError(
                     f"table {mapping.table} in {self.path} changed under the daemon ({error}): "
-                    f"the mapping of {mapping.origin} needs its columns"
+                    f"{mapping.origin} reads {mapping.columns()}"
                 ) from None
             raise
 
@@ -384,7 +384,7 @@ def page_key(conn: sqlite3.Connection, table: str) -> str:
             f"table {table} has no primary key and every name of its rowid is a column: "
             "outbox-sync cannot read it in pages"
         )
-    return ", ".join(f'"{row[1]}"' for row in sorted(key, key=lambda row: row[5]))
+    return ", ".join(quote_identifier(row[1]) for row in sorted(key, key=lambda row: row[5]))
 
 
 def is_busy(error: sqlite3.Error) -> bool:

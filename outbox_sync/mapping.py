@@ -45,7 +45,10 @@ class RawText(bytes):
 
 
 def quote_identifier(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+    """A table or column name in SQL. Backticks, not double quotes: SQLite takes a
+    double-quoted name that names no column for a string literal, so a column dropped under the
+    daemon would be indexed as its own name instead of failing."""
+    return "`" + name.replace("`", "``") + "`"
 
 
 def sql_text(text: str) -> str:

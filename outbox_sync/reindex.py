@@ -200,7 +200,7 @@ def serve_request(
             published = time.monotonic()
             publish("running", done=done, total=total)
 
-    chosen = [i for i in indexes if i.mapping.collection in asked["collections"]]
+    chosen = [i for i in indexes if i.collection in asked["collections"]]
     try:
         results = [asdict(rebuild(db, index, progress=report)) for index in chosen]
     except Exception as error:  # ends this request, never the daemon (nor each start after it)

@@ -153,14 +153,12 @@ def bind(conn: sqlite3.Connection, mapping: Mapping, path: object) -> Mapping:
         row[1]: str(row[2])
         for row in conn.execute(f"PRAGMA table_info({quote_identifier(mapping.table)})")
     }
-    wanted = [("key", mapping.key)] + [
-        (f"field {f.name}", f.column or f.name) for f in mapping.fields if not f.sql
-    ]
-    for what, column in wanted:
-        if column not in declared:
-            raise ConfigError(
-                f"{mapping.origin}: {what}: table {mapping.table} has no column {column!r}"
-            )
+    wanted = [mapping.key] + [f.column or f.name for f in mapping.fields if not f.sql]
+    if missing := [column for column in wanted if column not in declared]:
+        raise ConfigError(
+            f"{mapping.origin}: table {mapping.table} has no column {', '.join(missing)} (the "
+            f"mapping reads {', '.join(wanted)})"
+        )
     for dependency in mapping.depends_on:
         if not table_exists(conn, dependency.table):
             raise TableMissingError(dependency.table, path)
@@ -295,7 +293,7 @@ def check(db: Database, mappings: Sequence[Mapping]) -> list[Mapping]:
 def upgrade(db: Database) -> bool:
     """What `run` does first: upgrade a database an older version wrote (its triggers are put
     back by the daemon's own check). True if it did."""
-    if db.get_meta("schema_version") != "1":
+    if not table_exists(db.conn, "outbox_sync_meta") or db.get_meta("schema_version") != "1":
         return False
     with db.write() as conn:
         _upgrade(conn)

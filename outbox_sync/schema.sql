@@ -59,19 +59,19 @@ CREATE TABLE IF NOT EXISTS outbox_sync_meta (
     value TEXT NOT NULL
 );
 
-CREATE TRIGGER IF NOT EXISTS sequences_outbox_insert AFTER INSERT ON "sequences"
+CREATE TRIGGER IF NOT EXISTS sequences_outbox_insert AFTER INSERT ON `sequences`
 BEGIN
-    INSERT INTO outbox (mapping, record_key, op) SELECT 'sequences', NEW."id", 'upsert';
+    INSERT INTO outbox (mapping, record_key, op) SELECT 'sequences', NEW.`id`, 'upsert';
 END;
 
 -- A change of id is a delete of the old document and an upsert of the new one.
-CREATE TRIGGER IF NOT EXISTS sequences_outbox_update AFTER UPDATE ON "sequences"
+CREATE TRIGGER IF NOT EXISTS sequences_outbox_update AFTER UPDATE ON `sequences`
 BEGIN
-    INSERT INTO outbox (mapping, record_key, op) SELECT 'sequences', OLD."id", 'delete' WHERE OLD."id" IS NOT NEW."id";
-    INSERT INTO outbox (mapping, record_key, op) SELECT 'sequences', NEW."id", 'upsert';
+    INSERT INTO outbox (mapping, record_key, op) SELECT 'sequences', OLD.`id`, 'delete' WHERE OLD.`id` IS NOT NEW.`id`;
+    INSERT INTO outbox (mapping, record_key, op) SELECT 'sequences', NEW.`id`, 'upsert';
 END;
 
-CREATE TRIGGER IF NOT EXISTS sequences_outbox_delete AFTER DELETE ON "sequences"
+CREATE TRIGGER IF NOT EXISTS sequences_outbox_delete AFTER DELETE ON `sequences`
 BEGIN
-    INSERT INTO outbox (mapping, record_key, op) SELECT 'sequences', OLD."id", 'delete';
+    INSERT INTO outbox (mapping, record_key, op) SELECT 'sequences', OLD.`id`, 'delete';
 END;

@@ -19,6 +19,7 @@ import pytest
 from outbox_sync import schema
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense, free_port
+from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
 from tests.support.cli import ROOT, without_settings
@@ -77,7 +78,7 @@ def collection(typesense_server: Server) -> Iterator[str]:
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     path = tmp_path / "app.db"
-    schema.init(Database(path, create=True))
+    schema.init(Database(path, create=True), [SEQUENCES])
     return path
 
 
@@ -97,7 +98,7 @@ def index(typesense_server: Server, collection: str) -> TypesenseIndex:
 
 @pytest.fixture
 def worker(db: Database, index: TypesenseIndex) -> Worker:
-    return daemon(db, index, min_backoff_s=0.05, max_backoff_s=0.5)
+    return daemon(db, [index], min_backoff_s=0.05, max_backoff_s=0.5)
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from typing import Any
 from outbox_sync import schema
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense, free_port
+from outbox_sync.mapping import SEQUENCES
 from tests.support.app import sqlite_documents
 from tests.support.cli import without_settings
 from tests.support.typesense import Server, export
@@ -152,7 +153,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="outbox-soak-"))
     db_path = work / "soak.db"
-    schema.init(Database(db_path, create=True))
+    schema.init(Database(db_path, create=True), [SEQUENCES])
     # Frequent snapshots: a restart replays only the raft log written since the last one (with
     # the default hour, a restart under this load replays minutes of writes before it is ready).
     server = LocalTypesense(
@@ -260,7 +261,7 @@ def soak(
         time.sleep(0.5)
     drained_in = (empty_since or time.monotonic()) - drain_started
     differing, missing, extra = drift(db_path, server)
-    errors = Database(db_path).counts()["sync_errors_open"]
+    errors = Database(db_path).counts(SEQUENCES)["sync_errors_open"]
     daemon.send_signal(signal.SIGTERM)
     exit_code = daemon.wait(60)
     log.close()

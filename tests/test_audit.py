@@ -13,6 +13,7 @@ from outbox_sync import sync_errors
 from outbox_sync.audit import Audit, document_key
 from outbox_sync.db import Database
 from outbox_sync.localserver import free_port
+from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
@@ -62,12 +63,12 @@ def test_drift_behind_the_daemons_back_is_found_exactly_and_repaired(
     }
     assert report["invalid"]["count"] == 0 and report["with_open_error"]["count"] == 0
     assert report["repaired"] is None
-    assert db.counts()["pending"] == 0  # a plain audit changes nothing
+    assert db.counts(SEQUENCES)["pending"] == 0  # a plain audit changes nothing
 
     code, report = audit(typesense_server, db_path, collection, "--repair")
     assert code == 1  # drift was found (and enqueued)
     assert report["repaired"] == {"enqueued": 4, "deleted": ["abc"]}
-    queued = db.conn.execute("SELECT sequence_id, op FROM outbox ORDER BY sequence_id").fetchall()
+    queued = db.conn.execute("SELECT record_key, op FROM outbox ORDER BY record_key").fetchall()
     assert queued == [(3, "upsert"), (5, "upsert"), (6, "upsert"), (9999, "delete")]
 
     drain(worker)
@@ -109,7 +110,7 @@ def test_records_waiting_in_the_outbox_are_not_drift(
     code, report = audit(typesense_server, db_path, collection)
     assert code == 0, report
     assert report["waiting_in_outbox"] == 3
-    assert db.counts()["pending"] == 3  # and the audit left them queued
+    assert db.counts(SEQUENCES)["pending"] == 3  # and the audit left them queued
 
 
 def test_invalid_rows_with_an_open_error_are_known_without_one_they_are_drift(
@@ -122,7 +123,7 @@ def test_invalid_rows_with_an_open_error_are_known_without_one_they_are_drift(
     app.execute("UPDATE sequences SET sequence_number = 'twelve' WHERE id = 2")
     app.execute(ROW_SQL, make_row(6, element_id="six"))
     drain(worker)
-    assert {error["sequence_id"] for error in sync_errors.find(db)} == {2, 6}
+    assert {error["record_key"] for error in sync_errors.find(db)} == {2, 6}
 
     code, report = audit(typesense_server, db_path, collection)
     assert code == 0, report
@@ -133,7 +134,7 @@ def test_invalid_rows_with_an_open_error_are_known_without_one_they_are_drift(
     }
 
     # someone closes row 6's error without fixing the row: now nobody knows about it
-    error_id = next(e["id"] for e in sync_errors.find(db) if e["sequence_id"] == 6)
+    error_id = next(e["id"] for e in sync_errors.find(db) if e["record_key"] == 6)
     result = invoke(
         ["errors", "resolve", str(error_id), "--note", "ignored"],
         typesense_server,
@@ -152,7 +153,7 @@ def test_invalid_rows_with_an_open_error_are_known_without_one_they_are_drift(
     code, report = audit(typesense_server, db_path, collection, "--repair")
     assert report["repaired"] == {"enqueued": 1, "deleted": []}
     drain(worker)
-    assert {error["sequence_id"] for error in sync_errors.find(db)} == {2, 6}
+    assert {error["record_key"] for error in sync_errors.find(db)} == {2, 6}
     code, report = audit(typesense_server, db_path, collection)
     assert code == 0 and report["with_open_error"]["ids"] == [2, 6]
 
@@ -205,8 +206,9 @@ def test_memory_stays_flat_however_many_rows(
 
 
 def test_document_key_maps_only_the_ids_the_daemon_writes_to_integers() -> None:
-    assert [document_key(i) for i in ("12", "-3", "0")] == [12, -3, 0]
-    assert [document_key(i) for i in ("007", "abc", "1e3", "+4", "99999999999999999999")] == [
+    assert [document_key(SEQUENCES, i) for i in ("12", "-3", "0")] == [12, -3, 0]
+    odd = ("007", "abc", "1e3", "+4", "99999999999999999999")
+    assert [document_key(SEQUENCES, i) for i in odd] == [
         "007",
         "abc",
         "1e3",

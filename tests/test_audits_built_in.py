@@ -18,17 +18,11 @@ from outbox_sync.db import Database
 from outbox_sync.localserver import free_port
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import daemon
-from tests.conftest import (
-    ROW_SQL,
-    Daemon,
-    Server,
-    app_connection,
-    export,
-    make_row,
-    sqlite_documents,
-    wait_until,
-)
-from tests.oncall import by_hand, invoke
+from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
+from tests.support.cli import invoke
+from tests.support.daemon import Daemon
+from tests.support.typesense import Server, by_hand, export
+from tests.support.wait import wait_until
 
 
 def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
@@ -104,7 +98,7 @@ def test_changes_keep_flowing_while_an_audit_runs(
     monkeypatch.setattr(reconcile, "Audit", HeldAudit)
     app = app_connection(db_path)
     app.executemany(ROW_SQL, [make_row(i) for i in range(1, 101)])
-    worker = daemon(db, index, audit_every_s=3600)  # audits at start
+    worker = daemon(db, [index], audit_every_s=3600)  # audits at start
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,))
     thread.start()

@@ -14,8 +14,9 @@ from outbox_sync.localserver import free_port
 from outbox_sync.lock import DaemonLock
 from outbox_sync.reconcile import LAST_AUDIT_KEY, AuditRecord
 from outbox_sync.typesense_index import TypesenseIndex
-from tests.conftest import ROW_SQL, Server, app_connection, make_row
-from tests.oncall import invoke
+from tests.support.app import ROW_SQL, app_connection, make_row
+from tests.support.cli import invoke
+from tests.support.typesense import Server
 
 
 @pytest.fixture
@@ -88,7 +89,7 @@ def test_a_missing_table_is_critical(
 ) -> None:
     app_connection(db_path).execute("DROP TABLE sequences")
     code, line = check(typesense_server, db_path, collection)
-    assert code == 2 and "the synced table is gone" in line
+    assert code == 2 and "table sequences is gone" in line
 
 
 @pytest.mark.usefixtures("running")
@@ -111,7 +112,8 @@ def test_open_sync_errors_are_a_warning(
 ) -> None:
     failure = SyncFailure(
         outbox_id=1,
-        sequence_id=7,
+        mapping="sequences",
+        key=7,
         op="upsert",
         document=None,
         http_status=None,

@@ -100,12 +100,12 @@ def test_errors_list_json(db_path: Path) -> None:
     db = Database(db_path)
     record_failure(db, 1, 7, "bad field", document='{"id":"7"}', http_status=400, attempts=2)
     record_failure(db, 2, 8, "sequence_number: is NULL")
-    db.ack(0, [8], [])  # record 8 synced later: its error closes itself
+    db.ack(0, [("sequences", 8)], [])  # record 8 synced later: its error closes itself
     result = invoke(["errors", "list", "--json", "--db", str(db_path)])
     assert result.exit_code == 0, result.output
     [row] = json.loads(result.output)
-    assert {k: row[k] for k in ("sequence_id", "op", "http_status", "error", "attempts")} == {
-        "sequence_id": 7,
+    assert {k: row[k] for k in ("record_key", "op", "http_status", "error", "attempts")} == {
+        "record_key": 7,
         "op": "upsert",
         "http_status": 400,
         "error": "bad field",
@@ -113,7 +113,7 @@ def test_errors_list_json(db_path: Path) -> None:
     }
     assert row["failed_at"] and row["resolved_at"] is None and "id" in row
     everything = invoke(["errors", "list", "--all", "--json", "--db", str(db_path)])
-    assert [r["sequence_id"] for r in json.loads(everything.output)] == [7, 8]
+    assert [r["record_key"] for r in json.loads(everything.output)] == [7, 8]
     table = invoke(["errors", "list", "--db", str(db_path)])
     assert "bad field" in table.output and "sequence_number" not in table.output
 
@@ -169,4 +169,4 @@ def test_init_then_run_refuses_an_uninitialised_file(tmp_path: Path) -> None:
     result = invoke(["run", "--once", "--db", str(path)])
     assert result.exit_code == 1 and f"run `outbox-sync init --db {path}`" in result.output
     result = invoke(["init", "--db", str(path)])
-    assert result.exit_code == 0 and "0 existing rows enqueued" in result.output
+    assert result.exit_code == 0 and "rows enqueued for sync: 0 of sequences" in result.output

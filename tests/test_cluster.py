@@ -12,6 +12,7 @@ import pytest
 
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense, free_port
+from outbox_sync.mapping import SEQUENCES
 from tests.support.app import app_connection, insert_rows, sqlite_documents
 from tests.support.daemon import Daemon
 from tests.support.typesense import API_KEY, Server, export
@@ -90,7 +91,7 @@ def test_killing_the_leader_while_writes_flow_loses_nothing(
     writer.start()
     try:
         wait_until(
-            lambda: written >= 500 and db.counts()["pending"] < written,
+            lambda: written >= 500 and db.counts(SEQUENCES)["pending"] < written,
             timeout_s=60,
             what="syncing to start",
         )
@@ -106,14 +107,14 @@ def test_killing_the_leader_while_writes_flow_loses_nothing(
     finally:
         stop_writing.set()
         writer.join()
-    wait_until(lambda: db.counts()["pending"] == 0, timeout_s=120, what="the drain")
+    wait_until(lambda: db.counts(SEQUENCES)["pending"] == 0, timeout_s=120, what="the drain")
     reader = Server(survivors[0].url, API_KEY)
     wait_until(
         lambda: export(reader, collection) == sqlite_documents(db_path),
         timeout_s=30,
         what="the followers to catch up",
     )
-    assert db.counts()["sync_errors_open"] == 0
+    assert db.counts(SEQUENCES)["sync_errors_open"] == 0
     assert daemon.process.poll() is None
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0

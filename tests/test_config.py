@@ -24,6 +24,7 @@ from outbox_sync.config import (
 )
 from outbox_sync.errors import ConfigError
 from outbox_sync.localserver import DEFAULT_EMBEDDED_PORT
+from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import DEFAULT_TIMEOUT_S
 from tests.support.cli import SETTING_PREFIXES, invoke
 
@@ -51,13 +52,16 @@ def test_nothing_given_is_every_default_the_embedded_server() -> None:
         db_path=Path(DEFAULT_DB),
         typesense_urls=(),
         api_key=None,
-        collection=DEFAULT_COLLECTION,
+        mappings=(SEQUENCES,),
+        collection=None,
         timeout_s=DEFAULT_TIMEOUT_S,
         ca_file=None,
         embedded_port=DEFAULT_EMBEDDED_PORT,
         batch_size=DEFAULT_BATCH_SIZE,
+        audit_every_s=24 * 3600,
         metrics_address=None,
     )
+    assert settings.mappings[0].collection == DEFAULT_COLLECTION
     assert settings.embedded and settings.embedded_dir == Path("sequences.db.typesense")
     assert build_settings({option.name: None for option in OPTIONS}) == settings  # None: unset
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -85,12 +89,13 @@ def leaf_commands(group: click.Group) -> list[click.Command]:
 
 
 def test_every_command_takes_the_shared_options_and_run_the_daemons_too() -> None:
+    """(`config` shows the daemon's settings too, so it takes them.)"""
     commands = leaf_commands(main)
     assert len(commands) >= 10
     for command in commands:
         options = {p.name: p for p in command.params if isinstance(p, click.Option)}
         for option in OPTIONS:
-            if option.daemon_only and command.name != "run":
+            if option.daemon_only and command.name not in ("run", "config"):
                 assert option.name not in options, (command.name, option.name)
                 continue
             made = options[option.name]
@@ -114,13 +119,25 @@ def option_values(tmp_path: Path) -> dict[str, tuple[str, str]]:
             str(key_file(tmp_path, "env-key", name="k1")),
             str(key_file(tmp_path, "flag-key", name="k2")),
         ),
+        "config": (str(config_file(tmp_path, "from_env")), str(config_file(tmp_path, "from_flag"))),
         "collection": ("from_env", "from_flag"),
         "timeout": ("3", "4.5"),
         "embedded_port": ("1001", "1002"),
         "ca_file": (str(ca_env), str(ca_flag)),
         "batch_size": ("7", "8"),
+        "audit_every": ("1h", "90s"),
         "metrics_address": ("127.0.0.1:9001", "[::1]:9002"),
     }
+
+
+def config_file(tmp_path: Path, collection: str) -> Path:
+    """A configuration file of one mapping, onto `collection`."""
+    path = tmp_path / f"{collection}.toml"
+    path.write_text(
+        f'[[sync]]\ntable = "t"\nkey = "k"\ncollection = "{collection}"\n'
+        'fields = [{ name = "n", type = "string" }]\n'
+    )
+    return path
 
 
 def settings_of(
@@ -136,7 +153,9 @@ def settings_of(
     monkeypatch.setattr(cli_base, "build_settings", build)
     result = invoke(["run", *args], **env)
     assert result.exit_code == 1 and "built" in result.output, result.output
-    return dataclasses.asdict(built[0])
+    values = dataclasses.asdict(built[0])
+    values["mappings"] = [m["collection"] for m in values["mappings"]]  # whose file
+    return values
 
 
 def test_a_flag_wins_over_the_environment_which_wins_over_the_default(
@@ -150,28 +169,36 @@ def test_a_flag_wins_over_the_environment_which_wins_over_the_default(
         "db_path": Path("env.db"),
         "typesense_urls": ("http://env:1",),
         "api_key": "env-key",
+        "mappings": ["from_env"],
         "collection": "from_env",
+        "config_file": Path(values["config"][0]),
         "timeout_s": 3.0,
         "embedded_port": 1001,
         "ca_file": values["ca_file"][0],
         "batch_size": 7,
+        "audit_every_s": 3600.0,
         "metrics_address": ("127.0.0.1", 9001),
     }
     expected_flags = {
         "db_path": Path("flag.db"),
         "typesense_urls": ("http://flag:2",),
         "api_key": "flag-key",
+        "mappings": ["from_flag"],
         "collection": "from_flag",
+        "config_file": Path(values["config"][1]),
         "timeout_s": 4.5,
         "embedded_port": 1002,
         "ca_file": values["ca_file"][1],
         "batch_size": 8,
+        "audit_every_s": 90.0,
         "metrics_address": ("::1", 9002),
     }
     assert settings_of(monkeypatch, [], env) == expected_env
     assert settings_of(monkeypatch, flags, env) == expected_flags
     assert settings_of(monkeypatch, flags, {}) == expected_flags
-    assert settings_of(monkeypatch, [], {}) == dataclasses.asdict(build_settings({}))
+    expected_defaults = dataclasses.asdict(build_settings({}))
+    expected_defaults["mappings"] = [DEFAULT_COLLECTION]
+    assert settings_of(monkeypatch, [], {}) == expected_defaults
 
 
 # -- validation -------------------------------------------------------------------------------

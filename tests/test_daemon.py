@@ -12,6 +12,7 @@ import pytest
 
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense, free_port, port_in_use
+from outbox_sync.mapping import SEQUENCES
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
 from tests.support.cli import ROOT, without_settings
 from tests.support.daemon import Daemon
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def pending(path: Path) -> int:
-    return int(Database(path).counts()["pending"])
+    return int(Database(path).counts(SEQUENCES)["pending"])
 
 
 def test_sigterm_finishes_the_batch_and_exits_0(
@@ -69,7 +70,7 @@ def test_sigkill_mid_batch_then_restart_loses_nothing(
     assert pending(db_path) > 0  # killed mid-stream
     assert start_daemon("--once").wait(120) == 0
     assert export(typesense_server, collection) == sqlite_documents(db_path)
-    assert Database(db_path).counts()["sync_errors_open"] == 0
+    assert Database(db_path).counts(SEQUENCES)["sync_errors_open"] == 0
 
 
 def test_writers_in_other_processes_during_a_drain(
@@ -87,7 +88,7 @@ def test_writers_in_other_processes_during_a_drain(
     assert [writer.wait(120) for writer in writers] == [0, 0, 0]
     wait_until(lambda: pending(db_path) == 0, what="the outbox to drain")
     assert export(typesense_server, collection) == sqlite_documents(db_path)
-    assert Database(db_path).counts()["sync_errors_open"] == 0
+    assert Database(db_path).counts(SEQUENCES)["sync_errors_open"] == 0
     assert daemon.process.poll() is None
 
 
@@ -125,7 +126,7 @@ def test_typesense_restart_mid_stream_loses_nothing_and_records_no_errors(
     wait_until(lambda: pending(db_path) == 0, what="the outbox to drain after the restart")
     server = Server(private_typesense.url, API_KEY)
     assert export(server, collection) == sqlite_documents(db_path)
-    assert Database(db_path).counts()["sync_errors_open"] == 0
+    assert Database(db_path).counts(SEQUENCES)["sync_errors_open"] == 0
     assert daemon.logged("sync_resumed")
     assert API_KEY not in daemon.output()
     daemon.process.send_signal(signal.SIGTERM)

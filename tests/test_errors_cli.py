@@ -7,6 +7,7 @@ from typing import Any
 
 from outbox_sync import sync_errors
 from outbox_sync.db import Database
+from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import daemon
 from tests.support.app import ROW_SQL, app_connection, make_row
@@ -27,12 +28,12 @@ def test_list_filters_by_status_time_and_operation(
     record_failure(db, 1, 7, "bad field", document='{"id":"7"}', http_status=400, attempts=2)
     record_failure(db, 2, 8, "id: expected an integer", op="delete")
     record_failure(db, 3, 9, "comment: is 70000 bytes")
-    db.ack(0, [9], [])  # record 9 synced later: its error closes itself
+    db.ack(0, [("sequences", 9)], [])  # record 9 synced later: its error closes itself
     db.conn.execute("UPDATE sync_errors SET failed_at = '2020-01-01T00:00:00Z' WHERE id = 1")
 
     def ids(*args: str) -> list[int]:
         return [
-            row["sequence_id"] for row in errors(typesense_server, db_path, "list", "--json", *args)
+            row["record_key"] for row in errors(typesense_server, db_path, "list", "--json", *args)
         ]
 
     assert ids() == [7, 8]
@@ -60,7 +61,7 @@ def test_show_prints_everything_about_one_error(
     drain(worker)
     [error] = sync_errors.find(db)
     shown = errors(typesense_server, db_path, "show", str(error["id"]), "--json")
-    assert shown["sequence_id"] == 4 and shown["http_status"] is None
+    assert shown["record_key"] == 4 and shown["http_status"] is None
     assert shown["error"] == "sequence_number: expected an integer, got text 'four'"
     assert json.loads(shown["document"])["sequence_number"] == "four"
     assert shown["attempts"] == 1 and shown["failed_at"] and shown["resolved_at"] is None
@@ -79,7 +80,7 @@ def test_an_error_closes_itself_when_the_application_fixes_the_row(
     app = app_connection(db_path)
     app.execute(ROW_SQL, make_row(4, sequence_number="four"))
     drain(worker)
-    assert [e["sequence_id"] for e in errors(typesense_server, db_path, "list", "--json")] == [4]
+    assert [e["record_key"] for e in errors(typesense_server, db_path, "list", "--json")] == [4]
     app.execute("UPDATE sequences SET sequence_number = 4 WHERE id = 4")
     drain(worker)
     assert errors(typesense_server, db_path, "list", "--json") == []
@@ -93,22 +94,22 @@ def test_retry_resends_a_refused_record_once_the_collection_is_fixed(
 ) -> None:
     refusing_collection(typesense_server, collection)
     index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
-    worker = daemon(db, index)
+    worker = daemon(db, [index])
     app = app_connection(db_path)
     app.execute(ROW_SQL, make_row(1, comment=None))
     app.execute(ROW_SQL, make_row(2, comment="refused"))
     worker.applier.apply_once()
     [error] = sync_errors.find(db)
-    assert (error["sequence_id"], error["http_status"], error["attempts"]) == (2, 400, 2)
+    assert (error["record_key"], error["http_status"], error["attempts"]) == (2, 400, 2)
 
     # retried before the cause is fixed: it fails again, and a new error row says so
     result = invoke(["errors", "retry", str(error["id"])], typesense_server, db_path, collection)
     assert result.exit_code == 0, result.output
-    assert "record 2: upsert enqueued as outbox entry" in result.output
+    assert "record 2 of sequences: upsert enqueued as outbox entry" in result.output
     worker.applier.apply_once()
     [again] = sync_errors.find(db)
-    assert again["id"] != error["id"] and again["sequence_id"] == 2
-    first = sync_errors.get(db, error["id"])
+    assert again["id"] != error["id"] and again["record_key"] == 2
+    first = sync_errors.get(db, error["id"], {"sequences": SEQUENCES})
     assert first["resolution"] == "retried" and "re-enqueued as outbox entry" in first["note"]
 
     # on-call rebuilds the collection with the right schema, then retries every open error
@@ -139,10 +140,10 @@ def test_retry_of_a_deleted_record_enqueues_a_delete(
         " error, attempts, failed_at FROM sync_errors WHERE id = 2"
     )
     db.conn.execute("DELETE FROM outbox")
-    [five, six] = sync_errors.retry(db, [1, 2])
-    assert (five.sequence_id, five.op, five.closed_error_ids) == (5, "delete", (1,))
-    assert (six.sequence_id, six.op, six.closed_error_ids) == (6, "upsert", (2, 3))
-    outbox = db.conn.execute("SELECT id, sequence_id, op FROM outbox ORDER BY id").fetchall()
+    [five, six] = sync_errors.retry(db, {"sequences": SEQUENCES}, [1, 2])
+    assert (five.key, five.op, five.closed_error_ids) == (5, "delete", (1,))
+    assert (six.key, six.op, six.closed_error_ids) == (6, "upsert", (2, 3))
+    outbox = db.conn.execute("SELECT id, record_key, op FROM outbox ORDER BY id").fetchall()
     assert outbox == [(five.outbox_id, 5, "delete"), (six.outbox_id, 6, "upsert")]
     closed = invoke(["errors", "retry", "2"], typesense_server, db_path, "x")
     assert "sync error 2 is already closed (retried)" in one_line(closed)

@@ -15,6 +15,7 @@ import pytest
 from outbox_sync import sync_errors
 from outbox_sync.db import Database
 from outbox_sync.errors import TypesenseUnavailableError
+from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
 from tests.support.app import app_connection, insert_rows, sqlite_documents
@@ -38,7 +39,7 @@ def proxied(db: Database, typesense_server: Server, collection: str, proxy: Faul
     """A worker whose every request goes through the proxy."""
     index = TypesenseIndex([proxy.url], typesense_server.api_key, collection, timeout_s=TIMEOUT_S)
     index.ensure_collection()
-    return daemon(db, index, min_backoff_s=0.01, max_backoff_s=0.05)
+    return daemon(db, [index], min_backoff_s=0.01, max_backoff_s=0.05)
 
 
 def in_sync(db_path: Path, server: Server, collection: str) -> bool:
@@ -66,7 +67,7 @@ def test_a_503_is_retried_once_immediately(
     imports = [r for r in proxy.requests if "/documents/import" in r.path]
     assert [(r.fault, r.status) for r in imports] == [("status", 503), (None, 200)]
     assert in_sync(db_path, typesense_server, collection)
-    assert Database(db_path).counts()["pending"] == 0
+    assert Database(db_path).counts(SEQUENCES)["pending"] == 0
 
 
 @pytest.mark.parametrize(
@@ -88,7 +89,7 @@ def test_an_answer_lost_after_typesense_applied_the_batch_is_applied_again(
     fault: Fault,
 ) -> None:
     prepare_mixed_batch(db_path, proxied)
-    queued = db.counts()["pending"]
+    queued = db.counts(SEQUENCES)["pending"]
     proxy.add(replace(fault, path="/documents/import"))
     with pytest.raises(TypesenseUnavailableError):
         proxied.applier.apply_once()
@@ -96,19 +97,19 @@ def test_an_answer_lost_after_typesense_applied_the_batch_is_applied_again(
     # nothing is acknowledged and nothing is given up.
     applied = export(typesense_server, collection)
     assert applied["1"]["comment"] == "edited" and "21" in applied
-    assert db.counts()["pending"] == queued
+    assert db.counts(SEQUENCES)["pending"] == queued
     assert sync_errors.find(db) == []
     # Now the deletes lose their answers too, after Typesense deleted.
     proxy.add(replace(fault, method="DELETE"))
     with pytest.raises(TypesenseUnavailableError):
         proxied.applier.apply_once()
     assert "6" not in export(typesense_server, collection)
-    assert db.counts()["pending"] == queued
+    assert db.counts(SEQUENCES)["pending"] == queued
     # The network heals: the same batch is applied again and converges.
     report = proxied.applier.apply_once()
     assert report.entries == queued and report.failures == []
     assert in_sync(db_path, typesense_server, collection)
-    assert db.counts()["pending"] == 0 and sync_errors.find(db) == []
+    assert db.counts(SEQUENCES)["pending"] == 0 and sync_errors.find(db) == []
 
 
 @pytest.mark.parametrize(
@@ -132,15 +133,15 @@ def test_a_request_typesense_never_saw_changes_nothing_and_stays_queued(
 ) -> None:
     prepare_mixed_batch(db_path, proxied)
     before = export(typesense_server, collection)
-    queued = db.counts()["pending"]
+    queued = db.counts(SEQUENCES)["pending"]
     proxy.add(replace(fault))
     with pytest.raises(TypesenseUnavailableError):
         proxied.applier.apply_once()
     assert export(typesense_server, collection) == before
-    assert db.counts()["pending"] == queued and sync_errors.find(db) == []
+    assert db.counts(SEQUENCES)["pending"] == queued and sync_errors.find(db) == []
     proxied.applier.apply_once()
     assert in_sync(db_path, typesense_server, collection)
-    assert db.counts()["pending"] == 0 and sync_errors.find(db) == []
+    assert db.counts(SEQUENCES)["pending"] == 0 and sync_errors.find(db) == []
 
 
 def test_a_line_refused_once_is_retried_and_synced(
@@ -176,10 +177,10 @@ def test_a_line_refused_twice_goes_to_sync_errors_and_the_rest_syncs(
         str(i) for i in range(1, 11) if i != 4
     ]
     [error] = sync_errors.find(db)
-    assert (error["sequence_id"], error["http_status"], error["attempts"]) == (4, 400, 2)
+    assert (error["record_key"], error["http_status"], error["attempts"]) == (4, 400, 2)
     assert error["error"] == "Field `x` is wrong."
     assert json.loads(error["document"])["id"] == "4"  # the document actually sent
-    assert db.counts()["pending"] == 0
+    assert db.counts(SEQUENCES)["pending"] == 0
     # the next change of the record syncs, and closes its error
     conn.execute("UPDATE sequences SET comment = 'fixed' WHERE id = 4")
     proxied.applier.apply_once()
@@ -206,7 +207,7 @@ def test_a_refused_document_holding_a_unicode_line_separator_is_still_matched_to
     proxy.add(Fault("fail_lines", ids={"2"}, status=400, times=2))
     report = proxied.applier.apply_once()
     assert (report.upserted, len(report.failures)) == (2, 1)
-    assert [e["sequence_id"] for e in sync_errors.find(db)] == [2]
+    assert [e["record_key"] for e in sync_errors.find(db)] == [2]
     assert sorted(export(typesense_server, collection)) == ["1", "3"]
 
 
@@ -223,7 +224,7 @@ def test_a_5xx_line_is_server_trouble_nothing_is_given_up(
     for _ in range(3):
         with pytest.raises(TypesenseUnavailableError, match="500"):
             proxied.applier.apply_once()
-        assert db.counts()["pending"] == 10 and sync_errors.find(db) == []
+        assert db.counts(SEQUENCES)["pending"] == 10 and sync_errors.find(db) == []
     report = proxied.applier.apply_once()
     assert report.upserted == 10 and report.failures == []
     assert in_sync(db_path, typesense_server, collection)
@@ -236,7 +237,7 @@ def test_an_import_answer_with_too_few_lines_is_server_trouble(
     proxy.add(Fault("garble_lines"))  # not retried at once: the answer came
     with pytest.raises(TypesenseUnavailableError, match="answered 4 results for 5 documents"):
         proxied.applier.apply_once()
-    assert db.counts()["pending"] == 5 and sync_errors.find(db) == []
+    assert db.counts(SEQUENCES)["pending"] == 5 and sync_errors.find(db) == []
     assert proxied.applier.apply_once().upserted == 5
 
 
@@ -257,7 +258,7 @@ def test_the_daemon_rides_out_faults_and_converges(
     proxy.add(Fault("status", status=503, path="/documents/import", times=4))
     env = daemon_env | {"TYPESENSE_URL": proxy.url, "OUTBOX_SYNC_TIMEOUT": str(TIMEOUT_S)}
     daemon = start_daemon("--batch-size", "50", env=env)
-    wait_until(lambda: db.counts()["pending"] == 0, what="the first drain")
+    wait_until(lambda: db.counts(SEQUENCES)["pending"] == 0, what="the first drain")
     # then every kind of lost answer, each after Typesense applied the change
     proxy.add(
         Fault("drop_response", path="/documents/import"),
@@ -270,7 +271,7 @@ def test_the_daemon_rides_out_faults_and_converges(
     conn.execute("DELETE FROM sequences WHERE id % 7 = 0")
     conn.execute("UPDATE sequences SET id = id + 1000 WHERE id % 11 = 0")
     wait_until(lambda: not proxy.pending_faults(), what="the faults to be used up")
-    wait_until(lambda: db.counts()["pending"] == 0, what="the second drain")
+    wait_until(lambda: db.counts(SEQUENCES)["pending"] == 0, what="the second drain")
     assert in_sync(db_path, typesense_server, collection)
     assert sync_errors.find(db) == []
     names = [e["event"] for e in daemon.events()]

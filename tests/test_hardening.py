@@ -26,22 +26,16 @@ from outbox_sync.errors import (
 )
 from outbox_sync.localserver import LocalTypesense, free_port
 from outbox_sync.lock import DaemonLock
+from outbox_sync.mapping import SEQUENCES
 from outbox_sync.report import build_report
 from outbox_sync.telemetry import Telemetry, serve_metrics
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
-from tests.conftest import (
-    API_KEY,
-    ROW_SQL,
-    Server,
-    app_connection,
-    drain,
-    export,
-    make_row,
-    sqlite_documents,
-    wait_until,
-)
-from tests.oncall import invoke, one_line
+from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
+from tests.support.cli import invoke, one_line
+from tests.support.daemon import drain
+from tests.support.typesense import API_KEY, Server, export
+from tests.support.wait import wait_until
 
 COLUMNS = (
     "element_type TEXT NOT NULL, element_id INTEGER NOT NULL, sequence_number INTEGER NOT NULL,"
@@ -55,7 +49,7 @@ def legacy(tmp_path: Path, table_sql: str) -> Path:
     app_connection(path).execute(table_sql)
     from outbox_sync import schema
 
-    schema.init(Database(path, create=True))
+    schema.init(Database(path, create=True), [SEQUENCES])
     return path
 
 
@@ -101,7 +95,7 @@ def test_without_rowid_tables_sync_audit_and_reindex(
     path = legacy(tmp_path, WITHOUT_ROWID)
     app_connection(path).executemany(ROW_SQL, [make_row(i) for i in range(1, 7_001)])
     index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
-    worker = daemon(Database(path), index, audit_every_s=3600)  # with the audit at start
+    worker = daemon(Database(path), [index], audit_every_s=3600)  # with the audit at start
     drain(worker)
     assert export(typesense_server, collection) == sqlite_documents(path)
     audited = invoke(["audit"], typesense_server, path, collection)
@@ -122,7 +116,7 @@ def test_a_reindex_request_that_fails_is_answered_and_never_crashes_the_daemon(
     monkeypatch.setattr(reindex, "rebuild", broken)
     token = reindex.request(db)
     app_connection(db_path).execute(ROW_SQL, make_row(1))
-    worker = daemon(db, index)
+    worker = daemon(db, [index])
     with running(worker):
         wait_until(lambda: reindex.status(db, token), what="the daemon's answer")
         wait_until(lambda: index.retrieve("1"), what="the sync to go on")
@@ -160,17 +154,17 @@ def test_reindex_keeps_the_last_good_document_and_closes_the_errors_it_fixed(
     conn.execute("UPDATE sequences SET element_id = 'broken' WHERE id = 2")  # last good stays
     drain(worker)
     [error] = sync_errors.find(db)
-    assert error["sequence_id"] == 2
+    assert error["record_key"] == 2
     # an open 400 of record 3 (refused once by a collection that has since been fixed)
     db.conn.execute(
-        "INSERT INTO sync_errors (outbox_id, sequence_id, op, http_status, error, attempts,"
+        "INSERT INTO sync_errors (outbox_id, record_key, op, http_status, error, attempts,"
         " failed_at) VALUES (9, 3, 'upsert', 400, 'refused', 2, '2026-01-01T00:00:00Z')"
     )
     before = index.retrieve("2")
     result = reindex.rebuild(db, index)
     assert result.invalid == 1 and result.indexed == 2
     assert index.retrieve("2") == before  # still searchable, as docs/guarantees.md promises
-    assert [e["sequence_id"] for e in sync_errors.find(db)] == [2]  # record 3's closed
+    assert [e["record_key"] for e in sync_errors.find(db)] == [2]  # record 3's closed
 
 
 def test_a_failure_before_the_switch_leaves_the_old_collection_in_use(
@@ -210,11 +204,11 @@ def test_a_lost_alias_after_the_plain_collection_went_is_adopted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     plain = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
-    from outbox_sync.documents import collection_schema
+    from outbox_sync.mapping import SEQUENCES
 
-    plain.client.collections.create(collection_schema(collection))  # an older setup's
+    plain.client.collections.create(SEQUENCES.collection_schema(collection))  # an older setup's
     app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
-    drain(daemon(db, plain))
+    drain(daemon(db, [plain]))
 
     def down(self: TypesenseIndex, target: str) -> None:
         raise TypesenseUnavailableError("Typesense unreachable: ConnectError")
@@ -242,9 +236,9 @@ def test_sync_errors_of_null_keys_close_and_a_no_op_update_adds_none(
     conn.execute(ROW_SQL, make_row(7, element_id=None))
     conn.execute(ROW_SQL, make_row(8, comment=b"\x00binary"))
     db = Database(path)
-    worker = daemon(db, index)
+    worker = daemon(db, [index])
     drain(worker)
-    errors = {e["sequence_id"]: e["error"] for e in sync_errors.find(db)}
+    errors = {e["record_key"]: e["error"] for e in sync_errors.find(db)}
     assert errors == {
         None: "id: expected an integer, got NULL",
         7: "element_id: is NULL but the field is required",
@@ -255,8 +249,8 @@ def test_sync_errors_of_null_keys_close_and_a_no_op_update_adds_none(
     assert len(sync_errors.find(db)) == 3  # still one open error per record
     conn.execute("DELETE FROM sequences WHERE id IS NULL")
     drain(worker)
-    assert None not in {e["sequence_id"] for e in sync_errors.find(db)}
-    [closed] = [e for e in sync_errors.find(db, status="resolved") if e["sequence_id"] is None]
+    assert None not in {e["record_key"] for e in sync_errors.find(db)}
+    [closed] = [e for e in sync_errors.find(db, status="resolved") if e["record_key"] is None]
     assert closed["resolution"] == "superseded"
 
 
@@ -271,7 +265,7 @@ def test_an_outage_with_an_empty_outbox_is_one_line_each_way_and_one_outage(
     try:
         index = TypesenseIndex([server.url], API_KEY, collection, timeout_s=2)
         telemetry = Telemetry()
-        worker = daemon(db, index, telemetry=telemetry, min_backoff_s=0.05, max_backoff_s=0.2)
+        worker = daemon(db, [index], telemetry=telemetry, min_backoff_s=0.05, max_backoff_s=0.2)
         with structlog.testing.capture_logs() as logs, running(worker):
             wait_until(lambda: telemetry.up, what="the first health probe")
             server.stop()
@@ -313,7 +307,7 @@ def test_a_file_switched_to_rollback_journal_and_locked_pauses_the_daemon(
 ) -> None:
     app = app_connection(db_path)
     app.execute("PRAGMA journal_mode=DELETE")
-    worker = daemon(Database(db_path, busy_timeout_s=0.3), index, min_backoff_s=0.05)
+    worker = daemon(Database(db_path, busy_timeout_s=0.3), [index], min_backoff_s=0.05)
     with structlog.testing.capture_logs() as logs, running(worker) as thread:
         app.execute(ROW_SQL, make_row(1))
         wait_until(lambda: index.retrieve("1"), what="the first sync")

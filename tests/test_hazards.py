@@ -19,6 +19,7 @@ import structlog
 
 from outbox_sync import schema, sync_errors
 from outbox_sync.db import Database
+from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
@@ -81,11 +82,11 @@ def test_a_long_drain_under_a_busy_writer_keeps_the_wal_bounded(
     db_path: Path, db: Database, index: TypesenseIndex, typesense_server: Server, collection: str
 ) -> None:
     insert_rows(db_path, range(1, 5_001))
-    worker = daemon(db, index, batch_size=250)  # the daemon's loop, in many short batches
+    worker = daemon(db, [index], batch_size=250)  # the daemon's loop, in many short batches
     with running(worker):
         with BusyWriter(db_path, 5_000) as writer:
             wait_until(lambda: writer.commits >= 4_000, 60, "4,000 commits of the writer")
-        wait_until(lambda: Database(db_path).counts()["pending"] == 0, 60, "the drain")
+        wait_until(lambda: Database(db_path).counts(SEQUENCES)["pending"] == 0, 60, "the drain")
     # Each commit appends at least 3 pages to the WAL (the row, the outbox, its sequence): far
     # past the bound, had the daemon kept a checkpoint from resetting the log.
     assert writer.commits * 3 * 4096 > 4 * WAL_BOUND_BYTES, writer.commits
@@ -114,15 +115,15 @@ def test_a_writer_holding_the_write_lock_is_waited_out_and_nothing_is_lost(
     conn = app_connection(db_path)
     insert_rows(conn, range(1, 2_001))
     db = Database(db_path, busy_timeout_s=busy_timeout_s)
-    worker = daemon(db, index, batch_size=100, min_backoff_s=0.05, max_backoff_s=0.2)
+    worker = daemon(db, [index], batch_size=100, min_backoff_s=0.05, max_backoff_s=0.2)
     with structlog.testing.capture_logs() as logs, running(worker) as thread:
-        wait_until(lambda: Database(db_path).counts()["pending"] < 2_000, 30, "a drain")
+        wait_until(lambda: Database(db_path).counts(SEQUENCES)["pending"] < 2_000, 30, "a drain")
         conn.execute("BEGIN IMMEDIATE")  # the application holds the write lock for 1.5 s
         conn.execute("UPDATE sequences SET comment = 'under lock' WHERE id % 2 = 0")
         conn.execute("DELETE FROM sequences WHERE id % 5 = 0")
         time.sleep(1.5)
         conn.execute("COMMIT")
-        wait_until(lambda: Database(db_path).counts()["pending"] == 0, 60, "the drain")
+        wait_until(lambda: Database(db_path).counts(SEQUENCES)["pending"] == 0, 60, "the drain")
     assert not thread.is_alive()
     assert export(typesense_server, collection) == sqlite_documents(db_path)
     assert sync_errors.find(Database(db_path)) == []
@@ -149,7 +150,7 @@ def test_the_application_adding_a_column_changes_nothing(
     conn.execute("UPDATE sequences SET reviewed_by = 'bo', comment = 'seen' WHERE id < 4")
     assert worker.applier.apply_once().entries == 4
     assert export(typesense_server, collection) == sqlite_documents(db_path)
-    schema.check(db)  # and a restarted daemon accepts the table
+    schema.check(db, [SEQUENCES])  # and a restarted daemon accepts the table
     assert sync_errors.find(db) == []
 
 
@@ -168,8 +169,8 @@ def test_a_row_replaced_through_another_unique_constraint_needs_recursive_trigge
         " created_at TEXT NOT NULL, UNIQUE (element_type, element_id))"
     )
     db = Database(path, create=True)
-    schema.init(db)
-    worker = daemon(db, index)
+    schema.init(db, [SEQUENCES])
+    worker = daemon(db, [index])
     replace = ROW_SQL.replace("INSERT", "INSERT OR REPLACE")
     same = {"element_type": "script", "element_id": 7}
     conn.execute(ROW_SQL, make_row(1, **same))
@@ -206,7 +207,7 @@ def test_renaming_or_dropping_a_synced_column_stops_the_daemon_with_one_clear_li
     conn = app_connection(db_path)
     insert_rows(conn, range(1, 6))
     daemon = start_daemon()
-    wait_until(lambda: Database(db_path).counts()["pending"] == 0, what="the first sync")
+    wait_until(lambda: Database(db_path).counts(SEQUENCES)["pending"] == 0, what="the first sync")
     synced = export(typesense_server, collection)
     conn.execute(change)
     conn.execute("UPDATE sequences SET sequence_number = 99 WHERE id = 1")
@@ -215,12 +216,12 @@ def test_renaming_or_dropping_a_synced_column_stops_the_daemon_with_one_clear_li
     assert line.startswith(f"Error: table sequences in {db_path} changed under the daemon")
     assert "no such column: comment" in line and "Traceback" not in daemon.output()
     assert export(typesense_server, collection) == synced  # nothing half-read was indexed
-    assert Database(db_path).counts()["pending"] == 1  # the change waits for a fixed table
+    assert Database(db_path).counts(SEQUENCES)["pending"] == 1  # the change waits for a fixed table
     # a restart refuses the table at once, with what it needs
     again = start_daemon()
     assert again.wait(30) == 1
     [line] = error_lines(again.output())
-    assert f"table sequences in {db_path} has no column comment" in line
+    assert "table sequences has no column comment" in line
 
 
 # -- the database file itself ---------------------------------------------------------------------
@@ -318,7 +319,7 @@ def test_a_read_only_database_stops_run_and_init_with_one_clear_line(
     assert f"cannot write to database {read_only_db}: attempt to write a readonly database" in (
         one_clear_line(result)
     )
-    assert Database(read_only_db).counts()["pending"] == 3  # nothing acknowledged
+    assert Database(read_only_db).counts(SEQUENCES)["pending"] == 3  # nothing acknowledged
 
 
 def test_status_reads_a_read_only_database(read_only_db: Path, cli_env: dict[str, str]) -> None:
@@ -381,7 +382,7 @@ BAD_ROWS = {
     ),
     20: (
         "'script', 9223372036854775808, 1, NULL, 't'",  # past int64: SQLite keeps a real
-        "element_id: expected an integer, got real 9.223372036854776e+18",
+        "element_id: expected an integer, got real 9.22337203685478e+18",
     ),
 }
 
@@ -397,15 +398,15 @@ def test_bad_values_land_in_sync_errors_naming_the_field_and_the_daemon_goes_on(
     path = tmp_path / "legacy.db"
     conn = app_connection(path)
     conn.execute(LOOSE_TABLE)  # an application's own table: no NOT NULL, no types enforced
-    schema.init(Database(path, create=True))
+    schema.init(Database(path, create=True), [SEQUENCES])
     insert_rows(conn, range(1, 11))
     for key, (values, _) in BAD_ROWS.items():
         conn.execute(f"INSERT INTO sequences VALUES ({key}, {values})")
     daemon = start_daemon(env=daemon_env | {"OUTBOX_SYNC_DB": str(path)})
     db = Database(path)
-    wait_until(lambda: db.counts()["pending"] == 0, what="the drain")
+    wait_until(lambda: db.counts(SEQUENCES)["pending"] == 0, what="the drain")
     assert sorted(export(typesense_server, collection), key=int) == [str(i) for i in range(1, 11)]
-    errors = {row["sequence_id"]: row for row in sync_errors.find(db)}
+    errors = {row["record_key"]: row for row in sync_errors.find(db)}
     assert {key: row["error"] for key, row in errors.items()} == {
         key: error for key, (_, error) in BAD_ROWS.items()
     }
@@ -413,7 +414,9 @@ def test_bad_values_land_in_sync_errors_naming_the_field_and_the_daemon_goes_on(
     assert json.loads(errors[12]["document"])["comment"] == "\ufffd"  # readable, not raw bytes
     assert len(json.loads(errors[11]["document"])["comment"]) < 300  # not the whole value
     conn.execute("UPDATE sequences SET sequence_number = 7 WHERE id = 18")  # the fix
-    wait_until(lambda: db.counts()["sync_errors_open"] == len(BAD_ROWS) - 1, what="the fix")
+    wait_until(
+        lambda: db.counts(SEQUENCES)["sync_errors_open"] == len(BAD_ROWS) - 1, what="the fix"
+    )
     assert export(typesense_server, collection)["18"]["sequence_number"] == 7
     # no crash loop: each bad record failed once, and the daemon is still there, still syncing
     # (it applied the fix, queued after every failed entry)

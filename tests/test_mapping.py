@@ -28,6 +28,7 @@ from outbox_sync.mapping import (
     Mapping,
     RawText,
     describe,
+    encode,
     real_text,
 )
 from outbox_sync.schema import schema_statements
@@ -273,3 +274,82 @@ def test_a_collection_of_compatible_fields_is_used_as_it_is() -> None:
         [{**f, "type": "float"} if f["name"] == "element_id" else f for f in declared]
     )
     assert problems == ["field element_id has type='float', expected 'int32'"]
+
+
+GOOD = (
+    123,
+    RawText(b"script"),
+    456,
+    1,
+    RawText(b"Initial script creation"),
+    RawText(b"2023-10-01T12:00:00Z"),
+)
+
+
+def test_the_built_in_mapping_makes_the_source_documents_document() -> None:
+    assert SEQUENCES.document(GOOD) == {
+        "id": "123",
+        "element_type": "script",
+        "element_id": 456,
+        "sequence_number": 1,
+        "comment": "Initial script creation",
+        "created_at": "2023-10-01T12:00:00Z",
+    }
+    assert "comment" not in SEQUENCES.document((*GOOD[:4], None, GOOD[5]))  # left out
+
+
+@pytest.mark.parametrize(
+    ("position", "value", "message"),
+    [
+        (0, RawText(b"x" * 100), f"id: expected an integer, got text '{'x' * 40}'"),
+        (1, None, "element_type: is NULL but the field is required"),
+        (2, RawText(b"12"), "element_id: expected an integer, got text '12'"),
+        (2, 2**31, "element_id: 2147483648 is outside the range -2147483648..2147483647"),
+        (
+            3,
+            -(2**31) - 1,
+            "sequence_number: -2147483649 is outside the range -2147483648..2147483647",
+        ),
+        (3, 1.0, "sequence_number: expected an integer, got real 1.0"),
+        (4, RawText(b"\xff\xfe"), "comment: is not valid UTF-8 (bad byte at offset 0)"),
+        (4, RawText(b"x" * 65537), "comment: is 65537 bytes, more than the limit of 65536"),
+        (5, 5, "created_at: expected text, got integer 5"),
+    ],
+)
+def test_each_validation_message_of_the_built_in_mapping_in_full(
+    position: int, value: object, message: str
+) -> None:
+    row = list(GOOD)
+    row[position] = value
+    with pytest.raises(InvalidRecordError) as caught:
+        SEQUENCES.document(tuple(row))
+    assert str(caught.value) == message
+    assert caught.value.field == message.split(":")[0]
+
+
+def test_limits_are_inclusive() -> None:
+    longest = (*GOOD[:4], RawText(b"c" * MAX_TEXT_BYTES), GOOD[5])
+    assert len(SEQUENCES.document(longest)["comment"]) == MAX_TEXT_BYTES
+    for value in INT32:
+        assert SEQUENCES.document((*GOOD[:3], value, *GOOD[4:]))["sequence_number"] == value
+
+
+def test_encode_is_compact_and_leaves_non_ascii_as_it_is() -> None:
+    document = {"id": "1", "comment": 'é "q" \u2028 \n', "w": 1e20, "b": True}
+    assert (
+        encode(document)
+        == '{"id":"1","comment":"é \\"q\\" \u2028 \\n","w":1.0e+20,"b":true}'.encode()
+    )
+
+
+def test_describe_row_keeps_the_columns_and_cuts_long_text() -> None:
+    row = (1, RawText(b"x" * 500), 2, RawText(b"twelve"), None, b"\x00\x01")
+    described = json.loads(SEQUENCES.describe_row(row))
+    assert list(described) == ["id", *(f.name for f in SEQUENCES.fields)]
+    assert described["element_type"] == "x" * 200 + "…"
+    assert described["created_at"] == "<BLOB of 2 bytes>"
+    assert (described["id"], described["sequence_number"], described["comment"]) == (
+        1,
+        "twelve",
+        None,
+    )

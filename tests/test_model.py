@@ -50,6 +50,7 @@ from hypothesis.stateful import (
 from outbox_sync import schema, sync_errors
 from outbox_sync.db import Database
 from outbox_sync.errors import TypesenseUnavailableError
+from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
 from tests.support.faultproxy import Fault, FaultProxy
@@ -72,8 +73,7 @@ MODEL_SETTINGS = settings(
 TIMEOUT_S = 0.3
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
-MAX_COMMENT_BYTES = 64 * 1024
-MAX_SHORT_BYTES = 1024
+MAX_TEXT_BYTES = 64 * 1024  # every string field's limit
 COLUMNS = "id, element_type, element_id, sequence_number, comment, created_at"
 FIELD_NAMES = ("element_type", "element_id", "sequence_number", "comment")
 
@@ -108,18 +108,20 @@ FIELDS = st.fixed_dictionaries(
         "element_type": mostly(
             TEXT,
             st.just(NotUtf8(b"script\xff")),
-            st.just(Long("t" * (MAX_SHORT_BYTES + 1))),
+            st.just(Long("t" * (MAX_TEXT_BYTES + 1))),
         ),
-        "element_id": mostly(st.integers(*INT64), st.just(1.5), st.just("twelve")),
+        "element_id": mostly(
+            st.integers(*INT32), st.integers(*INT64), st.just(1.5), st.just("twelve")
+        ),
         "sequence_number": mostly(
             st.integers(*INT32),
             st.sampled_from([2**31, -(2**31) - 1]),
             st.just("seven"),
         ),
         "comment": mostly(
-            st.none() | TEXT | st.just(Long("é" * (MAX_COMMENT_BYTES // 2))),  # exactly the limit
+            st.none() | TEXT | st.just(Long("é" * (MAX_TEXT_BYTES // 2))),  # exactly the limit
             st.just(NotUtf8(b"caf\xe9")),
-            st.just(Long("c" * (MAX_COMMENT_BYTES + 1))),
+            st.just(Long("c" * (MAX_TEXT_BYTES + 1))),
         ),
     }
 )
@@ -167,13 +169,13 @@ def invalid_fields(row: dict[str, Any]) -> list[str]:
         return isinstance(value, int) and bounds[0] <= value <= bounds[1]
 
     bad = []
-    if not text_ok(row["element_type"], MAX_SHORT_BYTES):
+    if not text_ok(row["element_type"], MAX_TEXT_BYTES):
         bad.append("element_type")
-    if not int_ok(row["element_id"], INT64):
+    if not int_ok(row["element_id"], INT32):  # the source document's int32
         bad.append("element_id")
     if not int_ok(row["sequence_number"], INT32):
         bad.append("sequence_number")
-    if row["comment"] is not None and not text_ok(row["comment"], MAX_COMMENT_BYTES):
+    if row["comment"] is not None and not text_ok(row["comment"], MAX_TEXT_BYTES):
         bad.append("comment")
     return bad
 
@@ -212,7 +214,7 @@ class SyncMachine(RuleBasedStateMachine):
         self.proxy.clear()
         self.dir = Path(tempfile.mkdtemp(prefix="outbox-model-"))
         self.path = self.dir / "app.db"
-        schema.init(Database(self.path, create=True))
+        schema.init(Database(self.path, create=True), [SEQUENCES])
         # check_same_thread=False: it also writes from the worker's import thread (a hook)
         self.app = sqlite3.connect(
             self.path, timeout=30, isolation_level=None, check_same_thread=False
@@ -244,7 +246,7 @@ class SyncMachine(RuleBasedStateMachine):
         index = TypesenseIndex(
             [self.proxy.url], self.server.api_key, self.collection, timeout_s=TIMEOUT_S
         )
-        self.worker = daemon(Database(self.path), index, batch_size=self.batch_size)
+        self.worker = daemon(Database(self.path), [index], batch_size=self.batch_size)
 
     def next_version(self) -> str:
         self.version += 1
@@ -372,10 +374,10 @@ class SyncMachine(RuleBasedStateMachine):
 
         with contextlib.ExitStack() as stack:
             if when == "read":
-                stack.enter_context(self.patched(self.worker.db, "read_records", hook))
+                stack.enter_context(self.patched(self.worker.db, "read_rows", hook))
             else:
-                stack.enter_context(self.patched(self.worker.index, "import_jsonl", hook))
-                stack.enter_context(self.patched(self.worker.index, "delete_ids", hook))
+                stack.enter_context(self.patched(self.worker.indexes[0], "import_jsonl", hook))
+                stack.enter_context(self.patched(self.worker.indexes[0], "delete_ids", hook))
             self.step(how)
         if not done:
             self.apply(operations)
@@ -383,7 +385,7 @@ class SyncMachine(RuleBasedStateMachine):
     @rule(point=st.sampled_from(KILL_POINTS), how=HOW)
     def daemon_killed_during_a_step(self, point: str, how: str) -> None:
         assert self.worker is not None
-        db, index = self.worker.db, self.worker.index
+        db, index = self.worker.db, self.worker.indexes[0]
 
         def die_before(original: Callable[..., Any]) -> Callable[..., Any]:
             def call(*args: Any) -> Any:
@@ -408,7 +410,7 @@ class SyncMachine(RuleBasedStateMachine):
             return write
 
         target, name, wrap = {
-            "after_claim": (db, "read_records", die_before),
+            "after_claim": (db, "read_rows", die_before),
             "before_import": (index, "import_jsonl", die_before),
             "after_import": (index, "import_jsonl", die_after),
             "after_delete": (index, "delete_ids", die_after),
@@ -464,7 +466,7 @@ class SyncMachine(RuleBasedStateMachine):
         self.worker.db.close()
         db = Database(self.path)
         index = TypesenseIndex([self.proxy.url], self.server.api_key, self.collection)
-        worker = daemon(db, index, batch_size=self.batch_size)
+        worker = daemon(db, [index], batch_size=self.batch_size)
         for _ in range(1000):
             if not worker.applier.apply_once().entries:
                 break
@@ -492,8 +494,8 @@ class SyncMachine(RuleBasedStateMachine):
                 assert doc is None or doc == self.history[str(key)].get(doc["created_at"])
 
         errors = sync_errors.find(db)
-        assert {e["sequence_id"] for e in errors} == {k for k, bad in invalid.items() if bad}
-        latest = {e["sequence_id"]: e for e in errors}  # oldest first: the last one wins
+        assert {e["record_key"] for e in errors} == {k for k, bad in invalid.items() if bad}
+        latest = {e["record_key"]: e for e in errors}  # oldest first: the last one wins
         for key, error in latest.items():
             assert error["http_status"] is None and error["op"] == "upsert"
             assert error["error"].split(":")[0] in invalid[key], error

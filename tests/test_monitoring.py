@@ -25,6 +25,7 @@ from outbox_sync.cli import main
 from outbox_sync.config import parse_address
 from outbox_sync.db import Database
 from outbox_sync.localserver import free_port
+from outbox_sync.mapping import SEQUENCES
 from outbox_sync.telemetry import Telemetry
 from tests.support.app import ROW_SQL, app_connection, make_row
 from tests.support.daemon import Daemon
@@ -728,8 +729,10 @@ def test_prometheus_scrapes_the_daemon_and_the_dashboard_shows_it(
     connection.execute("DELETE FROM sequences WHERE id = 3")
     connection.execute(ROW_SQL, make_row(21, sequence_number=2**31))  # out of range: an error
     connection.close()
-    wait_until(lambda: Database(db_path).counts()["sync_errors_open"] == 1, what="the sync")
-    wait_until(lambda: Database(db_path).counts()["pending"] == 0, what="the drain")
+    wait_until(
+        lambda: Database(db_path).counts(SEQUENCES)["sync_errors_open"] == 1, what="the sync"
+    )
+    wait_until(lambda: Database(db_path).counts(SEQUENCES)["pending"] == 0, what="the drain")
     wait_until(
         lambda: prometheus.query('ALERTS{alertname="OutboxSyncErrorsGrowing",alertstate="firing"}'),
         what="OutboxSyncErrorsGrowing to fire",

@@ -12,7 +12,7 @@ import pytest
 
 from outbox_sync import reindex, schema
 from outbox_sync.db import Database
-from outbox_sync.documents import collection_schema
+from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
@@ -71,7 +71,7 @@ def test_rebuild_turns_a_plain_collection_into_an_alias(
 ) -> None:
     httpx.post(
         f"{typesense_server.url}/collections",
-        json=collection_schema(collection),
+        json=SEQUENCES.collection_schema(collection),
         headers={"X-TYPESENSE-API-KEY": typesense_server.api_key},
     ).raise_for_status()
     insert_rows(db_path, range(1, 101))
@@ -92,7 +92,7 @@ def test_reindex_through_the_daemon_with_writers_and_searchers_active(
     insert_rows(db_path, range(1, 20_001))
     db = Database(db_path)
     daemon = start_daemon()
-    wait_until(lambda: db.counts()["pending"] == 0, what="the initial drain")
+    wait_until(lambda: db.counts(SEQUENCES)["pending"] == 0, what="the initial drain")
     index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
     old = index.target()
 
@@ -129,7 +129,7 @@ def test_reindex_through_the_daemon_with_writers_and_searchers_active(
         ),
         what="the writers to start",
     )
-    token = reindex.request(db)
+    token = reindex.request(db, [collection])
     state = wait_until(
         lambda: (s := reindex.status(db, token)) and s["state"] != "running" and s,
         timeout_s=120,
@@ -138,16 +138,17 @@ def test_reindex_through_the_daemon_with_writers_and_searchers_active(
     writing_during_reindex = all(writer.poll() is None for writer in writers)
     stop_file.touch()
     assert [writer.wait(120) for writer in writers] == [0, 0]
-    wait_until(lambda: db.counts()["pending"] == 0, what="the drain after the reindex")
+    wait_until(lambda: db.counts(SEQUENCES)["pending"] == 0, what="the drain after the reindex")
     done.set()
     searcher.join()
 
     assert writing_during_reindex
-    assert state["state"] == "done" and state["old"] == old and state["rows"] >= 20_000
-    assert index.target() == state["new"] != old
+    [result] = state["results"]
+    assert state["state"] == "done" and result["old"] == old and result["rows"] >= 20_000
+    assert index.target() == result["new"] != old
     assert not exists(typesense_server, str(old))
     assert export(typesense_server, collection) == sqlite_documents(db_path)
-    assert db.counts()["sync_errors_open"] == 0
+    assert db.counts(SEQUENCES)["sync_errors_open"] == 0
     assert searches > 20 and failures == []
     assert daemon.process.poll() is None
 
@@ -156,7 +157,7 @@ def test_reindex_command_applies_a_changed_schema(
     db_path: Path, typesense_server: Server, collection: str
 ) -> None:
     # A collection of an older shape (comment required, no facet): the daemon refuses it...
-    fields = collection_schema(collection)["fields"]
+    fields = SEQUENCES.collection_schema(collection)["fields"]
     for field in fields:
         field.pop("facet", None)
         field.pop("optional", None)
@@ -168,7 +169,8 @@ def test_reindex_command_applies_a_changed_schema(
     insert_rows(db_path, range(1, 51))
     args = ["--db", str(db_path), "--collection", collection]
     refused = invoke(["run", "--once", *args], typesense_server)
-    assert refused.exit_code == 1 and "Run `outbox-sync reindex`" in refused.output
+    assert refused.exit_code == 1
+    assert f"Run `outbox-sync reindex --collection {collection}`" in refused.output
     # ...and `reindex` (no daemon running: it does the work itself) rebuilds it
     result = invoke(["reindex", *args], typesense_server)
     assert result.exit_code == 0, result.output
@@ -186,7 +188,7 @@ def test_reindex_command_asks_the_running_daemon(
     insert_rows(db_path, range(1, 101))
     daemon = start_daemon()
     db = Database(db_path)
-    wait_until(lambda: db.counts()["pending"] == 0, what="the initial drain")
+    wait_until(lambda: db.counts(SEQUENCES)["pending"] == 0, what="the initial drain")
     result = subprocess.run(
         [sys.executable, "-m", "outbox_sync", "reindex"],
         env=daemon_env,
@@ -205,13 +207,14 @@ def test_a_served_request_reports_progress_and_keeps_the_heartbeat(
 ) -> None:
     insert_rows(db_path, range(1, 201))
     index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
-    assert reindex.serve_request(db, index) is False  # nothing asked
-    token = reindex.request(db)
+    assert reindex.serve_request(db, [index]) is False  # nothing asked
+    token = reindex.request(db, [collection])
     beats: list[int] = []
-    assert reindex.serve_request(db, index, lambda: beats.append(1)) is True
+    assert reindex.serve_request(db, [index], lambda: beats.append(1)) is True
     assert beats  # the daemon's watchdog is fed during the rebuild
     state = reindex.status(db, token)
-    assert state is not None and state["state"] == "done" and state["indexed"] == 200
+    assert state is not None and state["state"] == "done"
+    assert [result["indexed"] for result in state["results"]] == [200]
     assert db.get_meta(reindex.REQUEST_KEY) is None
 
 
@@ -227,7 +230,7 @@ def test_rebuild_visits_every_row_of_a_loose_legacy_table(
     rows = [make_row(i) for i in (1, 2, 3, 3, 4)] + [make_row(5, id=None)]
     app_connection(path).executemany(ROW_SQL, rows)
     db = Database(path)
-    schema.init(db)
+    schema.init(db, [SEQUENCES])
     index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
     result = reindex.rebuild(db, index, chunk=2)
     assert (result.rows, result.indexed, result.invalid) == (6, 5, 1)

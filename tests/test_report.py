@@ -17,6 +17,7 @@ from outbox_sync import stats
 from outbox_sync.db import Database
 from outbox_sync.errors import CollectionNotFoundError
 from outbox_sync.localserver import LocalTypesense
+from outbox_sync.mapping import SEQUENCES
 from outbox_sync.report import build_report, error_kind, parse_since
 from outbox_sync.stats import LATENCY_BUCKETS_S, STATS_BUCKET_S
 from outbox_sync.telemetry import Telemetry
@@ -24,6 +25,7 @@ from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import STATS_SAVE_INTERVAL_S, daemon
 from tests.support.app import ROW_SQL, app_connection, make_row
 from tests.support.cli import invoke, one_line
+from tests.support.daemon import Daemon
 from tests.support.typesense import Server, refusing_collection
 from tests.support.wait import wait_until
 
@@ -41,7 +43,7 @@ def test_the_report_adds_up_what_the_worker_did(
     refusing_collection(typesense_server, collection)
     index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
     telemetry = Telemetry()
-    worker = daemon(db, index, telemetry=telemetry)
+    worker = daemon(db, [index], telemetry=telemetry)
     app = app_connection(db_path)
     app.executemany(ROW_SQL, [make_row(i, comment=None) for i in range(1, 9)])
     app.execute(ROW_SQL, make_row(9, comment="refused"))
@@ -122,7 +124,7 @@ def test_the_longest_outage_is_the_one_the_worker_lived_through(
     db_path: Path, db: Database, private_typesense: LocalTypesense, typesense_server: Server
 ) -> None:
     index = TypesenseIndex([private_typesense.url], private_typesense.api_key, "sequences")
-    worker = daemon(db, index, min_backoff_s=0.05, max_backoff_s=0.1)
+    worker = daemon(db, [index], min_backoff_s=0.05, max_backoff_s=0.1)
     app = app_connection(db_path)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,))
@@ -143,7 +145,7 @@ def test_the_longest_outage_is_the_one_the_worker_lived_through(
         wait_until(
             lambda: (
                 any(entry["event"] == "audit_done" for entry in logged)
-                and Database(db_path).counts()["pending"] == 0
+                and Database(db_path).counts(SEQUENCES)["pending"] == 0
             ),
             what="the check after the outage and its repairs",
         )
@@ -190,7 +192,7 @@ def test_a_running_daemon_shows_what_it_applied_a_moment_ago(
     # for the daemon to stop) to count what it applied
     running = start_daemon()
     app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
-    wait_until(lambda: Database(db_path).counts()["pending"] == 0, what="the rows to sync")
+    wait_until(lambda: Database(db_path).counts(SEQUENCES)["pending"] == 0, what="the rows to sync")
     synced_at = time.monotonic()
 
     def applied() -> Any:
@@ -297,7 +299,7 @@ def test_sync_errors_are_counted_per_day_and_kind(db: Database) -> None:
     day = 1_714_521_600  # 2024-05-01
     with db.write() as conn:
         conn.executemany(
-            "INSERT INTO sync_errors (outbox_id, sequence_id, op, http_status, error, attempts,"
+            "INSERT INTO sync_errors (outbox_id, record_key, op, http_status, error, attempts,"
             " failed_at) VALUES (?, ?, 'upsert', ?, ?, 2, ?)",
             [
                 (1, 1, 400, "Field `comment` must be an int32.", "2024-05-01T08:00:00Z"),

@@ -25,11 +25,14 @@ from structlog.testing import capture_logs
 from outbox_sync import stats
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense
+from outbox_sync.mapping import SEQUENCES
 from outbox_sync.stats import LATENCY_BUCKETS_S
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import daemon
-from tests.conftest import ROW_SQL, Server, app_connection, make_row, wait_until
-from tests.oncall import by_hand, invoke
+from tests.support.app import ROW_SQL, app_connection, make_row
+from tests.support.cli import invoke
+from tests.support.typesense import Server, by_hand
+from tests.support.wait import wait_until
 from tests.test_errors_cli import refusing_collection
 
 # Root needs --no-sandbox; the rest keeps Chromium off the network it would call home on (this
@@ -208,7 +211,7 @@ def run_a_daemon(db_path: Path, db: Database, typesense: LocalTypesense) -> None
     """A worker as `outbox-sync run` makes it: 35 rows written, 5 deleted, 3 refused by
     Typesense, 1 by our validation, and a Typesense restart in the middle."""
     index = TypesenseIndex([typesense.url], typesense.api_key, "sequences")
-    worker = daemon(db, index, min_backoff_s=0.05, max_backoff_s=0.2)
+    worker = daemon(db, [index], min_backoff_s=0.05, max_backoff_s=0.2)
     app = app_connection(db_path)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,))
@@ -271,7 +274,7 @@ def add_a_week_of_history(db: Database, before: float) -> None:
         stats.save(db, hour + 30 * 60, data)
     with db.write() as conn:
         conn.executemany(
-            "INSERT INTO sync_errors (outbox_id, sequence_id, op, http_status, error, attempts,"
+            "INSERT INTO sync_errors (outbox_id, record_key, op, http_status, error, attempts,"
             " failed_at) VALUES (0, ?, 'upsert', ?, ?, 2, ?)",
             [
                 (1000 + days, status, error, time_of(before - days * 86400))
@@ -294,11 +297,11 @@ def report_json(server: Server, db_path: Path, *args: str) -> Any:
 
 
 def pending(db_path: Path) -> int:
-    return int(Database(db_path).counts()["pending"])
+    return int(Database(db_path).counts(SEQUENCES)["pending"])
 
 
 def open_errors(db_path: Path) -> int:
-    return int(Database(db_path).counts()["sync_errors_open"])
+    return int(Database(db_path).counts(SEQUENCES)["sync_errors_open"])
 
 
 def time_of(unix: float) -> str:

@@ -7,13 +7,14 @@ import pytest
 
 from outbox_sync import schema
 from outbox_sync.db import Database
-from outbox_sync.errors import DatabaseError
+from outbox_sync.errors import ConfigError, DatabaseError
+from outbox_sync.mapping import SEQUENCES
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row
 
 
 def outbox(path: Path) -> list[tuple[object, str]]:
     conn = app_connection(path)
-    rows = conn.execute("SELECT sequence_id, op FROM outbox ORDER BY id").fetchall()
+    rows = conn.execute("SELECT record_key, op FROM outbox ORDER BY id").fetchall()
     conn.close()
     return rows
 
@@ -22,7 +23,7 @@ def test_init_is_idempotent(db_path: Path) -> None:
     before = (
         app_connection(db_path).execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
     )
-    assert schema.init(Database(db_path)).enqueued == 0
+    assert schema.init(Database(db_path), [SEQUENCES]).enqueued == {}
     after = (
         app_connection(db_path).execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
     )
@@ -65,9 +66,9 @@ def test_backfill_enqueues_existing_rows_once(tmp_path: Path) -> None:
     insert_rows(conn, range(1, 4))
     assert schema.init(Database(path, create=True), [SEQUENCES]).enqueued == {"sequences": 3}
     assert outbox(path) == [(1, "upsert"), (2, "upsert"), (3, "upsert")]
-    assert schema.init(Database(path)).enqueued == 0
+    assert schema.init(Database(path), [SEQUENCES]).enqueued == {}
     assert len(outbox(path)) == 3
-    assert schema.init(Database(path), backfill=True).enqueued == 3
+    assert schema.init(Database(path), [SEQUENCES], backfill=True).enqueued == {"sequences": 3}
     assert len(outbox(path)) == 6
 
 
@@ -79,7 +80,7 @@ def test_init_works_on_a_loose_legacy_table(tmp_path: Path) -> None:
         " created_at, extra)"
     )
     conn.execute(ROW_SQL, ("7", "script", "x", 1, None, "now"))
-    assert schema.init(Database(path, create=True)).enqueued == 1
+    assert schema.init(Database(path, create=True), [SEQUENCES]).enqueued == {"sequences": 1}
     # text stays text: the daemon must see what the application wrote
     assert outbox(path) == [("7", "upsert")]
     # a legacy id that is not the rowid gets an index for the daemon's lookups
@@ -94,8 +95,8 @@ def test_init_works_on_a_loose_legacy_table(tmp_path: Path) -> None:
 def test_init_refuses_a_table_without_the_columns(tmp_path: Path) -> None:
     path = tmp_path / "other.db"
     app_connection(path).execute("CREATE TABLE sequences (id INTEGER PRIMARY KEY, name TEXT)")
-    with pytest.raises(DatabaseError, match="no column element_type, element_id"):
-        schema.init(Database(path))
+    with pytest.raises(ConfigError, match="no column element_type, element_id"):
+        schema.init(Database(path), [SEQUENCES])
     # nothing half-applied
     names = app_connection(path).execute("SELECT name FROM sqlite_master").fetchall()
     assert ("outbox",) not in names
@@ -105,7 +106,7 @@ def test_check_schema_says_to_run_init(tmp_path: Path) -> None:
     path = tmp_path / "empty.db"
     sqlite3.connect(path).close()
     with pytest.raises(DatabaseError, match="run `outbox-sync init"):
-        schema.check(Database(path))
+        schema.check(Database(path), [SEQUENCES])
 
 
 def test_missing_and_broken_files_are_one_clear_error(tmp_path: Path) -> None:

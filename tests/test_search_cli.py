@@ -64,14 +64,14 @@ def test_the_terminal_view_shows_the_documents(
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == f"found 1 in {collection!r}, showing 1"
-    assert lines[2].split() == [
+    assert lines[1].split() == [
         "124",
+        "element_type=section",
+        "element_id=457",
+        "sequence_number=2",
+        "comment=Opening",
         "section",
-        "457",
-        "2",
-        "2023-10-01T12:01:00Z",
-        "Opening",
-        "section",
+        "created_at=2023-10-01T12:01:00Z",
     ]
 
 
@@ -89,5 +89,5 @@ def test_a_bad_filter_or_sort_is_one_clear_line(
 ) -> None:
     result = invoke(["search", "*", *args], typesense_server, db_path, collection)
     line = one_line(result)
-    assert "Typesense refused the search" in line and message in line
-    assert "check QUERY, --filter and --sort" in line and "does not exist" not in line
+    assert "Typesense refused the search of" in line and message in line
+    assert "check QUERY, --filter, --sort and --facet" in line and "does not exist" not in line

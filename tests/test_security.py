@@ -19,6 +19,7 @@ import pytest
 from outbox_sync import sync_errors
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense, free_port
+from outbox_sync.mapping import SEQUENCES
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
 from tests.support.cli import ROOT, invoke, run_module, without_settings
 from tests.support.daemon import Daemon
@@ -92,7 +93,9 @@ def test_the_api_key_never_appears_in_any_output(
     metrics = f"127.0.0.1:{free_port()}"
     verbose = {"OUTBOX_SYNC_LOG_LEVEL": "debug"}
     daemon = start_daemon("--metrics-address", metrics, env=daemon_env | verbose)
-    wait_until(lambda: Database(db_path).counts()["sync_errors_open"] == 2, what="the sync")
+    wait_until(
+        lambda: Database(db_path).counts(SEQUENCES)["sync_errors_open"] == 2, what="the sync"
+    )
     outputs.add("metrics", scrape(metrics))
     assert key.encode() in proc_file(daemon.process.pid, "environ")  # given there: only
     outputs.add("daemon cmdline", proc_file(daemon.process.pid, "cmdline"))  # its user reads it
@@ -334,7 +337,7 @@ def test_an_unverifiable_certificate_stops_the_daemon_with_one_clear_line(
     [line] = [x for x in daemon.output().splitlines() if not x.startswith("{")]
     assert line.startswith("Error: ") and "certificate" in line and "--ca-file" in line
     assert not daemon.logged("sync_paused")
-    assert Database(db_path).counts()["pending"] == 1
+    assert Database(db_path).counts(SEQUENCES)["pending"] == 1
     status = run_module(["status", "--json"], env)
     assert status.returncode == 0
     assert "certificate" in json.loads(status.stdout)["typesense_error"]
@@ -413,19 +416,33 @@ SQL_CALLS = {"execute", "executemany", "executescript", "fetch_raw", "fetch"}
 # Arguments that are SQL text by contract (table and column names, a fixed condition), never a
 # value: the paging helper and the functions naming a table take them.
 SQL_TEXT_ARGUMENTS = {"table", "order_by", "columns", "where"}
+# Mappings are configuration, checked when loaded and by SQLite before use, their names quoted
+# by quote_identifier: the SQL they compile to may be interpolated (a row's values never are).
+CONFIGURATION = {"mapping", "mappings", "field_", "dependency", "dep", "bound"}
+
+
+def interpolated_names(value: ast.AST) -> set[str]:
+    """The names an f-string part uses, except inside quote_identifier(...)."""
+    if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "quote_identifier":
+        return set()
+    names = {value.id} if isinstance(value, ast.Name) else set()
+    for child in ast.iter_child_nodes(value):
+        names |= interpolated_names(child)
+    return names
 
 
 def test_no_sql_is_built_from_a_function_argument() -> None:
-    """SQL text may interpolate constants (column lists, a WHERE of fixed conditions), never a
-    value that came in as an argument: values go through `?` parameters."""
+    """SQL text may interpolate constants (column lists, a WHERE of fixed conditions), quoted
+    names and the SQL a mapping compiles to, never a value that came in as an argument: values
+    go through `?` parameters."""
     offenders = []
-    for path in sorted((ROOT / "outbox_sync").glob("*.py")):
+    for path in sorted((ROOT / "outbox_sync").rglob("*.py")):
         tree = ast.parse(path.read_text())
         for function in ast.walk(tree):
             if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
             arguments = {a.arg for a in [*function.args.args, *function.args.kwonlyargs]}
-            arguments -= {"self", *SQL_TEXT_ARGUMENTS}
+            arguments -= {"self", *SQL_TEXT_ARGUMENTS, *CONFIGURATION}
             for call in ast.walk(function):
                 if not (
                     isinstance(call, ast.Call)
@@ -435,14 +452,14 @@ def test_no_sql_is_built_from_a_function_argument() -> None:
                 ):
                     continue
                 sql = call.args[0]
-                if isinstance(sql, ast.BinOp | ast.Call):  # "..." % x, "...".format(x)
+                formatted = isinstance(sql, ast.Call) and getattr(sql.func, "attr", "") == "format"
+                if formatted or (isinstance(sql, ast.BinOp) and isinstance(sql.op, ast.Mod)):
                     offenders.append(f"{path.name}:{call.lineno} builds SQL with % or format")
                 for value in ast.walk(sql):
                     if isinstance(value, ast.FormattedValue):
-                        names = {n.id for n in ast.walk(value) if isinstance(n, ast.Name)}
-                        if names & arguments:
+                        names = interpolated_names(value.value) & arguments
+                        if names:
                             offenders.append(
-                                f"{path.name}:{call.lineno} puts {sorted(names & arguments)} "
-                                "into SQL text"
+                                f"{path.name}:{call.lineno} puts {sorted(names)} into SQL text"
                             )
     assert offenders == []

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense, free_port
+from outbox_sync.mapping import SEQUENCES
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row
 from tests.support.daemon import Daemon
 from tests.support.wait import wait_until
@@ -53,7 +54,7 @@ def test_metrics_match_what_happened_and_healthz_follows_typesense(
     conn.execute(ROW_SQL, make_row(500, element_id="not a number"))
     started = time.time()
     daemon = start_daemon(env=env)
-    wait_until(lambda: Database(db_path).counts()["pending"] == 0, what="the drain")
+    wait_until(lambda: Database(db_path).counts(SEQUENCES)["pending"] == 0, what="the drain")
 
     def settled() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
         metrics = scrape(url)

@@ -9,6 +9,7 @@ import pytest
 from outbox_sync import schema, sync_errors
 from outbox_sync.db import Database
 from outbox_sync.errors import SchemaMismatchError, TypesenseRejectedError
+from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
@@ -56,7 +57,7 @@ def test_source_example_end_to_end(db_path: Path, worker: Worker, index: Typesen
     conn.execute("DELETE FROM sequences WHERE id = 123")
     drain(worker)
     assert index.retrieve("123") is None
-    assert Database(db_path).counts()["pending"] == 0
+    assert Database(db_path).counts(SEQUENCES)["pending"] == 0
 
 
 def test_superseded_entries_converge_to_what_sqlite_holds(
@@ -74,7 +75,7 @@ def test_superseded_entries_converge_to_what_sqlite_holds(
     worker.applier.batch_size = 64  # many batches, each with repeated markers
     drain(worker)
     assert export(typesense_server, collection) == sqlite_documents(db_path)
-    assert Database(db_path).counts() | {"rows": None} == {
+    assert Database(db_path).counts(SEQUENCES) | {"rows": None} == {
         "pending": 0,
         "oldest_pending_age_s": None,
         "sync_errors_open": 0,
@@ -97,11 +98,11 @@ def test_bad_rows_of_a_legacy_table_land_in_sync_errors_while_neighbours_sync(
     conn.execute("UPDATE sequences SET sequence_number = 3000000000 WHERE id = 7")
     conn.execute("UPDATE sequences SET id = 'abc' WHERE id = 9")
     db = Database(path)
-    schema.init(db)
-    drain(daemon(db, index))
+    schema.init(db, [SEQUENCES])
+    drain(daemon(db, [index]))
 
     assert sorted(export(typesense_server, collection), key=int) == ["1", "2", "4", "6", "8", "10"]
-    errors = {row["sequence_id"]: row for row in sync_errors.find(db)}
+    errors = {row["record_key"]: row for row in sync_errors.find(db)}
     assert set(errors) == {3, 5, 7, "abc"}
     assert errors[3]["error"] == "sequence_number: expected an integer, got text 'twelve'"
     assert errors[5]["error"] == "element_id: is NULL but the field is required"
@@ -109,14 +110,14 @@ def test_bad_rows_of_a_legacy_table_land_in_sync_errors_while_neighbours_sync(
     assert errors["abc"]["error"] == "id: expected an integer, got text 'abc'"
     assert errors[3]["op"] == "upsert" and errors[3]["http_status"] is None
     assert '"sequence_number": "twelve"' in errors[3]["document"]
-    assert db.counts()["pending"] == 0
+    assert db.counts(SEQUENCES)["pending"] == 0
 
     # the application fixes the row: the next sync succeeds and closes the error
     conn.execute("UPDATE sequences SET sequence_number = 12 WHERE id = 3")
-    drain(daemon(db, index))
+    drain(daemon(db, [index]))
     assert index.retrieve("3") is not None
-    assert {row["sequence_id"] for row in sync_errors.find(db)} == {5, 7, "abc"}
-    closed = [row for row in sync_errors.find(db, status="all") if row["sequence_id"] == 3]
+    assert {row["record_key"] for row in sync_errors.find(db)} == {5, 7, "abc"}
+    closed = [row for row in sync_errors.find(db, status="all") if row["record_key"] == 3]
     assert closed[0]["resolution"] == "superseded" and closed[0]["resolved_at"]
 
 
@@ -129,7 +130,7 @@ def test_deleting_a_record_that_never_reached_search_is_success(
     conn.execute(ROW_SQL, make_row(2))
     drain(worker)
     assert list(export(typesense_server, collection)) == ["2"]
-    assert db.counts()["sync_errors_open"] == 0
+    assert db.counts(SEQUENCES)["sync_errors_open"] == 0
 
 
 def test_an_incompatible_collection_stops_with_what_differs(
@@ -179,7 +180,7 @@ def test_the_idle_loop_wakes_on_a_commit_not_on_a_timer(
     db_path: Path, db: Database, index: TypesenseIndex
 ) -> None:
     # With the periodic recheck an hour away, only PRAGMA data_version can wake the loop.
-    worker = daemon(db, index, idle_recheck_s=3600)
+    worker = daemon(db, [index], idle_recheck_s=3600)
     idle = threading.Event()
     wait_for_change = worker._wait_for_change
 

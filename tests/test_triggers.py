@@ -17,17 +17,12 @@ import pytest
 
 from outbox_sync import schema
 from outbox_sync.db import Database
-from tests.conftest import (
-    ROOT,
-    ROW_SQL,
-    Daemon,
-    Server,
-    app_connection,
-    export,
-    make_row,
-    sqlite_documents,
-    wait_until,
-)
+from outbox_sync.mapping import SEQUENCES
+from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
+from tests.support.cli import ROOT
+from tests.support.daemon import Daemon
+from tests.support.typesense import Server, export
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +53,15 @@ def writing(db_path: Path, tmp_path: Path, seed: int) -> Iterator[None]:
     """An application writing from its own process until the block ends."""
     stop_file = tmp_path / f"stop-{seed}"
     writer = subprocess.Popen(
-        [sys.executable, "-m", "tests.writer", str(db_path), str(seed), "200", str(stop_file)],
+        [
+            sys.executable,
+            "-m",
+            "tests.support.writer",
+            str(db_path),
+            str(seed),
+            "200",
+            str(stop_file),
+        ],
         cwd=ROOT,
     )
     try:
@@ -145,9 +148,9 @@ def test_a_schema_change_while_the_daemon_runs_converges(
         migrate(conn, db_path)
         if repairs:
             wait_until(lambda: events(daemon, "audit_done"), what="the audit after the repair")
-    wait_until(lambda: Database(db_path).counts()["pending"] == 0, what="the drain")
+    wait_until(lambda: Database(db_path).counts(SEQUENCES)["pending"] == 0, what="the drain")
     wait_until(lambda: matching(typesense_server, collection, db_path), what="the match")
-    assert Database(db_path).counts()["sync_errors_open"] == 0
+    assert Database(db_path).counts(SEQUENCES)["sync_errors_open"] == 0
     assert schema.trigger_problems(conn) == []
     repaired = events(daemon, "triggers_repaired")
     assert len(repaired) == int(repairs), daemon.output()
@@ -178,7 +181,7 @@ def test_a_table_that_is_gone_pauses_the_sync_until_one_is_back(
     )
     assert len(events(daemon, "sync_paused")) == 1 and events(daemon, "sync_resumed")
     assert events(daemon, "triggers_repaired")
-    assert Database(db_path).counts()["sync_errors_open"] == 0
+    assert Database(db_path).counts(SEQUENCES)["sync_errors_open"] == 0
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import httpx
 import typesense
+from outbox_sync.documents import COLUMNS, collection_schema, encode, to_document
 from typesense import exceptions as ts
 
-from outbox_sync.documents import COLUMNS, collection_schema, encode, to_document
 from outbox_sync.localserver import LocalTypesense
 from outbox_sync.schema import schema_statements
 from outbox_sync.typesense_index import parse_node

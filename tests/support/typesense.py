@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 
-from outbox_sync.documents import collection_schema
 from outbox_sync.localserver import LocalTypesense
+from outbox_sync.mapping import SEQUENCES
 
 API_KEY = "test-key-0f3c9a"
 
@@ -58,7 +58,7 @@ def export(
 def refusing_collection(server: Server, name: str) -> None:
     """A collection that refuses every document with a comment (HTTP 400): `comment` is int32
     there, as after a broken migration."""
-    schema = collection_schema(name)
+    schema = SEQUENCES.collection_schema(name)
     for field in schema["fields"]:
         if field["name"] == "comment":
             field["type"] = "int32"
