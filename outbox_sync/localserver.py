@@ -144,7 +144,9 @@ class LocalTypesense:
         if port_in_use(self.port):
             raise ConfigError(
                 f"port {self.port} on {HOST} is already in use: stop what listens there, "
-                "or set TYPESENSE_URL to use a Typesense server you run yourself"
+                "choose another port for the embedded Typesense with --embedded-port "
+                "(OUTBOX_SYNC_EMBEDDED_PORT), or set TYPESENSE_URL to use a Typesense server "
+                "you run yourself"
             )
         if port_in_use(self.peering_port):
             if self.peering_port_given:

@@ -1,4 +1,5 @@
-"""The embedded Typesense: restarts keep what it acknowledged and its ports.
+"""The embedded Typesense: restarts keep what it acknowledged and its ports; a clear error when
+its port is taken.
 
 Set OUTBOX_SYNC_LONG_TESTS=1 for 20 restart cycles instead of 3.
 """
@@ -185,3 +186,16 @@ def test_stop_right_after_start_does_not_wait_for_a_snapshot(
     server.start(wait=False)
     server.stop()
     assert server.process is None
+
+
+def test_the_embedded_port_in_use_says_which_option_moves_it(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        with pytest.raises(ConfigError) as raised:
+            LocalTypesense(tmp_path, api_key=API_KEY, port=taken).start()
+    message = str(raised.value)
+    assert f"port {taken} on 127.0.0.1 is already in use" in message
+    for name in ("--embedded-port", "OUTBOX_SYNC_EMBEDDED_PORT", "TYPESENSE_URL"):
+        assert name in message
