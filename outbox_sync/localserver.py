@@ -37,6 +37,7 @@ DEFAULT_SNAPSHOT_TIMEOUT_S = 10.0
 # A snapshot of 1M documents costs well under a second (a RocksDB checkpoint: hard links).
 SNAPSHOT_INTERVAL_S = 60
 HOST = "127.0.0.1"
+API_KEY_FILE = "api-key"
 PORTS_FILE = "ports.json"
 # Where /operations/snapshot copies the snapshot it took (the API requires a destination). We
 # only want the raft snapshot it leaves in data/state, so the copy is removed at once.
@@ -67,13 +68,43 @@ def port_in_use(port: int) -> bool:
 
 def embedded_api_key(data_dir: Path) -> str:
     """The embedded server's key: random, made once, kept owner-only beside its data."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    key_file = data_dir / "api-key"
-    if not key_file.exists():
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(24) + "\n")
-    return key_file.read_text().strip()
+    key_file = data_dir / API_KEY_FILE
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # made already, by us or a concurrent start
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(24) + "\n")
+        return key_file.read_text().strip()
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"cannot keep the embedded Typesense's API key in {key_file} ({_reason(error)}): "
+            "the embedded server keeps its data next to the database, so that directory must "
+            "be writable; or set TYPESENSE_URL to use a Typesense server you run yourself"
+        ) from None
+
+
+def read_embedded_api_key(data_dir: Path) -> str | None:
+    """The key of the embedded server kept in data_dir, or None if none was made there. Creates
+    nothing: for commands that only reach a server `outbox-sync run` started."""
+    key_file = data_dir / API_KEY_FILE
+    try:
+        return key_file.read_text().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"cannot read the embedded Typesense's API key {key_file} ({_reason(error)}): "
+            "run outbox-sync as the user that runs `outbox-sync run`, or set TYPESENSE_URL "
+            "and TYPESENSE_API_KEY"
+        ) from None
+
+
+def _reason(error: Exception) -> str:
+    """Like "Permission denied: /the/path": the path that failed is not always the key."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    return str(error)
 
 
 def saved_ports(data_dir: Path) -> dict[str, int]:
@@ -175,10 +206,17 @@ class LocalTypesense:
             # Without a snapshot, a start replays the whole raft log, and 0.24.1's replay can
             # drop writes (see stop()); after a crash only the writes since the last one replay.
             command.append(f"--snapshot-interval-seconds={SNAPSHOT_INTERVAL_S}")
-        (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
-        # left behind by a stop that was cut short
-        shutil.rmtree(self.data_dir / SNAPSHOT_COPY_DIR, ignore_errors=True)
-        self._save_ports()
+        try:
+            (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
+            # left behind by a stop that was cut short
+            shutil.rmtree(self.data_dir / SNAPSHOT_COPY_DIR, ignore_errors=True)
+            self._save_ports()
+        except OSError as error:
+            raise ConfigError(
+                f"cannot prepare the embedded Typesense's directory {self.data_dir} "
+                f"({_reason(error)}): it must be writable; or set TYPESENSE_URL to use a "
+                "Typesense server you run yourself"
+            ) from None
         # The key goes by environment, not argv: `ps` shows a command line to every user, an
         # environment only to the same user. No other TYPESENSE_* setting of ours leaks in.
         env = {k: v for k, v in os.environ.items() if not k.startswith("TYPESENSE_")}

@@ -1,5 +1,5 @@
-"""The embedded Typesense: restarts keep what it acknowledged and its ports; a clear error when
-its port is taken.
+"""The embedded Typesense: restarts keep what it acknowledged and its ports; clear errors when
+its port or its directory is unusable.
 
 Set OUTBOX_SYNC_LONG_TESTS=1 for 20 restart cycles instead of 3.
 """
@@ -20,7 +20,9 @@ from outbox_sync.localserver import (
     PORTS_FILE,
     SNAPSHOT_COPY_DIR,
     LocalTypesense,
+    embedded_api_key,
     free_port,
+    read_embedded_api_key,
 )
 from tests.conftest import API_KEY, expected_document, make_row
 
@@ -199,3 +201,38 @@ def test_the_embedded_port_in_use_says_which_option_moves_it(tmp_path: Path) -> 
     assert f"port {taken} on 127.0.0.1 is already in use" in message
     for name in ("--embedded-port", "OUTBOX_SYNC_EMBEDDED_PORT", "TYPESENSE_URL"):
         assert name in message
+
+
+def test_no_place_for_the_api_key_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("in the way")
+    data_dir = tmp_path / "file" / "sequences.db.typesense"
+    with pytest.raises(ConfigError, match="cannot keep the embedded Typesense's API key in"):
+        embedded_api_key(data_dir)
+    with pytest.raises(ConfigError, match="set TYPESENSE_URL"):
+        LocalTypesense(data_dir)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_directory_for_the_api_key_is_one_clear_error(tmp_path: Path) -> None:
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(ConfigError, match="Permission denied"):
+            embedded_api_key(tmp_path / "sequences.db.typesense")
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_reading_the_api_key_creates_nothing(tmp_path: Path) -> None:
+    data_dir = tmp_path / "sequences.db.typesense"
+    assert read_embedded_api_key(data_dir) is None
+    assert not data_dir.exists()
+    (tmp_path / "file").write_text("in the way")
+    assert read_embedded_api_key(tmp_path / "file" / "x") is None
+    key = embedded_api_key(data_dir)
+    assert read_embedded_api_key(data_dir) == key
+
+
+def test_an_unreadable_api_key_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "api-key").mkdir()  # a directory where the key should be: EISDIR, even as root
+    with pytest.raises(ConfigError, match="cannot read the embedded Typesense's API key"):
+        read_embedded_api_key(tmp_path)
