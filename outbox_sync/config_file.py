@@ -116,9 +116,9 @@ def _table(where: str, value: Any, keys: Lookup[str, type]) -> dict[str, Any]:
 
 def _mapping(path: Path, number: int, entry: Any) -> Mapping:
     origin = f"{path}, [[sync]] {number}"
-    _table(origin, entry, ENTRY_KEYS)
-    if isinstance(entry.get("table"), str):
+    if isinstance(entry, dict) and isinstance(entry.get("table"), str):
         origin += f" (table {entry['table']})"
+    _table(origin, entry, ENTRY_KEYS)
     for key in REQUIRED:
         if key not in entry:
             raise ConfigFileError(f"{origin}: {key}: missing")
@@ -164,11 +164,12 @@ def _mapping(path: Path, number: int, entry: Any) -> Mapping:
 
 
 def _field(where: str, item: Any) -> Field:
+    if isinstance(item, dict) and isinstance(item.get("name"), str):
+        where = f"{where} ({item['name']})"
     _table(where, item, FIELD_KEYS)
     for key in ("name", "type"):
         if key not in item:
             raise ConfigFileError(f"{where}: {key}: missing")
-    where = f"{where} ({item['name']})"
     if not IDENTIFIER.fullmatch(item["name"]) or item["name"] == "id":
         raise ConfigFileError(
             f"{where}: name: must be letters, digits and '_' (not starting with a digit), not id"

@@ -374,7 +374,7 @@ def page_key(conn: sqlite3.Connection, table: str) -> str:
         if alias in columns:
             continue
         try:
-            conn.execute(f"SELECT {alias} FROM {table} LIMIT 0")
+            conn.execute(f"SELECT {alias} FROM {table} LIMIT 0").fetchall()
             return alias
         except sqlite3.OperationalError:
             break  # WITHOUT ROWID: no alias of the rowid exists

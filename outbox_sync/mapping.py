@@ -33,6 +33,7 @@ MAX_ID_BYTES = 1024
 # Characters of a text value quoted in a message.
 SHOWN_CHARS = 40
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+BUILT_IN = "the built-in mapping"  # the origin of the mapping no file declares
 # A JSON path no document has (field names are identifiers): json_remove leaves it be, where
 # a NULL path would make the whole line NULL.
 NO_PATH = "'$.\"' || char(1) || '\"'"
@@ -119,7 +120,7 @@ class Mapping:
     default_sorting_field: str | None = None
     name: str = ""  # how outbox rows name the mapping: the table's name unless given
     key_kind: str = "integer"  # "integer" or "text", as the key column's declared type says
-    origin: str = "the built-in mapping"  # for messages: "config.toml, [[sync]] 2"
+    origin: str = BUILT_IN  # for messages: "config.toml, [[sync]] 2"
 
     def __post_init__(self) -> None:
         if not self.name:

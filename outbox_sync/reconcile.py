@@ -34,6 +34,13 @@ LAST_AUDIT_KEY = "last_audit"
 DEFAULT_AUDIT_EVERY_S = 24 * 3600.0
 # The audit thread's nice value: the sync itself and the application come first.
 AUDIT_NICENESS = 10
+# How long a stopping daemon waits for a running audit to notice (it looks between chunks of
+# 5,000 rows or documents: well under a second here) before it exits anyway.
+STOP_WAIT_S = 10.0
+
+
+class AuditStopped(Exception):
+    """Raised inside the audit thread when the daemon stops."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,7 @@ class Reconciler:
         self.next_at = float("inf")
         self.thread: threading.Thread | None = None
         self.outcome: AuditRecord | None = None
+        self.stopping = threading.Event()
 
     def request(self, reason: str) -> None:
         """Audit at the next turn (one audit answers several requests)."""
@@ -105,6 +113,18 @@ class Reconciler:
         outcome = self._report()
         return outcome is not None and outcome.enqueued > 0
 
+    def stop(self) -> None:
+        """Stop a running audit and wait for its thread (the loop is ending): a thread still in
+        SQLite or httpx while the interpreter shuts down can crash it."""
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(STOP_WAIT_S)
+
+    def _go_on(self, phase: str, done: int, total: int) -> None:
+        """The audit's progress: where it stops when the daemon does."""
+        if self.stopping.is_set():
+            raise AuditStopped
+
     def _audit(self, reason: str) -> None:
         """In the audit thread: audit, repair, and leave the outcome for the loop to report."""
         with contextlib.suppress(OSError, AttributeError):  # Linux: per-thread priority
@@ -117,7 +137,7 @@ class Reconciler:
             db = Database(Path(self.db.path), busy_timeout_s=self.db.busy_timeout_s)
             drift: Counter[str] = Counter()
             for index in self.indexes:  # one collection after the other
-                with Audit(db, index) as audit:
+                with Audit(db, index, progress=self._go_on) as audit:
                     summary = audit.run()
                     drift.update(summary.counts)
                     if not summary.consistent:
@@ -125,6 +145,8 @@ class Reconciler:
             record["drift"] = {kind: drift[kind] for kind in KINDS}
             record["consistent"] = not any(drift.values())
             record["ok"] = True
+        except AuditStopped:
+            return  # the daemon is stopping: nothing to report
         except OutboxSyncError as error:  # e.g. Typesense down: the outage asks again later
             record["error"] = str(error)
         except Exception as error:  # an audit must never take the daemon down

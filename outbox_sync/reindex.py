@@ -143,7 +143,8 @@ def _keep_last_good(old: TypesenseIndex, fresh: TypesenseIndex, doc_ids: list[st
 
 
 def _switch(index: TypesenseIndex, old: str | None, new: str) -> None:
-    """Point the alias at the new collection and drop the old one."""
+    """Point the alias at the new collection (and the index's writes), and drop the old one."""
+    index.retarget(new)
     if old != index.collection:
         index.point_alias(new)
         if old is not None:

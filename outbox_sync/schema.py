@@ -17,9 +17,10 @@ from importlib import resources
 
 import structlog
 
+from outbox_sync.config_file import ConfigFileError
 from outbox_sync.db import Database, utc_now
 from outbox_sync.errors import ConfigError, DatabaseError, TableMissingError
-from outbox_sync.mapping import SEQUENCES, Mapping, Trigger, key_kind, quote_identifier
+from outbox_sync.mapping import BUILT_IN, SEQUENCES, Mapping, Trigger, key_kind, quote_identifier
 
 SCHEMA_VERSION = "2"
 TABLES = ("outbox", "sync_errors", "sync_stats", "outbox_sync_meta")
@@ -153,9 +154,11 @@ def bind(conn: sqlite3.Connection, mapping: Mapping, path: object) -> Mapping:
         row[1]: str(row[2])
         for row in conn.execute(f"PRAGMA table_info({quote_identifier(mapping.table)})")
     }
+    # a mistake of a configuration file is a usage error; the built-in mapping's, the table's
+    mistake = ConfigError if mapping.origin == BUILT_IN else ConfigFileError
     wanted = [mapping.key] + [f.column or f.name for f in mapping.fields if not f.sql]
     if missing := [column for column in wanted if column not in declared]:
-        raise ConfigError(
+        raise mistake(
             f"{mapping.origin}: table {mapping.table} has no column {', '.join(missing)} (the "
             f"mapping reads {', '.join(wanted)})"
         )
@@ -166,15 +169,15 @@ def bind(conn: sqlite3.Connection, mapping: Mapping, path: object) -> Mapping:
             r[1] for r in conn.execute(f"PRAGMA table_info({quote_identifier(dependency.table)})")
         }
         if dependency.key not in columns:
-            raise ConfigError(
+            raise mistake(
                 f"{mapping.origin}: depends_on {dependency.table}: it has no column "
                 f"{dependency.key!r}"
             )
     bound = replace(mapping, key_kind=key_kind(declared[mapping.key]))
     try:
-        conn.execute(f"{bound.select_by_keys()} LIMIT 0", ("[]",))
+        conn.execute(f"{bound.select_by_keys()} LIMIT 0", ("[]",)).fetchall()
     except sqlite3.Error as error:
-        raise ConfigError(f"{mapping.origin}: SQLite refuses its sql or where: {error}") from None
+        raise mistake(f"{mapping.origin}: SQLite refuses its sql or where: {error}") from None
     return bound
 
 
@@ -262,10 +265,19 @@ def _backfill(conn: sqlite3.Connection, mapping: Mapping) -> int:
     ).rowcount
 
 
-def check(db: Database, mappings: Sequence[Mapping]) -> list[Mapping]:
-    """The mappings bound to their tables (see `bind`), once `init` has prepared the database
-    for this version; DatabaseError saying what to do otherwise. A mapped table that is gone is
-    left unbound (the daemon waits for it); its triggers are the daemon's to repair."""
+def check(db: Database, mappings: Sequence[Mapping], *, prepared: bool = True) -> list[Mapping]:
+    """The mappings bound to their tables (see `bind`: a mistake in a mapping is said first),
+    once `init` has prepared the database for this version (unless prepared=False);
+    DatabaseError saying what to do otherwise. A mapped table that is gone is left unbound
+    (the daemon waits for it); its triggers are the daemon's to repair."""
+    bound = []
+    for mapping in mappings:
+        try:
+            bound.append(bind(db.conn, mapping, db.path))
+        except TableMissingError:
+            bound.append(mapping)
+    if not prepared:
+        return bound
     names = {
         row[0] for row in db.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
     }
@@ -281,12 +293,6 @@ def check(db: Database, mappings: Sequence[Mapping]) -> list[Mapping]:
             f"database {db.path} was prepared by an older outbox-sync (schema {version}): "
             f"`outbox-sync init --db {db.path}` (or starting the daemon) upgrades it, nothing lost"
         )
-    bound = []
-    for mapping in mappings:
-        try:
-            bound.append(bind(db.conn, mapping, db.path))
-        except TableMissingError:
-            bound.append(mapping)
     return bound
 
 

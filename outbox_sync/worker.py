@@ -107,8 +107,8 @@ class Stop:
 class Job:
     """A chore of the loop: `run(now)` every `interval_s` (0: every turn), first at the first
     turn unless due_at_start=False. It may raise a retryable error (Typesense trouble, a locked
-    database, a missing table): the loop pauses, and the job stays due. at_stop: run once more
-    when the loop ends. settle: for `run --once`, finish what the job has under way; True when
+    database, a missing table): the loop pauses, and the job stays due. at_stop: what to do when
+    the loop ends. settle: for `run --once`, finish what the job has under way; True when
     that queued entries the loop must apply before it stops."""
 
     def __init__(
@@ -118,7 +118,7 @@ class Job:
         run: Callable[[float], Any],
         *,
         due_at_start: bool = True,
-        at_stop: bool = False,
+        at_stop: Callable[[], Any] | None = None,
         settle: Callable[[], bool] | None = None,
     ) -> None:
         self.name, self.interval_s, self.run = name, interval_s, run
@@ -229,8 +229,8 @@ class Worker:
                 self._wait_for_change(version, stop)
         finally:
             for job in self.jobs.values():
-                if job.at_stop:
-                    job.run(time.monotonic())
+                if job.at_stop is not None:
+                    job.at_stop()
 
     def loop(self, now: float, stop: Stopping) -> Turn:
         """One turn: the chores that are due, then up to one drain slice of batches; while
@@ -382,8 +382,13 @@ def daemon(
             REFRESH_INTERVAL_S,
             lambda now: reindex.serve_request(db, indexes, heartbeat),
         ),
-        Job("stats", STATS_SAVE_INTERVAL_S, lambda now: save_stats(db, telemetry), at_stop=True),
-        Job("audit", 0, reconciler, settle=reconciler.settle),
+        Job(
+            "stats",
+            STATS_SAVE_INTERVAL_S,
+            lambda now: save_stats(db, telemetry),
+            at_stop=lambda: save_stats(db, telemetry),
+        ),
+        Job("audit", 0, reconciler, settle=reconciler.settle, at_stop=reconciler.stop),
     ]
     if server is not None:
         jobs.append(

@@ -78,7 +78,9 @@ def collection(typesense_server: Server) -> Iterator[str]:
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     path = tmp_path / "app.db"
-    schema.init(Database(path, create=True), [SEQUENCES])
+    database = Database(path, create=True)
+    schema.init(database, [SEQUENCES])
+    database.close()
     return path
 
 

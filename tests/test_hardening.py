@@ -6,6 +6,7 @@ input that ended in a traceback."""
 import contextlib
 import json
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -114,7 +115,7 @@ def test_a_reindex_request_that_fails_is_answered_and_never_crashes_the_daemon(
         raise ValueError("something nobody expected")
 
     monkeypatch.setattr(reindex, "rebuild", broken)
-    token = reindex.request(db)
+    token = reindex.request(db, [index.collection])
     app_connection(db_path).execute(ROW_SQL, make_row(1))
     worker = daemon(db, [index])
     with running(worker):
@@ -157,8 +158,9 @@ def test_reindex_keeps_the_last_good_document_and_closes_the_errors_it_fixed(
     assert error["record_key"] == 2
     # an open 400 of record 3 (refused once by a collection that has since been fixed)
     db.conn.execute(
-        "INSERT INTO sync_errors (outbox_id, record_key, op, http_status, error, attempts,"
-        " failed_at) VALUES (9, 3, 'upsert', 400, 'refused', 2, '2026-01-01T00:00:00Z')"
+        "INSERT INTO sync_errors (outbox_id, mapping, record_key, op, http_status, error, attempts,"
+        " failed_at) VALUES (9, 'sequences', 3, 'upsert', 400, 'refused', 2,"
+        " '2026-01-01T00:00:00Z')"
     )
     before = index.retrieve("2")
     result = reindex.rebuild(db, index)
@@ -302,11 +304,19 @@ def test_metrics_answer_while_an_idle_connection_stays_open() -> None:
         server.server_close()
 
 
+def switched_to_delete(app: sqlite3.Connection) -> bool:
+    try:
+        return bool(app.execute("PRAGMA journal_mode=DELETE").fetchone()[0] == "delete")
+    except sqlite3.OperationalError:
+        return False
+
+
 def test_a_file_switched_to_rollback_journal_and_locked_pauses_the_daemon(
     db_path: Path, index: TypesenseIndex, typesense_server: Server, collection: str
 ) -> None:
     app = app_connection(db_path)
-    app.execute("PRAGMA journal_mode=DELETE")
+    # leaving WAL takes the file alone: a connection the fixture left may still be closing
+    wait_until(lambda: switched_to_delete(app), what="the switch to a rollback journal")
     worker = daemon(Database(db_path, busy_timeout_s=0.3), [index], min_backoff_s=0.05)
     with structlog.testing.capture_logs() as logs, running(worker) as thread:
         app.execute(ROW_SQL, make_row(1))

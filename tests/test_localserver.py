@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from outbox_sync.documents import collection_schema
 from outbox_sync.errors import ConfigError
 from outbox_sync.localserver import (
     PORTS_FILE,
@@ -24,7 +23,9 @@ from outbox_sync.localserver import (
     free_port,
     read_embedded_api_key,
 )
-from tests.conftest import API_KEY, expected_document, make_row
+from outbox_sync.mapping import SEQUENCES
+from tests.support.app import expected_document, make_row
+from tests.support.typesense import API_KEY
 
 LONG = os.environ.get("OUTBOX_SYNC_LONG_TESTS") == "1"
 CYCLES = 20 if LONG else 3
@@ -65,7 +66,9 @@ def write_through_aliases(server: LocalTypesense) -> None:
     per changed row, through the alias."""
     with client(server) as http:
         for k in range(ALIASES):
-            http.post("/collections", json=collection_schema(f"t{k}_v1")).raise_for_status()
+            http.post(
+                "/collections", json=SEQUENCES.collection_schema(f"t{k}_v1")
+            ).raise_for_status()
             http.put(f"/aliases/t{k}", json={"collection_name": f"t{k}_v1"}).raise_for_status()
         for k in range(ALIASES):
             for i in range(1, DOCUMENTS + 1):

@@ -9,6 +9,7 @@ error and no request past its own file, and every chart must draw the data writt
 Without Chromium (or when it cannot start) the test is skipped, saying why; .ci/run installs it.
 """
 
+import json
 import os
 import shutil
 import threading
@@ -31,9 +32,8 @@ from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import daemon
 from tests.support.app import ROW_SQL, app_connection, make_row
 from tests.support.cli import invoke
-from tests.support.typesense import Server, by_hand
+from tests.support.typesense import Server, by_hand, export, refusing_collection
 from tests.support.wait import wait_until
-from tests.test_errors_cli import refusing_collection
 
 # Root needs --no-sandbox; the rest keeps Chromium off the network it would call home on (this
 # machine has none) and off the GPU it does not have.
@@ -223,17 +223,28 @@ def run_a_daemon(db_path: Path, db: Database, typesense: LocalTypesense) -> None
             wait_until(lambda: pending(db_path) == 0, what="the rows to sync")
             app.execute("DELETE FROM sequences WHERE id <= 5")
             wait_until(lambda: pending(db_path) == 0, what="the deletes")
-            # a broken migration behind the daemon's back: the alias now names a collection
-            # where `comment` is an int32, so Typesense refuses rows with a comment (400)
-            target = index.target()
-            refusing_collection(by_hand_server, "refusing")
-            by_hand(
-                by_hand_server, "PUT", "/aliases/sequences", json={"collection_name": "refusing"}
-            )
+            # a broken migration behind the daemon's back: its collection made again with
+            # `comment` an int32, so Typesense refuses rows with a comment (400)
+            target = str(index.target())
+            kept = export(by_hand_server, "sequences")
+            by_hand(by_hand_server, "DELETE", f"/collections/{target}")
+            refusing_collection(by_hand_server, target)
             app.executemany(ROW_SQL, [make_row(i) for i in (31, 32, 33)])
             app.execute(ROW_SQL, make_row(34, sequence_number="ten"))
             wait_until(lambda: open_errors(db_path) == 4, what="the sync errors")
-            by_hand(by_hand_server, "PUT", "/aliases/sequences", json={"collection_name": target})
+            # the repair: the collection as it was, its documents back
+            by_hand(by_hand_server, "DELETE", f"/collections/{target}")
+            by_hand(
+                by_hand_server, "POST", "/collections", json=SEQUENCES.collection_schema(target)
+            )
+            lines = "\n".join(json.dumps(document) for document in kept.values())
+            by_hand(
+                by_hand_server,
+                "POST",
+                f"/collections/{target}/documents/import",
+                params={"action": "upsert"},
+                content=lines.encode(),
+            )
             app.execute(ROW_SQL, make_row(35, comment=None))
             wait_until(lambda: pending(db_path) == 0, what="the row after the repair")
 
@@ -274,8 +285,8 @@ def add_a_week_of_history(db: Database, before: float) -> None:
         stats.save(db, hour + 30 * 60, data)
     with db.write() as conn:
         conn.executemany(
-            "INSERT INTO sync_errors (outbox_id, record_key, op, http_status, error, attempts,"
-            " failed_at) VALUES (0, ?, 'upsert', ?, ?, 2, ?)",
+            "INSERT INTO sync_errors (outbox_id, mapping, record_key, op, http_status, error, attempts,"
+            " failed_at) VALUES (0, 'sequences', ?, 'upsert', ?, ?, 2, ?)",
             [
                 (1000 + days, status, error, time_of(before - days * 86400))
                 for days, status, error in [

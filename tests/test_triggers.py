@@ -151,7 +151,7 @@ def test_a_schema_change_while_the_daemon_runs_converges(
     wait_until(lambda: Database(db_path).counts(SEQUENCES)["pending"] == 0, what="the drain")
     wait_until(lambda: matching(typesense_server, collection, db_path), what="the match")
     assert Database(db_path).counts(SEQUENCES)["sync_errors_open"] == 0
-    assert schema.trigger_problems(conn) == []
+    assert schema.trigger_problems(conn, [SEQUENCES]) == []
     repaired = events(daemon, "triggers_repaired")
     assert len(repaired) == int(repairs), daemon.output()
     daemon.process.send_signal(signal.SIGTERM)
@@ -198,7 +198,7 @@ def test_init_puts_back_triggers_a_migration_took_and_says_so(
     twelve_step_rebuild(conn, db_path)  # no daemon running: nobody notices
     conn.executemany(ROW_SQL, [make_row(i) for i in range(21, 41)])
     conn.execute("DELETE FROM sequences WHERE id <= 5")
-    assert schema.trigger_problems(conn) != []
+    assert schema.trigger_problems(conn, [SEQUENCES]) != []
     init = subprocess.run(
         [sys.executable, "-m", "outbox_sync", "init"],
         env=daemon_env,
@@ -207,9 +207,9 @@ def test_init_puts_back_triggers_a_migration_took_and_says_so(
         text=True,
     )
     assert init.returncode == 0, init.stderr
-    assert "put back outbox-sync's triggers on sequences" in init.stdout
+    assert "put back outbox-sync's triggers (" in init.stdout
     assert "sequences_outbox_insert was missing" in init.stdout
-    assert schema.trigger_problems(conn) == []
+    assert schema.trigger_problems(conn, [SEQUENCES]) == []
     assert Database(db_path).get_meta(schema.RECONCILE_REQUEST_KEY) is not None
     daemon = start_daemon("--audit-every", "0")  # audits only because init asked
     wait_until(

@@ -272,7 +272,10 @@ def check(settings: Settings, max_lag: str, max_audit_age: str, as_json: bool) -
 def config_command(settings: Settings, as_json: bool) -> None:
     """Print the effective configuration: every setting (from flags, environment variables,
     the --config file and the defaults; secrets masked) and every mapping, with its fields as
-    the collection will declare them. Checks the file as every command does."""
+    the collection will declare them. Checks the file as every command does, and its mappings
+    against the database's tables when the database is there."""
+    if settings.db_path.exists():
+        schema.check(Database(settings.db_path), settings.mappings, prepared=False)
     effective = render.effective_config(settings)
     if as_json:
         click.echo(json.dumps(effective, indent=2))

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import httpx
-
 from outbox_sync.documents import collection_schema
+
 from outbox_sync.localserver import LocalTypesense, free_port
 
 API_KEY = "outbox-sync-bench"

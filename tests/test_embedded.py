@@ -1,0 +1,119 @@
+"""The daemon with its embedded Typesense, as the quick start runs it: the server keeps every
+document across stops and starts of the daemon, and a server that dies while the daemon runs is
+started again and audited."""
+
+import json
+import os
+import signal
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from outbox_sync.localserver import free_port
+from tests.support.app import ROW_SQL, app_connection, make_row
+from tests.support.cli import run_module, without_settings
+from tests.support.daemon import Daemon
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.slow
+
+# A few stop/start cycles in CI; OUTBOX_SYNC_LONG_TESTS=1 for the many the issue asks for.
+CYCLES = 20 if os.environ.get("OUTBOX_SYNC_LONG_TESTS") else 2
+
+
+def embedded_env(tmp_path: Path) -> dict[str, str]:
+    return without_settings(
+        OUTBOX_SYNC_DB=str(tmp_path / "sequences.db"),
+        OUTBOX_SYNC_EMBEDDED_PORT=str(free_port()),
+    )
+
+
+def documents(env: dict[str, str]) -> dict[str, str]:
+    """id -> comment of every document the embedded server holds (none while it is down)."""
+    db = Path(env["OUTBOX_SYNC_DB"])
+    key_file = db.parent / (db.name + ".typesense") / "api-key"
+    if not key_file.exists():  # the daemon has not started the server yet
+        return {}
+    key = key_file.read_text().strip()
+    url = f"http://127.0.0.1:{env['OUTBOX_SYNC_EMBEDDED_PORT']}/collections/sequences/documents"
+    try:
+        response = httpx.get(f"{url}/export", headers={"X-TYPESENSE-API-KEY": key}, timeout=10)
+    except httpx.HTTPError:
+        return {}
+    if response.status_code != 200:
+        return {}
+    lines = [line for line in response.text.split("\n") if line.strip()]
+    return {d["id"]: d.get("comment", "") for d in map(json.loads, lines)}
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_the_embedded_server_keeps_every_document_across_restarts_of_the_daemon(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    env = embedded_env(tmp_path)
+    assert run_module(["init"], env=env).returncode == 0
+    app = app_connection(Path(env["OUTBOX_SYNC_DB"]))
+    written: dict[str, str] = {}
+    for cycle in range(CYCLES):
+        daemon = start_daemon(env=env)
+        for i in range(5):  # the quick start's few records, each cycle
+            key = cycle * 10 + i
+            app.execute(ROW_SQL, make_row(key, comment=f"cycle {cycle} record {i}"))
+            written[str(key)] = f"cycle {cycle} record {i}"
+        wait_until(lambda: documents(env) == written, what=f"cycle {cycle}'s records")
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+        assert "audit_done" not in {e.get("event") for e in daemon.events()} or all(
+            e.get("enqueued") == 0 for e in daemon.events() if e.get("event") == "audit_done"
+        ), "the server lost documents: the daemon's audit had to put them back"
+    daemon = start_daemon("--audit-every", "0", env=env)  # no audit to hide a loss
+    wait_until(lambda: documents(env), what="the server to come back")
+    assert documents(env) == written
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0
+
+
+def test_an_embedded_server_that_dies_is_started_again_and_audited(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    env = embedded_env(tmp_path)
+    assert run_module(["init"], env=env).returncode == 0
+    app = app_connection(Path(env["OUTBOX_SYNC_DB"]))
+    app.executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    daemon = start_daemon("--audit-every", "0", env=env)
+    wait_until(lambda: len(documents(env)) == 10, what="the first sync")
+    [server] = children(daemon.process.pid)
+    os.kill(server, signal.SIGKILL)  # a crash: no snapshot of the last writes
+    app.executemany(ROW_SQL, [make_row(i) for i in range(11, 21)])
+    wait_until(lambda: daemon.logged("embedded_typesense_exited"), what="the daemon to notice")
+    wait_until(
+        lambda: any(
+            e.get("reason") == "embedded restart"
+            for e in daemon.events()
+            if e.get("event") == "audit_done"
+        ),
+        what="the audit after the restart",
+    )
+    expected = {
+        str(row[0]): row[0]
+        for row in sqlite3.connect(env["OUTBOX_SYNC_DB"]).execute("SELECT id FROM sequences")
+    }
+    wait_until(lambda: documents(env).keys() == expected.keys(), what="every record back")
+    assert children(daemon.process.pid) and children(daemon.process.pid) != [server]
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0

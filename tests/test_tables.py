@@ -1,0 +1,326 @@
+"""Your own tables: the example of docs/tables.md, word for word, syncs end to end through a real
+Typesense (every type, TEXT keys with odd characters, soft delete and undelete, a tag re-syncing
+its character), its mistakes are one line each, the source document's own collection is
+accepted, a database of the version before mappings is upgraded in place, and a migration of a
+mapped table converges as it does for `sequences`."""
+
+import json
+import re
+import shutil
+import signal
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from outbox_sync.localserver import LocalTypesense
+from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
+from tests.support.cli import invoke, run_module, without_settings
+from tests.support.daemon import Daemon
+from tests.support.typesense import API_KEY, Server, export
+from tests.support.wait import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = re.search(r"```toml\n(.*?)```", (ROOT / "docs" / "tables.md").read_text(), re.S)[1]  # type: ignore[index]
+CHARACTERS = (
+    "CREATE TABLE characters (slug TEXT PRIMARY KEY, name TEXT, bio TEXT, age INTEGER,"
+    " weight REAL, active INTEGER, deleted_at TEXT)"
+)
+TAGS = "CREATE TABLE character_tags (slug TEXT, tag TEXT)"
+ODD_KEYS = ["a/b", "50%", "q?x", "h#1", "sp ace", 'dq"x', "sq'x", "bt`x", "ünï", "co,ma"]
+
+
+@pytest.fixture
+def setup(
+    tmp_path: Path, private_typesense: LocalTypesense
+) -> Iterator[tuple[dict[str, str], Server, sqlite3.Connection]]:
+    """The example's configuration over a database of both tables, on a server of its own (the
+    example names its collections plainly)."""
+    config = tmp_path / "outbox-sync.toml"
+    config.write_text(EXAMPLE)
+    db_path = tmp_path / "tables.db"  # not the db_path fixture's, which has `sequences` already
+    app = app_connection(db_path)
+    app.executescript(f"{CHARACTERS}; {TAGS};")
+    env = without_settings(
+        OUTBOX_SYNC_CONFIG=str(config),
+        OUTBOX_SYNC_DB=str(db_path),
+        TYPESENSE_URL=private_typesense.url,
+        TYPESENSE_API_KEY=API_KEY,
+    )
+    yield env, Server(private_typesense.url, API_KEY), app
+
+
+def character(slug: str, **changes: Any) -> tuple[Any, ...]:
+    row = {
+        "slug": slug,
+        "name": f"Name of {slug}",
+        "bio": None,
+        "age": 30,
+        "weight": 61.5,
+        "active": 1,
+        "deleted_at": None,
+    }
+    row.update(changes)
+    return tuple(row.values())
+
+
+def characters(server: Server) -> dict[str, dict[str, Any]]:
+    try:
+        return export(server, "characters")
+    except httpx.HTTPStatusError:
+        return {}
+
+
+def expected_characters(app: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+    """What the example's mapping makes of the table, written out here apart from the mapper."""
+    documents = {}
+    for slug, name, bio, age, weight, active in app.execute(
+        "SELECT slug, name, bio, age, weight, active FROM characters WHERE deleted_at IS NULL"
+        " AND active IN (0, 1) AND slug != ''"
+    ):
+        tags = [
+            t
+            for (t,) in app.execute(
+                "SELECT tag FROM character_tags WHERE slug = ? ORDER BY tag", (slug,)
+            )
+        ]
+        document = {"id": slug, "name": name, "active": bool(active), "tags": tags}
+        document |= {
+            k: v for k, v in (("bio", bio), ("age", age), ("weight", weight)) if v is not None
+        }
+        documents[slug] = document
+    return documents
+
+
+def test_the_example_syncs_end_to_end(
+    setup: tuple[dict[str, str], Server, sqlite3.Connection],
+    tmp_path: Path,
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    env, server, app = setup
+    app.executemany("INSERT INTO characters VALUES (?, ?, ?, ?, ?, ?, ?)", [character("alice")])
+    init = run_module(["init"], env=env)  # the new mappings' triggers, and a backfill
+    assert init.returncode == 0, init.stderr
+    assert "existing rows enqueued for sync: 0 of sequences, 1 of characters" in init.stdout
+    daemon = start_daemon("--audit-every", "0", env=env)
+    app.execute(ROW_SQL, make_row(7, comment="a sequence"))
+    app.executemany(
+        "INSERT INTO characters VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [character(slug, bio=f"bio of {slug}", weight=None) for slug in ODD_KEYS]
+        + [character("", name="empty key"), character("bad", age=1.5, active=2)],
+    )
+    app.executemany(
+        "INSERT INTO character_tags VALUES (?, ?)", [("alice", "lead"), ("alice", "hero")]
+    )
+    wait_until(lambda: characters(server) == expected_characters(app), what="the characters")
+    wait_until(
+        lambda: export(server, "sequences") == sqlite_documents(Path(env["OUTBOX_SYNC_DB"])),
+        what="the sequence",
+    )
+    assert characters(server)["alice"]["tags"] == ["hero", "lead"]
+    assert characters(server)["alice"]["weight"] == 61.5
+    # a tag added and one removed re-sync their character, through the dependency's triggers
+    app.execute("INSERT INTO character_tags VALUES ('alice', 'mentor')")
+    app.execute("DELETE FROM character_tags WHERE tag = 'hero'")
+    wait_until(
+        lambda: characters(server).get("alice", {}).get("tags") == ["lead", "mentor"],
+        what="the tags",
+    )
+    # soft delete and undelete; odd keys updated and deleted
+    app.execute("UPDATE characters SET deleted_at = 'now' WHERE slug = 'alice'")
+    wait_until(lambda: "alice" not in characters(server), what="the soft delete")
+    app.execute("UPDATE characters SET deleted_at = NULL WHERE slug = 'alice'")
+    app.execute("UPDATE characters SET name = 'renamed' WHERE slug IN ('a/b', 'bt`x', 'co,ma')")
+    app.execute("DELETE FROM characters WHERE slug IN ('sp ace', 'sq''x', 'ünï')")
+    wait_until(lambda: characters(server) == expected_characters(app), what="the changes")
+    # what could not be indexed, each naming the field
+    errors = invoke(["errors", "list", "--json", "--collection", "characters"], **env)
+    failed = {e["record_key"]: e["error"] for e in json.loads(errors.output)}
+    assert failed == {
+        "": "slug: is empty, which Typesense cannot hold as an id",
+        "bad": "age: expected an integer, got real 1.5",
+    }
+    # the on-call commands, per collection
+    audited = invoke(["audit"], **env)
+    assert audited.exit_code == 0, audited.output
+    assert "audit of collection 'characters'" in audited.output
+    status = json.loads(invoke(["status", "--json"], **env).output)
+    assert set(status["collections"]) == {"sequences", "characters"}
+    assert status["collections"]["characters"]["documents"] == len(expected_characters(app))
+    found = invoke(["search", "renamed", "--collection", "characters", "--json"], **env)
+    assert json.loads(found.output)["found"] == 3
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    reindexed = invoke(["reindex", "--collection", "characters"], **env)
+    assert reindexed.exit_code == 0 and "rows of 'characters'" in reindexed.output
+    assert characters(server) == expected_characters(app)
+
+
+def test_the_source_documents_collection_is_accepted(
+    db_path: Path,
+    typesense_server: Server,
+    collection: str,
+    daemon_env: dict[str, str],
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """A collection made from the source document's table: `id` declared int32 (Typesense
+    drops it), element_id int32, comment required. Used as it is; a NULL comment is a sync
+    error naming it."""
+    fields = [
+        {"name": "id", "type": "int32"},
+        {"name": "element_type", "type": "string", "facet": True},
+        {"name": "element_id", "type": "int32"},
+        {"name": "sequence_number", "type": "int32", "sort": True},
+        {"name": "comment", "type": "string"},
+        {"name": "created_at", "type": "string", "sort": True},
+    ]
+    httpx.post(
+        f"{typesense_server.url}/collections",
+        json={"name": collection, "fields": fields},
+        headers={"X-TYPESENSE-API-KEY": API_KEY},
+    ).raise_for_status()
+    app = app_connection(db_path)
+    app.execute(ROW_SQL, make_row(1))
+    app.execute(ROW_SQL, make_row(2, comment=None))
+    daemon = start_daemon()
+    wait_until(lambda: set(export(typesense_server, collection)) == {"1"}, what="the sync")
+    errors = json.loads(invoke(["errors", "list", "--json"], **daemon_env).output)
+    assert [(e["record_key"], e["error"]) for e in errors] == [
+        (2, "comment: is NULL but the field is required")
+    ]
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+def test_a_database_of_the_version_before_mappings_is_upgraded_in_place(
+    tmp_path: Path,
+    typesense_server: Server,
+    collection: str,
+    daemon_env: dict[str, str],
+) -> None:
+    """tests/fixtures/v1.db was made by that version (see make_v1_db.py): entries waiting in
+    the outbox, sync errors open and closed."""
+    path = tmp_path / "v1.db"
+    shutil.copy(ROOT / "tests" / "fixtures" / "v1.db", path)
+    before = (
+        sqlite3.connect(path)
+        .execute("SELECT id, sequence_id, error, resolution FROM sync_errors ORDER BY id")
+        .fetchall()
+    )
+    pending = sqlite3.connect(path).execute("SELECT count(*) FROM outbox").fetchone()[0]
+    assert pending == 9 and len(before) == 2
+    env = daemon_env | {"OUTBOX_SYNC_DB": str(path)}
+    refused = invoke(["errors", "list"], **env)  # an on-call command does not change it
+    assert (
+        refused.exit_code == 1 and "prepared by an older outbox-sync (schema 1)" in refused.output
+    )
+    ran = run_module(["run", "--once", "--audit-every", "0"], env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert export(typesense_server, collection) == sqlite_documents(path)  # nothing lost
+    after = (
+        sqlite3.connect(path)
+        .execute("SELECT id, mapping, record_key, error FROM sync_errors ORDER BY id")
+        .fetchall()
+    )
+    assert after == [(i, "sequences", key, error) for i, key, error, _ in before]  # all kept
+    assert sqlite3.connect(path).execute("SELECT count(*) FROM outbox").fetchone()[0] == 0
+    again = run_module(["init"], env=env)  # idempotent after the upgrade
+    assert again.returncode == 0 and "upgraded" not in again.stdout
+
+
+def test_changed_fields_tell_the_user_to_reindex_that_collection(
+    setup: tuple[dict[str, str], Server, sqlite3.Connection],
+) -> None:
+    env, _, app = setup
+    assert run_module(["init"], env=env).returncode == 0
+    assert run_module(["run", "--once", "--audit-every", "0"], env=env).returncode == 0
+    config = Path(env["OUTBOX_SYNC_CONFIG"])
+    config.write_text(
+        EXAMPLE.replace('{ name = "age", type = "int32"', '{ name = "age", type = "float"')
+    )
+    refused = run_module(["run", "--once"], env=env)
+    assert refused.returncode == 1
+    assert "field age has type='int32', expected 'float'" in refused.stderr
+    assert "Run `outbox-sync reindex --collection characters`" in refused.stderr
+    assert invoke(["reindex", "--collection", "characters"], **env).exit_code == 0
+    assert run_module(["run", "--once", "--audit-every", "0"], env=env).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (('name = "age"', 'name = "age", colour = "red"'), "fields[2] (age): unknown key 'colour'"),
+        (
+            ('type = "float"', 'type = "double"'),
+            "fields[3] (weight): type: unknown Typesense type 'double'",
+        ),
+        (
+            ("optional = true, sort = true", 'optional = "yes", sort = true'),
+            "fields[2] (age): optional: expected true or false, got a string",
+        ),
+        (
+            ('where = "deleted_at IS NULL"', 'where = "deleted_at IS NUL"'),
+            "(table characters): SQLite refuses its sql or where",
+        ),
+        (
+            ('key = "slug"', 'key = "handle"'),
+            "(table characters): table characters has no column handle",
+        ),
+        (
+            ('collection = "characters"', 'collection = "sequences"'),
+            "collection: 'sequences' is also the collection of [[sync]] 1",
+        ),
+        (
+            ("[[sync.depends_on]]", "extra = 1\n[[sync.depends_on]]"),
+            "[[sync]] 2 (table characters): unknown key 'extra'",
+        ),
+    ],
+)
+def test_a_mistake_in_the_file_is_one_line_naming_the_file_the_entry_and_the_key(
+    setup: tuple[dict[str, str], Server, sqlite3.Connection], change: tuple[str, str], says: str
+) -> None:
+    env, _, _ = setup
+    config = Path(env["OUTBOX_SYNC_CONFIG"])
+    assert change[0] in EXAMPLE
+    config.write_text(EXAMPLE.replace(change[0], change[1], 1))
+    for command in (["init"], ["status"], ["config"]):
+        result = run_module(command, env=env)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, (command, result.stderr)
+        assert len(lines) == 1 and lines[0].startswith(f"Error: {config}, [[sync]] ")
+        assert says in lines[0], lines[0]
+
+
+def test_a_migration_of_a_mapped_table_converges(
+    setup: tuple[dict[str, str], Server, sqlite3.Connection],
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """The 12-step rebuild of `characters` (its triggers go with the old table) while the
+    daemon runs: put back, audited, nothing lost."""
+    env, server, app = setup
+    assert run_module(["init"], env=env).returncode == 0
+    daemon = start_daemon("--audit-every", "0", env=env)
+    app.executemany(
+        "INSERT INTO characters VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [character(f"c{i}") for i in range(20)],
+    )
+    wait_until(lambda: characters(server) == expected_characters(app), what="the first sync")
+    app.executescript(
+        "BEGIN;"
+        + CHARACTERS.replace("characters", "new__characters").replace(
+            "deleted_at TEXT", "deleted_at TEXT, x"
+        )
+        + "; INSERT INTO new__characters (slug, name, bio, age, weight, active, deleted_at)"
+        " SELECT slug, name, bio, age, weight, active, deleted_at FROM characters;"
+        " DROP TABLE characters; ALTER TABLE new__characters RENAME TO characters; COMMIT;"
+    )
+    app.execute("UPDATE characters SET name = 'after the migration' WHERE slug = 'c3'")
+    app.execute("DELETE FROM characters WHERE slug = 'c4'")
+    wait_until(lambda: characters(server) == expected_characters(app), what="the convergence")
+    assert daemon.logged("triggers_repaired")
+    assert json.loads(invoke(["status", "--json"], **env).output)["sync_errors_open"] == 0
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.wait() == 0
