@@ -280,7 +280,8 @@ class Mapping:
         key, line, verdict, then the raw values for `document` and `describe_row`."""
         where = f" AND ({self.where})" if self.where else ""
         return (
-            f"SELECT {self.columns()}, {self.line_and_verdict()} FROM {quote_identifier(self.table)}"
+            f"SELECT {self.columns()}, {self.line_and_verdict()}"
+            f" FROM {quote_identifier(self.table)}"
             f" WHERE {quote_identifier(self.key)} IN (SELECT value FROM json_each(?)){where}"
         )
 
@@ -439,7 +440,8 @@ def _key_check(key: str, name: str, kind: str) -> str:
     return (
         f"CASE WHEN typeof({key}) != 'text' THEN "
         f"{sql_text(name + ': expected text, got ')} || {_describe_sql(key)}"
-        f" WHEN {key} = '' THEN {sql_text(name + ': is empty, which Typesense cannot hold as an id')}"
+        f" WHEN {key} = '' THEN"
+        f" {sql_text(name + ': is empty, which Typesense cannot hold as an id')}"
         f" WHEN {size} > {MAX_ID_BYTES} THEN {sql_text(name + ': is ')} || {size}"
         f" || {sql_text(f' bytes, more than the limit of {MAX_ID_BYTES}')} END"
     )
@@ -465,7 +467,8 @@ def _check(field_: Field) -> str:
     if kind == "string":
         size = f"length(CAST({v} AS BLOB))"
         rest = (
-            f" WHEN typeof({v}) != 'text' THEN {said} || 'expected text, got ' || {_describe_sql(v)}"
+            f" WHEN typeof({v}) != 'text' THEN {said} || 'expected text, got ' ||"
+            f" {_describe_sql(v)}"
             f" WHEN {size} > {MAX_TEXT_BYTES} THEN {said} || 'is ' || {size} ||"
             f" {sql_text(f' bytes, more than the limit of {MAX_TEXT_BYTES}')}"
         )

@@ -191,7 +191,8 @@ def _upgrade(conn: sqlite3.Connection) -> bool:
     if conn.execute("SELECT 1 FROM outbox_sync_meta WHERE key = 'backfilled_at'").fetchone():
         conn.execute(
             "INSERT OR REPLACE INTO outbox_sync_meta (key, value)"
-            " SELECT 'backfilled:sequences', value FROM outbox_sync_meta WHERE key = 'backfilled_at'"
+            " SELECT 'backfilled:sequences', value FROM outbox_sync_meta"
+            " WHERE key = 'backfilled_at'"
         )
     return True
 

@@ -159,8 +159,8 @@ def test_a_row_replaced_through_another_unique_constraint_needs_recursive_trigge
 ) -> None:
     """INSERT OR REPLACE that removes a row through a UNIQUE constraint other than `id` fires no
     delete trigger unless the application's connection has PRAGMA recursive_triggers=ON (SQLite's
-    rule): the removed row's document stays behind. A known limit, asserted so docs/guarantees.md stays
-    true; `outbox-sync audit --repair` finds such leftovers."""
+    rule): the removed row's document stays behind. A known limit, asserted so
+    docs/guarantees.md stays true; `outbox-sync audit --repair` finds such leftovers."""
     path = tmp_path / "unique.db"
     conn = app_connection(path)
     conn.execute(

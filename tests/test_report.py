@@ -299,7 +299,8 @@ def test_sync_errors_are_counted_per_day_and_kind(db: Database) -> None:
     day = 1_714_521_600  # 2024-05-01
     with db.write() as conn:
         conn.executemany(
-            "INSERT INTO sync_errors (outbox_id, mapping, record_key, op, http_status, error, attempts,"
+            "INSERT INTO sync_errors (outbox_id, mapping, record_key, op, http_status, error,"
+            " attempts,"
             " failed_at) VALUES (?, 'sequences', ?, 'upsert', ?, ?, 2, ?)",
             [
                 (1, 1, 400, "Field `comment` must be an int32.", "2024-05-01T08:00:00Z"),

@@ -285,7 +285,8 @@ def add_a_week_of_history(db: Database, before: float) -> None:
         stats.save(db, hour + 30 * 60, data)
     with db.write() as conn:
         conn.executemany(
-            "INSERT INTO sync_errors (outbox_id, mapping, record_key, op, http_status, error, attempts,"
+            "INSERT INTO sync_errors (outbox_id, mapping, record_key, op, http_status, error,"
+            " attempts,"
             " failed_at) VALUES (0, 'sequences', ?, 'upsert', ?, ?, 2, ?)",
             [
                 (1000 + days, status, error, time_of(before - days * 86400))

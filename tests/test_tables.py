@@ -234,7 +234,7 @@ def test_a_database_of_the_version_before_mappings_is_upgraded_in_place(
 def test_changed_fields_tell_the_user_to_reindex_that_collection(
     setup: tuple[dict[str, str], Server, sqlite3.Connection],
 ) -> None:
-    env, _, app = setup
+    env, _, _ = setup
     assert run_module(["init"], env=env).returncode == 0
     assert run_module(["run", "--once", "--audit-every", "0"], env=env).returncode == 0
     config = Path(env["OUTBOX_SYNC_CONFIG"])
