@@ -88,8 +88,8 @@ def verdict(
     lag = figures["oldest_pending_age_s"] or 0.0
     if lag > max_lag_s:
         found.append((CRITICAL, f"the oldest change has waited {lag:.0f} s (> {max_lag_s:g} s)"))
-    if figures["sync_errors_open"]:
-        found.append((WARNING, f"{figures['sync_errors_open']} open sync errors"))
+    if open_errors := figures["sync_errors_open"]:
+        found.append((WARNING, f"{open_errors} open sync error{'s' if open_errors > 1 else ''}"))
     found.extend(_audit_findings(figures["last_audit"], max_audit_age_s, now))
     status = max((level for level, _ in found), default=OK)
     text = "; ".join(message for _, message in sorted(found, key=lambda f: -f[0]))

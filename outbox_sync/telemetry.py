@@ -4,6 +4,7 @@ systemd notify protocol, and the per-minute statistics (stats.py) it gathers for
 The worker and the index call into one Telemetry object; nothing here touches Typesense.
 """
 
+import collections
 import json
 import threading
 import time
@@ -91,6 +92,8 @@ class Telemetry:
         self.refreshed_at = float("-inf")
         self.up = False
         self._stats: dict[str, Any] = {}
+        # What the daemon has applied since it started, for its "synced" log line.
+        self.totals: collections.Counter[str] = collections.Counter()
         self._stats_since: float | None = None
         self._lock = threading.Lock()
 
@@ -105,6 +108,7 @@ class Telemetry:
             counts[bucket_index(seconds)] += 1
 
     def batch_applied(self, upserted: int, deleted: int, retried: int, reasons: list[str]) -> None:
+        self.totals.update(upserted=upserted, deleted=deleted, retried=retried, failed=len(reasons))
         self.applied.labels("upsert").inc(upserted)
         self.applied.labels("delete").inc(deleted)
         self.retried.inc(retried)

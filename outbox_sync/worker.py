@@ -11,6 +11,7 @@ import os
 import select
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ DEFAULT_MAX_BACKOFF_S = 10.0
 HEALTH_PROBE_INTERVAL_S = 5.0
 # While an outage lasts, repeat the warning at most this often.
 OUTAGE_LOG_INTERVAL_S = 60.0
+# While changes flow, one `synced` line this often (nothing while idle).
+PROGRESS_INTERVAL_S = 60.0
 # Saving the per-minute statistics into their minute's row: this often, and when the loop ends,
 # so `report` counts the current minute too, at most this late. A save is one write transaction
 # on the application's file, 4.0 ms median (p95 5.8 ms), nearly all of it the WAL fsync of the
@@ -106,10 +109,10 @@ class Stop:
 
 class Job:
     """A chore of the loop: `run(now)` every `interval_s` (0: every turn), first at the first
-    turn unless due_at_start=False. It may raise a retryable error (Typesense trouble, a locked
-    database, a missing table): the loop pauses, and the job stays due. at_stop: what to do when
-    the loop ends. settle: for `run --once`, finish what the job has under way; True when
-    that queued entries the loop must apply before it stops."""
+    turn, or one interval after it with due_at_start=False. It may raise a retryable error
+    (Typesense trouble, a locked database, a missing table): the loop pauses, and the job stays
+    due. at_stop: what to do when the loop ends. settle: for `run --once`, finish what the job
+    has under way; True when that queued entries the loop must apply before it stops."""
 
     def __init__(
         self,
@@ -123,9 +126,11 @@ class Job:
     ) -> None:
         self.name, self.interval_s, self.run = name, interval_s, run
         self.at_stop, self.settle = at_stop, settle
-        self.next_at = float("-inf") if due_at_start else float("inf")
+        self.next_at: float | None = float("-inf") if due_at_start else None
 
     def due(self, now: float) -> bool:
+        if self.next_at is None:  # the first turn
+            self.next_at = now + self.interval_s
         return now >= self.next_at
 
     def done(self, now: float) -> None:
@@ -150,7 +155,7 @@ class Backoff:
         self.since: float | None = None
         self.logged_at = 0.0
 
-    def failed(self, error: Exception, now: float) -> float:
+    def failed(self, error: Exception, now: float, **context: Any) -> float:
         delay = self.delay_s
         if self.since is None or now - self.logged_at >= OUTAGE_LOG_INTERVAL_S:
             self.log.warning(
@@ -158,6 +163,7 @@ class Backoff:
                 reason=str(error),
                 retry_in_s=delay,
                 outage_s=0.0 if self.since is None else round(now - self.since, 1),
+                **context,
             )
             self.logged_at = now
         if self.since is None:
@@ -216,7 +222,7 @@ class Worker:
                     self._ensure_collections()
                     break
                 except TypesenseUnavailableError as error:
-                    self._pause(error, stop)
+                    self._pause(error, stop, **start_hint(error))
             while not stop.is_set():
                 version = self._data_version()
                 turn = self.loop(time.monotonic(), stop)
@@ -281,14 +287,14 @@ class Worker:
         for index in self.indexes:
             index.ensure_collection()
 
-    def _pause(self, error: Exception, stop: Stopping) -> None:
+    def _pause(self, error: Exception, stop: Stopping, **context: Any) -> None:
         """Wait out server trouble, a locked database or a missing table, keeping the loop's
         heartbeat. Once Typesense answers again after trouble, `after_outage` is called (the
         daemon audits: it may have lost writes)."""
         if isinstance(error, TypesenseUnavailableError):
             self.telemetry.reachable(False, str(error))
             self.typesense_down = True
-        deadline = time.monotonic() + self.backoff.failed(error, time.monotonic())
+        deadline = time.monotonic() + self.backoff.failed(error, time.monotonic(), **context)
         while not stop.wait(max(0.0, min(1.0, deadline - time.monotonic()))):
             self.telemetry.loop_alive(time.monotonic())
             if time.monotonic() >= deadline:
@@ -318,6 +324,42 @@ class Worker:
             if not is_busy(error):
                 raise
             return None
+
+
+def start_hint(error: TypesenseUnavailableError) -> dict[str, str]:
+    """At start, a refused connection is as likely a wrong URL as an outage: say so."""
+    if "ConnectError" not in str(error):
+        return {}
+    return {
+        "hint": "nothing accepts connections there: if Typesense is up, the URL may be wrong "
+        "(--typesense-url, TYPESENSE_URL)"
+    }
+
+
+class Progress:
+    """A loop job: one `synced` line a minute while changes flow (what was applied since the
+    last, the lag, the backlog), nothing while idle."""
+
+    def __init__(self, db: Database, telemetry: Telemetry) -> None:
+        self.db, self.telemetry = db, telemetry
+        self.seen: Counter[str] = Counter()
+
+    def __call__(self, now: float) -> None:
+        since = self.telemetry.totals - self.seen
+        if not since:
+            return
+        self.seen = Counter(self.telemetry.totals)
+        pending, lag_s, open_errors = self.db.backlog()
+        structlog.get_logger("outbox_sync").info(
+            "synced",
+            upserted=since["upserted"],
+            deleted=since["deleted"],
+            failed=since["failed"],
+            retried=since["retried"],
+            pending=pending,
+            lag_s=lag_s or 0.0,
+            sync_errors_open=open_errors,
+        )
 
 
 def save_stats(db: Database, telemetry: Telemetry) -> None:
@@ -389,6 +431,7 @@ def daemon(
             at_stop=lambda: save_stats(db, telemetry),
         ),
         Job("audit", 0, reconciler, settle=reconciler.settle, at_stop=reconciler.stop),
+        Job("progress", PROGRESS_INTERVAL_S, Progress(db, telemetry), due_at_start=False),
     ]
     if server is not None:
         jobs.append(

@@ -123,7 +123,7 @@ def test_open_sync_errors_are_a_warning(
     db.ack(0, [], [failure])
     code, line = check(typesense_server, db_path, collection)
     assert (code, line.split(" - ")[0]) == (1, "OUTBOX-SYNC WARNING")
-    assert "1 open sync errors" in line
+    assert "1 open sync error |" in line
 
 
 @pytest.mark.usefixtures("running")

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import click
 import pytest
 
 from outbox_sync.worker import Worker
@@ -91,3 +92,29 @@ def test_a_bad_filter_or_sort_is_one_clear_line(
     line = one_line(result)
     assert "Typesense refused the search of" in line and message in line
     assert "check QUERY, --filter, --sort and --facet" in line and "does not exist" not in line
+
+
+@pytest.mark.usefixtures("indexed")
+def test_the_query_matches_element_type_too_and_facets_count_per_value(
+    db_path: Path, typesense_server: Server, collection: str, worker: Worker
+) -> None:
+    app_connection(db_path).execute(ROW_SQL, (126, "character", 459, 3, "Hero", "2023-10-01"))
+    drain(worker)
+    assert search(typesense_server, db_path, collection, "character") == (1, ["126"])
+
+    args = ["search", "*", "--facet", "element_type", "--filter", "sequence_number:<3"]
+    result = invoke([*args, "--json"], typesense_server, db_path, collection)
+    assert json.loads(result.stdout)["facets"] == {"element_type": {"script": 2, "section": 1}}
+    text = invoke(args, typesense_server, db_path, collection).output.splitlines()
+    assert text[-1] == "facet element_type: script (2), section (1)"
+
+
+@pytest.mark.usefixtures("indexed")
+def test_the_match_is_highlighted_on_a_terminal_only(
+    db_path: Path, typesense_server: Server, collection: str
+) -> None:
+    on_terminal = invoke(["search", "opening"], typesense_server, db_path, collection, color=True)
+    assert click.style("Opening", bold=True, underline=True) + " section" in on_terminal.output
+    piped = invoke(["search", "opening"], typesense_server, db_path, collection).output
+    assert "comment=Opening section" in piped
+    assert "\x1b[" not in piped and "<mark>" not in piped

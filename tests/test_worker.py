@@ -4,13 +4,19 @@ sleeping, no patched clock."""
 import threading
 from collections.abc import Callable
 
+import structlog
+
 from outbox_sync.batch import Applier
 from outbox_sync.db import Database
 from outbox_sync.errors import TypesenseUnavailableError
+from outbox_sync.localserver import free_port
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
-from outbox_sync.worker import Index, Job, Turn, Worker
+from outbox_sync.worker import Index, Job, Progress, Turn, Worker, daemon
+from tests.support.app import insert_rows
+from tests.support.daemon import running
 from tests.support.fake_index import FakeIndex
+from tests.support.wait import wait_until
 
 
 def worker_with(
@@ -36,12 +42,13 @@ def test_a_job_runs_at_the_first_turn_then_each_time_its_interval_has_passed(
 ) -> None:
     ran: list[float] = []
     every_10_s = Job("every 10 s", 10, ran.append)
-    never = Job("not due at start", 10, lambda now: ran.append(-now), due_at_start=False)
-    worker = worker_with(db, index, every_10_s, never)
+    later = Job("not due at start", 10, lambda now: ran.append(-now), due_at_start=False)
+    worker = worker_with(db, index, every_10_s, later)
     stop = threading.Event()
     for now in (100, 105, 109.9, 110, 115, 119, 121):
         assert worker.loop(now, stop) == Turn(0)
-    assert ran == [100, 110, 121]  # due again 10 s after it last ran, not on a fixed grid
+    # due again 10 s after it last ran, not on a fixed grid; `later` first 10 s after the start
+    assert ran == [100, 110, -110, 121, -121]
 
 
 def test_after_an_outage_the_loop_calls_after_outage_once_typesense_is_back(db: Database) -> None:
@@ -75,3 +82,38 @@ def test_after_an_outage_the_loop_calls_after_outage_once_typesense_is_back(db: 
     # the failed periodic job stayed due and ran at once; after_outage once, when it was back
     assert ran == [102, 112, 200]
     assert outages == [102]
+
+
+def test_a_synced_line_a_minute_while_changes_flow_and_none_while_idle(db: Database) -> None:
+    index = FakeIndex()
+    telemetry = Telemetry()
+    applier = Applier(db, {"sequences": index}, batch_size=100, telemetry=telemetry)  # type: ignore[dict-item]
+    progress = Job("progress", 60, Progress(db, telemetry), due_at_start=False)
+    worker = Worker(db, [index], applier, [progress], telemetry=telemetry)  # type: ignore[list-item]
+    stop = threading.Event()
+    with structlog.testing.capture_logs() as logs:
+        worker.loop(0, stop)  # idle: the minute starts
+        insert_rows(db.conn, range(1, 4))
+        db.conn.execute("DELETE FROM sequences WHERE id = 3")
+        while worker.loop(10, stop).applied:
+            pass
+        worker.loop(59, stop)  # not a minute yet
+        assert [e for e in logs if e["event"] == "synced"] == []
+        worker.loop(60, stop)
+        for now in (120, 180, 240):  # idle minutes: nothing
+            worker.loop(now, stop)
+    [synced] = [e for e in logs if e["event"] == "synced"]
+    # row 3's insert was superseded by its delete before the drain: two upserts, one delete
+    assert (synced["upserted"], synced["deleted"], synced["failed"]) == (2, 1, 0)
+    assert (synced["pending"], synced["sync_errors_open"]) == (0, 0)
+    assert synced["log_level"] == "info"
+
+
+def test_a_start_against_a_refused_url_hints_that_the_url_may_be_wrong(db: Database) -> None:
+    nothing_there = f"http://127.0.0.1:{free_port()}"
+    index = TypesenseIndex([nothing_there], "key", "sequences", timeout_s=1)
+    worker = daemon(db, [index], telemetry=Telemetry(), min_backoff_s=0.05, max_backoff_s=0.1)
+    with structlog.testing.capture_logs() as logs, running(worker):
+        wait_until(lambda: any(e["event"] == "sync_paused" for e in logs), what="a pause")
+    paused = next(e for e in logs if e["event"] == "sync_paused")
+    assert "URL may be wrong" in paused["hint"] and "--typesense-url" in paused["hint"]
