@@ -97,6 +97,7 @@ class Reconciler:
         if self.requested is not None:
             reason, self.requested = self.requested, None
             self.next_at = now + self.every_s if self.every_s else float("inf")
+            self.stopping.clear()  # a loop run again after a stop audits again
             self.thread = threading.Thread(
                 target=self._audit, args=(reason,), name="audit", daemon=True
             )

@@ -3,6 +3,7 @@ repairing what they find, logged, exported as metrics and shown by `status`; cha
 flowing while one runs; `audit --max-lag` does not call a stalled outbox consistent."""
 
 import json
+import re
 import signal
 import threading
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import daemon
 from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
 from tests.support.cli import invoke
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, drain
 from tests.support.typesense import Server, by_hand, export
 from tests.support.wait import wait_until
 
@@ -127,6 +128,21 @@ def test_audit_does_not_call_a_stalled_outbox_consistent(
     conn.execute("UPDATE outbox SET enqueued_at = enqueued_at - 700")
     stalled = invoke(["audit"], typesense_server, db_path, collection)
     assert stalled.exit_code == 1
-    assert "stalled: the oldest change has waited 700 s" in stalled.output
+    assert re.search(r"stalled: the oldest change has waited 70[01] s", stalled.output)
     lenient = invoke(["audit", "--max-lag", "1h"], typesense_server, db_path, collection)
     assert lenient.exit_code == 0, lenient.output
+
+
+def test_a_loop_run_again_after_a_stop_audits_again(
+    db: Database, index: TypesenseIndex, typesense_server: Server, collection: str
+) -> None:
+    worker = daemon(db, [index], audit_every_s=0)
+    drain(worker)  # its end stops the audits
+    app_connection(Path(db.path)).execute(ROW_SQL, make_row(1))
+    drain(worker)
+    by_hand(typesense_server, "DELETE", f"/collections/{collection}/documents/1")  # lost
+    worker.after_outage()  # what an outage asks for
+    drain(worker)
+    record = reconcile.last_audit(db)
+    assert record is not None and (record.reason, record.ok) == ("outage", True)
+    assert record.drift["missing"] == 1 and "1" in export(typesense_server, collection)

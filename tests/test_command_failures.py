@@ -55,10 +55,25 @@ def test_a_missing_database_says_to_init(
 def test_an_uninitialised_database_says_to_init(
     tmp_path: Path, typesense_server: Server, args: list[str]
 ) -> None:
+    # the application's table, as it had it before outbox-sync (no outbox, no triggers)
     plain = tmp_path / "plain.db"
-    app_connection(plain).execute("CREATE TABLE sequences (id INTEGER PRIMARY KEY)")
+    app_connection(plain).execute(
+        "CREATE TABLE sequences (id INTEGER PRIMARY KEY, element_type TEXT, element_id INTEGER,"
+        " sequence_number INTEGER, comment TEXT, created_at TEXT)"
+    )
     result = invoke(args, typesense_server, plain, "x")
     assert f"run `outbox-sync init --db {plain}`" in one_line(result)
+
+
+@pytest.mark.parametrize("args", DATABASE_COMMANDS, ids=" ".join)
+def test_a_table_init_could_not_sync_says_what_it_lacks(
+    tmp_path: Path, typesense_server: Server, args: list[str]
+) -> None:
+    # `init` would refuse it too: the advice is the table, not init
+    plain = tmp_path / "plain.db"
+    app_connection(plain).execute("CREATE TABLE sequences (id INTEGER PRIMARY KEY)")
+    line = one_line(invoke(args, typesense_server, plain, "x"))
+    assert "table sequences has no column element_type, element_id," in line
 
 
 @pytest.mark.parametrize("problem", TYPESENSE_PROBLEMS)
