@@ -39,8 +39,14 @@ from tests.support.typesense import Server, by_hand
         (500, "Internal Server Error", None, TypesenseUnavailableError),
         (502, "Bad Gateway", "c", TypesenseUnavailableError),
         (503, "Not Ready or Lagging", "c", TypesenseUnavailableError),
-        (422, "Rejecting write: out of resource type: DISK", None, TypesenseUnavailableError),
+        (
+            422,
+            "Rejecting write: running out of resource type: OUT_OF_DISK",
+            None,
+            TypesenseUnavailableError,
+        ),
         (422, "Field `comment` must be a string.", None, TypesenseRejectedError),
+        (422, "Field `resource` must be a string.", None, TypesenseRejectedError),
         (400, "Bad JSON.", "c", TypesenseRejectedError),
         (409, "A collection with name `c` already exists.", None, TypesenseRejectedError),
         (
