@@ -23,7 +23,8 @@ Kinds:
 - `fail_lines`: an import only. The lines whose document id is in `ids` (or whose position is
   in `positions`) are not forwarded; their result lines say
   `{"success":false,"code":status,"error":...,"document":...}` as Typesense 0.24.1 writes
-  them (no id), and the other lines get Typesense's real results, in order.
+  them (no id; the "v30" shape rewrites them as it does the server's own), and the other lines
+  get Typesense's real results, in order.
 - `garble_lines`: an import only; forward, then drop the last result line (a short answer).
 - `resource_error`: the server is out of `resource` (OUT_OF_DISK or OUT_OF_MEMORY): a write other
   than a DELETE is answered 422 "Rejecting write: running out of resource type: OUT_OF_DISK"
@@ -34,10 +35,12 @@ Kinds:
   core_api.cpp get_export_documents) in place of the line of the document whose id is in `ids`
   (the first line when `ids` is empty). A healthy server writes none, hence a fault.
 
-Shapes. `FaultProxy(url, shape="v30")` rewrites every answer of the 0.24.1 server into the shape
-Typesense 29 and 30 give, as read in github.com/typesense/typesense at tags v0.24.1, v26.0,
-v27.0, v28.0, v29.0 and the v30 branch (src/core_api.cpp, src/collection.cpp,
-src/collection_manager.cpp, include/field.h):
+Shapes. `FaultProxy(url, shape="v30")` rewrites the answers of the 0.24.1 server that Typesense
+29 and 30 give in another shape, as read in github.com/typesense/typesense at tags v0.24.1,
+v26.0, v27.0, v28.0, v29.0 and the v30 branch (4a092b04, 2025-09-26): src/core_api.cpp,
+src/collection.cpp, src/collection_manager.cpp, src/raft_server.cpp, src/http_data.cpp,
+include/field.h. (Since which version each one holds is given in brackets.) Search answers and
+everything else pass as 0.24.1 writes them.
 - a 404 for a missing collection or alias (0.24.1: "Not Found", or "Not found." from a search)
   says "Collection not found" (29+: core_api.cpp `set_404("Collection not found")` in every
   handler, collection_manager.cpp do_search). The other 404s are worded alike in both: "Could not
@@ -48,8 +51,8 @@ src/collection_manager.cpp, include/field.h):
   add_many's results); outbox-sync asks neither, so its failed lines are
   `{"code":400,"error":"...","success":false}`.
 - a collection (GET, POST, DELETE, and each of GET /collections) gains what
-  Collection::get_summary_json writes in 30: per field `stem` false, `store` true,
-  `stem_dictionary` "" (29+; `range_index`, a field's own `token_separators` and
+  Collection::get_summary_json writes in 30: per field `stem` false (26+), `store` true (27+),
+  `stem_dictionary` "" (28+) (`range_index`, a field's own `token_separators` and
   `symbols_to_index` only when set, which outbox-sync never does), and at the top
   `synonym_sets` [] and `curation_sets` [] (30).
 - `DELETE /collections/c/documents/7?ignore_not_found=true` of a missing document answers 200
