@@ -194,6 +194,15 @@ def parse_duration(text: str, what: str = "duration") -> float:
     return seconds
 
 
+def format_duration(seconds: float) -> str:
+    """The largest unit that says `seconds` whole (86400: `1d`, 90: `90s`), for
+    parse_duration to read back."""
+    for unit in ("w", "d", "h", "m", "s"):
+        if seconds and seconds % SECONDS_PER_UNIT[unit] == 0:
+            return f"{seconds / SECONDS_PER_UNIT[unit]:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def parse_address(address: str) -> tuple[str, int]:
     """HOST:PORT (IPv6 as [::1]:PORT) -> (host, port); ConfigError otherwise."""
     host, _, port = address.rpartition(":")

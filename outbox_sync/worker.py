@@ -191,7 +191,7 @@ class Worker:
         *,
         telemetry: Telemetry,
         after_outage: Callable[[], None] = lambda: None,
-        watch: ChangeWatch | None = None,
+        watch_changes: bool = False,
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
         idle_recheck_s: float = DEFAULT_IDLE_RECHECK_S,
         min_backoff_s: float = DEFAULT_MIN_BACKOFF_S,
@@ -200,7 +200,8 @@ class Worker:
         self.db, self.indexes, self.applier, self.telemetry = db, indexes, applier, telemetry
         self.jobs = {job.name: job for job in jobs}
         self.after_outage = after_outage
-        self.watch = watch
+        self.watch_changes = watch_changes
+        self.watch: ChangeWatch | None = None  # while `run` runs, with watch_changes
         self.typesense_down = self.collection_lost = False
         self.poll_interval_s = poll_interval_s
         self.idle_recheck_s = idle_recheck_s
@@ -214,8 +215,10 @@ class Worker:
         # Ready once the database is ours: waiting for Typesense here must not look like a
         # failed start to systemd (it would restart the daemon in a loop during an outage).
         self.telemetry.ready()
-        if isinstance(stop, Stop) and self.watch is not None:
-            stop.wakers.append(self.watch.interrupt)  # SIGTERM ends the wait at once
+        if self.watch_changes:
+            self.watch = watch_changes(self.db)
+            if isinstance(stop, Stop):
+                stop.wakers.append(self.watch.interrupt)  # SIGTERM ends the wait at once
         try:
             while not stop.is_set():
                 try:
@@ -237,6 +240,9 @@ class Worker:
             for job in self.jobs.values():
                 if job.at_stop is not None:
                     job.at_stop()
+            if self.watch is not None:
+                self.watch.close()  # its inotify instance: 128 a user, by default
+                self.watch = None
 
     def loop(self, now: float, stop: Stopping) -> Turn:
         """One turn: the chores that are due, then up to one drain slice of batches; while
@@ -324,6 +330,16 @@ class Worker:
             if not is_busy(error):
                 raise
             return None
+
+
+def watch_changes(db: Database) -> ChangeWatch:
+    """A watch on the database's files; said in the log when it has to poll instead."""
+    watch = ChangeWatch(Path(db.path))
+    if watch.mode != "inotify":
+        structlog.get_logger("outbox_sync").info(
+            "change_watch", mode=watch.mode, reason=watch.reason, note="polling the database"
+        )
+    return watch
 
 
 def start_hint(error: TypesenseUnavailableError) -> dict[str, str]:
@@ -439,11 +455,6 @@ def daemon(
         )
     by_name = {index.mapping.name: index for index in indexes}
     applier = Applier(db, by_name, batch_size=batch_size, telemetry=telemetry)
-    watch = ChangeWatch(Path(db.path))
-    if watch.mode != "inotify":
-        structlog.get_logger("outbox_sync").info(
-            "change_watch", mode=watch.mode, reason=watch.reason, note="polling the database"
-        )
     return Worker(
         db,
         indexes,
@@ -451,6 +462,6 @@ def daemon(
         jobs,
         telemetry=telemetry,
         after_outage=lambda: reconciler.request("outage"),
-        watch=watch,
+        watch_changes=True,
         **loop_options,
     )

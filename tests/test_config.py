@@ -314,3 +314,13 @@ def test_a_key_no_http_header_can_carry_is_refused_without_being_echoed(
 def test_a_key_with_inner_spaces_can_be_carried(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(API_KEY_ENV, "two words")
     assert build_settings({"typesense_url": URL}).api_key == "two words"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(86400, "1d"), (3600, "1h"), (90, "90s"), (1.5, "1.5s"), (0, "0s")]
+)
+def test_a_duration_is_said_in_its_largest_whole_unit_and_reads_back(
+    seconds: float, text: str
+) -> None:
+    assert config.format_duration(seconds) == text
+    assert config.parse_duration(text) == seconds

@@ -334,5 +334,6 @@ def test_own_writes_cost_a_bounded_burst_of_look_ups(
         # the rechecks end: then a wait runs to its timeout (longer than the recheck window)
         while watch.wait(10 * wakeup.RECHECK_WINDOW_S):
             looks += 1
-            assert looks <= 20
+            # 15 a burst of events; a loaded machine may split the commit's writes in two
+            assert looks <= 2 * 15
         assert looks >= 5  # the rechecks: no event follows the first

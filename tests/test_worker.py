@@ -1,8 +1,11 @@
 """The loop's chores, driven turn by turn through `Worker.loop(now)` with explicit times: no
 sleeping, no patched clock."""
 
+import contextlib
+import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 
@@ -117,3 +120,24 @@ def test_a_start_against_a_refused_url_hints_that_the_url_may_be_wrong(db: Datab
         wait_until(lambda: any(e["event"] == "sync_paused" for e in logs), what="a pause")
     paused = next(e for e in logs if e["event"] == "sync_paused")
     assert "URL may be wrong" in paused["hint"] and "--typesense-url" in paused["hint"]
+
+
+def inotify_instances() -> int:
+    """This process's inotify instances (fds of other threads may close while they are read)."""
+    targets = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            targets.append(os.readlink(fd))
+    return sum("inotify" in target for target in targets)
+
+
+def test_the_loop_watches_the_file_while_it_runs_and_closes_the_watch_after(
+    db: Database, index: TypesenseIndex
+) -> None:
+    # inotify instances are few (128 a user by default): a leak ends in polling
+    worker = daemon(db, [index], telemetry=Telemetry())
+    before = inotify_instances()
+    with running(worker):
+        watch = wait_until(lambda: worker.watch, what="the loop to watch the file")
+        assert watch.mode == "inotify" and inotify_instances() == before + 1
+    assert worker.watch is None and inotify_instances() == before

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from outbox_sync.audit import KINDS, Audit, AuditSummary, RepairSummary
-from outbox_sync.config import Settings
+from outbox_sync.config import Settings, format_duration
 from outbox_sync.mapping import Mapping
 from outbox_sync.stats import LATENCY_BUCKETS_S
 
@@ -234,7 +234,7 @@ def effective_config(settings: Settings) -> dict[str, Any]:
         "embedded_port": settings.embedded_port,
         "ca_file": settings.ca_file,
         "batch_size": settings.batch_size,
-        "audit_every": f"{settings.audit_every_s:g}s",
+        "audit_every": format_duration(settings.audit_every_s),
         "metrics_address": ":".join(map(str, settings.metrics_address or ())) or None,
         # not settings of the file: what they are, as comments
         "# config": str(settings.config_file) if settings.config_file else "(none: built-in)",
