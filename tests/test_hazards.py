@@ -6,12 +6,15 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -133,6 +136,50 @@ def test_a_writer_holding_the_write_lock_is_waited_out_and_nothing_is_lost(
         assert any(e["event"] == "sync_resumed" for e in logs)
     else:  # it simply waited for the lock
         assert paused == []
+
+
+APPLICATION_INSERT = (
+    "INSERT INTO sequences (id, element_type, element_id, sequence_number, comment)"
+    " VALUES ({key}, 'script', 456, 1, 'written by the application')"
+)
+
+
+def application_insert(client: str, db_path: Path, key: int, *, busy_timeout: bool) -> str:
+    """One INSERT by an application that opens the file as docs/how-it-works.md says (or without
+    the busy timeout): the error it got, "" when it committed."""
+    sql = APPLICATION_INSERT.format(key=key)
+    if client == "sqlite3 shell":
+        timeout = ["-cmd", ".timeout 5000"] if busy_timeout else []
+        done = subprocess.run(
+            ["sqlite3", *timeout, str(db_path), sql], capture_output=True, text=True, timeout=60
+        )
+        return done.stderr.strip() if done.returncode else ""
+    conn = sqlite3.connect(db_path, timeout=5 if busy_timeout else 0)
+    try:
+        with conn:
+            conn.execute(sql)
+    except sqlite3.OperationalError as error:
+        return str(error)
+    finally:
+        conn.close()
+    return ""
+
+
+@pytest.mark.parametrize("client", ["python", "sqlite3 shell"])
+def test_an_application_with_the_documented_busy_timeout_waits_out_the_daemons_write_lock(
+    db_path: Path, db: Database, client: str
+) -> None:
+    if client == "sqlite3 shell" and shutil.which("sqlite3") is None:
+        pytest.skip("no sqlite3 shell: Debian's sqlite3 package (.ci/run installs it as root)")
+    with ThreadPoolExecutor(1) as pool:
+        with db.write():  # the lock as the daemon holds it to acknowledge a batch
+            refused = application_insert(client, db_path, 1, busy_timeout=False)
+            assert "database is locked" in refused
+            waiting = pool.submit(application_insert, client, db_path, 2, busy_timeout=True)
+            time.sleep(0.3)
+            assert not waiting.done()  # it waits for the lock ...
+        assert waiting.result(timeout=60) == ""  # ... and commits once the daemon let it go
+    assert [key for (key,) in db.conn.execute("SELECT id FROM sequences")] == [2]
 
 
 def test_the_application_adding_a_column_changes_nothing(

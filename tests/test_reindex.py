@@ -36,14 +36,20 @@ def test_a_new_collection_is_created_behind_an_alias(index: TypesenseIndex) -> N
     assert target is not None and target.startswith(f"{index.collection}_v")
 
 
+@pytest.mark.answer_shapes
 def test_rebuild_swaps_in_a_complete_collection_and_drops_the_old(
-    db_path: Path, db: Database, worker: Worker, typesense_server: Server, collection: str
+    db_path: Path,
+    db: Database,
+    worker: Worker,
+    served: Server,
+    typesense_server: Server,
+    collection: str,
 ) -> None:
     conn = app_connection(db_path)
     insert_rows(conn, range(1, 2_001))
     conn.execute(ROW_SQL, make_row(5_000, element_id="bad"))
     drain(worker)
-    index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
+    index = TypesenseIndex([served.url], served.api_key, collection)
     old = index.target()
     # drift the rebuild must wipe out: a document nobody wrote, one edited behind our back
     httpx.post(

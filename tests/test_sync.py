@@ -1,10 +1,12 @@
 """Worker.run_once against a real Typesense: what reaches search, what lands in sync_errors."""
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from outbox_sync import schema, sync_errors
 from outbox_sync.db import Database
@@ -14,12 +16,13 @@ from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
 from tests.support.daemon import drain, running
-from tests.support.typesense import Server, export
+from tests.support.typesense import Server, by_hand, export
 from tests.support.wait import wait_until
 
 SOURCE_EXAMPLE = (123, "script", 456, 1, "Initial script creation", "2023-10-01T12:00:00Z")
 
 
+@pytest.mark.answer_shapes
 def test_source_example_end_to_end(db_path: Path, worker: Worker, index: TypesenseIndex) -> None:
     conn = app_connection(db_path)
     conn.execute(ROW_SQL, SOURCE_EXAMPLE)
@@ -60,6 +63,7 @@ def test_source_example_end_to_end(db_path: Path, worker: Worker, index: Typesen
     assert Database(db_path).counts(SEQUENCES)["pending"] == 0
 
 
+@pytest.mark.answer_shapes
 def test_superseded_entries_converge_to_what_sqlite_holds(
     db_path: Path, worker: Worker, typesense_server: Server, collection: str
 ) -> None:
@@ -121,6 +125,36 @@ def test_bad_rows_of_a_legacy_table_land_in_sync_errors_while_neighbours_sync(
     assert closed[0]["resolution"] == "superseded" and closed[0]["resolved_at"]
 
 
+@pytest.mark.answer_shapes
+def test_a_collection_deleted_under_the_daemon_is_made_again_and_audited_back(
+    db_path: Path,
+    db: Database,
+    worker: Worker,
+    index: TypesenseIndex,
+    typesense_server: Server,
+    collection: str,
+) -> None:
+    conn = app_connection(db_path)
+    insert_rows(conn, range(1, 21))
+    drain(daemon(db, [index]))  # a run's end stops its audits for good: the worker is fresh
+    by_hand(typesense_server, "DELETE", f"/collections/{index.target()}")  # behind the alias
+    insert_rows(conn, range(21, 26))
+    with structlog.testing.capture_logs() as logs:
+        # the import's 404 is the collection's (a lookup says so, whatever the wording)
+        assert worker.loop(time.monotonic(), threading.Event()).paused
+        assert [e["event"] for e in logs] == ["collection_missing"]
+        drain(worker)
+    [audited] = [e for e in logs if e["event"] == "audit_done"]
+    assert export(typesense_server, collection) == sqlite_documents(db_path)
+    assert (audited["reason"], audited["drift"]["missing"], audited["enqueued"]) == (
+        "outage",
+        20,
+        20,
+    )
+    assert db.counts(SEQUENCES)["pending"] == 0 and sync_errors.find(db) == []
+
+
+@pytest.mark.answer_shapes
 def test_deleting_a_record_that_never_reached_search_is_success(
     db_path: Path, db: Database, worker: Worker, typesense_server: Server, collection: str
 ) -> None:
@@ -166,6 +200,7 @@ def test_a_wrong_api_key_is_refused_clearly(typesense_server: Server, collection
         index.ensure_collection()
 
 
+@pytest.mark.answer_shapes
 def test_ensure_collection_creates_the_source_schema(index: TypesenseIndex) -> None:
     info: dict[str, Any] = index.client.collections[index.collection].retrieve()
     fields = {field["name"]: field for field in info["fields"]}

@@ -6,6 +6,7 @@
 - daemon: the daemon as a process, the worker in a thread, a drain, a recorded failure
 - wait: waiting for a positive event, with a deadline
 - fake_index: an index in memory that fails on demand, for the worker's failure branches
-- faultproxy: a fault-injecting HTTP proxy between the daemon and Typesense
+- faultproxy: a fault-injecting HTTP proxy between the daemon and Typesense, which can also
+  answer in the shape of Typesense 29/30
 - writer: an application writing from its own process (`python -m tests.support.writer`)
 """
