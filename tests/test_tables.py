@@ -5,7 +5,6 @@ accepted, a database of the version before mappings is upgraded in place, and a 
 mapped table converges as it does for `sequences`."""
 
 import json
-import re
 import shutil
 import signal
 import sqlite3
@@ -18,19 +17,20 @@ import pytest
 
 from outbox_sync.localserver import LocalTypesense
 from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
+from tests.support.characters import (
+    CHARACTERS,
+    EXAMPLE,
+    ODD_KEYS,
+    TAGS,
+    character,
+    expected_characters,
+)
 from tests.support.cli import invoke, run_module, without_settings
 from tests.support.daemon import Daemon
 from tests.support.typesense import API_KEY, Server, export
 from tests.support.wait import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = re.search(r"```toml\n(.*?)```", (ROOT / "docs" / "tables.md").read_text(), re.S)[1]  # type: ignore[index]
-CHARACTERS = (
-    "CREATE TABLE characters (slug TEXT PRIMARY KEY, name TEXT, bio TEXT, age INTEGER,"
-    " weight REAL, active INTEGER, deleted_at TEXT)"
-)
-TAGS = "CREATE TABLE character_tags (slug TEXT, tag TEXT)"
-ODD_KEYS = ["a/b", "50%", "q?x", "h#1", "sp ace", 'dq"x', "sq'x", "bt`x", "ünï", "co,ma"]
 
 
 @pytest.fixture
@@ -53,46 +53,11 @@ def setup(
     yield env, Server(private_typesense.url, API_KEY), app
 
 
-def character(slug: str, **changes: Any) -> tuple[Any, ...]:
-    row = {
-        "slug": slug,
-        "name": f"Name of {slug}",
-        "bio": None,
-        "age": 30,
-        "weight": 61.5,
-        "active": 1,
-        "deleted_at": None,
-    }
-    row.update(changes)
-    return tuple(row.values())
-
-
 def characters(server: Server) -> dict[str, dict[str, Any]]:
     try:
         return export(server, "characters")
     except httpx.HTTPStatusError:
         return {}
-
-
-def expected_characters(app: sqlite3.Connection) -> dict[str, dict[str, Any]]:
-    """What the example's mapping makes of the table, written out here apart from the mapper."""
-    documents = {}
-    for slug, name, bio, age, weight, active in app.execute(
-        "SELECT slug, name, bio, age, weight, active FROM characters WHERE deleted_at IS NULL"
-        " AND active IN (0, 1) AND slug != ''"
-    ):
-        tags = [
-            t
-            for (t,) in app.execute(
-                "SELECT tag FROM character_tags WHERE slug = ? ORDER BY tag", (slug,)
-            )
-        ]
-        document = {"id": slug, "name": name, "active": bool(active), "tags": tags}
-        document |= {
-            k: v for k, v in (("bio", bio), ("age", age), ("weight", weight)) if v is not None
-        }
-        documents[slug] = document
-    return documents
 
 
 def test_the_example_syncs_end_to_end(
