@@ -1,8 +1,9 @@
 """Your own tables: the example of docs/tables.md, word for word, syncs end to end through a real
 Typesense (every type, TEXT keys with odd characters, soft delete and undelete, a tag re-syncing
-its character), its mistakes are one line each, the source document's own collection is
-accepted, a database of the version before mappings is upgraded in place, and a migration of a
-mapped table converges as it does for `sequences`."""
+its character), its mistakes are one line each, a key no document can have is an error only
+while its row is there, the source document's own collection is accepted, a database of the
+version before mappings is upgraded in place, and a migration of a mapped table converges as it
+does for `sequences`."""
 
 import json
 import shutil
@@ -15,18 +16,23 @@ from typing import Any
 import httpx
 import pytest
 
+from outbox_sync import schema, sync_errors, worker
+from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense
+from outbox_sync.typesense_index import TypesenseIndex
 from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
 from tests.support.characters import (
+    CHARACTER_SQL,
     CHARACTERS,
     EXAMPLE,
     ODD_KEYS,
     TAGS,
     character,
+    characters_mapping,
     expected_characters,
 )
 from tests.support.cli import invoke, run_module, without_settings
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, drain
 from tests.support.typesense import API_KEY, Server, export
 from tests.support.wait import wait_until
 
@@ -289,3 +295,36 @@ def test_a_migration_of_a_mapped_table_converges(
     assert json.loads(invoke(["status", "--json"], **env).output)["sync_errors_open"] == 0
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0
+
+
+def test_a_key_no_document_can_have_is_an_error_only_while_its_row_is_covered(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """A character keyed '' is a sync error naming the key while its row is there and not soft
+    deleted. A tag of a character '' that is not there, or soft deleted, re-syncs no record:
+    no error. (The daemon reported one, found by tests/test_model.py.)"""
+    path = tmp_path / "app.db"
+    app = app_connection(path)
+    app.executescript(f"{CHARACTERS}; {TAGS};")
+    db = Database(path, create=True)
+    schema.init(db, [characters_mapping(collection)])
+    [mapping] = schema.check(db, [characters_mapping(collection)])
+    index = TypesenseIndex([typesense_server.url], API_KEY, collection, mapping=mapping)
+    index.ensure_collection()
+    sync = worker.daemon(db, [index])
+    app.execute("INSERT INTO character_tags (slug, tag) VALUES ('', 'orphan')")
+    drain(sync)
+    assert sync_errors.find(db) == []
+    app.execute(CHARACTER_SQL, character(""))
+    drain(sync)
+    [error] = sync_errors.find(db)
+    assert error["record_key"] == "" and error["op"] == "upsert"
+    assert error["error"] == "slug: is empty, which Typesense cannot hold as an id"
+    assert json.loads(error["document"])["slug"] == ""  # the row, as for any invalid one
+    app.execute("UPDATE characters SET deleted_at = 'now' WHERE slug = ''")
+    drain(sync)
+    assert sync_errors.find(db) == []  # closed: no document is wanted any more
+    app.execute("DELETE FROM character_tags")  # re-syncs '', soft deleted
+    drain(sync)
+    assert sync_errors.find(db) == [] and export(typesense_server, collection) == {}
+    db.close()
