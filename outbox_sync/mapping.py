@@ -274,7 +274,12 @@ class Mapping:
                 for f in optional
             )
             line = f"json_remove({line}, {dropped})"
-        return f"CASE WHEN {verdict} IS NULL THEN {line} END, {verdict}"
+        written = f"{verdict} IS NULL"
+        if escaped := [f"instr({f.source}, '\\') > 0" for f in self.fields if f.array]:
+            # an array with an escape in its text is left to the mapper (see _json_value):
+            # json_object would write its NULL as null
+            written += f" AND NOT coalesce({' OR '.join(escaped)}, 0)"
+        return f"CASE WHEN {written} THEN {line} END, {verdict}"
 
     def select_by_keys(self) -> str:
         """Rows of these keys (a JSON array, the only parameter) that the mapping covers:

@@ -278,6 +278,26 @@ def test_sqlite_refuses_a_real_past_the_largest_double_as_written_as_the_mapper_
         one.document(row[:-2])
 
 
+@pytest.mark.parametrize(
+    "text", ['["a\\"b"]', '["back\\\\slash"]', '["\\u00e9"]', '["x\\u0000y"]', '["\\u0001"]']
+)
+@pytest.mark.parametrize("optional", [False, True])
+def test_an_array_with_an_escape_is_written_by_the_mapper(text: str, optional: bool) -> None:
+    """json_each would keep \\u00e9 escaped and cut a string at \\u0000: SQLite writes no line
+    for such an array, the mapper does. (SQLite wrote the array as null: Typesense refused a
+    required one, and an optional one was lost.)"""
+    one = Mapping(
+        table="t", key="k", collection="c", fields=(Field("t", "string[]", optional=optional),)
+    )
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (k, t)")
+    conn.execute("INSERT INTO t VALUES (1, ?)", (text,))
+    conn.text_factory = RawText
+    row = conn.execute(f"SELECT {one.columns()}, {one.line_and_verdict()} FROM t").fetchone()
+    assert row[-2:] == (None, None)
+    assert json.loads(one.judge(row)) == {"id": "1", "t": json.loads(text)}
+
+
 def test_text_keys_take_odd_characters_and_refuse_what_typesense_cannot_hold() -> None:
     text = Mapping(
         table="t", key="slug", collection="c", fields=(Field("n", "string"),), key_kind="text"
