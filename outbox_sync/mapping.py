@@ -415,7 +415,10 @@ def _element(field_: Field, position: int, item: Any) -> Any:
     int64 as a real)."""
     kind = field_.element
     if type(item) is int and not INT64[0] <= item <= INT64[1]:
-        item = float(item)
+        try:
+            item = float(item)
+        except OverflowError:  # past the largest double too: SQLite reads Inf
+            item = math.inf if item > 0 else -math.inf
     if kind == "string":
         ok = isinstance(item, str) and len(item.encode()) <= MAX_TEXT_BYTES
     elif kind in BOUNDS:
@@ -607,7 +610,7 @@ def _describe_json(item: Any) -> str:
     if isinstance(item, int):
         return f"integer {item}"
     if isinstance(item, float):
-        return f"real {real_text(item)}"
+        return f"real {real_text(item) if math.isfinite(item) else _inf(item)}"
     return "an array" if isinstance(item, list) else "an object"
 
 

@@ -79,7 +79,7 @@ arrays = st.one_of(
     st.lists(texts, max_size=3).map(json.dumps),
     st.lists(integers, max_size=3).map(json.dumps),
     st.lists(st.booleans(), max_size=3).map(json.dumps),
-    st.sampled_from(["[]", "[1,", "{}", "5", '"x"', "[[1]]", '["a\\u00e9"]']),
+    st.sampled_from(["[]", "[1,", "{}", "5", '"x"', "[[1]]", '["a\\u00e9"]', "[1e400]"]),
 )
 # A value as the application may have stored it: (kind, value) for the insert.
 values = st.one_of(
@@ -231,6 +231,11 @@ def test_each_kind_of_value_is_told_apart() -> None:
             Field("w", "float[]"),
             RawText(b"[1.7976931348623157e308]"),
             "w: element 0 is real 1.79769313486232e+308, expected float",
+        ),
+        (
+            Field("w", "float[]"),
+            RawText(b"[-1" + b"0" * 400 + b"]"),  # past the largest double
+            "w: element 0 is real -Inf, expected float",
         ),
         (Field("t", "string[]"), 5, "t: expected a JSON array (text), got integer 5"),
         (Field("t", "string[]"), RawText(b"a,b"), "t: expected a JSON array, got text 'a,b'"),
