@@ -1,9 +1,9 @@
 """Your own tables: the example of docs/tables.md, word for word, syncs end to end through a real
 Typesense (every type, TEXT keys with odd characters, soft delete and undelete, a tag re-syncing
 its character), its mistakes are one line each, a key no document can have is an error only
-while its row is there, the source document's own collection is accepted, a database of the
-version before mappings is upgraded in place, and a migration of a mapped table converges as it
-does for `sequences`."""
+while its row is there, the source document's own collection is accepted, and a database of the
+version before mappings is upgraded in place. (Migrations of a mapped table: test_triggers.py,
+for `characters` too.)"""
 
 import json
 import shutil
@@ -263,38 +263,6 @@ def test_a_mistake_in_the_file_is_one_line_naming_the_file_the_entry_and_the_key
         assert result.returncode == 2, (command, result.stderr)
         assert len(lines) == 1 and lines[0].startswith(f"Error: {config}, [[sync]] ")
         assert says in lines[0], lines[0]
-
-
-def test_a_migration_of_a_mapped_table_converges(
-    setup: tuple[dict[str, str], Server, sqlite3.Connection],
-    start_daemon: Callable[..., Daemon],
-) -> None:
-    """The 12-step rebuild of `characters` (its triggers go with the old table) while the
-    daemon runs: put back, audited, nothing lost."""
-    env, server, app = setup
-    assert run_module(["init"], env=env).returncode == 0
-    daemon = start_daemon("--audit-every", "0", env=env)
-    app.executemany(
-        "INSERT INTO characters VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [character(f"c{i}") for i in range(20)],
-    )
-    wait_until(lambda: characters(server) == expected_characters(app), what="the first sync")
-    app.executescript(
-        "BEGIN;"
-        + CHARACTERS.replace("characters", "new__characters").replace(
-            "deleted_at TEXT", "deleted_at TEXT, x"
-        )
-        + "; INSERT INTO new__characters (slug, name, bio, age, weight, active, deleted_at)"
-        " SELECT slug, name, bio, age, weight, active, deleted_at FROM characters;"
-        " DROP TABLE characters; ALTER TABLE new__characters RENAME TO characters; COMMIT;"
-    )
-    app.execute("UPDATE characters SET name = 'after the migration' WHERE slug = 'c3'")
-    app.execute("DELETE FROM characters WHERE slug = 'c4'")
-    wait_until(lambda: characters(server) == expected_characters(app), what="the convergence")
-    assert daemon.logged("triggers_repaired")
-    assert json.loads(invoke(["status", "--json"], **env).output)["sync_errors_open"] == 0
-    daemon.process.send_signal(signal.SIGTERM)
-    assert daemon.wait() == 0
 
 
 def test_a_key_no_document_can_have_is_an_error_only_while_its_row_is_covered(
