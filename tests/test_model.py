@@ -6,8 +6,8 @@ by its `where`; int32, float, bool and string[] fields, optional ones; the tags 
 
 An application makes random inserts, updates, deletes and key changes on both tables, soft-deletes
 and undeletes characters, adds, removes and moves their tags (some in multi-statement
-transactions, some rolled back, some with invalid values); the daemon takes steps
-(`Worker.run_once`, or the pipelined `Worker.drain` its loop runs); it is killed at any point
+transactions, some rolled back, some with invalid values); the daemon takes steps (one batch,
+`Applier.apply_once`, or the pipelined `Applier.drain` its loop runs); it is killed at any point
 of a step (after its claim, before or after Typesense accepted a request, just before its
 acknowledgement commits) and restarted as fresh objects; the application writes while a batch
 is in flight; a fault proxy drops, delays, truncates and refuses requests.
