@@ -178,14 +178,16 @@ class Applier:
     def _prepare_mapping(self, batch: Batch, mapping: Mapping, group: list[OutboxEntry]) -> None:
         work = batch.work.setdefault(mapping.name, Work())
         ids = {entry.key: mapping.document_id(entry.key) for entry in group}
-        found = self.db.read_rows(mapping, [key for key, id_ in ids.items() if id_ is not None])
+        # Keys no document can have are looked up too: a tag of a character keyed '' that is
+        # gone, or one outside the `where`, is no record to report.
+        found = self.db.read_rows(mapping, [key for key in ids if _json(key)])
         rows = {_key(row[0]): row for row in found}
         for entry in group:
             row = rows.get(entry.key)
-            if ids[entry.key] is None:  # no document can have this key
-                if entry.op == "delete":  # nothing to delete
+            if row is None and ids[entry.key] is None:  # no document can have this key
+                if entry.op == "delete" or _json(entry.key):  # no row of it: nothing to do
                     batch.synced.append((mapping.name, entry.key))
-                else:
+                else:  # NULL or a BLOB: its row cannot be looked up by it
                     batch.fail(entry, None, mapping.key_problem(entry.key) or "")
             elif row is None:  # gone, or outside the mapping's `where`
                 work.deletes.append((entry, ids[entry.key] or ""))
@@ -275,3 +277,8 @@ class Applier:
 
 def _key(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _json(key: Any) -> bool:
+    """A key `Database.read_rows` can look up (a JSON scalar: not NULL, not a BLOB)."""
+    return isinstance(key, str | int | float)

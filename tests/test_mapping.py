@@ -11,6 +11,7 @@ import json
 import math
 import re
 import sqlite3
+import sys
 from typing import Any
 
 import pytest
@@ -49,6 +50,7 @@ def mapping(key_kind: str) -> Mapping:
     )
 
 
+LARGEST = sys.float_info.max
 texts = st.one_of(
     st.text(),
     st.text(alphabet=st.characters(codec="utf-8"), max_size=5),
@@ -62,16 +64,22 @@ integers = st.one_of(
 reals = st.one_of(
     st.floats(allow_nan=False),
     st.sampled_from([0.1, 1e20, -0.0, 1e-7, 2.0**53, math.inf, -math.inf, 1.5, 100.0]),
+    st.sampled_from([LARGEST, -LARGEST, 1.79769313486231e308]),  # 15 digits: Inf, finite
 )
 json_items = st.one_of(
-    st.none(), st.booleans(), integers, st.floats(allow_nan=False, allow_infinity=False), texts
+    st.none(),
+    st.booleans(),
+    integers,
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([LARGEST, -LARGEST]),
+    texts,
 )
 arrays = st.one_of(
     st.lists(json_items, max_size=4).map(json.dumps),
     st.lists(texts, max_size=3).map(json.dumps),
     st.lists(integers, max_size=3).map(json.dumps),
     st.lists(st.booleans(), max_size=3).map(json.dumps),
-    st.sampled_from(["[]", "[1,", "{}", "5", '"x"', "[[1]]", '["a\\u00e9"]']),
+    st.sampled_from(["[]", "[1,", "{}", "5", '"x"', "[[1]]", '["a\\u00e9"]', "[1e400]"]),
 )
 # A value as the application may have stored it: (kind, value) for the insert.
 values = st.one_of(
@@ -122,6 +130,7 @@ def test_sqlite_and_the_python_mapper_agree(
         values_, line, verdict = row[:-2], row[-2], row[-1]
         try:
             expected: bytes | str = MAPPING.line(values_)
+            assert finite(json.loads(expected))  # as Typesense reads it: Inf is refused
         except InvalidRecordError as error:
             expected = str(error)
         if verdict is None and line is None:  # SQLite left the line to the mapper
@@ -169,6 +178,15 @@ def _close(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+def finite(value: Any) -> bool:
+    """No number of a JSON value reads as Inf."""
+    if isinstance(value, dict):
+        return all(finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(finite(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def same_words(said: str, expected: str) -> bool:
     if said == expected:
         return True
@@ -204,6 +222,21 @@ def test_each_kind_of_value_is_told_apart() -> None:
         (Field("b", "bool"), 2, "b: expected 0 or 1 (false or true), got integer 2"),
         (Field("w", "float"), RawText(b"x"), "w: expected a number, got text 'x'"),
         (Field("w", "float"), math.inf, "w: is real Inf, not a finite number"),
+        (
+            Field("w", "float"),
+            LARGEST,  # written with 15 digits, it reads back as Inf
+            "w: is real 1.79769313486232e+308, not a finite number",
+        ),
+        (
+            Field("w", "float[]"),
+            RawText(b"[1.7976931348623157e308]"),
+            "w: element 0 is real 1.79769313486232e+308, expected float",
+        ),
+        (
+            Field("w", "float[]"),
+            RawText(b"[-1" + b"0" * 400 + b"]"),  # past the largest double
+            "w: element 0 is real -Inf, expected float",
+        ),
         (Field("t", "string[]"), 5, "t: expected a JSON array (text), got integer 5"),
         (Field("t", "string[]"), RawText(b"a,b"), "t: expected a JSON array, got text 'a,b'"),
         (Field("t", "string[]"), RawText(b'["a", 1]'), "t: element 1 is integer 1"),
@@ -218,6 +251,56 @@ def test_a_value_of_the_wrong_type_names_the_field(field: Field, value: Any, pro
         one.document((1, value))
     assert str(caught.value).startswith(problem)
     assert caught.value.field == field.name
+
+
+@pytest.mark.parametrize(
+    ("value", "array", "problem"),
+    [
+        (LARGEST, "[]", "w: is real 1.79769313486232e+308, not a finite number"),
+        (-LARGEST, "[]", "w: is real -1.79769313486232e+308, not a finite number"),
+        (0.5, f"[{LARGEST!r}]", "ws: element 0 is real 1.79769313486232e+308, expected float"),
+        (1.79769313486231e308, "[1.79769313486231e308, -1e308]", None),
+    ],
+)
+def test_sqlite_refuses_a_real_past_the_largest_double_as_written_as_the_mapper_does(
+    value: float, array: str, problem: str | None
+) -> None:
+    """Both write a REAL with 15 digits, which round the largest doubles up past the largest:
+    Typesense would refuse the line (number overflow)."""
+    one = Mapping(
+        table="t", key="k", collection="c", fields=(Field("w", "float"), Field("ws", "float[]"))
+    )
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (k, w, ws)")
+    conn.execute("INSERT INTO t VALUES (1, ?, ?)", (value, array))
+    conn.text_factory = RawText
+    row = conn.execute(f"SELECT {one.columns()}, {one.line_and_verdict()} FROM t").fetchone()
+    if problem is None:
+        assert finite(json.loads(row[-2])) and row[-2] == one.line(row[:-2])
+        return
+    assert row[-2:] == (None, problem.encode())
+    with pytest.raises(InvalidRecordError, match=re.escape(problem)):
+        one.document(row[:-2])
+
+
+@pytest.mark.parametrize(
+    "text", ['["a\\"b"]', '["back\\\\slash"]', '["\\u00e9"]', '["x\\u0000y"]', '["\\u0001"]']
+)
+@pytest.mark.parametrize("optional", [False, True])
+def test_an_array_with_an_escape_is_written_by_the_mapper(text: str, optional: bool) -> None:
+    """json_each would keep \\u00e9 escaped and cut a string at \\u0000: SQLite writes no line
+    for such an array, the mapper does. (SQLite wrote the array as null: Typesense refused a
+    required one, and an optional one was lost.)"""
+    one = Mapping(
+        table="t", key="k", collection="c", fields=(Field("t", "string[]", optional=optional),)
+    )
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (k, t)")
+    conn.execute("INSERT INTO t VALUES (1, ?)", (text,))
+    conn.text_factory = RawText
+    row = conn.execute(f"SELECT {one.columns()}, {one.line_and_verdict()} FROM t").fetchone()
+    assert row[-2:] == (None, None)
+    assert json.loads(one.judge(row)) == {"id": "1", "t": json.loads(text)}
 
 
 def test_text_keys_take_odd_characters_and_refuse_what_typesense_cannot_hold() -> None:

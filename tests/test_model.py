@@ -1,22 +1,31 @@
-"""A model-based randomized test (hypothesis stateful) of the whole sync against a real Typesense.
+"""A model-based randomized test (hypothesis stateful) of the whole sync against a real Typesense,
+over two mappings at once: the built-in `sequences`, and the custom `characters` of
+docs/tables.md (TEXT keys with `/ % ? # , ' "`, a backtick, spaces and non-ASCII; a soft delete
+by its `where`; int32, float, bool and string[] fields, optional ones; the tags of
+`character_tags`, a table it depends on).
 
-An application makes random inserts, updates, deletes and id changes (some in multi-statement
-transactions, some rolled back, some with invalid values); the daemon takes steps
-(`Worker.run_once`, or the pipelined `Worker.drain` its loop runs); it is killed at any point
+An application makes random inserts, updates, deletes and key changes on both tables, soft-deletes
+and undeletes characters, adds, removes and moves their tags (some in multi-statement
+transactions, some rolled back, some with invalid values); the daemon takes steps (one batch,
+`Applier.apply_once`, or the pipelined `Applier.drain` its loop runs); it is killed at any point
 of a step (after its claim, before or after Typesense accepted a request, just before its
 acknowledgement commits) and restarted as fresh objects; the application writes while a batch
 is in flight; a fault proxy drops, delays, truncates and refuses requests.
 
-Also checked at every step: `sync_errors` only ever receives states that fail validation (a line
-Typesense refuses once is retried and goes through; a 5xx is never given up on).
+What each committed state should be is what the mapping's Python reference (`Mapping.line`)
+makes of the rows SQLite holds right after the commit.
 
-Checked after every step: Typesense holds only states of records that SQLite really committed,
-and never goes back to an older state of a record (ordering per record). Checked when the faults
-stop and the outbox drains: every document equals its SQLite row, nothing extra, and
-`sync_errors` holds exactly the records whose data is invalid (each error naming an invalid
-field).
+Also checked at every step: `sync_errors` only ever receives states that fail validation, with
+the reference's error and the row (a line Typesense refuses once is retried and goes through; a
+5xx is never given up on).
 
-CI runs a small budget (20 examples of 40 steps, ~25 s). A longer run, by hand:
+Checked after every step, per collection: Typesense holds only states of records that SQLite
+really committed, and never goes back to an older state of a record (ordering per record).
+Checked when the faults stop and the outbox drains, per collection: every document equals the
+reference's document of its row, nothing extra, and `sync_errors` holds exactly the records whose
+data is invalid, each naming its mapping, with the reference's error.
+
+CI runs a small budget (30 examples of 40 steps, ~30 s). A longer run, by hand:
 
     OUTBOX_SYNC_LONG_TESTS=1 python -m pytest tests/test_model.py   # ~500 examples, minutes
 
@@ -25,6 +34,7 @@ CI runs a small budget (20 examples of 40 steps, ~25 s). A longer run, by hand:
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sqlite3
@@ -33,6 +43,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -49,16 +60,25 @@ from hypothesis.stateful import (
 
 from outbox_sync import schema, sync_errors
 from outbox_sync.db import Database
-from outbox_sync.errors import TypesenseUnavailableError
-from outbox_sync.mapping import SEQUENCES
+from outbox_sync.errors import InvalidRecordError, TypesenseUnavailableError
+from outbox_sync.mapping import SEQUENCES, Mapping
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
+from tests.support.characters import (
+    CHARACTERS,
+    TAGS,
+    characters_mapping,
+    reference_documents,
+    reference_key,
+    reference_rows,
+    same_document,
+)
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.typesense import Server
 
 LONG = bool(os.environ.get("OUTBOX_SYNC_LONG_TESTS"))
 MODEL_SETTINGS = settings(
-    max_examples=int(os.environ.get("OUTBOX_SYNC_MODEL_EXAMPLES", 500 if LONG else 20)),
+    max_examples=int(os.environ.get("OUTBOX_SYNC_MODEL_EXAMPLES", 500 if LONG else 30)),
     stateful_step_count=60 if LONG else 40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -74,8 +94,8 @@ TIMEOUT_S = 0.3
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
 MAX_TEXT_BYTES = 64 * 1024  # every string field's limit
-COLUMNS = "id, element_type, element_id, sequence_number, comment, created_at"
-FIELD_NAMES = ("element_type", "element_id", "sequence_number", "comment")
+SEQUENCE_COLUMNS = ("element_type", "element_id", "sequence_number", "comment")
+CHARACTER_COLUMNS = ("name", "bio", "age", "weight", "active")
 
 
 class Killed(BaseException):
@@ -83,7 +103,8 @@ class Killed(BaseException):
 
 
 class NotUtf8(bytes):
-    """Bytes the application stores as TEXT with CAST(? AS TEXT): text that is not UTF-8."""
+    """Bytes the application stores as TEXT with CAST(? AS TEXT): text that is not UTF-8. (Plain
+    bytes are stored as a BLOB.)"""
 
 
 class Long(str):
@@ -103,7 +124,7 @@ def mostly(valid: st.SearchStrategy[Any], *invalid: st.SearchStrategy[Any]) -> A
 
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
-FIELDS = st.fixed_dictionaries(
+SEQUENCE_FIELDS = st.fixed_dictionaries(
     {
         "element_type": mostly(
             TEXT,
@@ -125,14 +146,61 @@ FIELDS = st.fixed_dictionaries(
         ),
     }
 )
-KEYS = st.integers(1, 8)
-OPERATIONS = st.one_of(
-    st.tuples(st.just("insert"), KEYS, FIELDS),
-    st.tuples(st.just("upsert"), KEYS, FIELDS),
-    st.tuples(st.just("update"), KEYS, FIELDS),
-    st.tuples(st.just("delete"), KEYS),
-    st.tuples(st.just("move"), KEYS, KEYS, st.booleans()),
+# The values each column's affinity keeps as they are (SQLite would make text '7' of an
+# integer in a TEXT column, 3.0 of an integer in a REAL one): what is written is what is read.
+CHARACTER_FIELDS = st.fixed_dictionaries(
+    {
+        "name": mostly(
+            TEXT,
+            st.just(NotUtf8(b"n\xffme")),
+            st.just(b"\x00blob"),
+            st.just(Long("n" * (MAX_TEXT_BYTES + 1))),
+        ),
+        "bio": mostly(st.none() | TEXT, st.just(NotUtf8(b"caf\xe9")), st.just(b"blob")),
+        "age": mostly(
+            st.none() | st.integers(*INT32),
+            st.just(1.5),
+            st.sampled_from([2**31, -(2**31) - 1]),
+            st.just("old"),
+        ),
+        "weight": mostly(
+            st.none() | st.floats(allow_nan=False, allow_infinity=False),
+            st.sampled_from([math.inf, -math.inf]),
+            st.just("heavy"),
+        ),
+        "active": mostly(st.sampled_from([0, 1]), st.just(2), st.just("yes")),
+    }
 )
+TAG = mostly(TEXT, st.none(), st.just(NotUtf8(b"t\xffg")))  # a NULL is an element null
+KEYS = st.integers(1, 8)
+# Every character a URL, a filter or SQL quotes, a backtick (deleted by URL, one by one), and
+# the empty key, which no document can have (a sync error naming the key).
+SLUGS = st.sampled_from(["a/b", "50%", "q?x#1", "sp ace,co", "dq\"sq'x", "bt`x", "ünï", ""])
+SEQUENCE_OPERATIONS = st.one_of(
+    st.tuples(st.just("sequences"), st.just("insert"), KEYS, SEQUENCE_FIELDS),
+    st.tuples(st.just("sequences"), st.just("upsert"), KEYS, SEQUENCE_FIELDS),
+    st.tuples(st.just("sequences"), st.just("update"), KEYS, SEQUENCE_FIELDS),
+    st.tuples(st.just("sequences"), st.just("delete"), KEYS),
+    st.tuples(st.just("sequences"), st.just("move"), KEYS, KEYS, st.booleans()),
+)
+CHARACTER_OPERATIONS = st.one_of(
+    st.tuples(
+        st.just("characters"),
+        st.sampled_from(["insert", "upsert", "update"]),
+        SLUGS,
+        CHARACTER_FIELDS,
+    ),
+    st.tuples(
+        st.just("characters"),
+        st.sampled_from(["delete", "soft_delete", "undelete", "untag"]),
+        SLUGS,
+    ),
+    st.tuples(st.just("characters"), st.just("move"), SLUGS, SLUGS, st.booleans()),
+    st.tuples(st.just("characters"), st.just("tag"), SLUGS, TAG),
+    st.tuples(st.just("characters"), st.just("retag"), SLUGS, SLUGS),
+)
+OPERATIONS = st.one_of(SEQUENCE_OPERATIONS, CHARACTER_OPERATIONS)
+DOCUMENT_IDS = st.one_of(KEYS.map(str), SLUGS)
 FAULTS = st.one_of(
     st.builds(
         Fault, st.just("status"), status=st.sampled_from([503, 500]), times=st.sampled_from([1, 2])
@@ -149,7 +217,7 @@ FAULTS = st.one_of(
         Fault,
         st.just("fail_lines"),
         status=st.just(500),
-        ids=st.sets(KEYS.map(str), max_size=2),
+        ids=st.sets(DOCUMENT_IDS, max_size=2),
         positions=st.sampled_from([{0}, set()]),  # the first line: it always hits something
         times=st.sampled_from([1, 2, 3]),  # past the immediate retry: never given up
     ),
@@ -158,48 +226,87 @@ HOW = st.sampled_from(["run_once", "drain"])
 KILL_POINTS = ("after_claim", "before_import", "after_import", "after_delete", "before_ack_commit")
 
 
-def invalid_fields(row: dict[str, Any]) -> list[str]:
-    """The fields of a row that no document may carry: the oracle, written apart from
-    outbox_sync.documents on purpose."""
-
-    def text_ok(value: Any, limit: int) -> bool:
-        return isinstance(value, str) and len(value.encode()) <= limit
-
-    def int_ok(value: Any, bounds: tuple[int, int]) -> bool:
-        return isinstance(value, int) and bounds[0] <= value <= bounds[1]
-
-    bad = []
-    if not text_ok(row["element_type"], MAX_TEXT_BYTES):
-        bad.append("element_type")
-    if not int_ok(row["element_id"], INT32):  # the source document's int32
-        bad.append("element_id")
-    if not int_ok(row["sequence_number"], INT32):
-        bad.append("sequence_number")
-    if row["comment"] is not None and not text_ok(row["comment"], MAX_TEXT_BYTES):
-        bad.append("comment")
-    return bad
-
-
-def document(key: int, row: dict[str, Any]) -> dict[str, Any]:
-    doc = {"id": str(key)} | {k: v for k, v in row.items() if v is not None}
-    return doc
-
-
 def value_sql(value: Any) -> tuple[str, Any]:
     if isinstance(value, NotUtf8):
         return "CAST(? AS TEXT)", bytes(value)
     return "?", value
 
 
-def stored(value: Any) -> Any:
-    """A value as SQLite gives it back with text_factory=bytes."""
-    return (
-        value.encode()
-        if isinstance(value, str)
-        else bytes(value)
-        if isinstance(value, bytes)
-        else value
-    )
+def write_sequence(conn: sqlite3.Connection, operation: tuple[Any, ...], version: str) -> None:
+    """One statement of the application on `sequences` (`version`: a created_at never written
+    before, so that every state of a record is a document of its own)."""
+    kind, key = operation[0], operation[1]
+    if kind in ("insert", "upsert", "update"):
+        row = {name: operation[2][name] for name in SEQUENCE_COLUMNS} | {"created_at": version}
+        marks, values = zip(*(value_sql(v) for v in row.values()), strict=True)
+        if kind == "update":
+            sets = ", ".join(f"{name} = {mark}" for name, mark in zip(row, marks, strict=True))
+            conn.execute(f"UPDATE sequences SET {sets} WHERE id = ?", (*values, key))
+            return
+        verb = "INSERT" if kind == "insert" else "INSERT OR REPLACE"
+        with contextlib.suppress(sqlite3.IntegrityError):  # insert: the id is taken
+            conn.execute(
+                f"{verb} INTO sequences (id, {', '.join(row)}) VALUES (?, {', '.join(marks)})",
+                (key, *values),
+            )
+    elif kind == "delete":
+        conn.execute("DELETE FROM sequences WHERE id = ?", (key,))
+    else:  # move: the id changes (a fresh version, so the model can tell states apart)
+        new, replace_ = operation[2], operation[3]
+        verb = "UPDATE OR REPLACE" if replace_ else "UPDATE"
+        with contextlib.suppress(sqlite3.IntegrityError):
+            conn.execute(
+                f"{verb} sequences SET id = ?, created_at = ? WHERE id = ?", (new, version, key)
+            )
+
+
+def write_character(conn: sqlite3.Connection, operation: tuple[Any, ...], version: str) -> None:
+    """One statement of the application on `characters` or `character_tags`."""
+    kind, slug = operation[0], operation[1]
+    if kind in ("insert", "upsert", "update"):
+        marks, values = zip(*(value_sql(operation[2][c]) for c in CHARACTER_COLUMNS), strict=True)
+        if kind == "update":
+            sets = ", ".join(f"{c} = {m}" for c, m in zip(CHARACTER_COLUMNS, marks, strict=True))
+            conn.execute(f"UPDATE characters SET {sets} WHERE slug = ?", (*values, slug))
+            return
+        verb = "INSERT" if kind == "insert" else "INSERT OR REPLACE"
+        with contextlib.suppress(sqlite3.IntegrityError):
+            conn.execute(
+                f"{verb} INTO characters (slug, {', '.join(CHARACTER_COLUMNS)})"
+                f" VALUES (?, {', '.join(marks)})",
+                (slug, *values),
+            )
+    elif kind == "delete":
+        conn.execute("DELETE FROM characters WHERE slug = ?", (slug,))
+    elif kind == "soft_delete":
+        conn.execute("UPDATE characters SET deleted_at = ? WHERE slug = ?", (version, slug))
+    elif kind == "undelete":
+        conn.execute("UPDATE characters SET deleted_at = NULL WHERE slug = ?", (slug,))
+    elif kind == "move":
+        verb = "UPDATE OR REPLACE" if operation[3] else "UPDATE"
+        with contextlib.suppress(sqlite3.IntegrityError):
+            conn.execute(f"{verb} characters SET slug = ? WHERE slug = ?", (operation[2], slug))
+    elif kind == "tag":
+        mark, value = value_sql(operation[2])
+        conn.execute(f"INSERT INTO character_tags (slug, tag) VALUES (?, {mark})", (slug, value))
+    elif kind == "untag":  # one of its tags
+        conn.execute(
+            "DELETE FROM character_tags WHERE rowid ="
+            " (SELECT min(rowid) FROM character_tags WHERE slug = ?)",
+            (slug,),
+        )
+    else:  # retag: one of its tags goes to another character
+        conn.execute(
+            "UPDATE character_tags SET slug = ? WHERE rowid ="
+            " (SELECT max(rowid) FROM character_tags WHERE slug = ?)",
+            (operation[2], slug),
+        )
+
+
+WRITERS: dict[str, Callable[[sqlite3.Connection, tuple[Any, ...], str], None]] = {
+    "sequences": write_sequence,
+    "characters": write_character,
+}
 
 
 # -- the machine --------------------------------------------------------------------------------
@@ -208,28 +315,38 @@ def stored(value: Any) -> Any:
 class SyncMachine(RuleBasedStateMachine):
     server: ClassVar[Server]
     proxy: ClassVar[FaultProxy]
+    http: ClassVar[httpx.Client]  # to Typesense, not through the proxy
 
     def __init__(self) -> None:
         super().__init__()
         self.proxy.clear()
         self.dir = Path(tempfile.mkdtemp(prefix="outbox-model-"))
         self.path = self.dir / "app.db"
-        schema.init(Database(self.path, create=True), [SEQUENCES])
         # check_same_thread=False: it also writes from the worker's import thread (a hook)
         self.app = sqlite3.connect(
             self.path, timeout=30, isolation_level=None, check_same_thread=False
         )
-        self.collection = f"model_{uuid.uuid4().hex[:12]}"
-        TypesenseIndex([self.server.url], self.server.api_key, self.collection).ensure_collection()
-        self.http = httpx.Client(
-            base_url=self.server.url,
-            headers={"X-TYPESENSE-API-KEY": self.server.api_key},
-            timeout=30,
-        )
-        self.rows: dict[int, dict[str, Any]] = {}  # what SQLite holds (committed)
-        self.history: dict[str, dict[str, dict[str, Any]]] = {}  # id -> version -> document
-        self.seen_version: dict[str, str] = {}  # the newest version Typesense showed, per id
-        self.invalid_versions: set[str] = set()  # committed states no document may carry
+        self.app.executescript(f"{CHARACTERS}; {TAGS};")
+        prefix = f"model_{uuid.uuid4().hex[:12]}"
+        wanted = [
+            replace(m, collection=f"{prefix}_{m.name}") for m in (SEQUENCES, characters_mapping())
+        ]
+        db = Database(self.path, create=True)
+        schema.init(db, wanted)
+        self.mappings: list[Mapping] = schema.check(db, wanted)  # the key kinds of the tables
+        db.close()
+        for index in self.indexes(self.server.url):
+            index.ensure_collection()
+        # What SQLite committed, read after each commit on a connection of the model's own.
+        self.reader = sqlite3.connect(self.path, check_same_thread=False)
+        # per mapping: id -> the documents SQLite committed for it, in commit order
+        self.history: dict[str, dict[str, list[dict[str, Any]]]] = {
+            m.name: {} for m in self.mappings
+        }
+        # per (mapping, id): the position in its history of the newest state Typesense showed
+        self.seen: dict[tuple[str, str], int] = {}
+        # per mapping: the committed states no document may carry, (key, error, row as JSON)
+        self.invalid: dict[str, set[tuple[Any, str, str]]] = {m.name: set() for m in self.mappings}
         self.version = 0
         self.batch_size = 5
         self.worker: Worker | None = None
@@ -238,80 +355,56 @@ class SyncMachine(RuleBasedStateMachine):
     # -- helpers -------------------------------------------------------------------------------
 
     def restart(self, batch_size: int | None = None) -> None:
-        """A fresh daemon: new connection, new client, new worker (nothing carried over)."""
+        """A fresh daemon: new connection, new clients, new worker (nothing carried over)."""
         if self.worker is not None:
             self.worker.db.close()
         if batch_size is not None:
             self.batch_size = batch_size
+        indexes = self.indexes(self.proxy.url, timeout_s=TIMEOUT_S)
+        self.worker = daemon(Database(self.path), indexes, batch_size=self.batch_size)
+
+    def indexes(self, url: str, **options: Any) -> list[TypesenseIndex]:
+        """An index per mapping, on one client, as the daemon makes them (a client costs
+        ~0.1 s: it loads the CA certificates)."""
+        first, *rest = self.mappings
         index = TypesenseIndex(
-            [self.proxy.url], self.server.api_key, self.collection, timeout_s=TIMEOUT_S
+            [url], self.server.api_key, first.collection, mapping=first, **options
         )
-        self.worker = daemon(Database(self.path), [index], batch_size=self.batch_size)
+        return [index, *(index.on_collection(m.collection, m) for m in rest)]
 
     def next_version(self) -> str:
         self.version += 1
         return f"v{self.version:06d}"
 
     def apply(self, operations: list[tuple[Any, ...]], commit: bool = True) -> None:
-        """Run the operations in one transaction of the application; update the model."""
-        rows = {key: dict(row) for key, row in self.rows.items()}
+        """Run the operations in one transaction of the application; record what it committed."""
         self.app.execute("BEGIN")
         for operation in operations:
-            self.apply_one(operation, rows)
+            WRITERS[operation[0]](self.app, operation[1:], self.next_version())
         if not commit:
             self.app.execute("ROLLBACK")
             return
         self.app.execute("COMMIT")
-        for key in set(rows) | set(self.rows):
-            row = rows.get(key)
-            if row is not None and not invalid_fields(row):
-                self.history.setdefault(str(key), {})[row["created_at"]] = document(key, row)
-            elif row is not None:
-                self.invalid_versions.add(row["created_at"])
-        self.rows = rows
+        self.record_committed_states()
 
-    def apply_one(self, operation: tuple[Any, ...], rows: dict[int, dict[str, Any]]) -> None:
-        kind, key = operation[0], operation[1]
-        if kind in ("insert", "upsert", "update"):
-            # in column order (fixed_dictionaries sorts its keys)
-            row = {name: operation[2][name] for name in FIELD_NAMES}
-            row["created_at"] = self.next_version()
-            marks, values = zip(*(value_sql(v) for v in row.values()), strict=True)
-            if kind == "update":
-                sets = ", ".join(f"{name} = {mark}" for name, mark in zip(row, marks, strict=True))
-                self.app.execute(f"UPDATE sequences SET {sets} WHERE id = ?", (*values, key))
-                if key in rows:
-                    rows[key] = row
-                return
-            verb = "INSERT" if kind == "insert" else "INSERT OR REPLACE"
-            try:
-                self.app.execute(
-                    f"{verb} INTO sequences ({COLUMNS}) VALUES (?, {', '.join(marks)})",
-                    (key, *values),
-                )
-            except sqlite3.IntegrityError:
-                assert kind == "insert" and key in rows
-                return
-            rows[key] = row
-        elif kind == "delete":
-            self.app.execute("DELETE FROM sequences WHERE id = ?", (key,))
-            rows.pop(key, None)
-        else:  # move: the id changes (a fresh version, so the model can tell states apart)
-            new, replace = operation[2], operation[3]
-            version = self.next_version()
-            verb = "UPDATE OR REPLACE" if replace else "UPDATE"
-            try:
-                self.app.execute(
-                    f"{verb} sequences SET id = ?, created_at = ? WHERE id = ?", (new, version, key)
-                )
-            except sqlite3.IntegrityError:
-                assert not replace and new in rows and new != key
-                return
-            if key in rows:
-                rows[new] = dict(rows.pop(key), created_at=version)
+    def record_committed_states(self) -> None:
+        """Each record's state now, as the mapping's reference makes it of the row: a document
+        (its history grows when it differs from the last), or an invalid state."""
+        for mapping in self.mappings:
+            history = self.history[mapping.name]
+            for row in reference_rows(self.reader, mapping):
+                try:
+                    document = json.loads(mapping.line(row))
+                except InvalidRecordError as error:
+                    state = (reference_key(row), str(error), mapping.describe_row(row))
+                    self.invalid[mapping.name].add(state)
+                    continue
+                states = history.setdefault(document["id"], [])
+                if not states or states[-1] != document:
+                    states.append(document)
 
-    def export(self) -> dict[str, dict[str, Any]]:
-        response = self.http.get(f"/collections/{self.collection}/documents/export")
+    def export(self, mapping: Mapping) -> dict[str, dict[str, Any]]:
+        response = self.http.get(f"/collections/{mapping.collection}/documents/export")
         response.raise_for_status()
         # "\n" only: documents may hold U+2028 and friends, unescaped
         lines = [line for line in response.text.split("\n") if line.strip()]
@@ -319,22 +412,30 @@ class SyncMachine(RuleBasedStateMachine):
 
     def step(self, how: str = "run_once") -> None:
         """One batch (`run_once`), or what the daemon's loop does: a pipelined drain of batches
-        (`drain`, when the worker has it)."""
+        (`drain`)."""
         assert self.worker is not None
         with contextlib.suppress(TypesenseUnavailableError):
-            if how == "drain" and True:
+            if how == "drain":
                 self.worker.applier.drain(threading.Event(), 5.0)
             else:
                 self.worker.applier.apply_once()
 
     @contextlib.contextmanager
-    def patched(self, target: object, name: str, wrap: Callable[..., Any]) -> Iterator[None]:
-        original = getattr(target, name)
-        setattr(target, name, wrap(original))
+    def patched(
+        self, targets: list[tuple[object, str]], wrap: Callable[..., Any]
+    ) -> Iterator[None]:
+        for target, name in targets:
+            setattr(target, name, wrap(getattr(target, name)))
         try:
             yield
         finally:
-            delattr(target, name)  # back to the class's method
+            for target, name in targets:
+                delattr(target, name)  # back to the class's method
+
+    def requests(self, *names: str) -> list[tuple[object, str]]:
+        """These methods of every collection's index."""
+        assert self.worker is not None
+        return [(index, name) for index in self.worker.indexes for name in names]
 
     # -- rules ---------------------------------------------------------------------------------
 
@@ -372,20 +473,19 @@ class SyncMachine(RuleBasedStateMachine):
 
             return call
 
-        with contextlib.ExitStack() as stack:
-            if when == "read":
-                stack.enter_context(self.patched(self.worker.db, "read_rows", hook))
-            else:
-                stack.enter_context(self.patched(self.worker.indexes[0], "import_jsonl", hook))
-                stack.enter_context(self.patched(self.worker.indexes[0], "delete_ids", hook))
+        if when == "read":
+            targets = [(self.worker.db, "read_rows")]
+        else:
+            targets = self.requests("import_jsonl", "delete_ids")
+        with self.patched(targets, hook):
             self.step(how)
         if not done:
             self.apply(operations)
 
     @rule(point=st.sampled_from(KILL_POINTS), how=HOW)
     def daemon_killed_during_a_step(self, point: str, how: str) -> None:
+        """Killed at the first call of that point, whichever collection it is for."""
         assert self.worker is not None
-        db, index = self.worker.db, self.worker.indexes[0]
 
         def die_before(original: Callable[..., Any]) -> Callable[..., Any]:
             def call(*args: Any) -> Any:
@@ -409,14 +509,15 @@ class SyncMachine(RuleBasedStateMachine):
 
             return write
 
-        target, name, wrap = {
-            "after_claim": (db, "read_rows", die_before),
-            "before_import": (index, "import_jsonl", die_before),
-            "after_import": (index, "import_jsonl", die_after),
-            "after_delete": (index, "delete_ids", die_after),
-            "before_ack_commit": (db, "write", die_before_commit),
+        targets, wrap = {
+            "after_claim": ([(self.worker.db, "read_rows")], die_before),
+            "before_import": (self.requests("import_jsonl"), die_before),
+            "after_import": (self.requests("import_jsonl"), die_after),
+            "after_delete": (self.requests("delete_ids"), die_after),
+            "before_ack_commit": ([(self.worker.db, "write")], die_before_commit),
         }[point]
-        setattr(target, name, wrap(getattr(target, name)))
+        for target, name in targets:
+            setattr(target, name, wrap(getattr(target, name)))
         with contextlib.suppress(Killed):
             self.step(how)
         self.restart()
@@ -430,75 +531,80 @@ class SyncMachine(RuleBasedStateMachine):
         self.proxy.add(fault)
 
     @precondition(lambda self: not any(f.status == 400 for f in self.proxy.pending_faults()))
-    @rule(key=KEYS)
-    def typesense_refuses_a_line_once(self, key: int) -> None:
+    @rule(doc_id=DOCUMENT_IDS)
+    def typesense_refuses_a_line_once(self, doc_id: str) -> None:
         """Refused once, a line is retried at once and goes through: no sync_errors row."""
-        self.proxy.add(Fault("fail_lines", status=400, ids={str(key)}))
+        self.proxy.add(Fault("fail_lines", status=400, ids={doc_id}))
 
     # -- checks --------------------------------------------------------------------------------
 
     @invariant()
     def typesense_holds_only_committed_states_never_going_back(self) -> None:
-        for doc_id, doc in self.export().items():
-            versions = self.history.get(doc_id, {})
-            assert doc == versions.get(doc.get("created_at", "")), (
-                f"document {doc_id} is no state SQLite committed: {doc}"
-            )
-            newest = self.seen_version.get(doc_id, "")
-            assert doc["created_at"] >= newest, (
-                f"document {doc_id} went back from {newest} to {doc['created_at']}"
-            )
-            self.seen_version[doc_id] = doc["created_at"]
+        for mapping in self.mappings:
+            history = self.history[mapping.name]
+            for doc_id, doc in self.export(mapping).items():
+                states = history.get(doc_id, [])
+                assert any(same_document(doc, state) for state in states), (
+                    f"{mapping.name} document {doc_id} is no state SQLite committed: {doc}"
+                )
+                newest = self.seen.get((mapping.name, doc_id), 0)
+                # the first state it can be from there on (states may come back: a soft
+                # delete and an undelete)
+                later = [i for i in range(newest, len(states)) if same_document(states[i], doc)]
+                assert later, (
+                    f"{mapping.name} document {doc_id} went back from {states[newest]} to {doc}"
+                )
+                self.seen[(mapping.name, doc_id)] = later[0]
 
     @invariant()
     def sync_errors_hold_only_invalid_states(self) -> None:
         # Typesense refusing a line once (all the model injects) must never reach sync_errors:
-        # every row, open or closed, is a state of the record that failed our validation.
-        rows = self.app.execute("SELECT http_status, error, document FROM sync_errors").fetchall()
-        for http_status, error, doc in rows:
+        # every row, open or closed, is a state of the record that failed our validation, with
+        # the reference's error and the row it was made of.
+        rows = self.reader.execute(
+            "SELECT mapping, record_key, http_status, error, document FROM sync_errors"
+        ).fetchall()
+        for mapping, key, http_status, error, document in rows:
             assert http_status is None, f"a record was given up on after {http_status}: {error}"
-            assert error.split(":")[0] in FIELD_NAMES, error
-            assert json.loads(doc)["created_at"] in self.invalid_versions, (error, doc[:200])
+            assert (key, error, document) in self.invalid[mapping], (mapping, key, error, document)
 
     def drain_and_check(self) -> None:
         self.proxy.clear()
         assert self.worker is not None
         self.worker.db.close()
         db = Database(self.path)
-        index = TypesenseIndex([self.proxy.url], self.server.api_key, self.collection)
-        worker = daemon(db, [index], batch_size=self.batch_size)
+        worker = daemon(db, self.indexes(self.proxy.url), batch_size=self.batch_size)
         for _ in range(1000):
             if not worker.applier.apply_once().entries:
                 break
         self.worker = worker
-
-        # the model is what SQLite holds
-        raw = sqlite3.connect(self.path)
-        raw.text_factory = bytes
-        in_sqlite = {row[0]: row[1:] for row in raw.execute(f"SELECT {COLUMNS} FROM sequences")}
-        (pending,) = raw.execute("SELECT count(*) FROM outbox").fetchone()
-        raw.close()
-        assert in_sqlite == {
-            key: tuple(stored(v) for v in row.values()) for key, row in self.rows.items()
-        }
+        (pending,) = self.reader.execute("SELECT count(*) FROM outbox").fetchone()
         assert pending == 0
 
-        invalid = {key: invalid_fields(row) for key, row in self.rows.items()}
-        documents = self.export()
-        assert set(documents) <= {str(key) for key in self.rows}, "documents nobody holds"
-        for key, row in self.rows.items():
-            doc = documents.get(str(key))
-            if not invalid[key]:
-                assert doc == document(key, row)
-            else:  # the last good state may stay searchable; never anything else
-                assert doc is None or doc == self.history[str(key)].get(doc["created_at"])
+        expected_errors = {}
+        for mapping in self.mappings:
+            documents, invalid = reference_documents(self.reader, mapping)
+            in_typesense = self.export(mapping)
+            covered = set(documents) | {mapping.document_id(key) for key in invalid}
+            assert set(in_typesense) <= covered, f"{mapping.name}: documents nobody holds"
+            for doc_id, document in documents.items():
+                assert same_document(in_typesense.get(doc_id), document), (mapping.name, doc_id)
+            for key in invalid:  # the last good state may stay searchable; never anything else
+                doc_id = mapping.document_id(key)
+                doc = in_typesense.get(doc_id) if doc_id is not None else None
+                states = self.history[mapping.name].get(doc_id or "", [])
+                assert doc is None or any(same_document(doc, s) for s in states), (
+                    mapping.name,
+                    key,
+                )
+            expected_errors |= {(mapping.name, key): str(error) for key, error in invalid.items()}
 
         errors = sync_errors.find(db)
-        assert {e["record_key"] for e in errors} == {k for k, bad in invalid.items() if bad}
-        latest = {e["record_key"]: e for e in errors}  # oldest first: the last one wins
-        for key, error in latest.items():
-            assert error["http_status"] is None and error["op"] == "upsert"
-            assert error["error"].split(":")[0] in invalid[key], error
+        found = {(e["mapping"], e["record_key"]): e["error"] for e in errors}
+        assert len(found) == len(errors), "a record with two open errors"
+        assert found == expected_errors
+        for error in errors:
+            assert error["http_status"] is None and error["op"] == "upsert", error
 
     def teardown(self) -> None:
         try:
@@ -508,17 +614,23 @@ class SyncMachine(RuleBasedStateMachine):
             if self.worker is not None:
                 self.worker.db.close()
             self.app.close()
-            with contextlib.suppress(httpx.HTTPError):
-                alias = self.http.get(f"/aliases/{self.collection}").json()
-                self.http.delete(f"/aliases/{self.collection}")
-                self.http.delete(f"/collections/{alias['collection_name']}")
-            self.http.close()
+            self.reader.close()
+            for mapping in self.mappings:
+                with contextlib.suppress(httpx.HTTPError):
+                    alias = self.http.get(f"/aliases/{mapping.collection}").json()
+                    self.http.delete(f"/aliases/{mapping.collection}")
+                    self.http.delete(f"/collections/{alias['collection_name']}")
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def test_the_sync_converges_under_random_writes_kills_and_faults(
     typesense_server: Server,
 ) -> None:
-    with FaultProxy(typesense_server.url) as proxy:
-        SyncMachine.server, SyncMachine.proxy = typesense_server, proxy
+    http = httpx.Client(
+        base_url=typesense_server.url,
+        headers={"X-TYPESENSE-API-KEY": typesense_server.api_key},
+        timeout=30,
+    )
+    with http, FaultProxy(typesense_server.url) as proxy:
+        SyncMachine.server, SyncMachine.proxy, SyncMachine.http = typesense_server, proxy, http
         run_state_machine_as_test(SyncMachine, settings=MODEL_SETTINGS)

@@ -1,15 +1,19 @@
 """The daemon owns its triggers. Schema changes an application makes while the daemon runs and
 a writer keeps writing (the 12-step rebuild of migration tools, renaming the table away,
 dropping and recreating it, adding a column) converge, through a real Typesense, with nothing
-lost and no sync error; a table that is gone pauses the sync and deletes nothing."""
+lost and no sync error; a table that is gone pauses the sync and deletes nothing; `init` puts
+back triggers a migration took while no daemon ran. Each for the built-in `sequences` and for
+the custom `characters` of docs/tables.md (a TEXT key, a `where`, and `character_tags`, a table
+it depends on, rebuilt along with it)."""
 
 import json
 import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -17,8 +21,20 @@ import pytest
 
 from outbox_sync import schema
 from outbox_sync.db import Database
-from outbox_sync.mapping import SEQUENCES
+from outbox_sync.mapping import SEQUENCES, Mapping
 from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
+from tests.support.characters import (
+    CHARACTER_COLUMNS,
+    CHARACTERS,
+    CHARACTERS_TABLE,
+    TAGS,
+    TAGS_TABLE,
+    characters_config,
+    characters_mapping,
+    expected_characters,
+    insert_characters,
+    slug,
+)
 from tests.support.cli import ROOT
 from tests.support.daemon import Daemon
 from tests.support.typesense import Server, export
@@ -33,11 +49,95 @@ TABLE_SQL = (
 COLUMNS = "id, element_type, element_id, sequence_number, comment, created_at"
 
 
-def matching(server: Server, collection: str, db_path: Path) -> bool:
+@dataclass(frozen=True)
+class Table:
+    name: str
+    sql: str  # CREATE TABLE {name} (... {extra}): as a migration makes it again
+    columns: str
+
+
+@dataclass(frozen=True)
+class App:
+    """An application whose tables a mapping syncs, as the scenarios need it."""
+
+    mapping: Mapping
+    tables: tuple[Table, ...]  # the mapped table, then the tables it depends on
+    nullable: str  # a column a migration tool may move
+    env: dict[str, str]  # the daemon's
+    conn: sqlite3.Connection
+    insert: Callable[[sqlite3.Connection, Iterable[int], str], None]  # rows numbered so
+    delete: str  # DELETE of the row of key ?
+    keys: Callable[[Iterable[int]], list[object]]  # the keys of the rows numbered so
+    documents: Callable[[], dict[str, dict[str, object]]]  # what Typesense should hold
+
+    @property
+    def table(self) -> Table:
+        return self.tables[0]
+
+    @property
+    def path(self) -> Path:
+        return Path(self.env["OUTBOX_SYNC_DB"])
+
+
+def insert_sequences(conn: sqlite3.Connection, numbers: Iterable[int], comment: str) -> None:
+    conn.executemany(
+        ROW_SQL, [make_row(i, comment=comment) if comment else make_row(i) for i in numbers]
+    )
+
+
+@pytest.fixture(params=["sequences", "characters"])
+def app(
+    request: pytest.FixtureRequest,
+    db_path: Path,
+    tmp_path: Path,
+    daemon_env: dict[str, str],
+    collection: str,
+) -> Iterator[App]:
+    if request.param == "sequences":
+        conn = app_connection(db_path)
+        yield App(
+            SEQUENCES,
+            (Table("sequences", TABLE_SQL, COLUMNS),),
+            "comment",
+            daemon_env,
+            conn,
+            insert_sequences,
+            "DELETE FROM sequences WHERE id = ?",
+            list,
+            lambda: sqlite_documents(db_path),
+        )
+    else:
+        path = tmp_path / "characters.db"
+        config = tmp_path / "outbox-sync.toml"
+        config.write_text(characters_config(collection))
+        conn = app_connection(path)
+        conn.executescript(f"{CHARACTERS}; {TAGS};")
+        mapping = characters_mapping(collection)
+        schema.init(Database(path, create=True), [mapping])
+        yield App(
+            mapping,
+            (
+                Table("characters", CHARACTERS_TABLE, CHARACTER_COLUMNS),
+                Table("character_tags", TAGS_TABLE, "slug, tag"),
+            ),
+            "bio",
+            # the daemon syncs every mapping of the file: no --collection
+            {k: v for k, v in daemon_env.items() if k != "OUTBOX_SYNC_COLLECTION"}
+            | {"OUTBOX_SYNC_DB": str(path), "OUTBOX_SYNC_CONFIG": str(config)},
+            conn,
+            insert_characters,
+            "DELETE FROM characters WHERE slug = ?",
+            lambda numbers: [slug(i) for i in numbers],
+            lambda: expected_characters(conn),
+        )
+    conn.close()
+
+
+def matching(server: Server, collection: str, app: App) -> bool:
     """Typesense holds exactly the documents of the table's rows (False while the daemon has not
     created the collection yet)."""
     try:
-        return export(server, collection) == sqlite_documents(db_path)
+        return export(server, collection) == app.documents()
     except httpx.HTTPStatusError:
         return False
 
@@ -49,7 +149,7 @@ def events(daemon: Daemon, name: str) -> list[dict[str, object]]:
 
 
 @contextmanager
-def writing(db_path: Path, tmp_path: Path, seed: int) -> Iterator[None]:
+def writing(app: App, tmp_path: Path, seed: int) -> Iterator[None]:
     """An application writing from its own process until the block ends."""
     stop_file = tmp_path / f"stop-{seed}"
     writer = subprocess.Popen(
@@ -57,10 +157,11 @@ def writing(db_path: Path, tmp_path: Path, seed: int) -> Iterator[None]:
             sys.executable,
             "-m",
             "tests.support.writer",
-            str(db_path),
+            str(app.path),
             str(seed),
             "200",
             str(stop_file),
+            app.table.name,
         ],
         cwd=ROOT,
     )
@@ -71,18 +172,21 @@ def writing(db_path: Path, tmp_path: Path, seed: int) -> Iterator[None]:
         assert writer.wait(60) == 0
 
 
-def twelve_step_rebuild(conn: sqlite3.Connection, db_path: Path) -> None:
+def twelve_step_rebuild(app: App) -> None:
     """SQLite's 12-step table change, as Django and Alembic write it: new table, copy, drop,
-    rename (the triggers go with the dropped table)."""
-    conn.executescript(
-        "BEGIN;"
-        + TABLE_SQL.format(name="new__sequences", extra=", rating INTEGER")
-        + f"; INSERT INTO new__sequences ({COLUMNS}) SELECT {COLUMNS} FROM sequences;"
-        " DROP TABLE sequences; ALTER TABLE new__sequences RENAME TO sequences; COMMIT;"
+    rename (the triggers go with the dropped table); of every table the mapping reads, in one
+    migration."""
+    steps = "".join(
+        table.sql.format(name=f"new__{table.name}", extra=", rating INTEGER")
+        + f"; INSERT INTO new__{table.name} ({table.columns}) SELECT {table.columns}"
+        f" FROM {table.name}; DROP TABLE {table.name};"
+        f" ALTER TABLE new__{table.name} RENAME TO {table.name};"
+        for table in app.tables
     )
+    app.conn.executescript(f"BEGIN; {steps} COMMIT;")
 
 
-def sqlite_utils_transform(conn: sqlite3.Connection, db_path: Path) -> None:
+def sqlite_utils_transform(app: App) -> None:
     """The same through a real migration tool."""
     subprocess.run(
         [
@@ -90,35 +194,38 @@ def sqlite_utils_transform(conn: sqlite3.Connection, db_path: Path) -> None:
             "-m",
             "sqlite_utils",
             "transform",
-            str(db_path),
-            "sequences",
+            str(app.path),
+            app.table.name,
             "--column-order",
-            "comment",
+            app.nullable,
         ],
         check=True,
     )
 
 
-def rename_away(conn: sqlite3.Connection, db_path: Path) -> None:
+def rename_away(app: App) -> None:
     """The table renamed away (its triggers go along) and a new one made, with some rows."""
-    conn.executescript(
-        "BEGIN; ALTER TABLE sequences RENAME TO sequences_2023;"
-        + TABLE_SQL.format(name="sequences", extra="")
-        + f"; INSERT INTO sequences SELECT {COLUMNS} FROM sequences_2023 WHERE id % 3 != 0;"
+    name, columns = app.table.name, app.table.columns
+    app.conn.executescript(
+        f"BEGIN; ALTER TABLE {name} RENAME TO {name}_2023;"
+        + app.table.sql.format(name=name, extra="")
+        + f"; INSERT INTO {name} SELECT {columns} FROM {name}_2023 WHERE rowid % 3 != 0;"
         " COMMIT;"
     )
 
 
-def drop_and_recreate(conn: sqlite3.Connection, db_path: Path) -> None:
+def drop_and_recreate(app: App) -> None:
     """Dropped and made again with other rows: documents of rows that are gone must go."""
-    conn.executescript(
-        "BEGIN; DROP TABLE sequences;" + TABLE_SQL.format(name="sequences", extra="") + "; COMMIT;"
+    app.conn.executescript(
+        f"BEGIN; DROP TABLE {app.table.name};"
+        + app.table.sql.format(name=app.table.name, extra="")
+        + "; COMMIT;"
     )
-    conn.executemany(ROW_SQL, [make_row(i, comment=f"again {i}") for i in range(50, 260)])
+    app.insert(app.conn, range(50, 260), "again")
 
 
-def add_column(conn: sqlite3.Connection, db_path: Path) -> None:
-    conn.execute("ALTER TABLE sequences ADD COLUMN rating INTEGER")
+def add_column(app: App) -> None:
+    app.conn.execute(f"ALTER TABLE {app.table.name} ADD COLUMN rating INTEGER")
 
 
 @pytest.mark.parametrize(
@@ -132,26 +239,25 @@ def add_column(conn: sqlite3.Connection, db_path: Path) -> None:
     ],
 )
 def test_a_schema_change_while_the_daemon_runs_converges(
-    db_path: Path,
+    app: App,
     tmp_path: Path,
     start_daemon: Callable[..., Daemon],
     typesense_server: Server,
     collection: str,
-    migrate: Callable[[sqlite3.Connection, Path], None],
+    migrate: Callable[[App], None],
     repairs: bool,
 ) -> None:
-    conn = app_connection(db_path)
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 201)])
-    daemon = start_daemon("--audit-every", "0")
-    wait_until(lambda: matching(typesense_server, collection, db_path), what="the first sync")
-    with writing(db_path, tmp_path, seed=7):
-        migrate(conn, db_path)
+    app.insert(app.conn, range(1, 201), "")
+    daemon = start_daemon("--audit-every", "0", env=app.env)
+    wait_until(lambda: matching(typesense_server, collection, app), what="the first sync")
+    with writing(app, tmp_path, seed=7):
+        migrate(app)
         if repairs:
             wait_until(lambda: events(daemon, "audit_done"), what="the audit after the repair")
-    wait_until(lambda: Database(db_path).counts(SEQUENCES)["pending"] == 0, what="the drain")
-    wait_until(lambda: matching(typesense_server, collection, db_path), what="the match")
-    assert Database(db_path).counts(SEQUENCES)["sync_errors_open"] == 0
-    assert schema.trigger_problems(conn, [SEQUENCES]) == []
+    wait_until(lambda: Database(app.path).counts(app.mapping)["pending"] == 0, what="the drain")
+    wait_until(lambda: matching(typesense_server, collection, app), what="the match")
+    assert Database(app.path).counts(app.mapping)["sync_errors_open"] == 0
+    assert schema.trigger_problems(app.conn, [app.mapping]) == []
     repaired = events(daemon, "triggers_repaired")
     assert len(repaired) == int(repairs), daemon.output()
     daemon.process.send_signal(signal.SIGTERM)
@@ -159,65 +265,62 @@ def test_a_schema_change_while_the_daemon_runs_converges(
 
 
 def test_a_table_that_is_gone_pauses_the_sync_until_one_is_back(
-    db_path: Path,
+    app: App,
     start_daemon: Callable[..., Daemon],
     typesense_server: Server,
     collection: str,
 ) -> None:
-    conn = app_connection(db_path)
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 101)])
-    daemon = start_daemon("--audit-every", "0")
-    wait_until(lambda: matching(typesense_server, collection, db_path), what="the first sync")
-    conn.execute("DROP TABLE sequences")
+    app.insert(app.conn, range(1, 101), "")
+    daemon = start_daemon("--audit-every", "0", env=app.env)
+    wait_until(lambda: matching(typesense_server, collection, app), what="the first sync")
+    app.conn.execute(f"DROP TABLE {app.table.name}")
     wait_until(lambda: events(daemon, "sync_paused"), what="the daemon to pause")
     [paused] = events(daemon, "sync_paused")
-    assert "table sequences is gone" in str(paused["reason"])
+    assert f"table {app.table.name} is gone" in str(paused["reason"])
     assert len(export(typesense_server, collection)) == 100  # nothing deleted on a guess
-    conn.execute(TABLE_SQL.format(name="sequences", extra=""))
-    conn.executemany(ROW_SQL, [make_row(i, comment="back") for i in range(60, 131)])
+    app.conn.execute(app.table.sql.format(name=app.table.name, extra=""))
+    app.insert(app.conn, range(60, 131), "back")
     wait_until(
-        lambda: matching(typesense_server, collection, db_path),
+        lambda: matching(typesense_server, collection, app),
         what="Typesense to match the new table, the old documents gone",
     )
     assert len(events(daemon, "sync_paused")) == 1 and events(daemon, "sync_resumed")
     assert events(daemon, "triggers_repaired")
-    assert Database(db_path).counts(SEQUENCES)["sync_errors_open"] == 0
+    assert Database(app.path).counts(app.mapping)["sync_errors_open"] == 0
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0
 
 
 def test_init_puts_back_triggers_a_migration_took_and_says_so(
-    db_path: Path,
+    app: App,
     start_daemon: Callable[..., Daemon],
-    daemon_env: dict[str, str],
     typesense_server: Server,
     collection: str,
 ) -> None:
-    conn = app_connection(db_path)
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(1, 21)])
-    twelve_step_rebuild(conn, db_path)  # no daemon running: nobody notices
-    conn.executemany(ROW_SQL, [make_row(i) for i in range(21, 41)])
-    conn.execute("DELETE FROM sequences WHERE id <= 5")
-    assert schema.trigger_problems(conn, [SEQUENCES]) != []
+    app.insert(app.conn, range(1, 21), "")
+    twelve_step_rebuild(app)  # no daemon running: nobody notices
+    app.insert(app.conn, range(21, 41), "")
+    app.conn.executemany(app.delete, [(key,) for key in app.keys(range(1, 6))])
+    assert schema.trigger_problems(app.conn, [app.mapping]) != []
     init = subprocess.run(
         [sys.executable, "-m", "outbox_sync", "init"],
-        env=daemon_env,
+        env=app.env,
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
     assert init.returncode == 0, init.stderr
     assert "put back outbox-sync's triggers (" in init.stdout
-    assert "sequences_outbox_insert was missing" in init.stdout
-    assert schema.trigger_problems(conn, [SEQUENCES]) == []
-    assert Database(db_path).get_meta(schema.RECONCILE_REQUEST_KEY) is not None
-    daemon = start_daemon("--audit-every", "0")  # audits only because init asked
+    assert f"{app.table.name}_outbox_insert was missing" in init.stdout
+    assert schema.trigger_problems(app.conn, [app.mapping]) == []
+    assert Database(app.path).get_meta(schema.RECONCILE_REQUEST_KEY) is not None
+    daemon = start_daemon("--audit-every", "0", env=app.env)  # audits only because init asked
     wait_until(
-        lambda: matching(typesense_server, collection, db_path),
+        lambda: matching(typesense_server, collection, app),
         what="the rows written without triggers to reach Typesense",
     )
     [audit] = events(daemon, "audit_done")
     assert audit["reason"] == "init repaired the triggers"
-    assert Database(db_path).get_meta(schema.RECONCILE_REQUEST_KEY) is None
+    assert Database(app.path).get_meta(schema.RECONCILE_REQUEST_KEY) is None
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0

@@ -1,6 +1,7 @@
 """Plain helpers for the tests (fixtures stay in tests/conftest.py):
 
 - app: the application's side of the database: its connection, its rows, what search should hold
+- characters: the custom mapping of docs/tables.md: its configuration, tables, rows, documents
 - typesense: the test server's address, and Typesense read or changed by hand
 - cli: `outbox-sync` invoked in-process, or as a process, without settings from this environment
 - daemon: the daemon as a process, the worker in a thread, a drain, a recorded failure

@@ -1,0 +1,150 @@
+"""The custom mapping of docs/tables.md, `characters`, as the tests use it: the page's example
+configuration word for word, the application's tables, its rows, and the documents Typesense
+should hold for them; and, for any mapping, the documents its Python reference makes of the
+table's rows."""
+
+import json
+import math
+import re
+import sqlite3
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from outbox_sync import config_file
+from outbox_sync.errors import InvalidRecordError
+from outbox_sync.mapping import Mapping, RawText, quote_identifier
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = re.search(r"```toml\n(.*?)```", (ROOT / "docs" / "tables.md").read_text(), re.S)[1]  # type: ignore[index]
+# The example's own entry for `characters` (it maps `sequences` first).
+CHARACTERS_ENTRY = EXAMPLE[EXAMPLE.index('[[sync]]\ntable = "characters"') :]
+# The tables, as a migration makes them again: under another name, with more columns (`extra`).
+CHARACTERS_TABLE = (
+    "CREATE TABLE {name} (slug TEXT PRIMARY KEY, name TEXT, bio TEXT, age INTEGER,"
+    " weight REAL, active INTEGER, deleted_at TEXT{extra})"
+)
+TAGS_TABLE = "CREATE TABLE {name} (slug TEXT, tag TEXT{extra})"
+CHARACTERS = CHARACTERS_TABLE.format(name="characters", extra="")
+TAGS = TAGS_TABLE.format(name="character_tags", extra="")
+CHARACTER_COLUMNS = "slug, name, bio, age, weight, active, deleted_at"
+CHARACTER_SQL = f"INSERT INTO characters ({CHARACTER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+# Text keys with what URLs, filters and SQL quote: each is indexed, updated and deleted as it is.
+ODD_KEYS = ["a/b", "50%", "q?x", "h#1", "sp ace", 'dq"x', "sq'x", "bt`x", "ünï", "co,ma"]
+
+
+def characters_config(collection: str = "characters") -> str:
+    """A configuration file mapping only `characters`, into `collection`: the example's entry."""
+    return CHARACTERS_ENTRY.replace('collection = "characters"', f'collection = "{collection}"')
+
+
+def characters_mapping(collection: str = "characters") -> Mapping:
+    """The example's `characters` mapping, as the configuration file gives it."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "outbox-sync.toml"
+        path.write_text(characters_config(collection))
+        _, (mapping,) = config_file.load(path, {})
+    return mapping
+
+
+def character(slug: str, **changes: Any) -> tuple[Any, ...]:
+    """The values of a row of `characters` for CHARACTER_SQL, with `changes` by column name."""
+    row = {
+        "slug": slug,
+        "name": f"Name of {slug}",
+        "bio": None,
+        "age": 30,
+        "weight": 61.5,
+        "active": 1,
+        "deleted_at": None,
+    }
+    row.update(changes)
+    return tuple(row.values())
+
+
+def slug(i: int) -> str:
+    """The key of character `i`: one of the odd keys, numbered."""
+    return f"{ODD_KEYS[i % len(ODD_KEYS)]}-{i}"
+
+
+def insert_characters(conn: sqlite3.Connection, numbers: Iterable[int], bio: str = "") -> None:
+    """Characters `slug(i)` for these numbers, the even ones with a tag (`bio`: their bio)."""
+    numbers = list(numbers)
+    conn.executemany(CHARACTER_SQL, [character(slug(i), bio=bio or None) for i in numbers])
+    conn.executemany(
+        "INSERT INTO character_tags (slug, tag) VALUES (?, ?)",
+        [(slug(i), f"tag {i % 3}") for i in numbers if i % 2 == 0],
+    )
+
+
+def expected_characters(app: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+    """What the example's mapping makes of the table, written out here apart from the mapper
+    (for rows whose values are all valid, bar the slug and `active`)."""
+    documents = {}
+    for slug, name, bio, age, weight, active in app.execute(
+        "SELECT slug, name, bio, age, weight, active FROM characters WHERE deleted_at IS NULL"
+        " AND active IN (0, 1) AND slug != ''"
+    ):
+        tags = [
+            t
+            for (t,) in app.execute(
+                "SELECT tag FROM character_tags WHERE slug = ? ORDER BY tag", (slug,)
+            )
+        ]
+        document = {"id": slug, "name": name, "active": bool(active), "tags": tags}
+        document |= {
+            k: v for k, v in (("bio", bio), ("age", age), ("weight", weight)) if v is not None
+        }
+        documents[slug] = document
+    return documents
+
+
+def reference_rows(conn: sqlite3.Connection, mapping: Mapping) -> list[tuple[Any, ...]]:
+    """The rows the mapping covers (its `where`), read raw as the daemon reads them: key, then
+    one value per field."""
+    where = f" WHERE {mapping.where}" if mapping.where else ""
+    conn.text_factory = RawText
+    try:
+        return conn.execute(
+            f"SELECT {mapping.columns()} FROM {quote_identifier(mapping.table)}{where}"
+        ).fetchall()
+    finally:
+        conn.text_factory = str
+
+
+def reference_key(row: tuple[Any, ...]) -> Any:
+    """A row's key as the outbox and sync_errors hold it (text decoded)."""
+    key = row[0]
+    return key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+
+
+def reference_documents(
+    conn: sqlite3.Connection, mapping: Mapping
+) -> tuple[dict[str, dict[str, Any]], dict[Any, InvalidRecordError]]:
+    """What the mapping's Python reference makes of the table: the document of every valid row
+    by id, as Typesense gives it back (its JSON line, read), and the error of every invalid one
+    by key."""
+    documents, invalid = {}, {}
+    for row in reference_rows(conn, mapping):
+        try:
+            document = json.loads(mapping.line(row))
+        except InvalidRecordError as error:
+            invalid[reference_key(row)] = error
+        else:
+            documents[document["id"]] = document
+    return documents, invalid
+
+
+def same_document(a: Any, b: Any) -> bool:
+    """Equal documents, numbers equal to 15 digits: SQLite writes a REAL with its own printf,
+    which rounds a digit exactly half-way differently from the Python reference (see
+    tests/test_mapping.py)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_document(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(same_document, a, b))
+    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (a, b))
+    if numbers:
+        return a == b or math.isclose(a, b, rel_tol=1e-14)
+    return type(a) is type(b) and a == b
