@@ -31,7 +31,7 @@ def make_rows(first_id: int, count: int) -> Iterator[tuple[Any, ...]]:
         yield (
             key,
             ELEMENT_TYPES[key % len(ELEMENT_TYPES)],
-            rng.randrange(10**11, 10**12),
+            rng.randrange(10**9, 2**31),  # element_id is an int32
             key,
             " ".join(rng.choices(WORDS, k=7)),
             f"2024-{1 + key % 12:02d}-{1 + key % 28:02d}T{key % 24:02d}:{key % 60:02d}:00Z",

@@ -31,10 +31,10 @@ from typing import Any
 
 import httpx
 import typesense
-from outbox_sync.documents import COLUMNS, collection_schema, encode, to_document
 from typesense import exceptions as ts
 
 from outbox_sync.localserver import LocalTypesense
+from outbox_sync.mapping import COLUMNS, SEQUENCES, RawText
 from outbox_sync.schema import schema_statements
 from outbox_sync.typesense_index import parse_node
 from tests.bench import app
@@ -216,7 +216,7 @@ def make_client(url: str) -> Any:
 def fresh_collection(ctx: Context, prefix: str) -> Iterator[Any]:
     """A new, empty collection with the daemon's schema; yields its documents endpoint."""
     name = ctx.fresh_name(prefix)
-    ctx.client.collections.create(collection_schema(name))
+    ctx.client.collections.create(SEQUENCES.collection_schema(name))
     try:
         yield ctx.client.collections[name].documents
     finally:
@@ -296,9 +296,9 @@ def backlog(ctx: Context, n: int) -> Path:
 def document_lines(db: Path) -> list[bytes]:
     """The JSONL lines the daemon sends for this database's rows, built the daemon's way."""
     conn = sqlite3.connect(db)
-    conn.text_factory = bytes  # as the daemon reads them
+    conn.text_factory = RawText  # as the daemon reads them
     query = f"SELECT {', '.join(COLUMNS)} FROM sequences ORDER BY id"
-    lines = [encode(to_document(row)) for row in conn.execute(query)]
+    lines = [SEQUENCES.line(row) for row in conn.execute(query)]
     conn.close()
     return lines
 
@@ -306,7 +306,7 @@ def document_lines(db: Path) -> list[bytes]:
 def sample_documents(first_id: int, count: int) -> list[dict[str, Any]]:
     """Documents for the rows app.make_rows(first_id, count), built the daemon's way."""
     return [
-        to_document(tuple(v.encode() if isinstance(v, str) else v for v in row))
+        SEQUENCES.document(tuple(RawText(v.encode()) if isinstance(v, str) else v for v in row))
         for row in app.make_rows(first_id, count)
     ]
 
