@@ -160,10 +160,8 @@ class Applier:
         if not entries:
             return None
         batch = Batch(entries, BatchReport(entries=len(entries)))
-        latest: dict[tuple[str, Any], OutboxEntry] = {}
-        for entry in entries:  # the last marker per record wins; its state is read now
-            latest.pop((entry.mapping, entry.key), None)
-            latest[(entry.mapping, entry.key)] = entry
+        # the last marker per record wins; its state is read now
+        latest = {(entry.mapping, entry.key): entry for entry in entries}
         by_mapping: dict[str, list[OutboxEntry]] = {}
         for entry in latest.values():
             by_mapping.setdefault(entry.mapping, []).append(entry)
@@ -181,19 +179,19 @@ class Applier:
         found = self.db.read_rows(mapping, [key for key, id_ in ids.items() if id_ is not None])
         rows = {_key(row[0]): row for row in found}
         for entry in group:
-            row = rows.get(entry.key)
-            if ids[entry.key] is None:  # no document can have this key
+            doc_id, row = ids[entry.key], rows.get(entry.key)
+            if doc_id is None:  # no document can have this key
                 if entry.op == "delete":  # nothing to delete
                     batch.synced.append((mapping.name, entry.key))
                 else:
                     batch.fail(entry, None, mapping.key_problem(entry.key) or "")
             elif row is None:  # gone, or outside the mapping's `where`
-                work.deletes.append((entry, ids[entry.key] or ""))
+                work.deletes.append((entry, doc_id))
             else:
                 try:
                     work.upserts.append((entry, mapping.judge(row)))
                 except InvalidRecordError as error:
-                    batch.fail(entry, mapping.describe_row(row[:-2]), str(error))
+                    batch.fail(entry, mapping.describe_row(row[2]), str(error))
 
     def _unknown(self, mapping: str, count: int) -> None:
         if mapping not in self.unknown_logged:
@@ -223,7 +221,7 @@ class Applier:
         twice become sync_errors. A 5xx on a line is server trouble: nothing is given up."""
         pending = upserts
         for attempt in (1, 2):
-            results = index.import_jsonl(b"\n".join(line for _, line in pending), len(pending))
+            results = index.import_jsonl(b"\n".join([line for _, line in pending]), len(pending))
             failed: list[tuple[OutboxEntry, bytes, ImportResult]] = []
             for (entry, line), result in zip(pending, results, strict=True):
                 if result.ok:

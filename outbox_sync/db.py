@@ -11,10 +11,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from outbox_sync.errors import DatabaseBusyError, DatabaseError, TableMissingError
-from outbox_sync.mapping import Mapping, RawText, quote_identifier
+from outbox_sync.mapping import Found, Mapping, RawText, quote_identifier
 
 # How long a write waits for another connection's write lock before giving up (and retrying
 # later: a busy database never loses an entry).
@@ -26,8 +26,9 @@ WRITE_RETRY_MAX_S = 0.002
 DEFAULT_PAGE_ROWS = 5000
 
 
-@dataclass(frozen=True)
-class OutboxEntry:
+class OutboxEntry(NamedTuple):
+    """One outbox entry (a tuple: a batch makes thousands of them)."""
+
     id: int
     mapping: str
     key: Any
@@ -140,21 +141,44 @@ class Database:
     # -- the queue ------------------------------------------------------------------------------
 
     def claim(self, limit: int, after: int = 0) -> list[OutboxEntry]:
-        """The oldest `limit` outbox entries with an id above `after`, in id order."""
-        rows = self.fetch_raw(
-            "SELECT id, mapping, record_key, op FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+        """The oldest `limit` outbox entries with an id above `after`, in id order. A text key
+        is read as bytes (text that is not UTF-8 must not fail the read) and decoded here; the
+        rest is read as str by SQLite (a raw read and decoding in Python took half again as
+        long)."""
+        rows = self.conn.execute(
+            "SELECT id, mapping, op,"
+            " CASE WHEN typeof(record_key) != 'text' THEN record_key END,"
+            " CASE WHEN typeof(record_key) = 'text' THEN CAST(record_key AS BLOB) END"
+            " FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
             (after, limit),
-        )
+        ).fetchall()
         return [
-            OutboxEntry(id, mapping.decode(), _bindable(key), op.decode())
-            for id, mapping, key, op in rows
+            OutboxEntry(id, mapping, key if text is None else text.decode("utf-8", "replace"), op)
+            for id, mapping, op, key, text in rows
         ]
 
-    def read_rows(self, mapping: Mapping, keys: Sequence[Any]) -> list[tuple[Any, ...]]:
-        """The rows these keys name that the mapping covers: (key, *values, line, verdict), as
-        `Mapping.select_by_keys` reads them (absent ones are gone, or outside `where`)."""
+    def read_rows(self, mapping: Mapping, keys: Sequence[Any]) -> list[Found]:
+        """The rows these keys name that the mapping covers (absent ones are gone, or outside
+        `where`): SQLite's JSON line of each valid row, and the raw values of each row it
+        leaves to the Python mapper, read again (one gone meanwhile is left out)."""
         try:
-            return self.fetch_raw(mapping.select_by_keys(), (json.dumps(list(keys)),))
+            lines = self.fetch_raw(
+                mapping.select_by_keys(f"{quote_identifier(mapping.key)}, {mapping.line_sql()}"),
+                (json.dumps(list(keys)),),
+            )
+            found: list[Found] = []
+            rest = []
+            for key, line in lines:
+                if written(line):
+                    found.append((key, line, ()))
+                else:
+                    rest.append(_bindable(key))
+            if rest:
+                rows = self.fetch_raw(
+                    mapping.select_by_keys(mapping.columns()), (json.dumps(rest),)
+                )
+                found += [(row[0], None, row) for row in rows]
+            return found
         except sqlite3.OperationalError as error:
             if "no such table" in str(error):
                 raise TableMissingError(mapping.table, self.path) from None
@@ -289,25 +313,29 @@ class Database:
 
     # -- pages of the tables audit and reindex walk ---------------------------------------------
 
-    def scan_rows(
-        self, mapping: Mapping, chunk: int = DEFAULT_PAGE_ROWS
-    ) -> Iterator[list[tuple[Any, ...]]]:
+    def scan_rows(self, mapping: Mapping, chunk: int = DEFAULT_PAGE_ROWS) -> Iterator[list[Found]]:
         """Every row the mapping covers, as `read_rows` gives them, in rowid order: unlike
         paging by key, this visits a loose legacy table's NULL and duplicate keys too (a WITHOUT
-        ROWID table, by its primary key)."""
+        ROWID table, by its primary key). A row left to the mapper is read again by itself."""
         order = page_key(self.conn, mapping.table)
         width = order.count(",") + 1
-        columns = f"{mapping.columns()}, {mapping.line_and_verdict()}"
-        for rows in pages(
-            self.conn,
-            quote_identifier(mapping.table),
-            order,
-            columns,
-            where=mapping.where or "",
-            chunk=chunk,
-            raw=True,
-        ):
-            yield [row[width:] for row in rows]
+        table = quote_identifier(mapping.table)
+        where = mapping.where or ""
+        again = (
+            f"SELECT {mapping.columns()} FROM {table} WHERE ({order}) = ({', '.join('?' * width)})"
+            + (f" AND ({where})" if where else "")
+        )
+        columns = f"{quote_identifier(mapping.key)}, {mapping.line_sql()}"
+        for rows in pages(self.conn, table, order, columns, where=where, chunk=chunk, raw=True):
+            found: list[Found] = []
+            for row in rows:
+                key, line = row[width:]
+                if written(line):
+                    found.append((key, line, ()))
+                else:  # read again for the mapper (gone meanwhile: left out)
+                    for values in self.fetch_raw(again, [_bindable(v) for v in row[:width]]):
+                        found.append((values[0], None, values))
+            yield found
 
     def scan_outbox_keys(self, mapping: str, chunk: int = DEFAULT_PAGE_ROWS) -> Iterator[list[Any]]:
         """The key of every waiting outbox entry of a mapping."""
@@ -385,6 +413,20 @@ def page_key(conn: sqlite3.Connection, table: str) -> str:
             "outbox-sync cannot read it in pages"
         )
     return ", ".join(quote_identifier(row[1]) for row in sorted(key, key=lambda row: row[5]))
+
+
+def written(line: bytes | None) -> bool:
+    """Whether SQLite wrote the line of a row: not NULL, and UTF-8 (SQLite passes text that is
+    not UTF-8 through, which only the Python mapper can name)."""
+    if line is None:
+        return False
+    if line.isascii():
+        return True
+    try:
+        line.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def is_busy(error: sqlite3.Error) -> bool:

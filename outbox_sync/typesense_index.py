@@ -56,6 +56,9 @@ class ImportResult:
     error: str | None = None
 
 
+ACCEPTED = ImportResult(True)  # one for every accepted line (an import has thousands)
+
+
 def parse_node(url: str) -> dict[str, Any]:
     """`http://host:port` -> the client's node dict; ConfigError on anything else. The URL is
     echoed in the message only without what may be a secret (user and password)."""
@@ -341,7 +344,7 @@ class TypesenseIndex:
         # U+0085 unescaped, which str.splitlines() would also split on.
         for line in response.split("\n"):
             if line == SUCCESS_LINE:  # nearly every line: skip parsing it
-                results.append(ImportResult(True))
+                results.append(ACCEPTED)
             elif line.strip():
                 item = parse_line(line, "import response")
                 error = None if item.get("success") else str(item.get("error"))
