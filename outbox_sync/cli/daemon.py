@@ -5,12 +5,11 @@ import json
 import os
 import signal
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import structlog
 
-from outbox_sync import health, reindex, schema
+from outbox_sync import health
 from outbox_sync.cli import render
 from outbox_sync.cli.base import (
     Failed,
@@ -25,9 +24,9 @@ from outbox_sync.config import Settings, parse_duration
 from outbox_sync.db import Database
 from outbox_sync.errors import AlreadyRunningError, ConfigError
 from outbox_sync.lock import DaemonLock
-from outbox_sync.notify import notify
-from outbox_sync.telemetry import Telemetry, serve_metrics
-from outbox_sync.worker import Stop, daemon
+
+if TYPE_CHECKING:  # see cli/__init__.py
+    from outbox_sync.telemetry import Telemetry
 
 
 @main.command()
@@ -42,6 +41,8 @@ def init(settings: Settings, backfill: bool) -> None:
     mapping (the built-in one creates `sequences` if absent), and enqueue the rows of a mapping
     that exist already (once). Upgrades a database an older version prepared, and puts back
     triggers a migration took away. Safe to run again."""
+    from outbox_sync import schema
+
     result = schema.init(
         Database(settings.db_path, create=True), settings.mappings, backfill=backfill
     )
@@ -68,6 +69,12 @@ def run(settings: Settings, once: bool) -> None:
     SIGTERM or Ctrl-C finishes the current batch and exits 0; a second one exits at once.
     Only one daemon may work a database file at a time.
     """
+    import structlog
+
+    from outbox_sync.notify import notify
+    from outbox_sync.telemetry import Telemetry
+    from outbox_sync.worker import Stop, daemon
+
     log = structlog.get_logger("outbox_sync")
     if settings.collection is not None and settings.config_file is not None:
         raise ConfigError(
@@ -116,8 +123,12 @@ def run(settings: Settings, once: bool) -> None:
 
 
 @contextlib.contextmanager
-def metrics_server(telemetry: Telemetry, address: tuple[str, int]) -> Any:
+def metrics_server(telemetry: "Telemetry", address: tuple[str, int]) -> Any:
     """/metrics and /healthz on `address` while the daemon runs."""
+    import structlog
+
+    from outbox_sync.telemetry import serve_metrics
+
     host, port = address
     try:
         server = serve_metrics(telemetry, host, port)
@@ -147,6 +158,8 @@ def reindex_command(settings: Settings) -> None:
     applying changes while it rebuilds, then applies what was committed meanwhile) and follows
     its progress; otherwise it does it itself, holding the daemon lock.
     """
+    from outbox_sync import reindex
+
     opened = open_database(settings)
     lock = DaemonLock(settings.db_path)
     collections = [mapping.collection for mapping in opened.selected]
@@ -274,6 +287,8 @@ def config_command(settings: Settings, as_json: bool) -> None:
     the --config file and the defaults; secrets masked) and every mapping, with its fields as
     the collection will declare them. Checks the file as every command does, and its mappings
     against the database's tables when the database is there."""
+    from outbox_sync import schema
+
     if settings.db_path.exists():
         schema.check(Database(settings.db_path), settings.mappings, prepared=False)
     effective = render.effective_config(settings)

@@ -34,10 +34,10 @@ import httpx
 import typesense
 from typesense import exceptions as ts
 
+from outbox_sync.config import parse_node
 from outbox_sync.localserver import LocalTypesense
 from outbox_sync.mapping import COLUMNS, SEQUENCES, RawText
 from outbox_sync.schema import schema_statements
-from outbox_sync.typesense_index import parse_node
 from tests.bench import app
 
 ROOT = Path(__file__).resolve().parents[2]
