@@ -2,6 +2,7 @@
 test_sync.py and test_daemon.py; here we need failures on demand)."""
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,17 @@ def test_an_acknowledgement_waits_for_the_disk_only_where_it_must(
     db.conn.set_trace_callback(None)
     assert ("PRAGMA synchronous = NORMAL" in statements) is relaxed
     assert db.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
+
+
+def test_the_backlogs_age_is_the_first_entry_in_line(db_path: Path, db: Database) -> None:
+    """Found by the primary key: min(enqueued_at) read the whole outbox, every second while
+    the daemon drained it. Entries are enqueued in id order, so the two agree unless the clock
+    went back."""
+    insert_rows(db_path, range(1, 4))
+    app = app_connection(db_path)
+    now = time.time()
+    app.execute("UPDATE outbox SET enqueued_at = ? - 100 * (4 - id)", (now,))  # 300, 200, 100 s
+    app.execute("UPDATE outbox SET enqueued_at = ? WHERE id = 3", (now - 999,))
+    pending, age, _ = db.backlog()
+    assert pending == 3
+    assert age is not None and 299 <= age < 330
