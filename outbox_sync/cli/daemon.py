@@ -132,10 +132,11 @@ GC_THRESHOLD = 50_000
 @contextlib.contextmanager
 def quiet_garbage_collector() -> Iterator[None]:
     """Python's cyclic garbage collector took 15 % of the daemon's CPU while draining
-    (tests/bench): a batch makes hundreds of thousands of small objects (rows, lines), freed by
-    reference counting since none is in a cycle, and each collection walked them and every
-    module and client made at start. Those are set aside (gc.freeze), and the young generation
-    collected every GC_THRESHOLD allocations: the few cycles wait a little longer."""
+    (tests/bench): a drain, as a reindex, makes hundreds of thousands of small objects (rows,
+    lines), freed by reference counting since none is in a cycle, and each collection walked
+    them and every module and client made at start. Those are set aside (gc.freeze), and the
+    young generation collected every GC_THRESHOLD allocations: the few cycles wait a little
+    longer."""
     thresholds = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, *thresholds[1:])
@@ -199,7 +200,10 @@ def reindex_command(settings: Settings) -> None:
             results = reindex.follow(opened.db, lock, collections, progress)
         else:
             try:
-                with typesense(settings, opened, start_embedded=True) as indexes:
+                with (
+                    typesense(settings, opened, start_embedded=True) as indexes,
+                    quiet_garbage_collector(),
+                ):
                     results = [
                         asdict(reindex.rebuild(opened.db, index, progress=progress))
                         for index in indexes
