@@ -40,7 +40,7 @@ from typing import Any
 
 from outbox_sync.db import Database, pages
 from outbox_sync.errors import InvalidRecordError, OutboxSyncError
-from outbox_sync.mapping import INT64, Mapping
+from outbox_sync.mapping import INT64, Found, Mapping
 from outbox_sync.typesense_index import MAX_DELETE_IDS, TypesenseIndex
 
 KINDS = ("missing", "extra", "stale", "invalid")
@@ -114,7 +114,7 @@ def row_key(value: Any) -> Any:
 
 
 def verdict(
-    mapping: Mapping, row: tuple[Any, ...] | None, document: dict[str, Any] | None
+    mapping: Mapping, row: Found | None, document: dict[str, Any] | None
 ) -> tuple[str, Any]:
     """(kind, detail) of drift for one record from both sides (a row as `Database.read_rows`
     gives it), or ("", None) when consistent."""

@@ -24,6 +24,10 @@ from outbox_sync.typesense_index import ImportResult
 
 # A long drain hands back to the loop this often, for its chores (watchdog, metrics, reindex).
 DRAIN_SLICE_S = 1.0
+# Within a drain, the acknowledgements of small batches wait for each other at most this long
+# (a batch's worth of entries goes at once): a writer committing 1,000 rows a second makes
+# hundreds of small batches a second, and each acknowledgement is a write transaction.
+ACK_INTERVAL_S = 0.1
 
 
 class Stopping(Protocol):
@@ -103,23 +107,37 @@ class Applier:
         """Apply the oldest batch of outbox entries and acknowledge it. Raises
         TypesenseUnavailableError (nothing acknowledged: the batch is applied again later)."""
         batch = self._prepare(after=0)
-        self._apply_and_ack(batch)
-        return BatchReport() if batch is None else batch.report
+        if batch is None:
+            return BatchReport()
+        self._apply(batch)
+        self._ack([batch])
+        return batch.report
 
     def drain(self, stop: Stopping, max_seconds: float = DRAIN_SLICE_S) -> int:
         """Apply batches until the outbox is empty, `stop` is set or `max_seconds` have
         passed (so the loop's chores go on during a long drain); how many entries were
         acknowledged. Pipelined: while Typesense imports one batch (on a second thread), the
         next is read and encoded, and the previous acknowledged. Batches still reach Typesense
-        one after the other, in order, so a record's changes are applied in commit order."""
-        until = time.monotonic() + max_seconds
-        batches = self._batches(stop, until)
-        batch = next(batches, None)
-        if batch is None or len(batch.entries) < self.batch_size:
-            # all there is (or nothing): no next batch to overlap with, so spare the thread
-            # hand-off (the low-latency path)
-            return self._apply_and_ack(batch)
-        acknowledged = 0
+        one after the other, in order, so a record's changes are applied in commit order.
+        Acknowledgements are coalesced (`Acks`); all that was applied is acknowledged before
+        the drain returns or raises."""
+        acks = Acks(self._ack, self.batch_size)
+        batches = self._batches(stop, time.monotonic() + max_seconds)
+        try:
+            batch = next(batches, None)
+            while batch is not None and len(batch.entries) < self.batch_size:
+                # all there is: no next batch to overlap with, so spare the thread hand-off
+                # (the low-latency path); what came meanwhile is applied next
+                self._apply(batch)
+                acks.add(batch)
+                batch = next(batches, None)
+            if batch is not None:
+                self._pipeline(batch, batches, acks)
+        finally:
+            acks.flush()
+        return acks.acknowledged
+
+    def _pipeline(self, batch: Batch, batches: Iterator[Batch], acks: "Acks") -> None:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import") as http:
             in_flight = http.submit(self._apply, batch)
             try:
@@ -128,10 +146,9 @@ class Applier:
                     in_flight.result()  # server trouble: raise, `upcoming` is never sent
                     if upcoming is not None:
                         in_flight = http.submit(self._apply, upcoming)
-                    self._ack(batch)
-                    acknowledged += len(batch.entries)
+                    acks.add(batch)
                     if upcoming is None:
-                        return acknowledged
+                        return
                     batch = upcoming
             finally:
                 wait([in_flight])  # never leave a request running behind an error
@@ -145,13 +162,6 @@ class Applier:
                 return
             batch = self._prepare(after=batch.last_id)
 
-    def _apply_and_ack(self, batch: Batch | None) -> int:
-        if batch is None:
-            return 0
-        self._apply(batch)
-        self._ack(batch)
-        return len(batch.entries)
-
     def _prepare(self, after: int) -> Batch | None:
         """Claim the entries after id `after`, read their records' current rows (SQLite writes
         the JSON lines) and sort them into upserts, deletes and failures (SQLite and CPU
@@ -160,10 +170,8 @@ class Applier:
         if not entries:
             return None
         batch = Batch(entries, BatchReport(entries=len(entries)))
-        latest: dict[tuple[str, Any], OutboxEntry] = {}
-        for entry in entries:  # the last marker per record wins; its state is read now
-            latest.pop((entry.mapping, entry.key), None)
-            latest[(entry.mapping, entry.key)] = entry
+        # the last marker per record wins; its state is read now
+        latest = {(entry.mapping, entry.key): entry for entry in entries}
         by_mapping: dict[str, list[OutboxEntry]] = {}
         for entry in latest.values():
             by_mapping.setdefault(entry.mapping, []).append(entry)
@@ -183,19 +191,19 @@ class Applier:
         found = self.db.read_rows(mapping, [key for key in ids if _json(key)])
         rows = {_key(row[0]): row for row in found}
         for entry in group:
-            row = rows.get(entry.key)
-            if row is None and ids[entry.key] is None:  # no document can have this key
+            doc_id, row = ids[entry.key], rows.get(entry.key)
+            if row is None and doc_id is None:  # no document can have this key
                 if entry.op == "delete" or _json(entry.key):  # no row of it: nothing to do
                     batch.synced.append((mapping.name, entry.key))
                 else:  # NULL or a BLOB: its row cannot be looked up by it
                     batch.fail(entry, None, mapping.key_problem(entry.key) or "")
             elif row is None:  # gone, or outside the mapping's `where`
-                work.deletes.append((entry, ids[entry.key] or ""))
+                work.deletes.append((entry, doc_id or ""))
             else:
                 try:
                     work.upserts.append((entry, mapping.judge(row)))
                 except InvalidRecordError as error:
-                    batch.fail(entry, mapping.describe_row(row[:-2]), str(error))
+                    batch.fail(entry, mapping.describe_row(row[2]), str(error))
 
     def _unknown(self, mapping: str, count: int) -> None:
         if mapping not in self.unknown_logged:
@@ -225,7 +233,7 @@ class Applier:
         twice become sync_errors. A 5xx on a line is server trouble: nothing is given up."""
         pending = upserts
         for attempt in (1, 2):
-            results = index.import_jsonl(b"\n".join(line for _, line in pending), len(pending))
+            results = index.import_jsonl(b"\n".join([line for _, line in pending]), len(pending))
             failed: list[tuple[OutboxEntry, bytes, ImportResult]] = []
             for (entry, line), result in zip(pending, results, strict=True):
                 if result.ok:
@@ -247,32 +255,61 @@ class Applier:
             error = result.error or "import failed"
             batch.fail(entry, line.decode(), error, http_status=result.http_status, attempts=2)
 
-    def _ack(self, batch: Batch) -> None:
-        report = batch.report
-        self.db.ack(batch.last_id, batch.synced, report.failures)
-        self.telemetry.batch_applied(
-            report.upserted,
-            report.deleted,
-            report.retried,
-            [str(f.http_status or "validation") for f in report.failures],
+    def _ack(self, batches: list[Batch]) -> None:
+        """Acknowledge applied batches, consecutive ones, in one write transaction."""
+        self.db.ack_batches(
+            batches[-1].last_id, [(batch.synced, batch.report.failures) for batch in batches]
         )
-        for failure in report.failures:
-            self.log.warning(
-                "record_failed",
-                mapping=failure.mapping,
-                key=failure.key,
-                op=failure.op,
-                http_status=failure.http_status,
-                error=failure.error,
+        for report in (batch.report for batch in batches):
+            self.telemetry.batch_applied(
+                report.upserted,
+                report.deleted,
+                report.retried,
+                [str(f.http_status or "validation") for f in report.failures],
             )
-        self.log.debug(
-            "batch_applied",
-            entries=report.entries,
-            upserted=report.upserted,
-            deleted=report.deleted,
-            retried=report.retried,
-            failed=len(report.failures),
-        )
+            for failure in report.failures:
+                self.log.warning(
+                    "record_failed",
+                    mapping=failure.mapping,
+                    key=failure.key,
+                    op=failure.op,
+                    http_status=failure.http_status,
+                    error=failure.error,
+                )
+            self.log.debug(
+                "batch_applied",
+                entries=report.entries,
+                upserted=report.upserted,
+                deleted=report.deleted,
+                retried=report.retried,
+                failed=len(report.failures),
+            )
+
+
+class Acks:
+    """Batches applied and not acknowledged yet. They are acknowledged together, in one write
+    transaction (each holds the application's write lock), once they hold `limit` entries or
+    the oldest has waited ACK_INTERVAL_S, and at `flush`."""
+
+    def __init__(self, acknowledge: Callable[[list[Batch]], None], limit: int) -> None:
+        self.acknowledge, self.limit = acknowledge, limit
+        self.batches: list[Batch] = []
+        self.entries = self.acknowledged = 0
+        self.since = 0.0
+
+    def add(self, batch: Batch) -> None:
+        if not self.batches:
+            self.since = time.monotonic()
+        self.batches.append(batch)
+        self.entries += len(batch.entries)
+        if self.entries >= self.limit or time.monotonic() - self.since >= ACK_INTERVAL_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.batches:
+            self.acknowledge(self.batches)
+            self.acknowledged += self.entries
+            self.batches, self.entries = [], 0
 
 
 def _key(value: Any) -> Any:

@@ -10,14 +10,17 @@ from collections.abc import Mapping as Mapping_
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from outbox_sync import config_file as config_file_
 from outbox_sync.config_file import COLLECTION_NAME
 from outbox_sync.errors import ConfigError
-from outbox_sync.localserver import DEFAULT_EMBEDDED_PORT
 from outbox_sync.mapping import SEQUENCES, Mapping
-from outbox_sync.typesense_index import DEFAULT_TIMEOUT_S, parse_node
 
+# Typesense: a 10k-document import takes ~0.3 s here; 10 s leaves room for a busy server
+# without letting a hung one stall the loop for long.
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_EMBEDDED_PORT = 8108
 DEFAULT_DB = "./sequences.db"
 DEFAULT_COLLECTION = "sequences"
 # Entries per batch. One import of 5,000 documents costs ~0.1 s here and reaches most of
@@ -27,6 +30,32 @@ MAX_BATCH_SIZE = 50_000
 API_KEY_ENV = "TYPESENSE_API_KEY"
 # Visible ASCII, inner spaces allowed: what an HTTP header value can be.
 HEADER_SAFE_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+
+
+def parse_node(url: str) -> dict[str, Any]:
+    """`http://host:port` -> the client's node dict; ConfigError on anything else. The URL is
+    echoed in the message only without what may be a secret (user and password)."""
+    parts = urlsplit(url.strip())
+    if parts.username or parts.password:
+        shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+        raise ConfigError(
+            f"Typesense URL {shown!r} must not carry credentials: give the API key in "
+            "TYPESENSE_API_KEY or --api-key-file"
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"Typesense URL {url!r} must look like http://127.0.0.1:8108")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"Typesense URL {url!r} must not carry a query or a #")
+    try:
+        port = parts.port or 8108
+    except ValueError:
+        raise ConfigError(f"Typesense URL {url!r} has an invalid port") from None
+    return {
+        "host": parts.hostname,
+        "port": port,
+        "protocol": parts.scheme,
+        "path": parts.path.rstrip("/"),
+    }
 
 
 @dataclass(frozen=True)

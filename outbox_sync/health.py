@@ -5,15 +5,15 @@
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from outbox_sync.db import Database
 from outbox_sync.errors import TypesenseError
 from outbox_sync.lock import DaemonLock
 from outbox_sync.mapping import Mapping
-from outbox_sync.reconcile import last_audit
-from outbox_sync.schema import missing_tables, trigger_problems
-from outbox_sync.typesense_index import TypesenseIndex
+
+if TYPE_CHECKING:  # the CLI reads the constants below at start: Typesense's client waits
+    from outbox_sync.typesense_index import TypesenseIndex
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 STATES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
@@ -24,7 +24,7 @@ DEFAULT_MAX_AUDIT_AGE = "50h"
 
 def gather(
     db: Database,
-    indexes: Sequence[TypesenseIndex],
+    indexes: Sequence["TypesenseIndex"],
     mappings: Sequence[Mapping],
     lock: DaemonLock,
     explain: Callable[[TypesenseError], str] = str,
@@ -33,6 +33,9 @@ def gather(
     Typesense answers, whether a daemon runs, the tables and triggers, the last audit; in all,
     and per collection (`collections`, of `indexes`: the ones asked for). The tables and
     triggers of every configured mapping (`mappings`) are checked."""
+    from outbox_sync.reconcile import last_audit  # here, as TypesenseIndex above
+    from outbox_sync.schema import missing_tables, trigger_problems
+
     pending, oldest, open_errors = db.backlog()
     figures: dict[str, Any] = {
         "pending": pending,

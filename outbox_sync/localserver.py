@@ -27,7 +27,6 @@ import structlog
 
 from outbox_sync.errors import ConfigError, OutboxSyncError
 
-DEFAULT_EMBEDDED_PORT = 8108
 DEFAULT_START_TIMEOUT_S = 60.0
 DEFAULT_STOP_TIMEOUT_S = 30.0
 # A snapshot of 1M documents (220 MB) took 0.3-0.7 s here; 10 s leaves room for a loaded machine

@@ -5,11 +5,11 @@ column of the same name, another column, or an SQL expression), each with a Type
 Rows are validated on our side, so the index holds exactly what SQLite holds and the error in
 `sync_errors` names the field: a value of the wrong type is refused, never guessed.
 
-Each mapping compiles to one SELECT that SQLite answers with the finished JSON line of every
-valid row and, for an invalid one, the verdict naming the field (`select`): the daemon's hot
-path only joins bytes. `document`/`line` do the same in Python: the reference the SELECT is
-tested against (tests/test_mapping.py), and what gives the exact message for the rare row SQLite
-cannot judge (text that is not UTF-8).
+Each mapping compiles to SQL that SQLite answers with the finished JSON line of every valid row
+(`line_sql`): the daemon's hot path only joins bytes. `document`/`line` do the same in Python:
+the reference the SQL is tested against (tests/test_mapping.py, with `verdict_sql`, the same
+judgement in SQL), and what judges the rows SQLite leaves out (invalid ones, text that is not
+UTF-8, arrays with escapes), with the message that names the field.
 """
 
 import json
@@ -38,6 +38,11 @@ BUILT_IN = "the built-in mapping"  # the origin of the mapping no file declares
 # A JSON path no document has (field names are identifiers): json_remove leaves it be, where
 # a NULL path would make the whole line NULL.
 NO_PATH = "'$.\"' || char(1) || '\"'"
+
+
+# A row as `Database.read_rows` reads it: (key, SQLite's line, ()), or, for a row left to the
+# Python mapper, (key, None, its raw values: the key, then one per field).
+Found = tuple[Any, bytes | None, Sequence[Any]]
 
 
 class RawText(bytes):
@@ -223,22 +228,14 @@ class Mapping:
             document[field_.name] = _value(field_, value)
         return document
 
-    def judge(self, row: Sequence[Any]) -> bytes:
-        """The line of a row as `Database.read_rows` reads it (key, values, then SQLite's line
-        and verdict): SQLite's line when it wrote one that is UTF-8, else the Python mapper's
-        judgement (SQLite cannot tell text that is not UTF-8, and the error must be the mapper's
-        exact words). Raises InvalidRecordError."""
-        line, verdict = row[-2], row[-1]
-        if verdict is None and line is not None:
-            try:
-                line.decode()
-                return bytes(line)
-            except UnicodeDecodeError:
-                pass
-        return self.line(row[:-2])  # a verdict, or a line SQLite could not write (see _json_value)
+    def judge(self, found: Found) -> bytes:
+        """The line of a row as `Database.read_rows` gives it: SQLite's line, or, for a row it
+        left to this mapper, the line of its raw values. Raises InvalidRecordError."""
+        _, line, row = found
+        return line if line is not None else self.line(row)
 
     def line(self, row: Sequence[Any]) -> bytes:
-        """The document's JSONL line, byte for byte what `select` makes SQLite write."""
+        """The document's JSONL line, byte for byte what `line_sql` makes SQLite write."""
         return encode(self.document(row))
 
     def describe_row(self, row: Sequence[Any]) -> str:
@@ -255,39 +252,44 @@ class Mapping:
         """The key and the fields' values, in the order `document` takes them."""
         return ", ".join([quote_identifier(self.key), *(f.source for f in self.fields)])
 
-    def line_and_verdict(self) -> str:
-        """Two SQL columns: the JSON line of a valid row (NULL otherwise), and the verdict of
-        an invalid one (NULL otherwise), the same text `document` raises."""
+    def verdict_sql(self) -> str:
+        """SQL: why the row cannot be indexed, the text `document` raises (NULL: it can)."""
         key = quote_identifier(self.key)
-        checks = [_key_check(key, self.key, self.key_kind)]
+        checks = [_key_check(key, self.key, self.key_kind), *(_check(f) for f in self.fields)]
+        return "COALESCE(" + ", ".join(checks) + ")"
+
+    def line_sql(self) -> str:
+        """SQL: the JSON line of a valid row, byte for byte what `line` writes; NULL where the
+        Python mapper must judge the row: an invalid one (`verdict_sql`), and one with an array
+        whose text holds an escape (json_each would keep "\\u00e9" escaped, and cut a string at
+        an escaped NUL). The verdict is asked once and the line made only for a valid row: this
+        is the drain's per-row work (docs/performance.md)."""
+        key = quote_identifier(self.key)
         pairs = [sql_text("id"), key if self.key_kind == "text" else f"CAST({key} AS TEXT)"]
         for field_ in self.fields:
-            checks.append(_check(field_))
             pairs += [sql_text(field_.name), _json_value(field_)]
-        verdict = "COALESCE(" + ", ".join(checks) + ")"
-        optional = [f for f in self.fields if f.optional]
         line = "json_object(" + ", ".join(pairs) + ")"
+        optional = [f for f in self.fields if f.optional]
         if optional:  # an optional NULL is left out of the document, not sent as null
             dropped = ", ".join(
                 f"CASE WHEN {f.source} IS NULL THEN {sql_text('$.' + json.dumps(f.name))}"
                 f" ELSE {NO_PATH} END"
                 for f in optional
             )
-            line = f"json_remove({line}, {dropped})"
-        written = f"{verdict} IS NULL"
-        if escaped := [f"instr({f.source}, '\\') > 0" for f in self.fields if f.array]:
-            # an array with an escape in its text is left to the mapper (see _json_value):
-            # json_object would write its NULL as null
-            written += f" AND NOT coalesce({' OR '.join(escaped)}, 0)"
-        return f"CASE WHEN {written} THEN {line} END, {verdict}"
+            # json_remove parses the line again: only for a row that has such a NULL
+            nulls = " OR ".join(f"{f.source} IS NULL" for f in optional)
+            line = f"CASE WHEN {nulls} THEN json_remove({line}, {dropped}) ELSE {line} END"
+        plain = "".join(
+            f" AND coalesce(instr({f.source}, '\\'), 0) = 0" for f in self.fields if f.array
+        )
+        return f"CASE WHEN {self.verdict_sql()} IS NULL{plain} THEN {line} END"
 
-    def select_by_keys(self) -> str:
-        """Rows of these keys (a JSON array, the only parameter) that the mapping covers:
-        key, line, verdict, then the raw values for `document` and `describe_row`."""
+    def select_by_keys(self, columns: str) -> str:
+        """`columns` of the rows of these keys (a JSON array, the only parameter) that the
+        mapping covers."""
         where = f" AND ({self.where})" if self.where else ""
         return (
-            f"SELECT {self.columns()}, {self.line_and_verdict()}"
-            f" FROM {quote_identifier(self.table)}"
+            f"SELECT {columns} FROM {quote_identifier(self.table)}"
             f" WHERE {quote_identifier(self.key)} IN (SELECT value FROM json_each(?)){where}"
         )
 
@@ -533,12 +535,10 @@ def _not_finite(v: str) -> str:
 def _json_value(field_: Field) -> str:
     v = field_.source
     if field_.array:
-        # Rebuilt element by element, so it is written as the mapper writes it. An array with
-        # an escape in its text is left to the mapper (the line is NULL without a verdict):
-        # json_each would keep "\u00e9" escaped, and cut a string at an escaped NUL.
+        # Rebuilt element by element, so it is written as the mapper writes it (an array with
+        # an escape in its text is left to the mapper: see `line_sql`).
         element = "json(e.type)" if field_.element == "bool" else "e.value"
-        rebuilt = f"(SELECT json_group_array({element}) FROM json_each({v}) AS e)"
-        return f"CASE WHEN instr({v}, '\\') = 0 THEN {rebuilt} END"
+        return f"(SELECT json_group_array({element}) FROM json_each({v}) AS e)"
     if field_.element == "bool":
         return f"json(CASE WHEN {v} THEN 'true' ELSE 'false' END)"
     return v
@@ -630,7 +630,7 @@ def _jsonable(value: Any) -> Any:
 
 def encode(document: dict[str, Any]) -> bytes:
     """One JSONL line (without the newline): compact, non-ASCII as it is, numbers as SQLite
-    writes them, so that the line is byte for byte what `Mapping.line_and_verdict` gives."""
+    writes them, so that the line is byte for byte what `Mapping.line_sql` gives."""
     return _encode(document).encode()
 
 

@@ -174,6 +174,8 @@ class Reconciler:
         else:
             (self.log.warning if outcome.enqueued else self.log.info)("audit_done", **fields)
             self.telemetry.audit_done(outcome.drift, outcome.finished_unix)
-        with contextlib.suppress(OutboxSyncError):  # a busy database only loses the record
+        # a busy database only loses the record (a power cut too: the commit does not wait
+        # for the disk, and so holds the application's write lock ~1 ms less)
+        with contextlib.suppress(OutboxSyncError), self.db.without_fsync():
             self.db.set_meta(LAST_AUDIT_KEY, json.dumps(asdict(outcome)))
         return outcome

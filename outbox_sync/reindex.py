@@ -17,6 +17,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ from outbox_sync.errors import (
 )
 from outbox_sync.lock import DaemonLock
 from outbox_sync.mapping import encode
-from outbox_sync.typesense_index import MAX_DELETE_IDS, TypesenseIndex
+from outbox_sync.typesense_index import MAX_DELETE_IDS, ImportResult, TypesenseIndex
 
 REQUEST_KEY = "reindex_request"
 STATUS_KEY = "reindex_status"
@@ -102,34 +103,47 @@ class _Fill:
 
 
 def _fill(db: Database, fresh: TypesenseIndex, chunk: int, progress: Progress | None) -> _Fill:
-    """Import every valid row into the new collection, in chunks of short reads."""
+    """Import every valid row into the new collection, in chunks of short reads. Pipelined as
+    the daemon's drain: the next chunk is read while Typesense imports this one."""
     fill = _Fill()
     mapping = fresh.mapping
     total = int(db.count_rows(mapping) or 0)
     with_errors = {key for keys in db.scan_open_error_keys(mapping.name) for key in keys}
-    for rows in db.scan_rows(mapping, chunk):
-        lines, keys = [], []
-        for row in rows:
-            key = row_key(row[0])
-            try:
-                lines.append(mapping.judge(row))
-                keys.append(key)
-            except InvalidRecordError:
-                fill.invalid += 1
-                if (doc_id := mapping.document_id(key)) is not None:
-                    fill.invalid_ids.append(doc_id)
-        if lines:
-            results = fresh.import_jsonl(b"\n".join(lines), len(lines))
-            for key, result in zip(keys, results, strict=True):
-                if not result.ok:
-                    fill.refused.append(key)
-                    continue
-                fill.indexed += 1
-                if key in with_errors:
-                    fill.indexed_with_errors.append(key)
-        fill.rows += len(rows)
+
+    def done(answer: Future[list[ImportResult]] | None, keys: list[Any], rows: int) -> None:
+        for key, result in zip(keys, [] if answer is None else answer.result(), strict=True):
+            if not result.ok:
+                fill.refused.append(key)
+                continue
+            fill.indexed += 1
+            if key in with_errors:
+                fill.indexed_with_errors.append(key)
+        fill.rows += rows
         if progress is not None:
             progress(fill.rows, max(total, fill.rows))
+
+    # Leaving the block waits for a request still running behind an error.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import") as http:
+        in_flight = None  # the chunk Typesense imports: its answer to come, keys and rows
+        for rows in db.scan_rows(mapping, chunk):
+            lines, keys = [], []
+            for row in rows:
+                key = row_key(row[0])
+                try:
+                    lines.append(mapping.judge(row))
+                    keys.append(key)
+                except InvalidRecordError:
+                    fill.invalid += 1
+                    if (doc_id := mapping.document_id(key)) is not None:
+                        fill.invalid_ids.append(doc_id)
+            if in_flight is not None:  # in order: the answer before the next request
+                done(*in_flight)
+            answer = (
+                http.submit(fresh.import_jsonl, b"\n".join(lines), len(lines)) if lines else None
+            )
+            in_flight = (answer, keys, len(rows))
+        if in_flight is not None:
+            done(*in_flight)
     return fill
 
 

@@ -175,7 +175,8 @@ def bind(conn: sqlite3.Connection, mapping: Mapping, path: object) -> Mapping:
             )
     bound = replace(mapping, key_kind=key_kind(declared[mapping.key]))
     try:
-        conn.execute(f"{bound.select_by_keys()} LIMIT 0", ("[]",)).fetchall()
+        select = bound.select_by_keys(f"{bound.columns()}, {bound.line_sql()}")
+        conn.execute(f"{select} LIMIT 0", ("[]",)).fetchall()
     except sqlite3.Error as error:
         raise mistake(f"{mapping.origin}: SQLite refuses its sql or where: {error}") from None
     return bound

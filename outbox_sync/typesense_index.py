@@ -14,17 +14,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import httpx
 import structlog
-import tenacity
 import typesense
 from typesense import exceptions as ts
 
+from outbox_sync.config import DEFAULT_TIMEOUT_S, parse_node
 from outbox_sync.errors import (
     CollectionNotFoundError,
-    ConfigError,
     NotFoundError,
     SchemaMismatchError,
     TypesenseError,
@@ -37,9 +36,6 @@ from outbox_sync.mapping import SEQUENCES, Mapping
 if TYPE_CHECKING:
     from outbox_sync.config import Settings
 
-# A 10k-document import takes ~0.3 s here; 10 s leaves room for a busy server without letting a
-# hung one stall the loop for long.
-DEFAULT_TIMEOUT_S = 10.0
 # Ids per delete-by-filter request: keeps the URL far below httpx's 64 KiB limit.
 MAX_DELETE_IDS = 1000
 
@@ -57,30 +53,7 @@ class ImportResult:
     error: str | None = None
 
 
-def parse_node(url: str) -> dict[str, Any]:
-    """`http://host:port` -> the client's node dict; ConfigError on anything else. The URL is
-    echoed in the message only without what may be a secret (user and password)."""
-    parts = urlsplit(url.strip())
-    if parts.username or parts.password:
-        shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
-        raise ConfigError(
-            f"Typesense URL {shown!r} must not carry credentials: give the API key in "
-            "TYPESENSE_API_KEY or --api-key-file"
-        )
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"Typesense URL {url!r} must look like http://127.0.0.1:8108")
-    if parts.query or parts.fragment:
-        raise ConfigError(f"Typesense URL {url!r} must not carry a query or a #")
-    try:
-        port = parts.port or 8108
-    except ValueError:
-        raise ConfigError(f"Typesense URL {url!r} has an invalid port") from None
-    return {
-        "host": parts.hostname,
-        "port": port,
-        "protocol": parts.scheme,
-        "path": parts.path.rstrip("/"),
-    }
+ACCEPTED = ImportResult(True)  # one for every accepted line (an import has thousands)
 
 
 def classify(error: Exception, collection: str | None) -> Exception:
@@ -143,16 +116,6 @@ def _certificate_error(error: BaseException) -> ssl.SSLCertVerificationError | N
     return None
 
 
-# The policy for server trouble: one immediate retry, then stop (the caller keeps the rows
-# queued and backs off). The client's own retries are off (num_retries=0).
-RETRY_ONCE = tenacity.Retrying(
-    stop=tenacity.stop_after_attempt(2),
-    wait=tenacity.wait_none(),
-    retry=tenacity.retry_if_exception_type(TypesenseUnavailableError),
-    reraise=True,
-)
-
-
 class TypesenseIndex:
     """One collection on one Typesense server or cluster."""
 
@@ -171,12 +134,15 @@ class TypesenseIndex:
         # collection lets them be (its int32 or int64, its required fields).
         self.mapping = mapping
         # Typed as Any: the client's TypedDicts add nothing over the checks made here.
+        parsed = [parse_node(url) for url in nodes]
         config: Any = {
-            "nodes": [parse_node(url) for url in nodes],
+            "nodes": parsed,
             "api_key": api_key,
             "num_retries": 0,
             "connection_timeout_seconds": timeout_s,
-            "verify": ca_file or True,
+            # Plain http has no certificate to verify: without one httpx spares loading its CA
+            # bundle, ~60 ms of every start (and of every audit's export) here.
+            "verify": ca_file or any(node["protocol"] == "https" for node in parsed),
         }
         self.client: Any = typesense.Client(config)
         self.documents: Any = self.client.collections[collection].documents
@@ -220,8 +186,13 @@ class TypesenseIndex:
     def _call_retrying(
         self, operation: str, request: Callable[[], T], *, about: str = "documents"
     ) -> T:
-        result: T = RETRY_ONCE.copy()(self._call, operation, request, about=about)
-        return result
+        """`_call`, the policy for server trouble: one immediate retry, then the error (the
+        caller keeps the rows queued and backs off). The client's own retries are off
+        (num_retries=0)."""
+        try:
+            return self._call(operation, request, about=about)
+        except TypesenseUnavailableError:
+            return self._call(operation, request, about=about)
 
     # -- collection -----------------------------------------------------------------------------
 
@@ -345,7 +316,7 @@ class TypesenseIndex:
         # U+0085 unescaped, which str.splitlines() would also split on.
         for line in response.split("\n"):
             if line == SUCCESS_LINE:  # nearly every line: skip parsing it
-                results.append(ImportResult(True))
+                results.append(ACCEPTED)
             elif line.strip():
                 item = parse_line(line, "import response")
                 error = None if item.get("success") else str(item.get("error"))

@@ -17,15 +17,15 @@ from outbox_sync.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_COLLECTION,
     DEFAULT_DB,
+    DEFAULT_EMBEDDED_PORT,
+    DEFAULT_TIMEOUT_S,
     OPTIONS,
     Settings,
     build_settings,
     parse_address,
 )
 from outbox_sync.errors import ConfigError
-from outbox_sync.localserver import DEFAULT_EMBEDDED_PORT
 from outbox_sync.mapping import SEQUENCES
-from outbox_sync.typesense_index import DEFAULT_TIMEOUT_S
 from tests.support.cli import SETTING_PREFIXES, invoke
 
 URL = "http://127.0.0.1:8108"

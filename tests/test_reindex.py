@@ -4,8 +4,9 @@ writers active."""
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -13,11 +14,12 @@ import pytest
 from outbox_sync import reindex, schema
 from outbox_sync.db import Database
 from outbox_sync.mapping import SEQUENCES
-from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.typesense_index import ImportResult, TypesenseIndex
 from outbox_sync.worker import Worker
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
 from tests.support.cli import ROOT, invoke
 from tests.support.daemon import Daemon, drain
+from tests.support.fake_index import FakeIndex
 from tests.support.typesense import Server, export
 from tests.support.wait import wait_until
 
@@ -241,3 +243,29 @@ def test_rebuild_visits_every_row_of_a_loose_legacy_table(
     result = reindex.rebuild(db, index, chunk=2)
     assert (result.rows, result.indexed, result.invalid) == (6, 5, 1)
     assert sorted(export(typesense_server, collection), key=int) == ["1", "2", "3", "4"]
+
+
+def test_the_fill_reads_the_next_chunk_while_typesense_imports_one(
+    db_path: Path, db: Database
+) -> None:
+    """As the daemon's drain: the read of the next chunk overlaps the import of this one."""
+    insert_rows(db_path, range(1, 7))
+    next_read = threading.Event()
+    scan = db.scan_rows
+
+    def scan_rows(*args: Any) -> Iterator[list[Any]]:
+        for number, rows in enumerate(scan(*args)):
+            if number == 1:
+                next_read.set()
+            yield rows
+
+    class SlowIndex(FakeIndex):
+        def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
+            if not self.imports:  # the first chunk: answered once the second has been read
+                assert next_read.wait(10), "the second chunk was not read meanwhile"
+            return super().import_jsonl(body, count)
+
+    db.scan_rows = scan_rows  # type: ignore[method-assign]
+    fresh = SlowIndex()
+    fill = reindex._fill(db, fresh, 2, None)  # type: ignore[arg-type]
+    assert (fill.rows, fill.indexed, fresh.imports) == (6, 6, [["1", "2"], ["3", "4"], ["5", "6"]])

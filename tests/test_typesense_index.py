@@ -6,6 +6,7 @@ real 0.24.1 server (through the fault proxy for answers it will not give at will
 import ssl
 from collections.abc import Iterator
 
+import certifi
 import httpx
 import pytest
 from typesense import exceptions as ts
@@ -269,6 +270,21 @@ def test_a_url_with_credentials_is_refused_without_showing_them() -> None:
         parse_node("http://user:pass@h:1")
     assert str(caught.value).startswith("Typesense URL 'http://***@h:1' must not carry credentials")
     assert "user" not in str(caught.value) and "pass" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("urls", "ca_file", "verify"),
+    [
+        (["http://127.0.0.1:8108"], None, False),  # nothing to verify: no CA bundle loaded
+        (["http://a:8108", "HTTPS://b:443"], None, True),
+        (["https://b:443"], certifi.where(), certifi.where()),
+    ],
+)
+def test_certificates_are_verified_wherever_a_node_speaks_tls(
+    urls: list[str], ca_file: str | None, verify: object
+) -> None:
+    index = TypesenseIndex(urls, "key", "c", ca_file=ca_file)
+    assert index.client.config.verify == verify
 
 
 def test_parse_line() -> None:

@@ -2,10 +2,13 @@
 test_sync.py and test_daemon.py; here we need failures on demand)."""
 
 import threading
+import time
 from pathlib import Path
 
+import pytest
+
 from outbox_sync import sync_errors
-from outbox_sync.db import Database
+from outbox_sync.db import Database, SyncFailure
 from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import ImportResult
@@ -94,3 +97,74 @@ def test_entries_written_during_a_batch_survive_its_acknowledgement(
     assert db.counts(SEQUENCES)["pending"] == 1  # the late marker is still queued
     worker.applier.apply_once()
     assert b"late change" in index.documents["1"]
+
+
+def test_a_drain_acknowledges_the_small_batches_of_a_steady_writer_together(
+    db_path: Path, db: Database
+) -> None:
+    """Each acknowledgement is a write transaction on the application's file: a writer that
+    commits while batches are in flight makes a small batch each time, and the drain
+    acknowledges them in one transaction (batch.ACK_INTERVAL_S), all before it returns."""
+    insert_rows(db_path, [1])
+    app = app_connection(db_path)
+
+    class WritingIndex(FakeIndex):
+        def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
+            if len(self.imports) < 4:  # the application commits one row while each is in flight
+                insert_rows(app, [len(self.imports) + 2])
+            return super().import_jsonl(body, count)
+
+    index = WritingIndex()
+    worker = daemon(db, [index])
+    transactions: list[str] = []
+    db.conn.set_trace_callback(lambda sql: sql == "BEGIN IMMEDIATE" and transactions.append(sql))
+    assert worker.applier.drain(threading.Event()) == 5
+    assert index.imports == [["1"], ["2"], ["3"], ["4"], ["5"]]
+    assert len(transactions) == 1
+    assert db.counts(SEQUENCES)["pending"] == 0
+
+
+def test_batches_acknowledged_together_keep_each_batchs_errors_in_turn(
+    db_path: Path, db: Database
+) -> None:
+    """A record refused in one batch and synced in the next has no open error, as when each
+    batch was acknowledged by itself; refused after it synced, it has one."""
+    insert_rows(db_path, range(1, 3))
+    failure = {"op": "upsert", "document": "{}", "http_status": 400, "attempts": 2}
+    refused = [
+        SyncFailure(outbox_id=i, mapping="sequences", key=i, error="refused", **failure)
+        for i in (1, 2)
+    ]
+    db.ack_batches(2, [([], [refused[0]]), ([("sequences", 1)], []), ([("sequences", 2)], [])])
+    db.ack_batches(2, [([], [refused[1]])])
+    errors = sync_errors.find(db, status="all")
+    assert [(e["record_key"], e["resolved_at"] is None) for e in errors] == [(1, False), (2, True)]
+
+
+@pytest.mark.parametrize(("journal", "relaxed"), [("wal", True), ("delete", False)])
+def test_an_acknowledgement_waits_for_the_disk_only_where_it_must(
+    db_path: Path, db: Database, journal: str, relaxed: bool
+) -> None:
+    """In WAL mode a commit that does not wait for the fsync can be lost to a power cut but
+    never corrupts the file (the entries are applied again); in a rollback journal it could."""
+    db.conn.execute(f"PRAGMA journal_mode = {journal}")
+    statements: list[str] = []
+    db.conn.set_trace_callback(statements.append)
+    db.ack(0, [], [])
+    db.conn.set_trace_callback(None)
+    assert ("PRAGMA synchronous = NORMAL" in statements) is relaxed
+    assert db.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
+
+
+def test_the_backlogs_age_is_the_first_entry_in_line(db_path: Path, db: Database) -> None:
+    """Found by the primary key: min(enqueued_at) read the whole outbox, every second while
+    the daemon drained it. Entries are enqueued in id order, so the two agree unless the clock
+    went back."""
+    insert_rows(db_path, range(1, 4))
+    app = app_connection(db_path)
+    now = time.time()
+    app.execute("UPDATE outbox SET enqueued_at = ? - 100 * (4 - id)", (now,))  # 300, 200, 100 s
+    app.execute("UPDATE outbox SET enqueued_at = ? WHERE id = 3", (now - 999,))
+    pending, age, _ = db.backlog()
+    assert pending == 3
+    assert age is not None and 299 <= age < 330

@@ -7,12 +7,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import structlog
 
-from outbox_sync import __version__, logs, schema
+from outbox_sync import __version__
 from outbox_sync.config import OPTIONS, Option, Settings, build_settings
 from outbox_sync.config_file import ConfigFileError
 from outbox_sync.db import Database
@@ -23,7 +22,9 @@ from outbox_sync.errors import (
 )
 from outbox_sync.mapping import Mapping
 from outbox_sync.report import iso, parse_since
-from outbox_sync.typesense_index import TypesenseIndex, open_indexes
+
+if TYPE_CHECKING:  # see cli/__init__.py: imported where a command talks to Typesense
+    from outbox_sync.typesense_index import TypesenseIndex
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -61,6 +62,8 @@ def with_settings(
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(command)
         def wrapper(**values: Any) -> Any:
+            from outbox_sync import logs
+
             settings = None
             try:
                 settings = build_settings({o.name: values.pop(o.name) for o in options})
@@ -177,6 +180,10 @@ class Opened:
 def open_database(settings: Settings, *, upgrade: bool = False) -> Opened:
     """The database, refused with what to do unless `init` has prepared it (`run` upgrades
     one an older version prepared: upgrade=True)."""
+    import structlog
+
+    from outbox_sync import schema
+
     db = Database(settings.db_path)
     if upgrade and schema.upgrade(db):
         structlog.get_logger("outbox_sync").info(
@@ -188,8 +195,10 @@ def open_database(settings: Settings, *, upgrade: bool = False) -> Opened:
 @contextlib.contextmanager
 def typesense(
     settings: Settings, opened: Opened, *, start_embedded: bool
-) -> Iterator[list[TypesenseIndex]]:
+) -> Iterator[list["TypesenseIndex"]]:
     """The index of each mapping asked for (see open_indexes)."""
+    from outbox_sync.typesense_index import open_indexes
+
     with open_indexes(settings, opened.mappings, start_embedded=start_embedded) as indexes:
         yield [indexes[mapping.name] for mapping in opened.selected]
 

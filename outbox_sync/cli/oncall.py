@@ -2,12 +2,11 @@
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from outbox_sync import sync_errors
-from outbox_sync.audit import Audit, audit_json
 from outbox_sync.cli import render
 from outbox_sync.cli.base import (
     FailedWith2,
@@ -22,7 +21,9 @@ from outbox_sync.config import Settings, parse_duration
 from outbox_sync.errors import CollectionNotFoundError, TypesenseRejectedError
 from outbox_sync.report import DEFAULT_SINCE, build_report, iso
 from outbox_sync.report_page import INSTALL_HINT, check_chart_library, page
-from outbox_sync.typesense_index import TypesenseIndex
+
+if TYPE_CHECKING:  # see cli/__init__.py
+    from outbox_sync.typesense_index import TypesenseIndex
 
 # Ids of `sync_errors` rows: SQLite integers (a larger number would overflow the binding).
 ERROR_ID = click.IntRange(1, 2**63 - 1)
@@ -183,6 +184,8 @@ def audit(settings: Settings, repair: bool, max_lag: str, as_json: bool) -> None
     than --max-lag, 2 error. Safe while the daemon and the application run; memory stays flat
     however large the table.
     """
+    from outbox_sync.audit import Audit, audit_json
+
     max_lag_s = parse_duration(max_lag, "--max-lag")
     opened = open_database(settings)
     consistent = True
@@ -288,7 +291,7 @@ def search(
 
 
 def _search(
-    index: TypesenseIndex,
+    index: "TypesenseIndex",
     query: str,
     filter_by: str | None,
     sort_by: str | None,

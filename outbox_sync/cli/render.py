@@ -5,14 +5,16 @@ import itertools
 import json
 import re
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from outbox_sync.audit import KINDS, Audit, AuditSummary, RepairSummary
 from outbox_sync.config import Settings, format_duration
 from outbox_sync.mapping import Mapping
 from outbox_sync.stats import LATENCY_BUCKETS_S
+
+if TYPE_CHECKING:  # imported by `audit` when it runs (see cli/__init__.py)
+    from outbox_sync.audit import Audit, AuditSummary, RepairSummary
 
 # Ids shown per kind of drift on a terminal; --json lists them all.
 SHOWN_IDS = 20
@@ -78,8 +80,10 @@ def error_details(error: dict[str, Any]) -> Iterator[str]:
 
 
 def audit_lines(
-    collection: str, checked: Audit, summary: AuditSummary, repaired: RepairSummary | None
+    collection: str, checked: "Audit", summary: "AuditSummary", repaired: "RepairSummary | None"
 ) -> Iterator[str]:
+    from outbox_sync.audit import KINDS
+
     verdict = "consistent" if summary.consistent else "drift found"
     yield (
         f"audit of collection {collection!r}: {summary.rows} rows, "

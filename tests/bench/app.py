@@ -31,7 +31,7 @@ def make_rows(first_id: int, count: int) -> Iterator[tuple[Any, ...]]:
         yield (
             key,
             ELEMENT_TYPES[key % len(ELEMENT_TYPES)],
-            rng.randrange(10**11, 10**12),
+            rng.randrange(10**9, 2**31),  # element_id is an int32
             key,
             " ".join(rng.choices(WORDS, k=7)),
             f"2024-{1 + key % 12:02d}-{1 + key % 28:02d}T{key % 24:02d}:{key % 60:02d}:00Z",
@@ -78,6 +78,36 @@ def write_steadily(db: Path, rate: float, seconds: float) -> list[tuple[int, flo
         commits.append((row[0], time.time()))
     conn.close()
     return commits
+
+
+def write_without_waiting(db: Path, rate: float, seconds: float) -> tuple[int, int, float]:
+    """Commit one row at a time at random moments, `rate` a second on average (a Poisson
+    process, whatever happens: such a writer finds the lock taken as often as it is taken),
+    without a busy timeout, as the sqlite3 shell does: a commit that finds another
+    connection's write lock fails (SQLITE_BUSY) and its row is skipped. A moment the writer
+    missed by more than 1 ms (still busy) is left out. With synchronous=NORMAL: at FULL a
+    commit waits ~1 ms for the disk here, too long for 1,000 a second. Returns (attempts,
+    failures, seconds)."""
+    conn = sqlite3.connect(db, timeout=0, isolation_level=None)
+    conn.execute("PRAGMA synchronous = NORMAL")
+    rows = make_rows(1, 10**9)
+    gaps = random.Random(7)
+    attempts = failures = 0
+    at = started = time.perf_counter()
+    while (at := at + gaps.expovariate(rate)) < started + seconds:
+        if (delay := at - time.perf_counter()) > 0:
+            time.sleep(delay)
+        elif delay < -0.001:
+            continue
+        attempts += 1
+        try:
+            conn.execute(INSERT, next(rows))
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) and "busy" not in str(error):
+                raise
+            failures += 1
+    conn.close()
+    return attempts, failures, time.perf_counter() - started
 
 
 def main() -> None:

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import httpx
-from outbox_sync.documents import collection_schema
 
 from outbox_sync.localserver import LocalTypesense, free_port
+from outbox_sync.mapping import SEQUENCES
 
 API_KEY = "outbox-sync-bench"
 
@@ -33,7 +33,7 @@ def one_restart(data_dir: Path, port: int, documents: int) -> tuple[float, bool]
     server.start()
     headers = {"X-TYPESENSE-API-KEY": API_KEY}
     with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
-        http.post("/collections", json=collection_schema("bench_v1")).raise_for_status()
+        http.post("/collections", json=SEQUENCES.collection_schema("bench_v1")).raise_for_status()
         http.put("/aliases/bench", json={"collection_name": "bench_v1"}).raise_for_status()
         for i in range(documents):
             line = json.dumps(
