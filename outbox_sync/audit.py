@@ -40,8 +40,9 @@ from typing import Any
 
 from outbox_sync.db import Database, pages
 from outbox_sync.errors import InvalidRecordError, OutboxSyncError
-from outbox_sync.mapping import INT64, Found, Mapping
+from outbox_sync.mapping import Found, Mapping
 from outbox_sync.typesense_index import MAX_DELETE_IDS, TypesenseIndex
+from outbox_sync.values import INT64
 
 KINDS = ("missing", "extra", "stale", "invalid")
 # Rows per read of `sequences` and documents per scratch write: a few MB at most.

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from outbox_sync.errors import DatabaseBusyError, DatabaseError, TableMissingError
-from outbox_sync.mapping import Found, Mapping, RawText, quote_identifier
+from outbox_sync.mapping import Found, Mapping
+from outbox_sync.values import RawText, quote_identifier
 
 # How long a write waits for another connection's write lock before giving up (and retrying
 # later: a busy database never loses an entry).

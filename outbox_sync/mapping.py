@@ -9,30 +9,34 @@ Each mapping compiles to SQL that SQLite answers with the finished JSON line of 
 (`line_sql`): the daemon's hot path only joins bytes. `document`/`line` do the same in Python:
 the reference the SQL is tested against (tests/test_mapping.py, with `verdict_sql`, the same
 judgement in SQL), and what judges the rows SQLite leaves out (invalid ones, text that is not
-UTF-8, arrays with escapes), with the message that names the field.
+UTF-8, arrays with escapes), with the message that names the field. One value at a time, both
+are in values.py.
 """
 
 import json
-import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from outbox_sync.errors import InvalidRecordError
+from outbox_sync.values import (
+    MAX_ID_BYTES,
+    RawText,
+    check_sql,
+    decode,
+    describe,
+    encode,
+    json_value,
+    json_value_sql,
+    jsonable,
+    key_check_sql,
+    quote_identifier,
+    sql_text,
+)
 
-INT32 = (-(2**31), 2**31 - 1)
-INT64 = (-(2**63), 2**63 - 1)
-BOUNDS = {"int32": INT32, "int64": INT64}
 SCALARS = ("string", "int32", "int64", "float", "bool")
 TYPES = (*SCALARS, *(f"{t}[]" for t in SCALARS))
-# Typesense has no hard limit, but a megabyte of text in one field is a bug upstream, not a
-# record; a document id that long is one too.
-MAX_TEXT_BYTES = 64 * 1024
-MAX_ID_BYTES = 1024
-MAX_DOUBLE = "1.7976931348623157e308"  # in SQL
-# Characters of a text value quoted in a message.
-SHOWN_CHARS = 40
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 BUILT_IN = "the built-in mapping"  # the origin of the mapping no file declares
 # A JSON path no document has (field names are identifiers): json_remove leaves it be, where
@@ -43,24 +47,6 @@ NO_PATH = "'$.\"' || char(1) || '\"'"
 # A row as `Database.read_rows` reads it: (key, SQLite's line, ()), or, for a row left to the
 # Python mapper, (key, None, its raw values: the key, then one per field).
 Found = tuple[Any, bytes | None, Sequence[Any]]
-
-
-class RawText(bytes):
-    """A TEXT value as SQLite stored it (rows are read with this text factory): bytes, so that
-    invalid UTF-8 becomes a record error and not a crash, and a type of its own, so that a BLOB
-    (plain bytes) in a text column is told apart."""
-
-
-def quote_identifier(name: str) -> str:
-    """A table or column name in SQL. Backticks, not double quotes: SQLite takes a
-    double-quoted name that names no column for a string literal, so a column dropped under the
-    daemon would be indexed as its own name instead of failing."""
-    return "`" + name.replace("`", "``") + "`"
-
-
-def sql_text(text: str) -> str:
-    """A string literal of SQL, as SQLite's quote() writes it."""
-    return "'" + text.replace("'", "''") + "'"
 
 
 @dataclass(frozen=True)
@@ -205,7 +191,7 @@ class Mapping:
         if isinstance(key, str):
             text = key
         elif type(key) is RawText:
-            text = _decode(self.key, key)
+            text = decode(self.key, key)
         else:
             raise InvalidRecordError(self.key, f"expected text, got {describe(key)}")
         if not text:
@@ -225,7 +211,7 @@ class Mapping:
                 if not field_.optional:
                     raise InvalidRecordError(field_.name, "is NULL but the field is required")
                 continue
-            document[field_.name] = _value(field_, value)
+            document[field_.name] = json_value(field_, value)
         return document
 
     def judge(self, found: Found) -> bytes:
@@ -242,7 +228,7 @@ class Mapping:
         """The row as JSON for `sync_errors`, when it could not become a document."""
         names = (self.key, *(f.name for f in self.fields))
         return json.dumps(
-            {name: _jsonable(value) for name, value in zip(names, row, strict=True)},
+            {name: jsonable(value) for name, value in zip(names, row, strict=True)},
             ensure_ascii=False,
         )
 
@@ -255,7 +241,7 @@ class Mapping:
     def verdict_sql(self) -> str:
         """SQL: why the row cannot be indexed, the text `document` raises (NULL: it can)."""
         key = quote_identifier(self.key)
-        checks = [_key_check(key, self.key, self.key_kind), *(_check(f) for f in self.fields)]
+        checks = [key_check_sql(key, self.key, self.key_kind), *(check_sql(f) for f in self.fields)]
         return "COALESCE(" + ", ".join(checks) + ")"
 
     def line_sql(self) -> str:
@@ -267,7 +253,7 @@ class Mapping:
         key = quote_identifier(self.key)
         pairs = [sql_text("id"), key if self.key_kind == "text" else f"CAST({key} AS TEXT)"]
         for field_ in self.fields:
-            pairs += [sql_text(field_.name), _json_value(field_)]
+            pairs += [sql_text(field_.name), json_value_sql(field_)]
         line = "json_object(" + ", ".join(pairs) + ")"
         optional = [f for f in self.fields if f.optional]
         if optional:  # an optional NULL is left out of the document, not sent as null
@@ -355,302 +341,6 @@ def _table_triggers(
     ]
 
 
-# -- values: Python -------------------------------------------------------------------------------
-
-
-def _value(field_: Field, value: Any) -> Any:
-    if not field_.array:
-        return _scalar(field_.name, field_.element, value)
-    if type(value) is not RawText:
-        raise InvalidRecordError(
-            field_.name, f"expected a JSON array (text), got {describe(value)}"
-        )
-    try:  # NaN and Infinity are no JSON, as SQLite's json_valid says too
-        items = json.loads(_decode(field_.name, value), parse_constant=_no_constant)
-    except ValueError:
-        items = None
-    if not isinstance(items, list):
-        raise InvalidRecordError(field_.name, f"expected a JSON array, got {describe(value)}")
-    return [_element(field_, position, item) for position, item in enumerate(items)]
-
-
-def _scalar(name: str, kind: str, value: Any) -> Any:
-    if kind == "string":
-        if type(value) is not RawText:
-            raise InvalidRecordError(name, f"expected text, got {describe(value)}")
-        if len(value) > MAX_TEXT_BYTES:
-            raise InvalidRecordError(
-                name, f"is {len(value)} bytes, more than the limit of {MAX_TEXT_BYTES}"
-            )
-        return _decode(name, value)
-    if kind in BOUNDS:
-        if type(value) is not int:
-            raise InvalidRecordError(name, f"expected an integer, got {describe(value)}")
-        low, high = BOUNDS[kind]
-        if not low <= value <= high:
-            raise InvalidRecordError(name, f"{value} is outside the range {low}..{high}")
-        return value
-    if kind == "float":
-        if type(value) not in (int, float):
-            raise InvalidRecordError(name, f"expected a number, got {describe(value)}")
-        if not _finite(value):
-            raise InvalidRecordError(name, f"is {describe(value)}, not a finite number")
-        return value
-    if type(value) is not int or value not in (0, 1):  # bool: SQLite has 0 and 1
-        raise InvalidRecordError(name, f"expected 0 or 1 (false or true), got {describe(value)}")
-    return bool(value)
-
-
-def _finite(value: float) -> bool:
-    """Finite as it is written: with 15 digits, which round the largest doubles up past the
-    largest (1.7976931348623157e308 is written 1.79769313486232e+308, which reads back as Inf:
-    Typesense refuses the line)."""
-    return math.isfinite(value) and math.isfinite(float(real_text(value)))
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(name)
-
-
-def _element(field_: Field, position: int, item: Any) -> Any:
-    """One element of a JSON array, judged as json_each sees it (SQLite reads an integer past
-    int64 as a real)."""
-    kind = field_.element
-    if type(item) is int and not INT64[0] <= item <= INT64[1]:
-        try:
-            item = float(item)
-        except OverflowError:  # past the largest double too: SQLite reads Inf
-            item = math.inf if item > 0 else -math.inf
-    if kind == "string":
-        ok = isinstance(item, str) and len(item.encode()) <= MAX_TEXT_BYTES
-    elif kind in BOUNDS:
-        ok = type(item) is int and BOUNDS[kind][0] <= item <= BOUNDS[kind][1]
-    elif kind == "float":
-        ok = type(item) in (int, float) and _finite(item)
-    else:
-        ok = type(item) is bool
-    if not ok:
-        raise InvalidRecordError(
-            field_.name, f"element {position} is {_describe_json(item)}, expected {kind}"
-        )
-    return item
-
-
-def _decode(name: str, value: bytes) -> str:
-    try:
-        return value.decode()
-    except UnicodeDecodeError as error:
-        raise InvalidRecordError(
-            name, f"is not valid UTF-8 (bad byte at offset {error.start})"
-        ) from None
-
-
-# -- values: SQL ----------------------------------------------------------------------------------
-
-
-def _key_check(key: str, name: str, kind: str) -> str:
-    if kind == "integer":
-        return (
-            f"CASE WHEN typeof({key}) != 'integer' THEN "
-            f"{sql_text(name + ': expected an integer, got ')} || {_describe_sql(key)} END"
-        )
-    size = f"length(CAST({key} AS BLOB))"
-    return (
-        f"CASE WHEN typeof({key}) != 'text' THEN "
-        f"{sql_text(name + ': expected text, got ')} || {_describe_sql(key)}"
-        f" WHEN {key} = '' THEN"
-        f" {sql_text(name + ': is empty, which Typesense cannot hold as an id')}"
-        f" WHEN {size} > {MAX_ID_BYTES} THEN {sql_text(name + ': is ')} || {size}"
-        f" || {sql_text(f' bytes, more than the limit of {MAX_ID_BYTES}')} END"
-    )
-
-
-def _check(field_: Field) -> str:
-    """The verdict of one field's value (NULL: it is fine)."""
-    v, name = field_.source, field_.name
-    null = "NULL" if field_.optional else sql_text(f"{name}: is NULL but the field is required")
-    said = sql_text(f"{name}: ")
-    if field_.array:
-        return (
-            f"CASE WHEN {v} IS NULL THEN {null}"
-            f" WHEN typeof({v}) != 'text' THEN {said} || 'expected a JSON array (text), got ' ||"
-            f" {_describe_sql(v)}"
-            f" WHEN NOT json_valid({v}) OR json_type({v}) != 'array' THEN {said} ||"
-            f" 'expected a JSON array, got ' || {_describe_sql(v)}"
-            f" ELSE (SELECT {said} || 'element ' || e.key || ' is ' || {_describe_json_sql()} ||"
-            f" {sql_text(', expected ' + field_.element)} FROM json_each({v}) AS e"
-            f" WHERE NOT ({_element_ok(field_.element)}) ORDER BY e.key LIMIT 1) END"
-        )
-    kind = field_.element
-    if kind == "string":
-        size = f"length(CAST({v} AS BLOB))"
-        rest = (
-            f" WHEN typeof({v}) != 'text' THEN {said} || 'expected text, got ' ||"
-            f" {_describe_sql(v)}"
-            f" WHEN {size} > {MAX_TEXT_BYTES} THEN {said} || 'is ' || {size} ||"
-            f" {sql_text(f' bytes, more than the limit of {MAX_TEXT_BYTES}')}"
-        )
-    elif kind in BOUNDS:
-        low, high = BOUNDS[kind]
-        rest = (
-            f" WHEN typeof({v}) != 'integer' THEN {said} || 'expected an integer, got ' ||"
-            f" {_describe_sql(v)}"
-            f" WHEN {v} NOT BETWEEN {low} AND {high} THEN {said} || {v} ||"
-            f" {sql_text(f' is outside the range {low}..{high}')}"
-        )
-    elif kind == "float":
-        rest = (
-            f" WHEN typeof({v}) NOT IN ('integer', 'real') THEN {said} ||"
-            f" 'expected a number, got ' || {_describe_sql(v)}"
-            f" WHEN {_not_finite(v)} THEN {said} || 'is ' ||"
-            f" {_describe_sql(v)} || ', not a finite number'"
-        )
-    else:  # bool
-        rest = (
-            f" WHEN typeof({v}) != 'integer' OR {v} NOT IN (0, 1) THEN {said} ||"
-            f" 'expected 0 or 1 (false or true), got ' || {_describe_sql(v)}"
-        )
-    return f"CASE WHEN {v} IS NULL THEN {null}{rest} END"
-
-
-def _element_ok(kind: str) -> str:
-    if kind == "string":
-        return f"e.type = 'text' AND length(CAST(e.value AS BLOB)) <= {MAX_TEXT_BYTES}"
-    if kind in BOUNDS:
-        low, high = BOUNDS[kind]
-        return f"e.type = 'integer' AND e.value BETWEEN {low} AND {high}"
-    if kind == "float":
-        return f"e.type IN ('integer', 'real') AND NOT {_not_finite('e.value')}"
-    return "e.type IN ('true', 'false')"
-
-
-def _not_finite(v: str) -> str:
-    """Not finite as SQLite writes it (see `_finite`): Inf, or one of the largest doubles."""
-    return (
-        f"(abs({v}) > 1.7976931348623e308 AND (abs({v}) > {MAX_DOUBLE}"
-        f" OR abs(CAST({v} || '' AS REAL)) > {MAX_DOUBLE}))"
-    )
-
-
-def _json_value(field_: Field) -> str:
-    v = field_.source
-    if field_.array:
-        # Rebuilt element by element, so it is written as the mapper writes it (an array with
-        # an escape in its text is left to the mapper: see `line_sql`).
-        element = "json(e.type)" if field_.element == "bool" else "e.value"
-        return f"(SELECT json_group_array({element}) FROM json_each({v}) AS e)"
-    if field_.element == "bool":
-        return f"json(CASE WHEN {v} THEN 'true' ELSE 'false' END)"
-    return v
-
-
-def _describe_sql(v: str) -> str:
-    return (
-        f"CASE typeof({v}) WHEN 'null' THEN 'NULL' WHEN 'integer' THEN 'integer ' || {v}"
-        f" WHEN 'real' THEN 'real ' || {v} WHEN 'text' THEN 'text ' ||"
-        f" quote(substr({v}, 1, {SHOWN_CHARS})) ELSE 'a BLOB of ' || length({v}) || ' bytes' END"
-    )
-
-
-def _describe_json_sql() -> str:
-    return (
-        "CASE e.type WHEN 'null' THEN 'null' WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'"
-        f" WHEN 'text' THEN 'text ' || quote(substr(e.value, 1, {SHOWN_CHARS}))"
-        " WHEN 'integer' THEN 'integer ' || e.value WHEN 'real' THEN 'real ' || e.value"
-        " ELSE 'an ' || e.type END"
-    )
-
-
-# -- describing values, as SQLite people say them ------------------------------------------------
-
-
-def real_text(value: float) -> str:
-    """A REAL as SQLite writes it in text and JSON (printf's %!.15g)."""
-    text = f"{value:.15g}"
-    if text in ("-0", "0"):
-        return "0.0"
-    mantissa, e, exponent = text.partition("e")
-    if "." not in mantissa:
-        mantissa += ".0"
-    return mantissa + (f"e{exponent}" if e else "")
-
-
-def describe(value: Any) -> str:
-    """NULL, integer 7, real 1.5, text 'abc', a BLOB of 3 bytes."""
-    if value is None:
-        return "NULL"
-    if type(value) is int:
-        return f"integer {value}"
-    if type(value) is float:
-        return f"real {real_text(value) if math.isfinite(value) else _inf(value)}"
-    if type(value) is RawText or isinstance(value, str):
-        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-        return f"text {sql_text(_shown(text))}"
-    if isinstance(value, bytes):
-        return f"a BLOB of {len(value)} bytes"
-    return f"{type(value).__name__} {value!r}"
-
-
-def _shown(text: str) -> str:
-    """The start of a text, as SQLite's quote(substr(x, 1, 40)) shows it (it stops at a NUL)."""
-    return text[:SHOWN_CHARS].split("\x00", 1)[0]
-
-
-def _inf(value: float) -> str:
-    return "Inf" if value > 0 else "-Inf"
-
-
-def _describe_json(item: Any) -> str:
-    if item is None:
-        return "null"
-    if isinstance(item, bool):
-        return "true" if item else "false"
-    if isinstance(item, str):
-        return f"text {sql_text(_shown(item))}"
-    if isinstance(item, int):
-        return f"integer {item}"
-    if isinstance(item, float):
-        return f"real {real_text(item) if math.isfinite(item) else _inf(item)}"
-    return "an array" if isinstance(item, list) else "an object"
-
-
-def _jsonable(value: Any) -> Any:
-    if type(value) is not RawText and isinstance(value, bytes):
-        return f"<BLOB of {len(value)} bytes>"
-    if isinstance(value, bytes):
-        text = value.decode("utf-8", "replace")
-        return text if len(text) <= 200 else text[:200] + "…"
-    if isinstance(value, float) and not math.isfinite(value):
-        return _inf(value)
-    return value
-
-
-# -- encoding, as SQLite's json_object does ------------------------------------------------------
-
-
-def encode(document: dict[str, Any]) -> bytes:
-    """One JSONL line (without the newline): compact, non-ASCII as it is, numbers as SQLite
-    writes them, so that the line is byte for byte what `Mapping.line_sql` gives."""
-    return _encode(document).encode()
-
-
-def _encode(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{_quote(k)}:{_encode(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ",".join(_encode(item) for item in value) + "]"
-    if isinstance(value, str):
-        return _quote(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return real_text(value)
-    return str(value)
-
-
-_quote = json.encoder.encode_basestring
-
-
 # -- the built-in mapping: the source document's `sequences` --------------------------------------
 
 SEQUENCES = Mapping(
@@ -677,17 +367,3 @@ def key_kind(declared_type: str) -> str:
 
 def field_names(mapping: Mapping) -> list[str]:
     return [f.name for f in mapping.fields]
-
-
-__all__ = [
-    "COLUMNS",
-    "SEQUENCES",
-    "Dependency",
-    "Field",
-    "Mapping",
-    "RawText",
-    "Trigger",
-    "describe",
-    "encode",
-    "field",
-]

@@ -31,8 +31,8 @@ from outbox_sync.errors import (
     TypesenseError,
 )
 from outbox_sync.lock import DaemonLock
-from outbox_sync.mapping import encode
 from outbox_sync.typesense_index import MAX_DELETE_IDS, ImportResult, TypesenseIndex
+from outbox_sync.values import encode
 
 REQUEST_KEY = "reindex_request"
 STATUS_KEY = "reindex_status"

@@ -20,7 +20,8 @@ import structlog
 from outbox_sync.config_file import ConfigFileError
 from outbox_sync.db import Database, utc_now
 from outbox_sync.errors import ConfigError, DatabaseError, TableMissingError
-from outbox_sync.mapping import BUILT_IN, SEQUENCES, Mapping, Trigger, key_kind, quote_identifier
+from outbox_sync.mapping import BUILT_IN, SEQUENCES, Mapping, Trigger, key_kind
+from outbox_sync.values import quote_identifier
 
 SCHEMA_VERSION = "2"
 TABLES = ("outbox", "sync_errors", "sync_stats", "outbox_sync_meta")

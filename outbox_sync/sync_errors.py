@@ -14,7 +14,8 @@ from typing import Any
 
 from outbox_sync.db import Database, pages, utc_now
 from outbox_sync.errors import ClosedSyncError, ConfigError, UnknownSyncError
-from outbox_sync.mapping import Mapping, quote_identifier
+from outbox_sync.mapping import Mapping
+from outbox_sync.values import quote_identifier
 
 # The columns of `sync_errors`, in the order people read them.
 COLUMNS = (

@@ -20,20 +20,9 @@ from hypothesis import strategies as st
 
 from outbox_sync.db import written
 from outbox_sync.errors import InvalidRecordError
-from outbox_sync.mapping import (
-    INT32,
-    INT64,
-    MAX_TEXT_BYTES,
-    SEQUENCES,
-    TYPES,
-    Field,
-    Mapping,
-    RawText,
-    describe,
-    encode,
-    real_text,
-)
+from outbox_sync.mapping import SEQUENCES, TYPES, Field, Mapping
 from outbox_sync.schema import schema_statements
+from outbox_sync.values import INT32, INT64, MAX_TEXT_BYTES, RawText, describe, encode, real_text
 
 # One field of every type, required and optional.
 FIELDS = tuple(

@@ -14,7 +14,8 @@ from typing import Any
 
 from outbox_sync import config_file
 from outbox_sync.errors import InvalidRecordError
-from outbox_sync.mapping import Mapping, RawText, quote_identifier
+from outbox_sync.mapping import Mapping
+from outbox_sync.values import RawText, quote_identifier
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = re.search(r"```toml\n(.*?)```", (ROOT / "docs" / "tables.md").read_text(), re.S)[1]  # type: ignore[index]
