@@ -36,8 +36,9 @@ from typesense import exceptions as ts
 
 from outbox_sync.config import parse_node
 from outbox_sync.localserver import LocalTypesense
-from outbox_sync.mapping import COLUMNS, SEQUENCES, RawText
+from outbox_sync.mapping import COLUMNS, SEQUENCES
 from outbox_sync.schema import schema_statements
+from outbox_sync.values import RawText
 from tests.bench import app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,6 +92,8 @@ class Row:
 class ProcessRun:
     seconds: float
     peak_rss_mb: float  # 10^6 bytes
+    cpu_s: float = 0.0  # the process's own CPU time (user + system)
+    server_cpu_s: float = 0.0  # Typesense's CPU time meanwhile
 
 
 @dataclass
@@ -104,6 +107,8 @@ class Context:
     backlogs: dict[int, Path] = field(default_factory=dict)
     drains: dict[int, list[ProcessRun]] = field(default_factory=dict)
     ceilings: dict[int, list[float]] = field(default_factory=dict)  # seconds, best batch size
+    # Typesense's CPU seconds during each raw import, by backlog and batch size
+    import_cpu: dict[tuple[int, int], list[float]] = field(default_factory=dict)
     idle: list[ProcessRun] = field(default_factory=list)  # run --once on an empty outbox
     batch_size: int | None = None  # the best batch size for the raw ceiling
     names: int = 0
@@ -188,19 +193,20 @@ def typesense_server(data_dir: Path) -> Iterator[LocalTypesense]:
         server.stop()
 
 
+def server_cpu_s(ctx: Context) -> float:
+    """The CPU time (user + system) the Typesense process has used so far."""
+    with open(f"/proc/{ctx.server_pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def settle(ctx: Context) -> None:
     """Wait until the Typesense process is (nearly) idle."""
-
-    def cpu_s() -> float:
-        with open(f"/proc/{ctx.server_pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
     deadline = time.monotonic() + SETTLE_MAX_S
     while time.monotonic() < deadline:
-        before = cpu_s()
+        before = server_cpu_s(ctx)
         time.sleep(0.25)
-        if cpu_s() - before < SETTLE_CPU * 0.25:
+        if server_cpu_s(ctx) - before < SETTLE_CPU * 0.25:
             return
 
 
@@ -238,11 +244,12 @@ def import_seconds(ctx: Context, bodies: Sequence[bytes], count: int) -> float:
     """Raw ceiling: pre-encoded JSONL bodies imported straight into a fresh collection."""
     with fresh_collection(ctx, "ceiling") as documents:
         settle(ctx)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), server_cpu_s(ctx)
         succeeded = sum(
             documents.import_(body, {"action": "upsert"}).count('"success":true') for body in bodies
         )
         seconds = time.perf_counter() - started
+        ctx.import_cpu.setdefault((count, len(bodies)), []).append(server_cpu_s(ctx) - cpu)
     if succeeded != count:
         raise BenchError(f"raw import: {succeeded} of {count} documents succeeded")
     return seconds
@@ -325,8 +332,9 @@ import resource, subprocess, sys, time
 started = time.perf_counter()
 code = subprocess.call(sys.argv[2:])
 seconds = time.perf_counter() - started
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 with open(sys.argv[1], "w") as out:
-    out.write(f"{seconds} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}")
+    out.write(f"{seconds} {usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}")
 sys.exit(code)
 """
 
@@ -368,6 +376,7 @@ def measured_command(
 ) -> tuple[ProcessRun, int]:
     """A command as a whole process (through MEASURE): wall time, peak RSS, exit status."""
     figures = ctx.workdir / "measure.txt"
+    server_before = server_cpu_s(ctx) if ctx.server_pid else 0.0
     with open(log, "wb") as output:
         code = subprocess.call(
             [sys.executable, "-c", MEASURE, str(figures), *command],
@@ -377,8 +386,9 @@ def measured_command(
             stdout=output,
             stderr=output,
         )
-    seconds, max_rss_kib = figures.read_text().split()
-    return ProcessRun(float(seconds), int(max_rss_kib) * 1024 / 1e6), code
+    server = server_cpu_s(ctx) - server_before if ctx.server_pid else 0.0
+    seconds, max_rss_kib, cpu = figures.read_text().split()
+    return ProcessRun(float(seconds), int(max_rss_kib) * 1024 / 1e6, float(cpu), server), code
 
 
 @contextlib.contextmanager
@@ -444,7 +454,7 @@ def drain_once(ctx: Context, n: int, **settings: str) -> tuple[ProcessRun, str]:
     check_synced(ctx, db, collection, n, "drain")
     say(
         f"drain {n:,}{' (defaults)' if settings else ''}: {run.seconds:.2f} s, peak RSS "
-        f"{run.peak_rss_mb:.0f} MB"
+        f"{run.peak_rss_mb:.0f} MB, CPU {run.cpu_s:.2f} s, Typesense's {run.server_cpu_s:.2f} s"
     )
     return run, collection
 
@@ -486,7 +496,12 @@ def backfill_once(ctx: Context, n: int) -> ProcessRun:
     check_synced(ctx, db, collection, n, "backfill")
     drop_collection(ctx, collection)
     say(f"backfill {n:,}: init {init.seconds:.2f} s + run --once {run.seconds:.2f} s")
-    return ProcessRun(init.seconds + run.seconds, max(init.peak_rss_mb, run.peak_rss_mb))
+    return ProcessRun(
+        init.seconds + run.seconds,
+        max(init.peak_rss_mb, run.peak_rss_mb),
+        init.cpu_s + run.cpu_s,
+        init.server_cpu_s + run.server_cpu_s,
+    )
 
 
 def idle_runs(ctx: Context) -> list[ProcessRun]:
@@ -552,8 +567,16 @@ def drain_rows(ctx: Context, n: int, naive_rates: list[float]) -> list[Row]:
     ctx.ceilings[n] = sweep[ctx.batch_size]
     ceiling = [n / seconds for seconds in ctx.ceilings[n]]
     startup_s = statistics.median(run.seconds for run in idle_runs(ctx))
+    raw_cpu = statistics.median(ctx.import_cpu[(n, math.ceil(n / ctx.batch_size))])
 
     def rate_row(what: str, process_runs: list[ProcessRun], note: str) -> Row:
+        # Where the time goes: on 2 cores, the CPU the process takes is taken from Typesense
+        cpu = statistics.median(run.cpu_s for run in process_runs)
+        server = statistics.median(run.server_cpu_s for run in process_runs)
+        note += (
+            f"; CPU: its own {cpu:.2f} s, Typesense's {server:.2f} s (the raw import: Typesense"
+            f" {raw_cpu:.2f} s)"
+        )
         return ratio_row(
             f"{what} {n:,}: rate vs raw import ({ctx.batch_size:,}/request)",
             [n / run.seconds for run in process_runs],
