@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import httpx
 import structlog
+import tenacity
 import typesense
 from typesense import exceptions as ts
 
@@ -116,6 +117,16 @@ def _certificate_error(error: BaseException) -> ssl.SSLCertVerificationError | N
     return None
 
 
+# The policy for server trouble: one immediate retry, then stop (the caller keeps the rows
+# queued and backs off). The client's own retries are off (num_retries=0).
+RETRY_ONCE = tenacity.Retrying(
+    stop=tenacity.stop_after_attempt(2),
+    wait=tenacity.wait_none(),
+    retry=tenacity.retry_if_exception_type(TypesenseUnavailableError),
+    reraise=True,
+)
+
+
 class TypesenseIndex:
     """One collection on one Typesense server or cluster."""
 
@@ -186,13 +197,9 @@ class TypesenseIndex:
     def _call_retrying(
         self, operation: str, request: Callable[[], T], *, about: str = "documents"
     ) -> T:
-        """`_call`, the policy for server trouble: one immediate retry, then the error (the
-        caller keeps the rows queued and backs off). The client's own retries are off
-        (num_retries=0)."""
-        try:
-            return self._call(operation, request, about=about)
-        except TypesenseUnavailableError:
-            return self._call(operation, request, about=about)
+        """`_call` under RETRY_ONCE."""
+        result: T = RETRY_ONCE.copy()(self._call, operation, request, about=about)
+        return result
 
     # -- collection -----------------------------------------------------------------------------
 
