@@ -171,40 +171,8 @@ class LocalTypesense:
     def start(self, timeout_s: float = DEFAULT_START_TIMEOUT_S, *, wait: bool = True) -> None:
         """Start the server and (with wait) return once /health says ok. A cluster node
         becomes healthy only with a quorum: start every node with wait=False first."""
-        if port_in_use(self.port):
-            raise ConfigError(
-                f"port {self.port} on {HOST} is already in use: stop what listens there, "
-                "choose another port for the embedded Typesense with --embedded-port "
-                "(OUTBOX_SYNC_EMBEDDED_PORT), or set TYPESENSE_URL to use a Typesense server "
-                "you run yourself"
-            )
-        if port_in_use(self.peering_port):
-            if self.peering_port_given:
-                raise ConfigError(
-                    f"peering port {self.peering_port} on {HOST} is already in use: stop what "
-                    "listens there, or choose another peering port"
-                )
-            structlog.get_logger("outbox_sync").warning(
-                "embedded_peering_port_taken",
-                port=self.peering_port,
-                note="something else listens there; taking another (this start is slower)",
-            )
-            self.peering_port = free_port()
-        command = [
-            server_binary(),
-            f"--data-dir={self.data_dir / 'data'}",
-            f"--api-address={HOST}",
-            f"--api-port={self.port}",
-            f"--peering-address={HOST}",
-            f"--peering-port={self.peering_port}",
-            *self.extra_args,
-        ]
-        if self.single_node and not any(
-            arg.startswith("--snapshot-interval-seconds") for arg in self.extra_args
-        ):
-            # Without a snapshot, a start replays the whole raft log, and 0.24.1's replay can
-            # drop writes (see stop()); after a crash only the writes since the last one replay.
-            command.append(f"--snapshot-interval-seconds={SNAPSHOT_INTERVAL_S}")
+        self._take_ports()
+        command = self._command()
         try:
             (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
             # left behind by a stop that was cut short
@@ -235,6 +203,46 @@ class LocalTypesense:
             )
         if wait:
             self.wait_ready(timeout_s)
+
+    def _take_ports(self) -> None:
+        """Refuse a port in use; a peering port we chose ourselves is taken anew instead."""
+        if port_in_use(self.port):
+            raise ConfigError(
+                f"port {self.port} on {HOST} is already in use: stop what listens there, "
+                "choose another port for the embedded Typesense with --embedded-port "
+                "(OUTBOX_SYNC_EMBEDDED_PORT), or set TYPESENSE_URL to use a Typesense server "
+                "you run yourself"
+            )
+        if port_in_use(self.peering_port):
+            if self.peering_port_given:
+                raise ConfigError(
+                    f"peering port {self.peering_port} on {HOST} is already in use: stop what "
+                    "listens there, or choose another peering port"
+                )
+            structlog.get_logger("outbox_sync").warning(
+                "embedded_peering_port_taken",
+                port=self.peering_port,
+                note="something else listens there; taking another (this start is slower)",
+            )
+            self.peering_port = free_port()
+
+    def _command(self) -> list[str]:
+        command = [
+            server_binary(),
+            f"--data-dir={self.data_dir / 'data'}",
+            f"--api-address={HOST}",
+            f"--api-port={self.port}",
+            f"--peering-address={HOST}",
+            f"--peering-port={self.peering_port}",
+            *self.extra_args,
+        ]
+        if self.single_node and not any(
+            arg.startswith("--snapshot-interval-seconds") for arg in self.extra_args
+        ):
+            # Without a snapshot, a start replays the whole raft log, and 0.24.1's replay can
+            # drop writes (see stop()); after a crash only the writes since the last one replay.
+            command.append(f"--snapshot-interval-seconds={SNAPSHOT_INTERVAL_S}")
+        return command
 
     def _save_ports(self) -> None:
         target = self.data_dir / PORTS_FILE

@@ -42,7 +42,8 @@ def check_chart_library() -> None:
 
 
 def page(figures: dict[str, Any], summary: Sequence[str]) -> str:
-    """The whole page: the text report (`summary`, as `report` prints it) and the charts."""
+    """The whole page: the text report (`summary`, as `report` prints it) and the charts.
+    Long, and left so: its lines are the page's text, read top to bottom as the page is."""
     check_chart_library()
     from plotly.offline import get_plotlyjs
 

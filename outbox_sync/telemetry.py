@@ -26,6 +26,8 @@ LOOP_STALL_S = 30.0
 
 
 class Telemetry:
+    # Long, and left so: the declaration of every metric the daemon exports, one after the
+    # other (the dashboard and the alert rules name them; tests/test_monitoring.py reads both).
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.request_seconds = Histogram(
