@@ -1,0 +1,92 @@
+"""Where a drain's time goes: `run --once` on a backlog, each import request timed inside it.
+
+    python -m tests.bench.gaps [--rows 100000] [--runs 3]
+
+Starts a real Typesense 0.24.1, writes a backlog of n rows after `init`, then runs `outbox-sync
+run --once` in a process whose `TypesenseIndex.import_jsonl` notes when each request started and
+ended. Prints, per run: the whole process; when the first request was sent (the start, and the
+first batch read); the time Typesense spent importing; the gaps between one request's end and
+the next one's start (the daemon's part between two requests); what came after the last.
+"""
+
+import argparse
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from outbox_sync.localserver import LocalTypesense
+
+API_KEY = "outbox-sync-bench"
+ROOT = Path(__file__).resolve().parents[2]
+
+DRIVER = r"""
+import atexit, sys, time
+started = time.perf_counter()
+from outbox_sync import typesense_index
+spans = []
+untimed = typesense_index.TypesenseIndex.import_jsonl
+def timed(self, body, count):
+    sent = time.perf_counter()
+    try:
+        return untimed(self, body, count)
+    finally:
+        spans.append((sent, time.perf_counter()))
+typesense_index.TypesenseIndex.import_jsonl = timed
+def report():
+    end = time.perf_counter()
+    gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
+    print(
+        f"whole {end - started:.3f} s, first request at {spans[0][0] - started:.3f} s, "
+        f"{len(spans)} requests busy {sum(b - a for a, b in spans):.3f} s, gaps "
+        f"{sum(gaps):.3f} s (longest {max(gaps, default=0):.3f}), after the last "
+        f"{end - spans[-1][1]:.3f} s",
+        file=sys.stderr,
+    )
+atexit.register(report)
+from outbox_sync.cli import main
+sys.argv = ["outbox-sync", "run", "--once"]
+main()
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="outbox-sync-gaps-") as workdir:
+        work = Path(workdir)
+        with LocalTypesense(work / "typesense", api_key=API_KEY) as server:
+            for run in range(args.runs):
+                db = work / f"run{run}.db"
+                env = {
+                    **os.environ,
+                    "TYPESENSE_URL": server.url,
+                    "TYPESENSE_API_KEY": API_KEY,
+                    "OUTBOX_SYNC_DB": str(db),
+                    "OUTBOX_SYNC_COLLECTION": f"gaps{run}",
+                    "OUTBOX_SYNC_AUDIT_EVERY": "0",  # as the drains of run.py
+                }
+                command = [sys.executable, "-m", "outbox_sync", "init"]
+                subprocess.run(command, env=env, cwd=ROOT, check=True, capture_output=True)
+                with sqlite3.connect(db) as conn:
+                    conn.executemany(
+                        "INSERT INTO sequences (element_type, element_id, sequence_number,"
+                        " comment, created_at) VALUES ('action', ?, ?, ?, '2026-11-30T00:00:00Z')",
+                        ((i, i, f"comment number {i} with some words") for i in range(args.rows)),
+                    )
+                conn.close()
+                time.sleep(2)  # let Typesense settle after the previous run
+                done = subprocess.run(
+                    [sys.executable, "-c", DRIVER], env=env, cwd=ROOT, capture_output=True
+                )
+                lines = done.stderr.decode(errors="replace").strip().splitlines()
+                print(f"{args.rows:,} rows: {lines[-1] if lines else done.returncode}")
+
+
+if __name__ == "__main__":
+    main()
