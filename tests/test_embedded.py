@@ -15,7 +15,7 @@ import pytest
 from outbox_sync.localserver import free_port
 from tests.support.app import ROW_SQL, app_connection, make_row
 from tests.support.cli import run_module, without_settings
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, children
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
@@ -47,19 +47,6 @@ def documents(env: dict[str, str]) -> dict[str, str]:
         return {}
     lines = [line for line in response.text.split("\n") if line.strip()]
     return {d["id"]: d.get("comment", "") for d in map(json.loads, lines)}
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def test_the_embedded_server_keeps_every_document_across_restarts_of_the_daemon(

@@ -3,13 +3,10 @@ tables that page differently, the daemon lock through another spelling of the pa
 failure paths, sync errors that never closed or doubled, monitoring that lied or died, and bad
 input that ended in a traceback."""
 
-import contextlib
 import json
 import socket
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +31,7 @@ from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
 from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
 from tests.support.cli import invoke, one_line
-from tests.support.daemon import drain
+from tests.support.daemon import drain, running
 from tests.support.typesense import API_KEY, Server, export
 from tests.support.wait import wait_until
 
@@ -52,18 +49,6 @@ def legacy(tmp_path: Path, table_sql: str) -> Path:
 
     schema.init(Database(path, create=True), [SEQUENCES])
     return path
-
-
-@contextlib.contextmanager
-def running(worker: Worker) -> Iterator[threading.Thread]:
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,))
-    thread.start()
-    try:
-        yield thread
-    finally:
-        stop.set()
-        thread.join(30)
 
 
 # -- tables that page differently --------------------------------------------------------------

@@ -22,7 +22,7 @@ from outbox_sync.localserver import LocalTypesense, free_port
 from outbox_sync.mapping import SEQUENCES
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
 from tests.support.cli import ROOT, invoke, run_module, without_settings
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, children
 from tests.support.typesense import API_KEY, Server, export
 from tests.support.wait import wait_until
 
@@ -32,19 +32,6 @@ WRONG_KEY = "wr0ng-k3y-5ecret-7d1e"
 
 def proc_file(pid: int, name: str) -> bytes:
     return Path(f"/proc/{pid}/{name}").read_bytes()
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def scrape(address: str) -> str:

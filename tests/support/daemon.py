@@ -1,6 +1,6 @@
-"""The daemon as the tests run it: a real process (`Daemon`), or its worker in this process,
-drained once (`drain`) or running in a thread (`running`); and a failure recorded as the
-worker records one (`record_failure`)."""
+"""The daemon as the tests run it: a real process (`Daemon`, and the processes it started:
+`children`), or its worker in this process, drained once (`drain`) or running in a thread
+(`running`); and a failure recorded as the worker records one (`record_failure`)."""
 
 import contextlib
 import json
@@ -49,6 +49,20 @@ class Daemon:
         if self.process.poll() is None:
             self.process.kill()
         self.wait()
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (the embedded server of a daemon, say)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
 
 
 def drain(worker: Worker) -> None:
