@@ -8,9 +8,10 @@ own collection.
 """
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from collections.abc import Mapping as Lookup
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,7 +21,7 @@ from outbox_sync.db import Database, OutboxEntry, SyncFailure
 from outbox_sync.errors import InvalidRecordError, TypesenseUnavailableError
 from outbox_sync.mapping import Mapping
 from outbox_sync.telemetry import Telemetry
-from outbox_sync.typesense_index import ImportResult
+from outbox_sync.typesense_index import IN_FLIGHT, ImportResult
 
 # A long drain hands back to the loop this often, for its chores (watchdog, metrics, reindex).
 DRAIN_SLICE_S = 1.0
@@ -70,6 +71,7 @@ class Batch:
     report: BatchReport
     work: dict[str, Work] = field(default_factory=dict)  # by mapping
     synced: list[tuple[str, Any]] = field(default_factory=list)  # (mapping, key)
+    records: set[tuple[str, Any]] = field(default_factory=set)  # (mapping, key) it touches
 
     @property
     def last_id(self) -> int:
@@ -116,10 +118,13 @@ class Applier:
     def drain(self, stop: Stopping, max_seconds: float = DRAIN_SLICE_S) -> int:
         """Apply batches until the outbox is empty, `stop` is set or `max_seconds` have
         passed (so the loop's chores go on during a long drain); how many entries were
-        acknowledged. Pipelined: while Typesense imports one batch (on a second thread), the
-        next is read and encoded, and the previous acknowledged. Batches still reach Typesense
-        one after the other, in order, so a record's changes are applied in commit order.
-        Acknowledgements are coalesced (`Acks`); all that was applied is acknowledged before
+        acknowledged. Pipelined: while Typesense imports a batch (on an import thread), the
+        next is read and encoded, and sent beside it if the two share no record (Typesense
+        takes the second request's body while it indexes the first, and is never left
+        waiting for the daemon between them). A record's changes are still applied in commit
+        order: a batch that touches a record in flight waits for that answer, and failed
+        lines are retried before the batch after the next is sent. Acknowledgements go in
+        outbox order and are coalesced (`Acks`); all that was applied is acknowledged before
         the drain returns or raises."""
         acks = Acks(self._ack, self.batch_size)
         batches = self._batches(stop, time.monotonic() + max_seconds)
@@ -138,20 +143,26 @@ class Applier:
         return acks.acknowledged
 
     def _pipeline(self, batch: Batch, batches: Iterator[Batch], acks: "Acks") -> None:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import") as http:
-            in_flight = http.submit(self._apply, batch)
+        flights: deque[tuple[Batch, Future[None]]] = deque()
+        with ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="import") as http:
             try:
-                while True:
-                    upcoming = next(batches, None)  # read and encoded while `batch` imports
-                    in_flight.result()  # server trouble: raise, `upcoming` is never sent
-                    if upcoming is not None:
-                        in_flight = http.submit(self._apply, upcoming)
-                    acks.add(batch)
-                    if upcoming is None:
-                        return
-                    batch = upcoming
+                upcoming: Batch | None = batch
+                while upcoming is not None or flights:
+                    if (
+                        upcoming is not None
+                        and len(flights) < IN_FLIGHT
+                        and all(
+                            upcoming.records.isdisjoint(flying.records) for flying, _ in flights
+                        )
+                    ):
+                        flights.append((upcoming, http.submit(self._apply, upcoming)))
+                        upcoming = next(batches, None)  # read and encoded while they import
+                        continue
+                    done, answer = flights.popleft()
+                    answer.result()  # server trouble: raise, `upcoming` is never sent
+                    acks.add(done)
             finally:
-                wait([in_flight])  # never leave a request running behind an error
+                wait([answer for _, answer in flights])  # no request left running behind an error
 
     def _batches(self, stop: Stopping, until: float) -> Iterator[Batch]:
         """Prepared batches in outbox order, while there are entries, time and no stop."""
@@ -172,6 +183,7 @@ class Applier:
         batch = Batch(entries, BatchReport(entries=len(entries)))
         # the last marker per record wins; its state is read now
         latest = {(entry.mapping, entry.key): entry for entry in entries}
+        batch.records = set(latest)
         by_mapping: dict[str, list[OutboxEntry]] = {}
         for entry in latest.values():
             by_mapping.setdefault(entry.mapping, []).append(entry)

@@ -16,6 +16,7 @@ Searches keep answering from the old collection until the alias switches, atomic
 import contextlib
 import json
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -31,8 +32,11 @@ from outbox_sync.errors import (
     TypesenseError,
 )
 from outbox_sync.lock import DaemonLock
-from outbox_sync.typesense_index import MAX_DELETE_IDS, ImportResult, TypesenseIndex
+from outbox_sync.typesense_index import IN_FLIGHT, MAX_DELETE_IDS, ImportResult, TypesenseIndex
 from outbox_sync.values import encode
+
+# An import request of the fill: its answer to come, the keys of its lines, the rows it read.
+Flight = tuple[Future[list[ImportResult]] | None, list[Any], int]
 
 REQUEST_KEY = "reindex_request"
 STATUS_KEY = "reindex_status"
@@ -104,7 +108,8 @@ class _Fill:
 
 def _fill(db: Database, fresh: TypesenseIndex, chunk: int, progress: Progress | None) -> _Fill:
     """Import every valid row into the new collection, in chunks of short reads. Pipelined as
-    the daemon's drain: the next chunk is read while Typesense imports this one."""
+    the daemon's drain: two chunks in flight, the next read meanwhile (chunks hold distinct
+    rows: no record is in two requests at once)."""
     fill = _Fill()
     mapping = fresh.mapping
     total = int(db.count_rows(mapping) or 0)
@@ -122,9 +127,9 @@ def _fill(db: Database, fresh: TypesenseIndex, chunk: int, progress: Progress | 
         if progress is not None:
             progress(fill.rows, max(total, fill.rows))
 
-    # Leaving the block waits for a request still running behind an error.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import") as http:
-        in_flight = None  # the chunk Typesense imports: its answer to come, keys and rows
+    # Leaving the block waits for the requests still running behind an error.
+    with ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="import") as http:
+        flights: deque[Flight] = deque()  # the chunks Typesense imports: answers, keys, rows
         for rows in db.scan_rows(mapping, chunk):
             lines, keys = [], []
             for row in rows:
@@ -136,14 +141,14 @@ def _fill(db: Database, fresh: TypesenseIndex, chunk: int, progress: Progress | 
                     fill.invalid += 1
                     if (doc_id := mapping.document_id(key)) is not None:
                         fill.invalid_ids.append(doc_id)
-            if in_flight is not None:  # in order: the answer before the next request
-                done(*in_flight)
+            if len(flights) == IN_FLIGHT:  # the oldest answer before the next request
+                done(*flights.popleft())
             answer = (
                 http.submit(fresh.import_jsonl, b"\n".join(lines), len(lines)) if lines else None
             )
-            in_flight = (answer, keys, len(rows))
-        if in_flight is not None:
-            done(*in_flight)
+            flights.append((answer, keys, len(rows)))
+        while flights:
+            done(*flights.popleft())
     return fill
 
 

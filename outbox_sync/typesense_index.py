@@ -37,6 +37,11 @@ from outbox_sync.mapping import SEQUENCES, Mapping
 if TYPE_CHECKING:
     from outbox_sync.config import Settings
 
+# Import requests a drain or a reindex keeps in flight, never two touching the same record.
+# Two keep Typesense busy: it reads the second request's body while it indexes the first
+# (measured on 0.24.1: 100k documents at 5,000 per request went in 9 % faster with two in
+# flight than with one; three were no faster than two).
+IN_FLIGHT = 2
 # Ids per delete-by-filter request: keeps the URL far below httpx's 64 KiB limit.
 MAX_DELETE_IDS = 1000
 

@@ -19,7 +19,7 @@ from outbox_sync.worker import Worker
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
 from tests.support.cli import ROOT, invoke
 from tests.support.daemon import Daemon, drain
-from tests.support.fake_index import FakeIndex
+from tests.support.fake_index import FakeIndex, OverlapIndex
 from tests.support.typesense import Server, export
 from tests.support.wait import wait_until
 
@@ -268,4 +268,14 @@ def test_the_fill_reads_the_next_chunk_while_typesense_imports_one(
     db.scan_rows = scan_rows  # type: ignore[method-assign]
     fresh = SlowIndex()
     fill = reindex._fill(db, fresh, 2, None)  # type: ignore[arg-type]
-    assert (fill.rows, fill.indexed, fresh.imports) == (6, 6, [["1", "2"], ["3", "4"], ["5", "6"]])
+    assert (fill.rows, fill.indexed) == (6, 6)
+    assert sorted(fresh.imports) == [["1", "2"], ["3", "4"], ["5", "6"]]
+
+
+def test_the_fill_keeps_two_chunks_in_flight(db: Database, db_path: Path) -> None:
+    insert_rows(db_path, range(1, 9))
+    fresh = OverlapIndex()
+    fill = reindex._fill(db, fresh, 2, None)  # type: ignore[arg-type]
+    assert (fill.rows, fill.indexed) == (8, 8)
+    assert max(len(together) for together in fresh.seen_together) == 2  # never more
+    assert sorted(fresh.documents, key=int) == [str(i) for i in range(1, 9)]

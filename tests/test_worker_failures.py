@@ -14,7 +14,7 @@ from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import ImportResult
 from outbox_sync.worker import daemon
 from tests.support.app import app_connection, insert_rows
-from tests.support.fake_index import FakeIndex
+from tests.support.fake_index import FakeIndex, OverlapIndex
 
 
 def test_a_refused_document_is_retried_once_immediately(db_path: Path, db: Database) -> None:
@@ -168,3 +168,75 @@ def test_the_backlogs_age_is_the_first_entry_in_line(db_path: Path, db: Database
     pending, age, _ = db.backlog()
     assert pending == 3
     assert age is not None and 299 <= age < 330
+
+
+def test_a_drain_sends_a_batch_beside_the_one_in_flight_when_they_share_no_record(
+    db_path: Path, db: Database
+) -> None:
+    insert_rows(db_path, range(1, 9))
+    index = OverlapIndex()
+    assert daemon(db, [index], batch_size=2).applier.drain(threading.Event()) == 8
+    assert max(len(together) for together in index.seen_together) == 2  # never more
+    assert sorted(index.documents, key=int) == [str(i) for i in range(1, 9)]
+    assert db.counts(SEQUENCES)["pending"] == 0
+
+
+def test_a_batch_touching_a_record_in_flight_waits_for_that_answer(
+    db_path: Path, db: Database
+) -> None:
+    """Entries 1-2 are records 1, 2; entries 3-4 update record 1 and add 3; entries 5-6 add 4
+    and 5: the second batch waits for the first, the third goes beside the second."""
+    insert_rows(db_path, [1, 2])
+    app = app_connection(db_path)
+    app.execute("UPDATE sequences SET comment = 'second version' WHERE id = 1")
+    insert_rows(app, [3, 4, 5])
+    index = OverlapIndex(hold_s=0.1)
+    assert daemon(db, [index], batch_size=2).applier.drain(threading.Event()) == 6
+    assert [together[-1] for together in index.seen_together] == [
+        ["1", "2"],
+        ["1", "3"],
+        ["4", "5"],
+    ]
+    assert [len(together) for together in index.seen_together] == [1, 1, 2]
+    for together in index.seen_together:
+        ids = [doc_id for request in together for doc_id in request]
+        assert len(ids) == len(set(ids))  # no record in two requests at once
+    assert b"second version" in index.documents["1"]
+
+
+def test_a_refused_line_is_retried_before_a_later_batch_touching_it_is_sent(
+    db_path: Path, db: Database
+) -> None:
+    insert_rows(db_path, range(1, 5))  # batches [1, 2], [3, 4], then the update of 2
+    app = app_connection(db_path)
+    app.execute("UPDATE sequences SET comment = 'newer' WHERE id = 2")
+    index = OverlapIndex(bad="2", refusals=1)
+    assert daemon(db, [index], batch_size=2).applier.drain(threading.Event()) == 5
+    first_retry = index.imports.index(["2"])
+    assert index.imports[first_retry + 1 :].count(["2"]) == 1  # the update, after the retry
+    assert index.imports.index(["1", "2"]) < first_retry
+    assert b"newer" in index.documents["2"]
+    assert sync_errors.find(db) == []
+
+
+def test_server_trouble_on_one_of_two_batches_in_flight_acknowledges_neither_past_it(
+    db_path: Path, db: Database
+) -> None:
+    insert_rows(db_path, range(1, 7))
+
+    class FirstFails(OverlapIndex):  # the first batch's request fails, once
+        def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
+            results = super().import_jsonl(body, count)
+            if self.imports.count(["1", "2"]) == 1 and body.startswith(b'{"id":"1"'):
+                raise TypesenseUnavailableError("Typesense answered 503", 503)
+            return results
+
+    index = FirstFails()
+    applier = daemon(db, [index], batch_size=2).applier
+    with pytest.raises(TypesenseUnavailableError):
+        applier.drain(threading.Event())
+    assert len(index.seen_together[1]) == 2  # the second batch was in flight beside it
+    assert db.counts(SEQUENCES)["pending"] == 6  # the second, applied, is sent again
+    assert applier.drain(threading.Event()) == 6
+    assert sorted(index.documents, key=int) == [str(i) for i in range(1, 7)]
+    assert sync_errors.find(db) == []

@@ -2,6 +2,7 @@
 the real server cannot be made to take at will."""
 
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,3 +71,29 @@ class FakeIndex:
         if self.down > 0:
             self.down -= counts
             raise TypesenseUnavailableError("Typesense answered 503: Not Ready or Lagging", 503)
+
+
+class OverlapIndex(FakeIndex):
+    """Holds each import until a second one arrives or `hold_s` passes, and notes the document
+    ids of the requests in flight whenever one starts (the last is the one starting)."""
+
+    def __init__(self, hold_s: float = 0.2, **failures: int | str) -> None:
+        super().__init__(**failures)  # type: ignore[arg-type]
+        self.hold_s = hold_s
+        self.lock = threading.Lock()
+        self.flying: list[list[str]] = []
+        self.seen_together: list[list[list[str]]] = []
+        self.arrived = threading.Condition(self.lock)
+
+    def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
+        ids = [line.split(b'"id":"')[1].split(b'"')[0].decode() for line in body.split(b"\n")]
+        with self.arrived:
+            self.flying.append(ids)
+            self.seen_together.append([list(other) for other in self.flying])
+            self.arrived.notify_all()
+            self.arrived.wait_for(lambda: len(self.flying) > 1, timeout=self.hold_s)
+        try:
+            return super().import_jsonl(body, count)
+        finally:
+            with self.lock:
+                self.flying.remove(ids)
