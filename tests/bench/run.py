@@ -46,6 +46,7 @@ API_KEY = "outbox-sync-bench"
 SEQUENCES_DDL = next(s for s in schema_statements() if "TABLE IF NOT EXISTS sequences" in s)
 # The lag reader polls a search this often; its resolution adds at most this to every lag.
 LAG_POLL_S = 0.001
+RUNNING_DRAIN_POLL_S = 0.005  # how often the running drain's reader asks if the outbox is empty
 # After the writer finished, how long the reader waits for the last documents.
 LAG_GRACE_S = 30.0
 DAEMON_START_TIMEOUT_S = 60.0
@@ -392,14 +393,16 @@ def measured_command(
 
 
 @contextlib.contextmanager
-def daemon(ctx: Context, db: Path, collection: str) -> Iterator[subprocess.Popen[bytes]]:
+def daemon(
+    ctx: Context, db: Path, collection: str, **settings: str
+) -> Iterator[subprocess.Popen[bytes]]:
     """`outbox-sync run` in the background, from the moment it has created the collection
     until SIGTERM."""
     log = ctx.workdir / f"{collection}.log"
     with open(log, "wb") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "outbox_sync", "run"],
-            env=ctx.env(db, collection),
+            env=ctx.env(db, collection, **settings),
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=output,
@@ -457,6 +460,28 @@ def drain_once(ctx: Context, n: int, **settings: str) -> tuple[ProcessRun, str]:
         f"{run.peak_rss_mb:.0f} MB, CPU {run.cpu_s:.2f} s, Typesense's {run.server_cpu_s:.2f} s"
     )
     return run, collection
+
+
+def running_drain_once(ctx: Context, n: int) -> float:
+    """A running daemon's drain of n rows committed at once (the backlog's rows copied in one
+    transaction): seconds from the commit to an empty outbox. What a daemon that runs pays
+    for a backlog, the start excepted."""
+    db = ctx.workdir / "running.db"
+    init_db(ctx, db)
+    with daemon(ctx, db, collection := ctx.fresh_name("running"), **NO_AUDIT):
+        settle(ctx)
+        with contextlib.closing(app.connect(db)) as conn:
+            conn.execute("ATTACH DATABASE ? AS backlog", (str(backlog(ctx, n)),))
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO main.sequences SELECT * FROM backlog.sequences")
+            conn.execute("COMMIT")
+            committed = time.perf_counter()
+            while conn.execute("SELECT 1 FROM main.outbox LIMIT 1").fetchone():
+                time.sleep(RUNNING_DRAIN_POLL_S)
+            seconds = time.perf_counter() - committed
+        check_synced(ctx, db, collection, n, "running drain")
+    say(f"drain {n:,} by a running daemon: {seconds:.2f} s")
+    return seconds
 
 
 def reindex_once(ctx: Context, n: int, collection: str) -> ProcessRun:
@@ -549,6 +574,7 @@ def drain_rows(ctx: Context, n: int, naive_rates: list[float]) -> list[Row]:
     small = n == min(ctx.plan.sizes)
     ctx.drains[n] = []
     runs: dict[str, list[ProcessRun]] = {"reindex": [], "backfill": [], "defaults": []}
+    running: list[float] = []  # seconds: drains by a running daemon
     for _ in range(ctx.repeats(n)):  # interleaved, so drift hits all alike
         for size in sizes:
             bodies = [b"\n".join(lines[i : i + size]) for i in range(0, n, size)]
@@ -559,6 +585,7 @@ def drain_rows(ctx: Context, n: int, naive_rates: list[float]) -> list[Row]:
         runs["reindex"].append(reindex_once(ctx, n, collection))
         drop_collection(ctx, collection)
         runs["backfill"].append(backfill_once(ctx, n))
+        running.append(running_drain_once(ctx, n))
         if small:  # what the audit at start adds (the default settings)
             run, collection = drain_once(ctx, n, OUTBOX_SYNC_AUDIT_EVERY="24h")
             drop_collection(ctx, collection)
@@ -601,6 +628,14 @@ def drain_rows(ctx: Context, n: int, naive_rates: list[float]) -> list[Row]:
             (">=", 60),
             note=f"naive: {ctx.plan.naive_sample:,} records into an empty collection, "
             "extrapolated (it slows a little as the collection grows: flattered at large n)",
+        ),
+        ratio_row(
+            f"drain {n:,} by a running daemon: rate vs raw import ({ctx.batch_size:,}/request)",
+            [n / seconds for seconds in running],
+            ceiling,
+            "docs/s",
+            note="`outbox-sync run` running, audits off; n rows committed in one transaction, "
+            "timed from the commit to an empty outbox",
         ),
         rate_row("backfill", runs["backfill"], "`init` on a table of n rows + `run --once`"),
         rate_row("reindex", runs["reindex"], "`outbox-sync reindex` as a whole process"),
