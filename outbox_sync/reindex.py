@@ -44,8 +44,8 @@ STATUS_KEY = "reindex_status"
 DEFAULT_CHUNK = 5000
 # How often the daemon publishes its progress to a waiting `outbox-sync reindex`.
 PROGRESS_INTERVAL_S = 0.5
-# How long the running daemon has to pick up a request (it looks every second), and how often
-# the asking side looks at the progress.
+# How long the running daemon has to pick up a request (it looks every second, every 5 s
+# while it drains a backlog), and how often the asking side looks at the progress.
 PICKUP_TIMEOUT_S = 30.0
 FOLLOW_INTERVAL_S = 0.2
 
