@@ -21,7 +21,7 @@ from outbox_sync.db import Database, OutboxEntry, SyncFailure
 from outbox_sync.errors import InvalidRecordError, TypesenseUnavailableError
 from outbox_sync.mapping import Mapping
 from outbox_sync.telemetry import Telemetry
-from outbox_sync.typesense_index import IN_FLIGHT, ImportResult
+from outbox_sync.typesense_index import IN_FLIGHT, ImportResult, free_request_bodies
 
 # A long drain hands back to the loop this often, for its chores (watchdog, metrics, triggers,
 # reindex). Each hand-back lets the requests in flight finish and Typesense wait for the next
@@ -162,6 +162,7 @@ class Applier:
                         continue
                     done, answer = flights.popleft()
                     answer.result()  # server trouble: raise, `upcoming` is never sent
+                    free_request_bodies()
                     acks.add(done)
             finally:
                 wait([answer for _, answer in flights])  # no request left running behind an error

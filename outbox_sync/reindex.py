@@ -32,7 +32,13 @@ from outbox_sync.errors import (
     TypesenseError,
 )
 from outbox_sync.lock import DaemonLock
-from outbox_sync.typesense_index import IN_FLIGHT, MAX_DELETE_IDS, ImportResult, TypesenseIndex
+from outbox_sync.typesense_index import (
+    IN_FLIGHT,
+    MAX_DELETE_IDS,
+    ImportResult,
+    TypesenseIndex,
+    free_request_bodies,
+)
 from outbox_sync.values import encode
 
 # An import request of the fill: its answer to come, the keys of its lines, the rows it read.
@@ -116,7 +122,9 @@ def _fill(db: Database, fresh: TypesenseIndex, chunk: int, progress: Progress | 
     with_errors = {key for keys in db.scan_open_error_keys(mapping.name) for key in keys}
 
     def done(answer: Future[list[ImportResult]] | None, keys: list[Any], rows: int) -> None:
-        for key, result in zip(keys, [] if answer is None else answer.result(), strict=True):
+        results = [] if answer is None else answer.result()
+        free_request_bodies()
+        for key, result in zip(keys, results, strict=True):
             if not result.ok:
                 fill.refused.append(key)
                 continue

@@ -3,6 +3,7 @@ refused request (give up), what a 404 means, and the parsing of URLs and JSONL a
 classification is checked on exceptions made here and, where the server decides, against the
 real 0.24.1 server (through the fault proxy for answers it will not give at will)."""
 
+import gc
 import ssl
 from collections.abc import Iterator
 
@@ -24,6 +25,7 @@ from outbox_sync.typesense_index import (
     TypesenseIndex,
     _lines,
     classify,
+    free_request_bodies,
     parse_line,
     parse_node,
     status_error,
@@ -306,3 +308,26 @@ def test_lines_split_on_newlines_only_across_chunks() -> None:
         assert list(_lines(iter([text[:cut], text[cut:]]))) == whole
     assert list(_lines(iter([text[i : i + 1] for i in range(len(text))]))) == whole
     assert list(_lines(iter([b"", b"\n", b" "]))) == []
+
+
+def test_the_bodies_of_answered_imports_are_freed_at_once(index: TypesenseIndex) -> None:
+    """Each request leaves a reference cycle holding its body (httpx's request and its stream):
+    left to the collector's older generation, a drain's 1M peak RSS grew by a third."""
+
+    def streams() -> int:
+        return sum(type(o) is httpx.ByteStream for o in gc.get_objects())
+
+    line = b'{"id":"%d","element_type":"action","element_id":1,"sequence_number":1,'
+    line += b'"created_at":"2026-11-30T00:00:00Z"}'
+    gc.collect()
+    gc.disable()
+    try:
+        before = streams()
+        for request in range(3):
+            body = b"\n".join(line % (request * 10 + i) for i in range(10))
+            assert all(result.ok for result in index.import_jsonl(body, 10))
+        assert streams() > before  # held by cycles, as long as nothing collects them
+        free_request_bodies()
+        assert streams() == before
+    finally:
+        gc.enable()
