@@ -25,7 +25,7 @@ from outbox_sync.typesense_index import IN_FLIGHT, ImportResult, free_request_bo
 
 # A long drain hands back to the loop this often, for its chores (watchdog, metrics, triggers,
 # reindex). Each hand-back lets the requests in flight finish and Typesense wait for the next
-# slice's first batch: at 1 s that was 0.14-0.16 s of a 100k drain (tests.bench.gaps), 4 %.
+# slice's first batch: at 1 s that was 0.14-0.23 s of a 100k drain (tests.bench.gaps).
 DRAIN_SLICE_S = 5.0
 # Within a drain, the acknowledgements of small batches wait for each other at most this long
 # (a batch's worth of entries goes at once): a writer committing 1,000 rows a second makes
