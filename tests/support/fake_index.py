@@ -33,7 +33,7 @@ class FakeIndex:
     def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
         self._answer(counts=True)
         lines = body.split(b"\n")
-        ids = [line.split(b'"id":"')[1].split(b'"')[0].decode() for line in lines]
+        ids = document_ids(body)
         self.imports.append(ids)
         results = []
         for doc_id, line in zip(ids, lines, strict=True):
@@ -86,7 +86,7 @@ class OverlapIndex(FakeIndex):
         self.arrived = threading.Condition(self.lock)
 
     def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
-        ids = [line.split(b'"id":"')[1].split(b'"')[0].decode() for line in body.split(b"\n")]
+        ids = document_ids(body)
         with self.arrived:
             self.flying.append(ids)
             self.seen_together.append([list(other) for other in self.flying])
@@ -97,3 +97,8 @@ class OverlapIndex(FakeIndex):
         finally:
             with self.lock:
                 self.flying.remove(ids)
+
+
+def document_ids(body: bytes) -> list[str]:
+    """The document ids of a JSONL import body, line by line."""
+    return [line.split(b'"id":"')[1].split(b'"')[0].decode() for line in body.split(b"\n")]
