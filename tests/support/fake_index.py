@@ -80,10 +80,9 @@ class OverlapIndex(FakeIndex):
     def __init__(self, hold_s: float = 0.2, **failures: int | str) -> None:
         super().__init__(**failures)  # type: ignore[arg-type]
         self.hold_s = hold_s
-        self.lock = threading.Lock()
         self.flying: list[list[str]] = []
         self.seen_together: list[list[list[str]]] = []
-        self.arrived = threading.Condition(self.lock)
+        self.arrived = threading.Condition()
 
     def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
         ids = document_ids(body)
@@ -95,7 +94,7 @@ class OverlapIndex(FakeIndex):
         try:
             return super().import_jsonl(body, count)
         finally:
-            with self.lock:
+            with self.arrived:
                 self.flying.remove(ids)
 
 
