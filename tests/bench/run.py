@@ -256,16 +256,11 @@ def rebuild_seconds(ctx: Context, bodies: Sequence[bytes], count: int) -> float:
     """Raw ceiling of a rebuild with no downtime, what `reindex` does: the same import into a
     fresh collection while a full one of the same documents stays (it answers searches until
     the switch; call this while one exists), then the drop of a full collection."""
-    name = ctx.fresh_name("rebuild")
-    ctx.client.collections.create(SEQUENCES.collection_schema(name))
-    try:
+    with fresh_collection(ctx, "rebuild") as documents:
         settle(ctx)
         started = time.perf_counter()
-        import_all(ctx.client.collections[name].documents, bodies, count)
-        ctx.client.collections[name].delete()
-        return time.perf_counter() - started
-    finally:
-        drop_collection(ctx, name)
+        import_all(documents, bodies, count)
+    return time.perf_counter() - started  # leaving the block dropped the collection
 
 
 def import_all(documents: Any, bodies: Sequence[bytes], count: int) -> None:
