@@ -39,13 +39,11 @@ from outbox_sync.localserver import LocalTypesense
 from outbox_sync.mapping import COLUMNS, SEQUENCES
 from outbox_sync.schema import schema_statements
 from outbox_sync.values import RawText
-from tests.bench import app
+from tests.bench import app, reader
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "outbox-sync-bench"
 SEQUENCES_DDL = next(s for s in schema_statements() if "TABLE IF NOT EXISTS sequences" in s)
-# The lag reader polls a search this often; its resolution adds at most this to every lag.
-LAG_POLL_S = 0.001
 RUNNING_DRAIN_POLL_S = 0.005  # how often the running drain's reader asks if the outbox is empty
 # After the writer finished, how long the reader waits for the last documents.
 LAG_GRACE_S = 30.0
@@ -271,12 +269,17 @@ def import_all(documents: Any, bodies: Sequence[bytes], count: int) -> None:
         raise BenchError(f"raw import: {succeeded} of {count} documents succeeded")
 
 
-def single_upsert_seconds(ctx: Context, docs: Sequence[dict[str, Any]]) -> list[float]:
+def single_upsert_seconds(
+    ctx: Context, docs: Sequence[dict[str, Any]], *, read: bool = False
+) -> list[float]:
     """The naive sync: one POST (single-document upsert) per record, one retry on error, into
-    a fresh collection. Returns the seconds each record took."""
+    a fresh collection. Returns the seconds each record took. With `read`, while the lag's
+    reader searches the collection as it does during a lag run (in a process of its own)."""
     durations = []
-    with fresh_collection(ctx, "single") as documents:
+    with fresh_collection(ctx, "single") as documents, contextlib.ExitStack() as stack:
         settle(ctx)
+        if read:
+            stack.enter_context(reading(ctx, documents.collection_name))
         for doc in docs:
             started = time.perf_counter()
             try:
@@ -285,6 +288,21 @@ def single_upsert_seconds(ctx: Context, docs: Sequence[dict[str, Any]]) -> list[
                 documents.upsert(doc)
             durations.append(time.perf_counter() - started)
     return durations
+
+
+@contextlib.contextmanager
+def reading(ctx: Context, collection: str) -> Iterator[None]:
+    """The lag's reader searching `collection` in another process, from its first answer on."""
+    command = [sys.executable, "-m", "tests.bench.reader", ctx.url, API_KEY, collection]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        if not process.stdout.readline():  # it says so once its first search was answered
+            raise BenchError(f"the lag's reader did not start (exit {process.wait()})")
+        yield
+    finally:
+        process.kill()
+        process.wait()
 
 
 # -- SQLite and the daemon --------------------------------------------------------------------
@@ -759,28 +777,19 @@ def watch(
     seen: dict[int, tuple[float, float]] = {}
     answers: list[float] = []
     lowest, deadline = 1, math.inf
-    path = f"/collections/{collection}/documents/search"
-    params: dict[str, Any] = {
-        "q": "*",
-        "query_by": "element_type",
-        "sort_by": "sequence_number:asc",
-        "per_page": 250,
-        "include_fields": "sequence_number",
-    }
-    with httpx.Client(base_url=url, headers={"X-TYPESENSE-API-KEY": API_KEY}) as http:
+    with reader.client(url, API_KEY) as http:
         while lowest <= total and time.monotonic() < deadline:
             if deadline == math.inf and writer.poll() is not None:
                 deadline = time.monotonic() + LAG_GRACE_S
             sent = time.time()
-            response = http.get(path, params={**params, "filter_by": f"sequence_number:>={lowest}"})
+            documents = reader.search(http, collection, lowest)
             now = time.time()
             answers.append(now)
-            response.raise_for_status()
-            for hit in response.json()["hits"]:
-                seen.setdefault(hit["document"]["sequence_number"], (sent, now))
+            for document in documents:
+                seen.setdefault(document["sequence_number"], (sent, now))
             while lowest in seen:
                 lowest += 1
-            time.sleep(LAG_POLL_S)
+            time.sleep(reader.LAG_POLL_S)
     return seen, statistics.median(b - a for a, b in itertools.pairwise(answers))
 
 
@@ -837,32 +846,37 @@ def bench_lag(ctx: Context) -> list[Row]:
     rows = []
     targets = {50: {"p50": 2.0, "p99": 5.0}, 2000: {"p99": 30.0}}
     for rate, seconds in ctx.plan.lag_cases:
-        references, runs = [], []
+        references, quiet, runs = [], [], []
         for _ in range(ctx.plan.repeats):
-            durations = single_upsert_seconds(ctx, sample)
-            references.append(statistics.median(durations[20:]) * 1000)  # after warm-up
+            # after warm-up; the reference is timed under the reader, as the lag is
+            quiet.append(statistics.median(single_upsert_seconds(ctx, sample)[20:]) * 1000)
+            durations = single_upsert_seconds(ctx, sample, read=True)
+            references.append(statistics.median(durations[20:]) * 1000)
             runs.append(lag_once(ctx, rate, seconds))
             say(
                 f"lag {rate:g}/s: p50 {percentile(runs[-1].lags_ms, 0.5):.1f} ms, "
                 f"p99 {percentile(runs[-1].lags_ms, 0.99):.1f} ms, "
-                f"single upsert {references[-1]:.2f} ms"
+                f"single upsert {references[-1]:.2f} ms ({quiet[-1]:.2f} ms without the reader)"
             )
         missing = sum(run.missing for run in runs)
         cycle_ms = statistics.median(run.poll_cycle_ms for run in runs)
         reference = statistics.median(references)
+        lag_p50 = statistics.median(percentile(run.lags_ms, 0.5) for run in runs)
         answered = [
             statistics.median(percentile(run.answered_ms, fraction) for run in runs) / reference
             for fraction in (0.5, 0.99)
         ]
         note = (
             f"the reader saw Typesense every {cycle_ms:.2f} ms (median); counted to the answer "
-            f"of that search (an upper bound): p50 {answered[0]:.3g}x, p99 {answered[1]:.3g}x"
+            f"of that search (an upper bound): p50 {answered[0]:.3g}x, p99 {answered[1]:.3g}x; "
+            f"one upsert without the reader searching: {statistics.median(quiet):.2f} ms "
+            f"(p50 {lag_p50 / statistics.median(quiet):.3g}x that)"
         ) + (f"; {missing} records never became searchable" if missing else "")
         for label, fraction in (("p50", 0.5), ("p99", 0.99), ("max", 1.0)):
             limit = targets.get(int(rate), {}).get(label)
             rows.append(
                 ratio_row(
-                    f"lag {rate:g}/s {label} vs single upsert round trip",
+                    f"lag {rate:g}/s {label} vs single upsert round trip (both read)",
                     [percentile(run.lags_ms, fraction) for run in runs],
                     references,
                     "ms",
