@@ -219,8 +219,7 @@ def init(db: Database, mappings: Sequence[Mapping], *, backfill: bool = False) -
             upgraded = _upgrade(conn)
             conn.execute(schema_statements_index())
             bound = [_bind_for_init(conn, mapping, db) for mapping in mappings]
-            for mapping in bound:
-                index_keys(conn, mapping)
+            index_keys(conn, bound)
             repaired = _reinstall(conn, bound)
         except sqlite3.Error as error:
             raise DatabaseError(f"cannot apply schema to {db.path}: {error}") from None
@@ -314,33 +313,56 @@ def upgrade(db: Database) -> bool:
     return True
 
 
-def index_keys(conn: sqlite3.Connection, mapping: Mapping) -> None:
-    """An index on each column the daemon looks records up by (the key, and each dependency's
-    key), unless the table has one already, so lookups stay O(log n)."""
-    for table, column in [(mapping.table, mapping.key)] + [
-        (d.table, d.key) for d in mapping.depends_on
-    ]:
-        quoted = quote_identifier(table)
-        info = conn.execute(f"PRAGMA table_info({quoted})").fetchall()
-        primary = [row[1] for row in info if row[5]]
-        if primary[:1] == [column]:
-            continue
-        first_columns = conn.execute(
-            "SELECT i.name FROM pragma_index_list(?) AS l, pragma_index_info(l.name) AS i"
-            " WHERE i.seqno = 0",
-            (table,),
-        ).fetchall()
-        if (column,) in first_columns:
-            continue
+def unindexed_keys(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> list[tuple[str, str]]:
+    """The (table, column) pairs the daemon looks records up by (each mapping's key, and each
+    dependency's key) that no index leads with: each lookup, and each `sql` field reading a
+    dependency, would scan the whole table."""
+    unindexed = []
+    for mapping in mappings:
+        for table, column in [(mapping.table, mapping.key)] + [
+            (d.table, d.key) for d in mapping.depends_on
+        ]:
+            info = conn.execute(f"PRAGMA table_info({quote_identifier(table)})").fetchall()
+            primary = [row[1] for row in sorted(info, key=lambda row: row[5]) if row[5]]
+            first_columns = conn.execute(
+                "SELECT i.name FROM pragma_index_list(?) AS l, pragma_index_info(l.name) AS i"
+                " WHERE i.seqno = 0",
+                (table,),
+            ).fetchall()
+            if primary[:1] != [column] and (column,) not in first_columns:
+                unindexed.append((table, column))
+    return list(dict.fromkeys(unindexed))
+
+
+def index_keys(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> list[str]:
+    """Inside a write transaction: an index on each of `unindexed_keys`, so lookups stay
+    O(log n); what it indexed."""
+    made = []
+    for table, column in unindexed_keys(conn, mappings):
         name = quote_identifier(f"outbox_sync_{table}_{column}")
-        conn.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {quoted} ({quote_identifier(column)})")
+        conn.execute(
+            f"CREATE INDEX IF NOT EXISTS {name} ON {quote_identifier(table)}"
+            f" ({quote_identifier(column)})"
+        )
+        made.append(f"{table}({column})")
+    return made
+
+
+def repair_indexes(db: Database, mappings: Sequence[Mapping]) -> list[str]:
+    """Put back the key indexes `init` made that a migration took (a table rebuilt takes its
+    indexes along), in one write transaction; what it indexed (empty: nothing written)."""
+    if not unindexed_keys(db.conn, mappings):
+        return []
+    with db.write() as conn:
+        return index_keys(conn, mappings)
 
 
 class SchemaWatch:
     """A loop job, every turn: whenever `PRAGMA schema_version` changes, check that the mapped
     tables are there (TableMissingError pauses the sync until they are back) and that the
     triggers are ours, putting them back if not; then ask for an audit (`request(reason)`):
-    changes made while they were gone left no outbox entry."""
+    changes made while they were gone left no outbox entry. The key indexes `init` made are
+    put back too (no audit: their absence loses nothing, it only makes every lookup a scan)."""
 
     def __init__(
         self, db: Database, mappings: Sequence[Mapping], request: Callable[[str], None]
@@ -354,7 +376,13 @@ class SchemaWatch:
         if version == self.version:
             return
         problems = repair_triggers(self.db, self.mappings)  # TableMissingError: paused
-        self.version = self.db.schema_version()  # our own repair changed it too
+        if indexed := repair_indexes(self.db, self.mappings):
+            self.log.warning(
+                "key_indexes_repaired",
+                indexed=indexed,
+                note="a migration took them: each lookup by these keys scanned the table",
+            )
+        self.version = self.db.schema_version()  # our own repairs changed it too
         if problems:
             self.log.warning(
                 "triggers_repaired",

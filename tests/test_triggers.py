@@ -6,6 +6,7 @@ back triggers a migration took while no daemon ran. Each for the built-in `seque
 the custom `characters` of docs/tables.md (a TEXT key, a `where`, and `character_tags`, a table
 it depends on, rebuilt along with it)."""
 
+import contextlib
 import json
 import signal
 import sqlite3
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from outbox_sync import schema
 from outbox_sync.db import Database
@@ -260,8 +262,49 @@ def test_a_schema_change_while_the_daemon_runs_converges(
     assert schema.trigger_problems(app.conn, [app.mapping]) == []
     repaired = events(daemon, "triggers_repaired")
     assert len(repaired) == int(repairs), daemon.output()
+    # The 12-step rebuild of the table the mapping depends on took the key index init made
+    # there: the daemon made it again (without it, each document's tags scan the whole table).
+    assert schema.unindexed_keys(app.conn, [app.mapping]) == []
+    took_index = migrate is twelve_step_rebuild and len(app.tables) > 1
+    indexed = [entry["indexed"] for entry in events(daemon, "key_indexes_repaired")]
+    assert indexed == ([["character_tags(slug)"]] if took_index else []), daemon.output()
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0
+
+
+def test_a_key_index_a_migration_took_is_made_again_without_an_audit(tmp_path: Path) -> None:
+    path = tmp_path / "characters.db"
+    conn = app_connection(path)
+    conn.executescript(f"{CHARACTERS}; {TAGS};")
+    mapping = characters_mapping()
+    db = Database(path, create=True)
+    schema.init(db, [mapping])
+    read = mapping.select_by_keys(f"slug, {mapping.line_sql()}")
+
+    def plan() -> str:
+        """How SQLite reads the lines (on a new connection: EXPLAIN does not look whether the
+        schema changed since the connection last read it)."""
+        with contextlib.closing(sqlite3.connect(path)) as fresh:
+            rows = fresh.execute(f"EXPLAIN QUERY PLAN {read}", ("[]",)).fetchall()
+        return " | ".join(row[3] for row in rows)
+
+    index = "outbox_sync_character_tags_slug"
+    assert f"USING INDEX {index}" in plan()
+    audits: list[str] = []
+    watch = schema.SchemaWatch(db, [mapping], audits.append)
+    watch(0.0)
+    conn.execute(f"DROP INDEX {index}")  # what a rebuild of character_tags does, triggers aside
+    assert schema.unindexed_keys(conn, [mapping]) == [("character_tags", "slug")]
+    assert "SCAN t" in plan()  # each document's tags: a scan of the whole table
+    with capture_logs() as logged:
+        watch(0.0)
+    assert [entry["event"] for entry in logged] == ["key_indexes_repaired"]
+    assert logged[0]["indexed"] == ["character_tags(slug)"]
+    assert f"USING INDEX {index}" in plan()
+    assert audits == []  # the triggers were never gone: no change went unrecorded
+    watch(0.0)  # nothing changed since: nothing to do
+    assert schema.unindexed_keys(conn, [mapping]) == []
+    conn.close()
 
 
 def test_a_table_that_is_gone_pauses_the_sync_until_one_is_back(
