@@ -380,7 +380,7 @@ class SchemaWatch:
             self.log.warning(
                 "key_indexes_repaired",
                 indexed=indexed,
-                note="a migration took them: each lookup by these keys scanned the table",
+                note="without them each lookup by these keys scanned the whole table",
             )
         self.version = self.db.schema_version()  # our own repairs changed it too
         if problems:
