@@ -30,11 +30,11 @@ def gather(
     explain: Callable[[TypesenseError], str] = str,
 ) -> dict[str, Any]:
     """Everything `status` shows: the backlog and open errors, rows and documents, whether
-    Typesense answers, whether a daemon runs, the tables and triggers, the last audit; in all,
-    and per collection (`collections`, of `indexes`: the ones asked for). The tables and
-    triggers of every configured mapping (`mappings`) are checked."""
+    Typesense answers, whether a daemon runs, the tables, triggers and key indexes, the last
+    audit; in all, and per collection (`collections`, of `indexes`: the ones asked for). The
+    tables, triggers and key indexes of every configured mapping (`mappings`) are checked."""
     from outbox_sync.reconcile import last_audit  # here, as TypesenseIndex above
-    from outbox_sync.schema import missing_tables, trigger_problems
+    from outbox_sync.schema import missing_tables, trigger_problems, unindexed_keys
 
     pending, oldest, open_errors = db.backlog()
     figures: dict[str, Any] = {
@@ -67,6 +67,10 @@ def gather(
     figures["triggers_ok"] = not problems
     if problems:
         figures["trigger_problems"] = [p.replace(" was ", " is ") for p in problems]
+    unindexed = [] if gone else unindexed_keys(db.conn, mappings)
+    figures["key_indexes_ok"] = None if gone else not unindexed
+    if unindexed:
+        figures["unindexed_keys"] = [f"{table}({column})" for table, column in unindexed]
     audit = last_audit(db)
     figures["last_audit"] = None if audit is None else asdict(audit)
     figures["collections"] = collections
@@ -88,6 +92,11 @@ def verdict(
     elif not figures["triggers_ok"]:
         problems = "; ".join(figures["trigger_problems"])
         found.append((CRITICAL, f"triggers not intact ({problems}): the daemon repairs them"))
+    if figures["key_indexes_ok"] is False:
+        columns = ", ".join(figures["unindexed_keys"])
+        found.append(
+            (WARNING, f"no index on {columns}: every lookup scans; the daemon makes them again")
+        )
     lag = figures["oldest_pending_age_s"] or 0.0
     if lag > max_lag_s:
         found.append((CRITICAL, f"the oldest change has waited {lag:.0f} s (> {max_lag_s:g} s)"))

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from outbox_sync import health, schema
 from outbox_sync.db import Database, SyncFailure
 from outbox_sync.localserver import free_port
 from outbox_sync.lock import DaemonLock
 from outbox_sync.reconcile import LAST_AUDIT_KEY, AuditRecord
 from outbox_sync.typesense_index import TypesenseIndex
 from tests.support.app import ROW_SQL, app_connection, make_row
+from tests.support.characters import CHARACTERS, TAGS, characters_mapping
 from tests.support.cli import invoke
 from tests.support.typesense import Server
 
@@ -173,3 +175,25 @@ def test_json(typesense_server: Server, db_path: Path, collection: str) -> None:
     assert figures["status"] == "CRITICAL" and figures["triggers_ok"] is False
     assert figures["trigger_problems"] == ["sequences_outbox_delete is missing"]
     assert figures["summary"].startswith("OUTBOX-SYNC CRITICAL - ")
+
+
+def test_a_key_column_without_its_index_is_a_warning(tmp_path: Path) -> None:
+    # what a rebuild of character_tags leaves while no daemon runs to make the index again
+    path = tmp_path / "characters.db"
+    conn = app_connection(path)
+    conn.executescript(f"{CHARACTERS}; {TAGS};")
+    mapping = characters_mapping()
+    db = Database(path, create=True)
+    schema.init(db, [mapping])
+    figures = health.gather(db, [], [mapping], DaemonLock(path))
+    assert figures["key_indexes_ok"] is True and "unindexed_keys" not in figures
+    conn.execute("DROP INDEX outbox_sync_character_tags_slug")
+    figures = health.gather(db, [], [mapping], DaemonLock(path))
+    assert figures["key_indexes_ok"] is False
+    assert figures["unindexed_keys"] == ["character_tags(slug)"]
+    _, line = health.verdict(figures, max_lag_s=60, max_audit_age_s=3600)
+    assert "no index on character_tags(slug): every lookup scans;" in line
+    conn.execute("DROP TABLE character_tags")  # a table gone says so, and nothing of its index
+    figures = health.gather(db, [], [mapping], DaemonLock(path))
+    assert figures["table_ok"] is False and figures["key_indexes_ok"] is None
+    conn.close()

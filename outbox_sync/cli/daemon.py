@@ -229,7 +229,8 @@ def status(settings: Settings, as_json: bool) -> None:
 
     Fields: pending (outbox entries), oldest_pending_age_s, sync_errors_open, rows (in
     `sequences`), documents (in Typesense; null when unreachable), typesense_ok, daemon_pid
-    (null: no daemon runs), table_ok, triggers_ok (and trigger_problems), last_audit (the
+    (null: no daemon runs), table_ok, triggers_ok (and trigger_problems), key_indexes_ok (and
+    unindexed_keys: key columns a migration left without the index init made), last_audit (the
     daemon's last audit: when, why, what it found and repaired). Exits 0 whatever it finds
     (it is for reading: `outbox-sync check` is for monitoring).
     """
