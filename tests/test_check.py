@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from outbox_sync import health, schema
+from outbox_sync import health
 from outbox_sync.db import Database, SyncFailure
 from outbox_sync.localserver import free_port
 from outbox_sync.lock import DaemonLock
 from outbox_sync.reconcile import LAST_AUDIT_KEY, AuditRecord
 from outbox_sync.typesense_index import TypesenseIndex
 from tests.support.app import ROW_SQL, app_connection, make_row
-from tests.support.characters import CHARACTERS, TAGS, characters_mapping
+from tests.support.characters import initialized_characters
 from tests.support.cli import invoke
 from tests.support.typesense import Server
 
@@ -180,11 +180,7 @@ def test_json(typesense_server: Server, db_path: Path, collection: str) -> None:
 def test_a_key_column_without_its_index_is_a_warning(tmp_path: Path) -> None:
     # what a rebuild of character_tags leaves while no daemon runs to make the index again
     path = tmp_path / "characters.db"
-    conn = app_connection(path)
-    conn.executescript(f"{CHARACTERS}; {TAGS};")
-    mapping = characters_mapping()
-    db = Database(path, create=True)
-    schema.init(db, [mapping])
+    conn, mapping, db = initialized_characters(path)
     figures = health.gather(db, [], [mapping], DaemonLock(path))
     assert figures["key_indexes_ok"] is True and "unindexed_keys" not in figures
     conn.execute("DROP INDEX outbox_sync_character_tags_slug")

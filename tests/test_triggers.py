@@ -27,13 +27,11 @@ from outbox_sync.mapping import SEQUENCES, Mapping
 from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
 from tests.support.characters import (
     CHARACTER_COLUMNS,
-    CHARACTERS,
     CHARACTERS_TABLE,
-    TAGS,
     TAGS_TABLE,
     characters_config,
-    characters_mapping,
     expected_characters,
+    initialized_characters,
     insert_characters,
     slug,
 )
@@ -112,10 +110,7 @@ def app(
         path = tmp_path / "characters.db"
         config = tmp_path / "outbox-sync.toml"
         config.write_text(characters_config(collection))
-        conn = app_connection(path)
-        conn.executescript(f"{CHARACTERS}; {TAGS};")
-        mapping = characters_mapping(collection)
-        schema.init(Database(path, create=True), [mapping])
+        conn, mapping, _ = initialized_characters(path, collection)
         yield App(
             mapping,
             (
@@ -274,11 +269,7 @@ def test_a_schema_change_while_the_daemon_runs_converges(
 
 def test_a_key_index_a_migration_took_is_made_again_without_an_audit(tmp_path: Path) -> None:
     path = tmp_path / "characters.db"
-    conn = app_connection(path)
-    conn.executescript(f"{CHARACTERS}; {TAGS};")
-    mapping = characters_mapping()
-    db = Database(path, create=True)
-    schema.init(db, [mapping])
+    conn, mapping, db = initialized_characters(path)
     read = mapping.select_by_keys(f"slug, {mapping.line_sql()}")
 
     def plan() -> str:

@@ -12,10 +12,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from outbox_sync import config_file
+from outbox_sync import config_file, schema
+from outbox_sync.db import Database
 from outbox_sync.errors import InvalidRecordError
 from outbox_sync.mapping import Mapping
 from outbox_sync.values import RawText, quote_identifier
+from tests.support.app import app_connection
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = re.search(r"```toml\n(.*?)```", (ROOT / "docs" / "tables.md").read_text(), re.S)[1]  # type: ignore[index]
@@ -47,6 +49,19 @@ def characters_mapping(collection: str = "characters") -> Mapping:
         path.write_text(characters_config(collection))
         _, (mapping,) = config_file.load(path, {})
     return mapping
+
+
+def initialized_characters(
+    path: Path, collection: str = "characters"
+) -> tuple[sqlite3.Connection, Mapping, Database]:
+    """A database with the application's tables after `outbox-sync init`: the application's
+    connection, the mapping and the daemon's side of the file."""
+    conn = app_connection(path)
+    conn.executescript(f"{CHARACTERS}; {TAGS};")
+    mapping = characters_mapping(collection)
+    db = Database(path, create=True)
+    schema.init(db, [mapping])
+    return conn, mapping, db
 
 
 def character(slug: str, **changes: Any) -> tuple[Any, ...]:
