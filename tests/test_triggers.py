@@ -349,9 +349,10 @@ def test_init_puts_back_triggers_a_migration_took_and_says_so(
     assert schema.trigger_problems(app.conn, [app.mapping]) == []
     assert Database(app.path).get_meta(schema.RECONCILE_REQUEST_KEY) is not None
     daemon = start_daemon("--audit-every", "0", env=app.env)  # audits only because init asked
+    # The drain can apply the audit's repairs before the loop's next turn logs the audit.
     wait_until(
-        lambda: matching(typesense_server, collection, app),
-        what="the rows written without triggers to reach Typesense",
+        lambda: events(daemon, "audit_done") and matching(typesense_server, collection, app),
+        what="the audit, and the rows written without triggers to reach Typesense",
     )
     [audit] = events(daemon, "audit_done")
     assert audit["reason"] == "init repaired the triggers"
