@@ -609,18 +609,24 @@ def drain_rows(ctx: Context, n: int, naive_rates: list[float]) -> list[Row]:
     runs: dict[str, list[ProcessRun]] = {"reindex": [], "backfill": [], "defaults": []}
     running: list[float] = []  # seconds: drains by a running daemon
     rebuilds: list[float] = []  # seconds: the raw ceiling of a rebuild (import beside + drop)
+
+    def bodies(size: int) -> list[bytes]:
+        return [b"\n".join(lines[i : i + size]) for i in range(0, n, size)]
+
+    def best() -> int:
+        """The batch size of the fastest raw import so far."""
+        return min(sizes, key=lambda size: statistics.median(sweep[size]))
+
     for _ in range(ctx.repeats(n)):  # interleaved, so drift hits all alike
         for size in sizes:
-            bodies = [b"\n".join(lines[i : i + size]) for i in range(0, n, size)]
-            sweep[size].append(import_seconds(ctx, bodies, n))
+            sweep[size].append(import_seconds(ctx, bodies(size), n))
             say(f"raw import {n:,} at {size:,}/request: {sweep[size][-1]:.2f} s")
         run, collection = drain_once(ctx, n)
         ctx.drains[n].append(run)
         runs["reindex"].append(reindex_once(ctx, n, collection))
-        best = min(sizes, key=lambda size: statistics.median(sweep[size]))
-        bodies = [b"\n".join(lines[i : i + best]) for i in range(0, n, best)]
-        rebuilds.append(rebuild_seconds(ctx, bodies, n))  # beside the reindexed collection
-        say(f"raw rebuild {n:,} at {best:,}/request (import beside, drop): {rebuilds[-1]:.2f} s")
+        size = best()
+        rebuilds.append(rebuild_seconds(ctx, bodies(size), n))  # beside the reindexed collection
+        say(f"raw rebuild {n:,} at {size:,}/request (import beside, drop): {rebuilds[-1]:.2f} s")
         drop_collection(ctx, collection)
         runs["backfill"].append(backfill_once(ctx, n))
         running.append(running_drain_once(ctx, n))
@@ -628,7 +634,7 @@ def drain_rows(ctx: Context, n: int, naive_rates: list[float]) -> list[Row]:
             run, collection = drain_once(ctx, n, OUTBOX_SYNC_AUDIT_EVERY="24h")
             drop_collection(ctx, collection)
             runs["defaults"].append(run)
-    ctx.batch_size = min(sizes, key=lambda size: statistics.median(sweep[size]))
+    ctx.batch_size = best()
     ctx.ceilings[n] = sweep[ctx.batch_size]
     ceiling = [n / seconds for seconds in ctx.ceilings[n]]
     startup_s = statistics.median(run.seconds for run in idle_runs(ctx))
@@ -860,7 +866,7 @@ def bench_lag(ctx: Context) -> list[Row]:
             )
         missing = sum(run.missing for run in runs)
         cycle_ms = statistics.median(run.poll_cycle_ms for run in runs)
-        reference = statistics.median(references)
+        reference, quiet_reference = statistics.median(references), statistics.median(quiet)
         lag_p50 = statistics.median(percentile(run.lags_ms, 0.5) for run in runs)
         answered = [
             statistics.median(percentile(run.answered_ms, fraction) for run in runs) / reference
@@ -869,8 +875,8 @@ def bench_lag(ctx: Context) -> list[Row]:
         note = (
             f"the reader saw Typesense every {cycle_ms:.2f} ms (median); counted to the answer "
             f"of that search (an upper bound): p50 {answered[0]:.3g}x, p99 {answered[1]:.3g}x; "
-            f"one upsert without the reader searching: {statistics.median(quiet):.2f} ms "
-            f"(p50 {lag_p50 / statistics.median(quiet):.3g}x that)"
+            f"one upsert without the reader searching: {quiet_reference:.2f} ms "
+            f"(p50 {lag_p50 / quiet_reference:.3g}x that)"
         ) + (f"; {missing} records never became searchable" if missing else "")
         for label, fraction in (("p50", 0.5), ("p99", 0.99), ("max", 1.0)):
             limit = targets.get(int(rate), {}).get(label)
