@@ -1,3 +1,3 @@
-from outbox_sync.cli import main
+from outbox_sync.cli import entry
 
-main()
+entry()

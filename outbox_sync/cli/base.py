@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -177,6 +178,15 @@ class Opened:
         return {mapping.name: mapping for mapping in self.mappings}
 
 
+def command_database(path: Path, *, create: bool = False) -> Database:
+    """The database, closed when the command ends: every command closes what it opened, so
+    that nothing waits on Python's collections at exit (see cli.entry). Closing also folds
+    SQLite's WAL back into the file."""
+    db = Database(path, create=create)
+    click.get_current_context().call_on_close(db.close)
+    return db
+
+
 def open_database(settings: Settings, *, upgrade: bool = False) -> Opened:
     """The database, refused with what to do unless `init` has prepared it (`run` upgrades
     one an older version prepared: upgrade=True)."""
@@ -184,7 +194,7 @@ def open_database(settings: Settings, *, upgrade: bool = False) -> Opened:
 
     from outbox_sync import schema
 
-    db = Database(settings.db_path)
+    db = command_database(settings.db_path)
     if upgrade and schema.upgrade(db):
         structlog.get_logger("outbox_sync").info(
             "database_upgraded", db=str(db.path), schema_version=schema.SCHEMA_VERSION

@@ -16,6 +16,7 @@ from outbox_sync.cli import render
 from outbox_sync.cli.base import (
     Failed,
     advise,
+    command_database,
     main,
     open_database,
     progress_bars,
@@ -23,7 +24,6 @@ from outbox_sync.cli.base import (
     with_settings,
 )
 from outbox_sync.config import Settings, parse_duration
-from outbox_sync.db import Database
 from outbox_sync.errors import AlreadyRunningError, ConfigError
 from outbox_sync.lock import DaemonLock
 
@@ -46,7 +46,7 @@ def init(settings: Settings, backfill: bool) -> None:
     from outbox_sync import schema
 
     result = schema.init(
-        Database(settings.db_path, create=True), settings.mappings, backfill=backfill
+        command_database(settings.db_path, create=True), settings.mappings, backfill=backfill
     )
     if result.upgraded:
         click.echo(f"upgraded {settings.db_path} to schema {schema.SCHEMA_VERSION}: nothing lost")
@@ -320,7 +320,7 @@ def config_command(settings: Settings, as_json: bool) -> None:
     from outbox_sync import schema
 
     if settings.db_path.exists():
-        schema.check(Database(settings.db_path), settings.mappings, prepared=False)
+        schema.check(command_database(settings.db_path), settings.mappings, prepared=False)
     effective = render.effective_config(settings)
     if as_json:
         click.echo(json.dumps(effective, indent=2))
