@@ -52,9 +52,9 @@ def report():
         file=sys.stderr,
     )
 atexit.register(report)
-from outbox_sync.cli import main
+from outbox_sync.cli import entry
 sys.argv = ["outbox-sync", "run", "--once"]
-main()
+entry()
 """
 
 
