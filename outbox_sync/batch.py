@@ -331,6 +331,10 @@ def _key(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
+# A tuple, made once: `str | int | float` would make a union at every call (twice per entry).
+JSON_SCALARS = (str, int, float)
+
+
 def _json(key: Any) -> bool:
     """A key `Database.read_rows` can look up (a JSON scalar: not NULL, not a BLOB)."""
-    return isinstance(key, str | int | float)
+    return isinstance(key, JSON_SCALARS)
