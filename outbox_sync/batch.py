@@ -200,25 +200,26 @@ class Applier:
 
     def _prepare_mapping(self, batch: Batch, mapping: Mapping, group: list[OutboxEntry]) -> None:
         work = batch.work.setdefault(mapping.name, Work())
-        ids = {entry.key: mapping.document_id(entry.key) for entry in group}
-        # Keys no document can have are looked up too: a tag of a character keyed '' that is
-        # gone, or one outside the `where`, is no record to report.
-        found = self.db.read_rows(mapping, [key for key in ids if _json(key)])
+        # One entry per record here. Keys no document can have are looked up too: a tag of a
+        # character keyed '' that is gone, or one outside the `where`, is no record to report.
+        found = self.db.read_rows(mapping, [entry.key for entry in group if _json(entry.key)])
         rows = {_key(row[0]): row for row in found}
         for entry in group:
-            doc_id, row = ids[entry.key], rows.get(entry.key)
-            if row is None and doc_id is None:  # no document can have this key
-                if entry.op == "delete" or _json(entry.key):  # no row of it: nothing to do
-                    batch.synced.append((mapping.name, entry.key))
-                else:  # NULL or a BLOB: its row cannot be looked up by it
-                    batch.fail(entry, None, mapping.key_problem(entry.key) or "")
-            elif row is None:  # gone, or outside the mapping's `where`
-                work.deletes.append((entry, doc_id or ""))
-            else:
+            row = rows.get(entry.key)
+            if row is not None:  # the judge also refuses a key no document can have
                 try:
                     work.upserts.append((entry, mapping.judge(row)))
                 except InvalidRecordError as error:
                     batch.fail(entry, mapping.describe_row(row[2]), str(error))
+                continue
+            doc_id = mapping.document_id(entry.key)  # only a delete needs it: the line has it
+            if doc_id is None:  # no document can have this key
+                if entry.op == "delete" or _json(entry.key):  # no row of it: nothing to do
+                    batch.synced.append((mapping.name, entry.key))
+                else:  # NULL or a BLOB: its row cannot be looked up by it
+                    batch.fail(entry, None, mapping.key_problem(entry.key) or "")
+            else:  # gone, or outside the mapping's `where`
+                work.deletes.append((entry, doc_id))
 
     def _unknown(self, mapping: str, count: int) -> None:
         if mapping not in self.unknown_logged:
