@@ -23,6 +23,13 @@ them is left out. Then every candidate is checked again, record by record, with 
 afresh (SQLite first, then Typesense): a change committed and applied between the export and the
 read of `sequences` would otherwise look like drift.
 
+The snapshot compares texts, so that a record in step costs no JSON work in Python: Typesense
+exports a document as canonical JSON (its keys in order, no spaces: `canonical`), SQLite writes
+the expected document with its keys in order too (`Mapping.line_sql`), and reads the id of each
+exported line. Where the two texts differ, both are parsed and compared as `canonical` texts
+before the record becomes a candidate (a float SQLite writes with 15 digits, say, or a server
+that exports in another order): the same candidates as comparing `canonical` texts throughout.
+
 Memory stays bounded however large the table: Typesense's export is streamed into a scratch
 SQLite file (in the temporary directory, TMPDIR), the rows are copied beside it in chunks with
 their expected documents, and the comparison is SQL over that file. Reads of the application's
@@ -39,9 +46,9 @@ from types import TracebackType
 from typing import Any
 
 from outbox_sync.db import Database, pages
-from outbox_sync.errors import InvalidRecordError, OutboxSyncError
+from outbox_sync.errors import InvalidRecordError, OutboxSyncError, TypesenseUnavailableError
 from outbox_sync.mapping import Found, Mapping
-from outbox_sync.typesense_index import MAX_DELETE_IDS, TypesenseIndex
+from outbox_sync.typesense_index import MAX_DELETE_IDS, TypesenseIndex, export_document
 from outbox_sync.values import INT64
 
 KINDS = ("missing", "extra", "stale", "invalid")
@@ -49,6 +56,7 @@ KINDS = ("missing", "extra", "stale", "invalid")
 DEFAULT_CHUNK = 5000
 # Candidates checked again per Typesense request (ids in one filter_by, as for deletes).
 CONFIRM_CHUNK = MAX_DELETE_IDS
+EXPORTED_ID = "json_extract(line, '$.id')"
 
 # (phase, done, total): phases are "export", "rows" and "confirm".
 Progress = Callable[[str, int, int], None]
@@ -87,6 +95,13 @@ def canonical(document: dict[str, Any]) -> str:
     return json.dumps(document, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
+def same_document(actual: str | None, expected: str | None) -> bool:
+    """Whether two JSON texts of documents differ only in how they are written."""
+    if actual is None or expected is None:
+        return False
+    return canonical(json.loads(actual)) == canonical(json.loads(expected))
+
+
 def document_key(mapping: Mapping, doc_id: str) -> int | str:
     """The key a document id stands for: for an integer key, the integer when the id is one as
     the daemon writes it, else the id itself, which no valid row can have; for a text key, the
@@ -99,6 +114,17 @@ def document_key(mapping: Mapping, doc_id: str) -> int | str:
         if str(value) == doc_id and INT64[0] <= value <= INT64[1]:
             return value
     return doc_id
+
+
+def document_key_sql(mapping: Mapping, doc_id: str) -> str:
+    """SQL: `document_key` of the text `doc_id` (CAST saturates outside 64 bits, and reads a
+    leading number out of any text: either way the text it gives back is another one)."""
+    if mapping.key_kind != "integer":
+        return doc_id
+    return (
+        f"CASE WHEN CAST(CAST({doc_id} AS INTEGER) AS TEXT) = {doc_id}"
+        f" THEN CAST({doc_id} AS INTEGER) ELSE {doc_id} END"
+    )
 
 
 def scratch_problem(error: Exception) -> str:
@@ -150,6 +176,12 @@ class Audit:
         self.db, self.index, self.chunk = db, index, chunk
         self.mapping = index.mapping
         self.progress = progress or (lambda phase, done, total: None)
+        # an exported line, as SQLite files it: its key, read from its id (which must be text)
+        self.insert_actual = (
+            "INSERT OR REPLACE INTO actual (key, doc)"
+            f" SELECT {document_key_sql(self.mapping, EXPORTED_ID)}, line FROM (SELECT ? AS line)"
+            " WHERE CASE WHEN json_valid(line) THEN json_type(line, '$.id') = 'text' END"
+        )
         try:
             self._directory = tempfile.TemporaryDirectory(prefix="outbox-sync-audit-")
             self.scratch = sqlite3.connect(Path(self._directory.name) / "audit.db")
@@ -158,6 +190,7 @@ class Audit:
             self.scratch.execute("PRAGMA journal_mode = OFF")
             self.scratch.execute("PRAGMA synchronous = OFF")
             self.scratch.execute("PRAGMA temp_store = FILE")
+            self.scratch.create_function("same_document", 2, same_document, deterministic=True)
             for statement in SCRATCH_SCHEMA:
                 self.scratch.execute(statement)
         except (OSError, sqlite3.Error) as error:
@@ -257,13 +290,12 @@ class Audit:
             self._insert("INSERT OR IGNORE INTO pending (key) VALUES (?)", [(k,) for k in keys])
 
     def _load_actual(self, total: int) -> int:
-        """Stream Typesense's export into the scratch file."""
+        """Stream Typesense's export into the scratch file, each line as it came."""
         loaded = 0
-        batch: list[tuple[Any, str]] = []
+        batch: list[tuple[str]] = []
         self.progress("export", 0, total)
-        for document in self.index.export_documents():
-            key = document_key(self.mapping, str(document.get("id")))
-            batch.append((key, canonical(document)))
+        for line in self.index.export_lines():
+            batch.append((line,))
             if len(batch) >= self.chunk:
                 loaded += self._flush_actual(batch)
                 self.progress("export", loaded, total)
@@ -271,26 +303,39 @@ class Audit:
         self.progress("export", loaded, total)
         return loaded
 
-    def _flush_actual(self, batch: list[tuple[Any, str]]) -> int:
-        self._insert("INSERT OR REPLACE INTO actual (key, doc) VALUES (?, ?)", batch)
+    def _flush_actual(self, batch: list[tuple[str]]) -> int:
+        self.scratch.execute("BEGIN")
+        filed = self.scratch.executemany(self.insert_actual, batch).rowcount
+        self.scratch.execute("COMMIT")
+        if filed != len(batch):  # SQLite left out a line that is not a document with a text id
+            for (line,) in batch:
+                if not isinstance(export_document(line)["id"], str):  # raises if no document
+                    raise TypesenseUnavailableError(
+                        f"Typesense sent an export line whose id is not text: {line[:200]!r}"
+                    )
+            raise TypesenseUnavailableError("Typesense sent an export line SQLite cannot read")
         count = len(batch)
         batch.clear()
         return count
 
     def _load_expected(self) -> int:
         """Copy the mapping's rows into the scratch file in chunks, each with the document the
-        daemon would send for it, or the validation problem that stops it."""
+        daemon would send for it (SQLite's text, its keys in order; `canonical` for a row left
+        to the Python mapper), or the validation problem that stops it."""
         total = int(self.db.count_rows(self.mapping) or 0)
         loaded = 0
         self.progress("rows", 0, total)
-        for rows in self.db.scan_rows(self.mapping, self.chunk):
+        for rows in self.db.scan_rows(self.mapping, self.chunk, sort_keys=True):
             values: list[tuple[Any, str | None, str | None]] = []
-            for row in rows:
+            for key, line, raw in rows:
+                if line is not None:
+                    values.append((row_key(key), line.decode(), None))
+                    continue
                 try:
-                    document = json.loads(self.mapping.judge(row))
-                    values.append((row_key(row[0]), canonical(document), None))
+                    document = canonical(json.loads(self.mapping.line(raw)))
+                    values.append((row_key(key), document, None))
                 except InvalidRecordError as error:
-                    values.append((row_key(row[0]), None, str(error)))
+                    values.append((row_key(key), None, str(error)))
             self._insert("INSERT INTO expected (key, doc, problem) VALUES (?, ?, ?)", values)
             loaded += len(rows)
             self.progress("rows", loaded, total)
@@ -305,7 +350,8 @@ class Audit:
             " SELECT e.key, CASE WHEN e.problem IS NOT NULL THEN 'invalid'"
             "   WHEN a.key IS NULL THEN 'missing' ELSE 'stale' END, e.problem"
             " FROM expected AS e LEFT JOIN actual AS a ON a.key = e.key"
-            " WHERE e.problem IS NOT NULL OR a.key IS NULL OR a.doc != e.doc"
+            " WHERE e.problem IS NOT NULL OR a.key IS NULL"
+            " OR CASE WHEN a.doc = e.doc THEN 0 ELSE NOT same_document(a.doc, e.doc) END"
         )
         self.scratch.execute(
             "INSERT INTO candidates (key, kind) SELECT key, 'extra' FROM actual AS a"

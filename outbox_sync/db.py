@@ -327,10 +327,13 @@ class Database:
 
     # -- pages of the tables audit and reindex walk ---------------------------------------------
 
-    def scan_rows(self, mapping: Mapping, chunk: int = DEFAULT_PAGE_ROWS) -> Iterator[list[Found]]:
-        """Every row the mapping covers, as `read_rows` gives them, in rowid order: unlike
-        paging by key, this visits a loose legacy table's NULL and duplicate keys too (a WITHOUT
-        ROWID table, by its primary key). A row left to the mapper is read again by itself."""
+    def scan_rows(
+        self, mapping: Mapping, chunk: int = DEFAULT_PAGE_ROWS, *, sort_keys: bool = False
+    ) -> Iterator[list[Found]]:
+        """Every row the mapping covers, as `read_rows` gives them (SQLite's lines with their
+        keys in order, with `sort_keys`), in rowid order: unlike paging by key, this visits a
+        loose legacy table's NULL and duplicate keys too (a WITHOUT ROWID table, by its
+        primary key). A row left to the mapper is read again by itself."""
         order = page_key(self.conn, mapping.table)
         width = order.count(",") + 1
         table = quote_identifier(mapping.table)
@@ -339,7 +342,7 @@ class Database:
             f"SELECT {mapping.columns()} FROM {table} WHERE ({order}) = ({', '.join('?' * width)})"
             + (f" AND ({where})" if where else "")
         )
-        columns = f"{quote_identifier(mapping.key)}, {mapping.line_sql()}"
+        columns = f"{quote_identifier(mapping.key)}, {mapping.line_sql(sort_keys=sort_keys)}"
         for rows in pages(self.conn, table, order, columns, where=where, chunk=chunk, raw=True):
             found: list[Found] = []
             for row in rows:

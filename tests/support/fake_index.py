@@ -56,11 +56,16 @@ class FakeIndex:
         return len(self.documents)
 
     def export_documents(self, filter_by: str | None = None) -> Iterator[dict[str, Any]]:
+        for line in self.export_lines(filter_by):
+            yield json.loads(line)
+
+    def export_lines(self, filter_by: str | None = None) -> Iterator[str]:
+        """As the daemon wrote them (keys in its order, not in Typesense's)."""
         self._answer()
         wanted = filter_by and filter_by.removeprefix("id:[").removesuffix("]").split(",")
         for doc_id, line in list(self.documents.items()):
             if not wanted or doc_id in wanted:
-                yield json.loads(line)
+                yield line.decode()
 
     def export_ids(self, ids: list[str]) -> Iterator[dict[str, Any]]:
         return self.export_documents(f"id:[{','.join(ids)}]")
