@@ -2,6 +2,7 @@
 daemon's back is found exactly, repaired through the outbox, and gone after the daemon drains."""
 
 import json
+import sqlite3
 import tempfile
 import tracemalloc
 from pathlib import Path
@@ -10,8 +11,9 @@ from typing import Any
 import pytest
 
 from outbox_sync import sync_errors
-from outbox_sync.audit import Audit, document_key
+from outbox_sync.audit import Audit, document_key, document_key_sql
 from outbox_sync.db import Database
+from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.localserver import free_port
 from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
@@ -19,6 +21,7 @@ from outbox_sync.worker import Worker
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
 from tests.support.cli import invoke, one_line
 from tests.support.daemon import drain
+from tests.support.fake_index import FakeIndex
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.typesense import Server, by_hand, export
 
@@ -218,6 +221,52 @@ def test_document_key_maps_only_the_ids_the_daemon_writes_to_integers() -> None:
         "+4",
         "99999999999999999999",
     ]
+
+
+def test_sqlite_files_an_exported_id_under_the_key_document_key_gives() -> None:
+    ids = ("12", "-3", "0", "-0", "007", "abc", "1e3", "+4", " 5", "5 ", "0x10", "1_000", "٣")
+    ids += ("9223372036854775807", "-9223372036854775808", "9223372036854775808", "", "7.0")
+    conn = sqlite3.connect(":memory:")
+    for doc_id in ids:
+        (key,) = conn.execute(f"SELECT {document_key_sql(SEQUENCES, '?1')}", (doc_id,)).fetchone()
+        expected = document_key(SEQUENCES, doc_id)
+        assert (key, type(key)) == (expected, type(expected)), doc_id
+
+
+def test_documents_written_otherwise_are_compared_by_content(db_path: Path, db: Database) -> None:
+    insert_rows(db_path, range(1, 5))
+    app_connection(db_path).execute("DELETE FROM outbox")  # as if synced
+    fake = FakeIndex()
+    for doc_id, document in sqlite_documents(db_path).items():
+        if doc_id == "3":
+            document["comment"] = "edited by hand"
+        # other key order, spaces, escaped non-ASCII: not the text Typesense or SQLite write
+        reordered = dict(reversed(document.items()))
+        fake.documents[doc_id] = json.dumps(reordered, ensure_ascii=True).encode()
+    with Audit(db, fake) as checked:  # type: ignore[arg-type]
+        summary = checked.run()
+        assert [key for key, _ in checked.ids("stale")] == [3]
+    assert summary.counts == {"missing": 0, "extra": 0, "stale": 1, "invalid": 0}
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (b'{"id": 5, "comment": "x"}', 'sent an export line whose id is not text: \'{"id": 5'),
+        (b"Error while getting seq_id of `5`: Not found.", "sent a broken export line: 'Error"),
+        (b'{"comment": "x"}', "sent an export line without an id"),
+    ],
+)
+def test_an_export_line_that_is_no_document_with_an_id_fails_the_audit(
+    db_path: Path, db: Database, line: bytes, message: str
+) -> None:
+    insert_rows(db_path, range(1, 3))
+    fake = FakeIndex()
+    fake.documents = {"1": json.dumps(sqlite_documents(db_path)["1"]).encode(), "5": line}
+    audit = Audit(db, fake)  # type: ignore[arg-type]
+    with audit, pytest.raises(TypesenseUnavailableError) as failed:
+        audit.run()
+    assert message in str(failed.value)
 
 
 @pytest.mark.parametrize(

@@ -148,6 +148,20 @@ def test_sqlite_and_the_python_mapper_agree(
             assert str(error) == expected
 
 
+@settings(max_examples=200, deadline=None)
+@given(key=values, cells=st.lists(values, min_size=len(FIELDS), max_size=len(FIELDS)))
+def test_the_audit_s_line_is_the_same_document_with_its_keys_in_order(
+    conn: sqlite3.Connection, key: tuple[str, Any], cells: list[tuple[str, Any]]
+) -> None:
+    stored(conn, [key, *cells])
+    lines = f"{MAPPING.line_sql()}, {MAPPING.line_sql(sort_keys=True)}"
+    line, ordered = conn.execute(f"SELECT {lines} FROM t").fetchone()
+    assert (line is None) == (ordered is None)
+    if written(line):
+        document = json.loads(ordered)
+        assert document == json.loads(line) and list(document) == sorted(document)
+
+
 REAL = re.compile(r"real (-?[0-9.]+(?:e[-+][0-9]+)?)")
 
 
