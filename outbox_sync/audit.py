@@ -56,7 +56,7 @@ KINDS = ("missing", "extra", "stale", "invalid")
 DEFAULT_CHUNK = 5000
 # Candidates checked again per Typesense request (ids in one filter_by, as for deletes).
 CONFIRM_CHUNK = MAX_DELETE_IDS
-EXPORTED_ID = "json_extract(line, '$.id')"
+EXPORTED_ID = "json_extract(e.value, '$.id')"
 
 # (phase, done, total): phases are "export", "rows" and "confirm".
 Progress = Callable[[str, int, int], None]
@@ -176,11 +176,12 @@ class Audit:
         self.db, self.index, self.chunk = db, index, chunk
         self.mapping = index.mapping
         self.progress = progress or (lambda phase, done, total: None)
-        # an exported line, as SQLite files it: its key, read from its id (which must be text)
+        # exported lines, given as one JSON array: each document under the key its id (text)
+        # stands for
         self.insert_actual = (
             "INSERT OR REPLACE INTO actual (key, doc)"
-            f" SELECT {document_key_sql(self.mapping, EXPORTED_ID)}, line FROM (SELECT ? AS line)"
-            " WHERE CASE WHEN json_valid(line) THEN json_type(line, '$.id') = 'text' END"
+            f" SELECT {document_key_sql(self.mapping, EXPORTED_ID)}, e.value FROM json_each(?) AS e"
+            " WHERE CASE WHEN e.type = 'object' THEN json_type(e.value, '$.id') = 'text' END"
         )
         try:
             self._directory = tempfile.TemporaryDirectory(prefix="outbox-sync-audit-")
@@ -292,10 +293,10 @@ class Audit:
     def _load_actual(self, total: int) -> int:
         """Stream Typesense's export into the scratch file, each line as it came."""
         loaded = 0
-        batch: list[tuple[str]] = []
+        batch: list[str] = []
         self.progress("export", 0, total)
         for line in self.index.export_lines():
-            batch.append((line,))
+            batch.append(line)
             if len(batch) >= self.chunk:
                 loaded += self._flush_actual(batch)
                 self.progress("export", loaded, total)
@@ -303,12 +304,21 @@ class Audit:
         self.progress("export", loaded, total)
         return loaded
 
-    def _flush_actual(self, batch: list[tuple[str]]) -> int:
+    def _flush_actual(self, batch: list[str]) -> int:
+        """File exported lines in one statement (each line's one JSON value is an element of
+        the array SQLite reads, and comes out as it went in). A line that is not one document
+        with a text id makes SQLite refuse the array or file another count: then each line is
+        read here, to name the one at fault."""
         self.scratch.execute("BEGIN")
-        filed = self.scratch.executemany(self.insert_actual, batch).rowcount
-        self.scratch.execute("COMMIT")
-        if filed != len(batch):  # SQLite left out a line that is not a document with a text id
-            for (line,) in batch:
+        try:
+            filed = self.scratch.execute(self.insert_actual, (f"[{','.join(batch)}]",)).rowcount
+        except sqlite3.OperationalError as error:
+            if "malformed JSON" not in str(error):
+                raise
+            filed = -1
+        self.scratch.execute("COMMIT" if filed == len(batch) else "ROLLBACK")
+        if filed != len(batch):
+            for line in batch:
                 if not isinstance(export_document(line)["id"], str):  # raises if no document
                     raise TypesenseUnavailableError(
                         f"Typesense sent an export line whose id is not text: {line[:200]!r}"
