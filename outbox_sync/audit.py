@@ -31,15 +31,19 @@ before the record becomes a candidate (a float SQLite writes with 15 digits, say
 that exports in another order): the same candidates as comparing `canonical` texts throughout.
 
 Memory stays bounded however large the table: Typesense's export is streamed into a scratch
-SQLite file (in the temporary directory, TMPDIR), the rows are copied beside it in chunks with
-their expected documents, and the comparison is SQL over that file. Reads of the application's
-database are short, chunked, and never overlap network I/O.
+SQLite file (in the temporary directory, TMPDIR) on a thread of its own, while the rows are
+copied into another in chunks with their expected documents (Typesense writes the export with
+its own CPU meanwhile), and the comparison is SQL over both files. Reads of the application's
+database are short and chunked: none is open while the audit waits on the network.
 """
 
+import contextlib
 import json
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -61,8 +65,10 @@ EXPORTED_ID = "json_extract(e.value, '$.id')"
 # (phase, done, total): phases are "export", "rows" and "confirm".
 Progress = Callable[[str, int, int], None]
 
+# How often the export's progress is told while the rows are copied and it is not.
+EXPORT_PROGRESS_S = 0.2
+
 SCRATCH_SCHEMA = (
-    "CREATE TABLE actual (key PRIMARY KEY, doc TEXT NOT NULL)",
     "CREATE TABLE expected (key, doc TEXT, problem TEXT)",
     "CREATE TABLE pending (key PRIMARY KEY)",
     "CREATE TABLE known (key PRIMARY KEY)",
@@ -185,17 +191,22 @@ class Audit:
         )
         try:
             self._directory = tempfile.TemporaryDirectory(prefix="outbox-sync-audit-")
-            self.scratch = sqlite3.connect(Path(self._directory.name) / "audit.db")
-            self.scratch.isolation_level = None
-            # A throwaway file: no journal, no fsync; its page cache stays small (the default).
-            self.scratch.execute("PRAGMA journal_mode = OFF")
-            self.scratch.execute("PRAGMA synchronous = OFF")
-            self.scratch.execute("PRAGMA temp_store = FILE")
+            self.scratch = self._scratch_file("audit.db")
             self.scratch.create_function("same_document", 2, same_document, deterministic=True)
             for statement in SCRATCH_SCHEMA:
                 self.scratch.execute(statement)
         except (OSError, sqlite3.Error) as error:
             raise OutboxSyncError(scratch_problem(error)) from None
+        self.exported = 0  # documents of the export filed so far (by its thread)
+
+    def _scratch_file(self, name: str) -> sqlite3.Connection:
+        """A throwaway file: no journal, no fsync; its page cache stays small (the default)."""
+        conn = sqlite3.connect(Path(self._directory.name) / name)
+        conn.isolation_level = None
+        conn.execute("PRAGMA journal_mode = OFF")
+        conn.execute("PRAGMA synchronous = OFF")
+        conn.execute("PRAGMA temp_store = FILE")
+        return conn
 
     def close(self) -> None:
         self.scratch.close()
@@ -225,8 +236,7 @@ class Audit:
     def _run(self) -> AuditSummary:
         total_documents = self.index.count()  # also: a missing collection fails here, at once
         self._snapshot_pending()
-        documents = self._load_actual(total_documents)
-        rows = self._load_expected()
+        documents, rows = self._load_both(total_documents)
         self._snapshot_pending()
         pending = self._find_candidates()
         self._confirm()
@@ -290,33 +300,56 @@ class Audit:
         for keys in self.db.scan_outbox_keys(self.mapping.name, self.chunk):
             self._insert("INSERT OR IGNORE INTO pending (key) VALUES (?)", [(k,) for k in keys])
 
-    def _load_actual(self, total: int) -> int:
-        """Stream Typesense's export into the scratch file, each line as it came."""
-        loaded = 0
-        batch: list[str] = []
-        self.progress("export", 0, total)
-        for line in self.index.export_lines():
-            batch.append(line)
-            if len(batch) >= self.chunk:
-                loaded += self._flush_actual(batch)
-                self.progress("export", loaded, total)
-        loaded += self._flush_actual(batch)
-        self.progress("export", loaded, total)
-        return loaded
+    def _load_both(self, total_documents: int) -> tuple[int, int]:
+        """Both sides into the scratch files at once: (documents, rows). The export's thread
+        takes Python's lock little (the network, and one statement a chunk)."""
+        stop = threading.Event()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="export") as thread:
+            export = thread.submit(self._load_actual, stop)
+            try:
+                rows = self._load_expected()
+                while wait([export], timeout=EXPORT_PROGRESS_S).not_done:
+                    self.progress("export", self.exported, total_documents)
+            finally:
+                stop.set()  # when the rows failed: the export stops at its next chunk
+            documents = export.result()
+        self.progress("export", documents, total_documents)
+        self.scratch.execute(
+            "ATTACH DATABASE ? AS export", (str(Path(self._directory.name) / "export.db"),)
+        )
+        return documents, rows
 
-    def _flush_actual(self, batch: list[str]) -> int:
+    def _load_actual(self, stop: threading.Event) -> int:
+        """Stream Typesense's export into its scratch file, each line as it came (on the
+        export's thread, with a connection of its own)."""
+        with (
+            contextlib.closing(self._scratch_file("export.db")) as conn,
+            contextlib.closing(self.index.export_lines()) as lines,
+        ):
+            conn.execute("CREATE TABLE actual (key PRIMARY KEY, doc TEXT NOT NULL)")
+            batch: list[str] = []
+            for line in lines:
+                batch.append(line)
+                if len(batch) >= self.chunk:
+                    self.exported += self._flush_actual(conn, batch)
+                    if stop.is_set():
+                        return self.exported
+            self.exported += self._flush_actual(conn, batch)
+        return self.exported
+
+    def _flush_actual(self, conn: sqlite3.Connection, batch: list[str]) -> int:
         """File exported lines in one statement (each line's one JSON value is an element of
         the array SQLite reads, and comes out as it went in). A line that is not one document
         with a text id makes SQLite refuse the array or file another count: then each line is
         read here, to name the one at fault."""
-        self.scratch.execute("BEGIN")
+        conn.execute("BEGIN")
         try:
-            filed = self.scratch.execute(self.insert_actual, (f"[{','.join(batch)}]",)).rowcount
+            filed = conn.execute(self.insert_actual, (f"[{','.join(batch)}]",)).rowcount
         except sqlite3.OperationalError as error:
             if "malformed JSON" not in str(error):
                 raise
             filed = -1
-        self.scratch.execute("COMMIT" if filed == len(batch) else "ROLLBACK")
+        conn.execute("COMMIT" if filed == len(batch) else "ROLLBACK")
         if filed != len(batch):
             for line in batch:
                 if not isinstance(export_document(line)["id"], str):  # raises if no document

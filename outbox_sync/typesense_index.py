@@ -12,7 +12,7 @@ import json
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
@@ -398,7 +398,7 @@ class TypesenseIndex:
         for line in self.export_lines(filter_by):
             yield export_document(line)
 
-    def export_lines(self, filter_by: str | None = None) -> Iterator[str]:
+    def export_lines(self, filter_by: str | None = None) -> Generator[str, None, None]:
         """The lines of the export as Typesense wrote them, unread (`export_document` reads
         one)."""
         path = f"/collections/{quote(self.collection, safe='')}/documents/export"

@@ -4,7 +4,9 @@ daemon's back is found exactly, repaired through the outbox, and gone after the 
 import json
 import sqlite3
 import tempfile
+import threading
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,13 +173,23 @@ def test_a_change_applied_while_the_audit_runs_is_not_drift(
     insert_rows(app, range(1, 21))
     drain(worker)
 
+    exported = threading.Event()
+    export_lines = index.export_lines
+
+    def export_then_tell(filter_by: str | None = None) -> Iterator[str]:
+        yield from export_lines(filter_by)
+        exported.set()
+
     def meanwhile(phase: str, done: int, total: int) -> None:
-        # after the export, before `sequences` is read: the application changes row 7 and the
-        # daemon applies it at once, so no outbox entry is left to explain the difference
+        # after the export (on a thread of its own), before `sequences` is read: the
+        # application changes row 7 and the daemon applies it at once, so no outbox entry is
+        # left to explain the difference
         if phase == "rows" and done == 0:
+            assert exported.wait(10)
             app.execute("UPDATE sequences SET comment = 'changed meanwhile' WHERE id = 7")
             drain(worker)
 
+    index.export_lines = export_then_tell  # type: ignore[method-assign,assignment]
     with Audit(db, index, chunk=6, progress=meanwhile) as checked:
         summary = checked.run()
         (candidates,) = checked.scratch.execute("SELECT count(*) FROM candidates").fetchone()

@@ -3,7 +3,7 @@ the real server cannot be made to take at will."""
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from outbox_sync.errors import TypesenseUnavailableError
@@ -59,7 +59,7 @@ class FakeIndex:
         for line in self.export_lines(filter_by):
             yield json.loads(line)
 
-    def export_lines(self, filter_by: str | None = None) -> Iterator[str]:
+    def export_lines(self, filter_by: str | None = None) -> Generator[str, None, None]:
         """As the daemon wrote them (keys in its order, not in Typesense's)."""
         self._answer()
         wanted = filter_by and filter_by.removeprefix("id:[").removesuffix("]").split(",")
