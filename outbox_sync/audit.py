@@ -60,6 +60,7 @@ KINDS = ("missing", "extra", "stale", "invalid")
 DEFAULT_CHUNK = 5000
 # Candidates checked again per Typesense request (ids in one filter_by, as for deletes).
 CONFIRM_CHUNK = MAX_DELETE_IDS
+# The id of an exported document, as SQLite reads it from an element of a chunk's array.
 EXPORTED_ID = "json_extract(e.value, '$.id')"
 
 # (phase, done, total): phases are "export", "rows" and "confirm".
@@ -123,8 +124,9 @@ def document_key(mapping: Mapping, doc_id: str) -> int | str:
 
 
 def document_key_sql(mapping: Mapping, doc_id: str) -> str:
-    """SQL: `document_key` of the text `doc_id` (CAST saturates outside 64 bits, and reads a
-    leading number out of any text: either way the text it gives back is another one)."""
+    """SQL: `document_key` of the text `doc_id`. CAST reads the leading number of any text and
+    saturates outside 64 bits: an id that is no integer as the daemon writes it comes back as
+    another text, and stays text."""
     if mapping.key_kind != "integer":
         return doc_id
     return (
@@ -338,10 +340,11 @@ class Audit:
         return self.exported
 
     def _flush_actual(self, conn: sqlite3.Connection, batch: list[str]) -> int:
-        """File exported lines in one statement (each line's one JSON value is an element of
-        the array SQLite reads, and comes out as it went in). A line that is not one document
-        with a text id makes SQLite refuse the array or file another count: then each line is
-        read here, to name the one at fault."""
+        """File exported lines in one statement: each line is an element of the array SQLite
+        reads, and comes out written as SQLite writes JSON (no spaces: Typesense's lines come
+        out as they went in). A line that is not one document with a text id makes SQLite
+        refuse the array or file another count: then each line is read here, to name the one
+        at fault."""
         conn.execute("BEGIN")
         try:
             filed = conn.execute(self.insert_actual, (f"[{','.join(batch)}]",)).rowcount
