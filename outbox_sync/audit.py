@@ -18,10 +18,11 @@ daemon is about to apply them). A record the daemon has not been able to index k
 document it had; with an open error, that is expected.
 
 Correct while the application and the daemon keep working: outbox entries are snapshotted before
-the export, after reading `sequences` and at the very end, and every record waiting in one of
-them is left out. Then every candidate is checked again, record by record, with both sides read
-afresh (SQLite first, then Typesense): a change committed and applied between the export and the
-read of `sequences` would otherwise look like drift.
+the export and the read of `sequences` (which run at once), after both and at the very end, and
+every record waiting in one of them is left out. Then every candidate is checked again, record
+by record, with both sides read afresh (SQLite first, then Typesense): a change committed and
+applied between the export's look at a record and the read of its row would otherwise look
+like drift.
 
 The snapshot compares texts, so that a record in step costs no JSON work in Python: Typesense
 exports a document as canonical JSON (its keys in order, no spaces: `canonical`), SQLite writes
