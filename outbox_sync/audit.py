@@ -310,12 +310,12 @@ class Audit:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="export") as thread:
             export = thread.submit(self._load_actual, stop)
             try:
-                rows = self._load_expected()
+                rows = self._load_expected(lambda: export.done() and bool(export.exception()))
                 while wait([export], timeout=EXPORT_PROGRESS_S).not_done:
                     self.progress("export", self.exported, total_documents)
             finally:
                 stop.set()  # when the rows failed: the export stops at its next chunk
-            documents = export.result()
+            documents = export.result()  # the export's failure is the audit's
         self.progress("export", documents, total_documents)
         self.scratch.execute(
             "ATTACH DATABASE ? AS export", (str(Path(self._directory.name) / "export.db"),)
@@ -365,14 +365,17 @@ class Audit:
         batch.clear()
         return count
 
-    def _load_expected(self) -> int:
+    def _load_expected(self, give_up: Callable[[], bool] = lambda: False) -> int:
         """Copy the mapping's rows into the scratch file in chunks, each with the document the
         daemon would send for it (SQLite's text, its keys in order; `canonical` for a row left
-        to the Python mapper), or the validation problem that stops it."""
+        to the Python mapper), or the validation problem that stops it; stop early once
+        `give_up` says so (the export failed)."""
         total = int(self.db.count_rows(self.mapping) or 0)
         loaded = 0
         self.progress("rows", 0, total)
         for rows in self.db.scan_rows(self.mapping, self.chunk, sort_keys=True):
+            if give_up():
+                break
             values: list[tuple[Any, str | None, str | None]] = []
             for key, line, raw in rows:
                 if line is not None:

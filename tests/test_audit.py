@@ -5,6 +5,7 @@ import json
 import sqlite3
 import tempfile
 import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -260,6 +261,32 @@ def test_documents_written_otherwise_are_compared_by_content(db_path: Path, db: 
         summary = checked.run()
         assert [key for key, _ in checked.ids("stale")] == [3]
     assert summary.counts == {"missing": 0, "extra": 0, "stale": 1, "invalid": 0}
+
+
+def test_the_rows_are_not_copied_on_once_the_export_failed(db_path: Path, db: Database) -> None:
+    insert_rows(db_path, range(1, 1001))
+    fake = FakeIndex()
+    failed = threading.Event()
+
+    def failing_export(filter_by: str | None = None) -> Iterator[str]:
+        failed.set()
+        raise TypesenseUnavailableError("Typesense answered 503: Not Ready or Lagging", 503)
+        yield ""  # a generator, as the export is
+
+    copied: list[int] = []
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == "rows":
+            copied.append(done)
+        if (phase, done) == ("rows", 0):  # the export fails before any row is copied
+            assert failed.wait(10)
+            time.sleep(0.2)  # its thread has ended by now
+
+    fake.export_lines = failing_export  # type: ignore[method-assign,assignment]
+    audit = Audit(db, fake, chunk=10, progress=progress)  # type: ignore[arg-type]
+    with audit, pytest.raises(TypesenseUnavailableError, match="Not Ready"):
+        audit.run()
+    assert copied == [0]  # not the 100 chunks of the table
 
 
 @pytest.mark.parametrize(

@@ -91,10 +91,10 @@ def test_changes_keep_flowing_while_an_audit_runs(
     class HeldAudit(Audit):
         """An audit that stops half-way until the test lets it go on."""
 
-        def _load_expected(self) -> int:
+        def _load_expected(self, give_up: Callable[[], bool] = lambda: False) -> int:
             started.set()
             assert release.wait(60)
-            return super()._load_expected()
+            return super()._load_expected(give_up)
 
     monkeypatch.setattr(reconcile, "Audit", HeldAudit)
     app = app_connection(db_path)
