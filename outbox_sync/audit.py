@@ -50,7 +50,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from outbox_sync.db import Database, pages
+from outbox_sync.db import Database, pages, row_key
 from outbox_sync.errors import InvalidRecordError, OutboxSyncError, TypesenseUnavailableError
 from outbox_sync.mapping import Found, Mapping
 from outbox_sync.typesense_index import MAX_DELETE_IDS, TypesenseIndex, export_document
@@ -142,11 +142,6 @@ def scratch_problem(error: Exception) -> str:
         f"audit failed on SQLite: {error}; its scratch file in {tempfile.gettempdir()} needs "
         "about twice the size of the data: if that disk is full, set TMPDIR to one with room"
     )
-
-
-def row_key(value: Any) -> Any:
-    """A key as read raw, as the outbox and the scratch file hold it (text decoded)."""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def verdict(

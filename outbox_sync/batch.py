@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from outbox_sync.db import Database, OutboxEntry, SyncFailure
+from outbox_sync.db import Database, OutboxEntry, SyncFailure, row_key
 from outbox_sync.errors import InvalidRecordError, TypesenseUnavailableError
 from outbox_sync.mapping import Mapping
 from outbox_sync.telemetry import Telemetry
@@ -203,7 +203,7 @@ class Applier:
         # One entry per record here. Keys no document can have are looked up too: a tag of a
         # character keyed '' that is gone, or one outside the `where`, is no record to report.
         found = self.db.read_rows(mapping, [entry.key for entry in group if _json(entry.key)])
-        rows = {_key(row[0]): row for row in found}
+        rows = {row_key(row[0]): row for row in found}
         for entry in group:
             row = rows.get(entry.key)
             if row is not None:  # the judge also refuses a key no document can have
@@ -326,10 +326,6 @@ class Acks:
             self.acknowledge(self.batches)
             self.acknowledged += self.entries
             self.batches, self.entries = [], 0
-
-
-def _key(value: Any) -> Any:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 # A tuple, made once: `str | int | float` would make a union at every call (twice per entry).

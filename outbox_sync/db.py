@@ -459,6 +459,11 @@ def page_key(conn: sqlite3.Connection, table: str) -> str:
     return ", ".join(quote_identifier(row[1]) for row in sorted(key, key=lambda row: row[5]))
 
 
+def row_key(value: Any) -> Any:
+    """A key as read raw, as the outbox and the audit's scratch file hold it (text decoded)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
 def written(line: bytes | None) -> bool:
     """Whether SQLite wrote the line of a row: not NULL, and UTF-8 (SQLite passes text that is
     not UTF-8 through, which only the Python mapper can name)."""

@@ -24,8 +24,7 @@ from typing import Any
 
 import structlog
 
-from outbox_sync.audit import row_key
-from outbox_sync.db import Database
+from outbox_sync.db import Database, row_key
 from outbox_sync.errors import (
     InvalidRecordError,
     OutboxSyncError,
