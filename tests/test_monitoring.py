@@ -26,7 +26,7 @@ from outbox_sync.config import parse_address
 from outbox_sync.db import Database
 from outbox_sync.localserver import free_port
 from outbox_sync.mapping import SEQUENCES
-from outbox_sync.telemetry import Telemetry
+from outbox_sync.telemetry import Metrics
 from tests.support.app import ROW_SQL, app_connection, make_row
 from tests.support.daemon import Daemon
 from tests.support.wait import wait_until
@@ -137,7 +137,7 @@ def exported_metrics() -> set[str]:
     suffixes = {"histogram": ["_bucket", "_sum", "_count"], "counter": ["_total"], "gauge": [""]}
     return {
         family.name + suffix
-        for family in Telemetry().registry.collect()
+        for family in Metrics().registry.collect()
         for suffix in suffixes[family.type]
     }
 

@@ -98,7 +98,7 @@ def run(settings: Settings, once: bool) -> None:
 
     with DaemonLock(settings.db_path), contextlib.ExitStack() as cleanup:
         cleanup.callback(stop.close)
-        telemetry = Telemetry()
+        telemetry = Telemetry(metrics=settings.metrics_address is not None)
         if settings.metrics_address is not None:
             cleanup.enter_context(metrics_server(telemetry, settings.metrics_address))
         for signum in (signal.SIGTERM, signal.SIGINT):

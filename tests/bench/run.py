@@ -721,8 +721,9 @@ def drain_rows(ctx: Context, n: int, naive_rates: list[float]) -> list[Row]:
 
 
 # What `run` cannot start without: the official Typesense client (httpx comes with it), the
-# logging, the command line, the retries, the metrics, and SQLite.
-RUN_LIBRARIES = ("typesense", "structlog", "click", "tenacity", "prometheus_client", "sqlite3")
+# logging, the command line, the retries and SQLite (prometheus_client only serves /metrics,
+# which are off by default, as in the bench).
+RUN_LIBRARIES = ("typesense", "structlog", "click", "tenacity", "sqlite3")
 # Imports them, makes a client as `run` does before its first request (httpx imports httpcore
 # only then: ~0.04 s here), and exits the way outbox-sync's processes do (cli.entry: out of the
 # collector's sight at exit, which skips ~0.05 s of walking what the imports made).
