@@ -1186,25 +1186,27 @@ def number(value: float | None) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
+HEADER = ("benchmark", "value", "reference", "ratio", "target", "met", "value min-max", "n")
+
+
+def cells(row: Row) -> tuple[str, ...]:
+    """A row as the tables show it, a cell per HEADER."""
+    spread = f"{number(row.spread[0])}-{number(row.spread[1])}" if row.spread else "-"
+    return (
+        row.name,
+        f"{number(row.value)} {row.unit}",
+        f"{number(row.reference)} {row.unit}",
+        "-" if row.ratio is None else f"{row.ratio:.3g}x",
+        row.target,
+        {True: "yes", False: "NO", None: ""}[row.met],
+        spread,
+        str(len(row.values)),
+    )
+
+
 def table(rows: Sequence[Row]) -> str:
-    header = ("benchmark", "value", "reference", "ratio", "target", "met", "value min-max", "n")
-    lines = [header]
-    for row in rows:
-        met = {True: "yes", False: "NO", None: ""}[row.met]
-        spread = f"{number(row.spread[0])}-{number(row.spread[1])}" if row.spread else "-"
-        lines.append(
-            (
-                row.name,
-                f"{number(row.value)} {row.unit}",
-                f"{number(row.reference)} {row.unit}",
-                "-" if row.ratio is None else f"{row.ratio:.3g}x",
-                row.target,
-                met,
-                spread,
-                str(len(row.values)),
-            )
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    lines = [HEADER, *(cells(row) for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
     text = [
         "  ".join(
             cell.ljust(w) if i == 0 else cell.rjust(w)
@@ -1215,6 +1217,21 @@ def table(rows: Sequence[Row]) -> str:
     text.insert(1, "-" * len(text[0]))
     notes = [f"  {row.name}: {row.note}" for row in rows if row.note]
     return "\n".join(text + (["", "notes:", *notes] if notes else []))
+
+
+def markdown(rows: Sequence[Row]) -> str:
+    """The table as Markdown, its notes as a list below: docs/performance.md holds it as
+    printed (tests/test_docs.py renders the saved runs it names again and compares)."""
+    lines = [HEADER, tuple("---" for _ in HEADER), *(cells(row) for row in rows)]
+    text = ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines]
+    notes = [f"- {row.name}: {row.note}" for row in rows if row.note]
+    return "\n".join(text + (["", *notes] if notes else []))
+
+
+def saved_rows(path: Path) -> list[Row]:
+    """The rows of a run saved with --json."""
+    rows = json.loads(path.read_text())["rows"]
+    return [Row(**{**row, "spread": row["spread"] and tuple(row["spread"])}) for row in rows]
 
 
 def environment(ctx: Context) -> dict[str, Any]:
@@ -1242,7 +1259,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only", default=",".join(BENCHMARKS), help=f"comma-separated: {','.join(BENCHMARKS)}"
     )
+    parser.add_argument(
+        "--markdown",
+        metavar="RUN.json",
+        type=Path,
+        help="print the table of a run saved with --json as Markdown (as docs/performance.md "
+        "holds it), and run nothing",
+    )
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(saved_rows(args.markdown)))
+        return 0
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in BENCHMARKS]
     if unknown:
