@@ -1,10 +1,13 @@
-"""The docs stay true to the repository: every link to a page or an anchor resolves, and every
-test a page names as the proof of a promise exists."""
+"""The docs stay true to the repository: every link to a page or an anchor resolves, every
+test a page names as the proof of a promise exists, and the benchmark tables are the saved runs
+they name."""
 
 import re
 from pathlib import Path
 
 import pytest
+
+from tests.bench.run import markdown, saved_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -55,4 +58,18 @@ def test_every_test_named_as_proof_exists(page: Path) -> None:
         test = name or sibling
         assert re.search(rf"def {test}\b", current.read_text()), (
             f"{page.name} names {current.relative_to(ROOT)}::{test}, which does not exist"
+        )
+
+
+def test_the_benchmark_tables_are_the_saved_runs_they_name() -> None:
+    """docs/performance.md holds each table as `python -m tests.bench --markdown RUN.json`
+    prints it from the run it names: a figure cannot be edited by hand, nor a run replaced
+    without its table."""
+    page = (ROOT / "docs" / "performance.md").read_text()
+    runs = re.findall(r"`(docs/bench/[\w.-]+\.json)`", page)
+    assert runs, "docs/performance.md names no saved run"
+    for run in runs:
+        assert markdown(saved_rows(ROOT / run)) in page, (
+            f"docs/performance.md does not hold the table of {run}: paste the output of "
+            f"`python -m tests.bench --markdown {run}`"
         )
