@@ -2,8 +2,9 @@
 in `sync_stats` (see stats.py) and the rows of `sync_errors`.
 
 Figures cover what the daemon has saved: it adds its statistics to the current minute's row every
-few seconds (worker.STATS_SAVE_INTERVAL_S) and when it stops. Beside the totals, `series` holds the
-same figures hour by hour (and the sync errors day by day) for the charts of the HTML page.
+few seconds (worker.STATS_SAVE_INTERVAL_S; once a minute while idle) and when it stops. Beside the
+totals, `series` holds the same figures hour by hour (and the sync errors day by day) for the
+charts of the HTML page.
 """
 
 import re

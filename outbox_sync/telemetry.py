@@ -18,6 +18,10 @@ from outbox_sync.stats import LATENCY_BUCKETS_S, STATS_BUCKET_S, bucket_index
 
 # Backlog figures are recounted at most this often (a count over a large outbox is not free).
 REFRESH_INTERVAL_S = 1.0
+# Statistics that only sample how things stand (the backlog's highest, request latencies: the
+# health probes'). While they are all there is, the daemon is idle, and its statistics wait for
+# their minute to end (`stats_due`).
+SAMPLES = frozenset({"backlog_max", "latency"})
 # /healthz says the loop is stuck when it has not gone round for this long (a batch can take up
 # to a request timeout or two).
 LOOP_STALL_S = 30.0
@@ -175,6 +179,18 @@ class Telemetry:
         notify(
             f"STATUS=backlog {pending}, oldest {oldest_age_s or 0:.1f} s, open errors {errors_open}"
         )
+
+    def stats_due(self, now_unix: float) -> bool:
+        """Whether the statistics are worth a save now: they hold work done (entries applied,
+        failures, an outage), or their minute is over. An idle daemon's hold only samples:
+        saving them every few seconds took 40 % of its idle CPU, as each save is a write that
+        its own change watch wakes on (docs/performance.md)."""
+        with self._lock:
+            if self._stats_since is None:
+                return False
+            if not SAMPLES.issuperset(self._stats):
+                return True
+            return now_unix // STATS_BUCKET_S > self._stats_since // STATS_BUCKET_S
 
     def take_stats(self) -> tuple[int, dict[str, Any]] | None:
         """The statistics gathered since the last call, as (minute they started in, data),

@@ -22,7 +22,7 @@ from outbox_sync.report import build_report, error_kind, parse_since
 from outbox_sync.stats import LATENCY_BUCKETS_S, STATS_BUCKET_S
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
-from outbox_sync.worker import STATS_SAVE_INTERVAL_S, daemon
+from outbox_sync.worker import STATS_SAVE_INTERVAL_S, daemon, save_stats
 from tests.support.app import ROW_SQL, app_connection, make_row
 from tests.support.cli import invoke, one_line
 from tests.support.daemon import Daemon
@@ -235,6 +235,35 @@ def test_the_daemon_keeps_the_highest_backlog_sample_of_the_interval() -> None:
     taken = telemetry.take_stats()
     assert taken is not None
     assert taken[1] == {"backlog_max": {"pending": 9, "oldest_age_s": 2.5}}
+
+
+def test_an_idle_daemon_saves_its_samples_once_a_minute_and_work_at_once(db: Database) -> None:
+    def saved_rows() -> int:
+        return int(db.conn.execute("SELECT count(*) FROM sync_stats").fetchone()[0])
+
+    telemetry = Telemetry(metrics=False)
+    while True:  # the samples within one minute (sampled across a minute's end: again)
+        before = time.time()
+        telemetry.backlog(0, None, 0)  # what an idle loop gathers: the backlog every second,
+        telemetry.request("health", "ok", 0.002)  # a health probe every 5 s
+        after = time.time()
+        if before // STATS_BUCKET_S == after // STATS_BUCKET_S:
+            break
+        telemetry.take_stats()
+    next_minute = (after // STATS_BUCKET_S + 1) * STATS_BUCKET_S
+    assert not telemetry.stats_due(after)
+    save_stats(db, telemetry, when_due=True)  # the job, every STATS_SAVE_INTERVAL_S
+    assert saved_rows() == 0
+    assert telemetry.stats_due(next_minute)  # the minute is over: they are saved
+    telemetry.batch_applied(1, 0, 0, [])  # work done: saved at the next turn of the job
+    assert telemetry.stats_due(after)
+    save_stats(db, telemetry, when_due=True)
+    assert saved_rows() == 1
+    taken = stats.scan(db, 0)
+    assert [data["applied"] for _, data in taken] == [{"upsert": 1, "delete": 0}]
+    telemetry.backlog(0, None, 0)
+    save_stats(db, telemetry)  # when the loop ends: whatever there is
+    assert telemetry.take_stats() is None
 
 
 def latency_counts(**by_bound: int) -> list[int]:
