@@ -49,9 +49,10 @@ STATUS_KEY = "reindex_status"
 DEFAULT_CHUNK = 5000
 # How often the daemon publishes its progress to a waiting `outbox-sync reindex`.
 PROGRESS_INTERVAL_S = 0.5
-# How long the running daemon has to pick up a request (it looks every second, every 5 s
-# while it drains a backlog), and how often the asking side looks at the progress.
-PICKUP_TIMEOUT_S = 30.0
+# How long the running daemon has to pick up a request (it looks every second, every 15 s
+# while it drains a backlog, then finishes the requests in flight: up to a request timeout or
+# two), and how often the asking side looks at the progress.
+PICKUP_TIMEOUT_S = 60.0
 FOLLOW_INTERVAL_S = 0.2
 
 Progress = Callable[[int, int], None]
