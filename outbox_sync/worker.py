@@ -216,7 +216,9 @@ class Worker:
         # Ready once the database is ours: waiting for Typesense here must not look like a
         # failed start to systemd (it would restart the daemon in a loop during an outage).
         self.telemetry.ready()
-        if self.watch_changes:
+        # `once` never waits for a change: no watch, whose teardown alone (the kernel's, for an
+        # inotify instance) took 8-15 ms of a `run --once`
+        if self.watch_changes and not once:
             self.watch = watch_changes(self.db)
             if isinstance(stop, Stop):
                 stop.wakers.append(self.watch.interrupt)  # SIGTERM ends the wait at once

@@ -7,12 +7,15 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import structlog
 
+from outbox_sync import worker as worker_module
 from outbox_sync.batch import Applier
 from outbox_sync.db import Database
 from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.localserver import free_port
+from outbox_sync.mapping import SEQUENCES
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Index, Job, Progress, Turn, Worker, daemon
@@ -129,6 +132,17 @@ def inotify_instances() -> int:
         with contextlib.suppress(FileNotFoundError):
             targets.append(os.readlink(fd))
     return sum("inotify" in target for target in targets)
+
+
+def test_a_loop_run_once_makes_no_watch(
+    db: Database, index: TypesenseIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # it never waits for a change, and closing an inotify instance takes the kernel milliseconds
+    made: list[Database] = []
+    monkeypatch.setattr(worker_module, "watch_changes", made.append)
+    insert_rows(db.path, [1, 2])
+    daemon(db, [index], telemetry=Telemetry()).run(threading.Event(), once=True)
+    assert made == [] and db.counts(SEQUENCES)["pending"] == 0
 
 
 def test_the_loop_watches_the_file_while_it_runs_and_closes_the_watch_after(
