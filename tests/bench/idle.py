@@ -108,10 +108,9 @@ def process_cpu_share(pid: int, seconds: float) -> tuple[float, str]:
 
 
 def thread_cpu_s(pid: int) -> float:
-    """CPU time of a process's main thread in nanoseconds' resolution (/proc/PID/schedstat):
-    for the single-threaded waiters, whose idle CPU is below what clock ticks can resolve."""
-    with open(f"/proc/{pid}/schedstat") as schedstat:
-        return int(schedstat.read().split()[0]) / 1e9
+    """CPU time of a process's main thread in nanoseconds' resolution (its schedstat): for the
+    single-threaded waiters, whose idle CPU is below what clock ticks can resolve."""
+    return threads_cpu_ns(pid)[pid] / 1e9
 
 
 def daemon_idle_cpu(ctx: Context, seconds: float, warmup_s: float = 3.0) -> tuple[float, str]:
