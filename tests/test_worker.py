@@ -145,6 +145,30 @@ def test_a_loop_run_once_makes_no_watch(
     assert made == [] and db.counts(SEQUENCES)["pending"] == 0
 
 
+def test_a_drain_keeps_the_loops_heartbeat_once_a_batch(
+    db: Database, index: TypesenseIndex
+) -> None:
+    """A long drain hands back to the loop only every DRAIN_SLICE_S: meanwhile it keeps the
+    heartbeat that /healthz and the systemd watchdog read, or they would take it for a hung
+    loop."""
+
+    class Beats(Telemetry):
+        def __init__(self) -> None:
+            super().__init__(metrics=False)
+            self.beats = 0
+
+        def loop_alive(self, now: float) -> None:
+            self.beats += 1
+            super().loop_alive(now)
+
+    insert_rows(db.path, range(1, 9))
+    telemetry = Beats()
+    worker = daemon(db, [index], batch_size=2, telemetry=telemetry)
+    assert worker.applier.drain(threading.Event()) == 8
+    assert telemetry.beats == 4  # one a batch of 2
+    assert index.count() == 8
+
+
 def test_the_loop_watches_the_file_while_it_runs_and_closes_the_watch_after(
     db: Database, index: TypesenseIndex
 ) -> None:

@@ -11,7 +11,6 @@ from outbox_sync import sync_errors
 from outbox_sync.db import Database, SyncFailure
 from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.mapping import SEQUENCES
-from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import ImportResult
 from outbox_sync.worker import daemon
 from tests.support.app import app_connection, insert_rows
@@ -180,27 +179,6 @@ def test_a_drain_sends_a_batch_beside_the_one_in_flight_when_they_share_no_recor
     assert max(len(together) for together in index.seen_together) == 2  # never more
     assert sorted(index.documents, key=int) == [str(i) for i in range(1, 9)]
     assert db.counts(SEQUENCES)["pending"] == 0
-
-
-def test_a_drain_keeps_the_loops_heartbeat_once_a_batch(db_path: Path, db: Database) -> None:
-    """A long drain hands back to the loop only every DRAIN_SLICE_S: meanwhile it keeps the
-    heartbeat that /healthz and the systemd watchdog read, or they would take it for a hung
-    loop."""
-
-    class Beats(Telemetry):
-        def __init__(self) -> None:
-            super().__init__(metrics=False)
-            self.beats = 0
-
-        def loop_alive(self, now: float) -> None:
-            self.beats += 1
-            super().loop_alive(now)
-
-    insert_rows(db_path, range(1, 9))
-    telemetry = Beats()
-    worker = daemon(db, [OverlapIndex()], batch_size=2, telemetry=telemetry)
-    assert worker.applier.drain(threading.Event()) == 8
-    assert telemetry.beats == 4  # one a batch of 2
 
 
 def test_a_batch_touching_a_record_in_flight_waits_for_that_answer(
