@@ -54,6 +54,33 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def fill_key(mapping: str) -> str:
+    """The outbox_sync_meta key by which `init` asks the daemon to fill a new mapping's
+    collection straight from its table (reindex.serve_fills); its value is when it asked."""
+    return f"fill_requested:{mapping}"
+
+
+def count_rows(conn: sqlite3.Connection, mapping: Mapping) -> int:
+    """Rows the mapping covers."""
+    where = f" WHERE {mapping.where}" if mapping.where else ""
+    (rows,) = conn.execute(
+        f"SELECT count(*) FROM {quote_identifier(mapping.table)}{where}"
+    ).fetchone()
+    return int(rows)
+
+
+def enqueue_rows(conn: sqlite3.Connection, mapping: Mapping) -> int:
+    """Queue an upsert of every row the mapping covers, in key order, as the triggers would
+    one by one (inside the caller's write transaction); how many."""
+    key = quote_identifier(mapping.key)
+    where = f" WHERE {mapping.where}" if mapping.where else ""
+    return conn.execute(
+        f"INSERT INTO outbox (mapping, record_key, op) SELECT ?, {key}, 'upsert'"
+        f" FROM {quote_identifier(mapping.table)}{where} ORDER BY {key}",
+        (mapping.name,),
+    ).rowcount
+
+
 class Database:
     """One connection to the database file, in autocommit mode."""
 
@@ -304,16 +331,12 @@ class Database:
 
     def count_rows(self, mapping: Mapping) -> int | None:
         """Rows the mapping covers (None while its table is gone)."""
-        where = f" WHERE {mapping.where}" if mapping.where else ""
         try:
-            (rows,) = self.conn.execute(
-                f"SELECT count(*) FROM {quote_identifier(mapping.table)}{where}"
-            ).fetchone()
+            return count_rows(self.conn, mapping)
         except sqlite3.OperationalError as error:
             if "no such table" not in str(error):
                 raise
             return None
-        return int(rows)
 
     def counts(self, mapping: Mapping) -> dict[str, Any]:
         """The backlog of one mapping, and the rows it covers."""

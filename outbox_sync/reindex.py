@@ -11,20 +11,24 @@ committed while the new collection fills leaves an entry that is still queued wh
 switches, and the daemon applies it to the new collection right after. Entries whose change the
 fill already saw are applied once more, which is harmless (the daemon writes current state).
 Searches keep answering from the old collection until the alias switches, atomically.
+
+The same rebuild fills a new mapping's collection the first time (`serve_fills`): `init` asks
+for it rather than queueing every row the table already holds.
 """
 
 import contextlib
 import json
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import structlog
 
-from outbox_sync.db import Database, row_key
+from outbox_sync.db import Database, enqueue_rows, fill_key, is_busy, row_key
 from outbox_sync.errors import (
     InvalidRecordError,
     OutboxSyncError,
@@ -65,8 +69,9 @@ class ReindexResult:
     new: str
     rows: int
     indexed: int
-    invalid: int  # rows that fail validation: they stay in sync_errors, not in the index
-    requeued: int  # rows Typesense refused: queued again, so the daemon's policy applies
+    invalid: int  # rows that fail validation: in sync_errors (queued if not yet), not indexed
+    requeued: int  # rows Typesense refused or invalid ones without an open error: queued, so
+    # the daemon's policy applies
 
 
 def rebuild(
@@ -97,6 +102,7 @@ def rebuild(
         raise OutboxSyncError(f"{error} (the old collection stays in use)") from error
     _switch(index, old, new)
     _close_errors(db, index.mapping.name, fill.indexed_with_errors)
+    db.set_meta(fill_key(index.mapping.name), None)  # a rebuild is the fill `init` asked for
     return ReindexResult(
         index.collection, old, new, fill.rows, fill.indexed, fill.invalid, len(fill.refused)
     )
@@ -107,7 +113,7 @@ class _Fill:
     rows: int = 0
     indexed: int = 0
     invalid: int = 0
-    refused: list[Any] = field(default_factory=list)
+    refused: list[Any] = field(default_factory=list)  # and invalid rows without an open error
     invalid_ids: list[str] = field(default_factory=list)  # document ids of invalid rows
     indexed_with_errors: list[Any] = field(default_factory=list)  # keys with an open error
 
@@ -149,6 +155,8 @@ def _fill(db: Database, fresh: TypesenseIndex, chunk: int, progress: Progress | 
                     fill.invalid += 1
                     if (doc_id := mapping.document_id(key)) is not None:
                         fill.invalid_ids.append(doc_id)
+                    if key not in with_errors:  # a first fill's, or a changed mapping's
+                        fill.refused.append(key)  # the drain records it in sync_errors
             if len(flights) == IN_FLIGHT:  # the oldest answer before the next request
                 done(*flights.popleft())
             answer = (
@@ -199,6 +207,49 @@ def _close_errors(db: Database, mapping: str, keys: list[Any]) -> None:
     """The rebuild indexed these records' current rows: their open errors are superseded."""
     for start in range(0, len(keys), DEFAULT_CHUNK):
         db.close_errors([(mapping, key) for key in keys[start : start + DEFAULT_CHUNK]])
+
+
+def serve_fills(
+    db: Database,
+    indexes: Sequence[TypesenseIndex],
+    heartbeat: Callable[[], None] = lambda: None,
+) -> bool:
+    """In the daemon, before it drains: fill each collection `init` asked for (a new mapping
+    whose table held rows) straight from its table, by `rebuild` (schema.init says what it
+    saves). Changes committed since `init` wait in the outbox, applied after.
+
+    Typesense trouble or a locked database leaves the request for a later turn (the loop
+    waits it out); any other failure queues every row instead, as `init --backfill` does, for
+    the drain and its policy (retries, sync_errors): nothing is lost. False when none was
+    asked for."""
+    log = structlog.get_logger("outbox_sync")
+    asked = [index for index in indexes if db.get_meta(fill_key(index.mapping.name))]
+    for index in asked:
+        log.info("fill_started", collection=index.collection, rows=db.count_rows(index.mapping))
+        try:
+            result = rebuild(db, index, progress=lambda done, total: heartbeat())
+        except OutboxSyncError as error:
+            for trouble in (error, error.__cause__):  # rebuild says which collection stays
+                if _passing(trouble):
+                    raise trouble from None
+            with db.write() as conn:
+                queued = enqueue_rows(conn, index.mapping)
+                conn.execute(
+                    "DELETE FROM outbox_sync_meta WHERE key = ?", (fill_key(index.mapping.name),)
+                )
+            log.warning(
+                "fill_failed", collection=index.collection, reason=str(error), rows_queued=queued
+            )
+        else:
+            log.info("fill_finished", **asdict(result))
+    return bool(asked)
+
+
+def _passing(error: BaseException | None) -> TypeGuard[BaseException]:
+    """Trouble the loop waits out: Typesense unavailable (it backs off), a locked database."""
+    if isinstance(error, sqlite3.OperationalError):
+        return is_busy(error)
+    return isinstance(error, OutboxSyncError) and error.retryable
 
 
 def serve_request(

@@ -18,7 +18,7 @@ from importlib import resources
 import structlog
 
 from outbox_sync.config_file import ConfigFileError
-from outbox_sync.db import Database, utc_now
+from outbox_sync.db import Database, count_rows, enqueue_rows, fill_key, utc_now
 from outbox_sync.errors import ConfigError, DatabaseError, TableMissingError
 from outbox_sync.mapping import BUILT_IN, SEQUENCES, Mapping, Trigger, key_kind
 from outbox_sync.values import quote_identifier
@@ -44,7 +44,8 @@ UPGRADE_FROM_1 = (
 
 @dataclass(frozen=True)
 class InitResult:
-    enqueued: dict[str, int]  # rows enqueued by the backfill, per mapping
+    filling: dict[str, int]  # rows the daemon fills straight from the table, per new mapping
+    enqueued: dict[str, int]  # rows enqueued by the backfill (backfill=True), per mapping
     repaired: list[str]  # what was wrong with the triggers (empty: nothing)
     upgraded: bool  # the database was an older version's
 
@@ -201,9 +202,14 @@ def _upgrade(conn: sqlite3.Connection) -> bool:
 
 def init(db: Database, mappings: Sequence[Mapping], *, backfill: bool = False) -> InitResult:
     """Apply schema.sql (the built-in table only when its mapping is in use), upgrade a database
-    an older version wrote, put back triggers a migration took away, then enqueue every existing
-    row of a mapping once (or again with backfill=True). All in one transaction: no row slips
-    between the backfill and the triggers."""
+    an older version wrote, put back triggers a migration took away, then ask the daemon, once
+    per mapping, to index the rows its table already holds (a fill: reindex.serve_fills), or
+    with backfill=True queue an upsert of every row, as the triggers would. All in one
+    transaction: the fill reads the table after the triggers are in, so no row slips between.
+
+    A fill reads the table in order where the outbox would write, claim and delete an entry per
+    row: `init` and the first `run --once` on 100k rows took 4.42 s, against 4.69 s through
+    the outbox, and on 1M rows 57.3 s against 60.5 s (tests/bench, alternating runs)."""
     try:
         db.conn.execute("PRAGMA journal_mode=WAL")
     except sqlite3.Error as error:
@@ -223,6 +229,7 @@ def init(db: Database, mappings: Sequence[Mapping], *, backfill: bool = False) -
             repaired = _reinstall(conn, bound)
         except sqlite3.Error as error:
             raise DatabaseError(f"cannot apply schema to {db.path}: {error}") from None
+        filling: dict[str, int] = {}
         enqueued: dict[str, int] = {}
         new: set[str] = set()
         meta = [("schema_version", SCHEMA_VERSION)]
@@ -232,14 +239,20 @@ def init(db: Database, mappings: Sequence[Mapping], *, backfill: bool = False) -
             ).fetchone()
             if not done:  # a new mapping: its triggers are installed, not repaired
                 new.update(trigger.name for trigger in mapping.triggers())
+            if backfill:  # queued instead: no fill is needed any more
+                enqueued[mapping.name] = enqueue_rows(conn, mapping)
+                asked = fill_key(mapping.name)
+                conn.execute("DELETE FROM outbox_sync_meta WHERE key = ?", (asked,))
+            elif not done and (rows := count_rows(conn, mapping)):
+                filling[mapping.name] = rows
+                meta.append((fill_key(mapping.name), utc_now()))
             if backfill or not done:
-                enqueued[mapping.name] = _backfill(conn, mapping)
                 meta.append((f"backfilled:{mapping.name}", utc_now()))
         repaired = [problem for problem in repaired if problem.split()[0] not in new]
         if repaired:  # changes made meanwhile left no outbox entry: the daemon audits
             meta.append((RECONCILE_REQUEST_KEY, "; ".join(repaired)))
         conn.executemany("INSERT OR REPLACE INTO outbox_sync_meta (key, value) VALUES (?, ?)", meta)
-    return InitResult(enqueued, repaired, upgraded)
+    return InitResult(filling, enqueued, repaired, upgraded)
 
 
 def _bind_for_init(conn: sqlite3.Connection, mapping: Mapping, db: Database) -> Mapping:
@@ -255,16 +268,6 @@ def _bind_for_init(conn: sqlite3.Connection, mapping: Mapping, db: Database) -> 
 def schema_statements_index() -> str:
     """The open-errors index (after an upgrade has given sync_errors its mapping column)."""
     return next(s for s in schema_statements() if "sync_errors_open_records" in s)
-
-
-def _backfill(conn: sqlite3.Connection, mapping: Mapping) -> int:
-    key = quote_identifier(mapping.key)
-    where = f" WHERE {mapping.where}" if mapping.where else ""
-    return conn.execute(
-        f"INSERT INTO outbox (mapping, record_key, op) SELECT ?, {key}, 'upsert'"
-        f" FROM {quote_identifier(mapping.table)}{where} ORDER BY {key}",
-        (mapping.name,),
-    ).rowcount
 
 
 def check(db: Database, mappings: Sequence[Mapping], *, prepared: bool = True) -> list[Mapping]:

@@ -440,11 +440,14 @@ def daemon(
     jobs = [
         Job("schema", 0, SchemaWatch(db, mappings, reconciler.request)),
         Job("backlog", REFRESH_INTERVAL_S, lambda now: telemetry.backlog(*db.backlog())),
-        # a requested reindex runs here, pausing the sync meanwhile
+        # the fills `init` asked for, and a requested reindex, run here, pausing the sync
         Job(
             "reindex",
             REFRESH_INTERVAL_S,
-            lambda now: reindex.serve_request(db, indexes, heartbeat),
+            lambda now: (
+                reindex.serve_fills(db, indexes, heartbeat)
+                | reindex.serve_request(db, indexes, heartbeat)
+            ),
         ),
         Job(
             "stats",

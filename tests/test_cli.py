@@ -173,7 +173,7 @@ def test_init_then_run_refuses_an_uninitialised_file(tmp_path: Path) -> None:
     result = invoke(["run", "--once", "--db", str(path)])
     assert result.exit_code == 1 and f"run `outbox-sync init --db {path}`" in result.output
     result = invoke(["init", "--db", str(path)])
-    assert result.exit_code == 0 and "rows enqueued for sync: 0 of sequences" in result.output
+    assert result.exit_code == 0 and "existing rows to sync: none" in result.output
 
 
 def test_the_command_line_is_built_without_the_libraries_of_the_commands() -> None:

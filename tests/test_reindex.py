@@ -1,6 +1,7 @@
 """Zero-downtime reindex against a real Typesense, directly and through a running daemon with
 writers active."""
 
+import json
 import subprocess
 import sys
 import threading
@@ -10,12 +11,14 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 
 from outbox_sync import reindex, schema
-from outbox_sync.db import Database
+from outbox_sync.db import Database, fill_key
+from outbox_sync.errors import OutboxSyncError, TypesenseUnavailableError
 from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import ImportResult, TypesenseIndex
-from outbox_sync.worker import Worker
+from outbox_sync.worker import Worker, daemon
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
 from tests.support.cli import ROOT, invoke
 from tests.support.daemon import Daemon, drain
@@ -279,3 +282,110 @@ def test_the_fill_keeps_two_chunks_in_flight(db: Database, db_path: Path) -> Non
     assert (fill.rows, fill.indexed) == (8, 8)
     assert max(len(together) for together in fresh.seen_together) == 2  # never more
     assert sorted(fresh.documents, key=int) == [str(i) for i in range(1, 9)]
+
+
+SEQUENCES_DDL = next(s for s in schema.schema_statements() if "EXISTS sequences" in s)
+
+
+def filled_later(tmp_path: Path, keys: range) -> Path:
+    """A file whose `sequences` held rows (and one invalid) before `init`: init asks the
+    daemon to fill the collection from the table, and queues nothing."""
+    path = tmp_path / "existing.db"
+    conn = app_connection(path)
+    conn.execute(SEQUENCES_DDL)
+    insert_rows(conn, keys)
+    conn.execute(ROW_SQL, make_row(5_000, element_id="bad"))
+    assert schema.init(Database(path, create=True), [SEQUENCES]).filling == {
+        "sequences": len(keys) + 1
+    }
+    return path
+
+
+def test_the_daemon_fills_a_new_collection_from_the_table_then_applies_the_outbox(
+    tmp_path: Path, served: Server, typesense_server: Server, collection: str
+) -> None:
+    path = filled_later(tmp_path, range(1, 1_201))
+    conn = app_connection(path)  # changes between init and the daemon: queued as usual
+    conn.execute("UPDATE sequences SET comment = 'changed since init' WHERE id = 2")
+    conn.execute("DELETE FROM sequences WHERE id = 3")
+    insert_rows(conn, [2_000])
+    db = Database(path)
+    index = TypesenseIndex([served.url], served.api_key, collection)
+    index.ensure_collection()  # as `run` does before its first turn: empty, behind the alias
+    first = index.target()
+    with structlog.testing.capture_logs() as logs:
+        drain(daemon(db, [index]))
+    expected = sqlite_documents(path)
+    del expected["5000"]  # invalid: in sync_errors, as the drain would have put it
+    assert export(typesense_server, collection) == expected
+    assert "changed since init" in expected["2"]["comment"] and "3" not in expected
+    assert index.target() not in (None, first) and not exists(typesense_server, str(first))
+    assert db.backlog() == (0, None, 1)
+    (error,) = db.conn.execute("SELECT record_key, error FROM sync_errors").fetchall()
+    assert error[0] == 5_000 and "element_id" in error[1]
+    assert db.get_meta(fill_key("sequences")) is None
+    (finished,) = [e for e in logs if e["event"] == "fill_finished"]
+    assert (finished["rows"], finished["indexed"], finished["invalid"]) == (1_201, 1_200, 1)
+    db.close()
+
+
+def test_a_fill_typesense_interrupts_stays_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = filled_later(tmp_path, range(1, 4))
+    db = Database(path)
+
+    def down(*_: Any, **__: Any) -> Any:
+        try:
+            raise TypesenseUnavailableError("Typesense unavailable: 503")
+        except TypesenseUnavailableError as error:  # as rebuild wraps it
+            raise OutboxSyncError(f"{error} (the old collection stays in use)") from error
+
+    monkeypatch.setattr(reindex, "rebuild", down)
+    with pytest.raises(TypesenseUnavailableError):  # the loop backs off, the job stays due
+        reindex.serve_fills(db, [FakeIndex()])  # type: ignore[list-item]
+    assert db.get_meta(fill_key("sequences")) is not None
+    assert db.backlog()[0] == 0
+    db.close()
+
+
+def test_a_fill_that_fails_otherwise_queues_every_row_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = filled_later(tmp_path, range(1, 4))
+    db = Database(path)
+
+    def refused(*_: Any, **__: Any) -> Any:
+        raise OutboxSyncError("Typesense refused the collection (400)")
+
+    monkeypatch.setattr(reindex, "rebuild", refused)
+    with structlog.testing.capture_logs() as logs:
+        assert reindex.serve_fills(db, [FakeIndex()]) is True  # type: ignore[list-item]
+    assert db.conn.execute("SELECT record_key, op FROM outbox ORDER BY id").fetchall() == [
+        (1, "upsert"),
+        (2, "upsert"),
+        (3, "upsert"),
+        (5_000, "upsert"),
+    ]
+    assert db.get_meta(fill_key("sequences")) is None
+    (failed,) = [e for e in logs if e["event"] == "fill_failed"]
+    assert failed["rows_queued"] == 4 and "refused" in failed["reason"]
+    assert reindex.serve_fills(db, [FakeIndex()]) is False  # type: ignore[list-item]
+    db.close()
+
+
+def test_a_reindex_is_the_fill_init_asked_for(
+    tmp_path: Path, served: Server, typesense_server: Server, collection: str
+) -> None:
+    path = filled_later(tmp_path, range(1, 11))
+    status = json.loads(invoke(["status", "--json"], served, path, collection).output)
+    assert status["fill_pending"] == [collection] and status["pending"] == 0
+    result = invoke(["reindex"], served, path, collection)
+    assert result.exit_code == 0, result.output
+    assert "1 queued for the daemon" in result.output  # the invalid row: for sync_errors
+    db = Database(path)
+    assert db.get_meta(fill_key("sequences")) is None  # the daemon will not fill it again
+    assert db.conn.execute("SELECT record_key FROM outbox").fetchall() == [(5_000,)]
+    assert len(export(typesense_server, collection)) == 10
+    assert "fill_pending" not in invoke(["status", "--json"], served, path, collection).output
+    db.close()

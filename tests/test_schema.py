@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from outbox_sync import schema
-from outbox_sync.db import Database
+from outbox_sync.db import Database, fill_key
 from outbox_sync.errors import ConfigError, DatabaseError
 from outbox_sync.mapping import SEQUENCES
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row
@@ -56,7 +56,9 @@ def test_outbox_ids_are_never_reused(db_path: Path) -> None:
     assert second > first
 
 
-def test_backfill_enqueues_existing_rows_once(tmp_path: Path) -> None:
+def test_init_asks_once_for_a_fill_of_existing_rows_and_backfill_queues_them(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "existing.db"
     conn = app_connection(path)
     conn.execute(
@@ -64,12 +66,25 @@ def test_backfill_enqueues_existing_rows_once(tmp_path: Path) -> None:
         " sequence_number INTEGER, comment TEXT, created_at TEXT)"
     )
     insert_rows(conn, range(1, 4))
-    assert schema.init(Database(path, create=True), [SEQUENCES]).enqueued == {"sequences": 3}
+    first = schema.init(Database(path, create=True), [SEQUENCES])
+    assert (first.filling, first.enqueued) == ({"sequences": 3}, {})
+    assert outbox(path) == []  # the daemon reads them from the table (reindex.serve_fills)
+    assert Database(path).get_meta(fill_key("sequences")) is not None
+    again = schema.init(Database(path), [SEQUENCES])
+    assert (again.filling, again.enqueued) == ({}, {})
+    backfill = schema.init(Database(path), [SEQUENCES], backfill=True)
+    assert (backfill.filling, backfill.enqueued) == ({}, {"sequences": 3})
     assert outbox(path) == [(1, "upsert"), (2, "upsert"), (3, "upsert")]
-    assert schema.init(Database(path), [SEQUENCES]).enqueued == {}
-    assert len(outbox(path)) == 3
+    assert Database(path).get_meta(fill_key("sequences")) is None  # queued: no fill as well
     assert schema.init(Database(path), [SEQUENCES], backfill=True).enqueued == {"sequences": 3}
     assert len(outbox(path)) == 6
+
+
+def test_init_asks_for_no_fill_of_an_empty_table(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    result = schema.init(Database(path, create=True), [SEQUENCES])
+    assert (result.filling, result.enqueued) == ({}, {})
+    assert Database(path).get_meta(fill_key("sequences")) is None
 
 
 def test_init_works_on_a_loose_legacy_table(tmp_path: Path) -> None:
@@ -80,8 +95,9 @@ def test_init_works_on_a_loose_legacy_table(tmp_path: Path) -> None:
         " created_at, extra)"
     )
     conn.execute(ROW_SQL, ("7", "script", "x", 1, None, "now"))
-    assert schema.init(Database(path, create=True), [SEQUENCES]).enqueued == {"sequences": 1}
-    # text stays text: the daemon must see what the application wrote
+    assert schema.init(Database(path, create=True), [SEQUENCES]).filling == {"sequences": 1}
+    # queued, text stays text: the daemon must see what the application wrote
+    assert schema.init(Database(path), [SEQUENCES], backfill=True).enqueued == {"sequences": 1}
     assert outbox(path) == [("7", "upsert")]
     # a legacy id that is not the rowid gets an index for the daemon's lookups
     plan = (

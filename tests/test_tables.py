@@ -73,9 +73,9 @@ def test_the_example_syncs_end_to_end(
 ) -> None:
     env, server, app = setup
     app.executemany("INSERT INTO characters VALUES (?, ?, ?, ?, ?, ?, ?)", [character("alice")])
-    init = run_module(["init"], env=env)  # the new mappings' triggers, and a backfill
+    init = run_module(["init"], env=env)  # the new mappings' triggers, and a fill of characters
     assert init.returncode == 0, init.stderr
-    assert "existing rows enqueued for sync: 0 of sequences, 1 of characters" in init.stdout
+    assert "existing rows to sync: 1 of characters, read from the table" in init.stdout
     daemon = start_daemon("--audit-every", "0", env=env)
     app.execute(ROW_SQL, make_row(7, comment="a sequence"))
     app.executemany(

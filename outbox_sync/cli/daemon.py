@@ -36,12 +36,13 @@ if TYPE_CHECKING:  # see cli/__init__.py
 @click.option(
     "--backfill",
     is_flag=True,
-    help="Enqueue every existing row again, even if init already did once.",
+    help="Enqueue every existing row, even if init already asked for them once.",
 )
 def init(settings: Settings, backfill: bool) -> None:
     """Prepare the database: the `outbox` and `sync_errors` tables, the triggers of every
-    mapping (the built-in one creates `sequences` if absent), and enqueue the rows of a mapping
-    that exist already (once). Upgrades a database an older version prepared, and puts back
+    mapping (the built-in one creates `sequences` if absent), and, once per mapping, the rows
+    that exist already: the daemon indexes them straight from the table when it starts, then
+    applies what changed since. Upgrades a database an older version prepared, and puts back
     triggers a migration took away. Safe to run again."""
     from outbox_sync import schema
 
@@ -56,8 +57,12 @@ def init(settings: Settings, backfill: bool) -> None:
             "meanwhile left no outbox entry, so the daemon audits Typesense and repairs it (now "
             "if it runs, else when it starts)"
         )
-    enqueued = ", ".join(f"{n} of {name}" for name, n in result.enqueued.items()) or "none"
-    click.echo(f"initialised {settings.db_path}: existing rows enqueued for sync: {enqueued}")
+    rows = [f"{n} of {name}, read from the table" for name, n in result.filling.items()]
+    rows += [f"{n} of {name}, enqueued" for name, n in result.enqueued.items()]
+    click.echo(
+        f"initialised {settings.db_path}: existing rows to sync: {'; '.join(rows) or 'none'}"
+        + (" (the daemon indexes them when it starts)" if rows else "")
+    )
 
 
 @main.command()
@@ -216,8 +221,8 @@ def reindex_command(settings: Settings) -> None:
         click.echo(
             f"reindexed {result['rows']} rows of {result['collection']!r} into "
             f"{result['new']}{old}: {result['indexed']} indexed, {result['invalid']} invalid "
-            f"(see `outbox-sync errors list`), {result['requeued']} refused by Typesense and "
-            "queued again"
+            f"(see `outbox-sync errors list`), {result['requeued']} queued for the daemon "
+            "(refused by Typesense, or invalid with no open error yet)"
         )
 
 
@@ -228,7 +233,8 @@ def status(settings: Settings, as_json: bool) -> None:
     """Show the backlog, open sync errors, and what Typesense holds.
 
     Fields: pending (outbox entries), oldest_pending_age_s, sync_errors_open, rows (in
-    `sequences`), documents (in Typesense; null when unreachable), typesense_ok, daemon_pid
+    `sequences`), documents (in Typesense; null when unreachable), typesense_ok, fill_pending
+    (collections whose rows `init` found, which the daemon indexes when it starts), daemon_pid
     (null: no daemon runs), table_ok, triggers_ok (and trigger_problems), key_indexes_ok (and
     unindexed_keys: key columns a migration left without the index init made), last_audit (the
     daemon's last audit: when, why, what it found and repaired). Exits 0 whatever it finds
