@@ -545,8 +545,8 @@ def app_table(ctx: Context, n: int) -> Path:
 
 
 def backfill_once(ctx: Context, n: int) -> ProcessRun:
-    """`outbox-sync init` on a table of n rows (it enqueues them all), then `run --once`: the
-    two processes' times added up."""
+    """`outbox-sync init` on a table of n rows (it asks the daemon to fill the collection from
+    the table), then `run --once` (which does): the two processes' times added up."""
     db = fresh_copy(app_table(ctx, n), ctx.workdir / "backfill.db")
     collection = ctx.fresh_name("backfill")
     settle(ctx)
