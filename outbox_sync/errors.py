@@ -41,6 +41,11 @@ class TableMissingError(DatabaseError):
         self.table = table
 
 
+class StoppingError(OutboxSyncError):
+    """The daemon is stopping (SIGTERM, Ctrl-C): a long chore (a fill, a reindex) ends between
+    two of its chunks, leaving nothing half done in use."""
+
+
 class AlreadyRunningError(OutboxSyncError):
     """Another daemon already works this database file."""
 

@@ -32,6 +32,7 @@ from outbox_sync.db import Database, enqueue_rows, fill_key, is_busy, row_key
 from outbox_sync.errors import (
     InvalidRecordError,
     OutboxSyncError,
+    StoppingError,
     TypesenseError,
 )
 from outbox_sync.lock import DaemonLock
@@ -219,9 +220,10 @@ def serve_fills(
     saves). Changes committed since `init` wait in the outbox, applied after.
 
     Typesense trouble or a locked database leaves the request for a later turn (the loop
-    waits it out); any other failure queues every row instead, as `init --backfill` does, for
-    the drain and its policy (retries, sync_errors): nothing is lost. False when none was
-    asked for."""
+    waits it out), and so does the daemon stopping (`heartbeat` raises StoppingError between
+    chunks: the new collection is dropped, and the next start fills again); any other failure
+    queues every row instead, as `init --backfill` does, for the drain and its policy
+    (retries, sync_errors): nothing is lost. False when none was asked for."""
     log = structlog.get_logger("outbox_sync")
     asked = [index for index in indexes if db.get_meta(fill_key(index.mapping.name))]
     for index in asked:
@@ -229,6 +231,9 @@ def serve_fills(
         try:
             result = rebuild(db, index, progress=lambda done, total: heartbeat())
         except OutboxSyncError as error:
+            if isinstance(error.__cause__, StoppingError):
+                log.info("fill_stopped", collection=index.collection, note="filled at next start")
+                return True
             for trouble in (error, error.__cause__):  # rebuild says which collection stays
                 if _passing(trouble):
                     raise trouble from None
@@ -259,7 +264,8 @@ def serve_request(
 ) -> bool:
     """In the daemon: run a reindex another process asked for (of the collections it names,
     among `indexes`), publishing progress and the outcome in outbox_sync_meta, and calling
-    `heartbeat` as it goes (the systemd watchdog must not take a long rebuild for a hung loop).
+    `heartbeat` as it goes (the systemd watchdog must not take a long rebuild for a hung loop;
+    it raises StoppingError when the daemon stops: the request fails, the old collection stays).
     False when nothing was asked."""
     raw = db.get_meta(REQUEST_KEY)
     if raw is None:

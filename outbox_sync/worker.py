@@ -27,6 +27,7 @@ from outbox_sync.errors import (
     CollectionNotFoundError,
     DatabaseBusyError,
     OutboxSyncError,
+    StoppingError,
     TypesenseUnavailableError,
 )
 from outbox_sync.localserver import LocalTypesense
@@ -207,6 +208,7 @@ class Worker:
         self.poll_interval_s = poll_interval_s
         self.idle_recheck_s = idle_recheck_s
         self.probe_at = float("-inf")
+        self.stopping: Stopping | None = None  # the turn's stop request, for the long chores
         self.log = structlog.get_logger("outbox_sync")
         self.backoff = Backoff(self.log, min_backoff_s, max_backoff_s)
 
@@ -251,6 +253,7 @@ class Worker:
         """One turn: the chores that are due, then up to one drain slice of batches; while
         idle (or to see whether an outage is over), a health probe now and then."""
         self.telemetry.loop_alive(now)
+        self.stopping = stop
         try:
             if self.collection_lost:
                 self._ensure_collections()
@@ -432,8 +435,12 @@ def daemon(
     for index in indexes:
         index.observe = telemetry.request
 
-    def heartbeat() -> None:  # a long chore must not look like a hung loop to the watchdog
+    def heartbeat() -> None:
+        """Between the chunks of a long chore (a fill, a reindex): keep the loop's heartbeat, so
+        the watchdog does not take it for a hung loop, and end the chore if the daemon stops."""
         telemetry.loop_alive(time.monotonic())
+        if worker.stopping is not None and worker.stopping.is_set():
+            raise StoppingError("the daemon is stopping")
 
     mappings = [index.mapping for index in indexes]
     reconciler = Reconciler(db, indexes, telemetry, every_s=audit_every_s)
@@ -464,7 +471,7 @@ def daemon(
         )
     by_name = {index.mapping.name: index for index in indexes}
     applier = Applier(db, by_name, batch_size=batch_size, telemetry=telemetry)
-    return Worker(
+    worker = Worker(
         db,
         indexes,
         applier,
@@ -474,3 +481,4 @@ def daemon(
         watch_changes=True,
         **loop_options,
     )
+    return worker

@@ -285,6 +285,7 @@ def test_the_fill_keeps_two_chunks_in_flight(db: Database, db_path: Path) -> Non
 
 
 SEQUENCES_DDL = next(s for s in schema.schema_statements() if "EXISTS sequences" in s)
+BAD = 50_000  # the key of the invalid row of `filled_later`
 
 
 def filled_later(tmp_path: Path, keys: range) -> Path:
@@ -294,7 +295,7 @@ def filled_later(tmp_path: Path, keys: range) -> Path:
     conn = app_connection(path)
     conn.execute(SEQUENCES_DDL)
     insert_rows(conn, keys)
-    conn.execute(ROW_SQL, make_row(5_000, element_id="bad"))
+    conn.execute(ROW_SQL, make_row(BAD, element_id="bad"))
     assert schema.init(Database(path, create=True), [SEQUENCES]).filling == {
         "sequences": len(keys) + 1
     }
@@ -316,13 +317,13 @@ def test_the_daemon_fills_a_new_collection_from_the_table_then_applies_the_outbo
     with structlog.testing.capture_logs() as logs:
         drain(daemon(db, [index]))
     expected = sqlite_documents(path)
-    del expected["5000"]  # invalid: in sync_errors, as the drain would have put it
+    del expected[str(BAD)]  # invalid: in sync_errors, as the drain would have put it
     assert export(typesense_server, collection) == expected
     assert "changed since init" in expected["2"]["comment"] and "3" not in expected
     assert index.target() not in (None, first) and not exists(typesense_server, str(first))
     assert db.backlog() == (0, None, 1)
     (error,) = db.conn.execute("SELECT record_key, error FROM sync_errors").fetchall()
-    assert error[0] == 5_000 and "element_id" in error[1]
+    assert error[0] == BAD and "element_id" in error[1]
     assert db.get_meta(fill_key("sequences")) is None
     (finished,) = [e for e in logs if e["event"] == "fill_finished"]
     assert (finished["rows"], finished["indexed"], finished["invalid"]) == (1_201, 1_200, 1)
@@ -365,7 +366,7 @@ def test_a_fill_that_fails_otherwise_queues_every_row_instead(
         (1, "upsert"),
         (2, "upsert"),
         (3, "upsert"),
-        (5_000, "upsert"),
+        (BAD, "upsert"),
     ]
     assert db.get_meta(fill_key("sequences")) is None
     (failed,) = [e for e in logs if e["event"] == "fill_failed"]
@@ -385,7 +386,42 @@ def test_a_reindex_is_the_fill_init_asked_for(
     assert "1 queued for the daemon" in result.output  # the invalid row: for sync_errors
     db = Database(path)
     assert db.get_meta(fill_key("sequences")) is None  # the daemon will not fill it again
-    assert db.conn.execute("SELECT record_key FROM outbox").fetchall() == [(5_000,)]
+    assert db.conn.execute("SELECT record_key FROM outbox").fetchall() == [(BAD,)]
     assert len(export(typesense_server, collection)) == 10
     assert "fill_pending" not in invoke(["status", "--json"], served, path, collection).output
+    db.close()
+
+
+def test_a_fill_ends_between_chunks_when_the_daemon_stops_and_runs_again_at_next_start(
+    tmp_path: Path, served: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd gives a stopping daemon 60 s: a fill of millions of rows must not run on."""
+    path = filled_later(tmp_path, range(1, 12_001))  # three chunks
+    db = Database(path)
+    index = TypesenseIndex([served.url], served.api_key, "stopped_fill")
+    index.ensure_collection()
+    first = index.target()
+    worker = daemon(db, [index])
+    stop = threading.Event()
+    imports: list[int] = []
+    real = TypesenseIndex.import_jsonl
+
+    def importing(self: TypesenseIndex, body: bytes, count: int) -> list[ImportResult]:
+        imports.append(count)
+        stop.set()  # SIGTERM while the fill's first chunk is on its way
+        return real(self, body, count)
+
+    monkeypatch.setattr(TypesenseIndex, "import_jsonl", importing)
+    with structlog.testing.capture_logs() as logs:
+        worker.loop(0, stop)
+    assert len(imports) == 2  # the two in flight, no third
+    assert [e["event"] for e in logs if e["event"].startswith("fill")] == [
+        "fill_started",
+        "fill_stopped",
+    ]
+    assert index.target() == first and index.versions() == [first]  # the new one dropped
+    assert db.get_meta(fill_key("sequences")) is not None and db.backlog()[0] == 0
+    monkeypatch.undo()
+    drain(daemon(db, [index]))  # the next start fills it
+    assert index.count() == 12_000 and db.get_meta(fill_key("sequences")) is None
     db.close()
