@@ -426,11 +426,11 @@ def daemon(
     **loop_options: float,
 ) -> Worker:
     """The daemon's worker over one index per mapping: the loop over a batch applier, with its
-    chores: the backlog figures for metrics and systemd, reindexes asked for by `outbox-sync
-    reindex`, the statistics, the triggers (put back when a migration took them), the embedded
-    `server` if there is one (started again if it died), and audits: at start and every
-    `audit_every_s` unless that is 0; after an outage, a trigger repair and an embedded
-    restart always."""
+    chores: the backlog figures for metrics and systemd, the fills `init` asked for and the
+    reindexes asked for by `outbox-sync reindex`, the statistics, the triggers (put back when
+    a migration took them), the embedded `server` if there is one (started again if it died),
+    and audits: at start and every `audit_every_s` unless that is 0; after an outage, a
+    trigger repair and an embedded restart always."""
     telemetry = telemetry or Telemetry()
     for index in indexes:
         index.observe = telemetry.request
@@ -447,13 +447,13 @@ def daemon(
     jobs = [
         Job("schema", 0, SchemaWatch(db, mappings, reconciler.request)),
         Job("backlog", REFRESH_INTERVAL_S, lambda now: telemetry.backlog(*db.backlog())),
-        # the fills `init` asked for, and a requested reindex, run here, pausing the sync
+        # the fills `init` asked for, then a requested reindex, run here, pausing the sync
         Job(
             "reindex",
             REFRESH_INTERVAL_S,
             lambda now: (
                 reindex.serve_fills(db, indexes, heartbeat)
-                | reindex.serve_request(db, indexes, heartbeat)
+                or reindex.serve_request(db, indexes, heartbeat)
             ),
         ),
         Job(
