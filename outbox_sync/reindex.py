@@ -90,16 +90,18 @@ def rebuild(
     the old one stays in use. After the switch, the rebuild has happened."""
     old = index.target()
     new = index.create_versioned()
-    fresh = index.on_collection(new)
     try:
+        fresh = index.on_collection(new)
         fill = _fill(db, fresh, chunk, progress)
         if old is not None and fill.invalid_ids:
             _keep_last_good(index.on_collection(old), fresh, fill.invalid_ids)
         if fill.refused:  # applied by the daemon after the switch, so to the new collection
             db.enqueue(index.mapping.name, [(key, "upsert") for key in fill.refused])
-    except Exception as error:
+    except BaseException as error:  # Ctrl-C too: no half-filled collection is left behind
         with contextlib.suppress(TypesenseError):
             index.drop_collection(new)
+        if not isinstance(error, Exception):
+            raise
         raise OutboxSyncError(f"{error} (the old collection stays in use)") from error
     _switch(index, old, new)
     _close_errors(db, index.mapping.name, fill.indexed_with_errors)

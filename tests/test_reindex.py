@@ -2,6 +2,7 @@
 writers active."""
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -285,7 +286,7 @@ def test_the_fill_keeps_two_chunks_in_flight(db: Database, db_path: Path) -> Non
 
 
 SEQUENCES_DDL = next(s for s in schema.schema_statements() if "EXISTS sequences" in s)
-BAD = 50_000  # the key of the invalid row of `filled_later`
+BAD = 900_000  # the key of the invalid row of `filled_later`
 
 
 def filled_later(tmp_path: Path, keys: range) -> Path:
@@ -294,8 +295,10 @@ def filled_later(tmp_path: Path, keys: range) -> Path:
     path = tmp_path / "existing.db"
     conn = app_connection(path)
     conn.execute(SEQUENCES_DDL)
+    conn.execute("BEGIN")
     insert_rows(conn, keys)
     conn.execute(ROW_SQL, make_row(BAD, element_id="bad"))
+    conn.execute("COMMIT")
     assert schema.init(Database(path, create=True), [SEQUENCES]).filling == {
         "sequences": len(keys) + 1
     }
@@ -425,3 +428,29 @@ def test_a_fill_ends_between_chunks_when_the_daemon_stops_and_runs_again_at_next
     drain(daemon(db, [index]))  # the next start fills it
     assert index.count() == 12_000 and db.get_meta(fill_key("sequences")) is None
     db.close()
+
+
+def test_ctrl_c_during_a_reindex_leaves_no_half_filled_collection(
+    tmp_path: Path, served: Server, collection: str, daemon_env: dict[str, str]
+) -> None:
+    path = filled_later(tmp_path, range(1, 60_001))
+    env = daemon_env | {"OUTBOX_SYNC_DB": str(path)}
+    assert invoke(["run", "--once"], served, path, collection).exit_code == 0
+    index = TypesenseIndex([served.url], served.api_key, collection)
+    old = index.target()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "outbox_sync", "reindex"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until(lambda: len(index.versions()) == 2, what="the new collection", timeout_s=30)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode != 0, output
+    assert index.target() == old and index.versions() == [old]
+    assert index.count() == 60_000
