@@ -333,36 +333,22 @@ def test_the_daemon_fills_a_new_collection_from_the_table_then_applies_the_outbo
     db.close()
 
 
-def test_a_fill_typesense_interrupts_stays_asked_for(
+def test_a_fill_typesense_interrupts_stays_asked_for_and_one_failing_otherwise_queues_the_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = filled_later(tmp_path, range(1, 4))
     db = Database(path)
+    failure: OutboxSyncError = TypesenseUnavailableError("Typesense unavailable: 503")
 
-    def down(*_: Any, **__: Any) -> Any:
-        try:
-            raise TypesenseUnavailableError("Typesense unavailable: 503")
-        except TypesenseUnavailableError as error:  # as rebuild wraps it
-            raise OutboxSyncError(f"{error} (the old collection stays in use)") from error
+    def failing(*_: Any, **__: Any) -> Any:
+        raise OutboxSyncError(f"{failure} (the old collection stays in use)") from failure
 
-    monkeypatch.setattr(reindex, "rebuild", down)
+    monkeypatch.setattr(reindex, "rebuild", failing)
     with pytest.raises(TypesenseUnavailableError):  # the loop backs off, the job stays due
         reindex.serve_fills(db, [FakeIndex()])  # type: ignore[list-item]
     assert db.get_meta(fill_key("sequences")) is not None
     assert db.backlog()[0] == 0
-    db.close()
-
-
-def test_a_fill_that_fails_otherwise_queues_every_row_instead(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = filled_later(tmp_path, range(1, 4))
-    db = Database(path)
-
-    def refused(*_: Any, **__: Any) -> Any:
-        raise OutboxSyncError("Typesense refused the collection (400)")
-
-    monkeypatch.setattr(reindex, "rebuild", refused)
+    failure = OutboxSyncError("Typesense refused the collection (400)")
     with structlog.testing.capture_logs() as logs:
         assert reindex.serve_fills(db, [FakeIndex()]) is True  # type: ignore[list-item]
     assert db.conn.execute("SELECT record_key, op FROM outbox ORDER BY id").fetchall() == [
