@@ -370,6 +370,9 @@ def test_a_reindex_is_the_fill_init_asked_for(
     path = filled_later(tmp_path, range(1, 11))
     status = json.loads(invoke(["status", "--json"], served, path, collection).output)
     assert status["fill_pending"] == [collection] and status["pending"] == 0
+    TypesenseIndex([served.url], served.api_key, collection).ensure_collection()  # as `run`
+    audit = invoke(["audit"], served, path, collection)  # what a stopped first fill leaves
+    assert audit.exit_code == 1 and f"not filled yet: {collection}: `init` found" in audit.output
     result = invoke(["reindex"], served, path, collection)
     assert result.exit_code == 0, result.output
     assert "1 queued for the daemon" in result.output  # the invalid row: for sync_errors
@@ -378,6 +381,7 @@ def test_a_reindex_is_the_fill_init_asked_for(
     assert db.conn.execute("SELECT record_key FROM outbox").fetchall() == [(BAD,)]
     assert len(export(typesense_server, collection)) == 10
     assert "fill_pending" not in invoke(["status", "--json"], served, path, collection).output
+    assert "not filled yet" not in invoke(["audit"], served, path, collection).output
     db.close()
 
 
