@@ -71,9 +71,11 @@ def count_rows(conn: sqlite3.Connection, mapping: Mapping) -> int:
 
 def enqueue_rows(conn: sqlite3.Connection, mapping: Mapping) -> int:
     """Queue an upsert of every row the mapping covers, in key order, as the triggers would
-    one by one (inside the caller's write transaction); how many."""
+    one by one (inside the caller's write transaction), in the place of a fill asked for; how
+    many."""
     key = quote_identifier(mapping.key)
     where = f" WHERE {mapping.where}" if mapping.where else ""
+    conn.execute("DELETE FROM outbox_sync_meta WHERE key = ?", (fill_key(mapping.name),))
     return conn.execute(
         f"INSERT INTO outbox (mapping, record_key, op) SELECT ?, {key}, 'upsert'"
         f" FROM {quote_identifier(mapping.table)}{where} ORDER BY {key}",

@@ -229,7 +229,7 @@ def serve_fills(
     log = structlog.get_logger("outbox_sync")
     asked = [index for index in indexes if db.get_meta(fill_key(index.mapping.name))]
     for index in asked:
-        log.info("fill_started", collection=index.collection, rows=db.count_rows(index.mapping))
+        log.info("fill_started", collection=index.collection)  # fill_finished counts the rows
         try:
             result = rebuild(db, index, progress=lambda done, total: heartbeat())
         except OutboxSyncError as error:
@@ -241,9 +241,6 @@ def serve_fills(
                     raise trouble from None
             with db.write() as conn:
                 queued = enqueue_rows(conn, index.mapping)
-                conn.execute(
-                    "DELETE FROM outbox_sync_meta WHERE key = ?", (fill_key(index.mapping.name),)
-                )
             log.warning(
                 "fill_failed", collection=index.collection, reason=str(error), rows_queued=queued
             )

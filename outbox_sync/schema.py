@@ -241,8 +241,6 @@ def init(db: Database, mappings: Sequence[Mapping], *, backfill: bool = False) -
                 new.update(trigger.name for trigger in mapping.triggers())
             if backfill:  # queued instead: no fill is needed any more
                 enqueued[mapping.name] = enqueue_rows(conn, mapping)
-                asked = fill_key(mapping.name)
-                conn.execute("DELETE FROM outbox_sync_meta WHERE key = ?", (asked,))
             elif not done and (rows := count_rows(conn, mapping)):
                 filling[mapping.name] = rows
                 meta.append((fill_key(mapping.name), utc_now()))
