@@ -87,8 +87,11 @@ def rebuild(
 
     Everything that can fail without harm happens before the switch (filling, keeping the last
     good documents, queueing the refused rows): a failure there drops the new collection and
-    the old one stays in use. After the switch, the rebuild has happened."""
+    the old one stays in use. After the switch, the rebuild has happened. What an earlier
+    rebuild cut short left behind is dropped first."""
     old = index.target()
+    if old is not None:
+        index.drop_leftovers(old)
     new = index.create_versioned()
     try:
         fresh = index.on_collection(new)

@@ -215,7 +215,9 @@ class TypesenseIndex:
         into a collection of another shape.
 
         A new collection is created under a versioned name with `collection` as an alias to
-        it, so `reindex` can later swap in a rebuilt one without a moment of downtime."""
+        it, so `reindex` can later swap in a rebuilt one without a moment of downtime. Only the
+        daemon calls this, holding its lock: it also drops what a rebuild cut short left behind
+        (`drop_leftovers`)."""
         try:
             existing = self.info()
         except CollectionNotFoundError:
@@ -229,7 +231,9 @@ class TypesenseIndex:
             # between dropping a plain collection and pointing the alias): adopt the newest
             self.point_alias(versions[-1])
             existing = self.info()
-        self.retarget(str(existing.get("name", self.collection)))
+        target = str(existing.get("name", self.collection))
+        self.retarget(target)
+        self.drop_leftovers(target)
         effective, problems = self.mapping.against(existing.get("fields", []))
         if problems:
             raise SchemaMismatchError(
@@ -268,6 +272,23 @@ class TypesenseIndex:
         pattern = re.compile(re.escape(self.collection) + r"_v\d{17}")
         listed = self._call("collection", self.client.collections.retrieve, about="other")
         return sorted(c["name"] for c in listed if pattern.fullmatch(c["name"]))
+
+    def drop_leftovers(self, target: str) -> list[str]:
+        """Drop the collections `create_versioned` made for our name other than `target`, the
+        one in use: a rebuild cut short (SIGKILL, a power cut) leaves its half-filled one, or
+        the old one it could not drop, in Typesense's memory for good. Call it holding the
+        daemon lock: only its holder rebuilds, so none of them is being filled. Their names."""
+        leftovers = [name for name in self.versions() if name != target]
+        for name in leftovers:
+            self.drop_collection(name)
+            structlog.get_logger("outbox_sync").warning(
+                "leftover_collection_dropped",
+                collection=name,
+                alias=self.collection,
+                target=target,
+                note="left by a rebuild that did not finish (killed?); no alias points at it",
+            )
+        return leftovers
 
     def create_versioned(self) -> str:
         """Create an empty collection `<name>_v<UTC time>` with our schema; its name."""

@@ -444,3 +444,48 @@ def test_ctrl_c_during_a_reindex_leaves_no_half_filled_collection(
     assert process.returncode != 0, output
     assert index.target() == old and index.versions() == [old]
     assert index.count() == 60_000
+
+
+def test_the_daemon_drops_at_start_what_a_killed_reindex_left_behind(
+    tmp_path: Path, served: Server, collection: str, daemon_env: dict[str, str]
+) -> None:
+    """SIGKILL runs no cleanup: the half-filled collection stays, in Typesense's memory, until
+    the daemon (holding its lock, so nothing is filling it) drops it, and says so."""
+    path = filled_later(tmp_path, range(1, 60_001))
+    env = daemon_env | {"OUTBOX_SYNC_DB": str(path)}
+    assert invoke(["run", "--once"], served, path, collection).exit_code == 0
+    index = TypesenseIndex([served.url], served.api_key, collection)
+    old = index.target()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "outbox_sync", "reindex"], env=env, stdout=subprocess.DEVNULL
+    )
+    try:
+        wait_until(lambda: len(index.versions()) == 2, what="the new collection", timeout_s=30)
+    finally:
+        process.kill()
+        process.wait()
+    (leftover,) = set(index.versions()) - {old}
+    run = subprocess.run(
+        [sys.executable, "-m", "outbox_sync", "run", "--once"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert index.versions() == [old] and index.target() == old
+    assert index.count() == 60_000
+    assert "leftover_collection_dropped" in run.stderr and leftover in run.stderr
+
+
+def test_a_reindex_drops_what_an_earlier_one_left_behind(
+    tmp_path: Path, served: Server, collection: str
+) -> None:
+    path = filled_later(tmp_path, range(1, 101))
+    assert invoke(["run", "--once"], served, path, collection).exit_code == 0
+    index = TypesenseIndex([served.url], served.api_key, collection)
+    leftover = index.create_versioned()  # as a reindex killed before its switch leaves it
+    result = invoke(["reindex"], served, path, collection)
+    assert result.exit_code == 0, result.output
+    assert leftover not in index.versions() and len(index.versions()) == 1
+    assert index.count() == 100
