@@ -13,15 +13,16 @@ from collections.abc import Callable, Iterator
 from collections.abc import Mapping as Lookup
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Protocol
 
 import structlog
 
-from outbox_sync.db import Database, OutboxEntry, SyncFailure, row_key
+from outbox_sync.db import Database, OutboxEntry, SyncFailure, row_key, written
 from outbox_sync.errors import InvalidRecordError, TypesenseUnavailableError
 from outbox_sync.mapping import Mapping
 from outbox_sync.telemetry import Telemetry
-from outbox_sync.typesense_index import IN_FLIGHT, ImportResult, free_request_bodies
+from outbox_sync.typesense_index import ACCEPTED, IN_FLIGHT, ImportResult, free_request_bodies
 
 # A long drain hands back to the loop this often, for its chores (metrics, triggers, reindex
 # requests, statistics); it keeps the loop's heartbeat itself (watchdog, /healthz). Each
@@ -59,27 +60,29 @@ class BatchReport:
     failures: list[SyncFailure] = field(default_factory=list)
 
 
+# An upsert or a delete of a batch: the outbox entry's id, the record's key, and its line (an
+# upsert) or its document id (a delete). Tuples: a batch makes thousands of them.
+Change = tuple[int, Any, bytes]
+Removal = tuple[int, Any, str]
+
+
 @dataclass
 class Work:
     """What one batch sends to one collection."""
 
-    upserts: list[tuple[OutboxEntry, bytes]] = field(default_factory=list)
-    deletes: list[tuple[OutboxEntry, str]] = field(default_factory=list)  # and the document id
+    upserts: list[Change] = field(default_factory=list)
+    deletes: list[Removal] = field(default_factory=list)
 
 
 @dataclass
 class Batch:
     """Claimed entries on their way through prepare -> apply -> acknowledge."""
 
-    entries: list[OutboxEntry]
+    last_id: int  # the highest entry id claimed: acknowledging removes up to it
     report: BatchReport
     work: dict[str, Work] = field(default_factory=dict)  # by mapping
     synced: list[tuple[str, Any]] = field(default_factory=list)  # (mapping, key)
     records: set[tuple[str, Any]] = field(default_factory=set)  # (mapping, key) it touches
-
-    @property
-    def last_id(self) -> int:
-        return self.entries[-1].id
 
     def fail(self, entry: OutboxEntry, document: str | None, error: str, **result: Any) -> None:
         """Give up on `entry`'s record: a sync error after one attempt (validation), or with
@@ -134,7 +137,7 @@ class Applier:
         batches = self._batches(stop, time.monotonic() + max_seconds)
         try:
             batch = next(batches, None)
-            while batch is not None and len(batch.entries) < self.batch_size:
+            while batch is not None and batch.report.entries < self.batch_size:
                 # all there is: no next batch to overlap with, so spare the thread hand-off
                 # (the low-latency path); what came meanwhile is applied next
                 self._apply(batch)
@@ -182,48 +185,59 @@ class Applier:
 
     def _prepare(self, after: int) -> Batch | None:
         """Claim the entries after id `after`, read their records' current rows (SQLite writes
-        the JSON lines) and sort them into upserts, deletes and failures (SQLite and CPU
-        only)."""
-        entries = self.db.claim(self.batch_size, after=after)
-        if not entries:
+        the JSON lines, in the statement that reads each mapping's entries) and sort them into
+        upserts, deletes and failures (SQLite and CPU only)."""
+        claimed = self.db.claim(self.batch_size, after=after)
+        if not claimed:
             return None
-        batch = Batch(entries, BatchReport(entries=len(entries)))
-        # the last marker per record wins; its state is read now
-        latest = {(entry.mapping, entry.key): entry for entry in entries}
-        batch.records = set(latest)
-        by_mapping: dict[str, list[OutboxEntry]] = {}
-        for entry in latest.values():
-            by_mapping.setdefault(entry.mapping, []).append(entry)
-        for name, group in by_mapping.items():
+        last_id = max(last for _, _, last in claimed)
+        batch = Batch(last_id, BatchReport(entries=sum(count for _, count, _ in claimed)))
+        for name, count, _ in claimed:
             index = self.indexes.get(name)
             if index is None:
-                self._unknown(name, len(group))
+                self._unknown(name, count)
             else:  # the mapping as the collection lets it be (see ensure_collection)
-                self._prepare_mapping(batch, index.mapping, group)
+                self._prepare_mapping(batch, index.mapping, after)
         return batch
 
-    def _prepare_mapping(self, batch: Batch, mapping: Mapping, group: list[OutboxEntry]) -> None:
+    def _prepare_mapping(self, batch: Batch, mapping: Mapping, after: int) -> None:
         work = batch.work.setdefault(mapping.name, Work())
-        # One entry per record here. Keys no document can have are looked up too: a tag of a
-        # character keyed '' that is gone, or one outside the `where`, is no record to report.
-        found = self.db.read_rows(mapping, [entry.key for entry in group if _json(entry.key)])
-        rows = {row_key(row[0]): row for row in found}
-        for entry in group:
+        # the last entry per record wins; its record's state, read with it, is what goes
+        latest = {entry[2]: entry for entry in self.db.read_claimed(mapping, after, batch.last_id)}
+        batch.records.update(zip(repeat(mapping.name), latest))
+        judged = []  # rows SQLite left to the Python mapper
+        for entry_id, deleted, key, line in latest.values():
+            if line and (line.isascii() or written(line)):  # nearly every row
+                work.upserts.append((entry_id, key, line))
+            elif line is not None:
+                judged.append(OutboxEntry(entry_id, mapping.name, key, _op(deleted)))
+            else:
+                self._gone(
+                    batch, work, mapping, OutboxEntry(entry_id, mapping.name, key, _op(deleted))
+                )
+        if not judged:
+            return
+        # read again, raw (one gone meanwhile is left out)
+        rows = {row_key(row[0]): row for row in self.db.read_rows(mapping, [e.key for e in judged])}
+        for entry in judged:
             row = rows.get(entry.key)
-            if row is not None:  # the judge also refuses a key no document can have
-                try:
-                    work.upserts.append((entry, mapping.judge(row)))
-                except InvalidRecordError as error:
-                    batch.fail(entry, mapping.describe_row(row[2]), str(error))
+            if row is None:
+                self._gone(batch, work, mapping, entry)
                 continue
-            doc_id = mapping.document_id(entry.key)  # only a delete needs it: the line has it
-            if doc_id is None:  # no document can have this key
-                if entry.op == "delete" or _json(entry.key):  # no row of it: nothing to do
-                    batch.synced.append((mapping.name, entry.key))
-                else:  # NULL or a BLOB: its row cannot be looked up by it
-                    batch.fail(entry, None, mapping.key_problem(entry.key) or "")
-            else:  # gone, or outside the mapping's `where`
-                work.deletes.append((entry, doc_id))
+            try:
+                work.upserts.append((entry.id, entry.key, mapping.judge(row)))
+            except InvalidRecordError as error:
+                batch.fail(entry, mapping.describe_row(row[2]), str(error))
+
+    def _gone(self, batch: Batch, work: Work, mapping: Mapping, entry: OutboxEntry) -> None:
+        """An entry whose record has no row the mapping covers (gone, or outside `where`)."""
+        doc_id = mapping.document_id(entry.key)  # only a delete needs it: the line has it
+        if doc_id is not None:
+            work.deletes.append((entry.id, entry.key, doc_id))
+        elif entry.op == "delete" or _json(entry.key):  # no document can have it: nothing to do
+            batch.synced.append((mapping.name, entry.key))
+        else:  # NULL or a BLOB: its row cannot be looked up by it
+            batch.fail(entry, None, mapping.key_problem(entry.key) or "")
 
     def _unknown(self, mapping: str, count: int) -> None:
         if mapping not in self.unknown_logged:
@@ -240,24 +254,26 @@ class Applier:
         for name, work in batch.work.items():
             index = self.indexes[name]
             if work.upserts:
-                self._apply_upserts(batch, index, work.upserts)
+                self._apply_upserts(batch, index, name, work.upserts)
             if work.deletes:
-                index.delete_ids([doc_id for _, doc_id in work.deletes])
-                batch.synced.extend((name, entry.key) for entry, _ in work.deletes)
+                index.delete_ids([doc_id for _, _, doc_id in work.deletes])
+                batch.synced.extend(zip(repeat(name), [key for _, key, _ in work.deletes]))
                 batch.report.deleted += len(work.deletes)
 
-    def _apply_upserts(
-        self, batch: Batch, index: Index, upserts: list[tuple[OutboxEntry, bytes]]
-    ) -> None:
+    def _apply_upserts(self, batch: Batch, index: Index, name: str, upserts: list[Change]) -> None:
         """Import, then retry the documents that failed once, immediately; the ones failing
         twice become sync_errors. A 5xx on a line is server trouble: nothing is given up."""
         pending = upserts
         for attempt in (1, 2):
-            results = index.import_jsonl(b"\n".join([line for _, line in pending]), len(pending))
-            failed: list[tuple[OutboxEntry, bytes, ImportResult]] = []
-            for (entry, line), result in zip(pending, results, strict=True):
+            results = index.import_jsonl(b"\n".join([line for _, _, line in pending]), len(pending))
+            if results.count(ACCEPTED) == len(results):  # nearly always
+                batch.synced.extend(zip(repeat(name), [key for _, key, _ in pending]))
+                batch.report.upserted += len(pending)
+                return
+            failed: list[tuple[Change, ImportResult]] = []
+            for upsert, result in zip(pending, results, strict=True):
                 if result.ok:
-                    batch.synced.append((entry.mapping, entry.key))
+                    batch.synced.append((name, upsert[1]))
                     batch.report.upserted += 1
                 elif result.http_status is not None and result.http_status >= 500:
                     raise TypesenseUnavailableError(
@@ -265,15 +281,20 @@ class Applier:
                         result.http_status,
                     )
                 else:
-                    failed.append((entry, line, result))
+                    failed.append((upsert, result))
             if attempt == 1:
                 batch.report.retried += len(failed)
-            pending = [(entry, line) for entry, line, _ in failed]
+            pending = [upsert for upsert, _ in failed]
             if not pending:
                 return
-        for entry, line, result in failed:
-            error = result.error or "import failed"
-            batch.fail(entry, line.decode(), error, http_status=result.http_status, attempts=2)
+        for (entry_id, key, line), result in failed:
+            batch.fail(
+                OutboxEntry(entry_id, name, key, "upsert"),
+                line.decode(),
+                result.error or "import failed",
+                http_status=result.http_status,
+                attempts=2,
+            )
 
     def _ack(self, batches: list[Batch]) -> None:
         """Acknowledge applied batches, consecutive ones, in one write transaction."""
@@ -321,7 +342,7 @@ class Acks:
         if not self.batches:
             self.since = time.monotonic()
         self.batches.append(batch)
-        self.entries += len(batch.entries)
+        self.entries += batch.report.entries
         if self.entries >= self.limit or time.monotonic() - self.since >= ACK_INTERVAL_S:
             self.flush()
 
@@ -339,3 +360,7 @@ JSON_SCALARS = (str, int, float)
 def _json(key: Any) -> bool:
     """A key `Database.read_rows` can look up (a JSON scalar: not NULL, not a BLOB)."""
     return isinstance(key, JSON_SCALARS)
+
+
+def _op(deleted: int) -> str:
+    return "delete" if deleted else "upsert"

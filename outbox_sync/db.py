@@ -27,6 +27,11 @@ WRITE_RETRY_MAX_S = 0.002
 DEFAULT_PAGE_ROWS = 5000
 
 
+# An outbox entry as `Database.read_claimed` reads it with its record's row: (id, whether it is
+# a delete, the key, the row's JSON line: None for no row, b"" for one SQLite leaves to Python).
+Claimed = tuple[int, int, Any, bytes | None]
+
+
 class OutboxEntry(NamedTuple):
     """One outbox entry (a tuple: a batch makes thousands of them)."""
 
@@ -186,21 +191,29 @@ class Database:
 
     # -- the queue ------------------------------------------------------------------------------
 
-    def claim(self, limit: int, after: int = 0) -> list[OutboxEntry]:
-        """The oldest `limit` outbox entries with an id above `after`, in id order. A text key
-        is read as bytes (text that is not UTF-8 must not fail the read) and decoded here; the
-        rest is read as str by SQLite (a raw read and decoding in Python took half again as
-        long)."""
-        rows = self.conn.execute(
-            "SELECT id, mapping, op,"
-            " CASE WHEN typeof(record_key) != 'text' THEN record_key END,"
-            " CASE WHEN typeof(record_key) = 'text' THEN CAST(record_key AS BLOB) END"
-            " FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+    def claim(self, limit: int, after: int = 0) -> list[tuple[str, int, int]]:
+        """What the oldest `limit` outbox entries with an id above `after` hold, per mapping:
+        (mapping, how many, the highest id). `read_claimed` reads them."""
+        return self.conn.execute(
+            "SELECT mapping, count(*), max(id)"
+            " FROM (SELECT id, mapping FROM outbox WHERE id > ? ORDER BY id LIMIT ?)"
+            " GROUP BY mapping",
             (after, limit),
         ).fetchall()
+
+    def read_claimed(self, mapping: Mapping, after: int, last: int) -> list[Claimed]:
+        """The outbox entries of `mapping` with an id in (after, last], in id order, each with
+        its record's row as SQLite writes it: (id, is a delete, key, line). The line is None
+        when the mapping covers no row of that key, empty when SQLite leaves the row to the
+        Python mapper (`Mapping.select_claimed`: one statement, SQLite's work). A text key is
+        read as bytes (text that is not UTF-8 must not fail the read) and decoded here."""
+        try:
+            rows = self.fetch_raw(mapping.select_claimed(), (after, last, mapping.name))
+        except sqlite3.OperationalError as error:
+            raise self._read_error(mapping, error) from None
         return [
-            OutboxEntry(id, mapping, key if text is None else text.decode("utf-8", "replace"), op)
-            for id, mapping, op, key, text in rows
+            (id, deleted, key.decode("utf-8", "replace") if type(key) is RawText else key, line)
+            for id, deleted, key, line in rows
         ]
 
     def read_rows(self, mapping: Mapping, keys: Sequence[Any]) -> list[Found]:
@@ -226,14 +239,18 @@ class Database:
                 found += [(row[0], None, row) for row in rows]
             return found
         except sqlite3.OperationalError as error:
-            if "no such table" in str(error):
-                raise TableMissingError(mapping.table, self.path) from None
-            if "no such column" in str(error):
-                raise DatabaseError(
-                    f"table {mapping.table} in {self.path} changed under the daemon ({error}): "
-                    f"{mapping.origin} reads {mapping.columns()}"
-                ) from None
-            raise
+            raise self._read_error(mapping, error) from None
+
+    def _read_error(self, mapping: Mapping, error: sqlite3.OperationalError) -> Exception:
+        """What a failed read of a mapping's table means: the table is gone, changed, or busy."""
+        if "no such table" in str(error):
+            return TableMissingError(mapping.table, self.path)
+        if "no such column" in str(error):
+            return DatabaseError(
+                f"table {mapping.table} in {self.path} changed under the daemon ({error}): "
+                f"{mapping.origin} reads {mapping.columns()}"
+            )
+        return error
 
     def ack(
         self,

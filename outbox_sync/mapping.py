@@ -283,6 +283,25 @@ class Mapping:
             f" WHERE {quote_identifier(self.key)} IN (SELECT value FROM json_each(?)){where}"
         )
 
+    def select_claimed(self) -> str:
+        """Each outbox entry of this mapping with an id in (?, ?] (the mapping's name the third
+        parameter), in id order: its id, whether it is a delete, its key, and the line of its
+        record's row (`line_sql`): NULL when the mapping covers no row of that key (NULL and
+        BLOB keys are not looked up), empty when the Python mapper must judge the row. The
+        entries' columns get names of our own, so every other name means the table's (a
+        column the table lacks is an error, not an outbox column)."""
+        table, key = quote_identifier(self.table), quote_identifier(self.key)
+        where = f" AND ({self.where})" if self.where else ""
+        return (
+            "SELECT outbox_sync_id, outbox_sync_delete, outbox_sync_key,"
+            f" CASE WHEN {table}.{key} IS NOT NULL THEN coalesce({self.line_sql()}, x'') END"
+            " FROM (SELECT id AS outbox_sync_id, op = 'delete' AS outbox_sync_delete,"
+            " record_key AS outbox_sync_key FROM outbox WHERE id > ? AND id <= ? AND mapping = ?)"
+            f" LEFT JOIN {table} ON {table}.{key} = outbox_sync_key"
+            f" AND typeof(outbox_sync_key) IN ('integer', 'real', 'text'){where}"
+            " ORDER BY outbox_sync_id"
+        )
+
     # -- triggers --------------------------------------------------------------------------------
 
     def triggers(self) -> list["Trigger"]:

@@ -22,7 +22,8 @@ import structlog
 
 from outbox_sync import schema, sync_errors
 from outbox_sync.db import Database
-from outbox_sync.mapping import SEQUENCES
+from outbox_sync.errors import DatabaseError
+from outbox_sync.mapping import SEQUENCES, Field, Mapping
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
@@ -269,6 +270,29 @@ def test_renaming_or_dropping_a_synced_column_stops_the_daemon_with_one_clear_li
     assert again.wait(30) == 1
     [line] = error_lines(again.output())
     assert "table sequences has no column comment" in line
+
+
+def test_a_dropped_column_named_as_an_outbox_column_is_an_error_not_the_outbox_s(
+    tmp_path: Path,
+) -> None:
+    """The drain reads each entry with its row in one statement: a field's column the table
+    no longer has must fail the read, even when the outbox has a column of that name."""
+    path = tmp_path / "tasks.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE tasks (id INTEGER PRIMARY KEY, op TEXT NOT NULL)")
+    tasks = Mapping(table="tasks", key="id", collection="tasks", fields=(Field("op", "string"),))
+    db = Database(path)
+    schema.init(db, [tasks])
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("INSERT INTO tasks VALUES (1, 'write the report')")
+        ((last,),) = conn.execute("SELECT max(id) FROM outbox").fetchall()
+        assert db.read_claimed(tasks, 0, last) == [
+            (last, 0, 1, b'{"id":"1","op":"write the report"}')
+        ]
+        conn.execute("ALTER TABLE tasks DROP COLUMN op")
+    with pytest.raises(DatabaseError, match=r"changed under the daemon \(no such column: op\)"):
+        db.read_claimed(tasks, 0, last)
+    db.close()
 
 
 # -- the database file itself ---------------------------------------------------------------------

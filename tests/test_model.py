@@ -474,7 +474,7 @@ class SyncMachine(RuleBasedStateMachine):
             return call
 
         if when == "read":
-            targets = [(self.worker.db, "read_rows")]
+            targets = [(self.worker.db, "read_claimed")]
         else:
             targets = self.requests("import_jsonl", "delete_ids")
         with self.patched(targets, hook):
@@ -510,7 +510,7 @@ class SyncMachine(RuleBasedStateMachine):
             return write
 
         targets, wrap = {
-            "after_claim": ([(self.worker.db, "read_rows")], die_before),
+            "after_claim": ([(self.worker.db, "read_claimed")], die_before),
             "before_import": (self.requests("import_jsonl"), die_before),
             "after_import": (self.requests("import_jsonl"), die_after),
             "after_delete": (self.requests("delete_ids"), die_after),
