@@ -33,7 +33,8 @@ Claimed = tuple[int, int, Any, bytes | None]
 
 
 class OutboxEntry(NamedTuple):
-    """One outbox entry (a tuple: a batch makes thousands of them)."""
+    """One outbox entry whose record the drain cannot simply upsert: gone, judged by the Python
+    mapper, or failing (the rest stay `Claimed` tuples)."""
 
     id: int
     mapping: str
