@@ -1,6 +1,7 @@
 """Zero-downtime reindex against a real Typesense, directly and through a running daemon with
 writers active."""
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -420,9 +421,12 @@ def test_a_fill_ends_between_chunks_when_the_daemon_stops_and_runs_again_at_next
     db.close()
 
 
-def test_ctrl_c_during_a_reindex_leaves_no_half_filled_collection(
+@contextlib.contextmanager
+def reindex_under_way(
     tmp_path: Path, served: Server, collection: str, daemon_env: dict[str, str]
-) -> None:
+) -> Iterator[tuple[subprocess.Popen[str], TypesenseIndex, str | None, dict[str, str]]]:
+    """`outbox-sync reindex` of 60,000 synced rows as a real process, caught once its new
+    collection is there: (the process, the index, the collection in use, its environment)."""
     path = filled_later(tmp_path, range(1, 60_001))
     env = daemon_env | {"OUTBOX_SYNC_DB": str(path)}
     assert invoke(["run", "--once"], served, path, collection).exit_code == 0
@@ -437,10 +441,18 @@ def test_ctrl_c_during_a_reindex_leaves_no_half_filled_collection(
     )
     try:
         wait_until(lambda: len(index.versions()) == 2, what="the new collection", timeout_s=30)
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=60)
+        yield process, index, old, env
     finally:
         process.kill()
+        process.communicate()
+
+
+def test_ctrl_c_during_a_reindex_leaves_no_half_filled_collection(
+    tmp_path: Path, served: Server, collection: str, daemon_env: dict[str, str]
+) -> None:
+    with reindex_under_way(tmp_path, served, collection, daemon_env) as (process, index, old, _):
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
     assert process.returncode != 0, output
     assert index.target() == old and index.versions() == [old]
     assert index.count() == 60_000
@@ -451,19 +463,8 @@ def test_the_daemon_drops_at_start_what_a_killed_reindex_left_behind(
 ) -> None:
     """SIGKILL runs no cleanup: the half-filled collection stays, in Typesense's memory, until
     the daemon (holding its lock, so nothing is filling it) drops it, and says so."""
-    path = filled_later(tmp_path, range(1, 60_001))
-    env = daemon_env | {"OUTBOX_SYNC_DB": str(path)}
-    assert invoke(["run", "--once"], served, path, collection).exit_code == 0
-    index = TypesenseIndex([served.url], served.api_key, collection)
-    old = index.target()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "outbox_sync", "reindex"], env=env, stdout=subprocess.DEVNULL
-    )
-    try:
-        wait_until(lambda: len(index.versions()) == 2, what="the new collection", timeout_s=30)
-    finally:
+    with reindex_under_way(tmp_path, served, collection, daemon_env) as (process, index, old, env):
         process.kill()
-        process.wait()
     (leftover,) = set(index.versions()) - {old}
     run = subprocess.run(
         [sys.executable, "-m", "outbox_sync", "run", "--once"],
