@@ -274,11 +274,17 @@ class TypesenseIndex:
         return sorted(c["name"] for c in listed if pattern.fullmatch(c["name"]))
 
     def drop_leftovers(self, target: str) -> list[str]:
-        """Drop the collections `create_versioned` made for our name other than `target`, the
-        one in use: a rebuild cut short (SIGKILL, a power cut) leaves its half-filled one, or
-        the old one it could not drop, in Typesense's memory for good. Call it holding the
-        daemon lock: only its holder rebuilds, so none of them is being filled. Their names."""
-        leftovers = [name for name in self.versions() if name != target]
+        """Drop the collections `create_versioned` made for our name that no alias points at,
+        `target` (the one in use) aside: a rebuild cut short (SIGKILL, a power cut) leaves its
+        half-filled one, or the old one it could not drop, in Typesense's memory for good. Call
+        it holding the daemon lock: only its holder rebuilds, so none of them is being filled.
+        Their names."""
+        others = [name for name in self.versions() if name != target]
+        if not others:  # nearly always: spare the look-up of the aliases
+            return []
+        listed = self._call("alias", self.client.aliases.retrieve, about="other")
+        aliased = {alias["collection_name"] for alias in listed["aliases"]}
+        leftovers = [name for name in others if name not in aliased]
         for name in leftovers:
             self.drop_collection(name)
             structlog.get_logger("outbox_sync").warning(

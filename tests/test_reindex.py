@@ -486,7 +486,10 @@ def test_a_reindex_drops_what_an_earlier_one_left_behind(
     assert invoke(["run", "--once"], served, path, collection).exit_code == 0
     index = TypesenseIndex([served.url], served.api_key, collection)
     leftover = index.create_versioned()  # as a reindex killed before its switch leaves it
+    kept = index.create_versioned()  # one a user's alias points at: kept
+    index.client.aliases.upsert(f"{collection}_mine", {"collection_name": kept})
     result = invoke(["reindex"], served, path, collection)
     assert result.exit_code == 0, result.output
-    assert leftover not in index.versions() and len(index.versions()) == 1
+    assert leftover not in index.versions() and kept in index.versions()
+    assert len(index.versions()) == 2
     assert index.count() == 100
