@@ -71,8 +71,9 @@ def init(settings: Settings, backfill: bool) -> None:
 def run(settings: Settings, once: bool) -> None:
     """Run the sync daemon: apply outbox entries to Typesense as they are committed.
 
-    Creates the collection if it is missing (and refuses one with another schema), and first
-    indexes the rows `init` found in a table, straight from the table. While Typesense is
+    Creates the collection if it is missing (and refuses one with another schema), drops what a
+    killed reindex left (a `NAME_v<time>` collection no alias points at), and first indexes the
+    rows `init` found in a table, straight from the table. While Typesense is
     unreachable, entries stay queued and the daemon retries with a capped backoff.
     SIGTERM or Ctrl-C finishes the current batch (or a fill's or reindex's requests in flight)
     and exits 0; a second one exits at once.
