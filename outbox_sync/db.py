@@ -311,6 +311,10 @@ class Database:
 
     # -- the daemon's own state -----------------------------------------------------------------
 
+    def fill_asked(self, mapping: str) -> bool:
+        """Whether `init` asked the daemon to fill this mapping's collection from its table."""
+        return self.get_meta(fill_key(mapping)) is not None
+
     def get_meta(self, key: str) -> str | None:
         row = self.conn.execute(
             "SELECT value FROM outbox_sync_meta WHERE key = ?", (key,)

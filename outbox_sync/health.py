@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from outbox_sync.db import Database, fill_key
+from outbox_sync.db import Database
 from outbox_sync.errors import TypesenseError
 from outbox_sync.lock import DaemonLock
 from outbox_sync.mapping import Mapping
@@ -45,7 +45,7 @@ def gather(
         "documents": 0,
         "typesense_ok": True,
     }
-    if waiting := [i.collection for i in indexes if db.get_meta(fill_key(i.mapping.name))]:
+    if waiting := [i.collection for i in indexes if db.fill_asked(i.mapping.name)]:
         figures["fill_pending"] = waiting  # rows init found: the daemon indexes them at start
     collections = {}
     for index in indexes:

@@ -230,7 +230,7 @@ def serve_fills(
     queues every row instead, as `init --backfill` does, for the drain and its policy
     (retries, sync_errors): nothing is lost. False when none was asked for."""
     log = structlog.get_logger("outbox_sync")
-    asked = [index for index in indexes if db.get_meta(fill_key(index.mapping.name))]
+    asked = [index for index in indexes if db.fill_asked(index.mapping.name)]
     for index in asked:
         log.info("fill_started", collection=index.collection)  # fill_finished counts the rows
         try:

@@ -185,7 +185,6 @@ def audit(settings: Settings, repair: bool, max_lag: str, as_json: bool) -> None
     however large the table.
     """
     from outbox_sync.audit import Audit, audit_json
-    from outbox_sync.db import fill_key
 
     max_lag_s = parse_duration(max_lag, "--max-lag")
     opened = open_database(settings)
@@ -206,7 +205,7 @@ def audit(settings: Settings, repair: bool, max_lag: str, as_json: bool) -> None
                     render.echo_lines(
                         render.audit_lines(index.collection, checked, summary, repaired)
                     )
-    if waiting := [i.collection for i in indexes if opened.db.get_meta(fill_key(i.mapping.name))]:
+    if waiting := [i.collection for i in indexes if opened.db.fill_asked(i.mapping.name)]:
         click.echo(
             f"not filled yet: {', '.join(waiting)}: `init` found rows in the table, which the "
             "daemon indexes when it starts (their documents are missing until then)",
