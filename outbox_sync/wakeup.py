@@ -14,15 +14,15 @@ Which events a commit raises (strace and inotify traces here, Linux 6.18, SQLite
 - WAL: write()s to `-wal`, then the wal-index header in `-shm` is updated through mmap, which
   raises no event. With synchronous=FULL (SQLite's and Python's default) an fsync sits in
   between, so the event comes *before* the commit is visible: 0.9 ms median, 5.8 ms p90, 10 ms
-  p99, 50 ms at worst in 300 commits (0.05 ms with synchronous=NORMAL). Hence the rechecks
-  after every event (RECHECK_*).
+  p99, 50 ms at worst in 300 commits (0.05 ms with synchronous=NORMAL); 0.16-0.20 ms median
+  on another day's disk. Hence the rechecks after every event (RECHECK_*).
 - DELETE (rollback journal): `-journal` created, written, the main file written, then
   `-journal` unlinked: the unlink is the commit. While the journal has content no look-up is
   asked for (see _journal_busy). TRUNCATE and PERSIST end with a write to the journal.
 - A checkpoint writes the main file; a new `-wal` or `-journal` is a creation in the
   directory: one watch on the directory sees them all, whenever the files come and go.
 The daemon's own writes (its acknowledgements) raise the same events, and cannot be told from
-another process's: each costs one burst of rechecks, ~13 look-ups, ~2 ms of CPU here
+another process's: each costs one burst of rechecks, ~16 look-ups, ~3 ms of CPU here
 (tests/bench/idle.py).
 """
 
@@ -45,10 +45,12 @@ DEFAULT_FALLBACK_POLL_S = 0.25
 # After an event, look at once, then again after RECHECK_MIN_S, and so on at intervals that
 # grow with the time since the event (by RECHECK_GROWTH of it: a commit is seen at most 50 %
 # later than it became visible) until RECHECK_WINDOW_S, because the commit that wrote to the
-# WAL may still be in its fsync (above: 0.9 ms median, up to 50 ms). That makes 15 look-ups per
-# burst of events (0, 0.5, 1, 1.5, 2.3, 3.4 ... 130 ms); a commit slower than the window is
-# seen at the caller's timeout or the next event.
-RECHECK_MIN_S = 0.0005
+# WAL may still be in its fsync (above: 0.2-0.9 ms median, up to 50 ms). That makes 19 look-ups
+# per burst of events (0, 0.1, 0.2, 0.3, 0.45, 0.68 ... 131 ms); a commit slower than the window
+# is seen at the caller's timeout or the next event. With a first recheck at 0.5 ms, a commit
+# whose fsync took 0.2 ms was seen 0.3 ms late: 0.1 ms cut the wake-up p50 from 0.32 to 0.18 ms
+# (tests/bench/idle.py) for ~4 more look-ups per burst (~30 us each).
+RECHECK_MIN_S = 0.0001
 RECHECK_GROWTH = 0.5
 RECHECK_WINDOW_S = 0.1
 # While events keep coming (a writer streaming pages into the WAL), look at most this often:
