@@ -97,7 +97,6 @@ class ChangeWatch:
         self.poll_interval_s = poll_interval_s
         self.mode, self.reason = "poll", "inotify switched off"
         self._looked_at = time.monotonic()  # when wait() last returned: the caller looked
-        self._checked_at = self._looked_at  # when a look last came due (it paces the rechecks)
         self._event_at = float("-inf")  # when the last event about the database was read
         self._inotify = -1
         # select() below: these descriptors are opened with the daemon, far below its limit
@@ -137,14 +136,10 @@ class ChangeWatch:
                 self._event_at = now
             look_at = self._next_look()
             if look_at <= now and self._journal_busy(now):
-                # Held, and not a look: the rechecks go on from here, and the journal's next
-                # event (its unlink is the commit) brings a look at once, not LOOK_PACE_S after
-                # this check (that made DELETE mode's wake-up p50 0.6 ms once the rechecks
-                # began at 0.1 ms).
-                self._checked_at = now
+                self._looked_at = now  # a look of our own: it paces the next ones all the same
                 continue
             if look_at <= now or deadline <= now:
-                self._looked_at = self._checked_at = now
+                self._looked_at = now
                 return look_at <= now
             # An event cannot bring a look-up closer than LOOK_PACE_S after the last one: until
             # then sleep on the wake-up pipe alone, so a writer streaming pages into the WAL
@@ -156,20 +151,20 @@ class ChangeWatch:
             if self._wake_r in readable:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)  # every interrupt so far: one wake-up
-                self._looked_at = self._checked_at = time.monotonic()
+                self._looked_at = time.monotonic()
                 return True
 
     def _next_look(self) -> float:
         """When the caller should look next: at once after a new event, but not twice within
         LOOK_PACE_S, then again and again until RECHECK_WINDOW_S (see RECHECK_*)."""
         if self.mode == "poll":
-            return self._checked_at + self.poll_interval_s
-        if self._event_at > self._checked_at:
+            return self._looked_at + self.poll_interval_s
+        if self._event_at > self._looked_at:
             return max(self._event_at, self._looked_at + LOOK_PACE_S)
-        age = self._checked_at - self._event_at
+        age = self._looked_at - self._event_at
         if age > RECHECK_WINDOW_S:
             return float("inf")
-        return self._checked_at + max(RECHECK_MIN_S, age * RECHECK_GROWTH)
+        return self._looked_at + max(RECHECK_MIN_S, age * RECHECK_GROWTH)
 
     def _journal_busy(self, now: float) -> bool:
         """Whether a rollback-journal transaction is writing (its -journal has content) and
