@@ -888,7 +888,7 @@ def lag_once(ctx: Context, rate: float, seconds: float) -> LagRun:
 
 def bench_lag(ctx: Context) -> list[Row]:
     """Commit-to-searchable lag with the daemon running and a writer committing one row at a
-    time at a steady rate, vs the round trip of one single-document upsert."""
+    time at a steady rate, vs the round trip of one single-document upsert sent at that rate."""
     sample = sample_documents(1, ctx.plan.reference_upserts)
     rows = []
     targets = {50: {"p50": 2.0, "p99": 5.0}, 2000: {"p99": 30.0}}
