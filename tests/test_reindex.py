@@ -421,19 +421,13 @@ def test_a_fill_ends_between_chunks_when_the_daemon_stops_and_runs_again_at_next
     db.close()
 
 
-# Enough rows that the fill outlasts the test's noticing it: with 60,000 (a 2 s fill), one run
-# of the whole suite saw the reindex finish before its Ctrl-C arrived.
-ROWS_UNDER_WAY = 150_000
-
-
 @contextlib.contextmanager
 def reindex_under_way(
     tmp_path: Path, served: Server, collection: str, daemon_env: dict[str, str]
 ) -> Iterator[tuple[subprocess.Popen[str], TypesenseIndex, str | None, dict[str, str]]]:
-    """`outbox-sync reindex` of ROWS_UNDER_WAY synced rows as a real process, caught once its
-    new collection is there: (the process, the index, the collection in use, its
-    environment)."""
-    path = filled_later(tmp_path, range(1, ROWS_UNDER_WAY + 1))
+    """`outbox-sync reindex` of 60,000 synced rows as a real process, caught once its new
+    collection is there: (the process, the index, the collection in use, its environment)."""
+    path = filled_later(tmp_path, range(1, 60_001))
     env = daemon_env | {"OUTBOX_SYNC_DB": str(path)}
     assert invoke(["run", "--once"], served, path, collection).exit_code == 0
     index = TypesenseIndex([served.url], served.api_key, collection)
@@ -461,7 +455,7 @@ def test_ctrl_c_during_a_reindex_leaves_no_half_filled_collection(
         output, _ = process.communicate(timeout=60)
     assert process.returncode != 0, output
     assert index.target() == old and index.versions() == [old]
-    assert index.count() == ROWS_UNDER_WAY
+    assert index.count() == 60_000
 
 
 def test_the_daemon_drops_at_start_what_a_killed_reindex_left_behind(
@@ -481,7 +475,7 @@ def test_the_daemon_drops_at_start_what_a_killed_reindex_left_behind(
     )
     assert run.returncode == 0, run.stderr
     assert index.versions() == [old] and index.target() == old
-    assert index.count() == ROWS_UNDER_WAY
+    assert index.count() == 60_000
     assert "leftover_collection_dropped" in run.stderr and leftover in run.stderr
 
 
