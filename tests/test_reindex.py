@@ -2,6 +2,7 @@
 writers active."""
 
 import contextlib
+import functools
 import json
 import signal
 import subprocess
@@ -438,6 +439,9 @@ def reindex_under_way(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # Ctrl-C as at a terminal: a suite started in the background of a non-interactive
+        # shell (`pytest &`) passes SIGINT on ignored, and the reindex would run to its end.
+        preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL),
     )
     try:
         wait_until(lambda: len(index.versions()) == 2, what="the new collection", timeout_s=30)
