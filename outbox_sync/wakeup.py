@@ -48,8 +48,8 @@ DEFAULT_FALLBACK_POLL_S = 0.25
 # WAL may still be in its fsync (above: 0.2-0.9 ms median, up to 50 ms). That makes 19 look-ups
 # per burst of events (0, 0.1, 0.2, 0.3, 0.45, 0.68 ... 131 ms); a commit slower than the window
 # is seen at the caller's timeout or the next event. With a first recheck at 0.5 ms, a commit
-# whose fsync took 0.2 ms was seen 0.3 ms late: 0.1 ms cut the wake-up p50 from 0.32 to 0.18 ms
-# (tests/bench/idle.py) for ~4 more look-ups per burst (~30 us each).
+# whose fsync took 0.2 ms was seen 0.3 ms late: 0.1 ms cut the wake-up p50 from 0.32 to 0.16 ms
+# (tests/bench/idle.py), for ~2 more look-ups per own write (16 against 14).
 RECHECK_MIN_S = 0.0001
 RECHECK_GROWTH = 0.5
 # While a rollback journal holds looks back (see _journal_busy), check it no more often than
