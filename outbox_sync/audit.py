@@ -40,6 +40,9 @@ database are short and chunked: none is open while the audit waits on the networ
 
 import contextlib
 import json
+import os
+import re
+import shutil
 import sqlite3
 import tempfile
 import threading
@@ -49,6 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import structlog
 
 from outbox_sync.db import Database, pages, row_key
 from outbox_sync.errors import InvalidRecordError, OutboxSyncError, TypesenseUnavailableError
@@ -77,6 +82,46 @@ SCRATCH_SCHEMA = (
     "CREATE TABLE candidates (n INTEGER PRIMARY KEY, key, kind TEXT NOT NULL, detail TEXT)",
     "CREATE TABLE drift (n INTEGER PRIMARY KEY, key, kind TEXT NOT NULL, detail TEXT)",
 )
+
+
+# An audit's scratch directory, named with its process: what a killed one left (SIGKILL, a
+# power cut: no cleanup runs) is known by a process that is gone, and the next audit drops it.
+SCRATCH_PREFIX = "outbox-sync-audit-"
+SCRATCH_NAME = re.compile(re.escape(SCRATCH_PREFIX) + r"(\d+)-[^/]+")
+
+
+def drop_stale_scratch(directory: Path) -> list[Path]:
+    """Remove the scratch directories in `directory` whose audit's process is gone; ours only
+    (same user), and only those named with a process id (older ones are left alone)."""
+    dropped = []
+    for path in directory.glob(f"{SCRATCH_PREFIX}*"):
+        match = SCRATCH_NAME.fullmatch(path.name)
+        try:
+            if not match or not path.is_dir() or path.stat().st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        if process_exists(int(match[1])):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            dropped.append(path)
+            structlog.get_logger("outbox_sync").warning(
+                "stale_audit_scratch_dropped",
+                path=str(path),
+                note="left by an audit whose process was killed",
+            )
+    return dropped
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -188,7 +233,8 @@ class Audit:
             " WHERE CASE WHEN e.type = 'object' THEN json_type(e.value, '$.id') = 'text' END"
         )
         try:
-            self._directory = tempfile.TemporaryDirectory(prefix="outbox-sync-audit-")
+            drop_stale_scratch(Path(tempfile.gettempdir()))
+            self._directory = tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
             self.scratch = self._scratch_file("audit.db")
             self.scratch.create_function("same_document", 2, same_document, deterministic=True)
             for statement in SCRATCH_SCHEMA:

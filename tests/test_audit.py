@@ -2,7 +2,10 @@
 daemon's back is found exactly, repaired through the outbox, and gone after the daemon drains."""
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -353,6 +356,33 @@ def test_a_line_of_the_export_that_is_not_a_document_fails_the_audit_and_repairs
     assert result.exit_code == 2
     assert "Error while getting seq_id of `4`: Not found." in one_line(result)
     assert db.counts(SEQUENCES)["pending"] == 0  # 4 was not taken for a missing document
+
+
+def test_an_audit_drops_the_scratch_that_a_killed_audit_left(
+    db_path: Path, db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL runs no cleanup: an audit's scratch (a copy of the table's keys and documents)
+    would stay in the temp directory for good. It is named with its process, and the next
+    audit drops those whose process is gone, and only those."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    left = tmp_path / f"outbox-sync-audit-{killed.pid}-x1y2z3"
+    running = tmp_path / f"outbox-sync-audit-{os.getpid()}-a1b2c3"  # an audit under way
+    unnamed = tmp_path / "outbox-sync-audit-q1w2e3"  # made before names held a process
+    for directory in (left, running, unnamed):
+        directory.mkdir()
+        (directory / "audit.db").write_bytes(b"scratch")
+    insert_rows(db_path, range(1, 5))
+    app_connection(db_path).execute("DELETE FROM outbox")  # as if synced, then lost
+    with Audit(db, FakeIndex()) as checked:  # type: ignore[arg-type]
+        own = Path(checked._directory.name)
+        assert own.name.startswith(f"outbox-sync-audit-{os.getpid()}-")
+        assert checked.run().counts["missing"] == 4
+    assert not left.exists()
+    assert running.exists() and unnamed.exists()
+    assert not own.exists()
 
 
 def test_a_scratch_file_that_cannot_be_made_is_one_line_with_exit_status_2(
