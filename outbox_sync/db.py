@@ -209,7 +209,7 @@ class Database:
         Python mapper (`Mapping.select_claimed`: one statement, SQLite's work). A text key is
         read as bytes (text that is not UTF-8 must not fail the read) and decoded here."""
         try:
-            rows = self.fetch_raw(mapping.select_claimed(), (after, last, mapping.name))
+            rows = self.fetch_raw(mapping.select_claimed, (after, last, mapping.name))
         except sqlite3.OperationalError as error:
             raise self._read_error(mapping, error) from None
         return [
