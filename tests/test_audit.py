@@ -359,30 +359,35 @@ def test_a_line_of_the_export_that_is_not_a_document_fails_the_audit_and_repairs
 
 
 def test_an_audit_drops_the_scratch_that_a_killed_audit_left(
-    db_path: Path, db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    db_path: Path,
+    worker: Worker,
+    served: Server,
+    collection: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """SIGKILL runs no cleanup: an audit's scratch (a copy of the table's keys and documents)
     would stay in the temp directory for good. It is named with its process, and the next
     audit drops those whose process is gone, and only those."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     killed.kill()
     killed.wait()
-    left = tmp_path / f"outbox-sync-audit-{killed.pid}-x1y2z3"
-    running = tmp_path / f"outbox-sync-audit-{os.getpid()}-a1b2c3"  # an audit under way
-    unnamed = tmp_path / "outbox-sync-audit-q1w2e3"  # made before names held a process
+    left = temp / f"outbox-sync-audit-{killed.pid}-x1y2z3"
+    running = temp / f"outbox-sync-audit-{os.getpid()}-a1b2c3"  # an audit under way
+    unnamed = temp / "outbox-sync-audit-q1w2e3"  # made before names held a process
     for directory in (left, running, unnamed):
         directory.mkdir()
         (directory / "audit.db").write_bytes(b"scratch")
     insert_rows(db_path, range(1, 5))
-    app_connection(db_path).execute("DELETE FROM outbox")  # as if synced, then lost
-    with Audit(db, FakeIndex()) as checked:  # type: ignore[arg-type]
-        own = Path(checked._directory.name)
-        assert own.name.startswith(f"outbox-sync-audit-{os.getpid()}-")
-        assert checked.run().counts["missing"] == 4
+    drain(worker)
+    code, report = audit(served, db_path, collection)
+    assert code == 0 and report["consistent"] is True and report["rows"] == 4
     assert not left.exists()
     assert running.exists() and unnamed.exists()
-    assert not own.exists()
+    assert sorted(temp.iterdir()) == sorted([running, unnamed])  # its own is gone too
 
 
 def test_a_scratch_file_that_cannot_be_made_is_one_line_with_exit_status_2(
