@@ -90,10 +90,9 @@ SCRATCH_PREFIX = "outbox-sync-audit-"
 SCRATCH_NAME = re.compile(re.escape(SCRATCH_PREFIX) + r"(\d+)-[^/]+")
 
 
-def drop_stale_scratch(directory: Path) -> list[Path]:
+def drop_stale_scratch(directory: Path) -> None:
     """Remove the scratch directories in `directory` whose audit's process is gone; ours only
     (same user), and only those named with a process id (older ones are left alone)."""
-    dropped = []
     for path in directory.glob(f"{SCRATCH_PREFIX}*"):
         match = SCRATCH_NAME.fullmatch(path.name)
         try:
@@ -105,13 +104,11 @@ def drop_stale_scratch(directory: Path) -> list[Path]:
             continue
         shutil.rmtree(path, ignore_errors=True)
         if not path.exists():
-            dropped.append(path)
             structlog.get_logger("outbox_sync").warning(
                 "stale_audit_scratch_dropped",
                 path=str(path),
                 note="left by an audit whose process was killed",
             )
-    return dropped
 
 
 def process_exists(pid: int) -> bool:
