@@ -402,9 +402,9 @@ class TypesenseIndex:
             return None
 
     def delete_document(self, doc_id: str) -> bool:
-        """Delete one document by id, whatever characters the id holds (`delete_ids` takes
-        decimal ids only). False when it was not there."""
-        document = self.documents[quote(doc_id, safe="")]
+        """Delete one document by id, whatever characters the id holds. False when it was not
+        there."""
+        document = self.writes[quote(doc_id, safe="")]
         try:
             self._call("delete", document.delete)
         except CollectionNotFoundError:
@@ -511,10 +511,14 @@ def _error_message(response: httpx.Response) -> str:
 
 
 def split_ids(ids: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Ids a filter can list, and ids it cannot (a backtick cannot be quoted in a filter
-    value of 0.24.1: those are asked for one by one, by URL)."""
-    listed = [doc_id for doc_id in ids if "`" not in doc_id]
-    return listed, [doc_id for doc_id in ids if "`" in doc_id]
+    """Ids a filter can list, and ids it cannot, asked for one by one, by URL. In a filter
+    value of 0.24.1 a backtick cannot be quoted, a backslash escapes what follows it, and the
+    spaces around a value are dropped: `id:[` a`]` deletes document "a", not " a"."""
+    listed, alone = [], []
+    for doc_id in ids:
+        filterable = doc_id == doc_id.strip() and "`" not in doc_id and "\\" not in doc_id
+        (listed if filterable else alone).append(doc_id)
+    return listed, alone
 
 
 def id_filter(ids: Sequence[str]) -> str:

@@ -4,6 +4,7 @@ classification is checked on exceptions made here and, where the server decides,
 real 0.24.1 server (through the fault proxy for answers it will not give at will)."""
 
 import gc
+import json
 import ssl
 from collections.abc import Iterator
 
@@ -31,7 +32,7 @@ from outbox_sync.typesense_index import (
     status_error,
 )
 from tests.support.faultproxy import Fault, FaultProxy
-from tests.support.typesense import Server, by_hand
+from tests.support.typesense import Server, by_hand, export
 
 # -- classify and status_error -----------------------------------------------------------------
 
@@ -181,6 +182,28 @@ def test_a_missing_document_is_none_or_false_a_missing_collection_is_an_error(
     with pytest.raises(CollectionNotFoundError):
         list(missing.export_documents())
     assert missing.target() is None
+
+
+# Ids a filter value of 0.24.1 reads as another (the spaces around it dropped, a backslash
+# escaping what follows it, a backtick), each beside the id it would be read as, and ids it
+# reads right.
+MISREAD = {" a": "a", "b ": "b", "\tc\n": "c", "d\\": "d", "\\": "", "e\\`f": "e`f"}
+READ_RIGHT = ("7", "-7", "x y", "t\tab", "q,r", "ünï")
+
+
+def test_every_id_is_deleted_and_exported_as_itself(
+    index: TypesenseIndex, typesense_server: Server
+) -> None:
+    ids = [*MISREAD, *(neighbour for neighbour in MISREAD.values() if neighbour), *READ_RIGHT]
+    line = '{"id":%s,"element_type":"a","element_id":1,"sequence_number":1,"created_at":"x"}'
+    body = "\n".join(line % json.dumps(doc_id) for doc_id in ids).encode()
+    assert all(result.ok for result in index.import_jsonl(body, len(ids)))
+    asked = [*MISREAD, *READ_RIGHT]
+    assert sorted(document["id"] for document in index.export_ids(asked)) == sorted(asked)
+    assert index.delete_ids(asked) == len(asked)
+    assert sorted(export(typesense_server, index.collection)) == sorted(
+        neighbour for neighbour in MISREAD.values() if neighbour
+    )
 
 
 def test_a_wrong_key_is_refused_and_an_unreachable_server_is_server_trouble(
