@@ -514,7 +514,8 @@ def split_ids(ids: Sequence[str]) -> tuple[list[str], list[str]]:
     """Ids a filter can list, and ids it cannot, asked for one by one, by URL. In a filter
     value of 0.24.1 a backtick cannot be quoted, a backslash escapes what follows it, and the
     spaces around a value are dropped: `id:[` a`]` deletes document "a", not " a"."""
-    listed, alone = [], []
+    listed: list[str] = []
+    alone: list[str] = []
     for doc_id in ids:
         filterable = doc_id == doc_id.strip() and "`" not in doc_id and "\\" not in doc_id
         (listed if filterable else alone).append(doc_id)
