@@ -439,22 +439,30 @@ def _supersede(
 ) -> None:
     """Close the open errors of these (mapping, key) records as superseded, except one that
     says exactly what a failure in `keep` says (it stays open, as the record's one open
-    error)."""
-    same = json.dumps([[f.mapping, f.key, f.op, f.error] for f in keep])
-    listed = "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)"
-    conn.execute(
-        "UPDATE sync_errors SET resolved_at = ?, resolution = 'superseded'"
-        " WHERE resolved_at IS NULL"
-        f" AND ((mapping, record_key) IN ({listed})"  # by the open-errors index
-        "      OR (record_key IS NULL AND mapping IN"  # IN never matches a NULL key
-        "          (SELECT json_extract(value, '$[0]') FROM json_each(?)"
-        "           WHERE json_extract(value, '$[1]') IS NULL)))"
-        " AND NOT EXISTS (SELECT 1 FROM json_each(?) AS f WHERE"
-        "  json_extract(f.value, '$[0]') = mapping"
-        "  AND json_extract(f.value, '$[1]') IS sync_errors.record_key"
-        "  AND json_extract(f.value, '$[2]') = op AND json_extract(f.value, '$[3]') = error)",
-        (now, *[json.dumps([list(record) for record in records])] * 2, same),
-    )
+    error). The keys go through temporary tables, bound as they are: a key of any type (a
+    BLOB too, which JSON cannot carry) finds the errors recorded under it."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS superseded (mapping, record_key)")
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS kept (mapping, record_key, op, error)")
+    try:
+        conn.executemany("INSERT INTO temp.superseded VALUES (?, ?)", records)
+        conn.executemany(
+            "INSERT INTO temp.kept VALUES (?, ?, ?, ?)",
+            [(f.mapping, f.key, f.op, f.error) for f in keep],
+        )
+        conn.execute(
+            "UPDATE sync_errors SET resolved_at = ?, resolution = 'superseded'"
+            " WHERE resolved_at IS NULL"
+            " AND ((mapping, record_key) IN (SELECT * FROM temp.superseded)"  # the index
+            "      OR (record_key IS NULL AND mapping IN"  # IN never matches a NULL key
+            "          (SELECT mapping FROM temp.superseded WHERE record_key IS NULL)))"
+            " AND NOT EXISTS (SELECT 1 FROM temp.kept AS k WHERE k.mapping = sync_errors.mapping"
+            "  AND k.record_key IS sync_errors.record_key AND k.op = sync_errors.op"
+            "  AND k.error = sync_errors.error)",
+            (now,),
+        )
+    finally:
+        conn.execute("DELETE FROM temp.superseded")
+        conn.execute("DELETE FROM temp.kept")
 
 
 def _record_failures(conn: sqlite3.Connection, failures: Sequence[SyncFailure], now: str) -> None:

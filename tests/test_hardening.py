@@ -241,6 +241,37 @@ def test_sync_errors_of_null_keys_close_and_a_no_op_update_adds_none(
     assert closed["resolution"] == "superseded"
 
 
+def test_a_blob_key_is_one_sync_error_that_holds_nothing_back_and_closes_with_its_row(
+    tmp_path: Path, typesense_server: Server, index: TypesenseIndex
+) -> None:
+    """A BLOB key reached the errors' JSON and crashed the daemon, at every start, with the
+    entries behind it waiting (found by a hostile review)."""
+    loose = "id, element_type, element_id, sequence_number, comment, created_at"
+    path = legacy(tmp_path, f"CREATE TABLE sequences ({loose})")
+    conn = app_connection(path)
+    conn.execute(ROW_SQL, make_row(6, id=b"\x01\x02"))
+    conn.execute(ROW_SQL, make_row(7))
+    conn.execute(ROW_SQL, make_row(8, element_id=None))
+    db = Database(path)
+    worker = daemon(db, [index])
+    drain(worker)
+    assert db.backlog()[0] == 0
+    assert set(export(typesense_server, index.collection)) == {"7"}
+    errors = {e["record_key"]: e["error"] for e in sync_errors.find(db)}
+    assert errors == {
+        b"\x01\x02": "id: expected an integer, got a BLOB of 2 bytes",
+        8: "element_id: is NULL but the field is required",
+    }
+    conn.execute("UPDATE sequences SET comment = 'again' WHERE id = ?", (b"\x01\x02",))
+    drain(worker)
+    assert len(sync_errors.find(db)) == 2  # the same failure again adds nothing
+    conn.execute("DELETE FROM sequences WHERE id = ?", (b"\x01\x02",))
+    drain(worker)
+    assert [e["record_key"] for e in sync_errors.find(db)] == [8]
+    [closed] = sync_errors.find(db, status="resolved")
+    assert (closed["record_key"], closed["resolution"]) == (b"\x01\x02", "superseded")
+
+
 # -- monitoring --------------------------------------------------------------------------------
 
 
