@@ -23,6 +23,7 @@ from outbox_sync.errors import InvalidRecordError, TypesenseUnavailableError
 from outbox_sync.mapping import Mapping
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import ACCEPTED, IN_FLIGHT, ImportResult, free_request_bodies
+from outbox_sync.values import RawText
 
 # A long drain hands back to the loop this often, for its chores (metrics, triggers, reindex
 # requests, statistics); it keeps the loop's heartbeat itself (watchdog, /healthz). Each
@@ -209,9 +210,9 @@ class Applier:
         for entry_id, deleted, key, line in latest.values():
             if line and (line.isascii() or written(line)):  # nearly every row
                 work.upserts.append((entry_id, key, line))
-            elif line is not None:
+            elif line is not None and type(key) is not RawText:
                 judged.append(OutboxEntry(entry_id, mapping.name, key, _op(deleted)))
-            else:
+            else:  # no row, or a key that is not UTF-8 (see Database.read_claimed)
                 self._gone(
                     batch, work, mapping, OutboxEntry(entry_id, mapping.name, key, _op(deleted))
                 )
@@ -230,7 +231,8 @@ class Applier:
                 batch.fail(entry, mapping.describe_row(row[2]), str(error))
 
     def _gone(self, batch: Batch, work: Work, mapping: Mapping, entry: OutboxEntry) -> None:
-        """An entry whose record has no row the mapping covers (gone, or outside `where`)."""
+        """An entry whose record has no row the mapping covers (gone, or outside `where`), or
+        whose key no document can have."""
         doc_id = mapping.document_id(entry.key)  # only a delete needs it: the line has it
         if doc_id is not None:
             work.deletes.append((entry.id, entry.key, doc_id))

@@ -207,13 +207,15 @@ class Database:
         its record's row as SQLite writes it: (id, is a delete, key, line). The line is None
         when the mapping covers no row of that key, empty when SQLite leaves the row to the
         Python mapper (`Mapping.select_claimed`: one statement, SQLite's work). A text key is
-        read as bytes (text that is not UTF-8 must not fail the read) and decoded here."""
+        read as bytes (text that is not UTF-8 must not fail the read) and decoded here; one
+        that is not UTF-8 stays RawText, a key no document can have (decoded with
+        replacement characters, it could name another record's)."""
         try:
             rows = self.fetch_raw(mapping.select_claimed, (after, last, mapping.name))
         except sqlite3.OperationalError as error:
             raise self._read_error(mapping, error) from None
         return [
-            (id, deleted, key.decode("utf-8", "replace") if type(key) is RawText else key, line)
+            (id, deleted, _text(key) if type(key) is RawText else key, line)
             for id, deleted, key, line in rows
         ]
 
@@ -585,6 +587,14 @@ def pages(
             (*params, *last, chunk),
             raw=raw,
         )
+
+
+def _text(value: RawText) -> str | RawText:
+    """The text of a TEXT value read raw, or the value itself when it is not UTF-8."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value
 
 
 def _bindable(value: Any) -> Any:

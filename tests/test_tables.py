@@ -30,6 +30,7 @@ from tests.support.characters import (
     character,
     characters_mapping,
     expected_characters,
+    initialized_characters,
 )
 from tests.support.cli import invoke, run_module, without_settings
 from tests.support.daemon import Daemon, drain
@@ -296,3 +297,27 @@ def test_a_key_no_document_can_have_is_an_error_only_while_its_row_is_covered(
     drain(sync)
     assert sync_errors.find(db) == [] and export(typesense_server, collection) == {}
     db.close()
+
+
+def test_a_key_that_is_not_utf8_is_an_error_and_never_names_another_record(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """A slug stored as TEXT that is not UTF-8 was decoded with a replacement character: its
+    upsert was dropped with no error, and its delete deleted the document of the character
+    whose slug that decoding spells (found by a hostile review)."""
+    app, mapping, db = initialized_characters(tmp_path / "app.db", collection)
+    [mapping] = schema.check(db, [mapping])
+    index = TypesenseIndex([typesense_server.url], API_KEY, collection, mapping=mapping)
+    index.ensure_collection()
+    sync = worker.daemon(db, [index])
+    app.execute(CHARACTER_SQL, character("a\ufffd"))  # what b"a\xff" decodes to, replaced
+    bad = character("x")[1:]
+    app.execute(CHARACTER_SQL.replace("(?,", "(CAST(? AS TEXT),", 1), (b"a\xff", *bad))
+    drain(sync)
+    assert set(export(typesense_server, collection)) == {"a\ufffd"}
+    [error] = sync_errors.find(db)
+    assert error["error"] == "slug: is not valid UTF-8 (bad byte at offset 1)"
+    app.execute("DELETE FROM characters WHERE slug = CAST(? AS TEXT)", (b"a\xff",))
+    drain(sync)
+    assert set(export(typesense_server, collection)) == {"a\ufffd"}
+    assert sync_errors.find(db) == []  # closed: the record is gone
