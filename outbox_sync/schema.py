@@ -134,14 +134,16 @@ def _reinstall(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> list[st
 def repair_triggers(db: Database, mappings: Sequence[Mapping]) -> list[str]:
     """Put our triggers back as they should be, where they should be, in one short write
     transaction; what was wrong (empty: nothing, and nothing written). TableMissingError when
-    a mapped table itself is gone."""
+    a mapped table itself is gone; the error of `bind` when a column a mapping reads is gone,
+    with the triggers left as they are: SQLite rewrites them when a column is renamed, and
+    ours, naming the old column, would fail every write of the application."""
     if gone := missing_tables(db.conn, mappings):
         raise TableMissingError(gone[0], db.path)
     if not trigger_problems(db.conn, mappings):
         return []
     with db.write() as conn:
-        if gone := missing_tables(conn, mappings):
-            raise TableMissingError(gone[0], db.path)
+        for mapping in mappings:
+            bind(conn, mapping, db.path)  # TableMissingError too
         return _reinstall(conn, mappings)
 
 
@@ -383,7 +385,9 @@ class SchemaWatch:
                 indexed=indexed,
                 note="without them each lookup by these keys scanned the whole table",
             )
-        self.version = self.db.schema_version()  # our own repairs changed it too
+        # The version read before the checks: a migration committed since is seen next turn.
+        # Our own repairs change it too, so after one the next turn checks again.
+        self.version = None if problems or indexed else version
         if problems:
             self.log.warning(
                 "triggers_repaired",

@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 
 from outbox_sync import schema
 from outbox_sync.db import Database
+from outbox_sync.errors import ConfigError
 from outbox_sync.mapping import SEQUENCES, Mapping
 from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
 from tests.support.characters import (
@@ -296,6 +297,44 @@ def test_a_key_index_a_migration_took_is_made_again_without_an_audit(tmp_path: P
     watch(0.0)  # nothing changed since: nothing to do
     assert schema.unindexed_keys(conn, [mapping]) == []
     conn.close()
+
+
+def test_a_renamed_key_column_stops_the_daemon_and_leaves_the_applications_writes_working(
+    db_path: Path, db: Database
+) -> None:
+    """SQLite rewrites our triggers when a column they name is renamed: they go on working. The
+    watch put back triggers naming the old column, and every INSERT of the application failed
+    (found by a hostile review). Now it says what is wrong and leaves them."""
+    app = app_connection(db_path)
+    watch = schema.SchemaWatch(db, [SEQUENCES], lambda reason: None)
+    watch(0.0)
+    app.execute("ALTER TABLE sequences RENAME COLUMN id TO seq_id")
+    with pytest.raises(ConfigError, match="table sequences has no column id"):
+        watch(1.0)
+    app.execute(ROW_SQL.replace("(id,", "(seq_id,"), make_row(2))
+    assert app.execute("SELECT record_key FROM outbox").fetchall() == [(2,)]
+
+
+def test_triggers_dropped_while_the_watch_looks_are_put_back_at_its_next_turn(
+    db_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watch took the schema version read after its checks as checked: a migration that
+    committed in between went unseen until the schema changed again (found by a hostile
+    review)."""
+    app = app_connection(db_path)
+    watch = schema.SchemaWatch(db, [SEQUENCES], lambda reason: None)
+    repair_indexes = schema.repair_indexes
+
+    def a_migration_commits_meanwhile(db: Database, mappings: list[Mapping]) -> list[str]:
+        monkeypatch.undo()
+        app.execute("DROP TRIGGER sequences_outbox_insert")
+        return repair_indexes(db, mappings)
+
+    monkeypatch.setattr(schema, "repair_indexes", a_migration_commits_meanwhile)
+    watch(0.0)
+    assert schema.trigger_problems(db.conn, [SEQUENCES]) != []
+    watch(1.0)
+    assert schema.trigger_problems(db.conn, [SEQUENCES]) == []
 
 
 def test_a_table_that_is_gone_pauses_the_sync_until_one_is_back(
