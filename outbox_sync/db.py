@@ -296,11 +296,13 @@ class Database:
             _supersede(conn, records, utc_now(), keep=())
 
     def enqueue(self, mapping: str, entries: Sequence[tuple[Any, str]]) -> None:
-        """Add (key, op) markers of a mapping to the outbox, as the triggers would."""
+        """Add (key, op) markers of a mapping to the outbox, as the triggers would: a RawText
+        key as the TEXT it was read from (bound as it is, it would be a BLOB, another key)."""
         with self.write() as conn:
             conn.executemany(
-                "INSERT INTO outbox (mapping, record_key, op) VALUES (?, ?, ?)",
-                [(mapping, key, op) for key, op in entries],
+                "INSERT INTO outbox (mapping, record_key, op)"
+                " VALUES (?1, iif(?2, CAST(?3 AS TEXT), ?3), ?4)",
+                [(mapping, type(key) is RawText, key, op) for key, op in entries],
             )
 
     def data_version(self) -> int:
@@ -517,8 +519,9 @@ def page_key(conn: sqlite3.Connection, table: str) -> str:
 
 
 def row_key(value: Any) -> Any:
-    """A key as read raw, as the outbox and the audit's scratch file hold it (text decoded)."""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    """A key as read raw, as the outbox and the audit's scratch file hold it: text decoded,
+    text that is not UTF-8 left RawText (see `Database.read_claimed`), a BLOB as bytes."""
+    return _text(value) if type(value) is RawText else value
 
 
 def written(line: bytes | None) -> bool:

@@ -272,6 +272,27 @@ def test_a_blob_key_is_one_sync_error_that_holds_nothing_back_and_closes_with_it
     assert (closed["record_key"], closed["resolution"]) == (b"\x01\x02", "superseded")
 
 
+def test_a_blob_key_found_by_init_is_a_sync_error_too(
+    tmp_path: Path, typesense_server: Server, index: TypesenseIndex
+) -> None:
+    """The fill queued a BLOB key decoded as text, which names no row: the drain took it for
+    a deleted record, with no error (found by a hostile review)."""
+    loose = "id, element_type, element_id, sequence_number, comment, created_at"
+    path = tmp_path / "legacy.db"
+    app = app_connection(path)
+    app.execute(f"CREATE TABLE sequences ({loose})")
+    app.execute(ROW_SQL, make_row(6, id=b"\x01\x02"))
+    app.execute(ROW_SQL, make_row(7))
+    from outbox_sync import schema
+
+    db = Database(path, create=True)
+    assert schema.init(db, [SEQUENCES]).filling == {"sequences": 2}
+    drain(daemon(db, [index]))
+    assert set(export(typesense_server, index.collection)) == {"7"}
+    errors = {e["record_key"]: e["error"] for e in sync_errors.find(db)}
+    assert errors == {b"\x01\x02": "id: expected an integer, got a BLOB of 2 bytes"}
+
+
 # -- monitoring --------------------------------------------------------------------------------
 
 

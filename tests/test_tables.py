@@ -321,3 +321,26 @@ def test_a_key_that_is_not_utf8_is_an_error_and_never_names_another_record(
     drain(sync)
     assert set(export(typesense_server, collection)) == {"a\ufffd"}
     assert sync_errors.find(db) == []  # closed: the record is gone
+
+
+def test_a_key_that_is_not_utf8_found_by_init_is_a_sync_error_too(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """The fill queued such a row under its key decoded with a replacement character, which
+    names no row: the drain took it for a deleted record, and it ended with no document and
+    no error (found by a hostile review)."""
+    path = tmp_path / "app.db"
+    app = app_connection(path)
+    app.executescript(f"{CHARACTERS}; {TAGS};")
+    app.execute(CHARACTER_SQL, character("good"))
+    bad = character("x")[1:]
+    app.execute(CHARACTER_SQL.replace("(?,", "(CAST(? AS TEXT),", 1), (b"A\xffB", *bad))
+    db = Database(path, create=True)
+    assert schema.init(db, [characters_mapping(collection)]).filling == {"characters": 2}
+    [mapping] = schema.check(db, [characters_mapping(collection)])
+    index = TypesenseIndex([typesense_server.url], API_KEY, collection, mapping=mapping)
+    index.ensure_collection()
+    drain(worker.daemon(db, [index]))
+    assert set(export(typesense_server, collection)) == {"good"}
+    [error] = sync_errors.find(db)
+    assert error["error"] == "slug: is not valid UTF-8 (bad byte at offset 1)"
