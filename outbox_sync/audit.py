@@ -64,7 +64,8 @@ from outbox_sync.values import INT64
 KINDS = ("missing", "extra", "stale", "invalid")
 # Rows per read of `sequences` and documents per scratch write: a few MB at most.
 DEFAULT_CHUNK = 5000
-# Candidates checked again per Typesense request (ids in one filter_by, as for deletes).
+# Candidates checked again per round: one read of SQLite, one export of their ids (in as many
+# requests as their length in a URL needs: `id_filters`).
 CONFIRM_CHUNK = MAX_DELETE_IDS
 # The id of an exported document, as SQLite reads it from an element of a chunk's array.
 EXPORTED_ID = "json_extract(e.value, '$.id')"

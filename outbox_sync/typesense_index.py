@@ -43,8 +43,15 @@ if TYPE_CHECKING:
 # (measured on 0.24.1, three rounds: 100k documents at 5,000 per request took 8-10 % less time
 # with two in flight than with one; three were no faster than two).
 IN_FLIGHT = 2
-# Ids per delete-by-filter request: keeps the URL far below httpx's 64 KiB limit.
+# Ids per filter_by of a delete or an export by id.
 MAX_DELETE_IDS = 1000
+# Characters a filter_by of ids may take in the URL, percent-encoded (`id_filters`); a count
+# alone does not bound it: 1,000 URLs as keys make ~100 KB, and httpx refuses a query over
+# 64 KiB (InvalidURL). Typesense 0.24.1 answered a 47 KB URL, but a proxy in front may not:
+# nginx answers 414 to a request line over its 8 KiB header buffer, Apache over 8,190 bytes.
+# 6 KiB leaves room for the method, the path and a long collection name, and holds the
+# longest id alone (MAX_ID_BYTES, 3 characters a byte: 3 KiB).
+MAX_FILTER_URL_CHARS = 6 * 1024
 
 T = TypeVar("T")
 SUCCESS_LINE = '{"success":true}'
@@ -368,12 +375,12 @@ class TypesenseIndex:
         return results
 
     def delete_ids(self, ids: Sequence[str]) -> int:
-        """Delete documents by id, in requests of at most MAX_DELETE_IDS. Missing ids are
-        ignored (already gone is success)."""
+        """Delete documents by id, in requests `id_filters` bounds. Missing ids are ignored
+        (already gone is success)."""
         listed, alone = split_ids(ids)
         deleted = 0
-        for start in range(0, len(listed), MAX_DELETE_IDS):
-            params = {"filter_by": id_filter(listed[start : start + MAX_DELETE_IDS])}
+        for filter_by in id_filters(listed):
+            params = {"filter_by": filter_by}
             response: dict[str, Any] = self._call_retrying(
                 "delete", functools.partial(self.writes.delete, params)
             )
@@ -383,10 +390,10 @@ class TypesenseIndex:
         return deleted
 
     def export_ids(self, ids: Sequence[str]) -> Iterator[dict[str, Any]]:
-        """The documents of these ids that exist, in requests of at most MAX_DELETE_IDS."""
+        """The documents of these ids that exist, in requests `id_filters` bounds."""
         listed, alone = split_ids(ids)
-        for start in range(0, len(listed), MAX_DELETE_IDS):
-            yield from self.export_documents(id_filter(listed[start : start + MAX_DELETE_IDS]))
+        for filter_by in id_filters(listed):
+            yield from self.export_documents(filter_by)
         for doc_id in alone:
             if (document := self.retrieve(doc_id)) is not None:
                 yield document
@@ -525,8 +532,37 @@ def split_ids(ids: Sequence[str]) -> tuple[list[str], list[str]]:
 def id_filter(ids: Sequence[str]) -> str:
     """filter_by for these ids: each in backticks, so that commas, spaces, brackets and the
     like stay part of the value (decimal ids need none)."""
-    quoted = (i if i.isascii() and i.lstrip("-").isdigit() else f"`{i}`" for i in ids)
-    return f"id:[{','.join(quoted)}]"
+    return f"id:[{','.join(map(_filter_value, ids))}]"
+
+
+def id_filters(ids: Sequence[str]) -> Iterator[str]:
+    """filter_by values for these ids (ones a filter can list: `split_ids`), in order, each of
+    at most MAX_DELETE_IDS ids and MAX_FILTER_URL_CHARS characters in the URL. An id longer
+    than the budget alone would get a filter of its own; none is: the mapping refuses ids over
+    MAX_ID_BYTES, and the budget holds the longest."""
+    empty = _url_chars(id_filter([]))
+    values: list[str] = []
+    chars = empty
+    for doc_id in ids:
+        value = _filter_value(doc_id)
+        cost = _url_chars(value + ",")
+        if values and (len(values) == MAX_DELETE_IDS or chars + cost > MAX_FILTER_URL_CHARS):
+            yield f"id:[{','.join(values)}]"
+            values, chars = [], empty
+        values.append(value)
+        chars += cost
+    if values:
+        yield f"id:[{','.join(values)}]"
+
+
+def _filter_value(doc_id: str) -> str:
+    return doc_id if doc_id.isascii() and doc_id.lstrip("-").isdigit() else f"`{doc_id}`"
+
+
+def _url_chars(text: str) -> int:
+    """Characters `text` takes in a URL's query at most: httpx encodes no more than quote()
+    with nothing safe (it writes a space as "+", one character where quote() writes three)."""
+    return len(quote(text, safe=""))
 
 
 @contextlib.contextmanager

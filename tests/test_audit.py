@@ -17,15 +17,16 @@ from typing import Any
 import pytest
 
 from outbox_sync import audit as audit_module
-from outbox_sync import sync_errors
+from outbox_sync import schema, sync_errors
 from outbox_sync.audit import Audit, document_key, document_key_sql
 from outbox_sync.db import Database
 from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.localserver import free_port
 from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
-from outbox_sync.worker import Worker
+from outbox_sync.worker import Worker, daemon
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
+from tests.support.characters import CHARACTER_SQL, character, initialized_characters
 from tests.support.cli import invoke, one_line
 from tests.support.daemon import drain
 from tests.support.fake_index import FakeIndex
@@ -449,3 +450,31 @@ def test_text_that_json_leaves_unescaped_survives_the_export(
     assert "\u2028".encode() in raw.content  # Typesense sends it as is
     code, report = audit(typesense_server, db_path, collection)
     assert code == 0 and report["documents"] == 4, report
+
+
+def test_drift_of_more_long_text_keys_than_one_url_holds_is_confirmed(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    # URLs as keys: 1,000 candidates in one filter_by made a URL httpx refused (InvalidURL),
+    # and the audit failed every time
+    keys = [
+        f"https://example.com/articles/2024/a-long-slug-as-urls-have-{i:06d}" for i in range(1500)
+    ]
+    app, mapping, db = initialized_characters(tmp_path / "c.db", collection)
+    [mapping] = schema.check(db, [mapping])
+    index = TypesenseIndex(
+        [typesense_server.url], typesense_server.api_key, collection, mapping=mapping
+    )
+    index.ensure_collection()
+    worker = daemon(db, [index])
+    app.executemany(CHARACTER_SQL, [character(key) for key in keys])
+    drain(worker)
+    app.execute("DROP TRIGGER characters_outbox_delete")  # a migration took it
+    app.execute("DELETE FROM characters")
+    with Audit(db, index) as audit:
+        summary = audit.run()
+        assert summary.counts == {"missing": 0, "extra": len(keys), "stale": 0, "invalid": 0}
+        assert sorted(key for key, _ in audit.ids("extra")) == sorted(keys)
+        audit.repair()
+    drain(worker)  # the daemon deletes them: as many ids, the same filters
+    assert export(typesense_server, collection) == {}

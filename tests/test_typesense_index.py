@@ -23,14 +23,18 @@ from outbox_sync.errors import (
 )
 from outbox_sync.localserver import free_port
 from outbox_sync.typesense_index import (
+    MAX_DELETE_IDS,
+    MAX_FILTER_URL_CHARS,
     TypesenseIndex,
     _lines,
     classify,
     free_request_bodies,
+    id_filters,
     parse_line,
     parse_node,
     status_error,
 )
+from outbox_sync.values import MAX_ID_BYTES
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.typesense import Server, by_hand, export
 
@@ -204,6 +208,40 @@ def test_every_id_is_deleted_and_exported_as_itself(
     assert sorted(export(typesense_server, index.collection)) == sorted(
         neighbour for neighbour in MISREAD.values() if neighbour
     )
+
+
+# Ids of ~90 bytes, as URLs as keys make them, two in three with a character percent-encoding
+# writes in 6 (ü), and the longest ids the mapping lets through, which take ~3 KiB in a URL
+# each: no filter holds two of them.
+LONG_ID = "https://example.com/{}ber/2024/11/articles/a-slug-as-long-as-the-slugs-of-urls-{:06d}-in"
+LONG_IDS = [LONG_ID.format("ü" if i % 3 else "u", i) for i in range(1500)]
+LONGEST_IDS = ["ü" * (MAX_ID_BYTES // 2), "€" * (MAX_ID_BYTES // 3), "%" * MAX_ID_BYTES]
+
+
+def test_ids_no_one_url_holds_are_all_deleted_and_exported(
+    index: TypesenseIndex, typesense_server: Server
+) -> None:
+    # 1,000 of them in one filter made a ~115 KB query: httpx refused it (InvalidURL)
+    asked = [*LONG_IDS, *LONGEST_IDS]
+    line = '{"id":%s,"element_type":"a","element_id":1,"sequence_number":1,"created_at":"x"}'
+    body = "\n".join(line % json.dumps(doc_id) for doc_id in [*asked, "kept"]).encode()
+    assert all(result.ok for result in index.import_jsonl(body, len(asked) + 1))
+    assert sorted(document["id"] for document in index.export_ids(asked)) == sorted(asked)
+    assert index.delete_ids(asked) == len(asked)
+    assert sorted(export(typesense_server, index.collection)) == ["kept"]
+
+
+def test_filters_of_ids_list_each_id_once_in_order_within_the_url_budget() -> None:
+    ids = [*LONG_IDS, *LONGEST_IDS, *(str(i % 10) for i in range(2500))]
+    filters = list(id_filters(ids))
+    listed = [value.strip("`") for f in filters for value in f[len("id:[") : -1].split(",")]
+    assert listed == ids
+    # as httpx writes the query
+    in_url = [len(str(httpx.QueryParams({"filter_by": f}))) - len("filter_by=") for f in filters]
+    assert max(in_url) <= MAX_FILTER_URL_CHARS
+    counts = [f.count(",") + 1 for f in filters]
+    assert max(counts) == MAX_DELETE_IDS  # the short ids: bounded by their count
+    assert len(filters) > 20  # the long ones by their length (by count alone: 2 filters)
 
 
 def test_a_wrong_key_is_refused_and_an_unreachable_server_is_server_trouble(
