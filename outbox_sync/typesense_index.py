@@ -541,18 +541,17 @@ def id_filters(ids: Sequence[str]) -> Iterator[str]:
     than the budget alone would get a filter of its own; none is: the mapping refuses ids over
     MAX_ID_BYTES, and the budget holds the longest."""
     empty = _url_chars(id_filter([]))
-    values: list[str] = []
+    chunk: list[str] = []
     chars = empty
     for doc_id in ids:
-        value = _filter_value(doc_id)
-        cost = _url_chars(value + ",")
-        if values and (len(values) == MAX_DELETE_IDS or chars + cost > MAX_FILTER_URL_CHARS):
-            yield f"id:[{','.join(values)}]"
-            values, chars = [], empty
-        values.append(value)
+        cost = _url_chars(_filter_value(doc_id) + ",")
+        if chunk and (len(chunk) == MAX_DELETE_IDS or chars + cost > MAX_FILTER_URL_CHARS):
+            yield id_filter(chunk)
+            chunk, chars = [], empty
+        chunk.append(doc_id)
         chars += cost
-    if values:
-        yield f"id:[{','.join(values)}]"
+    if chunk:
+        yield id_filter(chunk)
 
 
 def _filter_value(doc_id: str) -> str:
