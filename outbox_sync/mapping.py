@@ -289,14 +289,16 @@ class Mapping:
         """Each outbox entry of this mapping with an id in (?, ?] (the mapping's name the third
         parameter), in id order: its id, whether it is a delete, its key, and the line of its
         record's row (`line_sql`): NULL when the mapping covers no row of that key (NULL and
-        BLOB keys are not looked up), empty when the Python mapper must judge the row. The
-        entries' columns get names of our own, so every other name means the table's (a
-        column the table lacks is an error, not an outbox column). Made once per mapping: the
-        drain asks for it every batch (25 us to build)."""
+        BLOB keys are not looked up), empty when the Python mapper must judge the row. The key
+        of a row found is the row's own: a dependency's column may hold it as another type
+        (the text '5' of an INTEGER key 5), which SQLite's comparison matches and Python's
+        would not. The entries' columns get names of our own, so every other name means the
+        table's (a column the table lacks is an error, not an outbox column). Made once per
+        mapping: the drain asks for it every batch (25 us to build)."""
         table, key = quote_identifier(self.table), quote_identifier(self.key)
         where = f" AND ({self.where})" if self.where else ""
         return (
-            "SELECT outbox_sync_id, outbox_sync_delete, outbox_sync_key,"
+            f"SELECT outbox_sync_id, outbox_sync_delete, coalesce({table}.{key}, outbox_sync_key),"
             f" CASE WHEN {table}.{key} IS NOT NULL THEN coalesce({self.line_sql()}, x'') END"
             " FROM (SELECT id AS outbox_sync_id, op = 'delete' AS outbox_sync_delete,"
             " record_key AS outbox_sync_key FROM outbox WHERE id > ? AND id <= ? AND mapping = ?)"

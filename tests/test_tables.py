@@ -19,6 +19,7 @@ import pytest
 from outbox_sync import schema, sync_errors, worker
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense
+from outbox_sync.mapping import Dependency, Field, Mapping
 from outbox_sync.typesense_index import TypesenseIndex
 from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
 from tests.support.characters import (
@@ -321,6 +322,48 @@ def test_a_key_that_is_not_utf8_is_an_error_and_never_names_another_record(
     drain(sync)
     assert set(export(typesense_server, collection)) == {"a\ufffd"}
     assert sync_errors.find(db) == []  # closed: the record is gone
+
+
+def test_a_dependency_holding_the_key_as_another_type_syncs_its_record(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """item_tags.item_id is TEXT, items.id an INTEGER: the trigger queues the text '5', which
+    SQLite matches to item 5 but Python did not. A tag whose line the Python mapper writes (a
+    quote makes an escape) was taken for a gone record and acknowledged; an error recorded
+    under 5 stayed open; two requests in flight could hold the one record (found by a hostile
+    review)."""
+    tags = (
+        "(SELECT json_group_array(tag) FROM"
+        " (SELECT tag FROM item_tags t WHERE t.item_id = items.id ORDER BY tag))"
+    )
+    items = Mapping(
+        table="items",
+        key="id",
+        collection=collection,
+        fields=(Field("name", "string"), Field("tags", "string[]", sql=tags)),
+        depends_on=(Dependency("item_tags", "item_id"),),
+    )
+    app = app_connection(tmp_path / "items.db")
+    app.executescript(
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL);"
+        "CREATE TABLE item_tags (item_id TEXT, tag TEXT);"
+    )
+    db = Database(tmp_path / "items.db", create=True)
+    schema.init(db, [items])
+    [items] = schema.check(db, [items])
+    index = TypesenseIndex([typesense_server.url], API_KEY, collection, mapping=items)
+    index.ensure_collection()
+    sync = worker.daemon(db, [index])
+    app.execute("INSERT INTO items (id, name) VALUES (5, 'five')")
+    app.execute("INSERT INTO item_tags (item_id, tag) VALUES (5, NULL)")  # not a string
+    drain(sync)
+    [error] = sync_errors.find(db)
+    assert (error["record_key"], error["error"]) == (5, "tags: element 0 is null, expected string")
+    app.execute("""UPDATE item_tags SET tag = 'say "hi"' WHERE item_id = '5'""")
+    assert app.execute("SELECT typeof(record_key) FROM outbox").fetchall() == [("text",)]
+    drain(sync)
+    assert export(typesense_server, collection)["5"]["tags"] == ['say "hi"']
+    assert sync_errors.find(db) == []
 
 
 def test_a_key_that_is_not_utf8_found_by_init_is_a_sync_error_too(
