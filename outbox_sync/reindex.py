@@ -30,6 +30,7 @@ import structlog
 
 from outbox_sync.db import Database, enqueue_rows, fill_key, is_busy, row_key
 from outbox_sync.errors import (
+    CollectionNotFoundError,
     InvalidRecordError,
     OutboxSyncError,
     StoppingError,
@@ -184,10 +185,13 @@ def _keep_last_good(old: TypesenseIndex, fresh: TypesenseIndex, doc_ids: list[st
 
 
 def _switch(index: TypesenseIndex, old: str | None, new: str) -> None:
-    """Point the alias at the new collection (and the index's writes), and drop the old one."""
-    index.retarget(new)
+    """Point the alias at the new collection, then the index's writes, and drop the old one.
+
+    Writes follow the alias only once it points at the new collection: if pointing it fails,
+    the daemon goes on writing where searches read."""
     if old != index.collection:
         index.point_alias(new)
+        index.retarget(new)
         if old is not None:
             try:
                 index.drop_collection(old)
@@ -202,11 +206,14 @@ def _switch(index: TypesenseIndex, old: str | None, new: str) -> None:
     try:
         index.point_alias(new)
     except TypesenseError as error:
+        # Writes still go to the missing name: the daemon would notice only at its next write,
+        # searches getting 404 until then. The cause says so: serve_request has it look now.
         raise OutboxSyncError(
             f"dropped the plain collection {old} but could not point the alias at {new} "
-            f"({error}): the daemon adopts {new} when it next finds the name missing; or run "
-            "`outbox-sync reindex` again"
-        ) from None
+            f"({error}): the daemon adopts {new} once Typesense answers, or at its next start; "
+            "or run `outbox-sync reindex` again"
+        ) from CollectionNotFoundError(index.collection)
+    index.retarget(new)
 
 
 def _close_errors(db: Database, mapping: str, keys: list[Any]) -> None:
@@ -294,6 +301,9 @@ def serve_request(
         reason = str(error) or type(error).__name__
         log.warning("reindex_failed", error=reason)
         publish("failed", error=reason)
+        if isinstance(error.__cause__, CollectionNotFoundError):  # a failed switch dropped it
+            db.set_meta(REQUEST_KEY, None)
+            raise error.__cause__ from None  # the loop adopts the rebuilt collection at once
     else:
         for result in results:
             log.info("reindex_finished", **result)

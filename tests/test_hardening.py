@@ -3,6 +3,7 @@ tables that page differently, the daemon lock through another spelling of the pa
 failure paths, sync errors that never closed or doubled, monitoring that lied or died, and bad
 input that ended in a traceback."""
 
+import contextlib
 import json
 import socket
 import sqlite3
@@ -208,6 +209,83 @@ def test_a_lost_alias_after_the_plain_collection_went_is_adopted(
     index.ensure_collection()  # what the daemon does when it finds the name missing
     assert index.count() == 10
     assert export(typesense_server, collection) == sqlite_documents(db_path)
+
+
+def failing_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """point_alias fails once, as after a timeout and its retry (Typesense away for a moment)."""
+    real = TypesenseIndex.point_alias
+    failed: list[str] = []
+
+    def point_alias(self: TypesenseIndex, target: str) -> None:
+        if not failed:
+            failed.append(target)
+            raise TypesenseUnavailableError("Typesense unreachable: ReadTimeout")
+        real(self, target)
+
+    monkeypatch.setattr(TypesenseIndex, "point_alias", point_alias)
+
+
+def failed_reindex(db: Database, collection: str) -> None:
+    """Ask the running daemon to reindex `collection`; its answer must be that it failed."""
+    token = reindex.request(db, [collection])
+    state = wait_until(
+        lambda: (s := reindex.status(db, token)) and s["state"] != "running" and s,
+        what="the reindex outcome",
+    )
+    assert state["state"] == "failed"
+
+
+def test_a_failed_alias_switch_leaves_the_daemon_writing_where_searches_read(
+    db_path: Path,
+    db: Database,
+    worker: Worker,
+    index: TypesenseIndex,
+    typesense_server: Server,
+    collection: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    with running(worker):
+        wait_until(lambda: len(export(typesense_server, collection)) == 10, what="10 documents")
+        failing_once(monkeypatch)
+        failed_reindex(db, collection)
+        app_connection(db_path).execute(ROW_SQL, make_row(11))  # the application goes on
+        wait_until(lambda: db.counts(SEQUENCES)["pending"] == 0, what="row 11 applied")
+        searched = export(typesense_server, collection)  # through the name, as searches read
+    assert "11" in searched, f"row 11 acknowledged but not searchable (alias -> {index.target()})"
+    assert searched == sqlite_documents(db_path)
+
+
+def test_a_failed_alias_switch_from_a_plain_collection_gives_searches_the_name_back_at_once(
+    db_path: Path,
+    db: Database,
+    typesense_server: Server,
+    collection: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plain = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
+    plain.client.collections.create(SEQUENCES.collection_schema(collection))  # an older setup's
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    worker = daemon(db, [plain], min_backoff_s=0.05, max_backoff_s=0.5)
+    with running(worker):
+        wait_until(lambda: db.counts(SEQUENCES)["pending"] == 0, what="the first drain")
+        failing_once(monkeypatch)
+        failed_reindex(db, collection)
+
+        def answering() -> dict[str, Any] | None:
+            with contextlib.suppress(httpx.HTTPStatusError):  # 404 while the name is missing
+                return export(typesense_server, collection)
+            return None
+
+        # no write comes to reveal the missing name: the daemon must look for it by itself
+        assert wait_until(answering, timeout_s=15, what="the name to answer") == (
+            sqlite_documents(db_path)
+        )
+        app_connection(db_path).execute(ROW_SQL, make_row(11))
+        wait_until(lambda: db.counts(SEQUENCES)["pending"] == 0, what="row 11 applied")
+        searched = export(typesense_server, collection)
+    assert "11" in searched and searched == sqlite_documents(db_path)
+    assert plain.target() != collection  # an alias now, of the rebuilt collection
 
 
 # -- sync errors -------------------------------------------------------------------------------
