@@ -95,7 +95,7 @@ def rebuild(
         index.drop_leftovers(old)
     new = index.create_versioned()
     try:
-        fresh = index.on_collection(new)
+        fresh = index.on_collection(new, index.configured)
         fill = _fill(db, fresh, chunk, progress)
         if old is not None and fill.invalid_ids:
             _keep_last_good(index.on_collection(old), fresh, fill.invalid_ids)
@@ -108,6 +108,7 @@ def rebuild(
             raise
         raise OutboxSyncError(f"{error} (the old collection stays in use)") from error
     _switch(index, old, new)
+    index.mapping = fresh.mapping  # the documents are now as the mapping says
     _close_errors(db, index.mapping.name, fill.indexed_with_errors)
     db.set_meta(fill_key(index.mapping.name), None)  # a rebuild is the fill `init` asked for
     return ReindexResult(

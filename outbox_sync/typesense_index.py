@@ -157,6 +157,8 @@ class TypesenseIndex:
         # What the documents are; once ensure_collection has looked at the collection, as the
         # collection lets them be (its int32 or int64, its required fields).
         self.mapping = mapping
+        # What they are meant to be: what a rebuild makes (`create_versioned`).
+        self.configured = mapping
         # Typed as Any: the client's TypedDicts add nothing over the checks made here.
         parsed = [parse_node(url) for url in nodes]
         config: Any = {
@@ -304,13 +306,15 @@ class TypesenseIndex:
         return leftovers
 
     def create_versioned(self) -> str:
-        """Create an empty collection `<name>_v<UTC time>` with our schema; its name."""
+        """Create an empty collection `<name>_v<UTC time>` with the mapping's schema, as
+        configured (not as an existing collection let it be: applying it is what `reindex` is
+        for); its name."""
         now = time.time()
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}"
         name = f"{self.collection}_v{stamp}"
         self._call_retrying(
             "collection",
-            lambda: self.client.collections.create(self.mapping.collection_schema(name)),
+            lambda: self.client.collections.create(self.configured.collection_schema(name)),
         )
         return name
 

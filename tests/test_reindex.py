@@ -2,6 +2,7 @@
 writers active."""
 
 import contextlib
+import dataclasses
 import functools
 import json
 import signal
@@ -16,7 +17,7 @@ import httpx
 import pytest
 import structlog
 
-from outbox_sync import reindex, schema
+from outbox_sync import reindex, schema, sync_errors
 from outbox_sync.db import Database, fill_key
 from outbox_sync.errors import OutboxSyncError, TypesenseUnavailableError
 from outbox_sync.mapping import SEQUENCES
@@ -497,3 +498,36 @@ def test_a_reindex_drops_what_an_earlier_one_left_behind(
     assert leftover not in index.versions() and kept in index.versions()
     assert len(index.versions()) == 2
     assert index.count() == 100
+
+
+def test_a_reindex_the_daemon_serves_applies_the_mappings_types_not_the_collections(
+    db_path: Path, db: Database, served: Server, typesense_server: Server, collection: str
+) -> None:
+    """A collection of an older, compatible shape (element_id int32 where the mapping now says
+    int64) is used as it is; `reindex` is how the mapping's shape is applied. Served by the
+    daemon, the rebuild copied the collection's shape, and the rows that need int64 stayed
+    sync errors (found by a hostile review)."""
+    httpx.post(
+        f"{typesense_server.url}/collections",
+        json=SEQUENCES.collection_schema(collection),
+        headers={"X-TYPESENSE-API-KEY": typesense_server.api_key},
+    ).raise_for_status()
+    fields = tuple(
+        dataclasses.replace(f, type="int64") if f.name == "element_id" else f
+        for f in SEQUENCES.fields
+    )
+    mapping = dataclasses.replace(SEQUENCES, collection=collection, fields=fields)
+    index = TypesenseIndex([served.url], served.api_key, collection, mapping=mapping)
+    worker = daemon(db, [index], min_backoff_s=0.05, max_backoff_s=0.5)
+    insert_rows(db_path, [1], element_id=3_000_000_000)
+    drain(worker)  # taken as it is: row 1 does not fit its int32
+    assert "1" not in export(typesense_server, collection)
+    assert len(sync_errors.find(db)) == 1
+    token = reindex.request(db, [collection])
+    assert reindex.serve_request(db, [index])
+    assert (reindex.status(db, token) or {}).get("state") == "done"
+    assert export(typesense_server, collection)["1"]["element_id"] == 3_000_000_000
+    assert sync_errors.find(db) == []
+    insert_rows(db_path, [2], element_id=3_000_000_001)  # and the daemon writes int64 now
+    drain(worker)
+    assert export(typesense_server, collection)["2"]["element_id"] == 3_000_000_001
