@@ -188,10 +188,17 @@ def _keep_last_good(old: TypesenseIndex, fresh: TypesenseIndex, doc_ids: list[st
 def _switch(index: TypesenseIndex, old: str | None, new: str) -> None:
     """Point the alias at the new collection, then the index's writes, and drop the old one.
 
-    Writes follow the alias only once it points at the new collection: if pointing it fails,
-    the daemon goes on writing where searches read."""
+    Writes follow the alias only once it points at the new collection. If pointing it fails,
+    the error's cause (a CollectionNotFoundError) has the daemon look the name up again at
+    once (`serve_request`) and follow it: a switch whose answer timed out may have been made."""
     if old != index.collection:
-        index.point_alias(new)
+        try:
+            index.point_alias(new)
+        except TypesenseError as error:
+            raise OutboxSyncError(
+                f"could not point the alias at {new} ({error}): the daemon goes on with the "
+                "collection the name points at, and drops the other"
+            ) from CollectionNotFoundError(index.collection)
         index.retarget(new)
         if old is not None:
             try:
@@ -302,9 +309,9 @@ def serve_request(
         reason = str(error) or type(error).__name__
         log.warning("reindex_failed", error=reason)
         publish("failed", error=reason)
-        if isinstance(error.__cause__, CollectionNotFoundError):  # a failed switch dropped it
+        if isinstance(error.__cause__, CollectionNotFoundError):  # a failed switch (`_switch`)
             db.set_meta(REQUEST_KEY, None)
-            raise error.__cause__ from None  # the loop adopts the rebuilt collection at once
+            raise error.__cause__ from None  # the loop looks the name up again at once
     else:
         for result in results:
             log.info("reindex_finished", **result)
