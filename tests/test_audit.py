@@ -478,3 +478,27 @@ def test_drift_of_more_long_text_keys_than_one_url_holds_is_confirmed(
         audit.repair()
     drain(worker)  # the daemon deletes them: as many ids, the same filters
     assert export(typesense_server, collection) == {}
+
+
+def test_a_row_whose_key_is_not_utf8_is_invalid_drift(
+    tmp_path: Path, served: Server, collection: str
+) -> None:
+    """Such a row, written while the triggers were gone, was looked up again by its key decoded
+    with a replacement character, not found, and dropped as consistent (found by a hostile
+    review): the audit must say no document can have it."""
+    app, mapping, db = initialized_characters(tmp_path / "c.db", collection)
+    [mapping] = schema.check(db, [mapping])
+    index = TypesenseIndex([served.url], served.api_key, collection, mapping=mapping)
+    index.ensure_collection()
+    app.execute("DROP TRIGGER characters_outbox_insert")  # a migration took it
+    bad = character("x")[1:]
+    app.execute(CHARACTER_SQL.replace("(?,", "(CAST(? AS TEXT),", 1), (b"A\xffB", *bad))
+    app.execute(CHARACTER_SQL, character("ok", active=7))  # invalid too: a control
+    with Audit(db, index) as audit:
+        summary = audit.run()
+        invalid = dict(audit.ids("invalid"))
+    assert summary.counts["invalid"] == 2
+    assert invalid == {
+        b"A\xffB": "slug: is not valid UTF-8 (bad byte at offset 1)",
+        "ok": "active: expected 0 or 1 (false or true), got integer 7",
+    }
