@@ -335,6 +335,7 @@ class TypesenseIndex:
         other.collection = name
         other.documents = other.writes = self.client.collections[name].documents
         other.mapping = mapping or self.mapping
+        other.configured = mapping or self.configured
         return other
 
     def count(self) -> int:
