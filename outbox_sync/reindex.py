@@ -332,10 +332,21 @@ def _request(raw: str) -> dict[str, Any]:
 
 
 def request(db: Database, collections: Sequence[str]) -> str:
-    """Ask the running daemon to reindex these collections; the token to follow in `status`."""
+    """Ask the running daemon to reindex these collections; the token to follow in `status`.
+    OutboxSyncError while another request is asked or served: a second one in its place would
+    be cleared when the first ends, and its caller left waiting for an answer never given."""
     token = f"{time.time():.6f}"
-    db.set_meta(STATUS_KEY, None)
-    db.set_meta(REQUEST_KEY, json.dumps({"token": token, "collections": list(collections)}))
+    with db.write() as conn:
+        if conn.execute("SELECT 1 FROM outbox_sync_meta WHERE key = ?", (REQUEST_KEY,)).fetchone():
+            raise OutboxSyncError(
+                "the daemon is already asked for a reindex (another `outbox-sync reindex`): "
+                "run this one again once it has ended"
+            )
+        conn.execute("DELETE FROM outbox_sync_meta WHERE key = ?", (STATUS_KEY,))
+        conn.execute(
+            "INSERT INTO outbox_sync_meta (key, value) VALUES (?, ?)",
+            (REQUEST_KEY, json.dumps({"token": token, "collections": list(collections)})),
+        )
     return token
 
 

@@ -531,3 +531,19 @@ def test_a_reindex_the_daemon_serves_applies_the_mappings_types_not_the_collecti
     insert_rows(db_path, [2], element_id=3_000_000_001)  # and the daemon writes int64 now
     drain(worker)
     assert export(typesense_server, collection)["2"]["element_id"] == 3_000_000_001
+
+
+def test_a_second_reindex_asked_while_one_is_is_refused_at_once(
+    db: Database, index: TypesenseIndex, collection: str
+) -> None:
+    """A second request took the first's place, and was cleared when the first ended: its
+    caller waited a minute and was told the daemon never took it up (found by a hostile
+    review)."""
+    first = reindex.request(db, [collection])
+    with pytest.raises(OutboxSyncError, match="already asked for a reindex"):
+        reindex.request(db, [collection])
+    assert reindex.serve_request(db, [index])
+    assert (reindex.status(db, first) or {}).get("state") == "done"
+    second = reindex.request(db, [collection])  # once it has ended
+    assert reindex.serve_request(db, [index])
+    assert (reindex.status(db, second) or {}).get("state") == "done"
