@@ -184,6 +184,14 @@ def test_a_failure_before_the_switch_leaves_the_old_collection_in_use(
     assert index.versions() == [old]  # the new one was dropped
 
 
+def plain_collection_of_ten(db_path: Path, server: Server, collection: str) -> TypesenseIndex:
+    """A plain collection (no alias), as an older setup made it, and rows 1-10 to sync."""
+    plain = TypesenseIndex([server.url], server.api_key, collection)
+    plain.client.collections.create(SEQUENCES.collection_schema(collection))
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    return plain
+
+
 def test_a_lost_alias_after_the_plain_collection_went_is_adopted(
     db_path: Path,
     db: Database,
@@ -191,11 +199,7 @@ def test_a_lost_alias_after_the_plain_collection_went_is_adopted(
     collection: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    plain = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
-    from outbox_sync.mapping import SEQUENCES
-
-    plain.client.collections.create(SEQUENCES.collection_schema(collection))  # an older setup's
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    plain = plain_collection_of_ten(db_path, typesense_server, collection)
     drain(daemon(db, [plain]))
 
     def down(self: TypesenseIndex, target: str) -> None:
@@ -269,9 +273,7 @@ def test_a_failed_alias_switch_from_a_plain_collection_gives_searches_the_name_b
     collection: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    plain = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
-    plain.client.collections.create(SEQUENCES.collection_schema(collection))  # an older setup's
-    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    plain = plain_collection_of_ten(db_path, typesense_server, collection)
     worker = daemon(db, [plain], min_backoff_s=0.05, max_backoff_s=0.5)
     with running(worker):
         wait_until(lambda: db.counts(SEQUENCES)["pending"] == 0, what="the first drain")
