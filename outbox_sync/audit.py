@@ -512,7 +512,7 @@ def audit_json(
         count = summary.known_errors if kind == "known" else summary.counts[kind]
         name = "with_open_error" if kind == "known" else kind
         yield f', "{name}": {{"count": {count}, "ids": ['
-        yield from _joined(json.dumps(key) for key, _ in audit.ids(kind))
+        yield from _joined(json.dumps(key, default=str) for key, _ in audit.ids(kind))
         yield "]"
         if kind in ("stale", "invalid", "known"):  # what differs, per id
             yield ', "details": {'

@@ -35,7 +35,10 @@ HEADER_SAFE_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 def parse_node(url: str) -> dict[str, Any]:
     """`http://host:port` -> the client's node dict; ConfigError on anything else. The URL is
     echoed in the message only without what may be a secret (user and password)."""
-    parts = urlsplit(url.strip())
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError as error:  # e.g. an IPv6 address without its closing bracket
+        raise ConfigError(f"Typesense URL {url!r} cannot be read: {error}") from None
     if parts.username or parts.password:
         shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
         raise ConfigError(
@@ -200,6 +203,8 @@ def read_api_key_file(path: Path) -> str:
         key = path.read_text().strip()
     except OSError as error:
         raise ConfigError(f"cannot read API key file {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"API key file {path} is not UTF-8 text") from None
     if mode & stat.S_IROTH:
         raise ConfigError(
             f"API key file {path} is readable by other users: `chmod o-r {path}` first"

@@ -67,6 +67,8 @@ def load(path: Path, settings: Lookup[str, type]) -> tuple[dict[str, Any], tuple
         raise ConfigFileError(f"cannot read configuration file {path}: {error.strerror}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigFileError(f"{path}: not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigFileError(f"{path}: not UTF-8 (bad byte at offset {error.start})") from None
     entries = data.pop("sync", None)
     values = {}
     for name, value in data.items():

@@ -496,6 +496,13 @@ def _record_failures(conn: sqlite3.Connection, failures: Sequence[SyncFailure], 
     )
 
 
+def table_exists(conn: sqlite3.Connection, table: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+    ).fetchone()
+    return row is not None
+
+
 def page_key(conn: sqlite3.Connection, table: str) -> str:
     """What to page `table` by: its rowid, under a name no column hides (rowid, _rowid_, oid:
     an application may have a column called rowid), or the primary key of a WITHOUT ROWID

@@ -55,7 +55,8 @@ def parse_since(text: str, now: float) -> float:
 
 def iso(unix: float) -> str:
     """Unix time as `sync_errors` writes times: 2024-05-01T12:00:00Z."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
+    t = time.gmtime(unix)  # the year padded by hand: glibc's %Y writes 999, not 0999
+    return f"{t.tm_year:04d}-" + time.strftime("%m-%dT%H:%M:%SZ", t)
 
 
 def error_kind(http_status: int | None, error: str) -> str:

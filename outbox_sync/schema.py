@@ -18,7 +18,14 @@ from importlib import resources
 import structlog
 
 from outbox_sync.config_file import ConfigFileError
-from outbox_sync.db import Database, count_rows, enqueue_rows, fill_key, utc_now
+from outbox_sync.db import (
+    Database,
+    count_rows,
+    enqueue_rows,
+    fill_key,
+    table_exists,
+    utc_now,
+)
 from outbox_sync.errors import ConfigError, DatabaseError, TableMissingError
 from outbox_sync.mapping import BUILT_IN, SEQUENCES, Mapping, Trigger, key_kind
 from outbox_sync.values import quote_identifier
@@ -107,13 +114,6 @@ def missing_tables(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> lis
         row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
     }
     return [t for mapping in mappings for t in mapping.tables if t not in present]
-
-
-def table_exists(conn: sqlite3.Connection, table: str) -> bool:
-    row = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
-    ).fetchone()
-    return row is not None
 
 
 def _reinstall(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> list[str]:

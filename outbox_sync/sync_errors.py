@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from outbox_sync.db import Database, pages, utc_now
+from outbox_sync.db import Database, pages, table_exists, utc_now
 from outbox_sync.errors import ClosedSyncError, ConfigError, UnknownSyncError
 from outbox_sync.mapping import Mapping
 from outbox_sync.values import quote_identifier
@@ -90,14 +90,17 @@ def get(db: Database, error_id: int, mappings: Lookup[str, Mapping]) -> dict[str
 
 
 def retry(
-    db: Database, mappings: Lookup[str, Mapping], error_ids: Sequence[int] | None = None
+    db: Database,
+    mappings: Lookup[str, Mapping],
+    error_ids: Sequence[int] | None = None,
+    only: Sequence[str] | None = None,
 ) -> list[Retry]:
-    """Send the records of these open errors (every open one with None) through the outbox
-    again: one entry per record, 'upsert' if its mapping covers a row of its key, else
-    'delete'. Every open error of those records closes as 'retried' (a new failure writes a new
-    row). Unknown or closed ids raise UnknownSyncError or ClosedSyncError, and nothing changes;
-    so does an error of a mapping no longer configured (ConfigError). Records are retried in
-    short transactions of RETRY_CHUNK each."""
+    """Send the records of these open errors (every open one with None, of the mappings named
+    in `only` if given) through the outbox again: one entry per record, 'upsert' if its
+    mapping covers a row of its key, else 'delete'. Every open error of those records closes as
+    'retried' (a new failure writes a new row). Unknown or closed ids raise UnknownSyncError or
+    ClosedSyncError, and nothing changes; so does an error of a mapping no longer configured
+    (ConfigError). Records are retried in short transactions of RETRY_CHUNK each."""
     if error_ids is None:
         records = [
             (mapping, key)
@@ -105,6 +108,7 @@ def retry(
                 db.conn, "sync_errors", "id", "mapping, record_key", where="resolved_at IS NULL"
             )
             for _, mapping, key in rows
+            if only is None or mapping in only
         ]
     else:
         records = [(mapping, key) for _, mapping, key in _open_errors(db.conn, error_ids)]
@@ -184,7 +188,10 @@ def _open_errors(conn: sqlite3.Connection, error_ids: Sequence[int]) -> list[tup
 
 
 def _record_exists(conn: sqlite3.Connection, mapping: Mapping, key: Any) -> bool:
-    """Whether the mapping covers a row of this key (its `where` included)."""
+    """Whether the mapping covers a row of this key (its `where` included): not while its
+    table is gone (the daemon waits for it)."""
+    if not table_exists(conn, mapping.table):
+        return False
     where = f" AND ({mapping.where})" if mapping.where else ""
     row = conn.execute(
         f"SELECT 1 FROM {quote_identifier(mapping.table)}"

@@ -502,3 +502,21 @@ def test_a_row_whose_key_is_not_utf8_is_invalid_drift(
         b"A\xffB": "slug: is not valid UTF-8 (bad byte at offset 1)",
         "ok": "active: expected 0 or 1 (false or true), got integer 7",
     }
+
+
+def test_audit_json_with_a_blob_key_is_json(
+    tmp_path: Path, typesense_server: Server, index: TypesenseIndex
+) -> None:
+    """A BLOB key (a loose table's, with its open sync error) ended `audit --json` in a
+    traceback, its JSON cut short (found by a hostile review)."""
+    path = tmp_path / "legacy.db"
+    loose = "id INTEGER, element_type, element_id, sequence_number, comment, created_at"
+    app_connection(path).execute(f"CREATE TABLE sequences ({loose})")
+    schema.init(Database(path, create=True), [SEQUENCES])
+    app_connection(path).execute(ROW_SQL, make_row(6, id=b"\x01\x02"))
+    db = Database(path)
+    drain(daemon(db, [index]))
+    db.conn.execute("DELETE FROM sync_errors")  # so the audit finds it as drift
+    result = invoke(["audit", "--json"], typesense_server, path, index.collection)
+    assert result.exit_code == 1, result.output  # drift
+    assert json.loads(result.stdout)["invalid"]["ids"] == ["b'\\x01\\x02'"]

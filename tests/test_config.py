@@ -26,7 +26,7 @@ from outbox_sync.config import (
 )
 from outbox_sync.errors import ConfigError
 from outbox_sync.mapping import SEQUENCES
-from tests.support.cli import SETTING_PREFIXES, invoke
+from tests.support.cli import SETTING_PREFIXES, invoke, one_line
 
 URL = "http://127.0.0.1:8108"
 
@@ -324,3 +324,35 @@ def test_a_duration_is_said_in_its_largest_whole_unit_and_reads_back(
 ) -> None:
     assert config.format_duration(seconds) == text
     assert config.parse_duration(text) == seconds
+
+
+# -- found by a hostile review: each was a traceback ---------------------------------------------
+
+
+def test_an_api_key_file_that_is_not_utf8_is_one_line(tmp_path: Path, db_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_bytes(b"\xff\xfesecret\n")
+    key.chmod(0o600)
+    result = invoke(
+        ["errors", "list"],
+        None,
+        db_path,
+        TYPESENSE_URL="http://127.0.0.1:1",
+        OUTBOX_SYNC_API_KEY_FILE=str(key),
+    )
+    assert one_line(result) == f"Error: API key file {key} is not UTF-8 text"
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line_exit_2(tmp_path: Path, db_path: Path) -> None:
+    config_path = tmp_path / "outbox-sync.toml"
+    config_path.write_bytes(b'db = "caf\xe9.db"\n')
+    result = invoke(["errors", "list"], None, db_path, OUTBOX_SYNC_CONFIG=str(config_path))
+    assert one_line(result) == f"Error: {config_path}: not UTF-8 (bad byte at offset 9)"
+    assert result.exit_code == 2
+
+
+def test_a_typesense_url_that_cannot_be_read_is_one_line(db_path: Path) -> None:
+    result = invoke(
+        ["errors", "list"], None, db_path, TYPESENSE_URL="http://[::1:8108", TYPESENSE_API_KEY="k"
+    )
+    assert "Typesense URL 'http://[::1:8108' cannot be read" in one_line(result)

@@ -5,12 +5,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from outbox_sync import sync_errors
+from outbox_sync import config_file, schema, sync_errors
 from outbox_sync.db import Database
 from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import daemon
 from tests.support.app import ROW_SQL, app_connection, make_row
+from tests.support.characters import CHARACTERS, EXAMPLE, TAGS
 from tests.support.cli import invoke, one_line
 from tests.support.daemon import drain, record_failure
 from tests.support.typesense import Server, by_hand, refusing_collection
@@ -174,3 +175,52 @@ def test_resolve_closes_by_hand_and_keeps_the_note(
     ] * 2
     no_note = invoke(["errors", "resolve", "1"], typesense_server, db_path, "x")
     assert no_note.exit_code == 2 and "--note" in no_note.output
+
+
+# -- found by a hostile review -------------------------------------------------------------------
+
+
+def test_retry_all_with_collection_only_touches_that_collections_errors(
+    tmp_path: Path, db_path: Path, db: Database
+) -> None:
+    """`errors list --collection` showed one mapping's errors, and `errors retry --all` then
+    retried (and closed) every mapping's."""
+    config = tmp_path / "outbox-sync.toml"
+    config.write_text(EXAMPLE)
+    _, mappings = config_file.load(config, {})
+    app_connection(db_path).executescript(f"{CHARACTERS}; {TAGS};")
+    schema.init(db, list(mappings))
+    record_failure(db, 1, 7, "refused", http_status=400, attempts=2)  # mapping sequences
+    record_failure(db, 2, "a", "refused", mapping="characters", http_status=400, attempts=2)
+    env = {"OUTBOX_SYNC_CONFIG": str(config)}
+    retried = invoke(["errors", "retry", "--all"], None, db_path, "characters", **env)
+    assert retried.exit_code == 0, retried.output
+    assert {e["mapping"] for e in sync_errors.find(db)} == {"sequences"}
+    assert db.conn.execute("SELECT mapping, record_key FROM outbox").fetchall() == [
+        ("characters", "a")
+    ]
+
+
+def test_resolve_says_how_many_errors_it_closed(db_path: Path, db: Database) -> None:
+    record_failure(db, 1, 7, "refused", http_status=400, attempts=2)
+    result = invoke(["errors", "resolve", "1", "1", "--note", "fixed"], None, db_path)
+    assert result.exit_code == 0, result.output
+    assert len(sync_errors.find(db, status="resolved")) == 1
+    assert result.output == "closed 1 sync error as resolved\n"
+
+
+def test_errors_show_while_the_table_is_gone(db_path: Path, db: Database) -> None:
+    """The daemon waits for a table that is gone; `errors show` ended in a traceback."""
+    record_failure(db, 1, 7, "refused", http_status=400, attempts=2)
+    app_connection(db_path).execute("DROP TABLE sequences")
+    result = invoke(["errors", "show", "1", "--json"], None, db_path)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["record_exists"] is False
+
+
+def test_since_before_the_year_1000_lists_every_error(db_path: Path, db: Database) -> None:
+    """glibc writes the year 999 as '999', which sorts after every real time as text."""
+    record_failure(db, 1, 7, "refused", http_status=400, attempts=2)
+    result = invoke(["errors", "list", "--json", "--since", "0999-01-01"], None, db_path)
+    assert result.exit_code == 0, result.output
+    assert [e["record_key"] for e in json.loads(result.stdout)] == [7]

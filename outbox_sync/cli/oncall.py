@@ -109,7 +109,9 @@ def errors_show(settings: Settings, error_id: int, as_json: bool) -> None:
 @errors.command("retry")
 @with_settings()
 @click.argument("error_ids", metavar="[ID]...", nargs=-1, type=ERROR_ID)
-@click.option("--all", "retry_all", is_flag=True, help="Retry every open sync error.")
+@click.option(
+    "--all", "retry_all", is_flag=True, help="Retry every open sync error (of --collection's)."
+)
 def errors_retry(settings: Settings, error_ids: tuple[int, ...], retry_all: bool) -> None:
     """Retry sync errors through the outbox, once their cause is fixed.
 
@@ -120,7 +122,12 @@ def errors_retry(settings: Settings, error_ids: tuple[int, ...], retry_all: bool
     if bool(error_ids) == retry_all:
         raise click.UsageError("give the ids of the errors to retry, or --all (not both)")
     opened = open_database(settings)
-    retries = sync_errors.retry(opened.db, opened.by_name, None if retry_all else error_ids)
+    retries = sync_errors.retry(
+        opened.db,
+        opened.by_name,
+        None if retry_all else error_ids,
+        only=None if settings.collection is None else [m.name for m in opened.selected],
+    )
     if not retries:
         click.echo("no open sync errors to retry")
         return
@@ -149,8 +156,9 @@ def errors_resolve(settings: Settings, error_ids: tuple[int, ...], note: str) ->
 
     Their resolution becomes 'resolved' and the note is kept. Nothing is deleted: `errors list
     --status resolved` still shows them. The record is not synced again."""
-    sync_errors.resolve(open_database(settings).db, error_ids, note)
-    click.echo(f"closed {len(error_ids)} sync errors as resolved")
+    closing = tuple(dict.fromkeys(error_ids))  # an id given twice closes one error
+    sync_errors.resolve(open_database(settings).db, closing, note)
+    click.echo(f"closed {len(closing)} sync error{'s' * (len(closing) != 1)} as resolved")
 
 
 @main.command()
