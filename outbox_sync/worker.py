@@ -31,6 +31,7 @@ from outbox_sync.errors import (
     TypesenseUnavailableError,
 )
 from outbox_sync.localserver import LocalTypesense
+from outbox_sync.notify import notify
 from outbox_sync.reconcile import Reconciler
 from outbox_sync.schema import SchemaWatch
 from outbox_sync.telemetry import REFRESH_INTERVAL_S, Telemetry
@@ -84,11 +85,13 @@ class Stop:
 
     def __init__(self) -> None:
         self._set = False
+        self.signal: str | None = None  # the signal that asked, if one did
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
         self.wakers: list[Callable[[], None]] = []
 
-    def set(self) -> None:
+    def set(self, signal: str | None = None) -> None:
+        self.signal = self.signal or signal
         self._set = True
         with contextlib.suppress(OSError):  # full or closed: a wake-up is pending anyway
             os.write(self._write, b"x")
@@ -242,6 +245,9 @@ class Worker:
                     return
                 self._wait_for_change(version, stop)
         finally:
+            if isinstance(stop, Stop) and stop.signal is not None:  # said here, not by the handler
+                self.log.info("stopping", signal=stop.signal)
+                notify("STOPPING=1")
             for job in self.jobs.values():
                 if job.at_stop is not None:
                     job.at_stop()

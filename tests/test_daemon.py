@@ -1,9 +1,12 @@
 """The daemon as a real process against a real Typesense: signals, crashes, concurrency,
 outages. These are the promises an operator relies on."""
 
+import fcntl
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,3 +154,52 @@ def test_the_embedded_default_syncs_without_any_configuration(
     assert daemon.wait() == 0
     # the embedded server went down with the daemon
     assert not port_in_use(int(str(started["url"]).rsplit(":", 1)[1]))
+
+
+# Stands in for the loop of `run`: it logs now and then; what matters is only whether the main
+# thread is inside a log call when SIGTERM lands.
+LOGGING_LOOP = r"""
+import sys, time
+import structlog
+from outbox_sync import worker
+
+def run(self, stop, *, once=False):
+    log = structlog.get_logger("outbox_sync")
+    print("LOGGING", flush=True)
+    while not stop.is_set():
+        log.info("filler", pad="x" * 2000)
+        time.sleep(0.02)
+
+worker.Worker.run = run
+from outbox_sync.cli import entry
+sys.argv = ["outbox-sync", "run"]
+entry()
+"""
+F_SETPIPE_SZ = 1031  # fcntl: set a pipe's capacity (Linux)
+
+
+def test_sigterm_while_a_log_line_waits_on_a_full_stderr_stops_the_daemon(
+    daemon_env: dict[str, str],
+) -> None:
+    """journald falls behind for a moment: the main thread waits inside a log line, holding
+    structlog's lock of stderr. SIGTERM's handler logged too, waiting on that lock in the same
+    thread: the daemon never stopped (found by a hostile review)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", LOGGING_LOOP],
+        env=daemon_env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        fcntl.fcntl(process.stderr.fileno(), F_SETPIPE_SZ, 4096)
+        assert process.stdout.readline().strip() == b"LOGGING"
+        time.sleep(1.0)  # stderr is full: the main thread waits inside a log line
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        threading.Thread(target=process.stderr.read, daemon=True).start()  # read again
+        assert process.wait(timeout=15) == 0
+    finally:
+        process.kill()
+        process.wait()

@@ -81,7 +81,6 @@ def run(settings: Settings, once: bool) -> None:
     """
     import structlog
 
-    from outbox_sync.notify import notify
     from outbox_sync.telemetry import Telemetry
     from outbox_sync.worker import Stop, daemon
 
@@ -97,12 +96,11 @@ def run(settings: Settings, once: bool) -> None:
     stop = Stop()
 
     def request_stop(signum: int, _: Any) -> None:
+        # No log line here: the signal may land while this thread writes one, holding the
+        # lock the line would wait for (a daemon that never stopped). The loop says it.
         if stop.is_set():
-            log.warning("stopping_now", signal=signal.Signals(signum).name)
             os._exit(128 + signum)
-        log.info("stopping", signal=signal.Signals(signum).name)
-        notify("STOPPING=1")
-        stop.set()
+        stop.set(signal.Signals(signum).name)
 
     with DaemonLock(settings.db_path), contextlib.ExitStack() as cleanup:
         cleanup.callback(stop.close)
