@@ -66,14 +66,21 @@ def port_in_use(port: int) -> bool:
 
 
 def embedded_api_key(data_dir: Path) -> str:
-    """The embedded server's key: random, made once, kept owner-only beside its data."""
+    """The embedded server's key: random, made once, kept owner-only beside its data. Written
+    whole or not at all (a new file renamed into place): a key file a crash cut short, empty,
+    would have failed every start after it (Typesense refuses an empty key)."""
     key_file = data_dir / API_KEY_FILE
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):  # made already, by us or a concurrent start
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_urlsafe(24) + "\n")
+        if key := read_embedded_api_key(data_dir):
+            return key
+        made = data_dir / f".{API_KEY_FILE}.{secrets.token_hex(8)}"
+        fd = os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(24) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(made, key_file)  # only `run` makes one, holding the daemon lock
         return key_file.read_text().strip()
     except (OSError, ValueError) as error:
         raise ConfigError(

@@ -239,3 +239,16 @@ def test_an_unreadable_api_key_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "api-key").mkdir()  # a directory where the key should be: EISDIR, even as root
     with pytest.raises(ConfigError, match="cannot read the embedded Typesense's API key"):
         read_embedded_api_key(tmp_path)
+
+
+def test_an_empty_api_key_file_a_crash_left_is_made_again(tmp_path: Path) -> None:
+    """The key file was created, then written: a crash between the two left it empty, and
+    every start after it failed, Typesense refusing an empty key (found by a hostile review)."""
+    data_dir = tmp_path / "sequences.db.typesense"
+    data_dir.mkdir()
+    (data_dir / "api-key").touch(mode=0o600)
+    key = embedded_api_key(data_dir)
+    assert len(key) >= 32 and read_embedded_api_key(data_dir) == key
+    assert embedded_api_key(data_dir) == key  # kept from then on
+    assert oct((data_dir / "api-key").stat().st_mode & 0o777) == "0o600"
+    assert sorted(p.name for p in data_dir.iterdir()) == ["api-key"]
