@@ -37,6 +37,11 @@ AUDIT_NICENESS = 10
 # How long a stopping daemon waits for a running audit to notice (it looks between chunks of
 # 5,000 rows or documents: well under a second here) before it exits anyway.
 STOP_WAIT_S = 10.0
+# A failed audit (Typesense not ready after a restart, a busy database) is asked again after
+# this, doubled at each failure up to the hour: the outage that asked for it is over, and
+# nothing else would ask again before the schedule (24 h; never with --audit-every 0).
+AUDIT_RETRY_S = 60.0
+AUDIT_RETRY_MAX_S = 3600.0
 
 
 class AuditStopped(Exception):
@@ -82,6 +87,8 @@ class Reconciler:
         self.thread: threading.Thread | None = None
         self.outcome: AuditRecord | None = None
         self.stopping = threading.Event()
+        self.retry: tuple[float, str] | None = None  # (when, why) a failed audit runs again
+        self.retry_s = AUDIT_RETRY_S
 
     def request(self, reason: str) -> None:
         """Audit at the next turn (one audit answers several requests)."""
@@ -91,7 +98,14 @@ class Reconciler:
         if self.thread is not None:
             if self.thread.is_alive():
                 return
-            self._report()
+            outcome = self._report()
+            if outcome is not None and not outcome.ok:
+                self.retry = (now + self.retry_s, outcome.reason)
+                self.retry_s = min(2 * self.retry_s, AUDIT_RETRY_MAX_S)
+            elif outcome is not None:
+                self.retry, self.retry_s = None, AUDIT_RETRY_S
+        if self.requested is None and self.retry is not None and now >= self.retry[0]:
+            self.requested, self.retry = self.retry[1], None
         if self.requested is None and now >= self.next_at:
             self.requested = "schedule"
         if self.requested is not None:
@@ -148,7 +162,7 @@ class Reconciler:
             record["ok"] = True
         except AuditStopped:
             return  # the daemon is stopping: nothing to report
-        except OutboxSyncError as error:  # e.g. Typesense down: the outage asks again later
+        except OutboxSyncError as error:  # e.g. Typesense down: asked again (AUDIT_RETRY_S)
             record["error"] = str(error)
         except Exception as error:  # an audit must never take the daemon down
             record["error"] = f"{type(error).__name__}: {error}"

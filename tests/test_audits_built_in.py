@@ -6,6 +6,7 @@ import json
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,11 @@ from outbox_sync.audit import Audit
 from outbox_sync.db import Database
 from outbox_sync.localserver import free_port
 from outbox_sync.typesense_index import TypesenseIndex
-from outbox_sync.worker import daemon
+from outbox_sync.worker import Stop, daemon
 from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
 from tests.support.cli import invoke
 from tests.support.daemon import Daemon, drain
+from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.typesense import Server, by_hand, export
 from tests.support.wait import wait_until
 
@@ -146,3 +148,44 @@ def test_a_loop_run_again_after_a_stop_audits_again(
     record = reconcile.last_audit(db)
     assert record is not None and (record.reason, record.ok) == ("outage", True)
     assert record.drift["missing"] == 1 and "1" in export(typesense_server, collection)
+
+
+def test_an_audit_that_fails_after_an_outage_is_asked_again(
+    db_path: Path, typesense_server: Server, collection: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Typesense restarts and lost a document: once /health answers, the daemon audits. That
+    audit met a 503 of its own (the export, the server still lagging) while the loop's probes
+    passed, and nothing asked again: the document stayed missing until the schedule, never
+    with --audit-every 0 (found by a hostile review)."""
+    monkeypatch.setattr(reconcile, "AUDIT_RETRY_S", 0.5)
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    with FaultProxy(typesense_server.url) as proxy:
+        index = TypesenseIndex([proxy.url], typesense_server.api_key, collection, timeout_s=5)
+        index.ensure_collection()
+        db = Database(db_path)
+        worker = daemon(db, [index], min_backoff_s=0.05, max_backoff_s=0.1, audit_every_s=0)
+        stop = Stop()
+        try:
+
+            def turns(seconds: float) -> None:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    worker.loop(time.monotonic(), stop)
+                    time.sleep(0.02)
+
+            turns(0.5)
+            assert len(export(typesense_server, collection)) == 5
+            by_hand(typesense_server, "DELETE", f"/collections/{collection}/documents/3")
+            proxy.add(Fault("status", status=503, path="/health", times=1))  # the outage
+            proxy.add(Fault("status", status=503, path="/documents/export", times=4))
+            worker.probe_at = float("-inf")
+            turns(2.0)
+            assert worker.typesense_down is False  # the outage is over, its audit failed
+            assert "3" not in export(typesense_server, collection)
+            proxy.clear()
+            turns(4.0)
+        finally:
+            worker.jobs["audit"].run.stop()
+            db.close()
+            stop.close()
+    assert "3" in export(typesense_server, collection)
