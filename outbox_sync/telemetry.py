@@ -14,7 +14,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from outbox_sync.notify import Watchdog, notify, watchdog_interval_s
-from outbox_sync.stats import LATENCY_BUCKETS_S, STATS_BUCKET_S, bucket_index
+from outbox_sync.stats import LATENCY_BUCKETS_S, STATS_BUCKET_S, bucket_index, merge
 
 # Backlog figures are recounted at most this often (a count over a large outbox is not free).
 REFRESH_INTERVAL_S = 1.0
@@ -80,7 +80,7 @@ class Metrics:
         )
         self.last_success = Gauge(
             "outbox_sync_last_success_timestamp_seconds",
-            "Unix time of the last batch applied (or idle check passed).",
+            "Unix time of the last batch applied.",
             registry=self.registry,
         )
         self.audit_drift = Gauge(
@@ -201,6 +201,13 @@ class Telemetry:
             taken, since = self._stats, self._stats_since
             self._stats, self._stats_since = {}, None
         return int(since // STATS_BUCKET_S * STATS_BUCKET_S), taken
+
+    def give_back(self, since: float, taken: dict[str, Any]) -> None:
+        """Statistics `take_stats` gave that could not be saved: kept for the next save, under
+        the older minute."""
+        with self._lock:
+            self._stats = merge(taken, self._stats)
+            self._stats_since = min(since, self._stats_since or since)
 
     def _stats_section(self, name: str, empty: Any) -> Any:
         """A section of the current statistics (call with the lock held)."""

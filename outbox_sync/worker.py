@@ -400,6 +400,7 @@ def save_stats(db: Database, telemetry: Telemetry, *, when_due: bool = False) ->
         try:
             stats.save(db, *taken)
         except DatabaseBusyError as error:  # statistics are not worth blocking the sync
+            telemetry.give_back(*taken)  # the next save tries again
             structlog.get_logger("outbox_sync").warning("stats_not_saved", reason=str(error))
 
 

@@ -3,6 +3,7 @@ Typesense, its statistics are saved as the daemon saves them, and the report add
 
 import contextlib
 import json
+import sqlite3
 import sys
 import threading
 import time
@@ -374,3 +375,24 @@ def test_the_page_of_an_empty_database_says_each_chart_is_empty(
     for empty in ("records applied", "sync errors", "Typesense requests", "outages"):
         assert f"no {empty} in this window" in text
     assert "no backlog samples in this window" in text
+
+
+def test_statistics_a_busy_database_could_not_take_are_saved_next_time(db_path: Path) -> None:
+    """save_stats took the statistics out of memory before the save, and a locked database
+    lost them for good: the weekly report undercounted (found by a hostile review)."""
+    db = Database(db_path, busy_timeout_s=0.2)
+    telemetry = Telemetry(metrics=False)
+    telemetry.batch_applied(7, 0, 0, [])
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    with capture_logs() as logged:
+        save_stats(db, telemetry)
+    assert [entry["event"] for entry in logged] == ["stats_not_saved"]
+    holder.execute("ROLLBACK")
+    holder.close()
+    telemetry.batch_applied(3, 1, 0, [])
+    save_stats(db, telemetry)
+    saved = [data for _, data in stats.scan(db, 0)]
+    assert sum(data["applied"]["upsert"] for data in saved) == 10
+    assert sum(data["applied"]["delete"] for data in saved) == 1
+    db.close()
