@@ -294,7 +294,7 @@ class Worker:
             self._pause(DatabaseBusyError(f"database {self.db.path} stayed locked: {error}"), stop)
             return Turn(paused=True)
         outage_s = self.backoff.succeeded(time.monotonic())
-        if outage_s is not None:
+        if outage_s is not None and self.typesense_down:  # not a locked database, a lost table
             self.telemetry.outage_ended(time.time() - outage_s, time.time())
         if self.typesense_down:  # and back now
             self.typesense_down = False

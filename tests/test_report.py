@@ -23,7 +23,7 @@ from outbox_sync.report import build_report, error_kind, parse_since
 from outbox_sync.stats import LATENCY_BUCKETS_S, STATS_BUCKET_S
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
-from outbox_sync.worker import STATS_SAVE_INTERVAL_S, daemon, save_stats
+from outbox_sync.worker import STATS_SAVE_INTERVAL_S, Stop, daemon, save_stats
 from tests.support.app import ROW_SQL, app_connection, make_row
 from tests.support.cli import invoke, one_line
 from tests.support.daemon import Daemon
@@ -396,3 +396,29 @@ def test_statistics_a_busy_database_could_not_take_are_saved_next_time(db_path: 
     assert sum(data["applied"]["upsert"] for data in saved) == 10
     assert sum(data["applied"]["delete"] for data in saved) == 1
     db.close()
+
+
+def test_a_locked_database_is_no_outage_in_the_statistics(
+    db_path: Path, index: TypesenseIndex
+) -> None:
+    """An outage is "from the first request that failed to the one that succeeded again"
+    (docs/weekly-review.md); every pause ended as one, the application's lock held past the
+    busy timeout too, with no request failed (found by a hostile review)."""
+    db = Database(db_path, busy_timeout_s=0.2)
+    telemetry = Telemetry(metrics=False)
+    worker = daemon(db, [index], telemetry=telemetry, min_backoff_s=0.05, max_backoff_s=0.1)
+    stop = Stop()
+    worker.loop(time.monotonic(), stop)
+    app_connection(db_path).execute(ROW_SQL, make_row(1))
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    assert worker.loop(time.monotonic(), stop).paused
+    holder.execute("ROLLBACK")
+    holder.close()
+    for _ in range(5):
+        worker.loop(time.monotonic(), stop)
+    taken = telemetry.take_stats()
+    stop.close()
+    db.close()
+    assert taken is not None and taken[1]["applied"]["upsert"] == 1
+    assert "outages" not in taken[1]
