@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -29,6 +29,9 @@ from outbox_sync.db import Database, utc_now
 from outbox_sync.errors import OutboxSyncError
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
+
+if TYPE_CHECKING:
+    from outbox_sync.worker import Stopping
 
 LAST_AUDIT_KEY = "last_audit"
 DEFAULT_AUDIT_EVERY_S = 24 * 3600.0
@@ -117,14 +120,17 @@ class Reconciler:
             )
             self.thread.start()
 
-    def settle(self) -> bool:
-        """Finish a requested or running audit here and now (for `run --once`); True when it
-        queued entries, which the loop must apply before it stops."""
+    def settle(self, stop: "Stopping") -> bool:
+        """Finish a requested or running audit here and now (for `run --once`), unless `stop`
+        is set meanwhile (SIGTERM waited for the whole audit); True when it queued entries,
+        which the loop must apply before it stops."""
         if self.requested is not None and self.thread is None:
             self(time.monotonic())
         if self.thread is None:
             return False
-        self.thread.join()
+        while self.thread.is_alive():
+            if stop.wait(0.1):
+                return False  # the loop ends: at_stop (`stop`) stops the audit
         outcome = self._report()
         return outcome is not None and outcome.enqueued > 0
 

@@ -117,7 +117,8 @@ class Job:
     turn, or one interval after it with due_at_start=False. It may raise a retryable error
     (Typesense trouble, a locked database, a missing table): the loop pauses, and the job stays
     due. at_stop: what to do when the loop ends. settle: for `run --once`, finish what the job
-    has under way; True when that queued entries the loop must apply before it stops."""
+    has under way (or leave it, once the stop it is given is set); True when that queued
+    entries the loop must apply before it stops."""
 
     def __init__(
         self,
@@ -127,7 +128,7 @@ class Job:
         *,
         due_at_start: bool = True,
         at_stop: Callable[[], Any] | None = None,
-        settle: Callable[[], bool] | None = None,
+        settle: Callable[[Stopping], bool] | None = None,
     ) -> None:
         self.name, self.interval_s, self.run = name, interval_s, run
         self.at_stop, self.settle = at_stop, settle
@@ -240,7 +241,7 @@ class Worker:
                 if turn.paused or turn.applied:
                     continue
                 if once:
-                    if any([job.settle() for job in self.jobs.values() if job.settle]):
+                    if any([job.settle(stop) for job in self.jobs.values() if job.settle]):
                         continue  # an audit queued repairs: apply them too
                     return
                 self._wait_for_change(version, stop)

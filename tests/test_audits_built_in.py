@@ -189,3 +189,30 @@ def test_an_audit_that_fails_after_an_outage_is_asked_again(
             db.close()
             stop.close()
     assert "3" in export(typesense_server, collection)
+
+
+def test_a_stop_during_run_once_does_not_wait_for_the_whole_audit(
+    db_path: Path, typesense_server: Server, collection: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run --once` finished its audit with no look at a stop: SIGTERM waited for the whole
+    audit, minutes on a large collection (found by a hostile review). Now, as for the running
+    daemon, at most STOP_WAIT_S for the audit to notice."""
+    monkeypatch.setattr(reconcile, "STOP_WAIT_S", 1.0)
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    with FaultProxy(typesense_server.url) as proxy:
+        index = TypesenseIndex([proxy.url], typesense_server.api_key, collection, timeout_s=30)
+        index.ensure_collection()
+        db = Database(db_path)
+        worker = daemon(db, [index], min_backoff_s=0.05, audit_every_s=3600)
+        proxy.add(Fault("delay", path="/documents/export", seconds=8, times=1))
+        stop = Stop()
+        thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"once": True})
+        thread.start()
+        time.sleep(1.5)  # the audit waits on its export
+        asked = time.monotonic()
+        stop.set()
+        thread.join(30)
+        took = time.monotonic() - asked
+        db.close()
+        stop.close()
+    assert took < 3.0
