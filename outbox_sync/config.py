@@ -6,7 +6,9 @@ import math
 import os
 import re
 import stat
+from collections.abc import Iterator
 from collections.abc import Mapping as Mapping_
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -253,14 +255,28 @@ def build_settings(given: Mapping_[str, Any]) -> Settings:
     values = {option.name: option.default for option in OPTIONS}
     config_file = given.get("config")
     mappings: tuple[Mapping, ...] = ()
+    from_file: dict[str, Any] = {}
     if config_file:
         in_file = {o.name: o.type for o in OPTIONS if o.name not in ("config", "collection")}
         from_file, mappings = config_file_.load(Path(config_file), in_file)
         values.update(from_file)
     values.update({name: value for name, value in given.items() if value is not None})
+    in_file_only = {name for name in from_file if given.get(name) is None}
+
+    @contextmanager
+    def checking(name: str) -> Iterator[None]:
+        """A bad value the configuration file gave is the file's mistake: named so, exit 2."""
+        try:
+            yield
+        except ConfigError as error:
+            if name not in in_file_only or isinstance(error, config_file_.ConfigFileError):
+                raise
+            raise config_file_.ConfigFileError(f"{config_file}: {name}: {error}") from None
+
     urls = tuple(url.strip() for url in (values["typesense_url"] or "").split(",") if url.strip())
-    for url in urls:
-        parse_node(url)  # raises ConfigError with the URL in it
+    with checking("typesense_url"):
+        for url in urls:
+            parse_node(url)  # raises ConfigError with the URL in it
     api_key = _api_key(values["api_key_file"])
     if urls and not api_key:
         raise ConfigError(
@@ -279,14 +295,21 @@ def build_settings(given: Mapping_[str, Any]) -> Settings:
         raise ConfigError(
             f"no mapping of {config_file} writes to collection {collection!r} ({known})"
         )
-    if not math.isfinite(values["timeout"]) or values["timeout"] <= 0:
-        raise ConfigError("--timeout must be a positive number of seconds")
+    with checking("timeout"):
+        if not math.isfinite(values["timeout"]) or values["timeout"] <= 0:
+            raise ConfigError("--timeout must be a positive number of seconds")
     for option in OPTIONS:
-        if option.bounds and not option.bounds[0] <= values[option.name] <= option.bounds[1]:
-            raise ConfigError(f"{option.flag} must be in the range {option.bounds}")
-    if values["ca_file"] and not Path(values["ca_file"]).is_file():
-        raise ConfigError(f"CA file {values['ca_file']} does not exist")
+        with checking(option.name):
+            if option.bounds and not option.bounds[0] <= values[option.name] <= option.bounds[1]:
+                raise ConfigError(f"{option.flag} must be in the range {option.bounds}")
+    with checking("ca_file"):
+        if values["ca_file"] and not Path(values["ca_file"]).is_file():
+            raise ConfigError(f"CA file {values['ca_file']} does not exist")
+    with checking("audit_every"):
+        audit_every_s = parse_duration(values["audit_every"], "--audit-every")
     metrics = values["metrics_address"]
+    with checking("metrics_address"):
+        metrics_address = parse_address(metrics) if metrics else None
     return Settings(
         db_path=Path(values["db"]),
         typesense_urls=urls,
@@ -298,8 +321,8 @@ def build_settings(given: Mapping_[str, Any]) -> Settings:
         ca_file=values["ca_file"],
         embedded_port=values["embedded_port"],
         batch_size=values["batch_size"],
-        audit_every_s=parse_duration(values["audit_every"], "--audit-every"),
-        metrics_address=parse_address(metrics) if metrics else None,
+        audit_every_s=audit_every_s,
+        metrics_address=metrics_address,
     )
 
 

@@ -356,3 +356,26 @@ def test_a_typesense_url_that_cannot_be_read_is_one_line(db_path: Path) -> None:
         ["errors", "list"], None, db_path, TYPESENSE_URL="http://[::1:8108", TYPESENSE_API_KEY="k"
     )
     assert "Typesense URL 'http://[::1:8108' cannot be read" in one_line(result)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        'audit_every = "soon"',
+        "timeout = -1",
+        "embedded_port = 99999",
+        'typesense_url = "ftp://x"',
+        'metrics_address = "nowhere"',
+    ],
+)
+def test_a_bad_setting_in_the_config_file_names_the_file_and_exits_2(
+    tmp_path: Path, db_path: Path, setting: str
+) -> None:
+    """Checked after the merge, it was told as the flag the user never gave, exit 1 (found by
+    a hostile review)."""
+    config_path = tmp_path / "outbox-sync.toml"
+    config_path.write_text(setting + "\n")
+    name = setting.split(" = ")[0]
+    result = invoke(["errors", "list"], None, db_path, OUTBOX_SYNC_CONFIG=str(config_path))
+    assert one_line(result).startswith(f"Error: {config_path}: {name}: ")
+    assert result.exit_code == 2
