@@ -301,7 +301,7 @@ class Database:
         with self.write() as conn:
             conn.executemany(
                 "INSERT INTO outbox (mapping, record_key, op)"
-                " VALUES (?1, iif(?2, CAST(?3 AS TEXT), ?3), ?4)",
+                " VALUES (?1, CASE WHEN ?2 THEN CAST(?3 AS TEXT) ELSE ?3 END, ?4)",
                 [(mapping, type(key) is RawText, key, op) for key, op in entries],
             )
 
