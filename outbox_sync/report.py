@@ -16,7 +16,7 @@ from typing import Any
 
 from outbox_sync import stats
 from outbox_sync.db import Database, pages
-from outbox_sync.stats import LATENCY_BUCKETS_S, STATS_BUCKET_S, percentile
+from outbox_sync.stats import LATENCY_BUCKETS_S, STATS_BUCKET_S, STATS_RETENTION_S, percentile
 
 DEFAULT_SINCE = "7d"
 DURATION = re.compile(r"(\d+)\s*([smhdw])")
@@ -92,6 +92,11 @@ def build_report(db: Database, since: float, now: float | None = None) -> dict[s
         by_day.setdefault(failed_at[:10], Counter())[kind] += 1
 
     pending, oldest_age_s, open_errors = db.backlog()
+    # The charts: no statistics are kept past STATS_RETENTION_S, and errors are charted from
+    # the first day that has one (`--since 0001-01-01` made a grid of 17 million hours).
+    kept = max(since, now - STATS_RETENTION_S)
+    first_error = min(by_day, default=None)
+    charted_days = kept if first_error is None else min(kept, max(since, day_start(first_error)))
     return {
         "since": iso(since),
         "until": iso(now),
@@ -115,9 +120,9 @@ def build_report(db: Database, since: float, now: float | None = None) -> dict[s
             "sync_errors_open": open_errors,
         },
         "series": {
-            **hourly_series(hours, since, now),
+            **hourly_series(hours, kept, now),
             "errors_by_day": daily_errors(
-                by_day, [kind for kind, _ in by_kind.most_common()], since, now
+                by_day, [kind for kind, _ in by_kind.most_common()], charted_days, now
             ),
             "outages": [
                 {"start": iso(start), "end": iso(end), "seconds": round(end - start, 3)}
@@ -125,6 +130,11 @@ def build_report(db: Database, since: float, now: float | None = None) -> dict[s
             ],
         },
     }
+
+
+def day_start(day: str) -> float:
+    """Unix time of the start of a UTC day, `2024-05-01`."""
+    return datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp()
 
 
 def hourly_series(hours: dict[int, dict[str, Any]], since: float, now: float) -> dict[str, Any]:

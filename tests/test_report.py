@@ -26,7 +26,7 @@ from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import STATS_SAVE_INTERVAL_S, Stop, daemon, save_stats
 from tests.support.app import ROW_SQL, app_connection, make_row
 from tests.support.cli import invoke, one_line
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, record_failure
 from tests.support.typesense import Server, refusing_collection
 from tests.support.wait import wait_until
 
@@ -422,3 +422,22 @@ def test_a_locked_database_is_no_outage_in_the_statistics(
     db.close()
     assert taken is not None and taken[1]["applied"]["upsert"] == 1
     assert "outages" not in taken[1]
+
+
+def test_a_report_since_long_ago_charts_what_can_exist(db_path: Path, db: Database) -> None:
+    """`report --since 0001-01-01` (or `99999w`) built a grid of every hour and day since:
+    millions, and the command hung (found by a hostile review). Statistics are kept 35 days
+    (STATS_RETENTION_S); errors are charted from the first day that has one."""
+    now = time.time()
+    failed_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 90 * 86400))
+    record_failure(db, 1, 7, "refused", http_status=400, attempts=2)
+    db.conn.execute("UPDATE sync_errors SET failed_at = ?", (failed_at,))
+    started = time.monotonic()
+    report = build_report(db, parse_since("0001-01-01", now), now)
+    assert time.monotonic() - started < 5
+    assert report["since"] == "0001-01-01T00:00:00Z"
+    assert report["given_up"]["total"] == 1
+    hours = report["series"]["hours"]
+    assert 35 * 24 <= len(hours) <= 35 * 24 + 2
+    days = report["series"]["errors_by_day"]["days"]
+    assert days[0] == failed_at[:10] and len(days) == 91
