@@ -96,7 +96,9 @@ def build_report(db: Database, since: float, now: float | None = None) -> dict[s
     # the first day that has one (`--since 0001-01-01` made a grid of 17 million hours).
     kept = max(since, now - STATS_RETENTION_S)
     first_error = min(by_day, default=None)
-    charted_days = kept if first_error is None else min(kept, max(since, day_start(first_error)))
+    charted_days = (
+        kept if first_error is None else min(kept, max(since, parse_since(first_error, now)))
+    )
     return {
         "since": iso(since),
         "until": iso(now),
@@ -130,11 +132,6 @@ def build_report(db: Database, since: float, now: float | None = None) -> dict[s
             ],
         },
     }
-
-
-def day_start(day: str) -> float:
-    """Unix time of the start of a UTC day, `2024-05-01`."""
-    return datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp()
 
 
 def hourly_series(hours: dict[int, dict[str, Any]], since: float, now: float) -> dict[str, Any]:
