@@ -19,7 +19,7 @@ import pytest
 from outbox_sync import schema, sync_errors, worker
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense
-from outbox_sync.mapping import Dependency, Field, Mapping
+from outbox_sync.mapping import SEQUENCES, Dependency, Field, Mapping
 from outbox_sync.typesense_index import TypesenseIndex
 from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
 from tests.support.characters import (
@@ -159,7 +159,9 @@ def test_the_source_documents_collection_is_accepted(
     app.execute(ROW_SQL, make_row(1))
     app.execute(ROW_SQL, make_row(2, comment=None))
     daemon = start_daemon()
-    wait_until(lambda: set(export(typesense_server, collection)) == {"1"}, what="the sync")
+    db = Database(db_path)
+    wait_until(lambda: db.counts(SEQUENCES)["pending"] == 0, what="the sync")
+    assert set(export(typesense_server, collection)) == {"1"}
     errors = json.loads(invoke(["errors", "list", "--json"], **daemon_env).output)
     assert [(e["record_key"], e["error"]) for e in errors] == [
         (2, "comment: is NULL but the field is required")
