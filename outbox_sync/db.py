@@ -5,6 +5,7 @@ network I/O: other applications write to this file at the same time.
 """
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -112,6 +113,21 @@ class Database:
             self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.Error as error:
             raise DatabaseError(f"cannot open database {path}: {error}") from None
+        self.identity = file_identity(path)
+
+    def check_same_file(self) -> None:
+        """Raise when the path no longer names the file this connection opened: renamed,
+        replaced (a backup moved into place) or deleted. The connection would go on reading
+        the old file, which the application no longer writes, and look healthy."""
+        now = file_identity(self.path)
+        if now != self.identity:
+            what = "is gone" if now is None else "names another file now"
+            raise DatabaseError(
+                f"database {self.path} {what}: it was renamed, replaced or deleted while the "
+                "daemon had it open, and the daemon stops rather than sync a file nobody "
+                "writes; start it again to sync the file there now (and stop the daemon "
+                "before moving a database: SQLite calls renaming a file in use unsafe)"
+            )
 
     def close(self) -> None:
         self.conn.close()
@@ -494,6 +510,15 @@ def _record_failures(conn: sqlite3.Connection, failures: Sequence[SyncFailure], 
             for f in failures
         ],
     )
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """The file a path names (device, inode); None when it names none."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def table_exists(conn: sqlite3.Connection, table: str) -> bool:

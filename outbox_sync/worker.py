@@ -434,11 +434,12 @@ def daemon(
     **loop_options: float,
 ) -> Worker:
     """The daemon's worker over one index per mapping: the loop over a batch applier, with its
-    chores: the backlog figures for metrics and systemd, the fills `init` asked for and the
-    reindexes asked for by `outbox-sync reindex`, the statistics, the triggers (put back when
-    a migration took them), the embedded `server` if there is one (started again if it died),
-    and audits: at start and every `audit_every_s` unless that is 0; after an outage, a
-    trigger repair and an embedded restart always."""
+    chores: that the database's path still names the file it opened, the backlog figures for
+    metrics and systemd, the fills `init` asked for and the reindexes asked for by
+    `outbox-sync reindex`, the statistics, the triggers (put back when a migration took them),
+    the embedded `server` if there is one (started again if it died), and audits: at start and
+    every `audit_every_s` unless that is 0; after an outage, a trigger repair and an embedded
+    restart always."""
     telemetry = telemetry or Telemetry()
     for index in indexes:
         index.observe = telemetry.request
@@ -453,6 +454,7 @@ def daemon(
     mappings = [index.mapping for index in indexes]
     reconciler = Reconciler(db, indexes, telemetry, every_s=audit_every_s)
     jobs = [
+        Job("file", REFRESH_INTERVAL_S, lambda now: db.check_same_file()),
         Job("schema", 0, SchemaWatch(db, mappings, reconciler.request)),
         Job("backlog", REFRESH_INTERVAL_S, lambda now: telemetry.backlog(*db.backlog())),
         # the fills `init` asked for, then a requested reindex, run here, pausing the sync

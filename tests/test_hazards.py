@@ -272,6 +272,39 @@ def test_renaming_or_dropping_a_synced_column_stops_the_daemon_with_one_clear_li
     assert "table sequences has no column comment" in line
 
 
+@pytest.mark.parametrize("how", ["replaced", "renamed"])
+def test_a_database_moved_under_the_daemon_stops_it_with_one_clear_line(
+    db_path: Path,
+    start_daemon: Callable[..., Daemon],
+    typesense_server: Server,
+    collection: str,
+    how: str,
+) -> None:
+    """A backup moved into place, or the file renamed, while the daemon runs: its connection
+    would go on reading the old file, which nobody writes any more, and look healthy (and a
+    second daemon could take the new name). It stops; started again, it syncs the file there."""
+    insert_rows(db_path, range(1, 4))
+    daemon = start_daemon()
+    wait_until(lambda: Database(db_path).counts(SEQUENCES)["pending"] == 0, what="the first sync")
+    backup = db_path.with_name("backup.db")
+    with contextlib.closing(app_connection(db_path)) as conn:
+        conn.execute("VACUUM INTO ?", (str(backup),))
+    insert_rows(backup, [4])  # the restored file has a change of its own
+    if how == "replaced":
+        os.replace(backup, db_path)
+    else:
+        os.rename(db_path, db_path.with_name("moved.db"))
+    assert daemon.wait(30) == 1
+    [line] = error_lines(daemon.output())
+    what = "names another file now" if how == "replaced" else "is gone"
+    assert line.startswith(f"Error: database {db_path} {what}: it was renamed, replaced or")
+    if how == "replaced":
+        again = start_daemon()
+        wait_until(lambda: "4" in export(typesense_server, collection), what="the restored row")
+        again.process.send_signal(signal.SIGTERM)
+        assert again.wait() == 0
+
+
 def test_a_dropped_column_named_as_an_outbox_column_is_an_error_not_the_outbox_s(
     tmp_path: Path,
 ) -> None:
