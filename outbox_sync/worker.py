@@ -35,7 +35,7 @@ from outbox_sync.notify import notify
 from outbox_sync.reconcile import Reconciler
 from outbox_sync.schema import SchemaWatch
 from outbox_sync.telemetry import REFRESH_INTERVAL_S, Telemetry
-from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.typesense_index import RestartWatch, TypesenseIndex
 from outbox_sync.wakeup import ChangeWatch
 
 # Without a change watch (wakeup.py), how often the idle loop asks SQLite whether anything
@@ -50,6 +50,8 @@ DEFAULT_MIN_BACKOFF_S = 0.25
 DEFAULT_MAX_BACKOFF_S = 10.0
 # When idle, ask Typesense whether it is healthy this often (for /healthz and metrics).
 HEALTH_PROBE_INTERVAL_S = 5.0
+# How often the restart watch (typesense_index.RestartWatch) uses its connections.
+RESTART_WATCH_INTERVAL_S = HEALTH_PROBE_INTERVAL_S
 # While an outage lasts, repeat the warning at most this often.
 OUTAGE_LOG_INTERVAL_S = 60.0
 # While changes flow, one `synced` line this often (nothing while idle).
@@ -423,6 +425,27 @@ def supervise(server: LocalTypesense, reconciler: Reconciler) -> None:
     reconciler.request("embedded restart")
 
 
+def restart_job(
+    watch: RestartWatch, request: Callable[[str], None], in_outage: Callable[[], bool]
+) -> Job:
+    """A loop job: asks for an audit (`request(reason)`) when Typesense restarted between two
+    requests (typesense_index.RestartWatch). A restart the loop saw as an outage is its own to
+    audit: nothing is asked while `in_outage()`, and the watch forgets its connections when
+    the outage ends."""
+    log = structlog.get_logger("outbox_sync")
+
+    def look(now: float) -> None:
+        if (lost := watch.lost(now)) and not in_outage():
+            log.warning(
+                "typesense_restarted",
+                nodes=lost,
+                note="it closed a connection in use: it may have lost writes, auditing",
+            )
+            request("typesense restart")
+
+    return Job("restarts", RESTART_WATCH_INTERVAL_S, look, due_at_start=False, at_stop=watch.close)
+
+
 def daemon(
     db: Database,
     indexes: Sequence[TypesenseIndex],
@@ -479,6 +502,16 @@ def daemon(
         jobs.append(
             Job("embedded", HEALTH_PROBE_INTERVAL_S, lambda now: supervise(server, reconciler))
         )
+    # the embedded server is the daemon's own: `supervise` sees it restart
+    restarts = RestartWatch(indexes[0]) if server is None else None
+    if restarts is not None:
+        jobs.append(restart_job(restarts, reconciler.request, lambda: worker.typesense_down))
+
+    def after_outage() -> None:
+        reconciler.request("outage")
+        if restarts is not None:
+            restarts.forget()
+
     by_name = {index.mapping.name: index for index in indexes}
     applier = Applier(db, by_name, batch_size=batch_size, telemetry=telemetry)
     worker = Worker(
@@ -487,7 +520,7 @@ def daemon(
         applier,
         jobs,
         telemetry=telemetry,
-        after_outage=lambda: reconciler.request("outage"),
+        after_outage=after_outage,
         watch_changes=True,
         **loop_options,
     )

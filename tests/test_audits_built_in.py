@@ -13,16 +13,18 @@ from typing import Any
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from outbox_sync import reconcile
+from outbox_sync import worker as worker_module
 from outbox_sync.audit import Audit
 from outbox_sync.db import Database
-from outbox_sync.localserver import free_port
-from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.localserver import LocalTypesense, free_port
+from outbox_sync.typesense_index import RestartWatch, TypesenseIndex
 from outbox_sync.worker import Stop, daemon
 from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
 from tests.support.cli import invoke
-from tests.support.daemon import Daemon, drain
+from tests.support.daemon import Daemon, drain, running
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.typesense import Server, by_hand, export
 from tests.support.wait import wait_until
@@ -189,6 +191,35 @@ def test_an_audit_that_fails_after_an_outage_is_asked_again(
             db.close()
             stop.close()
     assert "3" in export(typesense_server, collection)
+
+
+def test_a_restart_between_two_health_probes_is_seen_and_audited(
+    db_path: Path, private_typesense: LocalTypesense, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Typesense restarts while the daemon is idle, between two of its health probes, and comes
+    back short (0.24.1 can lose writes it acknowledged): no request failed, so the loop saw no
+    outage, and nothing audited before the schedule. The restart watch's connection was closed
+    by the stop: the daemon says so and audits, and the document comes back."""
+    monkeypatch.setattr(worker_module, "HEALTH_PROBE_INTERVAL_S", 3600.0)  # one probe, at start
+    monkeypatch.setattr(worker_module, "RESTART_WATCH_INTERVAL_S", 0.1)
+    looks: list[list[str]] = []
+    lost = RestartWatch.lost
+    monkeypatch.setattr(RestartWatch, "lost", lambda *args: looks.append(lost(*args)) or looks[-1])
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    server = Server(private_typesense.url, private_typesense.api_key)
+    index = TypesenseIndex([server.url], server.api_key, "sequences")
+    db = Database(db_path)
+    with capture_logs() as logged, running(daemon(db, [index], audit_every_s=0)):
+        wait_until(lambda: len(export(server, "sequences")) == 5, what="the sync")
+        wait_until(lambda: len(looks) >= 2, what="the watch's connection")
+        by_hand(server, "DELETE", "/collections/sequences/documents/3")  # what the restart lost
+        private_typesense.stop()
+        private_typesense.start()
+        wait_until(lambda: "3" in export(server, "sequences"), what="the audit's repair")
+    assert [look for look in looks if look] == [[server.url]]
+    [restarted] = [entry for entry in logged if entry["event"] == "typesense_restarted"]
+    assert restarted["nodes"] == [server.url]
+    assert [e["reason"] for e in logged if e["event"] == "audit_done"] == ["typesense restart"]
 
 
 def test_a_stop_during_run_once_does_not_wait_for_the_whole_audit(
