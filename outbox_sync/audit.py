@@ -59,7 +59,7 @@ from outbox_sync.db import Database, pages, row_key
 from outbox_sync.errors import InvalidRecordError, OutboxSyncError, TypesenseUnavailableError
 from outbox_sync.mapping import Found, Mapping
 from outbox_sync.typesense_index import MAX_DELETE_IDS, TypesenseIndex, export_document
-from outbox_sync.values import INT64
+from outbox_sync.values import INT64, RawText
 
 KINDS = ("missing", "extra", "stale", "invalid")
 # Rows per read of `sequences` and documents per scratch write: a few MB at most.
@@ -82,7 +82,12 @@ SCRATCH_SCHEMA = (
     "CREATE TABLE known (key PRIMARY KEY)",
     "CREATE TABLE candidates (n INTEGER PRIMARY KEY, key, kind TEXT NOT NULL, detail TEXT)",
     "CREATE TABLE drift (n INTEGER PRIMARY KEY, key, kind TEXT NOT NULL, detail TEXT)",
+    # Keys the table stores as TEXT that is not UTF-8: bound as RawText is (a BLOB, as in
+    # sync_errors), they are BLOBs here too, and the repair must queue them as TEXT again.
+    "CREATE TABLE text_keys (key PRIMARY KEY)",
 )
+# Whether a key of the scratch file is one of `text_keys`.
+IS_TEXT_KEY = "key IN (SELECT key FROM text_keys)"
 
 
 # An audit's scratch directory, named with its process: what a killed one left (SIGKILL, a
@@ -298,12 +303,18 @@ class Audit:
 
     def ids(self, kind: str) -> Iterator[tuple[Any, str | None]]:
         """(record id, detail) of one kind of drift (or "known"), in id order. Detail names the
-        differing fields (stale), the validation problem (invalid), or the kind (known)."""
+        differing fields (stale), the validation problem (invalid), or the kind (known). A key
+        the table stores as TEXT that is not UTF-8 comes back RawText, as the drain reads it."""
         for rows in pages(
-            self.scratch, "drift", "n", "key, detail", where="kind = ?", params=(kind,)
+            self.scratch,
+            "drift",
+            "n",
+            f"key, detail, {IS_TEXT_KEY}",
+            where="kind = ?",
+            params=(kind,),
         ):
-            for _, key, detail in rows:
-                yield key, detail
+            for _, key, detail, text in rows:
+                yield (RawText(key) if text else key), detail
 
     def repair(self) -> RepairSummary:
         """Enqueue every drifted record into the outbox, so the daemon fixes it with its usual
@@ -416,16 +427,22 @@ class Audit:
             if give_up():
                 break
             values: list[tuple[Any, str | None, str | None]] = []
-            for key, line, raw in rows:
+            texts: list[tuple[RawText]] = []
+            for read, line, raw in rows:
+                key = row_key(read)
+                if type(key) is RawText:
+                    texts.append((key,))
                 if line is not None:
-                    values.append((row_key(key), line.decode(), None))
+                    values.append((key, line.decode(), None))
                     continue
                 try:
                     document = canonical(json.loads(self.mapping.line(raw)))
-                    values.append((row_key(key), document, None))
+                    values.append((key, document, None))
                 except InvalidRecordError as error:
-                    values.append((row_key(key), None, str(error)))
+                    values.append((key, None, str(error)))
             self._insert("INSERT INTO expected (key, doc, problem) VALUES (?, ?, ?)", values)
+            if texts:
+                self._insert("INSERT OR IGNORE INTO text_keys (key) VALUES (?)", texts)
             loaded += len(rows)
             self.progress("rows", loaded, total)
         self.scratch.execute("CREATE INDEX expected_key ON expected (key)")

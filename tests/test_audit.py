@@ -504,6 +504,36 @@ def test_a_row_whose_key_is_not_utf8_is_invalid_drift(
     }
 
 
+def test_the_repair_of_a_key_that_is_not_utf8_queues_it_as_the_text_it_is(
+    tmp_path: Path, served: Server, collection: str
+) -> None:
+    """The repair queued such a key as a BLOB, as the scratch file holds it: another key than
+    the row's, whose error said "expected text, got a BLOB of 3 bytes" (found by a review).
+    Queued as the TEXT it is, it fails as the drain's own entry did."""
+    app, mapping, db = initialized_characters(tmp_path / "c.db", collection)
+    [mapping] = schema.check(db, [mapping])
+    index = TypesenseIndex([served.url], served.api_key, collection, mapping=mapping)
+    index.ensure_collection()
+    worker = daemon(db, [index])
+    bad = character("x")[1:]
+    app.execute(CHARACTER_SQL.replace("(?,", "(CAST(? AS TEXT),", 1), (b"A\xffB", *bad))
+    drain(worker)
+    [drained] = sync_errors.find(db)
+    assert drained["error"] == "slug: is not valid UTF-8 (bad byte at offset 1)"
+    sync_errors.resolve(db, [drained["id"]], "closed by hand, the row left as it is")
+    with Audit(db, index) as audit:
+        assert audit.run().counts["invalid"] == 1
+        assert audit.repair().enqueued == 1
+    queued = app.execute("SELECT typeof(record_key), CAST(record_key AS BLOB) FROM outbox")
+    assert queued.fetchall() == [("text", b"A\xffB")]
+    drain(worker)
+    [repaired] = sync_errors.find(db)
+    assert (repaired["record_key"], repaired["error"]) == (drained["record_key"], drained["error"])
+    with Audit(db, index) as audit:  # its open error tells the story: not drift
+        summary = audit.run()
+    assert summary.consistent and summary.known_errors == 1
+
+
 def test_audit_json_with_a_blob_key_is_json(
     tmp_path: Path, typesense_server: Server, index: TypesenseIndex
 ) -> None:
