@@ -236,9 +236,10 @@ class Applier:
         doc_id = mapping.document_id(entry.key)  # only a delete needs it: the line has it
         if doc_id is not None:
             work.deletes.append((entry.id, entry.key, doc_id))
-        elif entry.op == "delete" or _json(entry.key):  # no document can have it: nothing to do
-            batch.synced.append((mapping.name, entry.key))
-        else:  # NULL or a BLOB: its row cannot be looked up by it
+        elif _json(entry.key) or (entry.op == "delete" and not self.db.covers(mapping, entry.key)):
+            batch.synced.append((mapping.name, entry.key))  # no document can have it: done
+        else:  # NULL, a BLOB or text that is not UTF-8, whose row the claim does not look up:
+            # an upsert, or a delete of one of the rows of such a key that leaves another
             batch.fail(entry, None, mapping.key_problem(entry.key) or "")
 
     def _unknown(self, mapping: str, count: int) -> None:

@@ -260,6 +260,21 @@ class Database:
         except sqlite3.OperationalError as error:
             raise self._read_error(mapping, error) from None
 
+    def covers(self, mapping: Mapping, key: Any) -> bool:
+        """Whether the mapping covers a row of this key, matched with IS: a NULL key too (a
+        loose table may hold many), and a RawText one as the TEXT it was read from."""
+        where = f" AND ({mapping.where})" if mapping.where else ""
+        try:
+            row = self.conn.execute(
+                f"SELECT 1 FROM {quote_identifier(mapping.table)}"
+                f" WHERE {quote_identifier(mapping.key)} IS"
+                f" CASE WHEN ?2 THEN CAST(?1 AS TEXT) ELSE ?1 END{where} LIMIT 1",
+                (key, type(key) is RawText),
+            ).fetchone()
+        except sqlite3.OperationalError as error:
+            raise self._read_error(mapping, error) from None
+        return row is not None
+
     def _read_error(self, mapping: Mapping, error: sqlite3.OperationalError) -> Exception:
         """What a failed read of a mapping's table means: the table is gone, changed, or busy."""
         if "no such table" in str(error):
