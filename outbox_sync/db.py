@@ -326,6 +326,15 @@ class Database:
         with self.write() as conn:
             _supersede(conn, records, utc_now(), keep=())
 
+    def note_errors(self, mapping: str, notes: Sequence[tuple[Any, str]]) -> None:
+        """Add a note to the open error of each (key, note) record of a mapping."""
+        with self.write() as conn:
+            conn.executemany(
+                "UPDATE sync_errors SET error = error || ?"
+                " WHERE resolved_at IS NULL AND mapping = ? AND record_key IS ?",
+                [(note, mapping, key) for key, note in notes],
+            )
+
     def enqueue(self, mapping: str, entries: Sequence[tuple[Any, str]]) -> None:
         """Add (key, op) markers of a mapping to the outbox, as the triggers would: a RawText
         key as the TEXT it was read from (bound as it is, it would be a BLOB, another key)."""

@@ -35,6 +35,7 @@ from outbox_sync.errors import (
     OutboxSyncError,
     StoppingError,
     TypesenseError,
+    TypesenseUnavailableError,
 )
 from outbox_sync.lock import DaemonLock
 from outbox_sync.typesense_index import (
@@ -74,6 +75,8 @@ class ReindexResult:
     invalid: int  # rows that fail validation: in sync_errors (queued if not yet), not indexed
     requeued: int  # rows Typesense refused or invalid ones without an open error: queued, so
     # the daemon's policy applies
+    last_good_refused: int = 0  # invalid rows whose last good document the new collection
+    # refused (a changed schema): no longer searchable, their open errors say so
 
 
 def rebuild(
@@ -97,8 +100,9 @@ def rebuild(
     try:
         fresh = index.on_collection(new, index.configured)
         fill = _fill(db, fresh, chunk, progress)
+        lost: list[tuple[Any, str]] = []
         if old is not None and fill.invalid_ids:
-            _keep_last_good(index.on_collection(old), fresh, fill.invalid_ids)
+            lost = _keep_last_good(index.on_collection(old), fresh, fill.invalid_ids)
         if fill.refused:  # applied by the daemon after the switch, so to the new collection
             db.enqueue(index.mapping.name, [(key, "upsert") for key in fill.refused])
     except BaseException as error:  # Ctrl-C too: no half-filled collection is left behind
@@ -110,9 +114,18 @@ def rebuild(
     _switch(index, old, new)
     index.mapping = fresh.mapping  # the documents are now as the mapping says
     _close_errors(db, index.mapping.name, fill.indexed_with_errors)
+    if lost:
+        _report_lost(db, index, new, lost)
     db.set_meta(fill_key(index.mapping.name), None)  # a rebuild is the fill `init` asked for
     return ReindexResult(
-        index.collection, old, new, fill.rows, fill.indexed, fill.invalid, len(fill.refused)
+        index.collection,
+        old,
+        new,
+        fill.rows,
+        fill.indexed,
+        fill.invalid,
+        len(fill.refused),
+        len(lost),
     )
 
 
@@ -122,7 +135,7 @@ class _Fill:
     indexed: int = 0
     invalid: int = 0
     refused: list[Any] = field(default_factory=list)  # and invalid rows without an open error
-    invalid_ids: list[str] = field(default_factory=list)  # document ids of invalid rows
+    invalid_ids: dict[str, Any] = field(default_factory=dict)  # invalid rows: document id: key
     indexed_with_errors: list[Any] = field(default_factory=list)  # keys with an open error
 
 
@@ -162,7 +175,7 @@ def _fill(db: Database, fresh: TypesenseIndex, chunk: int, progress: Progress | 
                 except InvalidRecordError:
                     fill.invalid += 1
                     if (doc_id := mapping.document_id(key)) is not None:
-                        fill.invalid_ids.append(doc_id)
+                        fill.invalid_ids[doc_id] = key
                     if key not in with_errors:  # a first fill's, or a changed mapping's
                         fill.refused.append(key)  # the drain records it in sync_errors
             if len(flights) == IN_FLIGHT:  # the oldest answer before the next request
@@ -176,13 +189,53 @@ def _fill(db: Database, fresh: TypesenseIndex, chunk: int, progress: Progress | 
     return fill
 
 
-def _keep_last_good(old: TypesenseIndex, fresh: TypesenseIndex, doc_ids: list[str]) -> None:
+def _keep_last_good(
+    old: TypesenseIndex, fresh: TypesenseIndex, invalid: dict[str, Any]
+) -> list[tuple[Any, str]]:
     """A record whose latest row is invalid keeps its last good document: copied from the old
-    collection (docs/guarantees.md promises it stays searchable while its error is open)."""
+    collection (docs/guarantees.md promises it stays searchable while its error is open). The
+    (key, Typesense's reason) of each one the new collection refuses (a changed schema); a 5xx
+    line is server trouble, as in the drain: the rebuild fails and the old collection stays."""
+    doc_ids = list(invalid)
+    refused = []
     for start in range(0, len(doc_ids), MAX_DELETE_IDS):
-        documents = [encode(d) for d in old.export_ids(doc_ids[start : start + MAX_DELETE_IDS])]
-        if documents:
-            fresh.import_jsonl(b"\n".join(documents), len(documents))
+        documents = list(old.export_ids(doc_ids[start : start + MAX_DELETE_IDS]))
+        if not documents:
+            continue
+        results = fresh.import_jsonl(b"\n".join(map(encode, documents)), len(documents))
+        for document, result in zip(documents, results, strict=True):
+            if result.ok:
+                continue
+            if result.http_status is not None and result.http_status >= 500:
+                raise TypesenseUnavailableError(
+                    f"Typesense answered {result.http_status} for a document: {result.error}",
+                    result.http_status,
+                )
+            refused.append((invalid[str(document["id"])], result.error or "import failed"))
+    return refused
+
+
+def _report_lost(
+    db: Database, index: TypesenseIndex, new: str, lost: list[tuple[Any, str]]
+) -> None:
+    """Records whose last good document the rebuilt collection refused are no longer
+    searchable: their open errors say so, and one warning counts them."""
+    db.note_errors(
+        index.mapping.name,
+        [
+            (key, f" (its last good document was refused by the reindex into {new}: {reason})")
+            for key, reason in lost
+        ],
+    )
+    key, reason = lost[0]
+    structlog.get_logger("outbox_sync").warning(
+        "last_good_refused",
+        collection=index.collection,
+        records=len(lost),
+        first_key=key,
+        reason=reason,
+        note="no longer searchable until their rows are fixed: see `outbox-sync errors list`",
+    )
 
 
 def _switch(index: TypesenseIndex, old: str | None, new: str) -> None:

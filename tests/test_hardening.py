@@ -8,6 +8,7 @@ import json
 import socket
 import sqlite3
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from outbox_sync.lock import DaemonLock
 from outbox_sync.mapping import SEQUENCES
 from outbox_sync.report import build_report
 from outbox_sync.telemetry import Telemetry, serve_metrics
-from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.typesense_index import ImportResult, TypesenseIndex
 from outbox_sync.worker import Worker, daemon
 from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
 from tests.support.cli import invoke, one_line
@@ -153,6 +154,64 @@ def test_reindex_keeps_the_last_good_document_and_closes_the_errors_it_fixed(
     assert result.invalid == 1 and result.indexed == 2
     assert index.retrieve("2") == before  # still searchable, as docs/guarantees.md promises
     assert [e["record_key"] for e in sync_errors.find(db)] == [2]  # record 3's closed
+
+
+def test_a_last_good_document_the_rebuilt_collection_refuses_is_reported_not_dropped_silently(
+    db_path: Path, db: Database, worker: Worker, index: TypesenseIndex, served: Server
+) -> None:
+    """A mapping changed to require `comment`: the last good document of a record whose row is
+    now invalid has none, and the rebuilt collection refuses it. The import's verdict was
+    ignored: the document vanished from search, its open error silent (found by a hostile
+    review)."""
+    conn = app_connection(db_path)
+    conn.executemany(ROW_SQL, [make_row(1), make_row(2, comment=None), make_row(3)])
+    drain(worker)
+    conn.execute("UPDATE sequences SET element_id = 'broken' WHERE id = 2")
+    drain(worker)
+    assert index.retrieve("2") is not None  # its last good document, searchable
+    fields = tuple(
+        replace(f, optional=False) if f.name == "comment" else f for f in SEQUENCES.fields
+    )
+    required = TypesenseIndex(
+        [served.url], served.api_key, index.collection, mapping=replace(SEQUENCES, fields=fields)
+    )
+    with structlog.testing.capture_logs() as logs:
+        result = reindex.rebuild(db, required)
+    assert required.retrieve("2") is None  # the rebuilt collection would not take it...
+    [error] = sync_errors.find(db)  # ...and the record's open error says so
+    assert error["record_key"] == 2 and error["error"].startswith("element_id: ")
+    assert f"last good document was refused by the reindex into {result.new}" in error["error"]
+    assert "comment" in error["error"]  # Typesense's reason
+    assert (result.indexed, result.invalid, result.last_good_refused) == (2, 1, 1)
+    [warning] = [e for e in logs if e["event"] == "last_good_refused"]
+    assert (warning["records"], warning["first_key"]) == (1, 2)
+
+
+def test_a_5xx_keeping_a_last_good_document_fails_the_rebuild_and_the_old_collection_stays(
+    db_path: Path,
+    db: Database,
+    worker: Worker,
+    index: TypesenseIndex,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conn = app_connection(db_path)
+    conn.executemany(ROW_SQL, [make_row(i) for i in (1, 2, 3)])
+    drain(worker)
+    conn.execute("UPDATE sequences SET element_id = 'broken' WHERE id = 2")
+    drain(worker)
+    old, before = index.target(), index.retrieve("2")
+    imported = TypesenseIndex.import_jsonl
+
+    def unavailable_for_2(self: TypesenseIndex, body: bytes, count: int) -> list[ImportResult]:
+        if b'"id":"2"' in body:  # the copy of record 2's last good document
+            return [ImportResult(False, 503, "Not Ready or Lagging")]
+        return imported(self, body, count)
+
+    monkeypatch.setattr(TypesenseIndex, "import_jsonl", unavailable_for_2)
+    with pytest.raises(OutboxSyncError, match=r"503.*the old collection stays in use"):
+        reindex.rebuild(db, index)
+    assert index.target() == old and index.versions() == [old]
+    assert index.retrieve("2") == before
 
 
 def test_a_failure_before_the_switch_leaves_the_old_collection_in_use(

@@ -219,11 +219,18 @@ def reindex_command(settings: Settings) -> None:
                 lock.release()
     for result in results:
         old = f", dropped {result['old']}" if result["old"] else ""
+        lost = result.get("last_good_refused")  # absent from an older daemon's answer
         click.echo(
             f"reindexed {result['rows']} rows of {result['collection']!r} into "
             f"{result['new']}{old}: {result['indexed']} indexed, {result['invalid']} invalid "
             f"(see `outbox-sync errors list`), {result['requeued']} queued for the daemon "
             "(refused by Typesense, or invalid with no open error yet)"
+            + (
+                f"; the new collection refused the last good document of {lost} invalid "
+                "records: no longer searchable (their open errors say so)"
+                if lost
+                else ""
+            )
         )
 
 
