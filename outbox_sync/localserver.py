@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -175,9 +176,16 @@ class LocalTypesense:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def start(self, timeout_s: float = DEFAULT_START_TIMEOUT_S, *, wait: bool = True) -> None:
-        """Start the server and (with wait) return once /health says ok. A cluster node
-        becomes healthy only with a quorum: start every node with wait=False first."""
+    def start(
+        self,
+        timeout_s: float = DEFAULT_START_TIMEOUT_S,
+        *,
+        wait: bool = True,
+        heartbeat: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Start the server and (with wait) return once /health says ok, calling `heartbeat`
+        while it waits (`wait_ready`). A cluster node becomes healthy only with a quorum:
+        start every node with wait=False first."""
         self._take_ports()
         command = self._command()
         try:
@@ -209,7 +217,7 @@ class LocalTypesense:
                 process_group=0,
             )
         if wait:
-            self.wait_ready(timeout_s)
+            self.wait_ready(timeout_s, heartbeat)
 
     def _take_ports(self) -> None:
         """Refuse a port in use; a peering port we chose ourselves is taken anew instead."""
@@ -258,9 +266,16 @@ class LocalTypesense:
         partial.write_text(json.dumps(ports) + "\n")
         partial.replace(target)
 
-    def wait_ready(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> None:
+    def wait_ready(
+        self,
+        timeout_s: float = DEFAULT_START_TIMEOUT_S,
+        heartbeat: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Return once /health says ok. `heartbeat` is called every ~0.1-1 s meanwhile: the
+        daemon's loop waits here (up to timeout_s) when it starts a dead server again."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            heartbeat()
             if self.process is not None and self.process.poll() is not None:
                 raise OutboxSyncError(
                     f"embedded Typesense exited with code {self.process.returncode}: "

@@ -407,9 +407,14 @@ def save_stats(db: Database, telemetry: Telemetry, *, when_due: bool = False) ->
             structlog.get_logger("outbox_sync").warning("stats_not_saved", reason=str(error))
 
 
-def supervise(server: LocalTypesense, reconciler: Reconciler) -> None:
+def supervise(
+    server: LocalTypesense,
+    reconciler: Reconciler,
+    heartbeat: Callable[[], None] = lambda: None,
+) -> None:
     """Start the embedded server again if it died, then audit: it may have come back without
-    writes it had acknowledged."""
+    writes it had acknowledged. Waiting for it to be ready (up to a minute) keeps the loop's
+    `heartbeat`; the daemon stopping ends the wait (the server is stopped with the daemon)."""
     if server.process is None or server.process.poll() is None:
         return
     structlog.get_logger("outbox_sync").warning(
@@ -418,7 +423,9 @@ def supervise(server: LocalTypesense, reconciler: Reconciler) -> None:
         note="starting it again, then auditing",
     )
     try:
-        server.start()
+        server.start(heartbeat=heartbeat)
+    except StoppingError:  # the daemon stops the server with itself; its next start audits
+        return
     except OutboxSyncError as error:
         message = f"the embedded Typesense did not come back: {error}"
         raise TypesenseUnavailableError(message) from None
@@ -500,7 +507,11 @@ def daemon(
     ]
     if server is not None:
         jobs.append(
-            Job("embedded", HEALTH_PROBE_INTERVAL_S, lambda now: supervise(server, reconciler))
+            Job(
+                "embedded",
+                HEALTH_PROBE_INTERVAL_S,
+                lambda now: supervise(server, reconciler, heartbeat),
+            )
         )
     # the embedded server is the daemon's own: `supervise` sees it restart
     restarts = RestartWatch(indexes[0]) if server is None else None

@@ -5,17 +5,24 @@ started again and audited."""
 import json
 import os
 import signal
+import socket
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from outbox_sync.localserver import free_port
+from outbox_sync.db import Database
+from outbox_sync.localserver import LocalTypesense, free_port
+from outbox_sync.telemetry import Telemetry
+from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.worker import daemon
 from tests.support.app import ROW_SQL, app_connection, make_row
 from tests.support.cli import run_module, without_settings
-from tests.support.daemon import Daemon, children
+from tests.support.daemon import Daemon, children, running
+from tests.support.typesense import API_KEY, healthy
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
@@ -104,3 +111,59 @@ def test_an_embedded_server_that_dies_is_started_again_and_audited(
     assert children(daemon.process.pid) and children(daemon.process.pid) != [server]
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait(60) == 0
+
+
+def test_the_loop_keeps_its_heartbeat_while_the_embedded_server_starts_again(
+    db: Database, private_typesense: LocalTypesense
+) -> None:
+    """Starting the server again waits for it to be ready, up to 60 s. The loop's heartbeat
+    (/healthz, the systemd watchdog, pinging every 45 s of WatchdogSec=90) stopped meanwhile:
+    systemd could kill the daemon mid-restart (found by a hostile review). Its peering port
+    taken while it was down, the server takes a new one and is ready only after ~12.5 s."""
+    index = TypesenseIndex([private_typesense.url], API_KEY, "sequences")
+    index.ensure_collection()
+    telemetry = Telemetry(metrics=False)
+    worker = daemon(db, [index], telemetry=telemetry, server=private_typesense, max_backoff_s=0.5)
+    crashed = private_typesense.process
+    assert crashed is not None
+    lags = []
+    with running(worker), socket.socket() as squatter:
+        wait_until(lambda: worker.stopping is not None, what="the loop's first turn")
+        crashed.kill()
+        crashed.wait()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", private_typesense.peering_port))
+        squatter.listen()
+        started = time.monotonic()
+        deadline = started + 90
+        while private_typesense.process is crashed or not healthy(private_typesense.url):
+            assert time.monotonic() < deadline, "the server did not come back"
+            lags.append(time.monotonic() - telemetry.loop_at)
+            time.sleep(0.1)
+        restart_s = time.monotonic() - started
+    assert restart_s > 8  # the slow start this test is about
+    assert max(lags) < 3, f"the loop went {max(lags):.1f} s without a heartbeat"
+
+
+def test_a_stop_ends_the_wait_for_an_embedded_server_started_again(
+    db: Database, private_typesense: LocalTypesense
+) -> None:
+    """SIGTERM while the loop waits for the server it started again ends the wait at once, not
+    up to 60 s later (systemd's TimeoutStopSec is 60 s)."""
+    index = TypesenseIndex([private_typesense.url], API_KEY, "sequences")
+    index.ensure_collection()
+    worker = daemon(db, [index], server=private_typesense, max_backoff_s=0.5)
+    crashed = private_typesense.process
+    assert crashed is not None
+    with socket.socket() as squatter, running(worker) as thread:
+        wait_until(lambda: worker.stopping is not None, what="the loop's first turn")
+        crashed.kill()
+        crashed.wait()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", private_typesense.peering_port))
+        squatter.listen()  # the new start waits ~12.5 s
+        wait_until(lambda: private_typesense.process is not crashed, what="the new start")
+        assert not healthy(private_typesense.url)
+        asked = time.monotonic()  # leaving the block sets the stop and joins the loop
+    assert not thread.is_alive()
+    assert time.monotonic() - asked < 3
