@@ -57,6 +57,9 @@ MAX_FILTER_URL_CHARS = 6 * 1024
 # restart watch that was used within this long, found closed, was closed by the server
 # stopping, not by that timeout.
 RESTART_WATCH_FRESH_S = 30.0
+# A node whose watched connection is lost twice within this long closes connections itself
+# (a proxy): its watch is turned off rather than audit again and again.
+RESTART_WATCH_FLAP_S = 600.0
 # How long the restart watch waits for a node to answer: it must not hold up the loop.
 RESTART_WATCH_TIMEOUT_S = 1.0
 
@@ -505,7 +508,12 @@ class RestartWatch:
     exposes no uptime or start time): a connection of its own to each node, used every few
     seconds. A server closes its connections when it stops, so a connection found closed while
     fresh means the node restarted, or something between dropped it. Either way it may have
-    come back without writes it acknowledged: `lost` names such nodes, for an audit."""
+    come back without writes it acknowledged: `lost` names such nodes, for an audit.
+
+    A node whose connections do not last (a proxy that closes them sooner, or after each
+    answer) cannot be watched so: such an answer, or the second loss within
+    RESTART_WATCH_FLAP_S, turns its watch off, with one warning; the scheduled audit is left
+    for its restarts."""
 
     def __init__(self, index: TypesenseIndex) -> None:
         config = index.client.config
@@ -516,21 +524,40 @@ class RestartWatch:
             limits=httpx.Limits(keepalive_expiry=2 * RESTART_WATCH_FRESH_S),
         )
         self.seen: dict[str, tuple[object, float]] = {}  # node: (its connection, last used)
+        self.lost_at: dict[str, float] = {}  # node: when its connection was last lost
 
     def lost(self, now: float) -> list[str]:
         """The nodes whose connection, used within RESTART_WATCH_FRESH_S, was closed since.
         A node that does not answer is left for the loop's own requests to find down."""
         lost = []
-        for url in self.urls:
+        for url in list(self.urls):
             try:
-                connection = self.http.get(url + "/health").extensions.get("network_stream")
+                response = self.http.get(url + "/health")
             except httpx.HTTPError:
                 continue
+            connection = response.extensions.get("network_stream")
             last, used_at = self.seen.get(url, (connection, now))
-            if connection is not last and now - used_at < RESTART_WATCH_FRESH_S:
-                lost.append(url)
             self.seen[url] = (connection, now)
+            if response.http_version != "HTTP/1.1" or "close" in response.headers.get(
+                "connection", ""
+            ):
+                self._off(url, "it closes each connection after its answer")
+            elif connection is not last and now - used_at < RESTART_WATCH_FRESH_S:
+                if now - self.lost_at.get(url, float("-inf")) < RESTART_WATCH_FLAP_S:
+                    self._off(url, "its connections were closed twice within minutes")
+                else:
+                    self.lost_at[url] = now
+                    lost.append(url)
         return lost
+
+    def _off(self, url: str, reason: str) -> None:
+        self.urls.remove(url)
+        structlog.get_logger("outbox_sync").warning(
+            "restart_watch_off",
+            node=url,
+            reason=reason,
+            note="a proxy between? its restarts are left to the scheduled audit",
+        )
 
     def forget(self) -> None:
         """Take the next connections as the ones to watch (after an outage seen otherwise)."""

@@ -4,13 +4,17 @@ classification is checked on exceptions made here and, where the server decides,
 real 0.24.1 server (through the fault proxy for answers it will not give at will)."""
 
 import gc
+import http.server
 import json
 import ssl
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import certifi
 import httpx
 import pytest
+from structlog.testing import capture_logs
 from typesense import exceptions as ts
 
 from outbox_sync.errors import (
@@ -25,6 +29,7 @@ from outbox_sync.localserver import free_port
 from outbox_sync.typesense_index import (
     MAX_DELETE_IDS,
     MAX_FILTER_URL_CHARS,
+    RestartWatch,
     TypesenseIndex,
     _lines,
     classify,
@@ -392,3 +397,55 @@ def test_the_bodies_of_answered_imports_are_freed_at_once(index: TypesenseIndex)
         assert streams() == before
     finally:
         gc.enable()
+
+
+class ClosingHandler(http.server.BaseHTTPRequestHandler):
+    """A /health behind something that closes connections: after each answer (HTTP/1.0), or,
+    speaking HTTP/1.1 and keep-alive, as soon as the answer is sent (a short idle timeout)."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "11")
+        self.end_headers()
+        self.wfile.write(b'{"ok":true}')
+        self.close_connection = True
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/1.0", "HTTP/1.1"])
+def test_the_restart_watch_turns_itself_off_where_connections_do_not_last(
+    protocol: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where every probe needs a new connection (a proxy between), a lost one tells no
+    restart: one warning, then the watch of that node is off, not an audit every 5 s."""
+    monkeypatch.setattr(ClosingHandler, "protocol_version", protocol)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ClosingHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    watch = RestartWatch(TypesenseIndex([url], "key", "sequences"))
+    try:
+        with capture_logs() as logged:
+            looks = [watch.lost(float(now)) for now in range(0, 30, 5)]
+    finally:
+        watch.close()
+        server.shutdown()
+        server.server_close()
+    # HTTP/1.0 says so at once; a keep-alive answer is believed once: one audit, then off
+    assert looks == [[]] * 6 if protocol == "HTTP/1.0" else [[], [url], [], [], [], []]
+    [off] = [entry for entry in logged if entry["event"] == "restart_watch_off"]
+    assert off["node"] == url and watch.urls == []
+
+
+def test_the_restart_watch_keeps_one_connection_to_a_real_server(
+    typesense_server: Server,
+) -> None:
+    """A real server keeps the watch's connection between probes: no restart is seen."""
+    watch = RestartWatch(TypesenseIndex([typesense_server.url], "key", "sequences"))
+    try:
+        looks = [watch.lost(float(now)) for now in range(0, 30, 5)]
+    finally:
+        watch.close()
+    assert looks == [[]] * 6 and watch.urls == [typesense_server.url]
