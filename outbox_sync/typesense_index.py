@@ -516,19 +516,21 @@ class RestartWatch:
     for its restarts."""
 
     def __init__(self, index: TypesenseIndex) -> None:
-        config = index.client.config
-        self.urls = [node.url() for node in config.nodes]
-        self.http = httpx.Client(
-            verify=config.verify,
-            timeout=httpx.Timeout(RESTART_WATCH_TIMEOUT_S),
-            limits=httpx.Limits(keepalive_expiry=2 * RESTART_WATCH_FRESH_S),
-        )
+        self.verify = index.client.config.verify
+        self.urls = [node.url() for node in index.client.config.nodes]
+        self.http: httpx.Client | None = None  # made at the first look, again after close()
         self.seen: dict[str, tuple[object, float]] = {}  # node: (its connection, last used)
         self.lost_at: dict[str, float] = {}  # node: when its connection was last lost
 
     def lost(self, now: float) -> list[str]:
         """The nodes whose connection, used within RESTART_WATCH_FRESH_S, was closed since.
         A node that does not answer is left for the loop's own requests to find down."""
+        if self.http is None:
+            self.http = httpx.Client(
+                verify=self.verify,
+                timeout=httpx.Timeout(RESTART_WATCH_TIMEOUT_S),
+                limits=httpx.Limits(keepalive_expiry=2 * RESTART_WATCH_FRESH_S),
+            )
         lost = []
         for url in list(self.urls):
             try:
@@ -564,7 +566,11 @@ class RestartWatch:
         self.seen.clear()
 
     def close(self) -> None:
-        self.http.close()
+        """Close the connections; the next look opens new ones, taken as the ones to watch."""
+        if self.http is not None:
+            self.http.close()
+            self.http = None
+        self.seen.clear()
 
 
 def export_document(line: str) -> dict[str, Any]:
