@@ -446,7 +446,8 @@ class Database:
             yield found
 
     def scan_outbox_keys(self, mapping: str, chunk: int = DEFAULT_PAGE_ROWS) -> Iterator[list[Any]]:
-        """The key of every waiting outbox entry of a mapping."""
+        """The key of every waiting outbox entry of a mapping, as `row_key` makes it (text
+        that is not UTF-8 must not fail the read: it stays RawText, as the rows' keys do)."""
         for rows in pages(
             self.conn,
             "outbox",
@@ -455,13 +456,14 @@ class Database:
             where="mapping = ?",
             params=(mapping,),
             chunk=chunk,
+            raw=True,
         ):
-            yield [key for _, key in rows]
+            yield [row_key(key) for _, key in rows]
 
     def scan_open_error_keys(
         self, mapping: str, chunk: int = DEFAULT_PAGE_ROWS
     ) -> Iterator[list[Any]]:
-        """The key of every open sync error of a mapping."""
+        """The key of every open sync error of a mapping, as `row_key` makes it."""
         where = "resolved_at IS NULL AND mapping = ?"
         for rows in pages(
             self.conn,
@@ -471,8 +473,9 @@ class Database:
             where=where,
             params=(mapping,),
             chunk=chunk,
+            raw=True,
         ):
-            yield [key for _, key in rows]
+            yield [row_key(key) for _, key in rows]
 
 
 def _supersede(

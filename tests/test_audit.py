@@ -26,7 +26,12 @@ from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
-from tests.support.characters import CHARACTER_SQL, character, initialized_characters
+from tests.support.characters import (
+    CHARACTER_SQL,
+    character,
+    characters_config,
+    initialized_characters,
+)
 from tests.support.cli import invoke, one_line
 from tests.support.daemon import drain
 from tests.support.fake_index import FakeIndex
@@ -532,6 +537,39 @@ def test_the_repair_of_a_key_that_is_not_utf8_queues_it_as_the_text_it_is(
     with Audit(db, index) as audit:  # its open error tells the story: not drift
         summary = audit.run()
     assert summary.consistent and summary.known_errors == 1
+
+
+def test_an_audit_runs_while_an_entry_of_a_key_that_is_not_utf8_waits(
+    tmp_path: Path, served: Server, collection: str
+) -> None:
+    """The outbox's keys were read as str: such a key's entry failed the audit ("Could not
+    decode to UTF-8 column 'record_key'", with advice about a full disk), the daemon's own
+    audit too (found by a review). The entry waits for the row's record: not drift."""
+    path = tmp_path / "c.db"
+    app, mapping, db = initialized_characters(path, collection)
+    [mapping] = schema.check(db, [mapping])
+    index = TypesenseIndex([served.url], served.api_key, collection, mapping=mapping)
+    index.ensure_collection()
+    bad = character("x")[1:]
+    app.execute(CHARACTER_SQL.replace("(?,", "(CAST(? AS TEXT),", 1), (b"A\xffB", *bad))
+    assert app.execute("SELECT typeof(record_key) FROM outbox").fetchall() == [("text",)]
+    config = tmp_path / "outbox-sync.toml"
+    config.write_text(characters_config(collection))
+
+    def audited() -> Any:
+        env = {"OUTBOX_SYNC_CONFIG": str(config)}
+        result = invoke(["audit", "--json"], served, path, collection, **env)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    report = audited()
+    assert report["waiting_in_outbox"] == 1 and report["invalid"]["count"] == 0
+    drain(daemon(db, [index]))
+    assert audited()["with_open_error"]["count"] == 1
+    # the key of an open error is the daemon's BLOB; one edited by hand into TEXT must not
+    # fail the audit either
+    db.conn.execute("UPDATE sync_errors SET record_key = CAST(record_key AS TEXT)")
+    assert audited()["with_open_error"]["count"] == 1
 
 
 def test_audit_json_with_a_blob_key_is_json(
