@@ -15,7 +15,7 @@ from typing import Any
 from outbox_sync.db import Database, pages, table_exists, utc_now
 from outbox_sync.errors import ClosedSyncError, ConfigError, UnknownSyncError
 from outbox_sync.mapping import Mapping
-from outbox_sync.values import quote_identifier
+from outbox_sync.values import RawText, quote_identifier
 
 # The columns of `sync_errors`, in the order people read them.
 COLUMNS = (
@@ -82,10 +82,15 @@ def get(db: Database, error_id: int, mappings: Lookup[str, Mapping]) -> dict[str
     error = dict(zip(names, row, strict=True))
     mapping = mappings.get(error["mapping"])
     key = error["record_key"]
-    error["record_exists"] = None if mapping is None else _record_exists(db.conn, mapping, key)
-    (error["pending"],) = db.conn.execute(
-        "SELECT count(*) FROM outbox WHERE mapping = ? AND record_key IS ?", (error["mapping"], key)
-    ).fetchone()
+    error["record_exists"] = None if mapping is None else bool(_row_keys(db.conn, mapping, key))
+    error["pending"] = sum(
+        db.conn.execute(
+            "SELECT count(*) FROM outbox WHERE mapping = ?1"
+            " AND record_key IS CASE WHEN ?2 THEN CAST(?3 AS TEXT) ELSE ?3 END",
+            (error["mapping"], type(form) is RawText, form),
+        ).fetchone()[0]
+        for form in _forms(key)
+    )
     return error
 
 
@@ -142,9 +147,13 @@ def _retry_records(
         )
         if not closed:  # closed meanwhile (a sync superseded it): nothing to retry
             continue
-        op = "upsert" if _record_exists(conn, mappings[name], key) else "delete"
-        outbox_id = conn.execute(
-            "INSERT INTO outbox (mapping, record_key, op) VALUES (?, ?, ?)", (name, key, op)
+        stored = _row_keys(conn, mappings[name], key)
+        op = "upsert" if stored else "delete"
+        queued = stored[0] if stored else key  # as its row holds it: a RawText as TEXT
+        outbox_id = conn.execute(  # as Database.enqueue binds it
+            "INSERT INTO outbox (mapping, record_key, op)"
+            " VALUES (?1, CASE WHEN ?2 THEN CAST(?3 AS TEXT) ELSE ?3 END, ?4)",
+            (name, type(queued) is RawText, queued, op),
         ).lastrowid
         assert outbox_id is not None  # an INSERT always sets it
         conn.execute(
@@ -187,15 +196,31 @@ def _open_errors(conn: sqlite3.Connection, error_ids: Sequence[int]) -> list[tup
     return [found[error_id][:3] for error_id in dict.fromkeys(error_ids)]
 
 
-def _record_exists(conn: sqlite3.Connection, mapping: Mapping, key: Any) -> bool:
-    """Whether the mapping covers a row of this key (its `where` included): not while its
-    table is gone (the daemon waits for it)."""
+def _forms(key: Any) -> list[Any]:
+    """The keys a record key of `sync_errors` may stand for: itself, and for a BLOB that is not
+    UTF-8 the TEXT of those bytes too (RawText), which the drain records as such a BLOB."""
+    if type(key) is not bytes:
+        return [key]
+    try:
+        key.decode()
+    except UnicodeDecodeError:
+        return [key, RawText(key)]
+    return [key]
+
+
+def _row_keys(conn: sqlite3.Connection, mapping: Mapping, key: Any) -> list[Any]:
+    """The `_forms` of this key that a row the mapping covers has (its `where` included): none
+    while its table is gone (the daemon waits for it)."""
     if not table_exists(conn, mapping.table):
-        return False
+        return []
     where = f" AND ({mapping.where})" if mapping.where else ""
-    row = conn.execute(
+    select = (
         f"SELECT 1 FROM {quote_identifier(mapping.table)}"
-        f" WHERE {quote_identifier(mapping.key)} IS ?{where} LIMIT 1",
-        (key,),
-    ).fetchone()
-    return row is not None
+        f" WHERE {quote_identifier(mapping.key)}"
+        f" IS CASE WHEN ?1 THEN CAST(?2 AS TEXT) ELSE ?2 END{where} LIMIT 1"
+    )
+    return [
+        form
+        for form in _forms(key)
+        if conn.execute(select, (type(form) is RawText, form)).fetchone() is not None
+    ]

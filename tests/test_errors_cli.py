@@ -11,7 +11,15 @@ from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import daemon
 from tests.support.app import ROW_SQL, app_connection, make_row
-from tests.support.characters import CHARACTERS, EXAMPLE, TAGS
+from tests.support.characters import (
+    CHARACTER_SQL,
+    CHARACTERS,
+    EXAMPLE,
+    TAGS,
+    character,
+    characters_config,
+    initialized_characters,
+)
 from tests.support.cli import invoke, one_line
 from tests.support.daemon import drain, record_failure
 from tests.support.typesense import Server, by_hand, refusing_collection
@@ -199,6 +207,46 @@ def test_retry_all_with_collection_only_touches_that_collections_errors(
     assert db.conn.execute("SELECT mapping, record_key FROM outbox").fetchall() == [
         ("characters", "a")
     ]
+
+
+def test_retry_of_a_key_that_is_not_utf8_upserts_the_row_and_its_error_stays_open(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """sync_errors holds such a key as a BLOB, and the look-up of its row matched only a BLOB:
+    `errors show` said the row was gone, and `errors retry` queued a delete, which the drain
+    took for done: no error stayed open for the row still there (found by a review)."""
+    path = tmp_path / "c.db"
+    app, mapping, db = initialized_characters(path, collection)
+    [mapping] = schema.check(db, [mapping])
+    index = TypesenseIndex(
+        [typesense_server.url], typesense_server.api_key, collection, mapping=mapping
+    )
+    index.ensure_collection()
+    worker = daemon(db, [index])
+    bad = character("x")[1:]
+    app.execute(CHARACTER_SQL.replace("(?,", "(CAST(? AS TEXT),", 1), (b"A\xffB", *bad))
+    drain(worker)
+    [error] = sync_errors.find(db)
+    assert error["error"] == "slug: is not valid UTF-8 (bad byte at offset 1)"
+    config = tmp_path / "outbox-sync.toml"
+    config.write_text(characters_config(collection))
+
+    def oncall(*args: str) -> Any:
+        env = {"OUTBOX_SYNC_CONFIG": str(config)}
+        result = invoke(["errors", *args], typesense_server, path, collection, **env)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout) if "--json" in args else result.output
+
+    shown = oncall("show", str(error["id"]), "--json")
+    assert (shown["record_exists"], shown["pending"]) == (True, 0)
+    assert "upsert enqueued" in oncall("retry", str(error["id"]))
+    queued = app.execute("SELECT typeof(record_key), CAST(record_key AS BLOB), op FROM outbox")
+    assert queued.fetchall() == [("text", b"A\xffB", "upsert")]
+    assert oncall("show", str(error["id"]), "--json")["pending"] == 1
+    drain(worker)
+    [again] = sync_errors.find(db)
+    assert again["id"] != error["id"]
+    assert (again["record_key"], again["error"]) == (error["record_key"], error["error"])
 
 
 def test_resolve_says_how_many_errors_it_closed(db_path: Path, db: Database) -> None:
