@@ -261,19 +261,11 @@ class Database:
             raise self._read_error(mapping, error) from None
 
     def covers(self, mapping: Mapping, key: Any) -> bool:
-        """Whether the mapping covers a row of this key, matched with IS: a NULL key too (a
-        loose table may hold many), and a RawText one as the TEXT it was read from."""
-        where = f" AND ({mapping.where})" if mapping.where else ""
+        """Whether the mapping covers a row of this key (`covers`)."""
         try:
-            row = self.conn.execute(
-                f"SELECT 1 FROM {quote_identifier(mapping.table)}"
-                f" WHERE {quote_identifier(mapping.key)} IS"
-                f" CASE WHEN ?2 THEN CAST(?1 AS TEXT) ELSE ?1 END{where} LIMIT 1",
-                (key, type(key) is RawText),
-            ).fetchone()
+            return covers(self.conn, mapping, key)
         except sqlite3.OperationalError as error:
             raise self._read_error(mapping, error) from None
-        return row is not None
 
     def _read_error(self, mapping: Mapping, error: sqlite3.OperationalError) -> Exception:
         """What a failed read of a mapping's table means: the table is gone, changed, or busy."""
@@ -340,8 +332,7 @@ class Database:
         key as the TEXT it was read from (bound as it is, it would be a BLOB, another key)."""
         with self.write() as conn:
             conn.executemany(
-                "INSERT INTO outbox (mapping, record_key, op)"
-                " VALUES (?1, CASE WHEN ?2 THEN CAST(?3 AS TEXT) ELSE ?3 END, ?4)",
+                f"INSERT INTO outbox (mapping, record_key, op) VALUES (?1, {as_stored(2, 3)}, ?4)",
                 [(mapping, type(key) is RawText, key, op) for key, op in entries],
             )
 
@@ -546,6 +537,26 @@ def file_identity(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return stat.st_dev, stat.st_ino
+
+
+def as_stored(flag: int, key: int) -> str:
+    """SQL for a key bound as parameters ?flag (whether it is RawText) and ?key, as its row
+    stores it: a RawText (TEXT that is not UTF-8, which binds as a BLOB, another key) as the
+    TEXT it was read from."""
+    return f"CASE WHEN ?{flag} THEN CAST(?{key} AS TEXT) ELSE ?{key} END"
+
+
+def covers(conn: sqlite3.Connection, mapping: Mapping, key: Any) -> bool:
+    """Whether the mapping covers a row of this key (its `where` included), matched with IS: a
+    NULL key too (a loose table may hold many), and a RawText one as the TEXT it was read
+    from."""
+    where = f" AND ({mapping.where})" if mapping.where else ""
+    row = conn.execute(
+        f"SELECT 1 FROM {quote_identifier(mapping.table)}"
+        f" WHERE {quote_identifier(mapping.key)} IS {as_stored(1, 2)}{where} LIMIT 1",
+        (type(key) is RawText, key),
+    ).fetchone()
+    return row is not None
 
 
 def table_exists(conn: sqlite3.Connection, table: str) -> bool:

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from outbox_sync.db import Database, pages, table_exists, utc_now
+from outbox_sync.db import Database, as_stored, covers, pages, table_exists, utc_now
 from outbox_sync.errors import ClosedSyncError, ConfigError, UnknownSyncError
 from outbox_sync.mapping import Mapping
-from outbox_sync.values import RawText, quote_identifier
+from outbox_sync.values import RawText
 
 # The columns of `sync_errors`, in the order people read them.
 COLUMNS = (
@@ -85,8 +85,7 @@ def get(db: Database, error_id: int, mappings: Lookup[str, Mapping]) -> dict[str
     error["record_exists"] = None if mapping is None else bool(_row_keys(db.conn, mapping, key))
     error["pending"] = sum(
         db.conn.execute(
-            "SELECT count(*) FROM outbox WHERE mapping = ?1"
-            " AND record_key IS CASE WHEN ?2 THEN CAST(?3 AS TEXT) ELSE ?3 END",
+            f"SELECT count(*) FROM outbox WHERE mapping = ?1 AND record_key IS {as_stored(2, 3)}",
             (error["mapping"], type(form) is RawText, form),
         ).fetchone()[0]
         for form in _forms(key)
@@ -150,9 +149,8 @@ def _retry_records(
         stored = _row_keys(conn, mappings[name], key)
         op = "upsert" if stored else "delete"
         queued = stored[0] if stored else key  # as its row holds it: a RawText as TEXT
-        outbox_id = conn.execute(  # as Database.enqueue binds it
-            "INSERT INTO outbox (mapping, record_key, op)"
-            " VALUES (?1, CASE WHEN ?2 THEN CAST(?3 AS TEXT) ELSE ?3 END, ?4)",
+        outbox_id = conn.execute(
+            f"INSERT INTO outbox (mapping, record_key, op) VALUES (?1, {as_stored(2, 3)}, ?4)",
             (name, type(queued) is RawText, queued, op),
         ).lastrowid
         assert outbox_id is not None  # an INSERT always sets it
@@ -209,18 +207,8 @@ def _forms(key: Any) -> list[Any]:
 
 
 def _row_keys(conn: sqlite3.Connection, mapping: Mapping, key: Any) -> list[Any]:
-    """The `_forms` of this key that a row the mapping covers has (its `where` included): none
-    while its table is gone (the daemon waits for it)."""
+    """The `_forms` of this key that a row the mapping covers has: none while its table is
+    gone (the daemon waits for it)."""
     if not table_exists(conn, mapping.table):
         return []
-    where = f" AND ({mapping.where})" if mapping.where else ""
-    select = (
-        f"SELECT 1 FROM {quote_identifier(mapping.table)}"
-        f" WHERE {quote_identifier(mapping.key)}"
-        f" IS CASE WHEN ?1 THEN CAST(?2 AS TEXT) ELSE ?2 END{where} LIMIT 1"
-    )
-    return [
-        form
-        for form in _forms(key)
-        if conn.execute(select, (type(form) is RawText, form)).fetchone() is not None
-    ]
+    return [form for form in _forms(key) if covers(conn, mapping, form)]
