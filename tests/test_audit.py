@@ -30,7 +30,9 @@ from tests.support.characters import (
     CHARACTER_SQL,
     character,
     characters_config,
+    characters_index,
     initialized_characters,
+    insert_not_utf8,
 )
 from tests.support.cli import invoke, one_line
 from tests.support.daemon import drain
@@ -466,11 +468,7 @@ def test_drift_of_more_long_text_keys_than_one_url_holds_is_confirmed(
         f"https://example.com/articles/2024/a-long-slug-as-urls-have-{i:06d}" for i in range(1500)
     ]
     app, mapping, db = initialized_characters(tmp_path / "c.db", collection)
-    [mapping] = schema.check(db, [mapping])
-    index = TypesenseIndex(
-        [typesense_server.url], typesense_server.api_key, collection, mapping=mapping
-    )
-    index.ensure_collection()
+    index = characters_index(db, mapping, typesense_server, collection)
     worker = daemon(db, [index])
     app.executemany(CHARACTER_SQL, [character(key) for key in keys])
     drain(worker)
@@ -492,12 +490,9 @@ def test_a_row_whose_key_is_not_utf8_is_invalid_drift(
     with a replacement character, not found, and dropped as consistent (found by a hostile
     review): the audit must say no document can have it."""
     app, mapping, db = initialized_characters(tmp_path / "c.db", collection)
-    [mapping] = schema.check(db, [mapping])
-    index = TypesenseIndex([served.url], served.api_key, collection, mapping=mapping)
-    index.ensure_collection()
+    index = characters_index(db, mapping, served, collection)
     app.execute("DROP TRIGGER characters_outbox_insert")  # a migration took it
-    bad = character("x")[1:]
-    app.execute(CHARACTER_SQL.replace("(?,", "(CAST(? AS TEXT),", 1), (b"A\xffB", *bad))
+    insert_not_utf8(app)
     app.execute(CHARACTER_SQL, character("ok", active=7))  # invalid too: a control
     with Audit(db, index) as audit:
         summary = audit.run()
@@ -516,12 +511,9 @@ def test_the_repair_of_a_key_that_is_not_utf8_queues_it_as_the_text_it_is(
     the row's, whose error said "expected text, got a BLOB of 3 bytes" (found by a review).
     Queued as the TEXT it is, it fails as the drain's own entry did."""
     app, mapping, db = initialized_characters(tmp_path / "c.db", collection)
-    [mapping] = schema.check(db, [mapping])
-    index = TypesenseIndex([served.url], served.api_key, collection, mapping=mapping)
-    index.ensure_collection()
+    index = characters_index(db, mapping, served, collection)
     worker = daemon(db, [index])
-    bad = character("x")[1:]
-    app.execute(CHARACTER_SQL.replace("(?,", "(CAST(? AS TEXT),", 1), (b"A\xffB", *bad))
+    insert_not_utf8(app)
     drain(worker)
     [drained] = sync_errors.find(db)
     assert drained["error"] == "slug: is not valid UTF-8 (bad byte at offset 1)"
@@ -547,11 +539,8 @@ def test_an_audit_runs_while_an_entry_of_a_key_that_is_not_utf8_waits(
     audit too (found by a review). The entry waits for the row's record: not drift."""
     path = tmp_path / "c.db"
     app, mapping, db = initialized_characters(path, collection)
-    [mapping] = schema.check(db, [mapping])
-    index = TypesenseIndex([served.url], served.api_key, collection, mapping=mapping)
-    index.ensure_collection()
-    bad = character("x")[1:]
-    app.execute(CHARACTER_SQL.replace("(?,", "(CAST(? AS TEXT),", 1), (b"A\xffB", *bad))
+    index = characters_index(db, mapping, served, collection)
+    insert_not_utf8(app)
     assert app.execute("SELECT typeof(record_key) FROM outbox").fetchall() == [("text",)]
     config = tmp_path / "outbox-sync.toml"
     config.write_text(characters_config(collection))

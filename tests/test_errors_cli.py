@@ -12,13 +12,13 @@ from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import daemon
 from tests.support.app import ROW_SQL, app_connection, make_row
 from tests.support.characters import (
-    CHARACTER_SQL,
     CHARACTERS,
     EXAMPLE,
     TAGS,
-    character,
     characters_config,
+    characters_index,
     initialized_characters,
+    insert_not_utf8,
 )
 from tests.support.cli import invoke, one_line
 from tests.support.daemon import drain, record_failure
@@ -217,14 +217,9 @@ def test_retry_of_a_key_that_is_not_utf8_upserts_the_row_and_its_error_stays_ope
     took for done: no error stayed open for the row still there (found by a review)."""
     path = tmp_path / "c.db"
     app, mapping, db = initialized_characters(path, collection)
-    [mapping] = schema.check(db, [mapping])
-    index = TypesenseIndex(
-        [typesense_server.url], typesense_server.api_key, collection, mapping=mapping
-    )
-    index.ensure_collection()
+    index = characters_index(db, mapping, typesense_server, collection)
     worker = daemon(db, [index])
-    bad = character("x")[1:]
-    app.execute(CHARACTER_SQL.replace("(?,", "(CAST(? AS TEXT),", 1), (b"A\xffB", *bad))
+    insert_not_utf8(app)
     drain(worker)
     [error] = sync_errors.find(db)
     assert error["error"] == "slug: is not valid UTF-8 (bad byte at offset 1)"

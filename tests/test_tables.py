@@ -29,9 +29,11 @@ from tests.support.characters import (
     ODD_KEYS,
     TAGS,
     character,
+    characters_index,
     characters_mapping,
     expected_characters,
     initialized_characters,
+    insert_not_utf8,
 )
 from tests.support.cli import invoke, run_module, without_settings
 from tests.support.daemon import Daemon, drain
@@ -309,13 +311,10 @@ def test_a_key_that_is_not_utf8_is_an_error_and_never_names_another_record(
     upsert was dropped with no error, and its delete deleted the document of the character
     whose slug that decoding spells (found by a hostile review)."""
     app, mapping, db = initialized_characters(tmp_path / "app.db", collection)
-    [mapping] = schema.check(db, [mapping])
-    index = TypesenseIndex([typesense_server.url], API_KEY, collection, mapping=mapping)
-    index.ensure_collection()
+    index = characters_index(db, mapping, typesense_server, collection)
     sync = worker.daemon(db, [index])
     app.execute(CHARACTER_SQL, character("a\ufffd"))  # what b"a\xff" decodes to, replaced
-    bad = character("x")[1:]
-    app.execute(CHARACTER_SQL.replace("(?,", "(CAST(? AS TEXT),", 1), (b"a\xff", *bad))
+    insert_not_utf8(app, b"a\xff")
     drain(sync)
     assert set(export(typesense_server, collection)) == {"a\ufffd"}
     [error] = sync_errors.find(db)

@@ -16,8 +16,10 @@ from outbox_sync import config_file, schema
 from outbox_sync.db import Database
 from outbox_sync.errors import InvalidRecordError
 from outbox_sync.mapping import Mapping
+from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.values import RawText, quote_identifier
 from tests.support.app import app_connection
+from tests.support.typesense import Server
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = re.search(r"```toml\n(.*?)```", (ROOT / "docs" / "tables.md").read_text(), re.S)[1]  # type: ignore[index]
@@ -33,6 +35,8 @@ CHARACTERS = CHARACTERS_TABLE.format(name="characters", extra="")
 TAGS = TAGS_TABLE.format(name="character_tags", extra="")
 CHARACTER_COLUMNS = "slug, name, bio, age, weight, active, deleted_at"
 CHARACTER_SQL = f"INSERT INTO characters ({CHARACTER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+# A slug stored as TEXT that is not UTF-8 (`insert_not_utf8`).
+NOT_UTF8 = b"A\xffB"
 # Text keys with what URLs, filters and SQL quote: each is indexed, updated and deleted as it is.
 ODD_KEYS = ["a/b", "50%", "q?x", "h#1", "sp ace", 'dq"x', "sq'x", "bt`x", "ünï", "co,ma"]
 
@@ -62,6 +66,23 @@ def initialized_characters(
     db = Database(path, create=True)
     schema.init(db, [mapping])
     return conn, mapping, db
+
+
+def characters_index(
+    db: Database, mapping: Mapping, server: Server, collection: str = "characters"
+) -> TypesenseIndex:
+    """The index of `characters` on `server`, its collection made, as the daemon makes it."""
+    [mapping] = schema.check(db, [mapping])
+    index = TypesenseIndex([server.url], server.api_key, collection, mapping=mapping)
+    index.ensure_collection()
+    return index
+
+
+def insert_not_utf8(conn: sqlite3.Connection, slug: bytes = NOT_UTF8) -> None:
+    """A character whose slug, its key, is TEXT that is not UTF-8, as an application can store
+    it (CAST(? AS TEXT) of bytes)."""
+    sql = CHARACTER_SQL.replace("(?,", "(CAST(? AS TEXT),", 1)
+    conn.execute(sql, (slug, *character("x")[1:]))
 
 
 def character(slug: str, **changes: Any) -> tuple[Any, ...]:
