@@ -120,7 +120,9 @@ class Job:
     (Typesense trouble, a locked database, a missing table): the loop pauses, and the job stays
     due. at_stop: what to do when the loop ends. settle: for `run --once`, finish what the job
     has under way (or leave it, once the stop it is given is set); True when that queued
-    entries the loop must apply before it stops."""
+    entries the loop must apply before it stops. keeps_typesense: the job keeps Typesense
+    itself up (the embedded server's supervision), so it runs also while the loop, at start,
+    waits for its collections: nothing else would start a dead server."""
 
     def __init__(
         self,
@@ -131,9 +133,11 @@ class Job:
         due_at_start: bool = True,
         at_stop: Callable[[], Any] | None = None,
         settle: Callable[[Stopping], bool] | None = None,
+        keeps_typesense: bool = False,
     ) -> None:
         self.name, self.interval_s, self.run = name, interval_s, run
         self.at_stop, self.settle = at_stop, settle
+        self.keeps_typesense = keeps_typesense
         self.next_at: float | None = float("-inf") if due_at_start else None
 
     def due(self, now: float) -> bool:
@@ -230,9 +234,16 @@ class Worker:
             self.watch = watch_changes(self.db)
             if isinstance(stop, Stop):
                 stop.wakers.append(self.watch.interrupt)  # SIGTERM ends the wait at once
+        self.stopping = stop  # a job run below may wait: a stop ends its wait
         try:
             while not stop.is_set():
                 try:
+                    # a dead embedded server is started again here too: the check needs it
+                    now = time.monotonic()
+                    for job in self.jobs.values():
+                        if job.keeps_typesense and job.due(now):
+                            job.run(now)
+                            job.done(now)
                     self._ensure_collections()
                     break
                 except TypesenseUnavailableError as error:
@@ -511,6 +522,7 @@ def daemon(
                 "embedded",
                 HEALTH_PROBE_INTERVAL_S,
                 lambda now: supervise(server, reconciler, heartbeat),
+                keeps_typesense=True,
             )
         )
     # the embedded server is the daemon's own: `supervise` sees it restart

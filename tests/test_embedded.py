@@ -19,10 +19,10 @@ from outbox_sync.localserver import LocalTypesense, free_port
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import daemon
-from tests.support.app import ROW_SQL, app_connection, make_row
+from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row
 from tests.support.cli import run_module, without_settings
 from tests.support.daemon import Daemon, children, running
-from tests.support.typesense import API_KEY, healthy
+from tests.support.typesense import API_KEY, Server, export, healthy
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
@@ -165,5 +165,55 @@ def test_a_stop_ends_the_wait_for_an_embedded_server_started_again(
         wait_until(lambda: private_typesense.process is not crashed, what="the new start")
         assert not healthy(private_typesense.url)
         asked = time.monotonic()  # leaving the block sets the stop and joins the loop
+    assert not thread.is_alive()
+    assert time.monotonic() - asked < 3
+
+
+def test_an_embedded_server_dead_before_the_first_collection_check_is_started_again(
+    db: Database, private_typesense: LocalTypesense
+) -> None:
+    """The server dies between its start and the loop's first collection check. The loop
+    retried that check alone, running no job, so nothing started the server again: the daemon
+    waited for ever, logging an outage (found by a hostile review)."""
+    index = TypesenseIndex([private_typesense.url], API_KEY, "sequences")
+    worker = daemon(db, [index], server=private_typesense, max_backoff_s=0.5)
+    insert_rows(Path(db.path), range(1, 6))
+    crashed = private_typesense.process
+    assert crashed is not None
+    crashed.kill()
+    crashed.wait()
+    server = Server(private_typesense.url, API_KEY)
+
+    def synced() -> bool:
+        try:
+            return export(server, "sequences", timeout_s=5).keys() == {"1", "2", "3", "4", "5"}
+        except httpx.HTTPError:
+            return False
+
+    with running(worker) as thread:
+        wait_until(synced, timeout_s=30, what="the server started again and the rows synced")
+        assert private_typesense.process is not crashed
+    assert not thread.is_alive()
+
+
+def test_a_stop_ends_the_wait_for_an_embedded_server_started_again_at_start(
+    db: Database, private_typesense: LocalTypesense
+) -> None:
+    """As above, with the server dead before the loop's first collection check: the loop
+    starts it again there, and a stop ends that wait at once too."""
+    index = TypesenseIndex([private_typesense.url], API_KEY, "sequences")
+    worker = daemon(db, [index], server=private_typesense, max_backoff_s=0.5)
+    crashed = private_typesense.process
+    assert crashed is not None
+    crashed.kill()
+    crashed.wait()
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", private_typesense.peering_port))
+        squatter.listen()  # the new start waits ~12.5 s
+        with running(worker) as thread:
+            wait_until(lambda: private_typesense.process is not crashed, what="the new start")
+            assert not healthy(private_typesense.url)
+            asked = time.monotonic()  # leaving the block sets the stop and joins the loop
     assert not thread.is_alive()
     assert time.monotonic() - asked < 3
