@@ -121,8 +121,9 @@ class Job:
     due. at_stop: what to do when the loop ends. settle: for `run --once`, finish what the job
     has under way (or leave it, once the stop it is given is set); True when that queued
     entries the loop must apply before it stops. keeps_typesense: the job keeps Typesense
-    itself up (the embedded server's supervision), so it runs also while the loop, at start,
-    waits for its collections: nothing else would start a dead server."""
+    itself up (the embedded server's supervision), so it runs first in each turn, and also
+    while the loop, at start, waits for its collections: nothing failing for want of Typesense
+    (that check, a job) may keep it from starting a dead server."""
 
     def __init__(
         self,
@@ -239,11 +240,7 @@ class Worker:
             while not stop.is_set():
                 try:
                     # a dead embedded server is started again here too: the check needs it
-                    now = time.monotonic()
-                    for job in self.jobs.values():
-                        if job.keeps_typesense and job.due(now):
-                            job.run(now)
-                            job.done(now)
+                    self._run_jobs(time.monotonic(), keeping_typesense=True)
                     self._ensure_collections()
                     break
                 except TypesenseUnavailableError as error:
@@ -275,13 +272,11 @@ class Worker:
         self.telemetry.loop_alive(now)
         self.stopping = stop
         try:
+            self._run_jobs(now, keeping_typesense=True)  # first: the rest may need Typesense
             if self.collection_lost:
                 self._ensure_collections()
                 self.collection_lost = False
-            for job in self.jobs.values():
-                if job.due(now):
-                    job.run(now)
-                    job.done(now)
+            self._run_jobs(now, keeping_typesense=False)
             applied = self.applier.drain(stop)
             in_outage = self.backoff.since is not None
             if not applied and (in_outage or now >= self.probe_at):
@@ -314,6 +309,13 @@ class Worker:
             self.typesense_down = False
             self.after_outage()
         return Turn(applied)
+
+    def _run_jobs(self, now: float, *, keeping_typesense: bool) -> None:
+        """The jobs that are due, among those that keep Typesense up or among the others."""
+        for job in self.jobs.values():
+            if job.keeps_typesense == keeping_typesense and job.due(now):
+                job.run(now)
+                job.done(now)
 
     def _ensure_collections(self) -> None:
         for index in self.indexes:

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from outbox_sync.db import Database
+from outbox_sync.db import Database, fill_key
 from outbox_sync.localserver import LocalTypesense, free_port
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
@@ -217,3 +218,27 @@ def test_a_stop_ends_the_wait_for_an_embedded_server_started_again_at_start(
             asked = time.monotonic()  # leaving the block sets the stop and joins the loop
     assert not thread.is_alive()
     assert time.monotonic() - asked < 3
+
+
+def test_a_chore_failing_while_the_embedded_server_is_down_does_not_keep_it_down(
+    db: Database, private_typesense: LocalTypesense
+) -> None:
+    """A fill `init` asked for fails while the server is down, and stays due: the loop paused
+    at it every turn, so the embedded job, after it, never ran and the server stayed down.
+    Turns driven by hand, 5 s apart (the embedded job's interval)."""
+    index = TypesenseIndex([private_typesense.url], API_KEY, "sequences")
+    index.ensure_collection()
+    worker = daemon(db, [index], server=private_typesense, max_backoff_s=0.1)
+    stop = threading.Event()
+    start = time.monotonic()
+    worker.loop(start, stop)  # the first turn: every job once
+    crashed = private_typesense.process
+    assert crashed is not None
+    crashed.kill()
+    crashed.wait()
+    insert_rows(Path(db.path), range(1, 6))
+    db.set_meta(fill_key("sequences"), "asked")
+    for turn in range(1, 5):
+        worker.loop(start + 5 * turn, stop)
+    assert private_typesense.process is not crashed
+    assert healthy(private_typesense.url)
