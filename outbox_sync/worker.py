@@ -205,6 +205,7 @@ class Worker:
         telemetry: Telemetry,
         after_outage: Callable[[], None] = lambda: None,
         watch_changes: bool = False,
+        embedded: bool = False,
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
         idle_recheck_s: float = DEFAULT_IDLE_RECHECK_S,
         min_backoff_s: float = DEFAULT_MIN_BACKOFF_S,
@@ -214,6 +215,7 @@ class Worker:
         self.jobs = {job.name: job for job in jobs}
         self.after_outage = after_outage
         self.watch_changes = watch_changes
+        self.embedded = embedded  # Typesense is the daemon's own server, at no URL given
         self.watch: ChangeWatch | None = None  # while `run` runs, with watch_changes
         self.typesense_down = self.collection_lost = False
         self.poll_interval_s = poll_interval_s
@@ -244,7 +246,8 @@ class Worker:
                     self._ensure_collections()
                     break
                 except TypesenseUnavailableError as error:
-                    self._pause(error, stop, **start_hint(error))
+                    hint = {} if self.embedded else start_hint(error)  # no URL to be wrong
+                    self._pause(error, stop, **hint)
             while not stop.is_set():
                 version = self._data_version()
                 turn = self.loop(time.monotonic(), stop)
@@ -547,6 +550,7 @@ def daemon(
         telemetry=telemetry,
         after_outage=after_outage,
         watch_changes=True,
+        embedded=server is not None,
         **loop_options,
     )
     return worker

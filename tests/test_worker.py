@@ -14,7 +14,7 @@ from outbox_sync import worker as worker_module
 from outbox_sync.batch import Applier
 from outbox_sync.db import Database
 from outbox_sync.errors import TypesenseUnavailableError
-from outbox_sync.localserver import free_port
+from outbox_sync.localserver import LocalTypesense, free_port
 from outbox_sync.mapping import SEQUENCES
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
@@ -115,14 +115,24 @@ def test_a_synced_line_a_minute_while_changes_flow_and_none_while_idle(db: Datab
     assert synced["log_level"] == "info"
 
 
-def test_a_start_against_a_refused_url_hints_that_the_url_may_be_wrong(db: Database) -> None:
-    nothing_there = f"http://127.0.0.1:{free_port()}"
-    index = TypesenseIndex([nothing_there], "key", "sequences", timeout_s=1)
-    worker = daemon(db, [index], telemetry=Telemetry(), min_backoff_s=0.05, max_backoff_s=0.1)
+@pytest.mark.parametrize("embedded", [False, True])
+def test_a_start_against_a_refused_url_hints_that_the_url_may_be_wrong(
+    db: Database, tmp_path: Path, embedded: bool
+) -> None:
+    """With the embedded server (here one not started yet) no URL was given: no such hint."""
+    port = free_port()
+    server = LocalTypesense(tmp_path / "typesense", api_key="key", port=port) if embedded else None
+    index = TypesenseIndex([f"http://127.0.0.1:{port}"], "key", "sequences", timeout_s=1)
+    worker = daemon(
+        db, [index], telemetry=Telemetry(), server=server, min_backoff_s=0.05, max_backoff_s=0.1
+    )
     with structlog.testing.capture_logs() as logs, running(worker):
         wait_until(lambda: any(e["event"] == "sync_paused" for e in logs), what="a pause")
     paused = next(e for e in logs if e["event"] == "sync_paused")
-    assert "URL may be wrong" in paused["hint"] and "--typesense-url" in paused["hint"]
+    if embedded:
+        assert "hint" not in paused
+    else:
+        assert "URL may be wrong" in paused["hint"] and "--typesense-url" in paused["hint"]
 
 
 def inotify_instances() -> int:
