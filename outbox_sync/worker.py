@@ -531,7 +531,8 @@ def daemon(
             )
         )
     # the embedded server is the daemon's own: `supervise` sees it restart
-    restarts = RestartWatch(indexes[0]) if server is None else None
+    watched = server is None and isinstance(indexes[0], TypesenseIndex)  # not a test's fake
+    restarts = RestartWatch(indexes[0]) if watched else None
     if restarts is not None:
         jobs.append(restart_job(restarts, reconciler.request, lambda: worker.typesense_down))
 

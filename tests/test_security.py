@@ -261,8 +261,11 @@ class TlsTypesense(LocalTypesense):
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
-    def wait_ready(self, timeout_s: float = 60) -> None:
+    def wait_ready(
+        self, timeout_s: float = 60, heartbeat: Callable[[], None] = lambda: None
+    ) -> None:
         def ready() -> bool:
+            heartbeat()
             assert self.process is not None and self.process.poll() is None, "server exited"
             try:
                 response = httpx.get(f"{self.url}/health", verify=self.context, timeout=1)
