@@ -524,7 +524,9 @@ class RestartWatch:
 
     def lost(self, now: float) -> list[str]:
         """The nodes whose connection, used within RESTART_WATCH_FRESH_S, was closed since.
-        A node that does not answer is left for the loop's own requests to find down."""
+        A node that does not answer is left for the loop's own requests to find down; one too
+        slow to answer (a busy server) cost the connection httpx dropped, which tells nothing:
+        the next one is taken as the one to watch."""
         if self.http is None:
             self.http = httpx.Client(
                 verify=self.verify,
@@ -535,7 +537,10 @@ class RestartWatch:
         for url in list(self.urls):
             try:
                 response = self.http.get(url + "/health")
-            except httpx.HTTPError:
+            except httpx.TimeoutException:  # slow, not gone: the connection dropped tells nothing
+                self.seen.pop(url, None)
+                continue
+            except httpx.HTTPError:  # down, or going: its next answer tells
                 continue
             connection = response.extensions.get("network_stream")
             last, used_at = self.seen.get(url, (connection, now))

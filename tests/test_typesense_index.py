@@ -8,8 +8,9 @@ import http.server
 import json
 import ssl
 import threading
+import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import certifi
 import httpx
@@ -437,6 +438,42 @@ def test_the_restart_watch_turns_itself_off_where_connections_do_not_last(
     assert looks == [[]] * 6 if protocol == "HTTP/1.0" else [[], [url], [], [], [], []]
     [off] = [entry for entry in logged if entry["event"] == "restart_watch_off"]
     assert off["node"] == url and watch.urls == []
+
+
+class SlowOnceHandler(http.server.BaseHTTPRequestHandler):
+    """A /health that keeps its connections, and answers one request too late."""
+
+    protocol_version = "HTTP/1.1"
+    slow: ClassVar[list[float]] = []  # seconds the next answers wait
+
+    def do_GET(self) -> None:
+        if self.slow:
+            time.sleep(self.slow.pop())
+        self.send_response(200)
+        self.send_header("Content-Length", "11")
+        self.end_headers()
+        self.wfile.write(b'{"ok":true}')
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_probe_too_slow_for_the_restart_watch_is_no_restart() -> None:
+    """A busy server answering a probe after the watch's timeout: httpx drops that connection,
+    and the next probe's new one is no sign of a restart (it asked for an audit)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowOnceHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    watch = RestartWatch(TypesenseIndex([url], "key", "sequences"))
+    try:
+        first = watch.lost(0.0)
+        SlowOnceHandler.slow.append(2.0)  # the watch waits 1 s
+        looks = [first, watch.lost(5.0), watch.lost(10.0), watch.lost(15.0)]
+    finally:
+        watch.close()
+        server.shutdown()
+        server.server_close()
+    assert looks == [[], [], [], []] and watch.urls == [url]
 
 
 def test_the_restart_watch_keeps_one_connection_to_a_real_server(
