@@ -236,10 +236,10 @@ class Applier:
         doc_id = mapping.document_id(entry.key)  # only a delete needs it: the line has it
         if doc_id is not None:
             work.deletes.append((entry.id, entry.key, doc_id))
-        elif _json(entry.key) or (entry.op == "delete" and not self.db.covers(mapping, entry.key)):
+        elif _json(entry.key) or not self.db.covers(mapping, entry.key):
             batch.synced.append((mapping.name, entry.key))  # no document can have it: done
-        else:  # NULL, a BLOB or text that is not UTF-8, whose row the claim does not look up:
-            # an upsert, or a delete of one of the rows of such a key that leaves another
+        else:  # NULL, a BLOB or text that is not UTF-8, whose rows the claim does not look up:
+            # while one the mapping covers remains (an upsert, a delete of one of several)
             batch.fail(entry, None, mapping.key_problem(entry.key) or "")
 
     def _unknown(self, mapping: str, count: int) -> None:

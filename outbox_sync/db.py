@@ -261,9 +261,9 @@ class Database:
             raise self._read_error(mapping, error) from None
 
     def covers(self, mapping: Mapping, key: Any) -> bool:
-        """Whether the mapping covers a row of this key (`covers`)."""
+        """Whether the mapping covers a row of this key's record (`covers`, `record_keys`)."""
         try:
-            return covers(self.conn, mapping, key)
+            return any(covers(self.conn, mapping, form) for form in record_keys(key))
         except sqlite3.OperationalError as error:
             raise self._read_error(mapping, error) from None
 
@@ -317,15 +317,6 @@ class Database:
         """Close the open errors of these (mapping, key) records: they synced another way."""
         with self.write() as conn:
             _supersede(conn, records, utc_now(), keep=())
-
-    def note_errors(self, mapping: str, notes: Sequence[tuple[Any, str]]) -> None:
-        """Add a note to the open error of each (key, note) record of a mapping."""
-        with self.write() as conn:
-            conn.executemany(
-                "UPDATE sync_errors SET error = error || ?"
-                " WHERE resolved_at IS NULL AND mapping = ? AND record_key IS ?",
-                [(note, mapping, key) for key, note in notes],
-            )
 
     def enqueue(self, mapping: str, entries: Sequence[tuple[Any, str]]) -> None:
         """Add (key, op) markers of a mapping to the outbox, as the triggers would: a RawText
@@ -544,6 +535,19 @@ def as_stored(flag: int, key: int) -> str:
     stores it: a RawText (TEXT that is not UTF-8, which binds as a BLOB, another key) as the
     TEXT it was read from."""
     return f"CASE WHEN ?{flag} THEN CAST(?{key} AS TEXT) ELSE ?{key} END"
+
+
+def record_keys(key: Any) -> list[Any]:
+    """The keys of one record: the key itself, and for bytes that are not UTF-8 both the BLOB
+    and the TEXT of them (RawText). sync_errors holds such TEXT as a BLOB, so a table holding
+    both has them as one record, whose error stays open while either row does."""
+    if not isinstance(key, bytes):
+        return [key]
+    try:
+        key.decode()
+    except UnicodeDecodeError:
+        return [bytes(key), RawText(key)]
+    return [key]
 
 
 def covers(conn: sqlite3.Connection, mapping: Mapping, key: Any) -> bool:

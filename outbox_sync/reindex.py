@@ -115,7 +115,7 @@ def rebuild(
     index.mapping = fresh.mapping  # the documents are now as the mapping says
     _close_errors(db, index.mapping.name, fill.indexed_with_errors)
     if lost:
-        _report_lost(db, index, new, lost)
+        _report_lost(index, lost)
     db.set_meta(fill_key(index.mapping.name), None)  # a rebuild is the fill `init` asked for
     return ReindexResult(
         index.collection,
@@ -215,25 +215,21 @@ def _keep_last_good(
     return refused
 
 
-def _report_lost(
-    db: Database, index: TypesenseIndex, new: str, lost: list[tuple[Any, str]]
-) -> None:
+# Keys of records whose last good document a rebuild lost that its warning names.
+LOST_KEYS_LOGGED = 100
+
+
+def _report_lost(index: TypesenseIndex, lost: list[tuple[Any, str]]) -> None:
     """Records whose last good document the rebuilt collection refused are no longer
-    searchable: their open errors say so, and one warning counts them."""
-    db.note_errors(
-        index.mapping.name,
-        [
-            (key, f" (its last good document was refused by the reindex into {new}: {reason})")
-            for key, reason in lost
-        ],
-    )
-    key, reason = lost[0]
+    searchable: one warning counts them and names the first LOST_KEYS_LOGGED. Their rows are
+    invalid, so each has its open error (or gets it from the drain: its entry was queued)."""
+    keys = [key for key, _ in lost[:LOST_KEYS_LOGGED]]
     structlog.get_logger("outbox_sync").warning(
         "last_good_refused",
         collection=index.collection,
         records=len(lost),
-        first_key=key,
-        reason=reason,
+        keys=[key.decode(errors="replace") if isinstance(key, bytes) else key for key in keys],
+        reason=lost[0][1],
         note="no longer searchable until their rows are fixed: see `outbox-sync errors list`",
     )
 

@@ -12,7 +12,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from outbox_sync.db import Database, as_stored, covers, pages, table_exists, utc_now
+from outbox_sync.db import (
+    Database,
+    as_stored,
+    covers,
+    pages,
+    record_keys,
+    table_exists,
+    utc_now,
+)
 from outbox_sync.errors import ClosedSyncError, ConfigError, UnknownSyncError
 from outbox_sync.mapping import Mapping
 from outbox_sync.values import RawText
@@ -88,7 +96,7 @@ def get(db: Database, error_id: int, mappings: Lookup[str, Mapping]) -> dict[str
             f"SELECT count(*) FROM outbox WHERE mapping = ?1 AND record_key IS {as_stored(2, 3)}",
             (error["mapping"], type(form) is RawText, form),
         ).fetchone()[0]
-        for form in _forms(key)
+        for form in record_keys(key)
     )
     return error
 
@@ -194,21 +202,9 @@ def _open_errors(conn: sqlite3.Connection, error_ids: Sequence[int]) -> list[tup
     return [found[error_id][:3] for error_id in dict.fromkeys(error_ids)]
 
 
-def _forms(key: Any) -> list[Any]:
-    """The keys a record key of `sync_errors` may stand for: itself, and for a BLOB that is not
-    UTF-8 the TEXT of those bytes too (RawText), which the drain records as such a BLOB."""
-    if type(key) is not bytes:
-        return [key]
-    try:
-        key.decode()
-    except UnicodeDecodeError:
-        return [key, RawText(key)]
-    return [key]
-
-
 def _row_keys(conn: sqlite3.Connection, mapping: Mapping, key: Any) -> list[Any]:
-    """The `_forms` of this key that a row the mapping covers has: none while its table is
+    """The `record_keys` of this key that a row the mapping covers has: none while its table is
     gone (the daemon waits for it)."""
     if not table_exists(conn, mapping.table):
         return []
-    return [form for form in _forms(key) if covers(conn, mapping, form)]
+    return [form for form in record_keys(key) if covers(conn, mapping, form)]

@@ -30,8 +30,17 @@ from outbox_sync.mapping import SEQUENCES
 from outbox_sync.report import build_report
 from outbox_sync.telemetry import Telemetry, serve_metrics
 from outbox_sync.typesense_index import ImportResult, TypesenseIndex
+from outbox_sync.values import RawText
 from outbox_sync.worker import Worker, daemon
 from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
+from tests.support.characters import (
+    CHARACTER_SQL,
+    NOT_UTF8,
+    character,
+    characters_index,
+    initialized_characters,
+    insert_not_utf8,
+)
 from tests.support.cli import invoke, one_line
 from tests.support.daemon import drain, running
 from tests.support.typesense import API_KEY, Server, export
@@ -161,8 +170,8 @@ def test_a_last_good_document_the_rebuilt_collection_refuses_is_reported_not_dro
 ) -> None:
     """A mapping changed to require `comment`: the last good document of a record whose row is
     now invalid has none, and the rebuilt collection refuses it. The import's verdict was
-    ignored: the document vanished from search, its open error silent (found by a hostile
-    review)."""
+    ignored: the document vanished from search, and nothing said so (found by a hostile
+    review). A warning names the record; its open error stays what its row's problem is."""
     conn = app_connection(db_path)
     conn.executemany(ROW_SQL, [make_row(1), make_row(2, comment=None), make_row(3)])
     drain(worker)
@@ -177,14 +186,43 @@ def test_a_last_good_document_the_rebuilt_collection_refuses_is_reported_not_dro
     )
     with structlog.testing.capture_logs() as logs:
         result = reindex.rebuild(db, required)
-    assert required.retrieve("2") is None  # the rebuilt collection would not take it...
-    [error] = sync_errors.find(db)  # ...and the record's open error says so
+    assert required.retrieve("2") is None  # the rebuilt collection would not take it
+    [error] = sync_errors.find(db)
     assert error["record_key"] == 2 and error["error"].startswith("element_id: ")
-    assert f"last good document was refused by the reindex into {result.new}" in error["error"]
-    assert "comment" in error["error"]  # Typesense's reason
     assert (result.indexed, result.invalid, result.last_good_refused) == (2, 1, 1)
     [warning] = [e for e in logs if e["event"] == "last_good_refused"]
-    assert (warning["records"], warning["first_key"]) == (1, 2)
+    assert (warning["records"], warning["keys"]) == (1, [2])
+    assert "comment" in warning["reason"]  # Typesense's
+
+
+def test_a_last_good_document_refused_for_a_row_without_an_open_error_is_said_somewhere(
+    db_path: Path, db: Database, worker: Worker, index: TypesenseIndex, served: Server
+) -> None:
+    """A changed mapping (comment now required) makes a row invalid that had no error: the
+    rebuild copies its last good document, the new collection refuses it. The warning names
+    it; the drain then records the row's own problem as its open error."""
+    conn = app_connection(db_path)
+    conn.executemany(ROW_SQL, [make_row(1), make_row(2, comment=None), make_row(3)])
+    drain(worker)
+    assert sync_errors.find(db) == []
+    fields = tuple(
+        replace(f, optional=False) if f.name == "comment" else f for f in SEQUENCES.fields
+    )
+    required = TypesenseIndex(
+        [served.url], served.api_key, index.collection, mapping=replace(SEQUENCES, fields=fields)
+    )
+    with structlog.testing.capture_logs() as logs:
+        result = reindex.rebuild(db, required)
+    assert (result.invalid, result.last_good_refused) == (1, 1)
+    [warning] = [e for e in logs if e["event"] == "last_good_refused"]
+    assert (warning["records"], warning["keys"]) == (1, [2])
+    assert required.retrieve("2") is None  # gone from search
+    drain(daemon(db, [required]))  # the queued row becomes its open error
+    [error] = sync_errors.find(db)
+    assert (error["record_key"], error["error"]) == (
+        2,
+        "comment: is NULL but the field is required",
+    )
 
 
 def test_a_5xx_keeping_a_last_good_document_fails_the_rebuild_and_the_old_collection_stays(
@@ -599,3 +637,49 @@ def test_help_says_what_an_unset_url_does_for_each_command(typesense_server: Ser
             invoke([*command, "--help"], typesense_server, Path("x"), "x").output.split()
         )
         assert "which `run` starts" in text and "the other commands reach while it runs" in text
+
+
+@pytest.mark.parametrize("deleted", ["text", "blob"])
+def test_deleting_one_of_a_text_and_a_blob_row_of_the_same_bytes_leaves_the_others_error_open(
+    tmp_path: Path, typesense_server: Server, collection: str, deleted: str
+) -> None:
+    """sync_errors holds a key that is not UTF-8 as a BLOB: a real BLOB key of the same bytes
+    and that TEXT are one record there (db.record_keys), two rows in the table. Deleting one
+    of them asked `covers` of its own form only, took the record for gone and closed the
+    error, the other row still there and still not in Typesense (found by a review)."""
+    app, mapping, db = initialized_characters(tmp_path / "c.db", collection)
+    index = characters_index(db, mapping, typesense_server, collection)
+    worker = daemon(db, [index])
+    insert_not_utf8(app)  # TEXT 'A\xffB'
+    app.execute(CHARACTER_SQL, character(NOT_UTF8))  # x'41FF42': another row
+    drain(worker)
+    assert [e["record_key"] for e in sync_errors.find(db)] == [NOT_UTF8]
+    app.execute("DELETE FROM characters WHERE typeof(slug) = ?", (deleted,))
+    remains = app.execute("SELECT typeof(slug), CAST(slug AS BLOB) FROM characters").fetchall()
+    assert remains == [({"text": "blob", "blob": "text"}[deleted], NOT_UTF8)]
+    drain(worker)
+    assert [e["record_key"] for e in sync_errors.find(db)] == [NOT_UTF8]  # a row remains
+
+
+@pytest.mark.parametrize("key", [None, NOT_UTF8])
+def test_a_soft_delete_of_the_last_row_of_an_odd_key_closes_its_error(
+    tmp_path: Path, typesense_server: Server, collection: str, key: Any
+) -> None:
+    """Leaving `where` is a delete (docs/tables.md), but the trigger queues it as an upsert, and
+    every upsert of a NULL key (or text that is not UTF-8) failed without asking whether a row
+    is covered: the error never closed, though no row of that key was left to sync (found by
+    a review). A hard delete of the same row closed it."""
+    app, mapping, db = initialized_characters(tmp_path / "c.db", collection)
+    index = characters_index(db, mapping, typesense_server, collection)
+    worker = daemon(db, [index])
+    if key is None:
+        app.execute(CHARACTER_SQL, character(None))
+    else:
+        insert_not_utf8(app, key)
+    drain(worker)
+    [error] = sync_errors.find(db)
+    assert error["record_key"] == key
+    app.execute("UPDATE characters SET deleted_at = '2026-12-01T00:00:00Z'")  # soft delete
+    assert db.covers(mapping, None if key is None else RawText(key)) is False
+    drain(worker)
+    assert sync_errors.find(db) == []  # no row of that key is covered: nothing is wrong

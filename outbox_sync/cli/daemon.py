@@ -227,7 +227,8 @@ def reindex_command(settings: Settings) -> None:
             "(refused by Typesense, or invalid with no open error yet)"
             + (
                 f"; the new collection refused the last good document of {lost} invalid "
-                "records: no longer searchable (their open errors say so)"
+                "records: no longer searchable (named by the `last_good_refused` warning in"
+                " the daemon's log, or in this command's when no daemon ran)"
                 if lost
                 else ""
             )
