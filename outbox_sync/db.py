@@ -121,7 +121,7 @@ class Database:
         the old file, which the application no longer writes, and look healthy."""
         now = file_identity(self.path)
         if now != self.identity:
-            what = "is gone" if now is None else "names another file now"
+            what = "is gone (or out of reach)" if now is None else "names another file now"
             raise DatabaseError(
                 f"database {self.path} {what}: it was renamed, replaced or deleted while the "
                 "daemon had it open, and the daemon stops rather than sync a file nobody "
@@ -522,10 +522,11 @@ def _record_failures(conn: sqlite3.Connection, failures: Sequence[SyncFailure], 
 
 
 def file_identity(path: Path) -> tuple[int, int] | None:
-    """The file a path names (device, inode); None when it names none."""
+    """The file a path names (device, inode); None when it names none we can reach (a
+    directory moved away, one we may no longer search)."""
     try:
         stat = os.stat(path)
-    except FileNotFoundError:
+    except OSError:
         return None
     return stat.st_dev, stat.st_ino
 

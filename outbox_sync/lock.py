@@ -3,8 +3,9 @@
 The lock is named after the database's real path (symlinks and `..` resolved): two daemons
 reaching one file by two spellings would otherwise both apply, and could leave an older state
 of a record in Typesense. A lock on a name cannot follow a file renamed while the daemon runs:
-the daemon stops within a second when its path no longer names the file it opened
-(`Database.check_same_file`), so a daemon on the new name soon works it alone.
+the daemon stops at its loop's next check (once a second, between batches) when its path no
+longer names the file it opened (`Database.check_same_file`), so a daemon on the new name
+soon works it alone.
 """
 
 import contextlib

@@ -521,12 +521,14 @@ class RestartWatch:
         self.http: httpx.Client | None = None  # made at the first look, again after close()
         self.seen: dict[str, tuple[object, float]] = {}  # node: (its connection, last used)
         self.lost_at: dict[str, float] = {}  # node: when its connection was last lost
+        self.quiet_until: dict[str, float] = {}  # node: not asked before (it timed out)
 
     def lost(self, now: float) -> list[str]:
         """The nodes whose connection, used within RESTART_WATCH_FRESH_S, was closed since.
         A node that does not answer is left for the loop's own requests to find down; one too
         slow to answer (a busy server) cost the connection httpx dropped, which tells nothing:
-        the next one is taken as the one to watch."""
+        the next one is taken as the one to watch, and the node is left alone a while (a
+        node that does not answer at all costs the loop the timeout at every look)."""
         if self.http is None:
             self.http = httpx.Client(
                 verify=self.verify,
@@ -535,18 +537,22 @@ class RestartWatch:
             )
         lost = []
         for url in list(self.urls):
+            if now < self.quiet_until.get(url, now):
+                continue
             try:
                 response = self.http.get(url + "/health")
             except httpx.TimeoutException:  # slow, not gone: the connection dropped tells nothing
                 self.seen.pop(url, None)
+                self.quiet_until[url] = now + RESTART_WATCH_FRESH_S
                 continue
             except httpx.HTTPError:  # down, or going: its next answer tells
                 continue
             connection = response.extensions.get("network_stream")
             last, used_at = self.seen.get(url, (connection, now))
             self.seen[url] = (connection, now)
-            if response.http_version != "HTTP/1.1" or "close" in response.headers.get(
-                "connection", ""
+            if (
+                response.http_version != "HTTP/1.1"
+                or "close" in response.headers.get("connection", "").lower()
             ):
                 self._off(url, "it closes each connection after its answer")
             elif connection is not last and now - used_at < RESTART_WATCH_FRESH_S:
@@ -567,8 +573,10 @@ class RestartWatch:
         )
 
     def forget(self) -> None:
-        """Take the next connections as the ones to watch (after an outage seen otherwise)."""
+        """Take the next connections as the ones to watch, and the losses seen so far as none
+        (after an outage the loop saw, whose restart is no loss of the watch's)."""
         self.seen.clear()
+        self.lost_at.clear()
 
     def close(self) -> None:
         """Close the connections; the next look opens new ones, taken as the ones to watch."""

@@ -457,8 +457,9 @@ def restart_job(
     the outage ends."""
     log = structlog.get_logger("outbox_sync")
 
-    def look(now: float) -> None:
-        if (lost := watch.lost(now)) and not in_outage():
+    def look(_: float) -> None:
+        # the time of the look, not of the turn: a chore before it (a reindex) may take minutes
+        if (lost := watch.lost(time.monotonic())) and not in_outage():
             log.warning(
                 "typesense_restarted",
                 nodes=lost,

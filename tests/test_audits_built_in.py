@@ -222,6 +222,46 @@ def test_a_restart_between_two_health_probes_is_seen_and_audited(
     assert [e["reason"] for e in logged if e["event"] == "audit_done"] == ["typesense restart"]
 
 
+def test_a_restart_after_an_outage_the_loop_saw_is_audited(
+    db_path: Path, private_typesense: LocalTypesense, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Typesense is stopped and started: the loop sees the outage (a write fails) and audits.
+    The watch, looking in the turn the outage ended, counted its new connection as a loss:
+    a restart nobody saw minutes later was taken for a proxy closing connections (the second
+    loss within 10 minutes), turned the watch off for good and was never audited (found by a
+    review)."""
+    monkeypatch.setattr(worker_module, "HEALTH_PROBE_INTERVAL_S", 3600.0)  # one probe, at start
+    monkeypatch.setattr(worker_module, "RESTART_WATCH_INTERVAL_S", 0.1)
+    looks: list[list[str]] = []
+    lost = RestartWatch.lost
+    monkeypatch.setattr(RestartWatch, "lost", lambda *args: looks.append(lost(*args)) or looks[-1])
+    app = app_connection(db_path)
+    app.executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    server = Server(private_typesense.url, private_typesense.api_key)
+    index = TypesenseIndex([server.url], server.api_key, "sequences")
+    worker = daemon(Database(db_path), [index], audit_every_s=0, max_backoff_s=0.5)
+    with capture_logs() as logged, running(worker):
+        wait_until(lambda: len(export(server, "sequences")) == 5, what="the sync")
+        wait_until(lambda: len(looks) >= 2, what="the watch's connection")
+        private_typesense.stop()  # an outage the loop sees: a write fails
+        app.execute(ROW_SQL, make_row(6))
+        wait_until(lambda: worker.typesense_down, what="the loop to see the outage")
+        private_typesense.start()
+        wait_until(lambda: any(e["event"] == "audit_done" for e in logged), what="its audit")
+        seen = len(looks)
+        wait_until(lambda: len(looks) >= seen + 3, what="the watch's new connection")
+        by_hand(server, "DELETE", "/collections/sequences/documents/3")  # what it loses
+        private_typesense.stop()
+        private_typesense.start()
+        wait_until(lambda: "3" in export(server, "sequences"), what="the audit's repair")
+    watched = [e["event"] for e in logged if e["event"].startswith(("typesense_re", "restart_"))]
+    assert watched == ["typesense_restarted"]
+    assert [e["reason"] for e in logged if e["event"] == "audit_done"] == [
+        "outage",
+        "typesense restart",
+    ]
+
+
 def test_a_stop_during_run_once_does_not_wait_for_the_whole_audit(
     db_path: Path, typesense_server: Server, collection: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -296,13 +296,31 @@ def test_a_database_moved_under_the_daemon_stops_it_with_one_clear_line(
         os.rename(db_path, db_path.with_name("moved.db"))
     assert daemon.wait(30) == 1
     [line] = error_lines(daemon.output())
-    what = "names another file now" if how == "replaced" else "is gone"
+    what = "names another file now" if how == "replaced" else "is gone (or out of reach)"
     assert line.startswith(f"Error: database {db_path} {what}: it was renamed, replaced or")
     if how == "replaced":
         again = start_daemon()
         wait_until(lambda: "4" in export(typesense_server, collection), what="the restored row")
         again.process.send_signal(signal.SIGTERM)
         assert again.wait() == 0
+
+
+def test_a_database_path_whose_directory_was_replaced_stops_with_one_line(
+    tmp_path: Path,
+) -> None:
+    """The path's directory moved away and a file put in its place (ENOTDIR), or one the daemon
+    may no longer search (EACCES): the check raised a bare OSError, and the daemon died with a
+    traceback instead of its one line (found by a review)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    db = Database(data / "app.db", create=True)
+    try:
+        data.rename(tmp_path / "moved")
+        data.write_text("not a directory\n")
+        with pytest.raises(DatabaseError, match=r"app\.db is gone \(or out of reach\)"):
+            db.check_same_file()
+    finally:
+        db.close()
 
 
 def test_a_dropped_column_named_as_an_outbox_column_is_an_error_not_the_outbox_s(

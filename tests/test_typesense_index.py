@@ -404,9 +404,13 @@ class ClosingHandler(http.server.BaseHTTPRequestHandler):
     """A /health behind something that closes connections: after each answer (HTTP/1.0), or,
     speaking HTTP/1.1 and keep-alive, as soon as the answer is sent (a short idle timeout)."""
 
+    connection_header = ""  # a Connection header to send, if any
+
     def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Length", "11")
+        if self.connection_header:
+            self.send_header("Connection", self.connection_header)
         self.end_headers()
         self.wfile.write(b'{"ok":true}')
         self.close_connection = True
@@ -415,13 +419,16 @@ class ClosingHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("protocol", ["HTTP/1.0", "HTTP/1.1"])
+@pytest.mark.parametrize("protocol", ["HTTP/1.0", "HTTP/1.1", "HTTP/1.1, Connection: Close"])
 def test_the_restart_watch_turns_itself_off_where_connections_do_not_last(
     protocol: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where every probe needs a new connection (a proxy between), a lost one tells no
-    restart: one warning, then the watch of that node is off, not an audit every 5 s."""
-    monkeypatch.setattr(ClosingHandler, "protocol_version", protocol)
+    restart: one warning, then the watch of that node is off, not an audit every 5 s. An
+    answer that says so (HTTP/1.0, `Connection: Close` in any case) turns it off at once."""
+    version, _, header = protocol.partition(", Connection: ")
+    monkeypatch.setattr(ClosingHandler, "protocol_version", version)
+    monkeypatch.setattr(ClosingHandler, "connection_header", header)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ClosingHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -434,8 +441,9 @@ def test_the_restart_watch_turns_itself_off_where_connections_do_not_last(
         watch.close()
         server.shutdown()
         server.server_close()
-    # HTTP/1.0 says so at once; a keep-alive answer is believed once: one audit, then off
-    assert looks == [[]] * 6 if protocol == "HTTP/1.0" else [[], [url], [], [], [], []]
+    # saying so is believed at once; a keep-alive answer is believed once: one audit, then off
+    said = protocol != "HTTP/1.1"
+    assert looks == [[]] * 6 if said else [[], [url], [], [], [], []]
     [off] = [entry for entry in logged if entry["event"] == "restart_watch_off"]
     assert off["node"] == url and watch.urls == []
 

@@ -4,6 +4,7 @@ sleeping, no patched clock."""
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -189,3 +190,23 @@ def test_the_loop_watches_the_file_while_it_runs_and_closes_the_watch_after(
         watch = wait_until(lambda: worker.watch, what="the loop to watch the file")
         assert watch.mode == "inotify" and inotify_instances() == before + 1
     assert worker.watch is None and inotify_instances() == before
+
+
+def test_the_restart_watch_looks_at_the_time_of_its_look_not_of_the_turn() -> None:
+    """A chore earlier in the same turn (a reindex) can take minutes: with the turn's time, a
+    connection idle that long (closed by httpx or Typesense after 60 s) looked fresh, and its
+    loss a restart (found by a review)."""
+    told: list[float] = []
+
+    class Watch:
+        def lost(self, now: float) -> list[str]:
+            told.append(now)
+            return []
+
+        def close(self) -> None:
+            pass
+
+    job = worker_module.restart_job(Watch(), lambda reason: None, lambda: False)  # type: ignore[arg-type]
+    before = time.monotonic()
+    job.run(0.0)  # the turn began long ago
+    assert told and told[0] >= before
