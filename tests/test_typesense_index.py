@@ -453,8 +453,10 @@ class SlowOnceHandler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     slow: ClassVar[list[float]] = []  # seconds the next answers wait
+    asked: ClassVar[list[float]] = []  # one per request
 
     def do_GET(self) -> None:
+        self.asked.append(time.monotonic())
         if self.slow:
             time.sleep(self.slow.pop())
         self.send_response(200)
@@ -468,7 +470,8 @@ class SlowOnceHandler(http.server.BaseHTTPRequestHandler):
 
 def test_a_probe_too_slow_for_the_restart_watch_is_no_restart() -> None:
     """A busy server answering a probe after the watch's timeout: httpx drops that connection,
-    and the next probe's new one is no sign of a restart (it asked for an audit)."""
+    and the next probe's new one is no sign of a restart (it asked for an audit). The node is
+    left alone for 30 s: one that never answers would cost the loop the timeout every 5 s."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowOnceHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -476,12 +479,15 @@ def test_a_probe_too_slow_for_the_restart_watch_is_no_restart() -> None:
     try:
         first = watch.lost(0.0)
         SlowOnceHandler.slow.append(2.0)  # the watch waits 1 s
-        looks = [first, watch.lost(5.0), watch.lost(10.0), watch.lost(15.0)]
+        looks = [first, watch.lost(5.0), watch.lost(10.0), watch.lost(30.0)]
+        asked = len(SlowOnceHandler.asked)
+        looks += [watch.lost(40.0), watch.lost(45.0)]
     finally:
         watch.close()
         server.shutdown()
         server.server_close()
-    assert looks == [[], [], [], []] and watch.urls == [url]
+    assert looks == [[]] * 6 and watch.urls == [url]
+    assert (asked, len(SlowOnceHandler.asked)) == (2, 4)  # none at 10 and 30, again at 40
 
 
 def test_the_restart_watch_keeps_one_connection_to_a_real_server(
