@@ -18,7 +18,7 @@ import pytest
 
 from outbox_sync import schema, sync_errors, worker
 from outbox_sync.db import Database
-from outbox_sync.localserver import LocalTypesense
+from outbox_sync.localserver import LocalTypesense, free_port
 from outbox_sync.mapping import SEQUENCES, Dependency, Field, Mapping
 from outbox_sync.typesense_index import TypesenseIndex
 from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
@@ -43,12 +43,8 @@ from tests.support.wait import wait_until
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def setup(
-    tmp_path: Path, private_typesense: LocalTypesense
-) -> Iterator[tuple[dict[str, str], Server, sqlite3.Connection]]:
-    """The example's configuration over a database of both tables, on a server of its own (the
-    example names its collections plainly)."""
+def example(tmp_path: Path, url: str) -> tuple[dict[str, str], sqlite3.Connection]:
+    """The example's configuration over a database of both tables, for Typesense at `url`."""
     config = tmp_path / "outbox-sync.toml"
     config.write_text(EXAMPLE)
     db_path = tmp_path / "tables.db"  # not the db_path fixture's, which has `sequences` already
@@ -57,9 +53,18 @@ def setup(
     env = without_settings(
         OUTBOX_SYNC_CONFIG=str(config),
         OUTBOX_SYNC_DB=str(db_path),
-        TYPESENSE_URL=private_typesense.url,
+        TYPESENSE_URL=url,
         TYPESENSE_API_KEY=API_KEY,
     )
+    return env, app
+
+
+@pytest.fixture
+def setup(
+    tmp_path: Path, private_typesense: LocalTypesense
+) -> Iterator[tuple[dict[str, str], Server, sqlite3.Connection]]:
+    """The example on a server of its own (the example names its collections plainly)."""
+    env, app = example(tmp_path, private_typesense.url)
     yield env, Server(private_typesense.url, API_KEY), app
 
 
@@ -257,9 +262,10 @@ def test_changed_fields_tell_the_user_to_reindex_that_collection(
     ],
 )
 def test_a_mistake_in_the_file_is_one_line_naming_the_file_the_entry_and_the_key(
-    setup: tuple[dict[str, str], Server, sqlite3.Connection], change: tuple[str, str], says: str
+    tmp_path: Path, change: tuple[str, str], says: str
 ) -> None:
-    env, _, _ = setup
+    # no Typesense: a mistake in the file stops every command before it asks one
+    env, _ = example(tmp_path, f"http://127.0.0.1:{free_port()}")
     config = Path(env["OUTBOX_SYNC_CONFIG"])
     assert change[0] in EXAMPLE
     config.write_text(EXAMPLE.replace(change[0], change[1], 1))
