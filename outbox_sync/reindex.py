@@ -76,7 +76,7 @@ class ReindexResult:
     requeued: int  # rows Typesense refused or invalid ones without an open error: queued, so
     # the daemon's policy applies
     last_good_refused: int = 0  # invalid rows whose last good document the new collection
-    # refused (a changed schema): no longer searchable, their open errors say so
+    # refused (a changed schema): no longer searchable, named by a `last_good_refused` warning
 
 
 def rebuild(

@@ -440,8 +440,8 @@ def supervise(
     )
     try:
         server.start(heartbeat=heartbeat)
-    except StoppingError:  # the daemon stops the server with itself; its next start audits
-        return
+    except StoppingError:  # the daemon stops the server with itself; its next start audits,
+        return  # unless audits are off (--audit-every 0): then this audit is not asked again
     except OutboxSyncError as error:
         message = f"the embedded Typesense did not come back: {error}"
         raise TypesenseUnavailableError(message) from None
