@@ -2,14 +2,16 @@
 document across stops and starts of the daemon, and a server that dies while the daemon runs is
 started again and audited."""
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import sqlite3
+import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -114,6 +116,21 @@ def test_an_embedded_server_that_dies_is_started_again_and_audited(
     assert daemon.wait(60) == 0
 
 
+@contextlib.contextmanager
+def killed_and_slow_to_start(server: LocalTypesense) -> Iterator[subprocess.Popen[bytes]]:
+    """Kill the server and, while it is down, take its peering port: started again, it takes
+    a new one, and is ready only after ~12.5 s. Yields the killed process."""
+    crashed = server.process
+    assert crashed is not None
+    crashed.kill()
+    crashed.wait()
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", server.peering_port))
+        squatter.listen()
+        yield crashed
+
+
 def test_the_loop_keeps_its_heartbeat_while_the_embedded_server_starts_again(
     db: Database, private_typesense: LocalTypesense
 ) -> None:
@@ -125,23 +142,17 @@ def test_the_loop_keeps_its_heartbeat_while_the_embedded_server_starts_again(
     index.ensure_collection()
     telemetry = Telemetry(metrics=False)
     worker = daemon(db, [index], telemetry=telemetry, server=private_typesense, max_backoff_s=0.5)
-    crashed = private_typesense.process
-    assert crashed is not None
     lags = []
-    with running(worker), socket.socket() as squatter:
+    with running(worker):
         wait_until(lambda: worker.stopping is not None, what="the loop's first turn")
-        crashed.kill()
-        crashed.wait()
-        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        squatter.bind(("127.0.0.1", private_typesense.peering_port))
-        squatter.listen()
-        started = time.monotonic()
-        deadline = started + 90
-        while private_typesense.process is crashed or not healthy(private_typesense.url):
-            assert time.monotonic() < deadline, "the server did not come back"
-            lags.append(time.monotonic() - telemetry.loop_at)
-            time.sleep(0.1)
-        restart_s = time.monotonic() - started
+        with killed_and_slow_to_start(private_typesense) as crashed:
+            started = time.monotonic()
+            deadline = started + 90
+            while private_typesense.process is crashed or not healthy(private_typesense.url):
+                assert time.monotonic() < deadline, "the server did not come back"
+                lags.append(time.monotonic() - telemetry.loop_at)
+                time.sleep(0.1)
+            restart_s = time.monotonic() - started
     assert restart_s > 8  # the slow start this test is about
     assert max(lags) < 3, f"the loop went {max(lags):.1f} s without a heartbeat"
 
@@ -154,18 +165,12 @@ def test_a_stop_ends_the_wait_for_an_embedded_server_started_again(
     index = TypesenseIndex([private_typesense.url], API_KEY, "sequences")
     index.ensure_collection()
     worker = daemon(db, [index], server=private_typesense, max_backoff_s=0.5)
-    crashed = private_typesense.process
-    assert crashed is not None
-    with socket.socket() as squatter, running(worker) as thread:
+    with running(worker) as thread:
         wait_until(lambda: worker.stopping is not None, what="the loop's first turn")
-        crashed.kill()
-        crashed.wait()
-        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        squatter.bind(("127.0.0.1", private_typesense.peering_port))
-        squatter.listen()  # the new start waits ~12.5 s
-        wait_until(lambda: private_typesense.process is not crashed, what="the new start")
-        assert not healthy(private_typesense.url)
-        asked = time.monotonic()  # leaving the block sets the stop and joins the loop
+        with killed_and_slow_to_start(private_typesense) as crashed:
+            wait_until(lambda: private_typesense.process is not crashed, what="the new start")
+            assert not healthy(private_typesense.url)
+            asked = time.monotonic()  # leaving the block sets the stop and joins the loop
     assert not thread.is_alive()
     assert time.monotonic() - asked < 3
 
@@ -204,18 +209,10 @@ def test_a_stop_ends_the_wait_for_an_embedded_server_started_again_at_start(
     starts it again there, and a stop ends that wait at once too."""
     index = TypesenseIndex([private_typesense.url], API_KEY, "sequences")
     worker = daemon(db, [index], server=private_typesense, max_backoff_s=0.5)
-    crashed = private_typesense.process
-    assert crashed is not None
-    crashed.kill()
-    crashed.wait()
-    with socket.socket() as squatter:
-        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        squatter.bind(("127.0.0.1", private_typesense.peering_port))
-        squatter.listen()  # the new start waits ~12.5 s
-        with running(worker) as thread:
-            wait_until(lambda: private_typesense.process is not crashed, what="the new start")
-            assert not healthy(private_typesense.url)
-            asked = time.monotonic()  # leaving the block sets the stop and joins the loop
+    with killed_and_slow_to_start(private_typesense) as crashed, running(worker) as thread:
+        wait_until(lambda: private_typesense.process is not crashed, what="the new start")
+        assert not healthy(private_typesense.url)
+        asked = time.monotonic()  # leaving the block sets the stop and joins the loop
     assert not thread.is_alive()
     assert time.monotonic() - asked < 3
 

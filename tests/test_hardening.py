@@ -165,6 +165,17 @@ def test_reindex_keeps_the_last_good_document_and_closes_the_errors_it_fixed(
     assert [e["record_key"] for e in sync_errors.find(db)] == [2]  # record 3's closed
 
 
+def comment_required(served: Server, collection: str) -> TypesenseIndex:
+    """`sequences` with `comment` required: a changed mapping whose collection refuses a
+    document without one."""
+    fields = tuple(
+        replace(f, optional=False) if f.name == "comment" else f for f in SEQUENCES.fields
+    )
+    return TypesenseIndex(
+        [served.url], served.api_key, collection, mapping=replace(SEQUENCES, fields=fields)
+    )
+
+
 def test_a_last_good_document_the_rebuilt_collection_refuses_is_reported_not_dropped_silently(
     db_path: Path, db: Database, worker: Worker, index: TypesenseIndex, served: Server
 ) -> None:
@@ -178,12 +189,7 @@ def test_a_last_good_document_the_rebuilt_collection_refuses_is_reported_not_dro
     conn.execute("UPDATE sequences SET element_id = 'broken' WHERE id = 2")
     drain(worker)
     assert index.retrieve("2") is not None  # its last good document, searchable
-    fields = tuple(
-        replace(f, optional=False) if f.name == "comment" else f for f in SEQUENCES.fields
-    )
-    required = TypesenseIndex(
-        [served.url], served.api_key, index.collection, mapping=replace(SEQUENCES, fields=fields)
-    )
+    required = comment_required(served, index.collection)
     with structlog.testing.capture_logs() as logs:
         result = reindex.rebuild(db, required)
     assert required.retrieve("2") is None  # the rebuilt collection would not take it
@@ -205,12 +211,7 @@ def test_a_last_good_document_refused_for_a_row_without_an_open_error_is_said_so
     conn.executemany(ROW_SQL, [make_row(1), make_row(2, comment=None), make_row(3)])
     drain(worker)
     assert sync_errors.find(db) == []
-    fields = tuple(
-        replace(f, optional=False) if f.name == "comment" else f for f in SEQUENCES.fields
-    )
-    required = TypesenseIndex(
-        [served.url], served.api_key, index.collection, mapping=replace(SEQUENCES, fields=fields)
-    )
+    required = comment_required(served, index.collection)
     with structlog.testing.capture_logs() as logs:
         result = reindex.rebuild(db, required)
     assert (result.invalid, result.last_good_refused) == (1, 1)
