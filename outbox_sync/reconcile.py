@@ -7,6 +7,8 @@ The daemon cannot see everything that happens between SQLite and Typesense, so i
   from a restart with fewer documents than it acknowledged;
 - after it put back triggers a migration took away (changes made meanwhile left no outbox entry);
 - every `--audit-every` (default 24 h), for whatever else (a restart between two health probes).
+An audit asked for and not done when the daemon stops (stopped mid-way, or not begun) is owed:
+the next start does it, also with `--audit-every 0`.
 Each one logs `audit_done` (or `audit_failed`), sets the audit metrics, and is kept in
 `outbox_sync_meta` for `status` and `check`.
 """
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
     from outbox_sync.worker import Stopping
 
 LAST_AUDIT_KEY = "last_audit"
+# The reason of an audit asked for and not done when the daemon stopped: its next start does it.
+AUDIT_OWED_KEY = "audit_owed"
 DEFAULT_AUDIT_EVERY_S = 24 * 3600.0
 # The audit thread's nice value: the sync itself and the application come first.
 AUDIT_NICENESS = 10
@@ -85,7 +89,10 @@ class Reconciler:
     ) -> None:
         self.db, self.indexes, self.telemetry, self.every_s = db, indexes, telemetry, every_s
         self.log = structlog.get_logger("outbox_sync")
-        self.requested: str | None = "start" if every_s else None
+        # an audit the last run owed (AUDIT_OWED_KEY) comes first; then the one at start
+        self.owed = db.get_meta(AUDIT_OWED_KEY)
+        self.requested: str | None = self.owed or ("start" if every_s else None)
+        self.running: str | None = None  # the reason of the audit under way
         self.next_at = float("inf")
         self.thread: threading.Thread | None = None
         self.outcome: AuditRecord | None = None
@@ -113,6 +120,11 @@ class Reconciler:
             self.requested = "schedule"
         if self.requested is not None:
             reason, self.requested = self.requested, None
+            if self.owed is not None:  # any audit pays what the last run owed
+                with contextlib.suppress(OutboxSyncError):
+                    self.db.set_meta(AUDIT_OWED_KEY, None)
+                self.owed = None
+            self.running = reason
             self.next_at = now + self.every_s if self.every_s else float("inf")
             self.stopping.clear()  # a loop run again after a stop audits again
             self.thread = threading.Thread(
@@ -136,10 +148,18 @@ class Reconciler:
 
     def stop(self) -> None:
         """Stop a running audit and wait for its thread (the loop is ending): a thread still in
-        SQLite or httpx while the interpreter shuts down can crash it."""
+        SQLite or httpx while the interpreter shuts down can crash it. An audit asked for and
+        not done (stopped, not begun, or failed and not yet asked again) is owed: kept in the
+        database for the next start."""
         self.stopping.set()
         if self.thread is not None:
             self.thread.join(STOP_WAIT_S)
+        stopped = self.running if self.thread is not None and self.outcome is None else None
+        owed = self.requested or stopped or (self.retry and self.retry[1])
+        if owed and owed != self.owed:
+            with contextlib.suppress(OutboxSyncError):
+                self.db.set_meta(AUDIT_OWED_KEY, owed)
+            self.owed = owed
 
     def _go_on(self, phase: str, done: int, total: int) -> None:
         """The audit's progress: where it stops when the daemon does."""

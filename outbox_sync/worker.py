@@ -440,8 +440,9 @@ def supervise(
     )
     try:
         server.start(heartbeat=heartbeat)
-    except StoppingError:  # the daemon stops the server with itself; its next start audits,
-        return  # unless audits are off (--audit-every 0): then this audit is not asked again
+    except StoppingError:  # the daemon stops the server with itself: the audit is owed to
+        reconciler.request("embedded restart")  # its next start (Reconciler.stop)
+        return
     except OutboxSyncError as error:
         message = f"the embedded Typesense did not come back: {error}"
         raise TypesenseUnavailableError(message) from None

@@ -152,6 +152,27 @@ def test_a_loop_run_again_after_a_stop_audits_again(
     assert record.drift["missing"] == 1 and "1" in export(typesense_server, collection)
 
 
+def test_an_audit_owed_when_the_daemon_stops_is_done_at_its_next_start(
+    db: Database, index: TypesenseIndex, typesense_server: Server, collection: str
+) -> None:
+    """An outage asks for an audit; the daemon stops before it is done (SIGTERM, or while it
+    started the embedded server again). With --audit-every 0 no start audit followed: what
+    the restart lost stayed missing until someone ran `outbox-sync audit`. It is owed: kept
+    in the database, done at the next start, whatever the schedule."""
+    app_connection(Path(db.path)).execute(ROW_SQL, make_row(1))
+    drain(daemon(db, [index], audit_every_s=0))
+    by_hand(typesense_server, "DELETE", f"/collections/{collection}/documents/1")  # lost
+    worker = daemon(db, [index], audit_every_s=0)
+    worker.after_outage()  # asked for...
+    worker.jobs["audit"].at_stop()  # ...and the loop ends before its turn
+    assert db.get_meta(reconcile.AUDIT_OWED_KEY) == "outage"
+    drain(daemon(db, [index], audit_every_s=0))  # the next start
+    record = reconcile.last_audit(db)
+    assert record is not None and (record.reason, record.ok) == ("outage", True)
+    assert "1" in export(typesense_server, collection)
+    assert db.get_meta(reconcile.AUDIT_OWED_KEY) is None  # paid
+
+
 def test_an_audit_that_fails_after_an_outage_is_asked_again(
     db_path: Path, typesense_server: Server, collection: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
