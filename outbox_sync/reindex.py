@@ -223,12 +223,11 @@ def _report_lost(index: TypesenseIndex, lost: list[tuple[Any, str]]) -> None:
     """Records whose last good document the rebuilt collection refused are no longer
     searchable: one warning counts them and names the first LOST_KEYS_LOGGED. Their rows are
     invalid, so each has its open error (or gets it from the drain: its entry was queued)."""
-    keys = [key for key, _ in lost[:LOST_KEYS_LOGGED]]
     structlog.get_logger("outbox_sync").warning(
         "last_good_refused",
         collection=index.collection,
         records=len(lost),
-        keys=[key.decode(errors="replace") if isinstance(key, bytes) else key for key in keys],
+        keys=[key for key, _ in lost[:LOST_KEYS_LOGGED]],  # a BLOB as `errors list` shows it
         reason=lost[0][1],
         note="no longer searchable until their rows are fixed: see `outbox-sync errors list`",
     )
