@@ -214,6 +214,17 @@ def test_an_audit_that_fails_after_an_outage_is_asked_again(
     assert "3" in export(typesense_server, collection)
 
 
+def watching_restarts(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The loop's own health probe at start only, so a restart falls between two; the restart
+    watch looking every 0.1 s. Returns what each of its looks found, as they come."""
+    monkeypatch.setattr(worker_module, "HEALTH_PROBE_INTERVAL_S", 3600.0)
+    monkeypatch.setattr(worker_module, "RESTART_WATCH_INTERVAL_S", 0.1)
+    looks: list[list[str]] = []
+    lost = RestartWatch.lost
+    monkeypatch.setattr(RestartWatch, "lost", lambda *args: looks.append(lost(*args)) or looks[-1])
+    return looks
+
+
 def test_a_restart_between_two_health_probes_is_seen_and_audited(
     db_path: Path, private_typesense: LocalTypesense, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -221,11 +232,7 @@ def test_a_restart_between_two_health_probes_is_seen_and_audited(
     back short (0.24.1 can lose writes it acknowledged): no request failed, so the loop saw no
     outage, and nothing audited before the schedule. The restart watch's connection was closed
     by the stop: the daemon says so and audits, and the document comes back."""
-    monkeypatch.setattr(worker_module, "HEALTH_PROBE_INTERVAL_S", 3600.0)  # one probe, at start
-    monkeypatch.setattr(worker_module, "RESTART_WATCH_INTERVAL_S", 0.1)
-    looks: list[list[str]] = []
-    lost = RestartWatch.lost
-    monkeypatch.setattr(RestartWatch, "lost", lambda *args: looks.append(lost(*args)) or looks[-1])
+    looks = watching_restarts(monkeypatch)
     app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
     server = Server(private_typesense.url, private_typesense.api_key)
     index = TypesenseIndex([server.url], server.api_key, "sequences")
@@ -251,11 +258,7 @@ def test_a_restart_after_an_outage_the_loop_saw_is_audited(
     a restart nobody saw minutes later was taken for a proxy closing connections (the second
     loss within 10 minutes), turned the watch off for good and was never audited (found by a
     review)."""
-    monkeypatch.setattr(worker_module, "HEALTH_PROBE_INTERVAL_S", 3600.0)  # one probe, at start
-    monkeypatch.setattr(worker_module, "RESTART_WATCH_INTERVAL_S", 0.1)
-    looks: list[list[str]] = []
-    lost = RestartWatch.lost
-    monkeypatch.setattr(RestartWatch, "lost", lambda *args: looks.append(lost(*args)) or looks[-1])
+    looks = watching_restarts(monkeypatch)
     app = app_connection(db_path)
     app.executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
     server = Server(private_typesense.url, private_typesense.api_key)
