@@ -16,7 +16,7 @@ import httpx
 import pytest
 import structlog
 
-from outbox_sync import reindex, sync_errors
+from outbox_sync import reindex, schema, sync_errors
 from outbox_sync.db import Database
 from outbox_sync.errors import (
     AlreadyRunningError,
@@ -224,6 +224,39 @@ def test_a_last_good_document_refused_for_a_row_without_an_open_error_is_said_so
         2,
         "comment: is NULL but the field is required",
     )
+
+
+def test_a_loose_tables_valid_row_of_a_key_is_not_covered_by_its_last_good_document(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """A table without a primary key holds two rows of id 2, one valid and one invalid under a
+    changed mapping. The rebuild indexed the valid one as the mapping now says, then copied
+    the old collection's document over it, or, where the new collection refused that copy,
+    warned that record 2 had left search while it had not (found by a hostile review)."""
+    path = tmp_path / "legacy.db"
+    app_connection(path).execute(
+        "CREATE TABLE sequences (id, element_type, element_id, sequence_number, comment,"
+        " created_at)"
+    )
+    app_connection(path).executemany(ROW_SQL, [make_row(1), make_row(2, comment="hello")])
+    db = Database(path)
+    schema.init(db, [SEQUENCES])
+    server = typesense_server
+    reindex.rebuild(db, TypesenseIndex([server.url], server.api_key, collection))
+    app_connection(path).execute(ROW_SQL, make_row(2, comment=None))  # invalid once required
+    fields = tuple(
+        replace(f, optional=False, sql="upper(comment)") if f.name == "comment" else f
+        for f in SEQUENCES.fields
+    )
+    changed = TypesenseIndex(
+        [server.url], server.api_key, collection, mapping=replace(SEQUENCES, fields=fields)
+    )
+    with structlog.testing.capture_logs() as logs:
+        result = reindex.rebuild(db, changed)
+    assert (result.indexed, result.invalid, result.last_good_refused) == (2, 1, 0)
+    document = changed.retrieve("2")
+    assert document is not None and document["comment"] == "HELLO"  # not the old "hello"
+    assert [e for e in logs if e["event"] == "last_good_refused"] == []
 
 
 def test_a_5xx_keeping_a_last_good_document_fails_the_rebuild_and_the_old_collection_stays(
