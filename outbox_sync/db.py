@@ -319,13 +319,9 @@ class Database:
             _supersede(conn, records, utc_now(), keep=())
 
     def enqueue(self, mapping: str, entries: Sequence[tuple[Any, str]]) -> None:
-        """Add (key, op) markers of a mapping to the outbox, as the triggers would: a RawText
-        key as the TEXT it was read from (bound as it is, it would be a BLOB, another key)."""
+        """Add (key, op) markers of a mapping to the outbox, as the triggers would (ENQUEUE_SQL)."""
         with self.write() as conn:
-            conn.executemany(
-                f"INSERT INTO outbox (mapping, record_key, op) VALUES (?1, {as_stored(2, 3)}, ?4)",
-                [(mapping, type(key) is RawText, key, op) for key, op in entries],
-            )
+            conn.executemany(ENQUEUE_SQL, [outbox_entry(mapping, key, op) for key, op in entries])
 
     def data_version(self) -> int:
         """Changes whenever another connection commits (cheap: poll it to wake up)."""
@@ -536,6 +532,16 @@ def as_stored(flag: int, key: int) -> str:
     stores it: a RawText (TEXT that is not UTF-8, which binds as a BLOB, another key) as the
     TEXT it was read from."""
     return f"CASE WHEN ?{flag} THEN CAST(?{key} AS TEXT) ELSE ?{key} END"
+
+
+# One outbox entry, its parameters made by outbox_entry(): a RawText key stored as the TEXT it was
+# read from, as the triggers write it (bound as it is, it would be a BLOB, another key).
+ENQUEUE_SQL = f"INSERT INTO outbox (mapping, record_key, op) VALUES (?1, {as_stored(2, 3)}, ?4)"
+
+
+def outbox_entry(mapping: str, key: Any, op: str) -> tuple[str, bool, Any, str]:
+    """The parameters of ENQUEUE_SQL."""
+    return (mapping, type(key) is RawText, key, op)
 
 
 def record_keys(key: Any) -> list[Any]:

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from outbox_sync.db import (
+    ENQUEUE_SQL,
     Database,
     as_stored,
     covers,
+    outbox_entry,
     pages,
     record_keys,
     table_exists,
@@ -157,10 +159,7 @@ def _retry_records(
         stored = _row_keys(conn, mappings[name], key)
         op = "upsert" if stored else "delete"
         queued = stored[0] if stored else key  # as its row holds it: a RawText as TEXT
-        outbox_id = conn.execute(
-            f"INSERT INTO outbox (mapping, record_key, op) VALUES (?1, {as_stored(2, 3)}, ?4)",
-            (name, type(queued) is RawText, queued, op),
-        ).lastrowid
+        outbox_id = conn.execute(ENQUEUE_SQL, outbox_entry(name, queued, op)).lastrowid
         assert outbox_id is not None  # an INSERT always sets it
         conn.execute(
             "UPDATE sync_errors SET resolved_at = ?, resolution = 'retried', note = ?"
