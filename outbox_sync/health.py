@@ -2,6 +2,7 @@
 `check` gives in the Nagios/Icinga plugin convention (exit 0 OK, 1 WARNING, 2 CRITICAL,
 3 UNKNOWN, one summary line with performance data)."""
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -20,6 +21,9 @@ STATES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
 DEFAULT_MAX_LAG = "60s"
 # The daemon audits every 24 h by default: two missed audits are worth a look.
 DEFAULT_MAX_AUDIT_AGE = "50h"
+# outbox_sync_meta: the Typesense nodes the running daemon's restart watch turned itself off
+# for, and why (typesense_index.RestartWatch), as JSON {"pid": the daemon's, "nodes": {url: why}}.
+RESTART_WATCH_OFF_KEY = "restart_watch_off"
 
 
 def gather(
@@ -75,8 +79,19 @@ def gather(
         figures["unindexed_keys"] = [f"{table}({column})" for table, column in unindexed]
     audit = last_audit(db)
     figures["last_audit"] = None if audit is None else asdict(audit)
+    if unwatched := restart_watch_off(db, figures["daemon_pid"]):
+        figures["restarts_unwatched"] = unwatched
     figures["collections"] = collections
     return figures
+
+
+def restart_watch_off(db: Database, daemon_pid: str | None) -> list[str]:
+    """The nodes the running daemon no longer watches for restarts, each with why (what an
+    earlier daemon wrote tells nothing of this one)."""
+    off = json.loads(db.get_meta(RESTART_WATCH_OFF_KEY) or "{}")
+    if daemon_pid is None or str(off.get("pid")) != daemon_pid:
+        return []
+    return [f"{node} ({why})" for node, why in off["nodes"].items()]
 
 
 def verdict(

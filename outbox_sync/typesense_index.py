@@ -351,6 +351,12 @@ class TypesenseIndex:
     def count(self) -> int:
         return int(self.info()["num_documents"])
 
+    def restart_watch(self) -> RestartWatch:
+        """A watch on the restarts of this index's nodes."""
+        return RestartWatch(
+            [node.url() for node in self.client.config.nodes], self.client.config.verify
+        )
+
     def healthy(self) -> bool:
         """Whether Typesense says it can take writes: `/health` answers ok, and (since 26) names
         no `resource_error` (OUT_OF_DISK, OUT_OF_MEMORY), which a server reports while
@@ -515,13 +521,13 @@ class RestartWatch:
     RESTART_WATCH_FLAP_S, turns its watch off, with one warning; the scheduled audit is left
     for its restarts."""
 
-    def __init__(self, index: TypesenseIndex) -> None:
-        self.verify = index.client.config.verify
-        self.urls = [node.url() for node in index.client.config.nodes]
+    def __init__(self, urls: Sequence[str], verify: Any) -> None:
+        self.urls, self.verify = list(urls), verify  # verify: httpx's, as the client's nodes
         self.http: httpx.Client | None = None  # made at the first look, again after close()
         self.seen: dict[str, tuple[object, float]] = {}  # node: (its connection, last used)
         self.lost_at: dict[str, float] = {}  # node: when its connection was last lost
         self.quiet_until: dict[str, float] = {}  # node: not asked before (it timed out)
+        self.off: dict[str, str] = {}  # node: why it is no longer watched
 
     def lost(self, now: float) -> list[str]:
         """The nodes whose connection, used within RESTART_WATCH_FRESH_S, was closed since.
@@ -529,6 +535,8 @@ class RestartWatch:
         slow to answer (a busy server) cost the connection httpx dropped, which tells nothing:
         the next one is taken as the one to watch, and the node is left alone a while (a
         node that does not answer at all costs the loop the timeout at every look)."""
+        if not self.urls:
+            return []
         if self.http is None:
             self.http = httpx.Client(
                 verify=self.verify,
@@ -565,6 +573,7 @@ class RestartWatch:
 
     def _off(self, url: str, reason: str) -> None:
         self.urls.remove(url)
+        self.off[url] = reason
         structlog.get_logger("outbox_sync").warning(
             "restart_watch_off",
             node=url,

@@ -7,6 +7,7 @@ turns it until `stop` is set, waiting for a change in between (litestream's moni
 """
 
 import contextlib
+import json
 import os
 import select
 import sqlite3
@@ -30,6 +31,7 @@ from outbox_sync.errors import (
     StoppingError,
     TypesenseUnavailableError,
 )
+from outbox_sync.health import RESTART_WATCH_OFF_KEY
 from outbox_sync.localserver import LocalTypesense
 from outbox_sync.notify import notify
 from outbox_sync.reconcile import Reconciler
@@ -450,12 +452,16 @@ def supervise(
 
 
 def restart_job(
-    watch: RestartWatch, request: Callable[[str], None], in_outage: Callable[[], bool]
+    db: Database,
+    watch: RestartWatch,
+    request: Callable[[str], None],
+    in_outage: Callable[[], bool],
 ) -> Job:
     """A loop job: asks for an audit (`request(reason)`) when Typesense restarted between two
     requests (typesense_index.RestartWatch). A restart the loop saw as an outage is its own to
     audit: nothing is asked while `in_outage()`, and the watch forgets its connections when
-    the outage ends."""
+    the outage ends. The nodes it no longer watches are kept for `status` (RESTART_WATCH_OFF_KEY,
+    with this process's pid: a daemon started since is not told by them)."""
     log = structlog.get_logger("outbox_sync")
 
     def look(_: float) -> None:
@@ -467,6 +473,9 @@ def restart_job(
                 note="it closed a connection in use: it may have lost writes, auditing",
             )
             request("typesense restart")
+        off = json.dumps({"pid": os.getpid(), "nodes": watch.off}) if watch.off else None
+        if off != db.get_meta(RESTART_WATCH_OFF_KEY):  # a read: written only when it changes
+            db.set_meta(RESTART_WATCH_OFF_KEY, off)
 
     return Job("restarts", RESTART_WATCH_INTERVAL_S, look, due_at_start=False, at_stop=watch.close)
 
@@ -533,10 +542,9 @@ def daemon(
             )
         )
     # the embedded server is the daemon's own: `supervise` sees it restart
-    watched = server is None and isinstance(indexes[0], TypesenseIndex)  # not a test's fake
-    restarts = RestartWatch(indexes[0]) if watched else None
+    restarts = indexes[0].restart_watch() if server is None else None
     if restarts is not None:
-        jobs.append(restart_job(restarts, reconciler.request, lambda: worker.typesense_down))
+        jobs.append(restart_job(db, restarts, reconciler.request, lambda: worker.typesense_down))
 
     def after_outage() -> None:
         reconciler.request("outage")

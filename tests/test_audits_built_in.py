@@ -20,6 +20,7 @@ from outbox_sync import worker as worker_module
 from outbox_sync.audit import Audit
 from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense, free_port
+from outbox_sync.lock import DaemonLock
 from outbox_sync.typesense_index import RestartWatch, TypesenseIndex
 from outbox_sync.worker import Stop, daemon
 from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
@@ -248,6 +249,29 @@ def test_a_restart_between_two_health_probes_is_seen_and_audited(
     [restarted] = [entry for entry in logged if entry["event"] == "typesense_restarted"]
     assert restarted["nodes"] == [server.url]
     assert [e["reason"] for e in logged if e["event"] == "audit_done"] == ["typesense restart"]
+
+
+def test_a_node_the_restart_watch_cannot_watch_is_shown_by_status(
+    db_path: Path, typesense_server: Server, collection: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a proxy that closes each connection, the watch turns itself off for that node:
+    a blind spot only the scheduled audit covers, which a warning in the log alone left
+    unseen by whoever runs `status`. The running daemon's, not an earlier one's."""
+    watching_restarts(monkeypatch)
+    with FaultProxy(typesense_server.url) as proxy, DaemonLock(db_path):
+        proxy.http_version("HTTP/1.0")  # a connection per request
+        index = TypesenseIndex([proxy.url], typesense_server.api_key, collection)
+        db = Database(db_path)
+
+        def status() -> dict[str, Any]:
+            shown = invoke(["status", "--json"], typesense_server, db_path, collection)
+            return dict(json.loads(shown.output))
+
+        with running(daemon(db, [index], audit_every_s=0)):
+            figures = wait_until(lambda: status().get("restarts_unwatched"), what="the node")
+        db.close()
+    assert figures == [f"{proxy.url} (it closes each connection after its answer)"]
+    assert "restarts_unwatched" not in status()  # its daemon stopped: a new one watches
 
 
 def test_a_restart_after_an_outage_the_loop_saw_is_audited(

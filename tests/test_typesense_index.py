@@ -30,7 +30,6 @@ from outbox_sync.localserver import free_port
 from outbox_sync.typesense_index import (
     MAX_DELETE_IDS,
     MAX_FILTER_URL_CHARS,
-    RestartWatch,
     TypesenseIndex,
     _lines,
     classify,
@@ -433,7 +432,7 @@ def test_the_restart_watch_turns_itself_off_where_connections_do_not_last(
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
-    watch = RestartWatch(TypesenseIndex([url], "key", "sequences"))
+    watch = TypesenseIndex([url], "key", "sequences").restart_watch()
     try:
         with capture_logs() as logged:
             looks = [watch.lost(float(now)) for now in range(0, 30, 5)]
@@ -475,7 +474,7 @@ def test_a_probe_too_slow_for_the_restart_watch_is_no_restart() -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowOnceHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
-    watch = RestartWatch(TypesenseIndex([url], "key", "sequences"))
+    watch = TypesenseIndex([url], "key", "sequences").restart_watch()
     try:
         first = watch.lost(0.0)
         SlowOnceHandler.slow.append(2.0)  # the watch waits 1 s
@@ -495,7 +494,7 @@ def test_the_restart_watch_keeps_one_connection_to_a_real_server(
 ) -> None:
     """A real server keeps the watch's connection between probes: no restart is seen. Closed
     when the loop stops, the watch takes the connections of a loop run again as new ones."""
-    watch = RestartWatch(TypesenseIndex([typesense_server.url], "key", "sequences"))
+    watch = TypesenseIndex([typesense_server.url], "key", "sequences").restart_watch()
     try:
         looks = [watch.lost(float(now)) for now in range(0, 30, 5)]
         watch.close()

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import structlog
@@ -192,13 +193,15 @@ def test_the_loop_watches_the_file_while_it_runs_and_closes_the_watch_after(
     assert worker.watch is None and inotify_instances() == before
 
 
-def test_the_restart_watch_looks_at_the_time_of_its_look_not_of_the_turn() -> None:
+def test_the_restart_watch_looks_at_the_time_of_its_look_not_of_the_turn(db: Database) -> None:
     """A chore earlier in the same turn (a reindex) can take minutes: with the turn's time, a
     connection idle that long (closed by httpx or Typesense after 60 s) looked fresh, and its
     loss a restart (found by a review)."""
     told: list[float] = []
 
     class Watch:
+        off: ClassVar[dict[str, str]] = {}
+
         def lost(self, now: float) -> list[str]:
             told.append(now)
             return []
@@ -206,7 +209,7 @@ def test_the_restart_watch_looks_at_the_time_of_its_look_not_of_the_turn() -> No
         def close(self) -> None:
             pass
 
-    job = worker_module.restart_job(Watch(), lambda reason: None, lambda: False)  # type: ignore[arg-type]
+    job = worker_module.restart_job(db, Watch(), lambda reason: None, lambda: False)  # type: ignore[arg-type]
     before = time.monotonic()
     job.run(0.0)  # the turn began long ago
     assert told and told[0] >= before

@@ -8,7 +8,7 @@ from typing import Any
 
 from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.mapping import SEQUENCES
-from outbox_sync.typesense_index import ImportResult
+from outbox_sync.typesense_index import ImportResult, RestartWatch
 
 
 class FakeIndex:
@@ -29,6 +29,9 @@ class FakeIndex:
 
     def healthy(self) -> bool:
         return self.down == 0
+
+    def restart_watch(self) -> RestartWatch:
+        return RestartWatch([], verify=False)  # no node to watch
 
     def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
         self._answer(counts=True)

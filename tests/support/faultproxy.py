@@ -169,6 +169,10 @@ class FaultProxy:
         with self._lock:
             self.faults.extend(faults)
 
+    def http_version(self, version: str) -> None:
+        """Answer as this HTTP version: "HTTP/1.0" closes each connection after its answer."""
+        self._server.RequestHandlerClass.protocol_version = version  # type: ignore[attr-defined]
+
     def clear(self) -> None:
         """No more faults; forget the request log."""
         with self._lock:
