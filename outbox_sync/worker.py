@@ -463,8 +463,10 @@ def restart_job(
     the outage ends. The nodes it no longer watches are kept for `status` (RESTART_WATCH_OFF_KEY,
     with this process's pid: a daemon started since is not told by them)."""
     log = structlog.get_logger("outbox_sync")
+    shown = db.get_meta(RESTART_WATCH_OFF_KEY)  # what `status` reads: written when it changes
 
     def look(_: float) -> None:
+        nonlocal shown
         # the time of the look, not of the turn: a chore before it (a reindex) may take minutes
         if (lost := watch.lost(time.monotonic())) and not in_outage():
             log.warning(
@@ -474,8 +476,9 @@ def restart_job(
             )
             request("typesense restart")
         off = json.dumps({"pid": os.getpid(), "nodes": watch.off}) if watch.off else None
-        if off != db.get_meta(RESTART_WATCH_OFF_KEY):  # a read: written only when it changes
+        if off != shown:
             db.set_meta(RESTART_WATCH_OFF_KEY, off)
+            shown = off
 
     return Job("restarts", RESTART_WATCH_INTERVAL_S, look, due_at_start=False, at_stop=watch.close)
 
