@@ -195,20 +195,20 @@ def _keep_last_good(
     """A record whose latest row is invalid keeps its last good document: copied from the old
     collection (docs/guarantees.md promises it stays searchable while its error is open),
     unless the new one holds the record already (a loose table's valid row of the same key,
-    indexed as the mapping now says). The (key, Typesense's reason) of each one the new
-    collection refuses (a changed schema); a 5xx line is server trouble, as in the drain: the
-    rebuild fails and the old collection stays."""
+    indexed as the mapping now says): the copy only creates, and Typesense answers 409 for an
+    id it holds, in the same step as it writes the others. The (key, Typesense's reason) of
+    each one the new collection refuses (a changed schema); a 5xx line is server trouble, as
+    in the drain: the rebuild fails and the old collection stays."""
     doc_ids = list(invalid)
     refused = []
     for start in range(0, len(doc_ids), MAX_DELETE_IDS):
-        ids = doc_ids[start : start + MAX_DELETE_IDS]
-        indexed = {str(document["id"]) for document in fresh.export_ids(ids)}
-        documents = [d for d in old.export_ids(ids) if str(d["id"]) not in indexed]
+        documents = list(old.export_ids(doc_ids[start : start + MAX_DELETE_IDS]))
         if not documents:
             continue
-        results = fresh.import_jsonl(b"\n".join(map(encode, documents)), len(documents))
+        body = b"\n".join(map(encode, documents))
+        results = fresh.import_jsonl(body, len(documents), action="create")
         for document, result in zip(documents, results, strict=True):
-            if result.ok:
+            if result.ok or result.http_status == 409:  # held already
                 continue
             if result.http_status is not None and result.http_status >= 500:
                 raise TypesenseUnavailableError(

@@ -373,11 +373,14 @@ class TypesenseIndex:
 
     # -- documents ------------------------------------------------------------------------------
 
-    def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
-        """Upsert `count` documents given as JSONL. Typesense answers 200 even when lines fail:
-        the verdicts come one per line, in order (0.24.1 omits ids on failed lines)."""
+    def import_jsonl(
+        self, body: bytes, count: int, *, action: str = "upsert"
+    ) -> list[ImportResult]:
+        """Upsert `count` documents given as JSONL (or "create" them: a line whose id the
+        collection holds fails with 409). Typesense answers 200 even when lines fail: the
+        verdicts come one per line, in order (0.24.1 omits ids on failed lines)."""
         response = self._call_retrying(
-            "import", lambda: self.writes.import_(body, {"action": "upsert"})
+            "import", lambda: self.writes.import_(body, {"action": action})
         )
         results = []
         # "\n" only: a refused line echoes its document, and JSON leaves U+2028, U+2029 and

@@ -274,10 +274,12 @@ def test_a_5xx_keeping_a_last_good_document_fails_the_rebuild_and_the_old_collec
     old, before = index.target(), index.retrieve("2")
     imported = TypesenseIndex.import_jsonl
 
-    def unavailable_for_2(self: TypesenseIndex, body: bytes, count: int) -> list[ImportResult]:
+    def unavailable_for_2(
+        self: TypesenseIndex, body: bytes, count: int, **action: str
+    ) -> list[ImportResult]:
         if b'"id":"2"' in body:  # the copy of record 2's last good document
             return [ImportResult(False, 503, "Not Ready or Lagging")]
-        return imported(self, body, count)
+        return imported(self, body, count, **action)
 
     monkeypatch.setattr(TypesenseIndex, "import_jsonl", unavailable_for_2)
     with pytest.raises(OutboxSyncError, match=r"503.*the old collection stays in use"):
