@@ -534,6 +534,11 @@ def as_stored(flag: int, key: int) -> str:
     return f"CASE WHEN ?{flag} THEN CAST(?{key} AS TEXT) ELSE ?{key} END"
 
 
+def stored(key: Any) -> tuple[bool, Any]:
+    """The parameters ?flag and ?key of as_stored, for this key."""
+    return type(key) is RawText, key
+
+
 # One outbox entry, its parameters made by outbox_entry(): a RawText key stored as the TEXT it was
 # read from, as the triggers write it (bound as it is, it would be a BLOB, another key).
 ENQUEUE_SQL = f"INSERT INTO outbox (mapping, record_key, op) VALUES (?1, {as_stored(2, 3)}, ?4)"
@@ -541,7 +546,7 @@ ENQUEUE_SQL = f"INSERT INTO outbox (mapping, record_key, op) VALUES (?1, {as_sto
 
 def outbox_entry(mapping: str, key: Any, op: str) -> tuple[str, bool, Any, str]:
     """The parameters of ENQUEUE_SQL."""
-    return (mapping, type(key) is RawText, key, op)
+    return (mapping, *stored(key), op)
 
 
 def record_keys(key: Any) -> list[Any]:
@@ -565,7 +570,7 @@ def covers(conn: sqlite3.Connection, mapping: Mapping, key: Any) -> bool:
     row = conn.execute(
         f"SELECT 1 FROM {quote_identifier(mapping.table)}"
         f" WHERE {quote_identifier(mapping.key)} IS {as_stored(1, 2)}{where} LIMIT 1",
-        (type(key) is RawText, key),
+        stored(key),
     ).fetchone()
     return row is not None
 

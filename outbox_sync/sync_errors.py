@@ -20,12 +20,12 @@ from outbox_sync.db import (
     outbox_entry,
     pages,
     record_keys,
+    stored,
     table_exists,
     utc_now,
 )
 from outbox_sync.errors import ClosedSyncError, ConfigError, UnknownSyncError
 from outbox_sync.mapping import Mapping
-from outbox_sync.values import RawText
 
 # The columns of `sync_errors`, in the order people read them.
 COLUMNS = (
@@ -96,7 +96,7 @@ def get(db: Database, error_id: int, mappings: Lookup[str, Mapping]) -> dict[str
     error["pending"] = sum(
         db.conn.execute(
             f"SELECT count(*) FROM outbox WHERE mapping = ?1 AND record_key IS {as_stored(2, 3)}",
-            (error["mapping"], type(form) is RawText, form),
+            (error["mapping"], *stored(form)),
         ).fetchone()[0]
         for form in record_keys(key)
     )
@@ -156,9 +156,9 @@ def _retry_records(
         )
         if not closed:  # closed meanwhile (a sync superseded it): nothing to retry
             continue
-        stored = _row_keys(conn, mappings[name], key)
-        op = "upsert" if stored else "delete"
-        queued = stored[0] if stored else key  # as its row holds it: a RawText as TEXT
+        held = _row_keys(conn, mappings[name], key)
+        op = "upsert" if held else "delete"
+        queued = held[0] if held else key  # as its row holds it: a RawText as TEXT
         outbox_id = conn.execute(ENQUEUE_SQL, outbox_entry(name, queued, op)).lastrowid
         assert outbox_id is not None  # an INSERT always sets it
         conn.execute(
