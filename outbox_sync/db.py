@@ -564,12 +564,13 @@ def record_keys(key: Any) -> list[Any]:
 
 def covers(conn: sqlite3.Connection, mapping: Mapping, key: Any) -> bool:
     """Whether the mapping covers a row of this key (its `where` included), matched with IS: a
-    NULL key too (a loose table may hold many), and a RawText one as the TEXT it was read
-    from."""
+    NULL key too (a loose table may hold many), a RawText one as the TEXT it was read from,
+    and never another key the column's collation takes for it (`Mapping.select_claimed`)."""
     where = f" AND ({mapping.where})" if mapping.where else ""
+    column, value = quote_identifier(mapping.key), as_stored(1, 2)
     row = conn.execute(
         f"SELECT 1 FROM {quote_identifier(mapping.table)}"
-        f" WHERE {quote_identifier(mapping.key)} IS {as_stored(1, 2)}{where} LIMIT 1",
+        f" WHERE {column} IS {value} AND {column} IS {value} COLLATE BINARY{where} LIMIT 1",
         stored(key),
     ).fetchone()
     return row is not None

@@ -292,9 +292,12 @@ class Mapping:
         BLOB keys are not looked up), empty when the Python mapper must judge the row. The key
         of a row found is the row's own: a dependency's column may hold it as another type
         (the text '5' of an INTEGER key 5), which SQLite's comparison matches and Python's
-        would not. The entries' columns get names of our own, so every other name means the
-        table's (a column the table lacks is an error, not an outbox column). Made once per
-        mapping: the drain asks for it every batch (25 us to build)."""
+        would not. Never another key that the column's collation takes for it (NOCASE,
+        RTRIM): that is another document, and a delete must not become its upsert (the
+        first `=` lets SQLite use the key's index, the second compares the bytes). The
+        entries' columns get names of our own, so every other name means the table's (a
+        column the table lacks is an error, not an outbox column). Made once per mapping: the
+        drain asks for it every batch (25 us to build)."""
         table, key = quote_identifier(self.table), quote_identifier(self.key)
         where = f" AND ({self.where})" if self.where else ""
         return (
@@ -303,6 +306,7 @@ class Mapping:
             " FROM (SELECT id AS outbox_sync_id, op = 'delete' AS outbox_sync_delete,"
             " record_key AS outbox_sync_key FROM outbox WHERE id > ? AND id <= ? AND mapping = ?)"
             f" LEFT JOIN {table} ON {table}.{key} = outbox_sync_key"
+            f" AND {table}.{key} = outbox_sync_key COLLATE BINARY"
             f" AND typeof(outbox_sync_key) IN ('integer', 'real', 'text'){where}"
             " ORDER BY outbox_sync_id"
         )
@@ -337,9 +341,11 @@ def _table_triggers(
     """Insert, update and delete triggers on `table` writing (mapping, key, op) outbox entries.
 
     On the mapping's own table a change of key is a delete of the old document and an upsert
-    of the new one. On a table it depends on, each change is an upsert of the documents its
-    old and new keys name (the daemon reads the document's rows when it applies the entry: a
-    record that is gone is deleted whatever the op), and a NULL key names no document."""
+    of the new one (a change the column's collation does not see, 'Bob' to 'bob' in a NOCASE
+    column, too: they are two documents). On a table it depends on, each change is an upsert
+    of the documents its old and new keys name (the daemon reads the document's rows when it
+    applies the entry: a record that is gone is deleted whatever the op), and a NULL key
+    names no document."""
     name, column, into = (
         sql_text(mapping),
         quote_identifier(key),
@@ -354,7 +360,7 @@ def _table_triggers(
     gone = "upsert" if dependency else "delete"
     bodies = {
         "insert": entry("NEW", "upsert"),
-        "update": entry("OLD", gone, f" WHERE OLD.{column} IS NOT NEW.{column}")
+        "update": entry("OLD", gone, f" WHERE OLD.{column} IS NOT NEW.{column} COLLATE BINARY")
         + entry("NEW", "upsert"),
         "delete": entry("OLD", gone),
     }

@@ -437,7 +437,7 @@ class TypesenseIndex:
         there."""
         document = self.writes[quote(doc_id, safe="")]
         try:
-            self._call("delete", document.delete)
+            self._call_retrying("delete", document.delete)
         except CollectionNotFoundError:
             raise
         except NotFoundError:

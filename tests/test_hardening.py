@@ -26,7 +26,7 @@ from outbox_sync.errors import (
 )
 from outbox_sync.localserver import LocalTypesense, free_port
 from outbox_sync.lock import DaemonLock
-from outbox_sync.mapping import SEQUENCES
+from outbox_sync.mapping import SEQUENCES, Field, Mapping
 from outbox_sync.report import build_report
 from outbox_sync.telemetry import Telemetry, serve_metrics
 from outbox_sync.typesense_index import ImportResult, TypesenseIndex
@@ -43,6 +43,7 @@ from tests.support.characters import (
 )
 from tests.support.cli import invoke, one_line
 from tests.support.daemon import drain, running
+from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.typesense import API_KEY, Server, export
 from tests.support.wait import wait_until
 
@@ -719,3 +720,79 @@ def test_a_soft_delete_of_the_last_row_of_an_odd_key_closes_its_error(
     assert db.covers(mapping, None if key is None else RawText(key)) is False
     drain(worker)
     assert sync_errors.find(db) == []  # no row of that key is covered: nothing is wrong
+
+
+def users(
+    path: Path, server: Server, collection: str, key_type: str, url: str | None = None
+) -> tuple[sqlite3.Connection, Worker, TypesenseIndex]:
+    """A mapping of `users` by a TEXT key declared `key_type`, synced into `collection` (through
+    `url` when given: a proxy)."""
+    mapping = Mapping(
+        table="users", key="email", collection=collection, fields=(Field("name", "string"),)
+    )
+    app = app_connection(path)
+    app.execute(f"CREATE TABLE users (email {key_type}, name TEXT NOT NULL)")
+    db = Database(path, create=True)
+    schema.init(db, [mapping])
+    [mapping] = schema.check(db, [mapping])
+    index = TypesenseIndex([url or server.url], API_KEY, collection, mapping=mapping)
+    index.ensure_collection()
+    return app, daemon(db, [index]), index
+
+
+@pytest.mark.parametrize("change", ["replaced", "renamed"])
+def test_a_key_the_columns_collation_takes_for_another_is_another_document(
+    tmp_path: Path, typesense_server: Server, collection: str, change: str
+) -> None:
+    """A TEXT key declared COLLATE NOCASE (emails, user names): 'Bob@x.com' and 'bob@x.com' are
+    one key to SQLite and two documents to Typesense. Replacing the row (a delete and an insert
+    in one commit) or renaming its key in case only leaves exactly the new document. Before,
+    the drain found the delete's record through the column's collation and sent another
+    upsert of the new row instead, and the update trigger's `IS NOT` saw no change of key:
+    'Bob@x.com' stayed in search, and the audit's repair (a delete entry) went the same way."""
+    path = tmp_path / "users.db"
+    app, worker, index = users(
+        path, typesense_server, collection, "TEXT COLLATE NOCASE PRIMARY KEY"
+    )
+
+    def names() -> dict[str, str]:
+        return {
+            key: document["name"] for key, document in export(typesense_server, collection).items()
+        }
+
+    app.execute("INSERT INTO users VALUES ('Bob@x.com', 'Bob')")
+    drain(worker)
+    assert names() == {"Bob@x.com": "Bob"}
+    if change == "replaced":
+        app.executescript(
+            "BEGIN; DELETE FROM users WHERE email = 'Bob@x.com';"
+            " INSERT INTO users VALUES ('bob@x.com', 'bob'); COMMIT;"
+        )
+    else:
+        app.execute("UPDATE users SET email = 'bob@x.com', name = 'bob'")
+    drain(worker)
+    assert names() == {"bob@x.com": "bob"}
+    db = worker.applier.db
+    assert sync_errors.find(db) == []
+    assert not db.covers(index.mapping, "Bob@x.com") and db.covers(index.mapping, "bob@x.com")
+
+
+def test_a_503_on_a_delete_by_url_is_retried_once_immediately(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """A key a filter cannot list (here a leading space) is deleted by its URL: server trouble
+    there is retried once at once, as for every other request, not sent again with the whole
+    batch after a pause (an outage)."""
+    with FaultProxy(typesense_server.url) as proxy:
+        path = tmp_path / "users.db"
+        app, worker, _ = users(path, typesense_server, collection, "TEXT PRIMARY KEY", proxy.url)
+        app.execute("INSERT INTO users VALUES (' padded', 'p')")
+        worker.applier.apply_once()
+        assert list(export(typesense_server, collection)) == [" padded"]
+        app.execute("DELETE FROM users")
+        proxy.add(Fault("status", status=503, method="DELETE"))
+        report = worker.applier.apply_once()
+        deletes = [(r.fault, r.status) for r in proxy.requests if r.method == "DELETE"]
+    assert report.deleted == 1
+    assert deletes == [("status", 503), (None, 200)]
+    assert export(typesense_server, collection) == {}
