@@ -56,7 +56,12 @@ from typing import Any
 import structlog
 
 from outbox_sync.db import Database, pages, row_key
-from outbox_sync.errors import InvalidRecordError, OutboxSyncError, TypesenseUnavailableError
+from outbox_sync.errors import (
+    InvalidRecordError,
+    OutboxSyncError,
+    TypesenseError,
+    TypesenseUnavailableError,
+)
 from outbox_sync.mapping import Found, Mapping
 from outbox_sync.typesense_index import MAX_DELETE_IDS, TypesenseIndex, export_document
 from outbox_sync.values import INT64, RawText
@@ -72,6 +77,9 @@ EXPORTED_ID = "json_extract(e.value, '$.id')"
 
 # (phase, done, total): phases are "export", "rows" and "confirm".
 Progress = Callable[[str, int, int], None]
+
+# Times an audit starts again when a reindex switched its collection while it ran.
+SWITCH_RESTARTS = 2
 
 # How often the export's progress is told while the rows are copied and it is not.
 EXPORT_PROGRESS_S = 0.2
@@ -235,6 +243,9 @@ class Audit:
             f" SELECT {document_key_sql(self.mapping, EXPORTED_ID)}, e.value FROM json_each(?) AS e"
             " WHERE CASE WHEN e.type = 'object' THEN json_type(e.value, '$.id') = 'text' END"
         )
+        self._open_scratch()
+
+    def _open_scratch(self) -> None:
         try:
             drop_stale_scratch(Path(tempfile.gettempdir()))
             self._directory = tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
@@ -274,11 +285,36 @@ class Audit:
 
     def run(self) -> AuditSummary:
         """Compare both sides completely; raises TypesenseError, DatabaseError, or
-        OutboxSyncError when SQLite fails under it (a full disk for the scratch file)."""
+        OutboxSyncError when SQLite fails under it (a full disk for the scratch file). A
+        reindex that points the name at its new collection while the audit exports the old
+        one (and drops it: the export breaks off, or hangs until the timeout) has the audit
+        start again on the new one, at most SWITCH_RESTARTS times."""
+        restarts = 0
+        while True:
+            exported = self._target()
+            try:
+                return self._run()
+            except sqlite3.Error as error:
+                raise OutboxSyncError(scratch_problem(error)) from None
+            except TypesenseError:
+                now = self._target()
+                if restarts == SWITCH_RESTARTS or now is None or now == exported:
+                    raise
+            restarts += 1
+            structlog.get_logger("outbox_sync").info(
+                "audit_restarted",
+                collection=self.index.collection,
+                note=f"a reindex switched it from {exported} to {now} during the audit",
+            )
+            self.close()
+            self._open_scratch()
+
+    def _target(self) -> str | None:
+        """The real collection behind the index's name (None: none, or Typesense fails)."""
         try:
-            return self._run()
-        except sqlite3.Error as error:
-            raise OutboxSyncError(scratch_problem(error)) from None
+            return self.index.target()
+        except TypesenseError:
+            return None
 
     def _run(self) -> AuditSummary:
         total_documents = self.index.count()  # also: a missing collection fails here, at once

@@ -403,13 +403,15 @@ class Database:
         keys in order, with `sort_keys`), in rowid order: unlike paging by key, this visits a
         loose legacy table's NULL and duplicate keys too (a WITHOUT ROWID table, by its
         primary key). A row left to the mapper is read again by itself."""
+        if not table_exists(self.conn, mapping.table):  # a migration took it away
+            raise TableMissingError(mapping.table, self.path)
         order = page_key(self.conn, mapping.table)
         width = order.count(",") + 1
         table = quote_identifier(mapping.table)
         where = mapping.where or ""
-        again = (
-            f"SELECT {mapping.columns()} FROM {table} WHERE ({order}) = ({', '.join('?' * width)})"
-            + (f" AND ({where})" if where else "")
+        again, covered = (
+            f"SELECT {mapping.columns()} FROM {table}",
+            f" AND ({where})" if where else "",
         )
         columns = f"{quote_identifier(mapping.key)}, {mapping.line_sql(sort_keys=sort_keys)}"
         for rows in pages(self.conn, table, order, columns, where=where, chunk=chunk, raw=True):
@@ -419,7 +421,9 @@ class Database:
                 if written(line):
                     found.append((key, line, ()))
                 else:  # read again for the mapper (gone meanwhile: left out)
-                    for values in self.fetch_raw(again, [_bindable(v) for v in row[:width]]):
+                    marks, bound = _as_stored(row[:width])
+                    by_key = f"{again} WHERE ({order}) = ({marks}){covered}"
+                    for values in self.fetch_raw(by_key, bound):
                         found.append((values[0], None, values))
             yield found
 
@@ -667,13 +671,12 @@ def pages(
         raw=raw,
     )
     condition = f"({where}) AND " if where else ""
-    after = f"({order_by}) > ({', '.join('?' * width)})"
     while rows:
         yield rows
-        last = [_bindable(value) for value in rows[-1][:width]]
+        marks, last = _as_stored(rows[-1][:width])
         rows = fetch(
             conn,
-            f"{select} WHERE {condition}{after} ORDER BY {order_by} LIMIT ?",
+            f"{select} WHERE {condition}({order_by}) > ({marks}) ORDER BY {order_by} LIMIT ?",
             (*params, *last, chunk),
             raw=raw,
         )
@@ -685,6 +688,15 @@ def _text(value: RawText) -> str | RawText:
         return value.decode()
     except UnicodeDecodeError:
         return value
+
+
+def _as_stored(values: Sequence[Any]) -> tuple[str, list[Any]]:
+    """Placeholders and parameters that compare equal to these values read raw, as stored: a
+    RawText (TEXT that is not UTF-8) as the TEXT of its bytes. Decoded with replacement
+    characters it would be another text, which sorts elsewhere (a page would skip the rows
+    between) and names no row (a row read again would be lost)."""
+    marks = ", ".join("CAST(? AS TEXT)" if type(v) is RawText else "?" for v in values)
+    return marks, [bytes(v) if type(v) is RawText else v for v in values]
 
 
 def _bindable(value: Any) -> Any:

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from outbox_sync.db import Database
-from outbox_sync.errors import TypesenseError
+from outbox_sync.errors import TypesenseError, TypesenseUnavailableError
 from outbox_sync.lock import DaemonLock
 from outbox_sync.mapping import Mapping
 
@@ -94,6 +94,14 @@ def restart_watch_off(db: Database, daemon_pid: str | None) -> list[str]:
     return [f"{node} ({why})" for node, why in off["nodes"].items()]
 
 
+def trouble(error: TypesenseError) -> str:
+    """What `check` says of a failing Typesense: that it does not answer only when it does not
+    (a missing collection, a refused key: the error's own sentence)."""
+    if isinstance(error, TypesenseUnavailableError):
+        return f"Typesense does not answer ({error.reason})"
+    return str(error)
+
+
 def verdict(
     figures: dict[str, Any], *, max_lag_s: float, max_audit_age_s: float, now: float | None = None
 ) -> tuple[int, str]:
@@ -103,7 +111,7 @@ def verdict(
     if figures["daemon_pid"] is None:
         found.append((CRITICAL, "no daemon runs on this database"))
     if not figures["typesense_ok"]:
-        found.append((CRITICAL, f"Typesense does not answer ({figures.get('typesense_error')})"))
+        found.append((CRITICAL, figures["typesense_error"]))
     if not figures["table_ok"]:
         found.append((CRITICAL, f"table {', '.join(figures['missing_tables'])} is gone"))
     elif not figures["triggers_ok"]:

@@ -293,7 +293,8 @@ def serve_fills(
 
     Typesense trouble or a locked database leaves the request for a later turn (the loop
     waits it out), and so does the daemon stopping (`heartbeat` raises StoppingError between
-    chunks: the new collection is dropped, and the next start fills again); any other failure
+    chunks: the new collection is dropped, and the next start fills again), and so does a
+    switch that failed (which may have been made: the loop follows the name); any other failure
     queues every row instead, as `init --backfill` does, for the drain and its policy
     (retries, sync_errors): nothing is lost. False when none was asked for."""
     log = structlog.get_logger("outbox_sync")
@@ -306,6 +307,11 @@ def serve_fills(
             if isinstance(error.__cause__, StoppingError):
                 log.info("fill_stopped", collection=index.collection, note="filled at next start")
                 return True
+            if isinstance(error.__cause__, CollectionNotFoundError):  # a failed switch
+                # (`_switch`), which may have been made: as for a reindex, the loop looks the
+                # name up again at once and follows it; the fill stays asked for
+                log.warning("fill_failed", collection=index.collection, reason=str(error))
+                raise error.__cause__ from None
             for trouble in (error, error.__cause__):  # rebuild says which collection stays
                 if _passing(trouble):
                     raise trouble from None
@@ -438,4 +444,10 @@ def follow(
     if state["state"] == "failed":
         raise OutboxSyncError(f"reindex failed: {state['error']}")
     results: list[dict[str, Any]] = state["results"]
+    if missing := sorted(set(collections) - {result["collection"] for result in results}):
+        raise OutboxSyncError(
+            f"the running daemon does not sync {', '.join(map(repr, missing))}, so it rebuilt "
+            "nothing of it: give the --collection (OUTBOX_SYNC_COLLECTION) and --config the "
+            "daemon runs with"
+        )
     return results

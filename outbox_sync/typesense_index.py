@@ -26,6 +26,7 @@ from typesense import exceptions as ts
 from outbox_sync.config import DEFAULT_TIMEOUT_S, parse_node
 from outbox_sync.errors import (
     CollectionNotFoundError,
+    ConfigError,
     NotFoundError,
     SchemaMismatchError,
     TypesenseError,
@@ -123,6 +124,18 @@ def status_error(status: int, message: str, collection: str | None) -> Typesense
     return TypesenseRejectedError(f"Typesense answered {status}: {message}", status, message)
 
 
+def ca_context(ca_file: str) -> ssl.SSLContext:
+    """TLS trusting the CA bundle in `ca_file`, loaded once for every client of the index; a
+    ConfigError naming the file when it holds no certificate (a key, a DER file, a cut copy)."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (ssl.SSLError, OSError) as error:
+        raise ConfigError(
+            f"CA file {ca_file} holds no certificate TLS can use ({error}): give the PEM bundle "
+            "of the CA that signed Typesense's certificate (--ca-file, OUTBOX_SYNC_CA_FILE)"
+        ) from None
+
+
 def _certificate_error(error: BaseException) -> ssl.SSLCertVerificationError | None:
     """The certificate verification failure behind a transport error, if that is what it is
     (httpx wraps it in its ConnectError, as an argument or a cause)."""
@@ -171,6 +184,7 @@ class TypesenseIndex:
         self.configured = mapping
         # Typed as Any: the client's TypedDicts add nothing over the checks made here.
         parsed = [parse_node(url) for url in nodes]
+        https = any(node["protocol"] == "https" for node in parsed)
         config: Any = {
             "nodes": parsed,
             "api_key": api_key,
@@ -178,7 +192,7 @@ class TypesenseIndex:
             "connection_timeout_seconds": timeout_s,
             # Plain http has no certificate to verify: without one httpx spares loading its CA
             # bundle, ~60 ms of every start (and of every audit's export) here.
-            "verify": ca_file or any(node["protocol"] == "https" for node in parsed),
+            "verify": ca_context(ca_file) if ca_file else https,
         }
         self.client: Any = typesense.Client(config)
         self.documents: Any = self.client.collections[collection].documents
@@ -253,16 +267,28 @@ class TypesenseIndex:
         target = str(existing.get("name", self.collection))
         self.retarget(target)
         self.drop_leftovers(target)
-        effective, problems = self.mapping.against(existing.get("fields", []))
-        if problems:
+        if problems := self._take(existing):
             raise SchemaMismatchError(
                 f"Typesense collection {self.collection!r} has an incompatible schema: "
                 + "; ".join(problems)
                 + f". Run `outbox-sync reindex --collection {self.collection}` to rebuild it "
                 "with the mapping's fields (no downtime), or use another collection."
             )
-        self.mapping = effective
         return False
+
+    def take_as_it_is(self) -> None:
+        """Take the mapping as the collection lets it be, as `ensure_collection` does for the
+        daemon, creating and dropping nothing: a command that judges rows (`audit`) judges
+        them as the daemon indexes them. A collection of another shape changes nothing."""
+        self._take(self.info())
+
+    def _take(self, existing: dict[str, Any]) -> list[str]:
+        """Take the mapping as this collection lets it be (its int32 or int64, its required
+        fields: `Mapping.against`) unless it differs in more: what differs, then."""
+        effective, problems = self.mapping.against(existing.get("fields", []))
+        if not problems:
+            self.mapping = effective
+        return problems
 
     def retarget(self, name: str) -> None:
         """Send writes to this real collection (the alias's target)."""

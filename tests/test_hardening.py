@@ -8,6 +8,7 @@ import json
 import socket
 import sqlite3
 import time
+from collections.abc import Callable, Generator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ import pytest
 import structlog
 
 from outbox_sync import reindex, schema, sync_errors
-from outbox_sync.db import Database
+from outbox_sync.audit import Audit
+from outbox_sync.db import DEFAULT_PAGE_ROWS, Database
 from outbox_sync.errors import (
     AlreadyRunningError,
     DatabaseBusyError,
@@ -32,19 +34,22 @@ from outbox_sync.telemetry import Telemetry, serve_metrics
 from outbox_sync.typesense_index import ImportResult, TypesenseIndex
 from outbox_sync.values import RawText
 from outbox_sync.worker import Worker, daemon
-from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
+from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
 from tests.support.characters import (
     CHARACTER_SQL,
+    CHARACTERS,
     NOT_UTF8,
+    TAGS,
     character,
     characters_index,
+    characters_mapping,
     initialized_characters,
     insert_not_utf8,
 )
-from tests.support.cli import invoke, one_line
-from tests.support.daemon import drain, running
+from tests.support.cli import invoke, one_line, run_module
+from tests.support.daemon import Daemon, drain, running
 from tests.support.faultproxy import Fault, FaultProxy
-from tests.support.typesense import API_KEY, Server, export
+from tests.support.typesense import API_KEY, Server, by_hand, export
 from tests.support.wait import wait_until
 
 COLUMNS = (
@@ -796,3 +801,218 @@ def test_a_503_on_a_delete_by_url_is_retried_once_immediately(
     assert report.deleted == 1
     assert deletes == [("status", 503), (None, 200)]
     assert export(typesense_server, collection) == {}
+
+
+def test_audit_survives_a_reindex_switching_the_alias_during_its_export(
+    db_path: Path,
+    db: Database,
+    worker: Worker,
+    index: TypesenseIndex,
+    typesense_server: Server,
+    collection: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reindex (the daemon's, or `outbox-sync reindex`) points the alias at the new
+    collection and drops the old one while an `outbox-sync audit` streams the export of the
+    old one (over a large table an export takes many seconds). Typesense 0.24.1 then ends
+    the export with a line {"message": "Not Found"}, or leaves it hanging until the read
+    timeout: either way the audit exits 2 with 'Typesense unreachable ... check that Typesense
+    is up and healthy', while nothing is wrong but the moment it ran at."""
+    insert_rows(db_path, range(1, 20_001))
+    drain(worker)
+    old = index.target()
+    assert old is not None
+    # the reindex has filled its new collection (as `rebuild` does, before its switch)
+    new = index.create_versioned()
+    exported = httpx.get(
+        f"{typesense_server.url}/collections/{old}/documents/export",
+        headers={"X-TYPESENSE-API-KEY": typesense_server.api_key},
+        timeout=60,
+    ).content
+    by_hand(typesense_server, "POST", f"/collections/{new}/documents/import", content=exported)
+    original = TypesenseIndex.export_lines
+    switched: list[bool] = []
+
+    def export_lines(self: TypesenseIndex, filter_by: str | None = None) -> Generator[str]:
+        for n, line in enumerate(original(self, filter_by)):
+            yield line
+            if filter_by is None and n == 100 and not switched:
+                # ...and switches meanwhile: points the alias at the new collection and
+                # drops the one being exported
+                reindex._switch(index, old, new)
+                switched.append(True)
+
+    monkeypatch.setattr(TypesenseIndex, "export_lines", export_lines)
+    # OUTBOX_SYNC_TIMEOUT: where the broken-off export hangs, it fails after that
+    result = invoke(["audit"], typesense_server, db_path, collection, OUTBOX_SYNC_TIMEOUT="2")
+    assert switched and index.target() == new  # the switch happened during the export
+    assert result.exit_code == 0, result.output
+    assert "consistent" in result.output
+    assert '"event": "audit_restarted"' in result.output
+
+
+def test_audit_judges_rows_as_the_collection_lets_the_daemon_index_them(
+    db_path: Path, db: Database, typesense_server: Server, collection: str
+) -> None:
+    """docs/tables.md: an existing collection is used as it is where it says int64 and the
+    mapping int32 (or the reverse): the daemon indexes element_id 3,000,000,000 into it, and
+    its own audits find nothing. `outbox-sync audit` judges the row with the mapping's int32
+    instead: 'invalid' drift, exit 1 at every run, and `--repair` cannot fix it."""
+    schema_ = SEQUENCES.collection_schema(collection)
+    for field in schema_["fields"]:
+        if field["name"] == "element_id":
+            field["type"] = "int64"
+    by_hand(typesense_server, "POST", "/collections", json=schema_)
+    index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
+    index.ensure_collection()  # as `run` does: the collection taken as it is
+    app_connection(db_path).execute(ROW_SQL, make_row(1, element_id=3_000_000_000))
+    drain(daemon(db, [index]))
+    assert (
+        by_hand(typesense_server, "GET", f"/collections/{collection}/documents/1").json()[
+            "element_id"
+        ]
+        == 3_000_000_000
+    )
+    assert db.counts(SEQUENCES)["sync_errors_open"] == 0
+
+    with Audit(db, index) as daemons_own:  # the daemon's audit (reconcile.py): consistent
+        assert daemons_own.run().consistent
+
+    result = invoke(["audit", "--json"], typesense_server, db_path, collection)
+    report = json.loads(result.stdout)
+    assert report["invalid"]["count"] == 0, report["invalid"]
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("problem", "said"),
+    [
+        ("missing collection", "does not exist"),
+        ("wrong key", "refused the API key"),
+    ],
+)
+def test_check_says_what_is_wrong_with_typesense_not_that_it_does_not_answer(
+    db_path: Path, typesense_server: Server, collection: str, problem: str, said: str
+) -> None:
+    """A monitor's line for a collection that is gone (or a key that was rotated) reads
+    'Typesense does not answer (Not Found)': on-call goes looking for a dead server that is
+    up and answering."""
+    env = {"TYPESENSE_API_KEY": "wrong-key"} if problem == "wrong key" else {}
+    with DaemonLock(db_path):  # a daemon runs
+        result = invoke(["check"], typesense_server, db_path, collection, **env)
+    line = result.output.strip()
+    assert result.exit_code == 2, line
+    assert "does not answer" not in line and said in line, line
+
+
+def test_audit_of_a_table_a_migration_took_away_says_it_is_gone(
+    db_path: Path, db: Database, worker: Worker, typesense_server: Server, collection: str
+) -> None:
+    """A migration renamed `sequences` away (or dropped it, to make it again): `status` and
+    `check` say 'table sequences is gone'; `audit` says it 'has no primary key and every name
+    of its rowid is a column', which sends on-call looking at the wrong thing."""
+    insert_rows(db_path, range(1, 11))
+    drain(worker)
+    app_connection(db_path).execute("ALTER TABLE sequences RENAME TO sequences_before")
+    result = invoke(["audit"], typesense_server, db_path, collection)
+    assert result.exit_code == 2, result.output
+    assert "no primary key" not in result.output
+    assert "table sequences is gone" in result.output, result.output
+
+
+def test_reindex_through_the_daemon_of_a_collection_it_does_not_sync_is_not_a_success(
+    db_path: Path,
+    start_daemon: Callable[..., Daemon],
+    daemon_env: dict[str, str],
+    collection: str,
+) -> None:
+    """The daemon syncs `collection` (its unit sets OUTBOX_SYNC_COLLECTION); on-call's shell
+    has another name (or none: `sequences`). `outbox-sync reindex` asks the daemon, which
+    rebuilds none of its collections and answers 'done' with no results: the command prints
+    nothing and exits 0, as if the rebuild had happened."""
+    insert_rows(db_path, range(1, 11))
+    daemon = start_daemon()
+    db = Database(db_path)
+    wait_until(lambda: db.counts(SEQUENCES)["pending"] == 0, what="the initial drain")
+    env = daemon_env | {"OUTBOX_SYNC_COLLECTION": f"{collection}_other"}
+    result = run_module(["reindex"], env, timeout_s=120)
+    assert daemon.process.poll() is None
+    assert result.returncode != 0, (result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize("command", [["check"], ["status"], ["audit"], ["search", "*"]])
+def test_a_ca_file_that_holds_no_certificate_is_one_line_not_a_traceback(
+    tmp_path: Path, db_path: Path, typesense_server: Server, command: list[str]
+) -> None:
+    """--ca-file (OUTBOX_SYNC_CA_FILE) naming a file that is there but is no PEM bundle (the
+    key instead of the certificate, a DER file, a truncated copy): every Typesense command
+    dies with ssl.SSLError's traceback; `check` exits 1 (WARNING) instead of UNKNOWN."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN PRIVATE KEY-----\nnot a certificate\n")
+    https = typesense_server.url.replace("http://", "https://")
+    result = invoke(
+        command,
+        typesense_server,
+        db_path,
+        "x",
+        TYPESENSE_URL=https,
+        OUTBOX_SYNC_CA_FILE=str(bundle),
+    )
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    # UNKNOWN for check; audit keeps 1 for drift
+    assert result.exit_code == {"check": 3, "audit": 2}.get(command[0], 1), result.output
+    assert str(bundle) in one_line(result)
+
+
+def test_search_matches_the_fields_its_help_names(
+    db_path: Path, db: Database, worker: Worker, typesense_server: Server, collection: str
+) -> None:
+    """`search --help` and docs/oncall.md said QUERY matches element_type and comment; it
+    matches every indexed text field, created_at too: they say so now."""
+    app_connection(db_path).execute(
+        ROW_SQL, make_row(1, comment="nothing to see", created_at="2023-10-01T12:01:00Z")
+    )
+    drain(worker)
+    result = invoke(["search", "2023", "--json"], typesense_server, db_path, collection)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["found"] == 1, result.stdout
+    said = " ".join(
+        invoke(["search", "--help"], typesense_server, db_path, collection).output.split()
+    )
+    assert "element_type, comment and created_at" in said
+
+
+def test_a_text_key_that_is_not_utf8_at_a_page_end_does_not_hide_the_rows_after_it(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """A WITHOUT ROWID table is read in pages by its primary key (`db.pages`). When a page
+    ends on a key stored as TEXT that is not UTF-8 (supported: a sync error of its own), the
+    next page starts after that key decoded with U+FFFD (`_bindable`), which sorts after the
+    raw bytes: every key between them ('abé', 'abц', 'ab中' after b'ab\\x80') is skipped by
+    the fill, by a reindex and by the audit alike. The fill leaves 'abé' out of the
+    collection, nothing is queued for it, no error names it, and the audit, which skips its
+    row too, says the collection is consistent."""
+    path = tmp_path / "characters.db"
+    conn = app_connection(path)
+    conn.executescript(f"{CHARACTERS} WITHOUT ROWID; {TAGS};")
+    conn.execute("BEGIN")  # rows before `init`: the daemon fills the collection from the table
+    conn.executemany(CHARACTER_SQL, [character(f"a{i:05d}") for i in range(DEFAULT_PAGE_ROWS - 1)])
+    insert_not_utf8(conn, b"ab\x80")  # the last key of the first page, in key order
+    conn.executemany(CHARACTER_SQL, [character("abé"), character("zz")])
+    conn.execute("COMMIT")
+    mapping = characters_mapping(collection)
+    db = Database(path, create=True)
+    assert schema.init(db, [mapping]).filling == {"characters": DEFAULT_PAGE_ROWS + 2}
+    index = characters_index(db, mapping, typesense_server, collection)
+    drain(daemon(db, [index]))
+    assert db.backlog()[0] == 0
+    open_errors = [e["record_key"] for e in sync_errors.find(db)]
+    with Audit(db, index) as audit:
+        summary = audit.run()
+    searched = export(typesense_server, collection)
+    assert len(searched) == DEFAULT_PAGE_ROWS + 1 and "abé" in searched, (
+        f"{len(searched)} documents, 'abé' {'in' if 'abé' in searched else 'missing'};"
+        f" open errors {open_errors}; the audit: {summary}"
+    )
+    assert len(open_errors) == 1, f"the key that is not UTF-8 has no sync error: {open_errors}"
+    assert summary.rows == DEFAULT_PAGE_ROWS + 2, summary

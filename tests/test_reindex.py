@@ -25,7 +25,7 @@ from outbox_sync.typesense_index import ImportResult, TypesenseIndex
 from outbox_sync.worker import Worker, daemon
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
 from tests.support.cli import ROOT, invoke
-from tests.support.daemon import Daemon, drain
+from tests.support.daemon import Daemon, drain, running
 from tests.support.fake_index import FakeIndex, OverlapIndex
 from tests.support.typesense import Server, export
 from tests.support.wait import wait_until
@@ -547,3 +547,45 @@ def test_a_second_reindex_asked_while_one_is_is_refused_at_once(
     second = reindex.request(db, [collection])  # once it has ended
     assert reindex.serve_request(db, [index])
     assert (reindex.status(db, second) or {}).get("state") == "done"
+
+
+def test_a_fill_whose_alias_switch_timed_out_after_it_was_made_writes_where_searches_read(
+    tmp_path: Path,
+    typesense_server: Server,
+    collection: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """serve_fills: point_alias times out twice but Typesense made the switch (the case
+    serve_request handles by looking the name up again). serve_fills takes the error for
+    "any other failure", queues every row, and the daemon goes on writing to the collection
+    it had before the fill, which no search reads any more."""
+    path = filled_later(tmp_path, range(1, 101))
+    db = Database(path)
+    index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
+    index.ensure_collection()  # as `run` does before its first turn: empty, behind the alias
+    real = TypesenseIndex.point_alias
+    failed: list[str] = []
+
+    def point_alias(self: TypesenseIndex, target: str) -> None:
+        if not failed:
+            failed.append(target)
+            real(self, target)  # made, but the answer timed out (and its retry's)
+            raise TypesenseUnavailableError("Typesense unreachable: ReadTimeout")
+        real(self, target)
+
+    monkeypatch.setattr(TypesenseIndex, "point_alias", point_alias)
+    worker = daemon(db, [index])
+    conn = app_connection(path)
+    with structlog.testing.capture_logs() as logs, running(worker):
+        wait_until(lambda: failed and db.backlog()[0] == 0, what="the fill, then the drain")
+        # the application goes on: an update and an insert, applied by the running daemon
+        conn.execute("UPDATE sequences SET comment = 'after the fill' WHERE id = 7")
+        conn.execute(ROW_SQL, make_row(5_000))
+        wait_until(lambda: db.backlog()[0] == 0, what="both applied")
+    expected = sqlite_documents(path)
+    del expected[str(BAD)]  # invalid: its sync error is open
+    searched = export(typesense_server, collection)  # through the name, as searches read
+    events = [e["event"] for e in logs if e["event"].startswith("fill")]
+    assert searched == expected, f"alias -> {index.target()}; events {events}"
+    assert events == ["fill_started", "fill_failed", "fill_started", "fill_finished"]
+    db.close()

@@ -345,14 +345,19 @@ def test_a_url_with_credentials_is_refused_without_showing_them() -> None:
     [
         (["http://127.0.0.1:8108"], None, False),  # nothing to verify: no CA bundle loaded
         (["http://a:8108", "HTTPS://b:443"], None, True),
-        (["https://b:443"], certifi.where(), certifi.where()),
+        (["https://b:443"], certifi.where(), "the CA file's"),
     ],
 )
 def test_certificates_are_verified_wherever_a_node_speaks_tls(
     urls: list[str], ca_file: str | None, verify: object
 ) -> None:
     index = TypesenseIndex(urls, "key", "c", ca_file=ca_file)
-    assert index.client.config.verify == verify
+    if ca_file is None:
+        assert index.client.config.verify == verify
+        return
+    context = index.client.config.verify  # loaded once, for every client of the index
+    assert isinstance(context, ssl.SSLContext) and context.verify_mode == ssl.CERT_REQUIRED
+    assert context.cert_store_stats()["x509_ca"] > 100  # certifi's bundle
 
 
 def test_parse_line() -> None:

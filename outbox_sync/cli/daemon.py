@@ -314,7 +314,7 @@ def check(settings: Settings, max_lag: str, max_audit_age: str, as_json: bool) -
     opened = open_database(settings)
     with typesense(settings, opened, start_embedded=False) as indexes:
         figures = health.gather(
-            opened.db, indexes, opened.mappings, DaemonLock(settings.db_path), lambda e: e.reason
+            opened.db, indexes, opened.mappings, DaemonLock(settings.db_path), health.trouble
         )
     code, line = health.verdict(figures, max_lag_s=max_lag_s, max_audit_age_s=max_audit_age_s)
     if as_json:

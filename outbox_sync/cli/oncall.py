@@ -199,6 +199,7 @@ def audit(settings: Settings, repair: bool, max_lag: str, as_json: bool) -> None
     consistent = True
     with typesense(settings, opened, start_embedded=False) as indexes, progress_bars() as bars:
         for index in indexes:
+            index.take_as_it_is()  # rows judged as the daemon indexes them
             with Audit(opened.db, index, progress=bars) as checked:
                 summary = checked.run()
                 if bars is not None:
@@ -278,10 +279,10 @@ def search(
 ) -> None:
     """Search what Typesense holds (every mapping's collection, or the one of --collection).
 
-    QUERY matches the collection's text fields (for `sequences`: element_type and comment; '*'
-    matches every document); on a terminal the match is highlighted. A quick look for on-call,
-    without curl: `outbox-sync search '*' --filter id:=123` shows whether record 123 is indexed
-    and what its document holds.
+    QUERY matches the collection's indexed text fields (for `sequences`: element_type, comment
+    and created_at; '*' matches every document); on a terminal the match is highlighted. A
+    quick look for on-call, without curl: `outbox-sync search '*' --filter id:=123` shows
+    whether record 123 is indexed and what its document holds.
     """
     opened = open_database(settings)
     with typesense(settings, opened, start_embedded=False) as indexes:

@@ -30,6 +30,9 @@ class FakeIndex:
     def healthy(self) -> bool:
         return self.down == 0
 
+    def target(self) -> str | None:
+        return self.collection  # no alias: no reindex switches it
+
     def restart_watch(self) -> RestartWatch:
         return RestartWatch([], verify=False)  # no node to watch
 
