@@ -251,3 +251,23 @@ def test_a_command_closes_its_database_before_it_exits(
     done = run_module(command, daemon_env)
     assert done.returncode == 0, done.stderr
     assert not Path(f"{db_path}-wal").exists(), f"{command} left the WAL"
+
+
+def test_ctrl_c_exits_130_not_a_verdict(
+    db_path: Path,
+    db: Database,
+    index: TypesenseIndex,
+    typesense_server: Server,
+    collection: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C during `audit` exited 1, its code for drift (`audit || audit --repair` went on to
+    repair), and during `check` 1, WARNING: it exits 130 (128 + SIGINT), as shells say it."""
+    from outbox_sync.audit import Audit
+
+    def interrupted(self: Audit) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Audit, "run", interrupted)
+    result = invoke(["audit"], typesense_server, db_path, collection)
+    assert (result.exit_code, result.output.strip()) == (130, "Aborted!")

@@ -130,9 +130,11 @@ class Group(click.Group):
         except click.ClickException as error:
             error.show()
             sys.exit(error.exit_code)
-        except click.Abort:
+        except click.Abort as error:
             click.echo("Aborted!", err=True)
-            sys.exit(1)
+            # Ctrl-C: 128 + SIGINT, as shells say it, never a verdict (`audit`'s 1 is drift,
+            # `check`'s a warning); 1 for a prompt answered no
+            sys.exit(130 if isinstance(error.__cause__, KeyboardInterrupt) else 1)
         sys.exit(code if isinstance(code, int) else 0)
 
 
