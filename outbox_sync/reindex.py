@@ -92,8 +92,11 @@ def rebuild(
     Everything that can fail without harm happens before the switch (filling, keeping the last
     good documents, queueing the refused rows): a failure there drops the new collection and
     the old one stays in use. After the switch, the rebuild has happened. What an earlier
-    rebuild cut short left behind is dropped first."""
-    old = index.target()
+    rebuild cut short left behind is dropped first, and a name an earlier one lost is pointed
+    at what it left (`recover_name`) before this one makes a collection of its own: a rebuild
+    cut short now leaves the name on a whole collection, never a newest half-filled one for
+    the daemon's start to take."""
+    old = index.target() or index.recover_name()
     if old is not None:
         index.drop_leftovers(old)
     new = index.create_versioned()

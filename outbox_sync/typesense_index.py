@@ -254,15 +254,11 @@ class TypesenseIndex:
         try:
             existing = self.info()
         except CollectionNotFoundError:
-            versions = self.versions()
-            if not versions:
+            if self.recover_name() is None:
                 created = self.create_versioned()
                 self.point_alias(created)
                 self.retarget(created)
                 return True
-            # the name was lost but a rebuilt collection is there (a reindex that failed
-            # between dropping a plain collection and pointing the alias): adopt the newest
-            self.point_alias(versions[-1])
             existing = self.info()
         target = str(existing.get("name", self.collection))
         self.retarget(target)
@@ -275,6 +271,16 @@ class TypesenseIndex:
                 "with the mapping's fields (no downtime), or use another collection."
             )
         return False
+
+    def recover_name(self) -> str | None:
+        """For a name that is missing: point it at the newest rebuilt collection, if there is
+        one (a reindex that failed between dropping a plain collection and pointing the alias
+        left it, whole), and say which; None when there is none."""
+        versions = self.versions()
+        if not versions:
+            return None
+        self.point_alias(versions[-1])
+        return versions[-1]
 
     def take_as_it_is(self) -> None:
         """Take the mapping as the collection lets it be, as `ensure_collection` does for the

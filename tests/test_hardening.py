@@ -354,6 +354,49 @@ def test_a_lost_alias_after_the_plain_collection_went_is_adopted(
     assert export(typesense_server, collection) == sqlite_documents(db_path)
 
 
+class Killed(BaseException):
+    """SIGKILL, as far as a rebuild can tell: none of its own cleanup runs."""
+
+
+def test_a_rebuild_killed_after_one_lost_the_name_leaves_the_name_on_a_whole_collection(
+    db_path: Path,
+    db: Database,
+    typesense_server: Server,
+    collection: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reindex dropped the plain collection and could not point the alias: the name is
+    missing, its rebuilt collection whole. `outbox-sync reindex` run again and killed mid-fill
+    left a newer, half-filled one, which the daemon's start took for the name, dropping the
+    whole one: records out of search, nothing queued, no error. The second rebuild now
+    points the name at the whole one first."""
+    plain = plain_collection_of_ten(db_path, typesense_server, collection)
+    drain(daemon(db, [plain]))
+
+    def down(self: TypesenseIndex, target: str) -> None:
+        raise TypesenseUnavailableError("Typesense unreachable: ConnectError")
+
+    monkeypatch.setattr(TypesenseIndex, "point_alias", down)
+    with pytest.raises(OutboxSyncError, match="could not point the alias"):
+        reindex.rebuild(db, plain)
+    monkeypatch.undo()
+    imported = TypesenseIndex.import_jsonl
+
+    def killed(self: TypesenseIndex, body: bytes, count: int, **action: str) -> Any:
+        imported(self, body, count, **action)  # the first chunk is in, then the kill
+        raise Killed
+
+    monkeypatch.setattr(TypesenseIndex, "import_jsonl", killed)
+    monkeypatch.setattr(TypesenseIndex, "drop_collection", lambda self, name: None)
+    index = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
+    with pytest.raises(Killed):
+        reindex.rebuild(db, index, chunk=3)
+    monkeypatch.undo()
+    started = TypesenseIndex([typesense_server.url], typesense_server.api_key, collection)
+    started.ensure_collection()  # the daemon's next start
+    assert export(typesense_server, collection) == sqlite_documents(db_path)
+
+
 def failing_once(monkeypatch: pytest.MonkeyPatch, *, made: bool = False) -> None:
     """point_alias fails once, as after a timeout and its retry (Typesense away for a moment);
     `made`: Typesense made the switch all the same (the answer timed out)."""
