@@ -294,20 +294,25 @@ class Mapping:
         (the text '5' of an INTEGER key 5), which SQLite's comparison matches and Python's
         would not. Never another key that the column's collation takes for it (NOCASE,
         RTRIM): that is another document, and a delete must not become its upsert (the
-        first `=` lets SQLite use the key's index, the second compares the bytes). The
-        entries' columns get names of our own, so every other name means the table's (a
-        column the table lacks is an error, not an outbox column). Made once per mapping: the
-        drain asks for it every batch (25 us to build)."""
+        first `=` lets SQLite use the key's index, the second compares the bytes; an INTEGER
+        key has no text to compare, and its drain is spared the second). The entries' columns
+        get names of our own, so every other name means the table's (a column the table lacks
+        is an error, not an outbox column). Made once per mapping: the drain asks for it every
+        batch (25 us to build)."""
         table, key = quote_identifier(self.table), quote_identifier(self.key)
         where = f" AND ({self.where})" if self.where else ""
+        exact = (
+            f" AND {table}.{key} = outbox_sync_key COLLATE BINARY"
+            if self.key_kind == "text"
+            else ""
+        )
         return (
             f"SELECT outbox_sync_id, outbox_sync_delete, coalesce({table}.{key}, outbox_sync_key),"
             f" CASE WHEN {table}.{key} IS NOT NULL THEN coalesce({self.line_sql()}, x'') END"
             " FROM (SELECT id AS outbox_sync_id, op = 'delete' AS outbox_sync_delete,"
             " record_key AS outbox_sync_key FROM outbox WHERE id > ? AND id <= ? AND mapping = ?)"
             f" LEFT JOIN {table} ON {table}.{key} = outbox_sync_key"
-            f" AND {table}.{key} = outbox_sync_key COLLATE BINARY"
-            f" AND typeof(outbox_sync_key) IN ('integer', 'real', 'text'){where}"
+            f" AND typeof(outbox_sync_key) IN ('integer', 'real', 'text'){exact}{where}"
             " ORDER BY outbox_sync_id"
         )
 
