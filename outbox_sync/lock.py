@@ -20,6 +20,7 @@ from outbox_sync.errors import AlreadyRunningError, DatabaseError
 # A reader (`check`, `status`) takes the lock shared for a moment to see whether a daemon holds
 # it: a daemon starting at that very moment waits this long before concluding another one runs.
 ACQUIRE_PATIENCE_S = 1.0
+LOCK_SUFFIX = ".outbox-sync.lock"
 
 
 class DaemonLock:
@@ -28,17 +29,17 @@ class DaemonLock:
 
     def __init__(self, db_path: Path) -> None:
         real = db_path.resolve()
-        self.path = real.with_name(real.name + ".outbox-sync.lock")
+        self.path = real.with_name(real.name + LOCK_SUFFIX)
         self._file: IO[str] | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, patience_s: float = ACQUIRE_PATIENCE_S) -> None:
         try:
             handle = open(self.path, "a+")  # noqa: SIM115 - held for the daemon's lifetime
         except OSError as error:
             raise DatabaseError(
                 f"cannot create the daemon's lock file {self.path}: {error.strerror}"
             ) from None
-        deadline = time.monotonic() + ACQUIRE_PATIENCE_S
+        deadline = time.monotonic() + patience_s
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -60,6 +61,32 @@ class DaemonLock:
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         self._file = handle
+
+    def check(self) -> None:
+        """While held: the lock file's name must still name the file locked. Removed or
+        replaced (an operator clearing "a stale lock", a cleanup job), a second daemon would
+        lock a new file there and run beside this one: take the name back if nobody has, else
+        stop (DatabaseError)."""
+        if self._file is None:
+            return
+        held = os.fstat(self._file.fileno())
+        try:
+            now = os.stat(self.path)
+        except OSError:
+            now = None
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            return
+        replacement = DaemonLock(self.path.with_name(self.path.name[: -len(LOCK_SUFFIX)]))
+        try:
+            replacement.acquire(patience_s=0.0)
+        except (AlreadyRunningError, DatabaseError) as error:
+            raise DatabaseError(
+                f"the daemon's lock file {self.path} was removed or replaced while it ran, and "
+                f"it could not take it back ({error}): stopping, so that one daemon works the "
+                "file"
+            ) from None
+        self._file.close()
+        self._file, replacement._file = replacement._file, None
 
     def holder(self) -> str | None:
         """The pid of the daemon holding the lock ("unknown" if it wrote none), or None when

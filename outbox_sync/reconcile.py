@@ -155,6 +155,12 @@ class Reconciler:
         if self.thread is not None:
             self.thread.join(STOP_WAIT_S)
         stopped = self.running if self.thread is not None and self.outcome is None else None
+        if self.thread is not None and not self.thread.is_alive() and self.outcome is not None:
+            # finished since the loop's last turn: report it as that turn would have, and
+            # owe it if it failed (nothing else would ask again)
+            outcome = self._report()
+            if outcome is not None and not outcome.ok:
+                self.retry = (0.0, outcome.reason)
         owed = self.requested or stopped or (self.retry and self.retry[1])
         if owed and owed != self.owed:
             with contextlib.suppress(OutboxSyncError):

@@ -9,6 +9,7 @@ takes them along to the old name. So the daemon checks its triggers by name, tab
 text, at start and whenever `PRAGMA schema_version` changes, and reinstalls them.
 """
 
+import json
 import re
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -365,7 +366,13 @@ class SchemaWatch:
     tables are there (TableMissingError pauses the sync until they are back) and that the
     triggers are ours, putting them back if not; then ask for an audit (`request(reason)`):
     changes made while they were gone left no outbox entry. The key indexes `init` made are
-    put back too (no audit: their absence loses nothing, it only makes every lookup a scan)."""
+    put back too (no audit: their absence loses nothing, it only makes every lookup a scan).
+
+    Rows can also change with no outbox entry while the triggers stay as they were: a mapped
+    table rebuilt with its triggers copied back (SQLite's own 12-step ALTER: a new root page),
+    or the file rewritten in place by a restore (the backup API: same inode, same triggers;
+    the outbox's AUTOINCREMENT counter goes back). Either asks for an audit too (a VACUUM,
+    which may move root pages, costs one)."""
 
     def __init__(
         self, db: Database, mappings: Sequence[Mapping], request: Callable[[str], None]
@@ -373,10 +380,27 @@ class SchemaWatch:
         self.db, self.mappings, self.request = db, mappings, request
         self.version: int | None = None
         self.log = structlog.get_logger("outbox_sync")
+        self.tables = sorted({table for mapping in mappings for table in mapping.tables})
+        self.roots: dict[str, int] | None = None  # the mapped tables' root pages, last seen
+        self.outbox_seq: int | None = None  # the outbox's AUTOINCREMENT counter, last seen
+
+    def _roots(self) -> dict[str, int]:
+        return dict(
+            self.db.conn.execute(
+                "SELECT name, rootpage FROM sqlite_schema WHERE type = 'table'"
+                " AND name IN (SELECT value FROM json_each(?))",
+                (json.dumps(self.tables),),
+            ).fetchall()
+        )
 
     def __call__(self, now: float) -> None:
+        # every turn: a restore may leave the schema's version as it was
+        row = self.db.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'")
+        seq = int((row.fetchone() or (0,))[0])
+        went_back = self.outbox_seq is not None and seq < self.outbox_seq
+        self.outbox_seq = seq
         version = self.db.schema_version()
-        if version == self.version:
+        if version == self.version and not went_back:
             return
         problems = repair_triggers(self.db, self.mappings)  # TableMissingError: paused
         if indexed := repair_indexes(self.db, self.mappings):
@@ -388,6 +412,8 @@ class SchemaWatch:
         # The version read before the checks: a migration committed since is seen next turn.
         # Our own repairs change it too, so after one the next turn checks again.
         self.version = None if problems or indexed else version
+        seen, self.roots = self.roots, self._roots()
+        rebuilt = [t for t in self.tables if seen is not None and seen.get(t) != self.roots.get(t)]
         if problems:
             self.log.warning(
                 "triggers_repaired",
@@ -395,6 +421,19 @@ class SchemaWatch:
                 note="auditing: changes made meanwhile left no outbox entry",
             )
             self.request("triggers repaired")
+        elif went_back:
+            self.log.warning(
+                "database_went_back",
+                note="the outbox counter went back (a backup restored in place?): auditing",
+            )
+            self.request("database restored")
+        elif rebuilt:
+            self.log.warning(
+                "tables_rebuilt",
+                tables=rebuilt,
+                note="rows copied into a new table leave no outbox entry: auditing",
+            )
+            self.request("tables rebuilt")
         elif self.db.get_meta(RECONCILE_REQUEST_KEY) is not None:
             self.db.set_meta(RECONCILE_REQUEST_KEY, None)
             self.request("init repaired the triggers")

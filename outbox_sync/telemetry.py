@@ -105,6 +105,8 @@ class Telemetry:
         self.up_reason = "not checked yet"
         self.refreshed_at = float("-inf")
         self.up = False
+        self.paused_since: float | None = None  # monotonic: since when the sync is paused
+        self.paused_reason = ""
         self._stats: dict[str, Any] = {}
         # What the daemon has applied since it started, for its "synced" log line.
         self.totals: collections.Counter[str] = collections.Counter()
@@ -146,6 +148,10 @@ class Telemetry:
         self.up, self.up_reason = up, reason
         if self.metrics is not None:
             self.metrics.typesense_up.set(1 if up else 0)
+
+    def paused(self, since: float | None, reason: str = "") -> None:
+        """The loop waits out trouble (since `since`), or (None) it works again."""
+        self.paused_since, self.paused_reason = since, reason
 
     def outage_ended(self, started: float, ended: float) -> None:
         """An outage, in Unix time, for the weekly report's "longest outage"."""
@@ -222,6 +228,8 @@ class Telemetry:
             return False, f"sync loop has not run for {now - self.loop_at:.0f} s"
         if not self.up:
             return False, f"typesense unreachable: {self.up_reason}"
+        if self.paused_since is not None and now - self.paused_since > LOOP_STALL_S:
+            return False, f"sync paused for {now - self.paused_since:.0f} s: {self.paused_reason}"
         return True, "ok"
 
 

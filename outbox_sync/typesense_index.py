@@ -600,10 +600,11 @@ class RestartWatch:
                 self._off(url, "it closes each connection after its answer")
             elif connection is not last and now - used_at < RESTART_WATCH_FRESH_S:
                 if now - self.lost_at.get(url, float("-inf")) < RESTART_WATCH_FLAP_S:
+                    # a proxy, or a server restarting again (a crash loop): watched no more,
+                    # but this loss may be a restart's like the first, and is audited too
                     self._off(url, "its connections were closed twice within minutes")
-                else:
-                    self.lost_at[url] = now
-                    lost.append(url)
+                self.lost_at[url] = now
+                lost.append(url)
         return lost
 
     def _off(self, url: str, reason: str) -> None:

@@ -33,6 +33,7 @@ from outbox_sync.errors import (
 )
 from outbox_sync.health import RESTART_WATCH_OFF_KEY
 from outbox_sync.localserver import LocalTypesense
+from outbox_sync.lock import DaemonLock
 from outbox_sync.notify import notify
 from outbox_sync.reconcile import Reconciler
 from outbox_sync.schema import SchemaWatch
@@ -308,6 +309,7 @@ class Worker:
             self._pause(DatabaseBusyError(f"database {self.db.path} stayed locked: {error}"), stop)
             return Turn(paused=True)
         outage_s = self.backoff.succeeded(time.monotonic())
+        self.telemetry.paused(None)
         if outage_s is not None and self.typesense_down:  # not a locked database, a lost table
             self.telemetry.outage_ended(time.time() - outage_s, time.time())
         if self.typesense_down:  # and back now
@@ -334,6 +336,7 @@ class Worker:
             self.telemetry.reachable(False, str(error))
             self.typesense_down = True
         deadline = time.monotonic() + self.backoff.failed(error, time.monotonic(), **context)
+        self.telemetry.paused(self.backoff.since, str(error))
         while not stop.wait(max(0.0, min(1.0, deadline - time.monotonic()))):
             self.telemetry.loop_alive(time.monotonic())
             if time.monotonic() >= deadline:
@@ -491,6 +494,7 @@ def daemon(
     telemetry: Telemetry | None = None,
     audit_every_s: float = 0.0,
     server: LocalTypesense | None = None,
+    lock: DaemonLock | None = None,
     **loop_options: float,
 ) -> Worker:
     """The daemon's worker over one index per mapping: the loop over a batch applier, with its
@@ -511,10 +515,15 @@ def daemon(
         if worker.stopping is not None and worker.stopping.is_set():
             raise StoppingError("the daemon is stopping")
 
+    def check_files() -> None:
+        db.check_same_file()
+        if lock is not None:
+            lock.check()
+
     mappings = [index.mapping for index in indexes]
     reconciler = Reconciler(db, indexes, telemetry, every_s=audit_every_s)
     jobs = [
-        Job("file", REFRESH_INTERVAL_S, lambda now: db.check_same_file()),
+        Job("file", REFRESH_INTERVAL_S, lambda now: check_files()),
         Job("schema", 0, SchemaWatch(db, mappings, reconciler.request)),
         Job("backlog", REFRESH_INTERVAL_S, lambda now: telemetry.backlog(*db.backlog())),
         # the fills `init` asked for, then a requested reindex, run here, pausing the sync

@@ -226,6 +226,34 @@ def watching_restarts(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     return looks
 
 
+def test_a_second_restart_within_ten_minutes_is_audited_too(
+    db_path: Path, private_typesense: LocalTypesense, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Typesense restarts twice within RESTART_WATCH_FLAP_S (an OOM kill and systemd's restart,
+    twice; a crash loop; two config changes): each restart may lose acknowledged writes. The
+    watch takes the second loss for a proxy closing connections, turns itself off for the rest
+    of the daemon's life, and asks no audit for that restart: what it lost stays missing until
+    the schedule (never with --audit-every 0), and every later restart goes unseen too."""
+    looks = watching_restarts(monkeypatch)
+    app_connection(db_path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    server = Server(private_typesense.url, private_typesense.api_key)
+    index = TypesenseIndex([server.url], server.api_key, "sequences")
+    db = Database(db_path)
+    with running(daemon(db, [index], audit_every_s=0)):
+        wait_until(lambda: len(export(server, "sequences")) == 5, what="the sync")
+        for lost in ("3", "4"):
+            seen = len(looks)
+            wait_until(lambda seen=seen: len(looks) >= seen + 2, what="the watch's connection")
+            by_hand(server, "DELETE", f"/collections/sequences/documents/{lost}")  # lost
+            private_typesense.stop()
+            private_typesense.start()
+            wait_until(
+                lambda lost=lost: lost in export(server, "sequences"),
+                timeout_s=20,
+                what=f"the audit to put back document {lost} the restart lost",
+            )
+
+
 def test_a_restart_between_two_health_probes_is_seen_and_audited(
     db_path: Path, private_typesense: LocalTypesense, monkeypatch: pytest.MonkeyPatch
 ) -> None:

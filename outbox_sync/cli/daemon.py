@@ -102,7 +102,7 @@ def run(settings: Settings, once: bool) -> None:
             os._exit(128 + signum)
         stop.set(signal.Signals(signum).name)
 
-    with DaemonLock(settings.db_path), contextlib.ExitStack() as cleanup:
+    with DaemonLock(settings.db_path) as lock, contextlib.ExitStack() as cleanup:
         cleanup.callback(stop.close)
         telemetry = Telemetry(metrics=settings.metrics_address is not None)
         if settings.metrics_address is not None:
@@ -125,6 +125,7 @@ def run(settings: Settings, once: bool) -> None:
             telemetry=telemetry,
             audit_every_s=settings.audit_every_s,
             server=indexes[0].server,
+            lock=lock,
         )
         with quiet_garbage_collector():
             worker.run(stop, once=once)

@@ -1,0 +1,182 @@
+"""What can change between SQLite and Typesense, or around the daemon, without its seeing it
+happen, and how it verifies instead: a restore in place, a table rebuilt with its triggers, an
+audit that failed just before a stop, a lock file removed under it, a sync paused for long
+behind /healthz. A hostile review broke each one;
+every test failed on the code before its fix."""
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from outbox_sync import reconcile
+from outbox_sync import telemetry as telemetry_module
+from outbox_sync.db import Database
+from outbox_sync.localserver import free_port
+from outbox_sync.telemetry import Telemetry
+from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.worker import Worker, daemon
+from tests.support.app import ROW_SQL, app_connection, make_row
+from tests.support.daemon import Daemon, drain
+from tests.support.typesense import Server, export
+from tests.support.wait import wait_until
+
+
+def test_a_failed_audit_the_loop_had_not_reported_when_it_stops_is_owed(
+    db: Database, index: TypesenseIndex, typesense_server: Server, collection: str
+) -> None:
+    """An outage asks for an audit; it fails (Typesense still not ready) and its thread ends;
+    the daemon stops before the loop's next turn reports it (the loop waits out a backoff of up
+    to 10 s, or its 1 s idle wait). `Reconciler.stop` took the finished thread for a done
+    audit: neither owed nor asked again. With --audit-every 0 what the outage lost stays lost
+    ("an audit asked for and not done when the daemon stops is owed")."""
+    app_connection(Path(db.path)).execute(ROW_SQL, make_row(1))
+    drain(daemon(db, [index], audit_every_s=0))
+    dead = TypesenseIndex([f"http://127.0.0.1:{free_port()}"], "key", collection, timeout_s=1)
+    worker = daemon(db, [dead], audit_every_s=0)
+    reconciler = worker.jobs["audit"].run
+    worker.after_outage()  # an outage ended: an audit is asked for
+    reconciler(time.monotonic())  # the loop's turn starts it
+    assert reconciler.thread is not None
+    reconciler.thread.join(30)  # it fails: Typesense does not answer
+    assert reconciler.outcome is not None and not reconciler.outcome.ok
+    worker.jobs["audit"].at_stop()  # SIGTERM before the loop's next turn reported it
+    assert db.get_meta(reconcile.AUDIT_OWED_KEY) == "outage"
+
+
+def turns(worker: Worker, count: int = 3) -> None:
+    """Turn the loop, letting an audit it started finish and its repairs drain."""
+    stop = threading.Event()
+    for _ in range(count):
+        worker.loop(time.monotonic(), stop)
+        reconciler = worker.jobs["audit"].run
+        if reconciler.thread is not None:
+            reconciler.thread.join(60)
+
+
+def test_a_backup_restored_in_place_is_audited(
+    db_path: Path, db: Database, index: TypesenseIndex, typesense_server: Server, collection: str
+) -> None:
+    """`sqlite3 app.db ".restore backup.db"` (the backup API, SQLite's safe way to restore a
+    file in use) rewrites the database in place: same inode, so `check_same_file` sees
+    nothing, and the triggers came back with the backup, so the schema watch sees nothing
+    wrong either. The rows went back in time without an outbox entry: Typesense keeps the
+    documents of rows the restore took away (and the newer state of rows it changed) until
+    the scheduled audit, never with --audit-every 0; `check` says OK meanwhile."""
+    app = app_connection(db_path)
+    app.execute(ROW_SQL, make_row(1))
+    backup = db_path.with_name("backup.db")
+    with sqlite3.connect(backup) as target:
+        app.backup(target)
+    app.execute(ROW_SQL, make_row(2))
+    app.execute("UPDATE sequences SET comment = 'after the backup' WHERE id = 1")
+    worker = daemon(db, [index], audit_every_s=0)
+    turns(worker)
+    assert set(export(typesense_server, collection)) == {"1", "2"}
+    with sqlite3.connect(backup) as source:  # the operator restores last night's backup
+        source.backup(app)
+    assert app.execute("SELECT id, comment FROM sequences").fetchall() == [(1, "comment number 1")]
+    turns(worker)
+    documents = export(typesense_server, collection)
+    assert set(documents) == {"1"}, "a row the restore took away is still searchable"
+    assert documents["1"]["comment"] == "comment number 1"
+
+
+def test_a_table_rebuilt_by_sqlites_own_procedure_is_audited(
+    db_path: Path, db: Database, index: TypesenseIndex, typesense_server: Server, collection: str
+) -> None:
+    """SQLite's documented 12-step ALTER (lang_altertable.html#otheralter) copies the rows into
+    a new table, drops the old one, renames the new one and, step 8, recreates the table's
+    indexes and triggers from what sqlite_schema held: outbox-sync's triggers come back
+    byte for byte, in the same transaction. The schema watch checks triggers by name, table and
+    SQL only, so it sees nothing: the rows the migration rewrote (step 5, before the triggers
+    were back) never reach Typesense, and no audit is asked for."""
+    app = app_connection(db_path)
+    app.executemany(ROW_SQL, [make_row(i) for i in range(1, 4)])
+    worker = daemon(db, [index], audit_every_s=0)
+    turns(worker)
+    assert len(export(typesense_server, collection)) == 3
+    saved = app.execute(  # step 3: remember the table's indexes and triggers
+        "SELECT sql FROM sqlite_schema WHERE tbl_name = 'sequences' AND type IN ('index',"
+        " 'trigger') AND sql IS NOT NULL"
+    ).fetchall()
+    app.execute("BEGIN")
+    app.execute(
+        "CREATE TABLE new_sequences (id INTEGER PRIMARY KEY, element_type TEXT NOT NULL,"
+        " element_id INTEGER NOT NULL, sequence_number INTEGER NOT NULL, comment TEXT,"
+        " created_at TEXT NOT NULL, note TEXT)"
+    )
+    app.execute(  # step 5, with the data migration the schema change is for
+        "INSERT INTO new_sequences SELECT id, element_type, element_id, sequence_number,"
+        " upper(comment), created_at, NULL FROM sequences"
+    )
+    app.execute("DROP TABLE sequences")
+    app.execute("ALTER TABLE new_sequences RENAME TO sequences")
+    for (sql,) in saved:  # step 8
+        app.execute(sql)
+    app.execute("COMMIT")
+    turns(worker)
+    comments = {
+        key: doc.get("comment") for key, doc in export(typesense_server, collection).items()
+    }
+    assert comments == {str(i): f"COMMENT NUMBER {i}" for i in range(1, 4)}
+
+
+def test_a_lock_file_removed_under_a_running_daemon_lets_no_second_one_in(
+    db_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    """The lock is a flock on a file *name* beside the database. Remove that file while a daemon
+    runs (an operator clearing what the refusal called a lock after a crash, a cleanup job,
+    `rm *.lock`) and the next daemon creates a new file and locks it too: two daemons apply the
+    same outbox at once, which the lock exists to prevent (an older state of a record can land
+    after a newer one), and `status`/`check` name neither."""
+    first = start_daemon("--audit-every", "0")
+    wait_until(lambda: first.logged("started"), what="the first daemon")
+    lock = db_path.with_name(db_path.name + ".outbox-sync.lock")
+    lock.unlink()
+    second = start_daemon("--audit-every", "0")
+    wait_until(
+        lambda: second.process.poll() is not None or second.logged("started"),
+        what="the second daemon to start or be refused",
+    )
+    # the first one checks its files once a second: give it a few
+    wait_until(
+        lambda: first.process.poll() is not None or second.process.poll() is not None,
+        timeout_s=10,
+        what="one of two daemons on one database to stop",
+    )
+
+
+def test_healthz_says_so_when_the_sync_has_been_paused_for_long(
+    db_path: Path, index: TypesenseIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An application holds the write lock (a stuck transaction, a process stopped in a
+    debugger, a long batch job): every batch is sent to Typesense, its acknowledgement waits
+    out the busy timeout and fails, the loop backs off and sends it again, for as long as the
+    lock is held. /healthz answered 200 "ok" throughout: the loop turns (its pause keeps the
+    heartbeat) and Typesense answers, and a paused sync is neither. The same for a mapped table
+    that is gone ("sync_paused") and for anything else that pauses the loop."""
+    monkeypatch.setattr(telemetry_module, "LOOP_STALL_S", 1.0)
+    app = app_connection(db_path)
+    db = Database(db_path, busy_timeout_s=0.1)
+    telemetry = Telemetry(metrics=False)
+    worker = daemon(db, [index], telemetry=telemetry, min_backoff_s=0.05, max_backoff_s=0.1)
+    stop = threading.Event()
+    app.execute(ROW_SQL, make_row(100))
+    assert worker.loop(time.monotonic(), stop).applied == 1
+    assert telemetry.health(time.monotonic()) == (True, "ok")
+    app.executemany(ROW_SQL, [make_row(i) for i in range(1, 4)])
+    app.execute("BEGIN IMMEDIATE")  # the application's long write transaction
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 2 * telemetry_module.LOOP_STALL_S:
+            assert worker.loop(time.monotonic(), stop).paused
+        assert db.backlog()[0] == 3  # nothing acknowledged
+        assert telemetry.health(time.monotonic())[0] is False, telemetry.health(time.monotonic())
+    finally:
+        app.execute("ROLLBACK")
+        worker.jobs["audit"].run.stop()
+        db.close()
