@@ -7,6 +7,7 @@ One batch may hold entries of several mappings: each mapping's rows are read wit
 own collection.
 """
 
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from outbox_sync.db import Database, OutboxEntry, SyncFailure, row_key, written
+from outbox_sync.db import Claimed, Database, OutboxEntry, SyncFailure, is_busy, row_key, written
 from outbox_sync.errors import InvalidRecordError, TypesenseUnavailableError
 from outbox_sync.mapping import Mapping
 from outbox_sync.telemetry import Telemetry
@@ -204,7 +205,7 @@ class Applier:
     def _prepare_mapping(self, batch: Batch, mapping: Mapping, after: int) -> None:
         work = batch.work.setdefault(mapping.name, Work())
         # the last entry per record wins; its record's state, read with it, is what goes
-        latest = {entry[2]: entry for entry in self.db.read_claimed(mapping, after, batch.last_id)}
+        latest = {entry[2]: entry for entry in self._read(batch, mapping, after)}
         batch.records.update(zip(repeat(mapping.name), latest))
         judged = []  # rows SQLite left to the Python mapper
         for entry_id, deleted, key, line in latest.values():
@@ -229,6 +230,28 @@ class Applier:
                 work.upserts.append((entry.id, entry.key, mapping.judge(row)))
             except InvalidRecordError as error:
                 batch.fail(entry, mapping.describe_row(row[2]), str(error))
+
+    def _read(self, batch: Batch, mapping: Mapping, after: int) -> list[Claimed]:
+        """The batch's entries of `mapping` with their rows (`Database.read_claimed`). A row
+        SQLite cannot read as the mapping says (an `sql` field failing on its value: malformed
+        JSON, an integer overflow) fails the statement for every entry: they are read one by
+        one then, and each whose row fails is given up on with SQLite's words, so that the
+        others sync and the daemon goes on."""
+        try:
+            return self.db.read_claimed(mapping, after, batch.last_id)
+        except sqlite3.OperationalError as error:
+            if is_busy(error):
+                raise
+        read: list[Claimed] = []
+        for entry_id, deleted, key in self.db.claimed_entries(mapping, after, batch.last_id):
+            try:
+                read += self.db.read_claimed(mapping, entry_id - 1, entry_id)
+            except sqlite3.OperationalError as error:
+                if is_busy(error):
+                    raise
+                entry = OutboxEntry(entry_id, mapping.name, key, _op(deleted))
+                batch.fail(entry, None, f"SQLite cannot read its row as the mapping says: {error}")
+        return read
 
     def _gone(self, batch: Batch, work: Work, mapping: Mapping, entry: OutboxEntry) -> None:
         """An entry whose record has no row the mapping covers (gone, or outside `where`), or

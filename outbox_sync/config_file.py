@@ -138,13 +138,12 @@ def _mapping(path: Path, number: int, entry: Any) -> Mapping:
     names = [f.name for f in fields]
     if duplicate := next((n for n in names if names.count(n) > 1), None):
         raise ConfigFileError(f"{origin}: fields: {duplicate!r} is there twice")
-    depends = tuple(
-        Dependency(**_table(f"{origin}: depends_on[{i}]", item, DEPENDENCY_KEYS))
-        for i, item in enumerate(entry.get("depends_on", []))
-    )
-    for i, dependency in enumerate(depends):
-        if not dependency.table or not dependency.key:
+    depends = []
+    for i, item in enumerate(entry.get("depends_on", [])):
+        given = _table(f"{origin}: depends_on[{i}]", item, DEPENDENCY_KEYS)
+        if not given.get("table") or not given.get("key"):
             raise ConfigFileError(f"{origin}: depends_on[{i}]: needs table and key")
+        depends.append(Dependency(**given))
     sorting = entry.get("default_sorting_field")
     if sorting is not None:
         field_ = next((f for f in fields if f.name == sorting), None)
@@ -158,7 +157,7 @@ def _mapping(path: Path, number: int, entry: Any) -> Mapping:
         collection=entry["collection"],
         fields=fields,
         where=entry.get("where"),
-        depends_on=depends,
+        depends_on=tuple(depends),
         default_sorting_field=sorting,
         name=entry.get("name", ""),
         origin=origin,
@@ -197,3 +196,12 @@ def _check_unique(path: Path, mappings: tuple[Mapping, ...]) -> None:
                     f"{seen[value].origin.removeprefix(f'{path}, ')}{hint}"
                 )
             seen[value] = mapping
+    owners: dict[str, Mapping] = {}
+    for mapping in mappings:
+        for trigger in mapping.triggers():
+            other = owners.setdefault(trigger.name, mapping)
+            if other is not mapping:
+                raise ConfigFileError(
+                    f"{mapping.origin}: name: its trigger {trigger.name} is also one of "
+                    f'{other.origin.removeprefix(f"{path}, ")} (give one a name = "...")'
+                )

@@ -235,6 +235,18 @@ class Database:
             for id, deleted, key, line in rows
         ]
 
+    def claimed_entries(
+        self, mapping: Mapping, after: int, last: int
+    ) -> list[tuple[int, int, Any]]:
+        """The outbox entries of `mapping` with an id in (after, last], without their rows:
+        (id, is a delete, key), the key as `read_claimed` gives it."""
+        rows = self.fetch_raw(
+            "SELECT id, op = 'delete', record_key FROM outbox"
+            " WHERE id > ? AND id <= ? AND mapping = ? ORDER BY id",
+            (after, last, mapping.name),
+        )
+        return [(id, deleted, _text(k) if type(k) is RawText else k) for id, deleted, k in rows]
+
     def read_rows(self, mapping: Mapping, keys: Sequence[Any]) -> list[Found]:
         """The rows these keys name that the mapping covers (absent ones are gone, or outside
         `where`): SQLite's JSON line of each valid row, and the raw values of each row it

@@ -374,10 +374,17 @@ def _table_triggers(
         Trigger(
             f"{prefix}_{event}",
             table,
-            f"CREATE TRIGGER {prefix}_{event} AFTER {event.upper()} ON {on}\nBEGIN\n{body}END",
+            f"CREATE TRIGGER {_trigger_name(f'{prefix}_{event}')} AFTER {event.upper()} ON {on}"
+            f"\nBEGIN\n{body}END",
         )
         for event, body in bodies.items()
     ]
+
+
+def _trigger_name(name: str) -> str:
+    """A trigger's name in SQL: as it is when it is a plain identifier (the text schema.sql
+    and existing databases hold), quoted otherwise (a table `order-items`)."""
+    return name if IDENTIFIER.fullmatch(name) else quote_identifier(name)
 
 
 # -- the built-in mapping: the source document's `sequences` --------------------------------------

@@ -184,7 +184,34 @@ def bind(conn: sqlite3.Connection, mapping: Mapping, path: object) -> Mapping:
         conn.execute(f"{select} LIMIT 0", ("[]",)).fetchall()
     except sqlite3.Error as error:
         raise mistake(f"{mapping.origin}: SQLite refuses its sql or where: {error}") from None
+    strict = replace(
+        bound,
+        where=_backticked(bound.where),
+        fields=tuple(replace(f, sql=_backticked(f.sql)) for f in bound.fields),
+    )
+    if strict != bound:  # a "name" SQLite took for a string literal, naming no column
+        try:
+            select = strict.select_by_keys(f"{strict.columns()}, {strict.line_sql()}")
+            conn.execute(f"{select} LIMIT 0", ("[]",)).fetchall()
+        except sqlite3.Error as error:
+            raise mistake(
+                f"{mapping.origin}: its sql or where double-quotes a name that is no column, "
+                f"which SQLite reads as a string: {error}"
+            ) from None
     return bound
+
+
+# A string literal, or a double-quoted name (SQLite reads "x" as a string when x is no column).
+_QUOTED = re.compile(r"'(?:[^']|'')*'|\"((?:[^\"]|\"\")*)\"")
+
+
+def _backticked(sql: str | None) -> str | None:
+    """`sql` with its double-quoted names in backticks, which never fall back to a string."""
+    if sql is None:
+        return None
+    return _QUOTED.sub(
+        lambda m: m[0] if m[1] is None else quote_identifier(m[1].replace('""', '"')), sql
+    )
 
 
 def _upgrade(conn: sqlite3.Connection) -> bool:

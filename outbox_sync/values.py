@@ -58,8 +58,10 @@ def json_value(field_: "Field", value: Any) -> Any:
             field_.name, f"expected a JSON array (text), got {describe(value)}"
         )
     try:  # NaN and Infinity are no JSON, as SQLite's json_valid says too
-        items = json.loads(decode(field_.name, value), parse_constant=_no_constant)
-    except ValueError:
+        items = json.loads(
+            decode(field_.name, value), parse_constant=_no_constant, parse_int=_integer
+        )
+    except (ValueError, RecursionError):  # nested deeper than Python reads: not an array here
         items = None
     if not isinstance(items, list):
         raise InvalidRecordError(field_.name, f"expected a JSON array, got {describe(value)}")
@@ -98,6 +100,12 @@ def _finite(value: float) -> bool:
     largest (1.7976931348623157e308 is written 1.79769313486232e+308, which reads back as Inf:
     Typesense refuses the line)."""
     return math.isfinite(value) and math.isfinite(float(real_text(value)))
+
+
+def _integer(text: str) -> int | float:
+    """An integer literal: past 4000 digits (Python's int() refuses 4300) as the REAL Inf
+    json_each reads it as (`_element` makes any past int64 a REAL)."""
+    return float(text) if len(text) > 4000 else int(text)
 
 
 def _no_constant(name: str) -> Any:
@@ -218,9 +226,10 @@ def _element_ok(kind: str) -> str:
 
 def _not_finite(v: str) -> str:
     """Not finite as SQLite writes it (see `_finite`): Inf, or one of the largest doubles."""
+    # no abs() of the value: abs(-9223372036854775808) is SQLite's "integer overflow" error
     return (
-        f"(abs({v}) > 1.7976931348623e308 AND (abs({v}) > {MAX_DOUBLE}"
-        f" OR abs(CAST({v} || '' AS REAL)) > {MAX_DOUBLE}))"
+        f"(({v} > 1.7976931348623e308 OR {v} < -1.7976931348623e308) AND ({v} > {MAX_DOUBLE}"
+        f" OR {v} < -{MAX_DOUBLE} OR abs(CAST({v} || '' AS REAL)) > {MAX_DOUBLE}))"
     )
 
 
@@ -248,7 +257,8 @@ def _describe_json_sql() -> str:
     return (
         "CASE e.type WHEN 'null' THEN 'null' WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'"
         f" WHEN 'text' THEN 'text ' || quote(substr(e.value, 1, {SHOWN_CHARS}))"
-        " WHEN 'integer' THEN 'integer ' || e.value WHEN 'real' THEN 'real ' || e.value"
+        " WHEN 'integer' THEN iif(typeof(e.value) = 'real', 'real ', 'integer ') || e.value"
+        " WHEN 'real' THEN 'real ' || e.value"
         " ELSE 'an ' || e.type END"
     )
 

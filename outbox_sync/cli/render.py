@@ -276,13 +276,21 @@ def effective_config(settings: Settings) -> dict[str, Any]:
     return effective
 
 
+def toml_value(value: Any) -> str:
+    """A value as TOML writes it: JSON's, but for strings, whose characters outside the BMP
+    json.dumps writes as surrogate pairs, which TOML refuses."""
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    return json.dumps(value)
+
+
 def toml_lines(effective: dict[str, Any]) -> Iterator[str]:
     """The effective configuration as TOML (it reads back as a --config file)."""
     for key, value in effective.items():
         if key.startswith("#"):
             yield f"{key}: {value}"
         elif key != "sync":
-            yield f"{key} = {json.dumps(value)}"
+            yield f"{key} = {toml_value(value)}"
     for mapping in effective["sync"]:
         yield ""
         yield "[[sync]]"
@@ -290,13 +298,13 @@ def toml_lines(effective: dict[str, Any]) -> Iterator[str]:
             if key == "fields":
                 yield "fields = ["
                 for field_ in value:
-                    inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in field_.items())
+                    inner = ", ".join(f"{k} = {toml_value(v)}" for k, v in field_.items())
                     yield f"  {{ {inner} }},"
                 yield "]"
             elif key != "depends_on":
-                yield f"{key} = {json.dumps(value)}"
+                yield f"{key} = {toml_value(value)}"
         for dependency in mapping.get("depends_on", []):
             yield ""
             yield "[[sync.depends_on]]"
             for key, value in dependency.items():
-                yield f"{key} = {json.dumps(value)}"
+                yield f"{key} = {toml_value(value)}"
