@@ -287,6 +287,15 @@ def _bind_for_init(conn: sqlite3.Connection, mapping: Mapping, db: Database) -> 
     try:
         return bind(conn, mapping, db.path)
     except TableMissingError as error:
+        named = conn.execute(  # SQLite's names are one in any case; outbox-sync's exact
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ? COLLATE NOCASE",
+            (error.table,),
+        ).fetchone()
+        if named is not None:
+            raise DatabaseError(
+                f"{mapping.origin}: table {error.table} does not exist in {db.path}, but "
+                f"{named[0]} does: write its name as the database has it"
+            ) from None
         raise DatabaseError(
             f"{mapping.origin}: table {error.table} does not exist in {db.path}: the application "
             "owns it; create it, then run init again"
@@ -410,6 +419,7 @@ class SchemaWatch:
         self.tables = sorted({table for mapping in mappings for table in mapping.tables})
         self.roots: dict[str, int] | None = None  # the mapped tables' root pages, last seen
         self.outbox_seq: int | None = None  # the outbox's AUTOINCREMENT counter, last seen
+        self.kinds: dict[str, str] | None = None  # each mapping's key kind, at the first turn
 
     def _roots(self) -> dict[str, int]:
         return dict(
@@ -464,3 +474,28 @@ class SchemaWatch:
         elif self.db.get_meta(RECONCILE_REQUEST_KEY) is not None:
             self.db.set_meta(RECONCILE_REQUEST_KEY, None)
             self.request("init repaired the triggers")
+        self._check_key_kinds()
+
+    def _check_key_kinds(self) -> None:
+        """A key column a migration gave another type (INTEGER to TEXT) makes other document
+        ids: the daemon, which took the kind at its start, stops (the audit asked for is owed)
+        and reads the table anew at its next. The kinds are taken at the first turn."""
+        kinds = {}
+        for mapping in self.mappings:
+            declared = {
+                row[1]: str(row[2])
+                for row in self.db.conn.execute(
+                    f"PRAGMA table_info({quote_identifier(mapping.table)})"
+                )
+            }
+            kinds[mapping.name] = key_kind(declared.get(mapping.key, ""))
+        if self.kinds is None:
+            self.kinds = kinds
+        for name, kind in kinds.items():
+            if kind != self.kinds[name]:
+                mapping = next(m for m in self.mappings if m.name == name)
+                raise DatabaseError(
+                    f"the key column {mapping.key} of table {mapping.table} in {self.db.path} "
+                    f"was made {kind} while the daemon ran ({self.kinds[name]} when it started): "
+                    "it stops, and reads the table as it is when it starts again"
+                )

@@ -354,10 +354,18 @@ class TypesenseIndex:
         now = time.time()
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}"
         name = f"{self.collection}_v{stamp}"
-        self._call_retrying(
-            "collection",
-            lambda: self.client.collections.create(self.configured.collection_schema(name)),
-        )
+        try:
+            self._call_retrying(
+                "collection",
+                lambda: self.client.collections.create(self.configured.collection_schema(name)),
+            )
+        except TypesenseRejectedError as error:  # a field option Typesense does not take
+            if error.http_status != 400:
+                raise
+            raise ConfigError(
+                f"{self.configured.origin}: Typesense refuses its fields for collection "
+                f"{self.collection!r}: {error.reason}"
+            ) from None
         return name
 
     def point_alias(self, target: str) -> None:

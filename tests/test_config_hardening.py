@@ -240,3 +240,31 @@ def test_two_mappings_whose_trigger_names_collide_are_one_line_naming_the_entrie
     )
     result = invoke(["init"], **env)
     assert result.exit_code == 2 and "[[sync]] 2" in result.output, result.output
+
+
+def test_a_field_option_typesense_refuses_is_one_line_naming_the_entry(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """`index = false` without `optional` (or `sort` on a `string[]`): `config` and `init`
+    take it, and Typesense refuses the collection. `run` said only "Typesense answered 400:
+    Field `n` must be optional ...", naming neither the file, the entry nor the collection."""
+    toml = (
+        f'[[sync]]\ntable = "a"\nkey = "id"\ncollection = "{collection}"\n'
+        'fields = [{ name = "n", type = "string", index = false }]\n'
+    )
+    env, _ = served(tmp_path, typesense_server, toml, "CREATE TABLE a (id INTEGER PRIMARY KEY, n)")
+    run = sync_once(env)
+    [line] = [line for line in run.stderr.splitlines() if line.startswith("Error")]
+    assert run.returncode != 0
+    assert env["OUTBOX_SYNC_CONFIG"] in line and f"collection {collection!r}" in line, line
+    assert "must be optional" in line, line
+
+
+def test_a_table_named_in_another_case_is_named_as_the_database_has_it(tmp_path: Path) -> None:
+    """`table = "Chars"` for the table `chars`: init said to create a table that is there."""
+    toml = '[[sync]]\ntable = "Chars"\nkey = "id"\ncollection = "c"\n' + NAME
+    env, _ = files(tmp_path, toml, "CREATE TABLE chars (id INTEGER PRIMARY KEY, n TEXT)")
+    result = invoke(["init"], **env)
+    assert result.exit_code != 0
+    line = one_line(result)
+    assert "table Chars does not exist" in line and "but chars does" in line, line

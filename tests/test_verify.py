@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from outbox_sync import reconcile
+from outbox_sync import reconcile, schema, sync_errors
 from outbox_sync import telemetry as telemetry_module
 from outbox_sync.db import Database
+from outbox_sync.errors import DatabaseError
 from outbox_sync.localserver import free_port
+from outbox_sync.mapping import Field, Mapping
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
@@ -180,3 +182,39 @@ def test_healthz_says_so_when_the_sync_has_been_paused_for_long(
         app.execute("ROLLBACK")
         worker.jobs["audit"].run.stop()
         db.close()
+
+
+def test_a_key_column_a_migration_made_text_stops_the_daemon_to_read_it_anew(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """A migration rebuilds a table with its INTEGER key column made TEXT (SQLite's 12-step
+    procedure). The daemon, which took the key's kind at its start, put its triggers back and
+    audited, but judged every row by the old kind: each became a sync error ("expected an
+    integer") and its document was deleted. It stops now, owing the audit, and its next start
+    reads the table as it is."""
+    path = tmp_path / "app.db"
+    app = app_connection(path)
+    app.execute("CREATE TABLE a (id INTEGER PRIMARY KEY, n TEXT NOT NULL)")
+    mapping = Mapping(table="a", key="id", collection=collection, fields=(Field("n", "string"),))
+    db = Database(path, create=True)
+    schema.init(db, [mapping])
+    [bound] = schema.check(db, [mapping])
+    index = TypesenseIndex(
+        [typesense_server.url], typesense_server.api_key, collection, mapping=bound
+    )
+    index.ensure_collection()
+    worker = daemon(db, [index], audit_every_s=0)
+    app.execute("INSERT INTO a VALUES (1, 'one')")
+    drain(worker)
+    app.executescript(
+        "BEGIN; CREATE TABLE a_new (id TEXT PRIMARY KEY, n TEXT NOT NULL);"
+        " INSERT INTO a_new SELECT 'k' || id, n FROM a; DROP TABLE a;"
+        " ALTER TABLE a_new RENAME TO a; COMMIT;"
+    )
+    with pytest.raises(DatabaseError, match=r"key column id of table a .* was made text"):
+        drain(worker)
+    worker.jobs["audit"].at_stop()
+    assert db.get_meta(reconcile.AUDIT_OWED_KEY) is not None
+    assert sync_errors.find(db) == []
+    [again] = schema.check(db, [mapping])  # the next start
+    assert again.key_kind == "text"
