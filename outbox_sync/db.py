@@ -245,7 +245,7 @@ class Database:
             " WHERE id > ? AND id <= ? AND mapping = ? ORDER BY id",
             (after, last, mapping.name),
         )
-        return [(id, deleted, _text(k) if type(k) is RawText else k) for id, deleted, k in rows]
+        return [(id, deleted, row_key(key)) for id, deleted, key in rows]
 
     def read_rows(self, mapping: Mapping, keys: Sequence[Any]) -> list[Found]:
         """The rows these keys name that the mapping covers (absent ones are gone, or outside

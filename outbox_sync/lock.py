@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 from typing import IO
 
+from outbox_sync.db import file_identity
 from outbox_sync.errors import AlreadyRunningError, DatabaseError
 
 # A reader (`check`, `status`) takes the lock shared for a moment to see whether a daemon holds
 # it: a daemon starting at that very moment waits this long before concluding another one runs.
 ACQUIRE_PATIENCE_S = 1.0
-LOCK_SUFFIX = ".outbox-sync.lock"
 
 
 class DaemonLock:
@@ -29,7 +29,7 @@ class DaemonLock:
 
     def __init__(self, db_path: Path) -> None:
         real = db_path.resolve()
-        self.path = real.with_name(real.name + LOCK_SUFFIX)
+        self.path = real.with_name(real.name + ".outbox-sync.lock")
         self._file: IO[str] | None = None
 
     def acquire(self, patience_s: float = ACQUIRE_PATIENCE_S) -> None:
@@ -70,23 +70,19 @@ class DaemonLock:
         if self._file is None:
             return
         held = os.fstat(self._file.fileno())
-        try:
-            now = os.stat(self.path)
-        except OSError:
-            now = None
-        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+        if file_identity(self.path) == (held.st_dev, held.st_ino):
             return
-        replacement = DaemonLock(self.path.with_name(self.path.name[: -len(LOCK_SUFFIX)]))
+        old, self._file = self._file, None
         try:
-            replacement.acquire(patience_s=0.0)
+            self.acquire(patience_s=0.0)
         except (AlreadyRunningError, DatabaseError) as error:
+            self._file = old
             raise DatabaseError(
                 f"the daemon's lock file {self.path} was removed or replaced while it ran, and "
                 f"it could not take it back ({error}): stopping, so that one daemon works the "
                 "file"
             ) from None
-        self._file.close()
-        self._file, replacement._file = replacement._file, None
+        old.close()
 
     def holder(self) -> str | None:
         """The pid of the daemon holding the lock ("unknown" if it wrote none), or None when

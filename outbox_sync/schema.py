@@ -155,10 +155,7 @@ def bind(conn: sqlite3.Connection, mapping: Mapping, path: object) -> Mapping:
     gone."""
     if not table_exists(conn, mapping.table):
         raise TableMissingError(mapping.table, path)
-    declared = {
-        row[1]: str(row[2])
-        for row in conn.execute(f"PRAGMA table_info({quote_identifier(mapping.table)})")
-    }
+    declared = declared_types(conn, mapping.table)
     # a mistake of a configuration file is a usage error; the built-in mapping's, the table's
     mistake = ConfigError if mapping.origin == BUILT_IN else ConfigFileError
     wanted = [mapping.key] + [f.column or f.name for f in mapping.fields if not f.sql]
@@ -212,6 +209,13 @@ def _backticked(sql: str | None) -> str | None:
     return _QUOTED.sub(
         lambda m: m[0] if m[1] is None else quote_identifier(m[1].replace('""', '"')), sql
     )
+
+
+def declared_types(conn: sqlite3.Connection, table: str) -> dict[str, str]:
+    """Each column of the table with its declared type."""
+    return {
+        row[1]: str(row[2]) for row in conn.execute(f"PRAGMA table_info({quote_identifier(table)})")
+    }
 
 
 def _upgrade(conn: sqlite3.Connection) -> bool:
@@ -480,22 +484,17 @@ class SchemaWatch:
         """A key column a migration gave another type (INTEGER to TEXT) makes other document
         ids: the daemon, which took the kind at its start, stops (the audit asked for is owed)
         and reads the table anew at its next. The kinds are taken at the first turn."""
-        kinds = {}
-        for mapping in self.mappings:
-            declared = {
-                row[1]: str(row[2])
-                for row in self.db.conn.execute(
-                    f"PRAGMA table_info({quote_identifier(mapping.table)})"
-                )
-            }
-            kinds[mapping.name] = key_kind(declared.get(mapping.key, ""))
+        kinds = {
+            mapping.name: key_kind(declared_types(self.db.conn, mapping.table).get(mapping.key, ""))
+            for mapping in self.mappings
+        }
         if self.kinds is None:
             self.kinds = kinds
-        for name, kind in kinds.items():
-            if kind != self.kinds[name]:
-                mapping = next(m for m in self.mappings if m.name == name)
+        for mapping in self.mappings:
+            was, now = self.kinds[mapping.name], kinds[mapping.name]
+            if now != was:
                 raise DatabaseError(
                     f"the key column {mapping.key} of table {mapping.table} in {self.db.path} "
-                    f"was made {kind} while the daemon ran ({self.kinds[name]} when it started): "
-                    "it stops, and reads the table as it is when it starts again"
+                    f"was made {now} while the daemon ran ({was} when it started): it stops, "
+                    "and reads the table as it is when it starts again"
                 )
