@@ -32,15 +32,18 @@ def gather(
     mappings: Sequence[Mapping],
     lock: DaemonLock,
     explain: Callable[[TypesenseError], str] = str,
+    *,
+    asked: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Everything `status` shows: the backlog and open errors, rows and documents, whether
     Typesense answers, whether a daemon runs, the tables, triggers and key indexes, the last
     audit; in all, and per collection (`collections`, of `indexes`: the ones asked for). The
-    tables, triggers and key indexes of every configured mapping (`mappings`) are checked."""
+    backlog is of the mappings `asked` for (None: the whole outbox). The tables, triggers and
+    key indexes of every configured mapping (`mappings`) are checked."""
     from outbox_sync.reconcile import last_audit  # here, as TypesenseIndex above
     from outbox_sync.schema import missing_tables, trigger_problems, unindexed_keys
 
-    pending, oldest, open_errors = db.backlog()
+    pending, oldest, open_errors = db.backlog(asked)
     figures: dict[str, Any] = {
         "pending": pending,
         "oldest_pending_age_s": oldest,

@@ -231,6 +231,28 @@ def test_changed_fields_tell_the_user_to_reindex_that_collection(
     assert run_module(["run", "--once", "--audit-every", "0"], env=env).returncode == 0
 
 
+def test_with_a_collection_asked_for_the_backlog_is_that_collections(
+    setup: tuple[dict[str, str], Server, sqlite3.Connection],
+) -> None:
+    # status, check and audit named one collection, but counted and timed every entry waiting
+    env, _, app = setup
+    assert run_module(["init"], env=env).returncode == 0
+    assert run_module(["run", "--once", "--audit-every", "0"], env=env).returncode == 0
+    app.execute(ROW_SQL, make_row(7))  # a change of `sequences`, waiting an hour
+    app.execute("UPDATE outbox SET enqueued_at = enqueued_at - 3600")
+    characters_only = ["--collection", "characters", "--json"]
+    status = json.loads(invoke(["status", *characters_only], **env).output)
+    assert (status["pending"], status["oldest_pending_age_s"]) == (0, None)
+    figures = json.loads(invoke(["check", *characters_only], **env).output)
+    assert figures["pending"] == 0 and "waited" not in figures["summary"]
+    audited = invoke(["audit", "--max-lag", "10m", "--collection", "characters"], **env)
+    assert audited.exit_code == 0 and "stalled" not in audited.output, audited.output
+    everything = json.loads(invoke(["status", "--json"], **env).output)
+    assert everything["pending"] == 1 and everything["oldest_pending_age_s"] >= 3600
+    stalled = invoke(["audit", "--max-lag", "10m", "--collection", "sequences"], **env)
+    assert stalled.exit_code == 1 and "stalled:" in stalled.output
+
+
 @pytest.mark.parametrize(
     ("change", "says"),
     [

@@ -176,6 +176,12 @@ class Opened:
         return tuple(m for m in self.mappings if self.collection in (None, m.collection))
 
     @property
+    def asked(self) -> list[str] | None:
+        """The names of the mappings --collection asks for; None without it (the whole outbox,
+        entries of mappings no longer configured included)."""
+        return None if self.collection is None else [m.name for m in self.selected]
+
+    @property
     def by_name(self) -> dict[str, Mapping]:
         return {mapping.name: mapping for mapping in self.mappings}
 

@@ -242,8 +242,9 @@ def reindex_command(settings: Settings) -> None:
 def status(settings: Settings, as_json: bool) -> None:
     """Show the backlog, open sync errors, and what Typesense holds.
 
-    Fields: pending (outbox entries), oldest_pending_age_s, sync_errors_open, rows (in
-    `sequences`), documents (in Typesense; null when unreachable), typesense_ok, fill_pending
+    Fields: pending (outbox entries), oldest_pending_age_s, sync_errors_open (of the collection
+    --collection names, else of all), rows (in `sequences`), documents (in Typesense; null when
+    unreachable), typesense_ok, fill_pending
     (collections whose rows `init` found, which the daemon indexes when it starts), daemon_pid
     (null: no daemon runs), table_ok, triggers_ok (and trigger_problems), key_indexes_ok (and
     unindexed_keys: key columns a migration left without the index init made), last_audit (the
@@ -258,6 +259,7 @@ def status(settings: Settings, as_json: bool) -> None:
             opened.mappings,
             DaemonLock(settings.db_path),
             lambda error: advise(error, settings),
+            asked=opened.asked,
         )
     if as_json:
         click.echo(json.dumps(figures))
@@ -315,7 +317,12 @@ def check(settings: Settings, max_lag: str, max_audit_age: str, as_json: bool) -
     opened = open_database(settings)
     with typesense(settings, opened, start_embedded=False) as indexes:
         figures = health.gather(
-            opened.db, indexes, opened.mappings, DaemonLock(settings.db_path), health.trouble
+            opened.db,
+            indexes,
+            opened.mappings,
+            DaemonLock(settings.db_path),
+            health.trouble,
+            asked=opened.asked,
         )
     code, line = health.verdict(figures, max_lag_s=max_lag_s, max_audit_age_s=max_audit_age_s)
     if as_json:

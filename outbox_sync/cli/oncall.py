@@ -220,7 +220,7 @@ def audit(settings: Settings, repair: bool, max_lag: str, as_json: bool) -> None
             "daemon indexes when it starts (their documents are missing until then)",
             err=as_json,
         )
-    waited_s = opened.db.backlog()[1] or 0.0
+    waited_s = opened.db.backlog(opened.asked)[1] or 0.0
     if waited_s > max_lag_s:
         click.echo(
             f"stalled: the oldest change has waited {waited_s:.0f} s in the outbox (more than "
