@@ -47,7 +47,11 @@ class StoppingError(OutboxSyncError):
 
 
 class AlreadyRunningError(OutboxSyncError):
-    """Another daemon already works this database file."""
+    """Another daemon, or a reindex run without one (`role`), already works this database."""
+
+    def __init__(self, message: str, role: str) -> None:
+        super().__init__(message)
+        self.role = role
 
 
 class SchemaMismatchError(OutboxSyncError):

@@ -67,7 +67,10 @@ def gather(
     for total in ("rows", "documents"):  # None when one is unknown
         values = [one[total] for one in collections.values()]
         figures[total] = None if None in values else sum(values)
-    figures["daemon_pid"] = lock.holder()
+    holder = lock.holder()
+    figures["daemon_pid"] = holder.pid if holder is not None and holder.role == "daemon" else None
+    if holder is not None and holder.role != "daemon":  # a reindex run without a daemon
+        figures["lock_holder"] = f"{holder.role} (pid {holder.pid})"
     gone = missing_tables(db.conn, mappings)
     figures["table_ok"] = not gone
     if gone:
@@ -112,7 +115,8 @@ def verdict(
     now = time.time() if now is None else now
     found: list[tuple[int, str]] = []
     if figures["daemon_pid"] is None:
-        found.append((CRITICAL, "no daemon runs on this database"))
+        busy = f" ({figures['lock_holder']} holds its lock)" if "lock_holder" in figures else ""
+        found.append((CRITICAL, f"no daemon runs on this database{busy}"))
     if not figures["typesense_ok"]:
         found.append((CRITICAL, figures["typesense_error"]))
     if not figures["table_ok"]:

@@ -13,7 +13,7 @@ import fcntl
 import os
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 from outbox_sync.db import file_identity
 from outbox_sync.errors import AlreadyRunningError, DatabaseError
@@ -23,13 +23,21 @@ from outbox_sync.errors import AlreadyRunningError, DatabaseError
 ACQUIRE_PATIENCE_S = 1.0
 
 
+class Holder(NamedTuple):
+    """Who holds the lock, as its file says."""
+
+    pid: str  # "unknown" if it wrote none
+    role: str  # "daemon", or "reindex": `outbox-sync reindex` run while no daemon ran
+
+
 class DaemonLock:
     """An exclusive flock on a file beside the database. The kernel drops it when the process
-    dies, so a crashed daemon never leaves a stale lock."""
+    dies, so a crashed daemon never leaves a stale lock. The holder writes its pid and role."""
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self, db_path: Path, role: str = "daemon") -> None:
         real = db_path.resolve()
         self.path = real.with_name(real.name + ".outbox-sync.lock")
+        self.role = role
         self._file: IO[str] | None = None
 
     def acquire(self, patience_s: float = ACQUIRE_PATIENCE_S) -> None:
@@ -49,16 +57,12 @@ class DaemonLock:
                     time.sleep(0.05)
                     continue
                 handle.seek(0)
-                holder = handle.read().strip() or "unknown"
+                holder = parse_holder(handle.read())
                 handle.close()
-                raise AlreadyRunningError(
-                    f"another outbox-sync daemon (pid {holder}) is already running on this "
-                    f"database (lock {self.path}); stop it first, only one may work a file at "
-                    "a time"
-                ) from None
+                raise AlreadyRunningError(busy(holder, self.path), holder.role) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(f"{os.getpid()}\n")
+        handle.write(f"{os.getpid()} {self.role}\n")
         handle.flush()
         self._file = handle
 
@@ -84,9 +88,9 @@ class DaemonLock:
             ) from None
         old.close()
 
-    def holder(self) -> str | None:
-        """The pid of the daemon holding the lock ("unknown" if it wrote none), or None when
-        no daemon runs. Creates nothing: works on a read-only directory."""
+    def holder(self) -> Holder | None:
+        """Who holds the lock, or None when nobody does. Creates nothing: works on a read-only
+        directory."""
         try:
             handle = open(self.path)  # noqa: SIM115 - closed below
         except FileNotFoundError:
@@ -99,7 +103,7 @@ class DaemonLock:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return handle.read().strip() or "unknown"
+                return parse_holder(handle.read())
             with contextlib.suppress(OSError):
                 fcntl.flock(handle, fcntl.LOCK_UN)
             return None
@@ -115,3 +119,21 @@ class DaemonLock:
 
     def __exit__(self, *_: object) -> None:
         self.release()
+
+
+def parse_holder(text: str) -> Holder:
+    """The lock file's "PID ROLE" (a daemon before roles wrote its pid alone)."""
+    pid, _, role = text.strip().partition(" ")
+    return Holder(pid or "unknown", role or "daemon")
+
+
+def busy(holder: Holder, lock_path: Path) -> str:
+    if holder.role == "daemon":
+        return (
+            f"another outbox-sync daemon (pid {holder.pid}) is already running on this database "
+            f"(lock {lock_path}); stop it first, only one may work a file at a time"
+        )
+    return (
+        f"`outbox-sync {holder.role}` (pid {holder.pid}) is working this database (lock "
+        f"{lock_path}); wait for it to finish, only one process may work a file at a time"
+    )

@@ -2,6 +2,7 @@
 1 WARNING, 2 CRITICAL, 3 UNKNOWN, one line with performance data), against a real Typesense."""
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -193,3 +194,32 @@ def test_a_key_column_without_its_index_is_a_warning(tmp_path: Path) -> None:
     figures = health.gather(db, [], [mapping], DaemonLock(path))
     assert figures["table_ok"] is False and figures["key_indexes_ok"] is None
     conn.close()
+
+
+def test_a_reindex_holding_the_daemon_lock_is_no_daemon(
+    typesense_server: Server, db_path: Path, index: TypesenseIndex, collection: str
+) -> None:
+    # `outbox-sync reindex` run while no daemon runs holds the daemon lock: `check` and
+    # `status` took it for a daemon syncing, and a second reindex waited 60 s for it to answer
+    assert invoke(["reindex"], typesense_server, db_path, collection).exit_code == 0
+    lock_file = DaemonLock(db_path).path
+    assert lock_file.read_text() == f"{os.getpid()} reindex\n"
+    with DaemonLock(db_path, role="reindex"):
+        code, line = check(typesense_server, db_path, collection)
+        assert code == 2
+        assert (
+            f"no daemon runs on this database (reindex (pid {os.getpid()}) holds its lock)" in line
+        )
+        status = invoke(["status", "--json"], typesense_server, db_path, collection)
+        figures = json.loads(status.output)
+        assert figures["daemon_pid"] is None
+        assert figures["lock_holder"] == f"reindex (pid {os.getpid()})"
+        started = time.monotonic()
+        again = invoke(["reindex"], typesense_server, db_path, collection)
+        assert again.exit_code == 1 and time.monotonic() - started < 10
+        assert f"`outbox-sync reindex` (pid {os.getpid()}) is working this database" in again.output
+    with DaemonLock(db_path):  # a daemon's lock: as before, a daemon
+        figures = json.loads(
+            invoke(["status", "--json"], typesense_server, db_path, collection).output
+        )
+        assert figures["daemon_pid"] == str(os.getpid()) and "lock_holder" not in figures

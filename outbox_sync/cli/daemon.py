@@ -194,7 +194,7 @@ def reindex_command(settings: Settings) -> None:
     from outbox_sync import reindex
 
     opened = open_database(settings)
-    lock = DaemonLock(settings.db_path)
+    lock = DaemonLock(settings.db_path, role="reindex")
     collections = [mapping.collection for mapping in opened.selected]
     with progress_bars() as bars:
 
@@ -204,7 +204,9 @@ def reindex_command(settings: Settings) -> None:
 
         try:
             lock.acquire()
-        except AlreadyRunningError:
+        except AlreadyRunningError as busy:
+            if busy.role != "daemon":  # another reindex: no daemon to ask
+                raise
             results = reindex.follow(opened.db, lock, collections, progress)
         else:
             try:
@@ -244,12 +246,12 @@ def status(settings: Settings, as_json: bool) -> None:
 
     Fields: pending (outbox entries), oldest_pending_age_s, sync_errors_open (of the collection
     --collection names, else of all), rows (in `sequences`), documents (in Typesense; null when
-    unreachable), typesense_ok, fill_pending
-    (collections whose rows `init` found, which the daemon indexes when it starts), daemon_pid
-    (null: no daemon runs), table_ok, triggers_ok (and trigger_problems), key_indexes_ok (and
-    unindexed_keys: key columns a migration left without the index init made), last_audit (the
-    daemon's last audit: when, why, what it found and repaired). Exits 0 whatever it finds
-    (it is for reading: `outbox-sync check` is for monitoring).
+    unreachable), typesense_ok, fill_pending (collections whose rows `init` found, which the
+    daemon indexes when it starts), daemon_pid (null: no daemon runs; lock_holder then names a
+    reindex holding the daemon lock), table_ok, triggers_ok (and trigger_problems),
+    key_indexes_ok (and unindexed_keys: key columns a migration left without the index init
+    made), last_audit (the daemon's last audit: when, why, what it found and repaired). Exits 0
+    whatever it finds (it is for reading: `outbox-sync check` is for monitoring).
     """
     opened = open_database(settings)
     with typesense(settings, opened, start_embedded=False) as indexes:
