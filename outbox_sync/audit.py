@@ -46,6 +46,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -66,7 +67,9 @@ from outbox_sync.mapping import Found, Mapping
 from outbox_sync.typesense_index import MAX_DELETE_IDS, TypesenseIndex, export_document
 from outbox_sync.values import INT64, RawText
 
-KINDS = ("missing", "extra", "stale", "invalid")
+# "shared": a key more than one row holds (a table whose key is not unique): one document
+# can show only one of them, and only the application can make it right.
+KINDS = ("missing", "extra", "stale", "invalid", "shared")
 # Rows per read of `sequences` and documents per scratch write: a few MB at most.
 DEFAULT_CHUNK = 5000
 # Candidates checked again per round: one read of SQLite, one export of their ids (in as many
@@ -354,7 +357,9 @@ class Audit:
 
     def repair(self) -> RepairSummary:
         """Enqueue every drifted record into the outbox, so the daemon fixes it with its usual
-        guarantees: missing, stale and invalid ones as upserts, extras as deletes. Documents
+        guarantees: missing, stale, invalid and shared ones as upserts (a shared key's document
+        then shows one of its rows: only the application can make it unique), extras as
+        deletes. Documents
         with an id that no row can have (not a decimal integer, e.g. added by hand as "abc") are
         deleted here: the daemon only ever deletes the ids it writes."""
         enqueued, deleted = 0, []
@@ -499,6 +504,15 @@ class Audit:
             "INSERT INTO candidates (key, kind) SELECT key, 'extra' FROM actual AS a"
             " WHERE NOT EXISTS (SELECT 1 FROM expected AS e WHERE e.key = a.key)"
         )
+        self.scratch.execute(
+            "INSERT INTO candidates (key, kind, detail)"
+            " SELECT key, 'shared', count(*) || ' rows' FROM expected"
+            " WHERE key IS NOT NULL GROUP BY key HAVING count(*) > 1"
+        )
+        self.scratch.execute(  # a key is one candidate: each of its rows may have made one
+            "DELETE FROM candidates WHERE kind != 'shared' AND key IN"
+            " (SELECT key FROM candidates WHERE kind = 'shared')"
+        )
         pending = self._execute("DELETE FROM candidates WHERE key IN (SELECT key FROM pending)")
         pending += self._execute(
             "DELETE FROM candidates WHERE key IS NULL AND EXISTS"
@@ -518,7 +532,10 @@ class Audit:
         ):
             ids = {key: self.mapping.document_id(key) for _, key, _, _ in chunk}
             keys = [key for key, doc_id in ids.items() if doc_id is not None]
-            rows = {row_key(row[0]): row for row in self.db.read_rows(self.mapping, keys)}
+            rows, holders = {}, Counter[Any]()
+            for row in self.db.read_rows(self.mapping, keys):
+                rows[row_key(row[0])] = row
+                holders[row_key(row[0])] += 1
             documents = {}
             for document in self.index.export_ids([ids[key] or "" for key in keys]):
                 documents[document_key(self.mapping, str(document.get("id")))] = document
@@ -526,6 +543,8 @@ class Audit:
             for _, key, kind, detail in chunk:
                 if ids[key] is not None:
                     kind, detail = verdict(self.mapping, rows.get(key), documents.get(key))
+                    if holders[key] > 1:
+                        kind, detail = "shared", f"{holders[key]} rows"
                 if kind:
                     drifted.append((key, kind, detail))
             self._insert("INSERT INTO drift (key, kind, detail) VALUES (?, ?, ?)", drifted)
@@ -567,7 +586,7 @@ def audit_json(
         yield f', "{name}": {{"count": {count}, "ids": ['
         yield from _joined(json.dumps(key, default=str) for key, _ in audit.ids(kind))
         yield "]"
-        if kind in ("stale", "invalid", "known"):  # what differs, per id
+        if kind in ("stale", "invalid", "shared", "known"):  # what differs, per id
             yield ', "details": {'
             yield from _joined(
                 f"{json.dumps(str(key))}: {json.dumps(detail)}" for key, detail in audit.ids(kind)

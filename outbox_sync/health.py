@@ -158,7 +158,10 @@ def _audit_findings(
         found.append((WARNING, f"the last audit failed ({audit['error']})"))
     elif not audit["consistent"]:
         drift = ", ".join(f"{n} {kind}" for kind, n in audit["drift"].items() if n)
-        found.append((WARNING, f"the last audit found drift ({drift}) and repaired it"))
+        repaired = " and repaired it" if audit["enqueued"] else ""
+        if audit["drift"].get("shared"):
+            repaired += " (a shared key is one more than one row holds: make it unique)"
+        found.append((WARNING, f"the last audit found drift ({drift}){repaired}"))
     if age > max_age_s:
         found.append((WARNING, f"the last audit is {age / 3600:.0f} h old"))
     return found

@@ -218,7 +218,7 @@ class Reconciler:
         if not outcome.ok:
             self.log.warning("audit_failed", **fields)
         else:
-            (self.log.warning if outcome.enqueued else self.log.info)("audit_done", **fields)
+            (self.log.info if outcome.consistent else self.log.warning)("audit_done", **fields)
             self.telemetry.audit_done(outcome.drift, outcome.finished_unix)
         # a busy database only loses the record (a power cut too: the commit does not wait
         # for the disk, and so holds the application's write lock ~1 ms less)

@@ -85,7 +85,8 @@ class Metrics:
         )
         self.audit_drift = Gauge(
             "outbox_sync_audit_drift",
-            "Records the last audit found drifted, by kind (missing, extra, stale, invalid).",
+            "Records the last audit found drifted, by kind "
+            "(missing, extra, stale, invalid, shared).",
             ["kind"],
             registry=self.registry,
         )

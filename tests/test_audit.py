@@ -231,7 +231,7 @@ def test_memory_stays_flat_however_many_rows(
     finally:
         tracemalloc.stop()
     assert stale == list(range(500, 5001, 500))
-    assert summary.counts == {"missing": 0, "extra": 0, "stale": 10, "invalid": 0}
+    assert summary.counts == {"missing": 0, "extra": 0, "stale": 10, "invalid": 0, "shared": 0}
     # the documents alone are ~2.5 MB of JSON: holding them all would cost far more than this
     assert peak < 1_500_000, f"audit peaked at {peak / 1e6:.1f} MB"
 
@@ -271,7 +271,7 @@ def test_documents_written_otherwise_are_compared_by_content(db_path: Path, db: 
     with Audit(db, fake) as checked:  # type: ignore[arg-type]
         summary = checked.run()
         assert [key for key, _ in checked.ids("stale")] == [3]
-    assert summary.counts == {"missing": 0, "extra": 0, "stale": 1, "invalid": 0}
+    assert summary.counts == {"missing": 0, "extra": 0, "stale": 1, "invalid": 0, "shared": 0}
 
 
 def test_the_rows_are_not_copied_on_once_the_export_failed(db_path: Path, db: Database) -> None:
@@ -476,7 +476,13 @@ def test_drift_of_more_long_text_keys_than_one_url_holds_is_confirmed(
     app.execute("DELETE FROM characters")
     with Audit(db, index) as audit:
         summary = audit.run()
-        assert summary.counts == {"missing": 0, "extra": len(keys), "stale": 0, "invalid": 0}
+        assert summary.counts == {
+            "missing": 0,
+            "extra": len(keys),
+            "stale": 0,
+            "invalid": 0,
+            "shared": 0,
+        }
         assert sorted(key for key, _ in audit.ids("extra")) == sorted(keys)
         audit.repair()
     drain(worker)  # the daemon deletes them: as many ids, the same filters
@@ -577,3 +583,37 @@ def test_audit_json_with_a_blob_key_is_json(
     result = invoke(["audit", "--json"], typesense_server, path, index.collection)
     assert result.exit_code == 1, result.output  # drift
     assert json.loads(result.stdout)["invalid"]["ids"] == ["b'\\x01\\x02'"]
+
+
+def test_a_key_more_than_one_row_holds_is_shared_drift(
+    tmp_path: Path, typesense_server: Server, collection: str, index: TypesenseIndex
+) -> None:
+    """A loose table's key held by two rows: one document shows one of them. The audit found
+    such a key consistent, or counted it missing once for each row (found by a hostile
+    review)."""
+    path = tmp_path / "legacy.db"
+    app = app_connection(path)
+    app.execute(
+        "CREATE TABLE sequences (id INTEGER, element_type, element_id, sequence_number,"
+        " comment, created_at)"
+    )
+    db = Database(path)
+    schema.init(db, [SEQUENCES])
+    insert_rows(app, range(1, 4))
+    app.execute(ROW_SQL, make_row(2, comment="a second row of key 2"))
+    drain(daemon(db, [index], audit_every_s=0))
+    app.execute("DROP TRIGGER sequences_outbox_insert")  # and two of key 4 that nobody synced
+    app.executemany(ROW_SQL, [make_row(4), make_row(4, comment="another")])
+    with Audit(db, index) as checked:
+        summary = checked.run()
+        shared = list(checked.ids("shared"))
+        assert checked.repair().enqueued == 2  # a document shows one of each key's rows
+    assert (summary.rows, summary.documents) == (6, 3)
+    assert summary.counts == {"missing": 0, "extra": 0, "stale": 0, "invalid": 0, "shared": 2}
+    assert shared == [(2, "2 rows"), (4, "2 rows")] and not summary.consistent
+    drain(daemon(db, [index], audit_every_s=0))
+    assert sorted(export(typesense_server, collection), key=int) == ["1", "2", "3", "4"]
+    result = invoke(["audit"], typesense_server, path, collection)
+    assert result.exit_code == 1  # until the application makes the key unique
+    assert "6 rows, 4 documents: drift found" in result.output
+    assert "shared: 2 keys more than one row holds" in result.output

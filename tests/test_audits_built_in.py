@@ -59,7 +59,7 @@ def test_the_daemon_audits_on_schedule_repairs_and_reports(
     )
     [found] = [e for e in events(daemon, "audit_done") if e["enqueued"]]
     assert found["reason"] == "schedule" and found["consistent"] is False
-    assert found["drift"] == {"missing": 1, "extra": 1, "stale": 0, "invalid": 0}
+    assert found["drift"] == {"missing": 1, "extra": 1, "stale": 0, "invalid": 0, "shared": 0}
     assert found["enqueued"] == 2
     wait_until(
         lambda: export(typesense_server, collection) == sqlite_documents(db_path),

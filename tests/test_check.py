@@ -138,6 +138,11 @@ def test_open_sync_errors_are_a_warning(
             {"consistent": False, "drift": {"missing": 3, "extra": 0}, "enqueued": 3},
             "the last audit found drift (3 missing) and repaired it",
         ),
+        (
+            {"consistent": False, "drift": {"missing": 0, "shared": 2}, "enqueued": 2},
+            "the last audit found drift (2 shared) and repaired it (a shared key is one more "
+            "than one row holds: make it unique)",
+        ),
         ({"ok": False, "error": "Typesense unreachable"}, "the last audit failed"),
         ({"finished_unix": time.time() - 80 * 3600}, "the last audit is 80 h old"),
     ],

@@ -104,6 +104,11 @@ def audit_lines(
             f"not drift: {summary.pending} records waiting in the outbox, "
             f"{summary.known_errors} with an open sync error (`outbox-sync errors list`)"
         )
+    if shared := summary.counts["shared"]:
+        yield (
+            f"shared: {shared} keys more than one row holds; a document shows one of them, and "
+            "no repair can show them all: make the key column unique"
+        )
     if repaired is not None:
         deleted = f"; deleted {len(repaired.deleted)} documents no row can have" * bool(
             repaired.deleted
