@@ -112,7 +112,8 @@ class Mapping:
     depends_on: tuple[Dependency, ...] = ()
     default_sorting_field: str | None = None
     name: str = ""  # how outbox rows name the mapping: the table's name unless given
-    key_kind: str = "integer"  # "integer" or "text", as the key column's declared type says
+    # "integer" or "text", as the key column's declared type says ("": its table was gone)
+    key_kind: str = "integer"
     origin: str = BUILT_IN  # for messages: "config.toml, [[sync]] 2"
 
     def __post_init__(self) -> None:

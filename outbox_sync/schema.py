@@ -320,8 +320,8 @@ def check(db: Database, mappings: Sequence[Mapping], *, prepared: bool = True) -
     for mapping in mappings:
         try:
             bound.append(bind(db.conn, mapping, db.path))
-        except TableMissingError:
-            bound.append(mapping)
+        except TableMissingError:  # no kind to take from a key column that is not there
+            bound.append(replace(mapping, key_kind=""))
     if not prepared:
         return bound
     names = {
@@ -483,15 +483,23 @@ class SchemaWatch:
     def _check_key_kinds(self) -> None:
         """A key column a migration gave another type (INTEGER to TEXT) makes other document
         ids: the daemon, which took the kind at its start, stops (the audit asked for is owed)
-        and reads the table anew at its next. The kinds are taken at the first turn."""
+        and reads the table anew at its next. The kinds are taken at the first turn, but for a
+        mapping `check` left unbound (its table was gone when the daemon started): judged by
+        no kind of the table's, every TEXT key was a sync error once it was back."""
         kinds = {
             mapping.name: key_kind(declared_types(self.db.conn, mapping.table).get(mapping.key, ""))
             for mapping in self.mappings
         }
         if self.kinds is None:
-            self.kinds = kinds
+            self.kinds = {m.name: kinds[m.name] if m.key_kind else "" for m in self.mappings}
         for mapping in self.mappings:
             was, now = self.kinds[mapping.name], kinds[mapping.name]
+            if not was:
+                raise DatabaseError(
+                    f"table {mapping.table} in {self.db.path} was gone when the daemon started, "
+                    "so it could not tell the kind of its key: it stops, and reads the table as "
+                    "it is when it starts again"
+                )
             if now != was:
                 raise DatabaseError(
                     f"the key column {mapping.key} of table {mapping.table} in {self.db.path} "
