@@ -204,9 +204,12 @@ class Applier:
 
     def _prepare_mapping(self, batch: Batch, mapping: Mapping, after: int) -> None:
         work = batch.work.setdefault(mapping.name, Work())
-        # the last entry per record wins; its record's state, read with it, is what goes
-        latest = {entry[2]: entry for entry in self._read(batch, mapping, after)}
-        batch.records.update(zip(repeat(mapping.name), latest))
+        # the last entry per record wins; its record's state, read with it, is what goes. By
+        # type too: a dependency's REAL 5.0 is 5 to Python, and names no document once the row
+        # is gone: it must not take the place of 5's delete (a row found gives its own key)
+        entries = self._read(batch, mapping, after)
+        latest = {(type(entry[2]), entry[2]): entry for entry in entries}
+        batch.records.update((mapping.name, key) for _, key in latest)
         judged = []  # rows SQLite left to the Python mapper
         for entry_id, deleted, key, line in latest.values():
             if line and (line.isascii() or written(line)):  # nearly every row

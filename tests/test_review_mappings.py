@@ -5,8 +5,11 @@ from pathlib import Path
 import pytest
 
 from outbox_sync import schema, sync_errors, worker
+from outbox_sync.db import Database
 from outbox_sync.errors import DatabaseError
+from outbox_sync.mapping import Dependency, Field, Mapping
 from outbox_sync.typesense_index import TypesenseIndex
+from tests.support.app import app_connection
 from tests.support.characters import (
     CHARACTER_SQL,
     CHARACTERS,
@@ -49,3 +52,49 @@ def test_a_daemon_started_while_a_text_keyed_table_is_gone_reads_it_anew_once_ba
     drain(worker.daemon(db, [index], audit_every_s=0))
     assert sync_errors.find(db) == []
     assert set(export(typesense_server, collection)) == {"alice", "bob"}
+
+
+def items_mapping(collection: str) -> Mapping:
+    """`items` (an INTEGER key) with the tags of `item_tags`."""
+    tags = (
+        "(SELECT json_group_array(tag) FROM"
+        " (SELECT tag FROM item_tags t WHERE t.item_id = items.id ORDER BY tag))"
+    )
+    return Mapping(
+        table="items",
+        key="id",
+        collection=collection,
+        fields=(Field("name", "string"), Field("tags", "string[]", sql=tags)),
+        depends_on=(Dependency("item_tags", "item_id"),),
+    )
+
+
+def test_an_item_deleted_with_its_tags_held_as_real_leaves_no_document(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """item_tags.item_id is REAL: a tag of item 5 holds 5.0, and its trigger queues 5.0. Deleting
+    the item and its tags queued (5, delete) then (5.0, upsert): one key to Python, so the
+    batch kept the last, whose REAL key names no document, and acknowledged the item's delete
+    unapplied: its document stayed in search."""
+    path = tmp_path / "items.db"
+    app = app_connection(path)
+    app.executescript(
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL);"
+        "CREATE TABLE item_tags (item_id REAL, tag TEXT);"
+    )
+    db = Database(path, create=True)
+    schema.init(db, [items_mapping(collection)])
+    [items] = schema.check(db, [items_mapping(collection)])
+    index = TypesenseIndex([typesense_server.url], API_KEY, collection, mapping=items)
+    index.ensure_collection()
+    sync = worker.daemon(db, [index])
+    app.execute("INSERT INTO items (id, name) VALUES (5, 'five')")
+    app.execute("INSERT INTO item_tags (item_id, tag) VALUES (5, 'red')")
+    drain(sync)
+    assert export(typesense_server, collection)["5"]["tags"] == ["red"]
+    app.executescript(
+        "BEGIN; DELETE FROM items WHERE id = 5; DELETE FROM item_tags WHERE item_id = 5; COMMIT;"
+    )
+    drain(sync)
+    assert export(typesense_server, collection) == {}
+    assert sync_errors.find(db) == []
