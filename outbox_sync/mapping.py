@@ -322,10 +322,15 @@ class Mapping:
     def triggers(self) -> list["Trigger"]:
         """The triggers that write this mapping's outbox entries, as SQLite keeps their text."""
         own = self.table if self.name == self.table else f"{self.table}_{self.name}"
-        made = _table_triggers(f"{own}_outbox", self.table, self.name, self.key, dependency=False)
+        made = _table_triggers(f"{own}_outbox", self.table, self.name, [self.key], dependency=False)
+        # one set per table: a table depended on through two columns (a friendship naming a
+        # person in each) gets an entry per column from each trigger, not two triggers of a name
+        keys: dict[str, list[str]] = {}
         for dep in self.depends_on:
+            keys.setdefault(dep.table, []).append(dep.key)
+        for table, columns in keys.items():
             made += _table_triggers(
-                f"{dep.table}_outbox_{self.name}", dep.table, self.name, dep.key, dependency=True
+                f"{table}_outbox_{self.name}", table, self.name, columns, dependency=True
             )
         return made
 
@@ -342,9 +347,10 @@ class Trigger:
 
 
 def _table_triggers(
-    prefix: str, table: str, mapping: str, key: str, *, dependency: bool
+    prefix: str, table: str, mapping: str, keys: Sequence[str], *, dependency: bool
 ) -> list[Trigger]:
-    """Insert, update and delete triggers on `table` writing (mapping, key, op) outbox entries.
+    """Insert, update and delete triggers on `table` writing (mapping, key, op) outbox entries,
+    for each of the `keys` columns.
 
     On the mapping's own table a change of key is a delete of the old document and an upsert
     of the new one (a change the column's collation does not see, 'Bob' to 'bob' in a NOCASE
@@ -352,24 +358,21 @@ def _table_triggers(
     of the documents its old and new keys name (the daemon reads the document's rows when it
     applies the entry: a record that is gone is deleted whatever the op), and a NULL key
     names no document."""
-    name, column, into = (
-        sql_text(mapping),
-        quote_identifier(key),
-        "outbox (mapping, record_key, op)",
-    )
+    name, into = sql_text(mapping), "outbox (mapping, record_key, op)"
 
-    def entry(row: str, op: str, condition: str = "") -> str:
+    def entry(row: str, column: str, op: str, condition: str = "") -> str:
         if dependency:
             condition += f" {'AND' if condition else 'WHERE'} {row}.{column} IS NOT NULL"
         return f"    INSERT INTO {into} SELECT {name}, {row}.{column}, '{op}'{condition};\n"
 
     gone = "upsert" if dependency else "delete"
-    bodies = {
-        "insert": entry("NEW", "upsert"),
-        "update": entry("OLD", gone, f" WHERE OLD.{column} IS NOT NEW.{column} COLLATE BINARY")
-        + entry("NEW", "upsert"),
-        "delete": entry("OLD", gone),
-    }
+    bodies = {"insert": "", "update": "", "delete": ""}
+    for column in map(quote_identifier, keys):
+        bodies["insert"] += entry("NEW", column, "upsert")
+        bodies["update"] += entry(
+            "OLD", column, gone, f" WHERE OLD.{column} IS NOT NEW.{column} COLLATE BINARY"
+        ) + entry("NEW", column, "upsert")
+        bodies["delete"] += entry("OLD", column, gone)
     on = quote_identifier(table)
     return [
         Trigger(

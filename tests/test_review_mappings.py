@@ -98,3 +98,44 @@ def test_an_item_deleted_with_its_tags_held_as_real_leaves_no_document(
     drain(sync)
     assert export(typesense_server, collection) == {}
     assert sync_errors.find(db) == []
+
+
+def test_a_table_depended_on_through_two_key_columns_resyncs_the_documents_of_both(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """`friendships` names a person in each of two columns, so the mapping depends on it twice
+    (`a`, then `b`). Both dependencies made triggers of one name: `init` failed ("trigger
+    friendships_outbox_people_insert already exists") and nothing could sync."""
+    friends = (
+        "(SELECT json_group_array(friend) FROM (SELECT f.b AS friend FROM friendships f"
+        " WHERE f.a = people.slug UNION SELECT f.a FROM friendships f WHERE f.b = people.slug"
+        " ORDER BY 1))"
+    )
+    people = Mapping(
+        table="people",
+        key="slug",
+        collection=collection,
+        fields=(Field("friends", "string[]", sql=friends),),
+        depends_on=(Dependency("friendships", "a"), Dependency("friendships", "b")),
+    )
+    path = tmp_path / "people.db"
+    app = app_connection(path)
+    app.executescript(
+        "CREATE TABLE people (slug TEXT PRIMARY KEY);"
+        "CREATE TABLE friendships (a TEXT, b TEXT);"
+        "INSERT INTO people VALUES ('ann'), ('bob'), ('cy');"
+    )
+    db = Database(path, create=True)
+    schema.init(db, [people], backfill=True)
+    [people] = schema.check(db, [people])
+    index = TypesenseIndex([typesense_server.url], API_KEY, collection, mapping=people)
+    index.ensure_collection()
+    sync = worker.daemon(db, [index])
+    app.execute("INSERT INTO friendships VALUES ('ann', 'bob')")
+    drain(sync)
+    found = {slug: doc["friends"] for slug, doc in export(typesense_server, collection).items()}
+    assert found == {"ann": ["bob"], "bob": ["ann"], "cy": []}
+    app.execute("UPDATE friendships SET b = 'cy'")  # bob's friendship is cy's now
+    drain(sync)
+    found = {slug: doc["friends"] for slug, doc in export(typesense_server, collection).items()}
+    assert found == {"ann": ["cy"], "bob": [], "cy": ["ann"]}
