@@ -1,4 +1,5 @@
-"""Hostile review of declarative mappings: depends_on, several mappings, TEXT keys."""
+"""Mappings of any table under writes a hostile review made: depends_on (a key held as REAL, a
+table depended on through two columns), a mapped table gone when the daemon starts."""
 
 from pathlib import Path
 
