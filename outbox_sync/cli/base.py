@@ -225,10 +225,13 @@ def since_value(ctx: click.Context, param: click.Parameter, value: str | None) -
     """--since: 30m, 12h, 7d, 2w, or an ISO date or time (UTC unless it says), as Unix time."""
     if value is None:
         return None
+    now = time.time()
     try:
-        since = parse_since(value, time.time())
+        since = parse_since(value, now)
     except ValueError as error:
         raise click.BadParameter(str(error), ctx, param) from None
+    if since > now:  # a window that starts after now holds nothing: a mistyped date
+        raise click.BadParameter(f"{value!r} is in the future", ctx, param)
     try:
         iso(since)  # as the rows it is compared with write times
     except (OverflowError, OSError, ValueError):
