@@ -2,9 +2,14 @@
 
 from pathlib import Path
 
+import click
+
 from outbox_sync.db import Database
+from outbox_sync.worker import Worker
+from tests.support.app import ROW_SQL, app_connection, make_row
 from tests.support.cli import invoke, one_line
-from tests.support.daemon import record_failure
+from tests.support.daemon import drain, record_failure
+from tests.support.typesense import Server
 
 
 def test_a_report_from_a_future_since_is_one_clear_line(db_path: Path, db: Database) -> None:
@@ -18,3 +23,21 @@ def test_a_report_from_a_future_since_is_one_clear_line(db_path: Path, db: Datab
     # and `errors list` said "no open sync errors matching" of a window that holds nothing
     listed = invoke(["errors", "list", "--since", "2099-01-01"], None, db_path)
     assert listed.exit_code == 2 and "is in the future" in one_line(listed)
+
+
+def test_a_match_past_the_shown_width_never_prints_a_mark_tag(
+    db_path: Path, worker: Worker, typesense_server: Server, collection: str
+) -> None:
+    """The text view cut the highlighted value at 60 characters, tags included: a match near
+    the cut printed `<mark>ne…` as it was, on a terminal or not."""
+    comment = "x" * 50 + " needle and more words after it"
+    app_connection(db_path).execute(ROW_SQL, make_row(1, comment=comment))
+    drain(worker)
+    shown = {}
+    for color in (False, True):
+        result = invoke(["search", "needle"], typesense_server, db_path, collection, color=color)
+        assert result.exit_code == 0, result.output
+        assert "<mark" not in result.output and "</mark" not in result.output
+        shown[color] = result.output
+    assert f"comment={'x' * 50} needle a…  created_at=" in shown[False]
+    assert f"{'x' * 50} {click.style('needle', bold=True, underline=True)} a…" in shown[True]

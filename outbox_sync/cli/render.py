@@ -153,18 +153,25 @@ def search_lines(collection: str, mapping: Mapping, result: dict[str, Any]) -> I
         for field_ in mapping.fields:
             if field_.name in document:
                 value = marked.get(field_.name) or str(document[field_.name])
-                parts.append(f"{field_.name}={highlighted(shorten(str(value), 60))}")
+                parts.append(f"{field_.name}={highlighted(str(value), 60)}")
         yield "  ".join(parts)
     for name, counts in facet_counts(result).items():
         yield f"facet {name}: " + ", ".join(f"{value} ({n})" for value, n in counts.items())
 
 
-def highlighted(text: str) -> str:
-    """Typesense's <mark>…</mark> as bold on a terminal (click drops the styling elsewhere)."""
-    parts = re.split(r"<mark>(.*?)</mark>", text)
-    return "".join(
-        click.style(p, bold=True, underline=True) if i % 2 else p for i, p in enumerate(parts)
-    )
+def highlighted(text: str, width: int) -> str:
+    """Typesense's <mark>…</mark> as bold on a terminal (click drops the styling elsewhere),
+    shortened to `width` characters of its text: the text is cut, not the tags (a tag cut in
+    half matched nothing and printed as it was)."""
+    parts = re.split(r"<mark>(.*?)</mark>", " ".join(text.split()))
+    cut = sum(map(len, parts)) > width
+    room = width - 1 if cut else width
+    shown = []
+    for i, part in enumerate(parts):
+        part = part[:room]
+        room -= len(part)
+        shown.append(click.style(part, bold=True, underline=True) if i % 2 and part else part)
+    return "".join(shown) + "…" * cut
 
 
 def facet_counts(result: dict[str, Any]) -> dict[str, dict[str, int]]:
