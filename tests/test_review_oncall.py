@@ -7,7 +7,7 @@ import click
 from outbox_sync.db import Database
 from outbox_sync.worker import Worker
 from tests.support.app import ROW_SQL, app_connection, make_row
-from tests.support.cli import invoke, one_line
+from tests.support.cli import ROOT, invoke, one_line, run_module, without_settings
 from tests.support.daemon import drain, record_failure
 from tests.support.typesense import Server
 
@@ -41,3 +41,20 @@ def test_a_match_past_the_shown_width_never_prints_a_mark_tag(
         shown[color] = result.output
     assert f"comment={'x' * 50} needle a…  created_at=" in shown[False]
     assert f"{'x' * 50} {click.style('needle', bold=True, underline=True)} a…" in shown[True]
+
+
+def test_the_html_page_is_written_as_the_utf8_it_declares(tmp_path: Path, db_path: Path) -> None:
+    """The page says `<meta charset="utf-8">` and was written in the locale's encoding: under
+    a locale that is not UTF-8 (here ASCII) `report --html` ended in a UnicodeEncodeError
+    traceback, after the text report had been printed."""
+    Database(db_path, create=True).close()
+    invoke(["init"], None, db_path)
+    page = tmp_path / "review.html"
+    env = without_settings(
+        OUTBOX_SYNC_DB=str(db_path), LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0"
+    )
+    env["PYTHONPATH"] = str(ROOT)
+    result = run_module(["report", "--html", str(page)], env)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert '<meta charset="utf-8">' in page.read_text(encoding="utf-8")

@@ -383,7 +383,10 @@ def report(settings: Settings, since: float, as_json: bool, html_path: Path | No
         render.echo_lines(render.report_lines(figures))
     if html_path is not None:
         try:
-            html_path.write_text(page(figures, list(render.report_lines(figures))))
+            # as the page declares itself (`<meta charset="utf-8">`), whatever the locale
+            html_path.write_text(
+                page(figures, list(render.report_lines(figures))), encoding="utf-8"
+            )
         except OSError as error:
             raise click.ClickException(f"cannot write {html_path}: {error.strerror}") from None
         click.echo(f"wrote the weekly review with charts to {html_path}", err=True)
