@@ -4,9 +4,11 @@ from pathlib import Path
 
 import click
 
+from outbox_sync import config_file, schema
 from outbox_sync.db import Database
 from outbox_sync.worker import Worker
 from tests.support.app import ROW_SQL, app_connection, make_row
+from tests.support.characters import CHARACTERS, TAGS, characters_config
 from tests.support.cli import ROOT, invoke, one_line, run_module, without_settings
 from tests.support.daemon import drain, record_failure
 from tests.support.typesense import Server
@@ -58,3 +60,22 @@ def test_the_html_page_is_written_as_the_utf8_it_declares(tmp_path: Path, db_pat
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert '<meta charset="utf-8">' in page.read_text(encoding="utf-8")
+
+
+def test_errors_list_shows_each_error_on_one_line_whatever_its_key(
+    tmp_path: Path, db_path: Path, db: Database
+) -> None:
+    """The RECORD column printed a TEXT key as it is: a key with a line break split its row in
+    two (the second line looked like another error), and an empty key showed as nothing."""
+    config = tmp_path / "outbox-sync.toml"
+    config.write_text(characters_config())
+    _, mappings = config_file.load(config, {})
+    app_connection(db_path).executescript(f"{CHARACTERS}; {TAGS};")
+    schema.init(db, list(mappings))
+    for outbox_id, key in enumerate(["two\nlines", "", "a\tb"], start=1):
+        record_failure(db, outbox_id, key, "refused", mapping="characters", http_status=400)
+    result = invoke(["errors", "list"], None, db_path, OUTBOX_SYNC_CONFIG=str(config))
+    assert result.exit_code == 0, result.output
+    _, *rows = result.output.splitlines()
+    assert len(rows) == 3, result.output
+    assert [row.split()[2] for row in rows] == ["'two\\nlines'", "''", "'a\\tb'"]

@@ -39,8 +39,9 @@ def error_table(rows: list[dict[str, Any]]) -> Iterator[str]:
         http = "-" if row["http_status"] is None else str(row["http_status"])
         state = row["resolution"] or "open"
         collection = row.get("collection") or f"({row['mapping']})"
+        # the key as audit, retry and show name it: a TEXT key quoted, its line breaks escaped
         yield (
-            f"{row['id']:>6}  {shorten(collection, 12):12}  {row['record_key']!s:>10}  "
+            f"{row['id']:>6}  {shorten(collection, 12):12}  {row['record_key']!r:>10}  "
             f"{row['op']:6}  {http:4}  {row['failed_at']:20}  {state:10}  "
             f"{shorten(row['error'], 100)}"
         )
