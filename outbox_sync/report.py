@@ -26,8 +26,9 @@ PERCENTILES = {"p50_s": 0.50, "p95_s": 0.95, "p99_s": 0.99}
 HOUR_S = 3600
 DAY_S = 86400
 # An error kind is the message with its particulars (numbers, quoted values) blanked, so that
-# "got text 'twelve'" and "got text 'seven'" count as one kind.
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+# "got text 'twelve'" and "got text 'seven'" count as one kind. A quote inside a quoted text is
+# doubled, as SQLite's quote() and our messages write it: 'it''s' is one value too.
+_QUOTED = re.compile(r"'(?:[^']|'')*'|\"[^\"]*\"")
 _NUMBER = re.compile(r"\b\d+\b")
 MAX_KIND_CHARS = 120
 

@@ -1,5 +1,6 @@
 """The on-call commands against odd data and odd options (found by a hostile review)."""
 
+import json
 from pathlib import Path
 
 import click
@@ -79,3 +80,19 @@ def test_errors_list_shows_each_error_on_one_line_whatever_its_key(
     _, *rows = result.output.splitlines()
     assert len(rows) == 3, result.output
     assert [row.split()[2] for row in rows] == ["'two\\nlines'", "''", "'a\\tb'"]
+
+
+def test_the_report_counts_one_kind_of_error_whatever_text_it_names(
+    db_path: Path, db: Database
+) -> None:
+    """An error kind is the message without its particulars, but a quoted text with an
+    apostrophe (SQLite's quote() doubles it: 'it''s') left '……' where others left '…': the
+    review counted one way of failing as two kinds."""
+    for outbox_id, text in enumerate(["'seven'", "'it''s'", "'l''arbre d''or'"], start=1):
+        message = f"sequence_number: expected an integer, got text {text}"
+        record_failure(db, outbox_id, outbox_id, message)
+    result = invoke(["report", "--json"], None, db_path)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["given_up"]["by_kind"] == [
+        {"kind": "validation: sequence_number: expected an integer, got text …", "count": 3}
+    ]
