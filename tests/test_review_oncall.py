@@ -96,3 +96,19 @@ def test_the_report_counts_one_kind_of_error_whatever_text_it_names(
     assert json.loads(result.stdout)["given_up"]["by_kind"] == [
         {"kind": "validation: sequence_number: expected an integer, got text …", "count": 3}
     ]
+
+
+def test_facet_counts_say_when_typesense_left_values_out(
+    db_path: Path, worker: Worker, typesense_server: Server, collection: str
+) -> None:
+    """Typesense counts the 10 most frequent values of a facet unless asked for more: with 13
+    element types, `search --facet element_type` listed 10 as if they were all."""
+    app = app_connection(db_path)
+    app.executemany(ROW_SQL, [make_row(i, element_type=f"t{i:02d}") for i in range(1, 14)])
+    drain(worker)
+    args = ["search", "*", "--facet", "element_type"]
+    result = invoke(args, typesense_server, db_path, collection)
+    assert result.exit_code == 0, result.output
+    facet = result.output.splitlines()[-1]
+    assert facet.startswith("facet element_type: ") and facet.count("(1)") == 10
+    assert facet.endswith("… and 3 more values"), facet

@@ -156,8 +156,15 @@ def search_lines(collection: str, mapping: Mapping, result: dict[str, Any]) -> I
                 value = marked.get(field_.name) or str(document[field_.name])
                 parts.append(f"{field_.name}={highlighted(str(value), 60)}")
         yield "  ".join(parts)
-    for name, counts in facet_counts(result).items():
-        yield f"facet {name}: " + ", ".join(f"{value} ({n})" for value, n in counts.items())
+    for facet in result.get("facet_counts", []):
+        counts = facet.get("counts", [])
+        # Typesense counts the most frequent values only (10 unless asked): say how many it left
+        left = facet.get("stats", {}).get("total_values", len(counts)) - len(counts)
+        yield (
+            f"facet {facet['field_name']}: "
+            + ", ".join(f"{c['value']} ({c['count']})" for c in counts)
+            + f", … and {left} more values" * (left > 0)
+        )
 
 
 def highlighted(text: str, width: int) -> str:
