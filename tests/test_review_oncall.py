@@ -112,3 +112,18 @@ def test_facet_counts_say_when_typesense_left_values_out(
     facet = result.output.splitlines()[-1]
     assert facet.startswith("facet element_type: ") and facet.count("(1)") == 10
     assert facet.endswith("… and 3 more values"), facet
+
+
+def test_errors_show_indents_every_line_of_the_error(db_path: Path, db: Database) -> None:
+    """A message naming a text with a line break ('q<newline>z', as SQLite quotes it) went on
+    at the left margin under `error:`, where the next heading of the page is."""
+    record_failure(db, 1, 7, "sequence_number: expected an integer, got text 'q\nz'")
+    result = invoke(["errors", "show", "1"], None, db_path)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    at = lines.index("error:")
+    assert lines[at + 1 : at + 4] == [
+        "  sequence_number: expected an integer, got text 'q",
+        "  z'",
+        "row:",
+    ]

@@ -68,7 +68,8 @@ def error_details(error: dict[str, Any]) -> Iterator[str]:
     ):
         yield f"{name:13} {value}"
     yield "error:"
-    yield f"  {error['error']}"
+    for line in error["error"].splitlines():  # a text it quotes may hold line breaks
+        yield f"  {line}"
     yield "document sent:" if error["http_status"] is not None else "row:"
     document = error["document"]
     if document is None:
