@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import click
+import pytest
 
 from outbox_sync import config_file, schema
 from outbox_sync.db import Database
@@ -127,3 +128,13 @@ def test_errors_show_indents_every_line_of_the_error(db_path: Path, db: Database
         "  z'",
         "row:",
     ]
+
+
+@pytest.mark.parametrize("command", [["errors", "list"], ["report"]])
+def test_a_since_of_hundreds_of_digits_is_one_clear_line(
+    db_path: Path, db: Database, command: list[str]
+) -> None:
+    """A duration no float holds ended in an OverflowError traceback (a shorter one too far
+    back is said as such: tests/test_hardening.py)."""
+    result = invoke([*command, "--since", "9" * 400 + "d"], None, db_path)
+    assert result.exit_code == 2 and "is too far from today" in one_line(result)

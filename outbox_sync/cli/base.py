@@ -230,6 +230,8 @@ def since_value(ctx: click.Context, param: click.Parameter, value: str | None) -
         since = parse_since(value, now)
     except ValueError as error:
         raise click.BadParameter(str(error), ctx, param) from None
+    except OverflowError:  # a duration of hundreds of digits: no float holds it
+        raise click.BadParameter(f"{value!r} is too far from today", ctx, param) from None
     if since > now:  # a window that starts after now holds nothing: a mistyped date
         raise click.BadParameter(f"{value!r} is in the future", ctx, param)
     try:
