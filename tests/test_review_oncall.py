@@ -1,6 +1,9 @@
 """The on-call commands against odd data and odd options (found by a hostile review)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -138,3 +141,27 @@ def test_a_since_of_hundreds_of_digits_is_one_clear_line(
     back is said as such: tests/test_hardening.py)."""
     result = invoke([*command, "--since", "9" * 400 + "d"], None, db_path)
     assert result.exit_code == 2 and "is too far from today" in one_line(result)
+
+
+def test_the_html_page_is_written_when_stdout_is_closed(tmp_path: Path, db_path: Path) -> None:
+    """`report --html FILE | head -1`: the text report went to stdout first, and a reader gone
+    (EPIPE) ended the command before it wrote the page, silently: no page, nothing said."""
+    Database(db_path, create=True).close()
+    invoke(["init"], None, db_path)
+    page = tmp_path / "review.html"
+    env = without_settings(OUTBOX_SYNC_DB=str(db_path), PYTHONPATH=str(ROOT))
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line is written
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "outbox_sync", "report", "--html", str(page)],
+            env=env,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert page.exists(), result.stderr
+    assert '<meta charset="utf-8">' in page.read_text(encoding="utf-8")

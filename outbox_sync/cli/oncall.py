@@ -377,16 +377,16 @@ def report(settings: Settings, since: float, as_json: bool, html_path: Path | No
     if html_path is not None:
         check_chart_library()  # before the work, not after it
     figures = build_report(open_database(settings).db, since)
+    summary = list(render.report_lines(figures))
+    if html_path is not None:  # before stdout: a reader gone (`| head -1`) ends the command
+        try:
+            # as the page declares itself (`<meta charset="utf-8">`), whatever the locale
+            html_path.write_text(page(figures, summary), encoding="utf-8")
+        except OSError as error:
+            raise click.ClickException(f"cannot write {html_path}: {error.strerror}") from None
     if as_json:
         click.echo(json.dumps(figures))
     else:
-        render.echo_lines(render.report_lines(figures))
+        render.echo_lines(summary)
     if html_path is not None:
-        try:
-            # as the page declares itself (`<meta charset="utf-8">`), whatever the locale
-            html_path.write_text(
-                page(figures, list(render.report_lines(figures))), encoding="utf-8"
-            )
-        except OSError as error:
-            raise click.ClickException(f"cannot write {html_path}: {error.strerror}") from None
         click.echo(f"wrote the weekly review with charts to {html_path}", err=True)
