@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 import pytest
 
-from outbox_sync import config_file, schema
+from outbox_sync import config_file, schema, sync_errors
 from outbox_sync.db import Database
-from outbox_sync.worker import Worker
+from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.worker import Worker, daemon
 from tests.support.app import ROW_SQL, app_connection, make_row
 from tests.support.characters import CHARACTERS, TAGS, characters_config
 from tests.support.cli import ROOT, invoke, one_line, run_module, without_settings
@@ -165,3 +166,44 @@ def test_the_html_page_is_written_when_stdout_is_closed(tmp_path: Path, db_path:
         os.close(write)
     assert page.exists(), result.stderr
     assert '<meta charset="utf-8">' in page.read_text(encoding="utf-8")
+
+
+THINGS = """
+[[sync]]
+table = "things"
+key = "k"
+collection = "{collection}"
+fields = [ {{ name = "name", type = "string" }} ]
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="outside the on-call commands (the drain, db.read_rows): keys are bound as JSON, "
+    "json.dumps writes Infinity, which SQLite's json_each refuses; the fix belongs to the "
+    "daemon's side",
+)
+def test_an_infinite_key_in_an_integer_column_is_a_sync_error_not_a_crash(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """An INTEGER key column that is not the rowid holds a REAL 1e999 (Inf) as it is: the drain
+    raised sqlite3.OperationalError 'malformed JSON', which stops the daemon (every mapping)."""
+    path = tmp_path / "things.db"
+    app = app_connection(path)
+    app.execute("CREATE TABLE things (k INTEGER UNIQUE, name TEXT)")
+    config = tmp_path / "outbox-sync.toml"
+    config.write_text(THINGS.format(collection=collection))
+    _, mappings = config_file.load(config, {})
+    db = Database(path, create=True)
+    schema.init(db, list(mappings))
+    [mapping] = schema.check(db, list(mappings))
+    index = TypesenseIndex(
+        [typesense_server.url], typesense_server.api_key, collection, mapping=mapping
+    )
+    index.ensure_collection()
+    worker = daemon(db, [index])
+    app.execute("INSERT INTO things VALUES (1e999, 'x'), (7, 'y')")
+    drain(worker)
+    [error] = sync_errors.find(db)
+    assert error["error"] == "k: expected an integer, got real Inf"
+    assert index.retrieve("7") is not None
