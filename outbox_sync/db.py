@@ -5,6 +5,7 @@ network I/O: other applications write to this file at the same time.
 """
 
 import json
+import math
 import os
 import sqlite3
 import time
@@ -254,7 +255,7 @@ class Database:
         try:
             lines = self.fetch_raw(
                 mapping.select_by_keys(f"{quote_identifier(mapping.key)}, {mapping.line_sql()}"),
-                (json.dumps(list(keys)),),
+                (keys_json(keys),),
             )
             found: list[Found] = []
             rest = []
@@ -264,9 +265,7 @@ class Database:
                 else:
                     rest.append(_bindable(key))
             if rest:
-                rows = self.fetch_raw(
-                    mapping.select_by_keys(mapping.columns()), (json.dumps(rest),)
-                )
+                rows = self.fetch_raw(mapping.select_by_keys(mapping.columns()), (keys_json(rest),))
                 found += [(row[0], None, row) for row in rows]
             return found
         except sqlite3.OperationalError as error:
@@ -711,6 +710,19 @@ def _as_stored(values: Sequence[Any]) -> tuple[str, list[Any]]:
     between) and names no row (a row read again would be lost)."""
     marks = ", ".join("CAST(? AS TEXT)" if type(v) is RawText else "?" for v in values)
     return marks, [bytes(v) if type(v) is RawText else v for v in values]
+
+
+def keys_json(keys: Sequence[Any]) -> str:
+    """Keys as the JSON array `select_by_keys` reads: an infinite REAL (a key column that is
+    not the rowid may hold one) as 9e999, which SQLite reads back as it (json.dumps writes
+    Infinity, which SQLite refuses: the whole read failed, and the daemon stopped)."""
+    return f"[{','.join(map(_key_json, keys))}]"
+
+
+def _key_json(key: Any) -> str:
+    if type(key) is float and math.isinf(key):
+        return "9e999" if key > 0 else "-9e999"
+    return json.dumps(key)
 
 
 def _bindable(value: Any) -> Any:

@@ -302,6 +302,12 @@ def _inf(value: float) -> str:
     return "Inf" if value > 0 else "-Inf"
 
 
+def json_key(key: Any) -> Any:
+    """A record key as JSON output holds it: an infinite REAL (a key column that is not the
+    rowid may hold one), which no JSON number is, as the text SQLite writes for it."""
+    return _inf(key) if type(key) is float and math.isinf(key) else key
+
+
 def _describe_json(item: Any) -> str:
     if item is None:
         return "null"
