@@ -374,7 +374,8 @@ def report(settings: Settings, since: float, as_json: bool, html_path: Path | No
     From the statistics the daemon keeps in the database: records applied (by operation),
     retried and given up on (by HTTP status and error kind), Typesense latency (p50/p95/p99 per
     operation), outages, and the backlog now. --html draws them hour by hour, with the backlog
-    and lag over time.
+    and lag over time. It covers every collection the daemon syncs, whatever --collection
+    says: the statistics are the daemon's.
 
     Latency percentiles are bucket upper bounds (≤ 5 ms means between 2.5 and 5 ms). The daemon
     adds its statistics to the current minute every few seconds, and when it stops.
