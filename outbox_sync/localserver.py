@@ -26,6 +26,7 @@ from types import TracebackType
 import httpx
 import structlog
 
+from outbox_sync.config import HEADER_SAFE_KEY
 from outbox_sync.errors import ConfigError, OutboxSyncError
 
 DEFAULT_START_TIMEOUT_S = 60.0
@@ -96,7 +97,7 @@ def read_embedded_api_key(data_dir: Path) -> str | None:
     nothing: for commands that only reach a server `outbox-sync run` started."""
     key_file = data_dir / API_KEY_FILE
     try:
-        return key_file.read_text().strip() or None
+        key = key_file.read_text().strip()
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError) as error:
@@ -105,6 +106,17 @@ def read_embedded_api_key(data_dir: Path) -> str | None:
             "run outbox-sync as the user that runs `outbox-sync run`, or set TYPESENSE_URL "
             "and TYPESENSE_API_KEY"
         ) from None
+    # As config._api_key refuses a key given so: a file edited by hand (a second line, a
+    # non-ASCII character) made every request fail, as unreachable or with a traceback, and
+    # httpx put the key in its error message. Never echoed here.
+    if key and not HEADER_SAFE_KEY.fullmatch(key):
+        raise ConfigError(
+            f"the embedded Typesense's API key in {key_file} holds a control or a non-ASCII "
+            "character, which an HTTP header cannot carry (an edit left a second line?): "
+            "make it one line of printable ASCII, or remove the file and `outbox-sync run` "
+            "makes a new one"
+        )
+    return key or None
 
 
 def _reason(error: Exception) -> str:
