@@ -717,11 +717,16 @@ def _url_chars(text: str) -> int:
 
 @contextlib.contextmanager
 def open_indexes(
-    settings: Settings, mappings: Sequence[Mapping], *, start_embedded: bool
+    settings: Settings,
+    mappings: Sequence[Mapping],
+    *,
+    start_embedded: bool,
+    heartbeat: Callable[[], None] = lambda: None,
 ) -> Iterator[dict[str, TypesenseIndex]]:
     """The index of each mapping, by mapping name (one client for all). With no URL
     configured, the embedded server: started (and stopped at the end) with start_embedded, only
-    reached otherwise (it runs while a daemon does)."""
+    reached otherwise (it runs while a daemon does). `heartbeat` is called while the server
+    starts (LocalTypesense.wait_ready): raising there ends the wait, and stops the server."""
     server = None
     if settings.embedded:
         # reaching a running embedded server creates nothing (a read-only directory is fine);
@@ -732,31 +737,32 @@ def open_indexes(
         )
         server = LocalTypesense(settings.embedded_dir, api_key=key, port=settings.embedded_port)
         urls: Sequence[str] = [server.url]
-        if start_embedded:
+    else:
+        assert settings.api_key is not None  # build_settings requires one with a URL
+        key, urls = settings.api_key, settings.typesense_urls
+    # a start cut short (a stop asked for meanwhile, a server never ready) stops it too
+    try:
+        if server is not None and start_embedded:
             structlog.get_logger("outbox_sync").info(
                 "embedded_typesense_starting",
                 url=server.url,
                 data_dir=str(settings.embedded_dir),
                 note="no TYPESENSE_URL set: using the embedded server",
             )
-            server.start()
-    else:
-        assert settings.api_key is not None  # build_settings requires one with a URL
-        key, urls = settings.api_key, settings.typesense_urls
-    first, *rest = mappings
-    index = TypesenseIndex(
-        urls,
-        key,
-        first.collection,
-        mapping=first,
-        timeout_s=settings.timeout_s,
-        ca_file=None if server else settings.ca_file,
-    )
-    index.server = server
-    indexes = {first.name: index}
-    for mapping in rest:
-        indexes[mapping.name] = index.on_collection(mapping.collection, mapping)
-    try:
+            server.start(heartbeat=heartbeat)
+        first, *rest = mappings
+        index = TypesenseIndex(
+            urls,
+            key,
+            first.collection,
+            mapping=first,
+            timeout_s=settings.timeout_s,
+            ca_file=None if server else settings.ca_file,
+        )
+        index.server = server
+        indexes = {first.name: index}
+        for mapping in rest:
+            indexes[mapping.name] = index.on_collection(mapping.collection, mapping)
         yield indexes
     finally:
         if server is not None:

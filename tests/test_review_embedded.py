@@ -1,12 +1,18 @@
 """A hostile review of the embedded Typesense `outbox-sync run` starts without a TYPESENSE_URL:
 its files edited, its start slow, signals while it starts, the on-call commands beside it."""
 
+import json
+import signal
+import socket
+import time
 from pathlib import Path
 
 import pytest
 
 from outbox_sync.localserver import free_port
 from tests.support.cli import error_lines, run_module, without_settings
+from tests.support.daemon import Daemon
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -56,3 +62,34 @@ def test_an_embedded_api_key_no_header_can_carry_is_one_clear_line(
     assert f"API key in {data_dir / 'api-key'}" in line
     assert "NOTE-a3f9" not in result.stderr and "secrète" not in result.stderr
     assert not servers_of(data_dir)
+
+
+def test_sigterm_while_the_embedded_server_starts_stops_the_daemon_at_once(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM (or Ctrl-C) while `run` waited for its embedded server to be ready was left
+    for after the wait: up to 60 s, past systemd's TimeoutStopSec with the stop's own time. The
+    loop's waits for a server it starts again end at once; this one did not. The server, its
+    peering port taken while the daemon was down, is ready only after ~12.5 s."""
+    env = embedded_env(tmp_path)
+    assert run_module(["init"], env=env).returncode == 0
+    assert run_module(["run", "--once"], env=env).returncode == 0  # raft state to wait for
+    data_dir = tmp_path / "sequences.db.typesense"
+    peering_port = json.loads((data_dir / "ports.json").read_text())["peering_port"]
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", peering_port))
+        squatter.listen()
+        daemon = Daemon(env, tmp_path / "daemon.log")
+        try:
+            wait_until(lambda: servers_of(data_dir), timeout_s=30, what="the server's start")
+            daemon.process.send_signal(signal.SIGTERM)
+            asked = time.monotonic()
+            code = daemon.wait(8)
+        finally:
+            daemon.kill()
+    assert time.monotonic() - asked < 5
+    assert code == 0, daemon.output()
+    assert not error_lines(daemon.output())
+    assert not daemon.logged("started")  # it never began to sync
+    wait_until(lambda: not servers_of(data_dir), timeout_s=10, what="the server to be gone")

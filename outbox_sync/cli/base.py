@@ -212,12 +212,18 @@ def open_database(settings: Settings, *, upgrade: bool = False) -> Opened:
 
 @contextlib.contextmanager
 def typesense(
-    settings: Settings, opened: Opened, *, start_embedded: bool
+    settings: Settings,
+    opened: Opened,
+    *,
+    start_embedded: bool,
+    heartbeat: Callable[[], None] = lambda: None,
 ) -> Iterator[list["TypesenseIndex"]]:
     """The index of each mapping asked for (see open_indexes)."""
     from outbox_sync.typesense_index import open_indexes
 
-    with open_indexes(settings, opened.mappings, start_embedded=start_embedded) as indexes:
+    with open_indexes(
+        settings, opened.mappings, start_embedded=start_embedded, heartbeat=heartbeat
+    ) as indexes:
         yield [indexes[mapping.name] for mapping in opened.selected]
 
 

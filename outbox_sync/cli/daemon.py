@@ -24,7 +24,7 @@ from outbox_sync.cli.base import (
     with_settings,
 )
 from outbox_sync.config import Settings, parse_duration
-from outbox_sync.errors import AlreadyRunningError, ConfigError
+from outbox_sync.errors import AlreadyRunningError, ConfigError, StoppingError
 from outbox_sync.lock import DaemonLock
 
 if TYPE_CHECKING:  # see cli/__init__.py
@@ -102,6 +102,12 @@ def run(settings: Settings, once: bool) -> None:
             os._exit(128 + signum)
         stop.set(signal.Signals(signum).name)
 
+    def starting() -> None:
+        # the embedded server may take up to a minute to be ready: a stop asked for meanwhile
+        # ends the wait (and stops it), as the loop's waits for it end
+        if stop.is_set():
+            raise StoppingError("the daemon stopped while its embedded Typesense started")
+
     with DaemonLock(settings.db_path) as lock, contextlib.ExitStack() as cleanup:
         cleanup.callback(stop.close)
         telemetry = Telemetry(metrics=settings.metrics_address is not None)
@@ -109,7 +115,13 @@ def run(settings: Settings, once: bool) -> None:
             cleanup.enter_context(metrics_server(telemetry, settings.metrics_address))
         for signum in (signal.SIGTERM, signal.SIGINT):
             cleanup.callback(signal.signal, signum, signal.signal(signum, request_stop))
-        indexes = cleanup.enter_context(typesense(settings, opened, start_embedded=True))
+        try:
+            indexes = cleanup.enter_context(
+                typesense(settings, opened, start_embedded=True, heartbeat=starting)
+            )
+        except StoppingError:
+            log.info("stopping", signal=stop.signal)  # the loop's line: it never ran
+            return
         log.info(
             "started",
             db=str(settings.db_path),
