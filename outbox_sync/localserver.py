@@ -141,6 +141,13 @@ def saved_ports(data_dir: Path) -> dict[str, int]:
     }
 
 
+def reached_port(data_dir: Path, configured: int) -> int:
+    """Where a command that only reaches the server `run` started on data_dir finds it: the API
+    port that server saved at its start, whatever this command is given (`run --embedded-port`
+    sets a port the other commands are not told); `configured` if none was saved."""
+    return saved_ports(data_dir).get("api_port", configured)
+
+
 def _die_with_parent() -> None:
     # Linux: the server gets SIGTERM if the daemon dies, even by SIGKILL, so no orphan keeps
     # the port and the data directory.

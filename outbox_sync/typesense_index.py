@@ -33,7 +33,12 @@ from outbox_sync.errors import (
     TypesenseRejectedError,
     TypesenseUnavailableError,
 )
-from outbox_sync.localserver import LocalTypesense, embedded_api_key, read_embedded_api_key
+from outbox_sync.localserver import (
+    LocalTypesense,
+    embedded_api_key,
+    reached_port,
+    read_embedded_api_key,
+)
 from outbox_sync.mapping import SEQUENCES, Mapping
 
 if TYPE_CHECKING:
@@ -735,7 +740,10 @@ def open_indexes(
         key = settings.api_key or (
             embedded_api_key(settings.embedded_dir) if start_embedded else found or "none"
         )
-        server = LocalTypesense(settings.embedded_dir, api_key=key, port=settings.embedded_port)
+        port = settings.embedded_port
+        if not start_embedded:
+            port = reached_port(settings.embedded_dir, port)
+        server = LocalTypesense(settings.embedded_dir, api_key=key, port=port)
         urls: Sequence[str] = [server.url]
     else:
         assert settings.api_key is not None  # build_settings requires one with a URL

@@ -6,10 +6,12 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from outbox_sync.localserver import free_port
+from tests.support.app import insert_rows
 from tests.support.cli import error_lines, run_module, without_settings
 from tests.support.daemon import Daemon
 from tests.support.wait import wait_until
@@ -93,3 +95,33 @@ def test_sigterm_while_the_embedded_server_starts_stops_the_daemon_at_once(
     assert not error_lines(daemon.output())
     assert not daemon.logged("started")  # it never began to sync
     wait_until(lambda: not servers_of(data_dir), timeout_s=10, what="the server to be gone")
+
+
+def test_the_on_call_commands_reach_the_embedded_server_where_the_daemon_started_it(
+    tmp_path: Path,
+) -> None:
+    """`run --embedded-port P` (the move its own port-in-use error advises): `status`, `check`
+    and `search`, run without that flag, went to the default port and said the embedded server
+    was down, "start the daemon", while the daemon ran and synced. The server's port is kept
+    in its data directory (ports.json)."""
+    env = embedded_env(tmp_path)  # OUTBOX_SYNC_EMBEDDED_PORT: what the commands are given
+    assert run_module(["init"], env=env).returncode == 0
+    insert_rows(tmp_path / "sequences.db", [1])
+    daemon = Daemon(env, tmp_path / "daemon.log", "--embedded-port", str(free_port()))
+    try:
+
+        def status() -> dict[str, Any]:
+            result = run_module(["status", "--json"], env=env)
+            assert result.returncode == 0, result.stderr
+            return dict(json.loads(result.stdout))
+
+        wait_until(lambda: daemon.logged("audit_done"), timeout_s=30, what="the daemon's start")
+        figures = status()
+        assert figures["daemon_pid"] is not None
+        assert (figures["typesense_ok"], figures["documents"]) == (True, 1), figures
+        found = run_module(["search", "comment"], env=env)
+        assert found.returncode == 0, found.stderr
+        assert "comment number 1" in found.stdout
+    finally:
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0

@@ -95,9 +95,12 @@ def advise(error: OutboxSyncError, settings: Settings | None) -> str:
     message = str(error)
     if isinstance(error, TypesenseUnavailableError) and settings is not None:
         if settings.embedded:
+            from outbox_sync.localserver import reached_port
+
+            port = reached_port(settings.embedded_dir, settings.embedded_port)
             return (
                 f"{message}: no --typesense-url is set, so this is the embedded Typesense on "
-                f"127.0.0.1:{settings.embedded_port}, which runs only while `outbox-sync run` "
+                f"127.0.0.1:{port}, which runs only while `outbox-sync run` "
                 "does; start the daemon, or set TYPESENSE_URL to your Typesense"
             )
         return (
