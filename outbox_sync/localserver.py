@@ -190,6 +190,7 @@ class LocalTypesense:
         self.single_node = not any(arg.startswith("--nodes") for arg in extra_args)
         self.log_file = log_file or data_dir / "typesense.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.started_empty = False  # the last start found no data kept (see start)
 
     @property
     def url(self) -> str:
@@ -208,7 +209,11 @@ class LocalTypesense:
         self._take_ports()
         command = self._command()
         try:
-            (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
+            data = self.data_dir / "data"
+            # nothing kept: a first start, or the data was removed (damaged, say) since the
+            # last; the daemon then audits (worker.daemon), whatever its schedule
+            self.started_empty = not (data.is_dir() and any(data.iterdir()))
+            data.mkdir(parents=True, exist_ok=True)
             # left behind by a stop that was cut short
             shutil.rmtree(self.data_dir / SNAPSHOT_COPY_DIR, ignore_errors=True)
             self._save_ports()

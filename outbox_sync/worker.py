@@ -544,6 +544,11 @@ def daemon(
         Job("audit", 0, reconciler, settle=reconciler.settle, at_stop=reconciler.stop),
         Job("progress", PROGRESS_INTERVAL_S, Progress(db, telemetry), due_at_start=False),
     ]
+    if server is not None and server.started_empty:
+        # documents synced before the server's data went are in no outbox entry: only an
+        # audit puts them back (with --audit-every 0 nothing else would; on a first start it
+        # is the start audit's work, or the fill's and cheap)
+        reconciler.request("embedded server empty")
     if server is not None:
         jobs.append(
             Job(

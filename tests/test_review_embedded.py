@@ -2,6 +2,7 @@
 its files edited, its start slow, signals while it starts, the on-call commands beside it."""
 
 import json
+import shutil
 import signal
 import socket
 import time
@@ -10,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from outbox_sync.localserver import free_port
+from outbox_sync.localserver import LocalTypesense, free_port
 from tests.support.app import insert_rows
 from tests.support.cli import error_lines, run_module, without_settings
 from tests.support.daemon import Daemon
+from tests.support.typesense import Server, export
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
@@ -125,3 +127,24 @@ def test_the_on_call_commands_reach_the_embedded_server_where_the_daemon_started
     finally:
         daemon.process.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
+
+
+def test_an_embedded_data_directory_removed_while_the_daemon_was_down_is_filled_again(
+    tmp_path: Path,
+) -> None:
+    """The embedded server's data directory damaged (it exits at start, "see typesense.log")
+    and removed, as one does, while the daemon was down: the daemon started a new empty
+    server, made the collection, and with --audit-every 0 nothing ever put the rows back: every
+    record synced before stayed unsearchable, `status` and `check` none the wiser."""
+    env = embedded_env(tmp_path)
+    assert run_module(["init"], env=env).returncode == 0
+    insert_rows(tmp_path / "sequences.db", range(1, 6))
+    assert run_module(["run", "--once", "--audit-every", "0"], env=env).returncode == 0
+    data_dir = tmp_path / "sequences.db.typesense"
+    key = (data_dir / "api-key").read_text().strip()
+    shutil.rmtree(data_dir)
+    assert run_module(["run", "--once", "--audit-every", "0"], env=env).returncode == 0
+    with LocalTypesense(data_dir) as server:  # on the ports the daemon saved: quick
+        assert server.api_key != key  # a new server indeed
+        held = export(Server(server.url, server.api_key), "sequences")
+    assert sorted(held, key=int) == ["1", "2", "3", "4", "5"]
