@@ -250,6 +250,7 @@ class Worker:
                     break
                 except TypesenseUnavailableError as error:
                     hint = {} if self.embedded else start_hint(error)  # no URL to be wrong
+                    self._show_backlog()
                     self._pause(error, stop, **hint)
             while not stop.is_set():
                 version = self._data_version()
@@ -316,6 +317,16 @@ class Worker:
             self.typesense_down = False
             self.after_outage()
         return Turn(applied)
+
+    def _show_backlog(self) -> None:
+        """The backlog figures (metrics, systemd's status) while the loop, at start, waits for
+        Typesense: its backlog job runs only once the loop turns, so an outage from the start
+        left them at 0, and the lag alert silent, while the changes piled up."""
+        try:
+            self.telemetry.backlog(*self.db.backlog())
+        except sqlite3.OperationalError as error:  # the application's lock: shown next time
+            if not is_busy(error):
+                raise
 
     def _run_jobs(self, now: float, *, keeping_typesense: bool) -> None:
         """The jobs that are due, among those that keep Typesense up or among the others."""

@@ -1,0 +1,52 @@
+"""What operators and monitors see of a running daemon (/metrics, /healthz, log lines, `check`),
+held against what is true: a real SQLite file and a real Typesense, faults put between them by
+the fault proxy."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from outbox_sync.db import Database
+from outbox_sync.telemetry import Telemetry
+from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.worker import daemon
+from tests.support.app import app_connection, insert_rows
+from tests.support.daemon import running
+from tests.support.faultproxy import Fault, FaultProxy
+from tests.support.typesense import Server
+from tests.support.wait import wait_until
+
+TIMEOUT_S = 0.6
+
+
+@pytest.fixture
+def proxy(typesense_server: Server) -> Iterator[FaultProxy]:
+    with FaultProxy(typesense_server.url) as proxy:
+        yield proxy
+
+
+def gauge(telemetry: Telemetry, name: str) -> float | None:
+    assert telemetry.metrics is not None
+    return telemetry.metrics.registry.get_sample_value(name)
+
+
+def test_the_backlog_gauges_count_while_a_daemon_starts_into_an_outage(
+    db: Database, db_path: Path, typesense_server: Server, collection: str, proxy: FaultProxy
+) -> None:
+    # Typesense answers nothing but 503 from the daemon's start: changes pile up, and the lag
+    # alert and the dashboard read these gauges
+    insert_rows(app_connection(db_path), range(1, 6))
+    proxy.add(Fault("status", status=503, times=None))
+    index = TypesenseIndex([proxy.url], typesense_server.api_key, collection, timeout_s=TIMEOUT_S)
+    telemetry = Telemetry()
+    worker = daemon(db, [index], telemetry=telemetry, min_backoff_s=0.01, max_backoff_s=0.05)
+    with running(worker):
+        wait_until(lambda: len(proxy.requests) >= 4, timeout_s=10, what="the daemon to retry")
+        wait_until(
+            lambda: gauge(telemetry, "outbox_sync_outbox_pending") == 5,
+            timeout_s=5,
+            what="outbox_sync_outbox_pending to count the 5 waiting entries",
+        )
+        assert (gauge(telemetry, "outbox_sync_outbox_oldest_age_seconds") or 0) > 0
+        assert gauge(telemetry, "outbox_sync_typesense_up") == 0
