@@ -286,9 +286,10 @@ class Worker:
             self._run_jobs(now, keeping_typesense=False)
             applied = self.applier.drain(stop)
             in_outage = self.backoff.since is not None
-            if not applied and (in_outage or now >= self.probe_at):
+            if in_outage or (not applied and now >= self.probe_at):
                 # idle: ask Typesense now and then, so /healthz and the metrics stay true; an
-                # empty outbox proves nothing about an outage, so probe to end one
+                # empty outbox proves nothing about an outage, nor does a batch applied without
+                # a request (rows failing validation), so probe to end one
                 self.probe_at = now + HEALTH_PROBE_INTERVAL_S
                 if not self.indexes[0].healthy():
                     raise TypesenseUnavailableError("Typesense health check failed")

@@ -2,16 +2,19 @@
 held against what is true: a real SQLite file and a real Typesense, faults put between them by
 the fault proxy."""
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from outbox_sync.db import Database
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import daemon
-from tests.support.app import app_connection, insert_rows
+from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row
 from tests.support.daemon import running
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.typesense import Server
@@ -50,3 +53,28 @@ def test_the_backlog_gauges_count_while_a_daemon_starts_into_an_outage(
         )
         assert (gauge(telemetry, "outbox_sync_outbox_oldest_age_seconds") or 0) > 0
         assert gauge(telemetry, "outbox_sync_typesense_up") == 0
+
+
+def test_a_batch_that_sends_nothing_does_not_end_an_outage(
+    db: Database, db_path: Path, typesense_server: Server, collection: str, proxy: FaultProxy
+) -> None:
+    index = TypesenseIndex([proxy.url], typesense_server.api_key, collection, timeout_s=TIMEOUT_S)
+    index.ensure_collection()
+    telemetry = Telemetry()
+    worker = daemon(db, [index], telemetry=telemetry, min_backoff_s=0.01, max_backoff_s=0.05)
+    stop = threading.Event()
+    now = time.monotonic()
+    assert worker.loop(now, stop).applied == 0  # idle: the probe says Typesense is up
+    assert gauge(telemetry, "outbox_sync_typesense_up") == 1
+    proxy.add(Fault("status", status=503, times=None))  # Typesense goes away
+    assert worker.loop(now + 10, stop).paused  # the next probe fails: an outage
+    assert gauge(telemetry, "outbox_sync_typesense_up") == 0
+    # meanwhile the application writes a row that fails validation: its batch sends nothing
+    app_connection(db_path).execute(ROW_SQL, make_row(1, sequence_number="ten"))
+    with capture_logs() as logs:
+        worker.loop(now + 20, stop)
+    events = [entry["event"] for entry in logs]
+    assert "sync_resumed" not in events, events  # Typesense still answers nothing but 503
+    assert gauge(telemetry, "outbox_sync_typesense_up") == 0
+    assert telemetry.health(time.monotonic())[0] is False
+    assert db.backlog()[2] == 1  # the row's sync error was written all the same
