@@ -403,18 +403,25 @@ class TypesenseIndex:
         )
 
     def healthy(self) -> bool:
-        """Whether Typesense says it can take writes: `/health` answers ok, and (since 26) names
-        no `resource_error` (OUT_OF_DISK, OUT_OF_MEMORY), which a server reports while
-        answering ok."""
+        """Whether Typesense says it can take writes (see `health_problem`)."""
+        return self.health_problem() is None
+
+    def health_problem(self) -> str | None:
+        """Why Typesense cannot take writes, or None when it can: `/health` answers ok, and
+        (since 26) names no `resource_error` (OUT_OF_DISK, OUT_OF_MEMORY), which a server
+        reports while answering ok. The daemon's log and /healthz say it: "unhealthy" alone
+        left on-call to guess between the network, the server and its disk."""
         try:
             health = self._call(
                 "health",
                 lambda: self.client.api_call.get("/health", as_json=True, entity_type=dict),
                 about="other",
             )
-        except TypesenseError:
-            return False
-        return bool(health.get("ok")) and not health.get("resource_error")
+        except TypesenseError as error:
+            return str(error)
+        if health.get("resource_error"):
+            return f"Typesense is out of a resource: {health['resource_error']}"
+        return None if health.get("ok") else f"/health answered {json.dumps(health)}"
 
     # -- documents ------------------------------------------------------------------------------
 

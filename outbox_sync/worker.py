@@ -72,7 +72,7 @@ class Index(Protocol):
     """What the loop needs of the Typesense side."""
 
     def ensure_collection(self) -> bool: ...
-    def healthy(self) -> bool: ...
+    def health_problem(self) -> str | None: ...
 
 
 class Stopping(Protocol):
@@ -291,8 +291,8 @@ class Worker:
                 # empty outbox proves nothing about an outage, nor does a batch applied without
                 # a request (rows failing validation), so probe to end one
                 self.probe_at = now + HEALTH_PROBE_INTERVAL_S
-                if not self.indexes[0].healthy():
-                    raise TypesenseUnavailableError("Typesense health check failed")
+                if (problem := self.indexes[0].health_problem()) is not None:
+                    raise TypesenseUnavailableError(f"Typesense health check failed: {problem}")
                 self.telemetry.reachable(True)
         except CollectionNotFoundError as error:
             # deleted behind our back (or lost by a failed reindex): make it again, or adopt a

@@ -78,3 +78,32 @@ def test_a_batch_that_sends_nothing_does_not_end_an_outage(
     assert gauge(telemetry, "outbox_sync_typesense_up") == 0
     assert telemetry.health(time.monotonic())[0] is False
     assert db.backlog()[2] == 1  # the row's sync error was written all the same
+
+
+@pytest.mark.parametrize(
+    ("shape", "fault", "cause"),
+    [
+        ("0.24.1", Fault("status", status=503, times=None), "503"),
+        ("v30", Fault("resource_error", resource="OUT_OF_DISK", times=None), "OUT_OF_DISK"),
+    ],
+)
+def test_an_outage_found_while_idle_says_why_in_its_log_line_and_healthz(
+    db: Database, typesense_server: Server, collection: str, shape: str, fault: Fault, cause: str
+) -> None:
+    with FaultProxy(typesense_server.url, shape=shape) as proxy:
+        index = TypesenseIndex(
+            [proxy.url], typesense_server.api_key, collection, timeout_s=TIMEOUT_S
+        )
+        index.ensure_collection()
+        telemetry = Telemetry()
+        worker = daemon(db, [index], telemetry=telemetry, min_backoff_s=0.01)
+        stop = threading.Event()
+        now = time.monotonic()
+        worker.loop(now, stop)  # idle, Typesense healthy
+        proxy.add(fault)
+        with capture_logs() as logs:
+            assert worker.loop(now + 10, stop).paused  # the idle probe finds the trouble
+    [paused] = [entry for entry in logs if entry["event"] == "sync_paused"]
+    assert cause in paused["reason"], paused
+    ok, reason = telemetry.health(time.monotonic())
+    assert not ok and cause in reason, reason

@@ -28,7 +28,10 @@ class FakeIndex:
         return False
 
     def healthy(self) -> bool:
-        return self.down == 0
+        return self.health_problem() is None
+
+    def health_problem(self) -> str | None:
+        return None if self.down == 0 else "down"
 
     def target(self) -> str | None:
         return self.collection  # no alias: no reindex switches it
