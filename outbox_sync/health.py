@@ -131,7 +131,9 @@ def verdict(
         )
     lag = figures["oldest_pending_age_s"] or 0.0
     if lag > max_lag_s:
-        found.append((CRITICAL, f"the oldest change has waited {lag:.0f} s (> {max_lag_s:g} s)"))
+        found.append(
+            (CRITICAL, f"the oldest change has waited {lag:.0f} s (> {_plain(max_lag_s)} s)")
+        )
     if open_errors := figures["sync_errors_open"]:
         found.append((WARNING, f"{open_errors} open sync error{'s' if open_errors > 1 else ''}"))
     found.extend(_audit_findings(figures["last_audit"], max_audit_age_s, now))
@@ -141,10 +143,16 @@ def verdict(
         pid = figures["daemon_pid"]
         text = f"daemon {pid} syncing, {figures['pending']} pending, Typesense answers"
     perfdata = (
-        f"lag={lag:g}s;{max_lag_s:g};{max_lag_s:g} pending={figures['pending']} "
+        f"lag={_plain(lag)}s;{_plain(max_lag_s)};{_plain(max_lag_s)} pending={figures['pending']} "
         f"errors_open={figures['sync_errors_open']}"
     )
     return status, f"OUTBOX-SYNC {STATES[status]} - {text} | {perfdata}"
+
+
+def _plain(seconds: float) -> str:
+    """A number as perfdata may hold it ([-0-9.]: the plugin guidelines): `:g` wrote a lag of
+    17 days, or --max-lag 3w, as 1.5e+06, which a monitor's perfdata parser refuses."""
+    return f"{seconds:.3f}".rstrip("0").rstrip(".")
 
 
 def _audit_findings(

@@ -2,6 +2,7 @@
 held against what is true: a real SQLite file and a real Typesense, faults put between them by
 the fault proxy."""
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -11,10 +12,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from outbox_sync.db import Database
+from outbox_sync.lock import DaemonLock
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import daemon
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row
+from tests.support.cli import invoke
 from tests.support.daemon import running
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.typesense import Server
@@ -107,3 +110,26 @@ def test_an_outage_found_while_idle_says_why_in_its_log_line_and_healthz(
     assert cause in paused["reason"], paused
     ok, reason = telemetry.health(time.monotonic())
     assert not ok and cause in reason, reason
+
+
+# Nagios plugin guidelines: a perfdata value (and each threshold) is in the class [-0-9.]
+PERFDATA = re.compile(r"lag=[-0-9.]+s;[-0-9.]+;[-0-9.]+ pending=\d+ errors_open=\d+$")
+
+
+def test_checks_perfdata_has_no_exponent_for_a_long_lag_or_a_long_max_lag(
+    db_path: Path, typesense_server: Server, collection: str
+) -> None:
+    TypesenseIndex([typesense_server.url], typesense_server.api_key, collection).ensure_collection()
+    app = app_connection(db_path)
+    app.execute(ROW_SQL, make_row(1))
+    # a daemon stopped for 17 days and started again: the change waits since
+    app.execute("UPDATE outbox SET enqueued_at = enqueued_at - 1500000")
+    with DaemonLock(db_path):
+        for max_lag in ("60s", "3w"):
+            result = invoke(["check", "--max-lag", max_lag], typesense_server, db_path, collection)
+            line = result.output.strip()
+            assert PERFDATA.search(line), line
+            if max_lag == "60s":
+                assert result.exit_code == 2 and "(> 60 s)" in line, line
+            else:
+                assert result.exit_code == 0 and "lag=1500000" in line, line
