@@ -20,7 +20,9 @@ Which events a commit raises (strace and inotify traces here, Linux 6.18, SQLite
   `-journal` unlinked: the unlink is the commit. While the journal has content no look-up is
   asked for (see _journal_busy). TRUNCATE and PERSIST end with a write to the journal.
 - A checkpoint writes the main file; a new `-wal` or `-journal` is a creation in the
-  directory: one watch on the directory sees them all, whenever the files come and go.
+  directory. A watch on the directory sees the files come and go (creations, deletions,
+  renames), and one on each file sees it written: a directory watch for writes too would wake
+  us for every write to every file beside the database (a log, another database).
 The daemon's own writes (its acknowledgements) raise the same events, and cannot be told from
 another process's: each costs one burst of rechecks, ~16 look-ups, ~3 ms of CPU here
 (tests/bench/idle.py).
@@ -28,6 +30,7 @@ another process's: each costs one burst of rechecks, ~16 look-ups, ~3 ms of CPU 
 
 import contextlib
 import ctypes
+import errno
 import os
 import re
 import select
@@ -64,14 +67,14 @@ RECHECK_WINDOW_S = 0.1
 LOOK_PACE_S = 0.001
 
 # inotify(7). Not IN_ACCESS/IN_OPEN/IN_CLOSE_*: readers (our own included) would wake us.
-IN_MODIFY = 0x2  # a write to the database, -wal or -journal (or a truncation)
+IN_MODIFY = 0x2  # a write to the database, -wal or -journal (or a truncation): on each file
 IN_MOVED_TO = 0x80  # the database replaced by a rename (a restore)
 IN_CREATE = 0x100  # a -wal or -journal created
 IN_DELETE = 0x200  # -journal unlinked: the commit point in DELETE mode
 IN_Q_OVERFLOW = 0x4000  # the kernel dropped events: something happened
 IN_IGNORED = 0x8000  # the watch is gone (directory deleted, file system unmounted)
 IN_ONLYDIR = 0x1000000
-WATCHED_EVENTS = IN_MODIFY | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_ONLYDIR
+DIRECTORY_EVENTS = IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_ONLYDIR
 EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
 # Enough for ~1,500 events; more stay queued and the next read takes them.
 READ_SIZE = 64 * 1024
@@ -97,6 +100,7 @@ class ChangeWatch:
     ) -> None:
         # SQLite resolves a symlinked database and puts -wal and -journal beside the target.
         path = Path(db_path).resolve()
+        self._directory = path.parent
         self._names = {os.fsencode(path.name) + suffix for suffix in (b"", b"-wal", b"-journal")}
         self._journal = Path(f"{path}-journal")
         self._deferred_since: float | None = None  # since when looks wait for the journal
@@ -104,7 +108,9 @@ class ChangeWatch:
         self.mode, self.reason = "poll", "inotify switched off"
         self._looked_at = time.monotonic()  # when wait() last returned: the caller looked
         self._event_at = float("-inf")  # when the last event about the database was read
-        self._inotify = -1
+        self._inotify = self._directory_wd = -1
+        self._file_wds: set[int] = set()  # the watches on the files of `_names` that exist
+        self._libc: Any = None
         # select() below: these descriptors are opened with the daemon, far below its limit
         # (FD_SETSIZE, 1024); poll() would do, but counts in milliseconds.
         self._wake_r, self._wake_w = os.pipe()
@@ -125,12 +131,29 @@ class ChangeWatch:
         fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:  # EMFILE: fs.inotify.max_user_instances reached
             return f"inotify_init1: {os.strerror(ctypes.get_errno())}"
-        if libc.inotify_add_watch(fd, os.fsencode(directory), WATCHED_EVENTS) < 0:
+        self._directory_wd = libc.inotify_add_watch(fd, os.fsencode(directory), DIRECTORY_EVENTS)
+        if self._directory_wd < 0:
             error = ctypes.get_errno()  # ENOSPC: fs.inotify.max_user_watches reached
             os.close(fd)
             return f"inotify_add_watch {directory}: {os.strerror(error)}"
-        self._inotify = fd
+        self._inotify, self._libc = fd, libc
+        for name in self._names:
+            if failure := self._watch_file(name):
+                self._stop_inotify(failure)
+                return failure
         return None
+
+    def _watch_file(self, name: bytes) -> str | None:
+        """Watch the writes to one of the database's files, if it exists; None, or why not."""
+        path = os.fsencode(self._directory) + b"/" + name
+        wd = self._libc.inotify_add_watch(self._inotify, path, IN_MODIFY)
+        if wd >= 0:
+            self._file_wds.add(wd)
+            return None
+        error = ctypes.get_errno()
+        if error == errno.ENOENT:  # not there (yet): its creation is an event of the directory
+            return None
+        return f"inotify_add_watch {os.fsdecode(path)}: {os.strerror(error)}"
 
     def wait(self, timeout_s: float) -> bool:
         """Block until the file may have changed, `interrupt()` is called or `timeout_s` has
@@ -201,18 +224,29 @@ class ChangeWatch:
             return False
         relevant, offset = False, 0
         while offset < len(data):
-            _, mask, _, length = EVENT.unpack_from(data, offset)
+            wd, mask, _, length = EVENT.unpack_from(data, offset)
             name = data[offset + EVENT.size : offset + EVENT.size + length].rstrip(b"\0")
             offset += EVENT.size + length
-            if mask & IN_IGNORED:
+            if mask & IN_IGNORED and wd != self._directory_wd:
+                self._file_wds.discard(wd)  # a file of ours deleted: a new one is a creation
+            elif mask & IN_IGNORED:
                 self._stop_inotify("the watch on the directory ended (deleted or unmounted?)")
                 return True
-            relevant = relevant or name in self._names or bool(mask & IN_Q_OVERFLOW)
+            elif wd in self._file_wds or mask & IN_Q_OVERFLOW:
+                relevant = True
+            elif name in self._names:
+                relevant = True
+                # a new -wal or -journal (or database): watch its writes from now on; those
+                # before are seen by the look this event brings
+                if mask & (IN_CREATE | IN_MOVED_TO) and (failure := self._watch_file(name)):
+                    self._stop_inotify(failure)
+                    return True
         return relevant
 
     def _stop_inotify(self, reason: str) -> None:
-        os.close(self._inotify)
-        self._inotify = -1
+        os.close(self._inotify)  # its watches with it
+        self._inotify = self._directory_wd = -1
+        self._file_wds.clear()
         self.mode, self.reason = "poll", reason
 
     def interrupt(self) -> None:
