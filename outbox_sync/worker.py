@@ -361,7 +361,15 @@ class Worker:
         deadline = time.monotonic() + self.idle_recheck_s
         while not stop.is_set():
             if self.watch is not None:
+                watching = self.watch.mode == "inotify"
                 self.watch.wait(max(0.0, deadline - time.monotonic()))
+                if watching and self.watch.mode != "inotify":  # gave up: as at start, say so
+                    self.log.warning(
+                        "change_watch",
+                        mode=self.watch.mode,
+                        reason=self.watch.reason,
+                        note="polling the database from now on",
+                    )
             elif stop.wait(self.poll_interval_s):
                 return
             now = time.monotonic()

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
 from outbox_sync import worker as worker_module
 from outbox_sync.batch import Applier
@@ -20,6 +21,7 @@ from outbox_sync.localserver import LocalTypesense, free_port
 from outbox_sync.mapping import SEQUENCES
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.wakeup import ChangeWatch
 from outbox_sync.worker import Index, Job, Progress, Turn, Worker, daemon
 from tests.support.app import insert_rows
 from tests.support.daemon import running
@@ -213,3 +215,33 @@ def test_the_restart_watch_looks_at_the_time_of_its_look_not_of_the_turn(db: Dat
     before = time.monotonic()
     job.run(0.0)  # the turn began long ago
     assert told and told[0] >= before
+
+
+def test_a_watch_that_gives_up_while_the_daemon_runs_says_so(
+    db: Database, index: TypesenseIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """inotify may give up mid-run (no watch left for a new -wal or -journal: the user's
+    limit reached; the directory's watch gone): the daemon polled from then on, with nothing
+    said, where a start in that state logs its mode."""
+    full = threading.Event()
+    watch_file = ChangeWatch._watch_file
+    monkeypatch.setattr(
+        ChangeWatch,
+        "_watch_file",
+        lambda watch, name: (
+            "inotify_add_watch: no space left" if full.is_set() else watch_file(watch, name)
+        ),
+    )
+    journal = Path(f"{db.path}-journal")
+    with capture_logs() as logged, running(daemon(db, [index], audit_every_s=0)):
+        insert_rows(db.path, [1])
+        wait_until(lambda: db.counts(SEQUENCES)["pending"] == 0, what="the first drain")
+        full.set()
+        journal.touch()  # a file of the database's created: watched from its creation event
+        wait_until(lambda: [e for e in logged if e["event"] == "change_watch"], what="the line")
+        journal.unlink()
+        insert_rows(db.path, [2])  # and the daemon goes on, polling
+        wait_until(lambda: db.counts(SEQUENCES)["pending"] == 0, what="the next drain")
+    [said] = [e for e in logged if e["event"] == "change_watch"]
+    assert (said["log_level"], said["mode"]) == ("warning", "poll")
+    assert said["reason"] == "inotify_add_watch: no space left"
