@@ -32,6 +32,11 @@ from outbox_sync.values import RawText
 # batch, 0.04-0.07 s (tests.bench.gaps): at 1 s that was 0.14-0.23 s of a 100k drain, at 5 s
 # 0.13 s of a 300k one and 0.7 s of a 1M one.
 DRAIN_SLICE_S = 15.0
+# A drain of small batches only (a steady trickle of commits: nothing to pipeline, nothing in
+# flight between them) hands back this often, so that the loop's chores run once a second as
+# when it is idle: under a writer that never paused, the checks of the file, the lock and the
+# triggers, and the report of an audit, waited for the whole slice.
+TRICKLE_SLICE_S = 1.0
 # Within a drain, the acknowledgements of small batches wait for each other at most this long
 # (a batch's worth of entries goes at once): a writer committing 1,000 rows a second makes
 # hundreds of small batches a second, and each acknowledgement is a write transaction.
@@ -126,7 +131,8 @@ class Applier:
 
     def drain(self, stop: Stopping, max_seconds: float = DRAIN_SLICE_S) -> int:
         """Apply batches until the outbox is empty, `stop` is set or `max_seconds` have
-        passed (so the loop's chores go on during a long drain); how many entries were
+        passed (so the loop's chores go on during a long drain; TRICKLE_SLICE_S while the
+        batches are small); how many entries were
         acknowledged. Pipelined: while Typesense imports a batch (on an import thread), the
         next is read and encoded, and sent beside it if the two share no record (Typesense
         takes the second request's body while it indexes the first, and is never left
@@ -136,7 +142,8 @@ class Applier:
         outbox order and are coalesced (`Acks`); all that was applied is acknowledged before
         the drain returns or raises."""
         acks = Acks(self._ack, self.batch_size)
-        batches = self._batches(stop, time.monotonic() + max_seconds)
+        started = time.monotonic()
+        batches = self._batches(stop, started + max_seconds)
         try:
             batch = next(batches, None)
             while batch is not None and batch.report.entries < self.batch_size:
@@ -144,6 +151,9 @@ class Applier:
                 # (the low-latency path); what came meanwhile is applied next
                 self._apply(batch)
                 acks.add(batch)
+                if time.monotonic() - started >= min(TRICKLE_SLICE_S, max_seconds):
+                    batch = None  # the loop's turn: nothing is in flight to wait for
+                    break
                 batch = next(batches, None)
             if batch is not None:
                 self._pipeline(batch, batches, acks)

@@ -20,10 +20,10 @@ from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.localserver import LocalTypesense, free_port
 from outbox_sync.mapping import SEQUENCES
 from outbox_sync.telemetry import Telemetry
-from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.typesense_index import ImportResult, TypesenseIndex
 from outbox_sync.wakeup import ChangeWatch
 from outbox_sync.worker import Index, Job, Progress, Turn, Worker, daemon
-from tests.support.app import insert_rows
+from tests.support.app import app_connection, insert_rows
 from tests.support.daemon import running
 from tests.support.fake_index import FakeIndex
 from tests.support.wait import wait_until
@@ -245,3 +245,30 @@ def test_a_watch_that_gives_up_while_the_daemon_runs_says_so(
     [said] = [e for e in logged if e["event"] == "change_watch"]
     assert (said["log_level"], said["mode"]) == ("warning", "poll")
     assert said["reason"] == "inotify_add_watch: no space left"
+
+
+def test_the_chores_run_once_a_second_under_a_writer_that_never_pauses(db: Database) -> None:
+    """A drain of small batches handed back to the loop only once its 15 s slice was over:
+    under a steady trickle of commits the checks of the file, the lock and the triggers, and
+    the report of an audit, waited that long (an audit asked for by a trigger repair was
+    reported 15 s late). Nothing is in flight between small batches: they hand back at once."""
+
+    class SlowIndex(FakeIndex):  # each import takes a while: the outbox never empties
+        def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
+            time.sleep(0.02)
+            return super().import_jsonl(body, count)
+
+    chores: list[float] = []
+    worker = worker_with(db, SlowIndex(), Job("chore", 1.0, chores.append))  # type: ignore[arg-type]
+    def write() -> None:
+        conn = app_connection(db.path)
+        for key in range(1, 1501):  # ~3 s of commits, one every 2 ms
+            insert_rows(conn, [key])
+            time.sleep(0.002)
+
+    with running(worker):
+        writer = threading.Thread(target=write)
+        writer.start()
+        writer.join()
+        during = len(chores)
+    assert during >= 3, f"the chores ran {during} times in the writer's ~3 s"
