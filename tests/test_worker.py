@@ -260,6 +260,7 @@ def test_the_chores_run_once_a_second_under_a_writer_that_never_pauses(db: Datab
 
     chores: list[float] = []
     worker = worker_with(db, SlowIndex(), Job("chore", 1.0, chores.append))  # type: ignore[arg-type]
+
     def write() -> None:
         conn = app_connection(db.path)
         for key in range(1, 1501):  # ~3 s of commits, one every 2 ms
