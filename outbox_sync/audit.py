@@ -359,9 +359,8 @@ class Audit:
         """Enqueue every drifted record into the outbox, so the daemon fixes it with its usual
         guarantees: missing, stale, invalid and shared ones as upserts (a shared key's document
         then shows one of its rows: only the application can make it unique), extras as
-        deletes. Documents
-        with an id that no row can have (not a decimal integer, e.g. added by hand as "abc") are
-        deleted here: the daemon only ever deletes the ids it writes."""
+        deletes. Documents with an id that no row can have (not a decimal integer, e.g. added
+        by hand as "abc") are deleted here: the daemon only ever deletes the ids it writes."""
         enqueued, deleted = 0, []
         entries: list[tuple[Any, str]] = []
         for kind in KINDS:

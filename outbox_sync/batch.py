@@ -132,15 +132,14 @@ class Applier:
     def drain(self, stop: Stopping, max_seconds: float = DRAIN_SLICE_S) -> int:
         """Apply batches until the outbox is empty, `stop` is set or `max_seconds` have
         passed (so the loop's chores go on during a long drain; TRICKLE_SLICE_S while the
-        batches are small); how many entries were
-        acknowledged. Pipelined: while Typesense imports a batch (on an import thread), the
-        next is read and encoded, and sent beside it if the two share no record (Typesense
-        takes the second request's body while it indexes the first, and is never left
-        waiting for the daemon between them). A record's changes are still applied in commit
-        order: a batch that touches a record in flight waits for that answer, and failed
-        lines are retried before the batch after the next is sent. Acknowledgements go in
-        outbox order and are coalesced (`Acks`); all that was applied is acknowledged before
-        the drain returns or raises."""
+        batches are small); how many entries were acknowledged. Pipelined: while Typesense
+        imports a batch (on an import thread), the next is read and encoded, and sent beside
+        it if the two share no record (Typesense takes the second request's body while it
+        indexes the first, and is never left waiting for the daemon between them). A record's
+        changes are still applied in commit order: a batch that touches a record in flight
+        waits for that answer, and failed lines are retried before the batch after the next
+        is sent. Acknowledgements go in outbox order and are coalesced (`Acks`); all that was
+        applied is acknowledged before the drain returns or raises."""
         acks = Acks(self._ack, self.batch_size)
         started = time.monotonic()
         batches = self._batches(stop, started + max_seconds)
