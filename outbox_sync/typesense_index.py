@@ -402,10 +402,6 @@ class TypesenseIndex:
             [node.url() for node in self.client.config.nodes], self.client.config.verify
         )
 
-    def healthy(self) -> bool:
-        """Whether Typesense says it can take writes (see `health_problem`)."""
-        return self.health_problem() is None
-
     def health_problem(self) -> str | None:
         """Why Typesense cannot take writes, or None when it can: `/health` answers ok, and
         (since 26) names no `resource_error` (OUT_OF_DISK, OUT_OF_MEMORY), which a server

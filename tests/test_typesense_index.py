@@ -262,7 +262,7 @@ def test_a_wrong_key_is_refused_and_an_unreachable_server_is_server_trouble(
         nobody.info()
     with pytest.raises(TypesenseUnavailableError, match="unreachable"):
         list(nobody.export_documents())
-    assert nobody.healthy() is False
+    assert nobody.health_problem() is not None
 
 
 @pytest.fixture
@@ -295,7 +295,7 @@ def test_a_5xx_answer_is_server_trouble_on_every_path(
         == [("search", "unavailable"), ("retrieve", "unavailable")]
         + [("import", "unavailable")] * 2
     )
-    assert index.healthy() is False
+    assert index.health_problem() is not None
 
 
 # -- parsing -------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_after_an_outage_the_loop_calls_after_outage_once_typesense_is_back(db: 
     now = 0.0
 
     def needing_typesense(at: float) -> None:
-        if not index.healthy():
+        if index.health_problem() is not None:
             raise TypesenseUnavailableError("Typesense answered 503: Not Ready or Lagging")
         ran.append(at)
 

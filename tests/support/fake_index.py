@@ -27,9 +27,6 @@ class FakeIndex:
     def ensure_collection(self) -> bool:
         return False
 
-    def healthy(self) -> bool:
-        return self.health_problem() is None
-
     def health_problem(self) -> str | None:
         return None if self.down == 0 else "down"
 
