@@ -117,11 +117,12 @@ class ChangeWatch:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)  # interrupt() must never block
         if use_inotify:
-            failure = self._watch_directory(path.parent)
+            failure = self._watch_directory()
             self.mode, self.reason = ("poll", failure) if failure else ("inotify", "")
 
-    def _watch_directory(self, directory: Path) -> str | None:
-        """Start inotify on the directory; None, or why not."""
+    def _watch_directory(self) -> str | None:
+        """Start inotify on the database's directory and its files; None, or why not."""
+        directory = self._directory
         fs = filesystem_type(directory)
         if fs in REMOTE_FILESYSTEMS:
             return f"{directory} is on {fs}: another host's commits raise no inotify event"
