@@ -2,7 +2,7 @@
 through the outbox.
 
 Both sides are compared after the daemon's own mapping (`documents.to_document`), so a record is
-consistent exactly when the daemon would leave it as it is. Drift comes in four kinds:
+consistent exactly when the daemon would leave it as it is. Drift comes in five kinds:
 
 - `missing`: a valid row with no document;
 - `extra`: a document whose id no row has;
@@ -10,7 +10,9 @@ consistent exactly when the daemon would leave it as it is. Drift comes in four 
 - `invalid`: a row that fails validation and has no open sync error (nobody knows about it:
   an error closed by hand without fixing the row, or a row written while the triggers were
   missing). The daemon cannot index it; `--repair` sends it through the outbox so it becomes an
-  open sync error again, where on-call sees it.
+  open sync error again, where on-call sees it;
+- `shared`: a key more than one row holds (a table whose key is not unique): one document
+  cannot show them all, and only the application can make the key unique.
 
 Not drift, but counted: records that look drifted while they have an open sync error (the error
 already tells the story: `outbox-sync errors`), and records with an outbox entry waiting (the

@@ -38,8 +38,9 @@ def gather(
     """Everything `status` shows: the backlog and open errors, rows and documents, whether
     Typesense answers, whether a daemon runs, the tables, triggers and key indexes, the last
     audit; in all, and per collection (`collections`, of `indexes`: the ones asked for). The
-    backlog is of the mappings `asked` for (None: the whole outbox). The tables, triggers and
-    key indexes of every configured mapping (`mappings`) are checked."""
+    backlog and the last audit's figures are of the mappings `asked` for (None: the whole
+    outbox, every collection). The tables, triggers and key indexes of every configured
+    mapping (`mappings`) are checked."""
     from outbox_sync.reconcile import last_audit  # here, as TypesenseIndex above
     from outbox_sync.schema import missing_tables, trigger_problems, unindexed_keys
 
@@ -84,6 +85,8 @@ def gather(
     if unindexed:
         figures["unindexed_keys"] = [f"{table}({column})" for table, column in unindexed]
     audit = last_audit(db)
+    if audit is not None and asked is not None:  # its figures for the collections asked for
+        audit = audit.of([index.collection for index in indexes])
     figures["last_audit"] = None if audit is None else asdict(audit)
     if unwatched := restart_watch_off(db, figures["daemon_pid"]):
         figures["restarts_unwatched"] = unwatched

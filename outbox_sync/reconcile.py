@@ -20,7 +20,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +68,25 @@ class AuditRecord:
     enqueued: int  # outbox entries written to repair the drift
     duration_s: float
     error: str | None = None
+    # per collection: {"drift": {kind: n}, "enqueued": n}; empty in a record an older version
+    # wrote, whose figures are every collection's
+    collections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def of(self, collections: Sequence[str]) -> "AuditRecord":
+        """The record of these collections only (what `status --collection` shows)."""
+        if not self.collections:
+            return self
+        ours = {name: one for name, one in self.collections.items() if name in collections}
+        drift = {
+            kind: sum(one["drift"].get(kind, 0) for one in ours.values()) for kind in self.drift
+        }
+        return replace(
+            self,
+            consistent=self.ok and not any(drift.values()),
+            drift=drift,
+            enqueued=sum(one["enqueued"] for one in ours.values()),
+            collections=ours,
+        )
 
 
 def last_audit(db: Database) -> AuditRecord | None:
@@ -178,7 +197,7 @@ class Reconciler:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), AUDIT_NICENESS)
         started = time.monotonic()
         record: dict[str, Any] = {"reason": reason, "drift": {}, "enqueued": 0, "ok": False}
-        record["consistent"] = False
+        record["consistent"], record["collections"] = False, {}
         db = None
         try:
             db = Database(Path(self.db.path), busy_timeout_s=self.db.busy_timeout_s)
@@ -186,9 +205,14 @@ class Reconciler:
             for index in self.indexes:  # one collection after the other
                 with Audit(db, index, progress=self._go_on) as audit:
                     summary = audit.run()
-                    drift.update(summary.counts)
-                    if not summary.consistent:
-                        record["enqueued"] += audit.repair().enqueued
+                    enqueued = 0 if summary.consistent else audit.repair().enqueued
+                drift.update(summary.counts)
+                record["enqueued"] += enqueued
+                one = {
+                    "drift": {kind: summary.counts[kind] for kind in KINDS},
+                    "enqueued": enqueued,
+                }
+                record["collections"][index.collection] = one
             record["drift"] = {kind: drift[kind] for kind in KINDS}
             record["consistent"] = not any(drift.values())
             record["ok"] = True

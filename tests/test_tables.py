@@ -253,6 +253,31 @@ def test_with_a_collection_asked_for_the_backlog_is_that_collections(
     assert stalled.exit_code == 1 and "stalled:" in stalled.output
 
 
+def test_with_a_collection_asked_for_the_last_audit_is_that_collections(
+    setup: tuple[dict[str, str], Server, sqlite3.Connection],
+) -> None:
+    # the daemon's audit record summed every collection: check --collection characters warned
+    # of the drift the audit had found (and repaired) in sequences
+    env, server, app = setup
+    assert run_module(["init"], env=env).returncode == 0
+    app.executemany(ROW_SQL, [make_row(1), make_row(2)])
+    assert run_module(["run", "--once", "--audit-every", "0"], env=env).returncode == 0
+    httpx.delete(
+        f"{server.url}/collections/sequences/documents/2", headers={"X-TYPESENSE-API-KEY": API_KEY}
+    ).raise_for_status()
+    assert run_module(["run", "--once"], env=env).returncode == 0  # audits at start: repairs
+    sequences = json.loads(invoke(["status", "--collection", "sequences", "--json"], **env).output)
+    assert sequences["last_audit"]["drift"]["missing"] == 1
+    assert sequences["last_audit"]["enqueued"] == 1
+    figures = json.loads(invoke(["check", "--collection", "characters", "--json"], **env).output)
+    assert "drift" not in figures["summary"], figures["summary"]
+    status = json.loads(invoke(["status", "--collection", "characters", "--json"], **env).output)
+    assert status["last_audit"]["consistent"] and status["last_audit"]["enqueued"] == 0
+    assert list(status["last_audit"]["collections"]) == ["characters"]
+    whole = json.loads(invoke(["check", "--json"], **env).output)
+    assert "the last audit found drift (1 missing) and repaired it" in whole["summary"]
+
+
 @pytest.mark.parametrize(
     ("change", "says"),
     [
