@@ -528,10 +528,18 @@ def daemon(
     for index in indexes:
         index.observe = telemetry.request
 
+    backlog = Job("backlog", REFRESH_INTERVAL_S, lambda now: telemetry.backlog(*db.backlog()))
+
     def heartbeat() -> None:
         """Between the chunks of a long chore (a fill, a reindex): keep the loop's heartbeat, so
-        the watchdog does not take it for a hung loop, and end the chore if the daemon stops."""
-        telemetry.loop_alive(time.monotonic())
+        the watchdog does not take it for a hung loop, and the backlog figures, so that the lag
+        alert sees the changes waiting meanwhile; end the chore if the daemon stops."""
+        now = time.monotonic()
+        telemetry.loop_alive(now)
+        if backlog.due(now):
+            with contextlib.suppress(OutboxSyncError, sqlite3.Error):  # taken at the next beat
+                backlog.run(now)
+            backlog.done(now)
         if worker.stopping is not None and worker.stopping.is_set():
             raise StoppingError("the daemon is stopping")
 
@@ -545,7 +553,7 @@ def daemon(
     jobs = [
         Job("file", REFRESH_INTERVAL_S, lambda now: check_files()),
         Job("schema", 0, SchemaWatch(db, mappings, reconciler.request)),
-        Job("backlog", REFRESH_INTERVAL_S, lambda now: telemetry.backlog(*db.backlog())),
+        backlog,
         # the fills `init` asked for, then a requested reindex, run here, pausing the sync
         Job(
             "reindex",

@@ -7,10 +7,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
+from outbox_sync import reindex
 from outbox_sync.db import Database
 from outbox_sync.lock import DaemonLock
 from outbox_sync.telemetry import Telemetry
@@ -18,7 +20,7 @@ from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import daemon
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row
 from tests.support.cli import invoke
-from tests.support.daemon import running
+from tests.support.daemon import drain, running
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.typesense import Server
 from tests.support.wait import wait_until
@@ -56,6 +58,38 @@ def test_the_backlog_gauges_count_while_a_daemon_starts_into_an_outage(
         )
         assert (gauge(telemetry, "outbox_sync_outbox_oldest_age_seconds") or 0) > 0
         assert gauge(telemetry, "outbox_sync_typesense_up") == 0
+
+
+def test_the_backlog_gauges_count_while_the_daemon_reindexes(
+    db: Database, db_path: Path, index: TypesenseIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a daemon serving a reindex (minutes for a large table) kept the gauges of before it: the
+    # changes written meanwhile wait, and the lag alert could not see them
+    insert_rows(app_connection(db_path), range(1, 4))
+    telemetry = Telemetry()
+    worker = daemon(db, [index], telemetry=telemetry, audit_every_s=0)
+    drain(worker)
+    seen: list[float | None] = []  # the pending gauge as the rebuild went on
+    rebuild = reindex.rebuild
+
+    def long_rebuild(*args: Any, progress: Any, **kwargs: Any) -> Any:
+        def slow(done: int, total: int) -> None:  # a rebuild of many chunks: 1.5 s of them
+            app_connection(db_path).execute(ROW_SQL, make_row(100))  # the application writes on
+            for _ in range(15):
+                time.sleep(0.1)
+                progress(done, total)  # the daemon's heartbeat
+            seen.append(gauge(telemetry, "outbox_sync_outbox_pending"))
+
+        return rebuild(*args, progress=slow, **kwargs)
+
+    monkeypatch.setattr(reindex, "rebuild", long_rebuild)
+    token = reindex.request(db, [index.collection])
+    with running(worker):
+        wait_until(
+            lambda: (reindex.status(db, token) or {}).get("state") == "done",
+            what="the reindex to finish",
+        )
+    assert seen == [1.0], "the pending gauge kept its value from before the reindex"
 
 
 def test_a_batch_that_sends_nothing_does_not_end_an_outage(
