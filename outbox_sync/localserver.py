@@ -119,6 +119,25 @@ def read_embedded_api_key(data_dir: Path) -> str | None:
     return key or None
 
 
+def refused_key_advice(data_dir: Path, port: int, key: str | None) -> str:
+    """What a command that reached the embedded server with the key of data_dir (`key`, None
+    if the file is gone) says when refused: the server keeps the key it was started with until
+    the daemon stops it, so the file was edited or removed since."""
+    key_file = data_dir / API_KEY_FILE
+    server = f"the embedded Typesense on {HOST}:{port}"
+    if key is None:
+        return (
+            f"{server} runs with a key, and {key_file}, where `outbox-sync run` keeps it, is "
+            "gone: put the file back as it was, or restart the daemon (it starts the server "
+            "with a new key)"
+        )
+    return (
+        f"{server} runs with another key than {key_file} holds now (the file changed since "
+        "`outbox-sync run` started the server): put back the key it was started with, or "
+        "restart the daemon (it starts the server with the file's key)"
+    )
+
+
 def _reason(error: Exception) -> str:
     """Like "Permission denied: /the/path": the path that failed is not always the key."""
     if isinstance(error, OSError) and error.strerror:

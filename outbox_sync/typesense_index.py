@@ -38,6 +38,7 @@ from outbox_sync.localserver import (
     embedded_api_key,
     reached_port,
     read_embedded_api_key,
+    refused_key_advice,
 )
 from outbox_sync.mapping import SEQUENCES, Mapping
 
@@ -71,6 +72,8 @@ RESTART_WATCH_TIMEOUT_S = 1.0
 
 T = TypeVar("T")
 SUCCESS_LINE = '{"success":true}'
+# What a refused key asks for, unless the index knows better (`TypesenseIndex.key_advice`).
+KEY_ADVICE = "check TYPESENSE_API_KEY or --api-key-file"
 OUT_OF_RESOURCES = "running out of resource"
 
 
@@ -86,10 +89,11 @@ class ImportResult:
 ACCEPTED = ImportResult(True)  # one for every accepted line (an import has thousands)
 
 
-def classify(error: Exception, collection: str | None) -> Exception:
+def classify(error: Exception, collection: str | None, key_advice: str = KEY_ADVICE) -> Exception:
     """Map a client or transport exception onto our hierarchy. `collection`: the collection
     the request was about, when a 404 means that it is missing; None when a 404 means a
-    document or an alias is. Unknown exceptions pass through."""
+    document or an alias is. `key_advice`: what a refused key asks for. Unknown exceptions
+    pass through."""
     if isinstance(error, TypesenseError):
         return error
     unverified = _certificate_error(error)
@@ -102,13 +106,15 @@ def classify(error: Exception, collection: str | None) -> Exception:
     if isinstance(error, httpx.TransportError | ts.Timeout | ts.HTTPStatus0Error):
         return TypesenseUnavailableError(f"Typesense unreachable: {type(error).__name__}: {error}")
     if isinstance(error, ts.TypesenseClientError) and len(error.args) >= 2:
-        return status_error(int(error.args[0]), str(error.args[1]), collection)
+        return status_error(int(error.args[0]), str(error.args[1]), collection, key_advice)
     if isinstance(error, ts.TypesenseClientError):  # e.g. a response that is not JSON
         return TypesenseUnavailableError(f"Typesense gave a broken response: {error}")
     return error
 
 
-def status_error(status: int, message: str, collection: str | None) -> TypesenseError:
+def status_error(
+    status: int, message: str, collection: str | None, key_advice: str = KEY_ADVICE
+) -> TypesenseError:
     """Our error for an HTTP status Typesense answered with, by status alone: servers word
     their messages differently from version to version ("Not Found", "Collection not found").
     The one exception: a 422 is server trouble only when the server is out of disk or memory,
@@ -118,7 +124,7 @@ def status_error(status: int, message: str, collection: str | None) -> Typesense
         return TypesenseUnavailableError(f"Typesense answered {status}: {message}", status, message)
     if status in (401, 403):
         return TypesenseRejectedError(
-            f"Typesense refused the API key ({status}): check TYPESENSE_API_KEY or --api-key-file",
+            f"Typesense refused the API key ({status}): {key_advice}",
             status,
             message,
         )
@@ -211,6 +217,8 @@ class TypesenseIndex:
         self.observe: Callable[[str, str, float], None] | None = None
         # The embedded server this index talks to, when it is the embedded one.
         self.server: LocalTypesense | None = None
+        # What a refused key asks for: the embedded server's own words when it has them.
+        self.key_advice = KEY_ADVICE
 
     def _call(self, operation: str, request: Callable[[], T], *, about: str = "documents") -> T:
         """Run one request; classify its failure; report its duration to `observe`.
@@ -224,7 +232,8 @@ class TypesenseIndex:
         try:
             return request()
         except Exception as error:
-            classified = classify(error, self.collection if about == "collection" else None)
+            about_collection = self.collection if about == "collection" else None
+            classified = classify(error, about_collection, self.key_advice)
             if isinstance(classified, TypesenseUnavailableError):
                 outcome = "unavailable"
             elif isinstance(classified, TypesenseRejectedError):
@@ -526,13 +535,13 @@ class TypesenseIndex:
                         if response.status_code != 200:
                             response.read()
                             message = _error_message(response)
-                            raise status_error(response.status_code, message, None)
+                            raise status_error(response.status_code, message, None, self.key_advice)
                         for line in _lines(response.iter_bytes()):
                             started = True
                             yield line
                     return
                 except Exception as error:
-                    classified = classify(error, None)
+                    classified = classify(error, None, self.key_advice)
                     if type(classified) is NotFoundError:
                         self.info()  # CollectionNotFoundError when that is what is missing
                     last = position + 1 == len(config.nodes)
@@ -771,6 +780,9 @@ def open_indexes(
             ca_file=None if server else settings.ca_file,
         )
         index.server = server
+        if server is not None and not start_embedded and settings.api_key is None:
+            # the key came from the server's directory: a refusal means it changed there
+            index.key_advice = refused_key_advice(settings.embedded_dir, server.port, found)
         indexes = {first.name: index}
         for mapping in rest:
             indexes[mapping.name] = index.on_collection(mapping.collection, mapping)

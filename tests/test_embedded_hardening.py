@@ -145,3 +145,43 @@ def test_an_embedded_data_directory_removed_while_the_daemon_was_down_is_filled_
         assert server.api_key != key  # a new server indeed
         held = export(Server(server.url, server.api_key), "sequences")
     assert sorted(held, key=int) == ["1", "2", "3", "4", "5"]
+
+
+def refusal_lines(env: dict[str, str]) -> list[str]:
+    """What `status`, `check` and `search` say of the embedded server's key, one line each."""
+    status = run_module(["status", "--json"], env=env)
+    assert status.returncode == 0, status.stderr
+    check = run_module(["check"], env=env)
+    assert check.returncode == 2, check.stdout + check.stderr  # CRITICAL
+    search = run_module(["search", "comment"], env=env)
+    assert search.returncode == 1, search.stdout
+    return [json.loads(status.stdout)["typesense_error"], check.stdout, *error_lines(search.stderr)]
+
+
+@pytest.mark.parametrize("edit", ["rotated", "removed"])
+def test_an_api_key_file_changed_under_the_running_daemon_is_said_so(
+    tmp_path: Path, edit: str
+) -> None:
+    """The api-key file rotated or removed while the daemon runs: its server keeps the key it
+    was started with, so `status`, `check` and `search` were refused (401) and advised to
+    "check TYPESENSE_API_KEY or --api-key-file", which nobody had set. They say what changed
+    and what to do: put the key back, or restart the daemon."""
+    env = embedded_env(tmp_path)
+    assert run_module(["init"], env=env).returncode == 0
+    key_file = tmp_path / "sequences.db.typesense" / "api-key"
+    daemon = Daemon(env, tmp_path / "daemon.log")
+    try:
+        wait_until(lambda: daemon.logged("audit_done"), timeout_s=30, what="the daemon's start")
+        if edit == "rotated":
+            key_file.write_text("a-rotated-key-0123456789abcdef\n")
+            changed = f"runs with another key than {key_file} holds now"
+        else:
+            key_file.unlink()
+            changed = f"{key_file}, where `outbox-sync run` keeps it, is gone"
+        port = env["OUTBOX_SYNC_EMBEDDED_PORT"]
+        for line in refusal_lines(env):
+            assert f"the embedded Typesense on 127.0.0.1:{port}" in line and changed in line, line
+            assert "restart the daemon" in line and "TYPESENSE_API_KEY" not in line, line
+    finally:
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
