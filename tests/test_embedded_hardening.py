@@ -1,13 +1,16 @@
 """The embedded Typesense `outbox-sync run` starts without a TYPESENSE_URL, as a hostile review
 tried it: its files edited or removed, signals while it starts, the on-call commands beside it."""
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from outbox_sync.localserver import LocalTypesense, free_port
@@ -182,6 +185,41 @@ def test_an_api_key_file_changed_under_the_running_daemon_is_said_so(
         for line in refusal_lines(env):
             assert f"the embedded Typesense on 127.0.0.1:{port}" in line and changed in line, line
             assert "restart the daemon" in line and "TYPESENSE_API_KEY" not in line, line
+    finally:
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+
+
+def test_a_server_the_daemon_starts_again_keeps_its_key_whatever_the_file_holds(
+    tmp_path: Path,
+) -> None:
+    """The embedded server dies after its api-key file was rotated: the daemon starts it again
+    with the key it holds (a server started with the file's new key would refuse the daemon's
+    clients, still on the old one, for the rest of its run), and keeps syncing; the on-call
+    commands, on the new key, say the file changed (they said "check TYPESENSE_API_KEY")."""
+    env = embedded_env(tmp_path)
+    assert run_module(["init"], env=env).returncode == 0
+    data_dir = tmp_path / "sequences.db.typesense"
+    daemon = Daemon(env, tmp_path / "daemon.log", "--audit-every", "0")
+    try:
+        wait_until(lambda: daemon.logged("audit_done"), timeout_s=30, what="the daemon's start")
+        key = (data_dir / "api-key").read_text().strip()
+        (data_dir / "api-key").write_text("a-rotated-key-0123456789abcdef\n")
+        [server] = servers_of(data_dir)
+        os.kill(server, signal.SIGKILL)
+        wait_until(lambda: daemon.logged("embedded_typesense_exited"), what="the restart")
+        insert_rows(tmp_path / "sequences.db", [1])
+        url = f"http://127.0.0.1:{env['OUTBOX_SYNC_EMBEDDED_PORT']}"
+
+        def synced() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return "1" in export(Server(url, key), "sequences", timeout_s=5)
+            return False
+
+        wait_until(synced, what="the row synced through the restarted server, on the old key")
+        assert not error_lines(daemon.output())
+        for line in refusal_lines(env):
+            assert f"runs with another key than {data_dir / 'api-key'} holds now" in line, line
     finally:
         daemon.process.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
