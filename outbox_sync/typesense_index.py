@@ -382,6 +382,10 @@ class TypesenseIndex:
             ) from None
         return name
 
+    def create_collection(self, schema: dict[str, Any]) -> None:
+        """Create a collection of this schema, as it is (not the mapping's: see claims.py)."""
+        self._call_retrying("collection", lambda: self.client.collections.create(schema))
+
     def point_alias(self, target: str) -> None:
         """Make our name an alias of `target` (an atomic switch for searches)."""
         self._call_retrying(

@@ -22,6 +22,7 @@ import structlog
 
 from outbox_sync import reindex, stats
 from outbox_sync.batch import Applier
+from outbox_sync.claims import CLAIM_REFRESH_S, Claims
 from outbox_sync.config import DEFAULT_BATCH_SIZE
 from outbox_sync.db import Database, is_busy
 from outbox_sync.errors import (
@@ -123,10 +124,11 @@ class Job:
     (Typesense trouble, a locked database, a missing table): the loop pauses, and the job stays
     due. at_stop: what to do when the loop ends. settle: for `run --once`, finish what the job
     has under way (or leave it, once the stop it is given is set); True when that queued
-    entries the loop must apply before it stops. keeps_typesense: the job keeps Typesense
-    itself up (the embedded server's supervision), so it runs first in each turn, and also
-    while the loop, at start, waits for its collections: nothing failing for want of Typesense
-    (that check, a job) may keep it from starting a dead server."""
+    entries the loop must apply before it stops. first: the job runs before the collections
+    are touched, first in each turn and also while the loop, at start, waits for them: the
+    embedded server's supervision (nothing failing for want of Typesense, as that check, may
+    keep it from starting a dead server) and the claims (nothing is written to a collection
+    another database feeds)."""
 
     def __init__(
         self,
@@ -137,11 +139,11 @@ class Job:
         due_at_start: bool = True,
         at_stop: Callable[[], Any] | None = None,
         settle: Callable[[Stopping], bool] | None = None,
-        keeps_typesense: bool = False,
+        first: bool = False,
     ) -> None:
         self.name, self.interval_s, self.run = name, interval_s, run
         self.at_stop, self.settle = at_stop, settle
-        self.keeps_typesense = keeps_typesense
+        self.first = first
         self.next_at: float | None = float("-inf") if due_at_start else None
 
     def due(self, now: float) -> bool:
@@ -245,7 +247,7 @@ class Worker:
             while not stop.is_set():
                 try:
                     # a dead embedded server is started again here too: the check needs it
-                    self._run_jobs(time.monotonic(), keeping_typesense=True)
+                    self._run_jobs(time.monotonic(), first=True)
                     self._ensure_collections()
                     break
                 except TypesenseUnavailableError as error:
@@ -279,11 +281,11 @@ class Worker:
         self.telemetry.loop_alive(now)
         self.stopping = stop
         try:
-            self._run_jobs(now, keeping_typesense=True)  # first: the rest may need Typesense
+            self._run_jobs(now, first=True)  # the rest may need Typesense, and the claims
             if self.collection_lost:
                 self._ensure_collections()
                 self.collection_lost = False
-            self._run_jobs(now, keeping_typesense=False)
+            self._run_jobs(now, first=False)
             applied = self.applier.drain(stop)
             in_outage = self.backoff.since is not None
             if in_outage or (not applied and now >= self.probe_at):
@@ -329,10 +331,10 @@ class Worker:
             if not is_busy(error):
                 raise
 
-    def _run_jobs(self, now: float, *, keeping_typesense: bool) -> None:
-        """The jobs that are due, among those that keep Typesense up or among the others."""
+    def _run_jobs(self, now: float, *, first: bool) -> None:
+        """The jobs that are due, among those that run first or among the others."""
         for job in self.jobs.values():
-            if job.keeps_typesense == keeping_typesense and job.due(now):
+            if job.first == first and job.due(now):
                 job.run(now)
                 job.done(now)
 
@@ -515,6 +517,7 @@ def daemon(
     audit_every_s: float = 0.0,
     server: LocalTypesense | None = None,
     lock: DaemonLock | None = None,
+    claims: bool = False,
     **loop_options: float,
 ) -> Worker:
     """The daemon's worker over one index per mapping: the loop over a batch applier, with its
@@ -523,7 +526,7 @@ def daemon(
     `outbox-sync reindex`, the statistics, the triggers (put back when a migration took them),
     the embedded `server` if there is one (started again if it died), and audits: at start and
     every `audit_every_s` unless that is 0; after an outage, a trigger repair and an embedded
-    restart always."""
+    restart always. With `claims`, it claims its collections first (claims.py)."""
     telemetry = telemetry or Telemetry()
     for index in indexes:
         index.observe = telemetry.request
@@ -550,7 +553,11 @@ def daemon(
 
     mappings = [index.mapping for index in indexes]
     reconciler = Reconciler(db, indexes, telemetry, every_s=audit_every_s)
-    jobs = [
+    jobs = []
+    if claims:  # before the first write to a collection: another database's may be there
+        claimed = Claims(db, indexes)
+        jobs.append(Job("claims", CLAIM_REFRESH_S, claimed, at_stop=claimed.give_back, first=True))
+    jobs += [
         Job("file", REFRESH_INTERVAL_S, lambda now: check_files()),
         Job("schema", 0, SchemaWatch(db, mappings, reconciler.request)),
         backlog,
@@ -583,7 +590,7 @@ def daemon(
                 "embedded",
                 HEALTH_PROBE_INTERVAL_S,
                 lambda now: supervise(server, reconciler, heartbeat),
-                keeps_typesense=True,
+                first=True,
             )
         )
     # the embedded server is the daemon's own: `supervise` sees it restart

@@ -138,6 +138,7 @@ def run(settings: Settings, once: bool) -> None:
             audit_every_s=settings.audit_every_s,
             server=indexes[0].server,
             lock=lock,
+            claims=indexes[0].server is None,  # an embedded server is the database's own
         )
         with quiet_garbage_collector():
             worker.run(stop, once=once)

@@ -1,0 +1,118 @@
+"""Which database feeds a collection. Two daemons of two databases syncing into one collection
+(a second instance whose settings forgot OUTBOX_SYNC_COLLECTION, a copy of the database run
+beside it) undo each other: each one's audit deletes the other's documents as extra, and the
+other's puts them back as missing. Each daemon claims its collections in a small collection on
+the server (CLAIMS_COLLECTION, a document per collection), refreshes its claims while it runs
+and gives them back when it stops; it refuses a collection another database's daemon claimed
+less than CLAIM_FRESH_S ago (a daemon killed without its stop leaves its claim that long)."""
+
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from outbox_sync.db import Database
+from outbox_sync.errors import CollectionNotFoundError, OutboxSyncError, TypesenseRejectedError
+from outbox_sync.typesense_index import TypesenseIndex
+
+CLAIMS_COLLECTION = "outbox_sync_claims"
+# Only `seen_at` is indexed; a claim's other fields are kept as they are, for people to read.
+CLAIMS_SCHEMA = {"name": CLAIMS_COLLECTION, "fields": [{"name": "seen_at", "type": "int64"}]}
+CLAIM_REFRESH_S = 60.0
+CLAIM_FRESH_S = 300.0
+# outbox_sync_meta: the database's own id, made at its daemon's first start. With the file's
+# path it tells the database apart from a copy of it elsewhere; a backup restored in place, or
+# the file seen from a new container, is the same database.
+DATABASE_ID_KEY = "database_id"
+
+
+class CollectionClaimedError(OutboxSyncError):
+    """Another database's daemon syncs into this collection."""
+
+
+class Claims:
+    """A loop job (every CLAIM_REFRESH_S, and first before anything is written): claim the
+    daemon's collections, or raise CollectionClaimedError. `give_back` at stop."""
+
+    def __init__(self, db: Database, indexes: Sequence[TypesenseIndex]) -> None:
+        self.names = [index.collection for index in indexes]
+        self.claims = indexes[0].on_collection(CLAIMS_COLLECTION)
+        self.claims.observe = None  # not the sync's requests: out of its metrics and report
+        database = db.get_meta(DATABASE_ID_KEY)
+        if database is None:
+            database = uuid.uuid4().hex
+            db.set_meta(DATABASE_ID_KEY, database)
+        self.me = {
+            "database": database,
+            "path": os.path.realpath(db.path),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        self.off = False  # the server refused the claims (a key scoped to the collections)
+        self.held: list[str] = []
+        self.log = structlog.get_logger("outbox_sync")
+
+    def __call__(self, now: float) -> None:
+        if self.off:
+            return
+        try:
+            for name in self.names:
+                self._claim(name)
+        except TypesenseRejectedError as error:  # a key scoped to the synced collections
+            self.off = True
+            self.log.warning(
+                "claims_off",
+                reason=str(error),
+                note=f"without {CLAIMS_COLLECTION}, another database syncing into the same "
+                "collection goes unnoticed until the audits find each other's documents",
+            )
+
+    def _claim(self, name: str) -> None:
+        try:
+            claim = self.claims.retrieve(name)
+        except CollectionNotFoundError:
+            try:
+                self.claims.create_collection(CLAIMS_SCHEMA)
+            except TypesenseRejectedError as error:
+                if error.http_status != 409:  # 409: another daemon made it just now
+                    raise
+            claim = None
+        age = time.time() - (claim or {}).get("seen_at", 0)
+        if claim is not None and not self._mine(claim):
+            if age < CLAIM_FRESH_S:
+                raise CollectionClaimedError(
+                    f"collection {name!r} is synced from another database: "
+                    f"{claim.get('path')} on {claim.get('host')} (pid {claim.get('pid')}, "
+                    f"its daemon seen {age:.0f} s ago). Two databases in one collection undo "
+                    "each other (each audit deletes the other's documents): give this one a "
+                    "collection of its own (--collection, OUTBOX_SYNC_COLLECTION, a mapping's "
+                    "`collection`), or stop that daemon (a daemon that did not stop cleanly "
+                    f"gives its claim back after {CLAIM_FRESH_S / 60:.0f} min)"
+                )
+            if name not in self.held:
+                self.log.warning("claim_taken_over", collection=name, previous=claim)
+        line = {"id": name, **self.me, "seen_at": int(time.time())}
+        (result,) = self.claims.import_jsonl(json.dumps(line).encode(), 1)
+        if not result.ok:
+            raise TypesenseRejectedError(f"Typesense refused the claim: {result.error}")
+        if name not in self.held:
+            self.held.append(name)
+
+    def _mine(self, claim: dict[str, Any]) -> bool:
+        return (claim.get("database"), claim.get("path")) == (self.me["database"], self.me["path"])
+
+    def give_back(self) -> None:
+        """At stop: the claims this daemon holds (another database's daemon may start)."""
+        for name in self.held:
+            try:
+                claim = self.claims.retrieve(name)
+                if claim is not None and self._mine(claim):
+                    self.claims.delete_document(name)
+            except OutboxSyncError as error:  # it goes stale by itself (CLAIM_FRESH_S)
+                self.log.warning("claim_kept", collection=name, reason=str(error))
+        self.held = []

@@ -1,0 +1,162 @@
+"""Two databases syncing into one collection undo each other (each audit deletes the other's
+documents): a daemon claims its collections and refuses one another database's daemon feeds."""
+
+import json
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from structlog.testing import capture_logs
+
+from outbox_sync import schema
+from outbox_sync.claims import CLAIM_FRESH_S, CLAIMS_COLLECTION, Claims, CollectionClaimedError
+from outbox_sync.db import Database
+from outbox_sync.mapping import SEQUENCES
+from outbox_sync.typesense_index import TypesenseIndex
+from tests.support.app import ROW_SQL, app_connection, make_row
+from tests.support.cli import run_module
+from tests.support.daemon import Daemon
+from tests.support.typesense import Server
+from tests.support.wait import wait_until
+
+
+def claim_of(server: Server, collection: str) -> dict[str, Any] | None:
+    response = httpx.get(
+        f"{server.url}/collections/{CLAIMS_COLLECTION}/documents/{collection}",
+        headers={"X-TYPESENSE-API-KEY": server.api_key},
+    )
+    return None if response.status_code == 404 else dict(response.json())
+
+
+def second_database(tmp_path: Path) -> Path:
+    path = tmp_path / "other" / "app.db"
+    path.parent.mkdir()
+    database = Database(path, create=True)
+    schema.init(database, [SEQUENCES])
+    database.close()
+    return path
+
+
+def test_a_second_database_on_a_collection_is_refused_until_the_first_gives_it_back(
+    served: Server,
+    db_path: Path,
+    tmp_path: Path,
+    daemon_env: dict[str, str],
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    # the second instance's settings forgot OUTBOX_SYNC_COLLECTION: both say `sequences`
+    first = start_daemon("--audit-every", "0")
+    wait_until(
+        lambda: first.logged("started") and claim_of(served, daemon_env["OUTBOX_SYNC_COLLECTION"]),
+        what="the first daemon's claim",
+    )
+    other = second_database(tmp_path)
+    app_connection(other).execute(ROW_SQL, make_row(1))
+    env = daemon_env | {"OUTBOX_SYNC_DB": str(other)}
+    refused = run_module(["run", "--once"], env=env)
+    assert refused.returncode == 1, refused.stderr
+    assert "is synced from another database" in refused.stderr
+    assert str(db_path.resolve()) in refused.stderr  # which one, so on-call can find it
+    assert app_connection(other).execute("SELECT count(*) FROM outbox").fetchone() == (1,)
+    first.process.send_signal(signal.SIGTERM)
+    assert first.wait() == 0
+    assert claim_of(served, daemon_env["OUTBOX_SYNC_COLLECTION"]) is None  # given back
+    synced = run_module(["run", "--once", "--audit-every", "0"], env=env)
+    assert synced.returncode == 0, synced.stderr
+    assert app_connection(other).execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+
+
+def test_a_copy_of_the_database_elsewhere_is_another_database(
+    served: Server,
+    db_path: Path,
+    tmp_path: Path,
+    daemon_env: dict[str, str],
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    # the copy holds the same database id: its path tells it apart
+    first = start_daemon("--audit-every", "0")
+    wait_until(lambda: claim_of(served, daemon_env["OUTBOX_SYNC_COLLECTION"]), what="a claim")
+    copy = tmp_path / "copy.db"
+    shutil.copyfile(db_path, copy)
+    refused = run_module(["run", "--once"], env=daemon_env | {"OUTBOX_SYNC_DB": str(copy)})
+    assert refused.returncode == 1 and "is synced from another database" in refused.stderr
+    first.kill()
+
+
+def test_the_same_database_takes_its_claim_back_after_a_kill(
+    served: Server, daemon_env: dict[str, str], start_daemon: Callable[..., Daemon]
+) -> None:
+    first = start_daemon("--audit-every", "0")
+    collection = daemon_env["OUTBOX_SYNC_COLLECTION"]
+    wait_until(lambda: claim_of(served, collection), what="a claim")
+    first.kill()  # SIGKILL: the claim stays
+    assert claim_of(served, collection) is not None
+    again = run_module(["run", "--once", "--audit-every", "0"], env=daemon_env)
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_claim_gone_stale_is_taken_over_and_said(
+    db: Database, index: TypesenseIndex, served: Server, tmp_path: Path
+) -> None:
+    other = Database(second_database(tmp_path))
+    Claims(other, [index])(time.monotonic())  # another database's daemon, killed long ago
+    with pytest.raises(CollectionClaimedError):
+        Claims(db, [index])(time.monotonic())
+    before = claim_of(served, index.collection)
+    assert before is not None
+    line = before | {"seen_at": int(time.time() - CLAIM_FRESH_S - 1)}
+    httpx.post(
+        f"{served.url}/collections/{CLAIMS_COLLECTION}/documents?action=upsert",
+        headers={"X-TYPESENSE-API-KEY": served.api_key},
+        content=json.dumps(line),
+    ).raise_for_status()
+    with capture_logs() as logs:
+        Claims(db, [index])(time.monotonic())
+    (taken,) = [log for log in logs if log["event"] == "claim_taken_over"]
+    assert taken["previous"]["path"] == before["path"]
+    claim = claim_of(served, index.collection)
+    assert claim is not None and claim["path"] == str(Path(db.path).resolve())
+    other.close()
+
+
+def test_a_key_that_cannot_claim_turns_the_claims_off_and_syncs(
+    served: Server, db_path: Path, collection: str, daemon_env: dict[str, str]
+) -> None:
+    # a key scoped to the synced collection (as a careful operator makes them) cannot reach
+    # the claims: the daemon says so, once, and syncs
+    created = httpx.post(
+        f"{served.url}/keys",
+        headers={"X-TYPESENSE-API-KEY": served.api_key},
+        json={"description": "sync only", "actions": ["*"], "collections": [f"{collection}.*"]},
+    )
+    created.raise_for_status()
+    app_connection(db_path).execute(ROW_SQL, make_row(1))
+    env = daemon_env | {"TYPESENSE_API_KEY": created.json()["value"]}
+    result = run_module(["run", "--once", "--audit-every", "0"], env=env)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events].count("claims_off") == 1
+    assert app_connection(db_path).execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+
+
+def test_a_claim_is_refreshed_given_back_and_kept_out_of_the_metrics(
+    db: Database, index: TypesenseIndex, served: Server
+) -> None:
+    seen: list[str] = []
+    index.observe = lambda operation, outcome, seconds: seen.append(operation)
+    claimed = Claims(db, [index])
+    claimed(time.monotonic())
+    first = claim_of(served, index.collection)
+    assert first is not None
+    time.sleep(1.1)  # seen_at counts seconds
+    claimed(time.monotonic())  # the job's next run
+    refreshed = claim_of(served, index.collection)
+    assert refreshed is not None and refreshed["seen_at"] > first["seen_at"]
+    assert seen == []  # not the sync's requests: its metrics and weekly report leave them out
+    claimed.give_back()
+    assert claim_of(served, index.collection) is None
