@@ -55,9 +55,17 @@ class Claims:
         }
         self.off = False  # the server refused the claims (a key scoped to the collections)
         self.held: list[str] = []
+        self.next_at = float("-inf")
         self.log = structlog.get_logger("outbox_sync")
 
+    def keep(self, now: float) -> None:
+        """Claim now if CLAIM_REFRESH_S has passed since the last claim (for a long chore that
+        is not the loop's: a reindex run without a daemon)."""
+        if now >= self.next_at:
+            self(now)
+
     def __call__(self, now: float) -> None:
+        self.next_at = now + CLAIM_REFRESH_S
         if self.off:
             return
         try:

@@ -21,7 +21,7 @@ from outbox_sync.typesense_index import TypesenseIndex
 from tests.support.app import ROW_SQL, app_connection, make_row
 from tests.support.cli import run_module
 from tests.support.daemon import Daemon
-from tests.support.typesense import Server
+from tests.support.typesense import Server, export
 from tests.support.wait import wait_until
 
 
@@ -69,6 +69,30 @@ def test_a_second_database_on_a_collection_is_refused_until_the_first_gives_it_b
     synced = run_module(["run", "--once", "--audit-every", "0"], env=env)
     assert synced.returncode == 0, synced.stderr
     assert app_connection(other).execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+
+
+def test_a_reindex_run_without_a_daemon_claims_too(
+    served: Server,
+    db_path: Path,
+    tmp_path: Path,
+    daemon_env: dict[str, str],
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    # it writes the collection in the daemon's place: another database's would be replaced
+    app_connection(db_path).execute(ROW_SQL, make_row(1))
+    collection = daemon_env["OUTBOX_SYNC_COLLECTION"]
+    assert run_module(["run", "--once", "--audit-every", "0"], env=daemon_env).returncode == 0
+    env = daemon_env | {"OUTBOX_SYNC_DB": str(second_database(tmp_path))}
+    first = start_daemon("--audit-every", "0")
+    wait_until(lambda: claim_of(served, collection), what="the first daemon's claim")
+    refused = run_module(["reindex"], env=env)
+    assert refused.returncode == 1 and "is synced from another database" in refused.stderr
+    assert export(served, collection).keys() == {"1"}  # the first database's, as they were
+    first.process.send_signal(signal.SIGTERM)
+    assert first.wait() == 0
+    reindexed = run_module(["reindex"], env=env)
+    assert reindexed.returncode == 0, reindexed.stderr
+    assert claim_of(served, collection) is None  # given back
 
 
 def test_a_copy_of_the_database_elsewhere_is_another_database(

@@ -5,6 +5,7 @@ import gc
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -205,15 +206,19 @@ def reindex_command(settings: Settings) -> None:
     its progress; otherwise it does it itself, holding the daemon lock.
     """
     from outbox_sync import reindex
+    from outbox_sync.claims import Claims
 
     opened = open_database(settings)
     lock = DaemonLock(settings.db_path, role="reindex")
     collections = [mapping.collection for mapping in opened.selected]
+    claimed: Claims | None = None  # doing it itself, on a Typesense of its choosing
     with progress_bars() as bars:
 
         def progress(done: int, total: int) -> None:
             if bars is not None:
                 bars("reindex", done, total)
+            if claimed is not None:
+                claimed.keep(time.monotonic())
 
         try:
             lock.acquire()
@@ -227,11 +232,16 @@ def reindex_command(settings: Settings) -> None:
                     typesense(settings, opened, start_embedded=True) as indexes,
                     quiet_garbage_collector(),
                 ):
+                    if indexes[0].server is None:  # an embedded server is the database's own
+                        claimed = Claims(opened.db, indexes)
+                        claimed.keep(time.monotonic())  # another database's daemon: refused
                     results = [
                         asdict(reindex.rebuild(opened.db, index, progress=progress))
                         for index in indexes
                     ]
             finally:
+                if claimed is not None:
+                    claimed.give_back()
                 lock.release()
     for result in results:
         old = f", dropped {result['old']}" if result["old"] else ""
