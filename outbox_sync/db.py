@@ -9,7 +9,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +99,9 @@ class Database:
     ) -> None:
         self.path = path
         self.busy_timeout_s = busy_timeout_s
+        # Called as a write starts waiting for another connection's lock (the daemon keeps its
+        # loop's heartbeat there: each wait is bounded, but one turn may wait several times).
+        self.on_wait: Callable[[], None] = lambda: None
         if not path.parent.is_dir():
             raise DatabaseError(
                 f"directory {path.parent} does not exist: create it, or give another --db"
@@ -184,6 +187,8 @@ class Database:
                 except sqlite3.OperationalError as error:
                     if not is_busy(error) or time.monotonic() >= deadline:
                         raise
+                if delay == WRITE_RETRY_MIN_S:  # the first refusal: a wait begins
+                    self.on_wait()
                 time.sleep(delay)
                 delay = min(delay * 2, WRITE_RETRY_MAX_S)
         finally:

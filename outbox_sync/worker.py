@@ -530,6 +530,11 @@ def daemon(
     telemetry = telemetry or Telemetry()
     for index in indexes:
         index.observe = telemetry.request
+    # A write the application's lock holds up waits up to the busy timeout (30 s), and a turn
+    # may make several (statistics, an audit's record: they give up and the turn goes on, then
+    # the acknowledgement): a heartbeat as each wait begins keeps the gap to one wait, within
+    # the watchdog's 90 s. A loop stuck anywhere else still misses it.
+    db.on_wait = lambda: telemetry.loop_alive(time.monotonic())
 
     backlog = Job("backlog", REFRESH_INTERVAL_S, lambda now: telemetry.backlog(*db.backlog()))
 

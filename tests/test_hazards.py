@@ -4,6 +4,7 @@ read-only or not a database, and values no document may carry."""
 
 import contextlib
 import ctypes
+import itertools
 import json
 import os
 import shutil
@@ -24,8 +25,10 @@ from outbox_sync import schema, sync_errors
 from outbox_sync.db import Database
 from outbox_sync.errors import DatabaseError
 from outbox_sync.mapping import SEQUENCES, Field, Mapping
+from outbox_sync.reconcile import Reconciler
+from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
-from outbox_sync.worker import Worker, daemon
+from outbox_sync.worker import STATS_SAVE_INTERVAL_S, Stop, Worker, daemon
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
 from tests.support.cli import error_lines, invoke, run_module, without_settings
 from tests.support.daemon import Daemon, running
@@ -137,6 +140,57 @@ def test_a_writer_holding_the_write_lock_is_waited_out_and_nothing_is_lost(
         assert any(e["event"] == "sync_resumed" for e in logs)
     else:  # it simply waited for the lock
         assert paused == []
+
+
+class Heartbeats(Telemetry):
+    """Telemetry that notes when each heartbeat of the loop came (what feeds the watchdog)."""
+
+    def __init__(self) -> None:
+        super().__init__(metrics=False)
+        self.at: list[float] = []
+
+    def loop_alive(self, now: float) -> None:
+        self.at.append(time.monotonic())
+        super().loop_alive(now)
+
+
+def test_a_turn_under_the_applications_write_lock_keeps_its_heartbeat(
+    db_path: Path, index: TypesenseIndex
+) -> None:
+    """While the application holds the write lock, each write of one turn waits out the busy
+    timeout: the statistics' save and the finished audit's record give up and let the turn go
+    on, then the acknowledgement waits again. With no heartbeat between them, three waits of
+    30 s went past the watchdog's 90 s (which is pinged at most every 45 s): systemd would
+    kill a daemon that only waited for the lock (found by a review). Every gap between two
+    heartbeats stays within about one busy timeout."""
+    busy_s = 0.5
+    telemetry = Heartbeats()
+    db = Database(db_path, busy_timeout_s=busy_s)
+    worker = daemon(db, [index], telemetry=telemetry, audit_every_s=3600.0, min_backoff_s=0.05)
+    reconciler = worker.jobs["audit"].run
+    assert isinstance(reconciler, Reconciler)
+    stop = Stop()
+    app = app_connection(db_path)
+    app.execute(ROW_SQL, make_row(1))
+    worker.loop(time.monotonic(), stop)  # applies it (statistics to save), starts the audit
+    audit = reconciler.thread
+    wait_until(lambda: audit is not None and not audit.is_alive(), what="the start audit")
+    app.execute(ROW_SQL, make_row(2))  # for the turn to acknowledge
+    app.execute("BEGIN IMMEDIATE")  # the application's long transaction: a migration
+    with structlog.testing.capture_logs() as logs:
+        started = time.monotonic()
+        turn = worker.loop(started + STATS_SAVE_INTERVAL_S, stop)  # the statistics are due
+        ended = time.monotonic()
+    app.execute("ROLLBACK")
+    reconciler.stop()
+    stop.close()
+    db.close()
+    events = [entry["event"] for entry in logs]
+    assert {"stats_not_saved", "audit_done", "sync_paused"} <= set(events), events
+    assert turn.paused and ended - started >= 3 * busy_s  # three waits in one turn
+    beats = [started, *[at for at in telemetry.at if at > started], ended]
+    longest = max(later - earlier for earlier, later in itertools.pairwise(beats))
+    assert longest < 1.5 * busy_s, f"{longest:.2f} s without a heartbeat (busy timeout {busy_s} s)"
 
 
 APPLICATION_INSERT = (
