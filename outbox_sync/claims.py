@@ -105,7 +105,14 @@ class Claims:
             if name not in self.held:
                 self.log.warning("claim_taken_over", collection=name, previous=claim)
         line = {"id": name, **self.me, "seen_at": int(time.time())}
-        (result,) = self.claims.import_jsonl(json.dumps(line).encode(), 1)
+        # No claim seen: create, not upsert. Two daemons started together both see none, and
+        # an upsert let both write theirs (the last one stayed) and sync for a minute, each
+        # audit deleting the other's documents; a create fails (409) for the later one.
+        action = "create" if claim is None else "upsert"
+        (result,) = self.claims.import_jsonl(json.dumps(line).encode(), 1, action=action)
+        if result.http_status == 409:  # another daemon claimed it since we looked: look again
+            self._claim(name)
+            return
         if not result.ok:
             raise TypesenseRejectedError(f"Typesense refused the claim: {result.error}")
         if name not in self.held:

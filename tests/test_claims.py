@@ -184,3 +184,28 @@ def test_a_claim_is_refreshed_given_back_and_kept_out_of_the_metrics(
     assert seen == []  # not the sync's requests: its metrics and weekly report leave them out
     claimed.give_back()
     assert claim_of(served, index.collection) is None
+
+
+def test_of_two_databases_claiming_at_the_same_moment_one_is_refused(
+    db: Database,
+    index: TypesenseIndex,
+    served: Server,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # two daemons started together: each looks before the other has written its claim
+    other = Database(second_database(tmp_path))
+    first, second = Claims(db, [index]), Claims(other, [index])
+    look = first.claims.retrieve
+
+    def look_as_the_other_claims(name: str) -> dict[str, Any] | None:
+        seen = look(name)
+        second(time.monotonic())  # between the first's look and its write
+        return seen
+
+    monkeypatch.setattr(first.claims, "retrieve", look_as_the_other_claims)
+    with pytest.raises(CollectionClaimedError):  # not both: each audit would undo the other
+        first(time.monotonic())
+    claim = claim_of(served, index.collection)
+    assert claim is not None and claim["path"] == str(Path(other.path).resolve())
+    other.close()
