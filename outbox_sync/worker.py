@@ -537,13 +537,19 @@ def daemon(
     db.on_wait = lambda: telemetry.loop_alive(time.monotonic())
 
     backlog = Job("backlog", REFRESH_INTERVAL_S, lambda now: telemetry.backlog(*db.backlog()))
+    # before the first write to a collection: another database's may be there
+    claimed = Claims(db, indexes) if claims else None
 
     def heartbeat() -> None:
         """Between the chunks of a long chore (a fill, a reindex): keep the loop's heartbeat, so
-        the watchdog does not take it for a hung loop, and the backlog figures, so that the lag
-        alert sees the changes waiting meanwhile; end the chore if the daemon stops."""
+        the watchdog does not take it for a hung loop, the claims, which the loop's job cannot
+        refresh meanwhile (another database's daemon took them once CLAIM_FRESH_S had gone by),
+        and the backlog figures, so that the lag alert sees the changes waiting meanwhile; end
+        the chore if the daemon stops."""
         now = time.monotonic()
         telemetry.loop_alive(now)
+        if claimed is not None:
+            claimed.keep(now)
         if backlog.due(now):
             with contextlib.suppress(OutboxSyncError, sqlite3.Error):  # taken at the next beat
                 backlog.run(now)
@@ -559,8 +565,7 @@ def daemon(
     mappings = [index.mapping for index in indexes]
     reconciler = Reconciler(db, indexes, telemetry, every_s=audit_every_s)
     jobs = []
-    if claims:  # before the first write to a collection: another database's may be there
-        claimed = Claims(db, indexes)
+    if claimed is not None:
         jobs.append(Job("claims", CLAIM_REFRESH_S, claimed, at_stop=claimed.give_back, first=True))
     jobs += [
         Job("file", REFRESH_INTERVAL_S, lambda now: check_files()),

@@ -4,6 +4,7 @@ documents): a daemon claims its collections and refuses one another database's d
 import json
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,11 +14,12 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from outbox_sync import schema
+from outbox_sync import claims, reindex, schema
 from outbox_sync.claims import CLAIM_FRESH_S, CLAIMS_COLLECTION, Claims, CollectionClaimedError
 from outbox_sync.db import Database
 from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.worker import daemon
 from tests.support.app import ROW_SQL, app_connection, make_row
 from tests.support.cli import run_module
 from tests.support.daemon import Daemon
@@ -208,4 +210,34 @@ def test_of_two_databases_claiming_at_the_same_moment_one_is_refused(
         first(time.monotonic())
     claim = claim_of(served, index.collection)
     assert claim is not None and claim["path"] == str(Path(other.path).resolve())
+    other.close()
+
+
+def test_a_daemon_serving_a_long_reindex_keeps_its_claim(
+    db: Database,
+    db_path: Path,
+    index: TypesenseIndex,
+    served: Server,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the loop's claims job cannot run while the reindex job runs: a rebuild of millions of
+    # rows outlasts CLAIM_FRESH_S, and another database's daemon then took the collection
+    monkeypatch.setattr(claims, "CLAIM_REFRESH_S", 0.0)  # a refresh due at every beat
+    app_connection(db_path).execute(ROW_SQL, make_row(1))
+    worker = daemon(db, [index], claims=True)
+    worker.loop(time.monotonic(), threading.Event())  # claims, then applies the row
+    reindex.request(db, [index.collection])
+    claim = claim_of(served, index.collection)
+    assert claim is not None
+    stale = claim | {"seen_at": int(time.time() - CLAIM_FRESH_S - 1)}  # minutes into it
+    httpx.post(
+        f"{served.url}/collections/{CLAIMS_COLLECTION}/documents?action=upsert",
+        headers={"X-TYPESENSE-API-KEY": served.api_key},
+        content=json.dumps(stale),
+    ).raise_for_status()
+    worker.jobs["reindex"].run(time.monotonic())
+    other = Database(second_database(tmp_path))
+    with pytest.raises(CollectionClaimedError):
+        Claims(other, [index])(time.monotonic())
     other.close()
