@@ -28,6 +28,7 @@ from typing import Any, TypeGuard
 
 import structlog
 
+from outbox_sync.claims import CollectionClaimedError
 from outbox_sync.db import Database, enqueue_rows, fill_key, is_busy, row_key
 from outbox_sync.errors import (
     CollectionNotFoundError,
@@ -316,8 +317,8 @@ def serve_fills(
                 log.warning("fill_failed", collection=index.collection, reason=str(error))
                 raise error.__cause__ from None
             for trouble in (error, error.__cause__):  # rebuild says which collection stays
-                if _passing(trouble):
-                    raise trouble from None
+                if _passing(trouble) or isinstance(trouble, CollectionClaimedError):
+                    raise trouble from None  # claimed: queueing the rows would feed it
             with db.write() as conn:
                 queued = enqueue_rows(conn, index.mapping)
             log.warning(
@@ -370,9 +371,12 @@ def serve_request(
         reason = str(error) or type(error).__name__
         log.warning("reindex_failed", error=reason)
         publish("failed", error=reason)
-        if isinstance(error.__cause__, CollectionNotFoundError):  # a failed switch (`_switch`)
+        # a failed switch (`_switch`): the loop looks the name up again at once; a claim lost
+        # (the heartbeat refreshes them): the daemon stops, before the rest of its turn (an
+        # audit, a drain) writes into another database's collection
+        if isinstance(error.__cause__, CollectionNotFoundError | CollectionClaimedError):
             db.set_meta(REQUEST_KEY, None)
-            raise error.__cause__ from None  # the loop looks the name up again at once
+            raise error.__cause__ from None
     else:
         for result in results:
             log.info("reindex_finished", **result)

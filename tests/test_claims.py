@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from outbox_sync import claims, reindex, schema
 from outbox_sync.claims import CLAIM_FRESH_S, CLAIMS_COLLECTION, Claims, CollectionClaimedError
-from outbox_sync.db import Database
+from outbox_sync.db import Database, fill_key
 from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import daemon
@@ -240,4 +240,36 @@ def test_a_daemon_serving_a_long_reindex_keeps_its_claim(
     other = Database(second_database(tmp_path))
     with pytest.raises(CollectionClaimedError):
         Claims(other, [index])(time.monotonic())
+    other.close()
+
+
+@pytest.mark.parametrize("chore", ["reindex", "fill"])
+def test_a_claim_lost_during_a_fill_or_reindex_stops_the_daemon(
+    db: Database,
+    db_path: Path,
+    index: TypesenseIndex,
+    served: Server,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    chore: str,
+) -> None:
+    # the claims deleted by hand, and another database's daemon claiming the collection: the
+    # chore's heartbeat finds out, and the daemon must stop there, not go on to audit and drain
+    monkeypatch.setattr(claims, "CLAIM_REFRESH_S", 0.0)  # a refresh due at every beat
+    app_connection(db_path).execute(ROW_SQL, make_row(1))
+    worker = daemon(db, [index], claims=True)
+    worker.loop(time.monotonic(), threading.Event())
+    if chore == "reindex":
+        reindex.request(db, [index.collection])
+    else:
+        db.set_meta(fill_key(index.mapping.name), "1")  # as `init` asks for one
+    httpx.delete(
+        f"{served.url}/collections/{CLAIMS_COLLECTION}",
+        headers={"X-TYPESENSE-API-KEY": served.api_key},
+    ).raise_for_status()
+    other = Database(second_database(tmp_path))
+    Claims(other, [index])(time.monotonic())
+    with pytest.raises(CollectionClaimedError):
+        worker.jobs["reindex"].run(time.monotonic())
+    assert app_connection(db_path).execute("SELECT count(*) FROM outbox").fetchone() == (0,)
     other.close()
