@@ -47,9 +47,10 @@ class Claims:
         if database is None:
             database = uuid.uuid4().hex
             db.set_meta(DATABASE_ID_KEY, database)
+        self.database, self.path = database, os.path.realpath(db.path)
         self.me = {
             "database": database,
-            "path": os.path.realpath(db.path),
+            "path": self.path,
             "host": socket.gethostname(),
             "pid": os.getpid(),
         }
@@ -90,17 +91,15 @@ class Claims:
                 if error.http_status != 409:  # 409: another daemon made it just now
                     raise
             claim = None
-        age = time.time() - (claim or {}).get("seen_at", 0)
         if claim is not None and not self._mine(claim):
-            if age < CLAIM_FRESH_S:
+            if fresh(claim):
                 raise CollectionClaimedError(
-                    f"collection {name!r} is synced from another database: "
-                    f"{claim.get('path')} on {claim.get('host')} (pid {claim.get('pid')}, "
-                    f"its daemon seen {age:.0f} s ago). Two databases in one collection undo "
-                    "each other (each audit deletes the other's documents): give this one a "
-                    "collection of its own (--collection, OUTBOX_SYNC_COLLECTION, a mapping's "
-                    "`collection`), or stop that daemon (a daemon that did not stop cleanly "
-                    f"gives its claim back after {CLAIM_FRESH_S / 60:.0f} min)"
+                    f"collection {name!r} is synced from another database: {holder(claim)}. "
+                    "Two databases in one collection undo each other (each audit deletes the "
+                    "other's documents): give this one a collection of its own (--collection, "
+                    "OUTBOX_SYNC_COLLECTION, a mapping's `collection`), or stop that daemon (a "
+                    "daemon that did not stop cleanly gives its claim back after "
+                    f"{CLAIM_FRESH_S / 60:.0f} min)"
                 )
             if name not in self.held:
                 self.log.warning("claim_taken_over", collection=name, previous=claim)
@@ -119,7 +118,7 @@ class Claims:
             self.held.append(name)
 
     def _mine(self, claim: dict[str, Any]) -> bool:
-        return (claim.get("database"), claim.get("path")) == (self.me["database"], self.me["path"])
+        return same_database(claim, self.database, self.path)
 
     def give_back(self) -> None:
         """At stop: the claims this daemon holds (another database's daemon may start)."""
@@ -131,3 +130,35 @@ class Claims:
             except OutboxSyncError as error:  # it goes stale by itself (CLAIM_FRESH_S)
                 self.log.warning("claim_kept", collection=name, reason=str(error))
         self.held = []
+
+
+def same_database(claim: dict[str, Any], database: str | None, path: str) -> bool:
+    return (claim.get("database"), claim.get("path")) == (database, path)
+
+
+def fresh(claim: dict[str, Any]) -> bool:
+    """Whether the claim's daemon was seen less than CLAIM_FRESH_S ago."""
+    return bool(time.time() - claim.get("seen_at", 0) < CLAIM_FRESH_S)
+
+
+def holder(claim: dict[str, Any]) -> str:
+    """Who holds a claim, as people find it: the database's path, its host, the daemon."""
+    seen = time.time() - claim.get("seen_at", 0)
+    return (
+        f"{claim.get('path')} on {claim.get('host')} (pid {claim.get('pid')}, its daemon seen "
+        f"{seen:.0f} s ago)"
+    )
+
+
+def claimed_elsewhere(db: Database, index: TypesenseIndex) -> str | None:
+    """Who else feeds the index's collection (`holder`), when another database's daemon claims
+    it, for `status` and `check`; None when nobody does, or this database does."""
+    try:
+        claim = index.on_collection(CLAIMS_COLLECTION).retrieve(index.collection)
+    except TypesenseRejectedError:  # no claims collection, or a key that cannot read it
+        return None
+    if claim is None or not fresh(claim):
+        return None
+    if same_database(claim, db.get_meta(DATABASE_ID_KEY), os.path.realpath(db.path)):
+        return None
+    return holder(claim)

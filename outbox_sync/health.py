@@ -41,7 +41,8 @@ def gather(
     backlog and the last audit's figures are of the mappings `asked` for (None: the whole
     outbox, every collection). The tables, triggers and key indexes of every configured
     mapping (`mappings`) are checked."""
-    from outbox_sync.reconcile import last_audit  # here, as TypesenseIndex above
+    from outbox_sync.claims import claimed_elsewhere  # here, as TypesenseIndex above
+    from outbox_sync.reconcile import last_audit
     from outbox_sync.schema import missing_tables, trigger_problems, unindexed_keys
 
     pending, oldest, open_errors = db.backlog(asked)
@@ -61,6 +62,8 @@ def gather(
         one["documents"] = None
         try:
             one["documents"] = index.count()
+            if index.server is None and (other := claimed_elsewhere(db, index)):
+                one["claimed_by"] = other  # its daemon refuses the collection: on-call's why
         except TypesenseError as error:
             figures["typesense_ok"] = False
             figures["typesense_error"] = explain(error)
@@ -122,6 +125,14 @@ def verdict(
         found.append((CRITICAL, f"no daemon runs on this database{busy}"))
     if not figures["typesense_ok"]:
         found.append((CRITICAL, figures["typesense_error"]))
+    for name, one in figures.get("collections", {}).items():
+        if "claimed_by" in one:
+            found.append(
+                (
+                    CRITICAL,
+                    f"collection {name} is synced from another database: {one['claimed_by']}",
+                )
+            )
     if not figures["table_ok"]:
         found.append((CRITICAL, f"table {', '.join(figures['missing_tables'])} is gone"))
     elif not figures["triggers_ok"]:

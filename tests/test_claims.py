@@ -65,9 +65,19 @@ def test_a_second_database_on_a_collection_is_refused_until_the_first_gives_it_b
     assert "is synced from another database" in refused.stderr
     assert str(db_path.resolve()) in refused.stderr  # which one, so on-call can find it
     assert app_connection(other).execute("SELECT count(*) FROM outbox").fetchone() == (1,)
+    # on-call, looking at the second database, is told why its daemon does not run
+    checked = run_module(["check"], env=env)
+    assert checked.returncode == 2
+    assert f"synced from another database: {db_path.resolve()} on " in checked.stdout
+    status = json.loads(run_module(["status", "--json"], env=env).stdout)
+    (one,) = status["collections"].values()
+    assert one["claimed_by"].startswith(str(db_path.resolve()))
+    mine = json.loads(run_module(["status", "--json"], env=daemon_env).stdout)
+    assert "claimed_by" not in mine["collections"][daemon_env["OUTBOX_SYNC_COLLECTION"]]
     first.process.send_signal(signal.SIGTERM)
     assert first.wait() == 0
     assert claim_of(served, daemon_env["OUTBOX_SYNC_COLLECTION"]) is None  # given back
+    assert run_module(["check"], env=env).stdout.count("another database") == 0
     synced = run_module(["run", "--once", "--audit-every", "0"], env=env)
     assert synced.returncode == 0, synced.stderr
     assert app_connection(other).execute("SELECT count(*) FROM outbox").fetchone() == (0,)
