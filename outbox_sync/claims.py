@@ -3,8 +3,10 @@
 beside it) undo each other: each one's audit deletes the other's documents as extra, and the
 other's puts them back as missing. Each daemon claims its collections in a small collection on
 the server (CLAIMS_COLLECTION, a document per collection), refreshes its claims while it runs
-and gives them back when it stops; it refuses a collection another database's daemon claimed
-less than CLAIM_FRESH_S ago (a daemon killed without its stop leaves its claim that long)."""
+and marks them stopped when it stops; it refuses a collection another database's daemon claimed
+less than CLAIM_FRESH_S ago and has not stopped (a daemon killed leaves its claim that long).
+A claim stopped or gone stale is taken over, with a warning, and the database it was taken
+from is told by `check` (databases whose `run --once` take turns undo each other too)."""
 
 import json
 import os
@@ -102,7 +104,12 @@ class Claims:
                     f"{CLAIM_FRESH_S / 60:.0f} min)"
                 )
             if name not in self.held:
-                self.log.warning("claim_taken_over", collection=name, previous=claim)
+                self.log.warning(
+                    "claim_taken_over",
+                    collection=name,
+                    previous=claim,
+                    note="if both databases sync it, each audit deletes the other's documents",
+                )
         line = {"id": name, **self.me, "seen_at": int(time.time())}
         # No claim seen: create, not upsert. Two daemons started together both see none, and
         # an upsert let both write theirs (the last one stayed) and sync for a minute, each
@@ -121,12 +128,14 @@ class Claims:
         return same_database(claim, self.database, self.path)
 
     def give_back(self) -> None:
-        """At stop: the claims this daemon holds (another database's daemon may start)."""
+        """At stop: mark the claims this daemon holds stopped (another database's daemon may
+        take them; the mark stays, so that `check` here can tell if one did)."""
         for name in self.held:
             try:
                 claim = self.claims.retrieve(name)
                 if claim is not None and self._mine(claim):
-                    self.claims.delete_document(name)
+                    line = {"id": name, **self.me, "seen_at": int(time.time()), "stopped": True}
+                    self.claims.import_jsonl(json.dumps(line).encode(), 1)
             except OutboxSyncError as error:  # it goes stale by itself (CLAIM_FRESH_S)
                 self.log.warning("claim_kept", collection=name, reason=str(error))
         self.held = []
@@ -137,28 +146,26 @@ def same_database(claim: dict[str, Any], database: str | None, path: str) -> boo
 
 
 def fresh(claim: dict[str, Any]) -> bool:
-    """Whether the claim's daemon was seen less than CLAIM_FRESH_S ago."""
-    return bool(time.time() - claim.get("seen_at", 0) < CLAIM_FRESH_S)
+    """Whether the claim's daemon runs: not stopped, and seen less than CLAIM_FRESH_S ago."""
+    return not claim.get("stopped") and time.time() - claim.get("seen_at", 0) < CLAIM_FRESH_S
 
 
 def holder(claim: dict[str, Any]) -> str:
     """Who holds a claim, as people find it: the database's path, its host, the daemon."""
     seen = time.time() - claim.get("seen_at", 0)
-    return (
-        f"{claim.get('path')} on {claim.get('host')} (pid {claim.get('pid')}, its daemon seen "
-        f"{seen:.0f} s ago)"
-    )
+    daemon = "stopped" if claim.get("stopped") else f"pid {claim.get('pid')}, seen"
+    return f"{claim.get('path')} on {claim.get('host')} (its daemon {daemon} {seen:.0f} s ago)"
 
 
-def claimed_elsewhere(db: Database, index: TypesenseIndex) -> str | None:
-    """Who else feeds the index's collection (`holder`), when another database's daemon claims
-    it, for `status` and `check`; None when nobody does, or this database does."""
+def other_claim(db: Database, index: TypesenseIndex) -> dict[str, Any] | None:
+    """Another database's claim on the index's collection, for `status` and `check` (who feeds
+    it now, or fed it last); None when there is none, or it is this database's."""
     try:
         claim = index.on_collection(CLAIMS_COLLECTION).retrieve(index.collection)
     except TypesenseRejectedError:  # no claims collection, or a key that cannot read it
         return None
-    if claim is None or not fresh(claim):
+    if claim is None or same_database(
+        claim, db.get_meta(DATABASE_ID_KEY), os.path.realpath(db.path)
+    ):
         return None
-    if same_database(claim, db.get_meta(DATABASE_ID_KEY), os.path.realpath(db.path)):
-        return None
-    return holder(claim)
+    return claim

@@ -41,7 +41,7 @@ def gather(
     backlog and the last audit's figures are of the mappings `asked` for (None: the whole
     outbox, every collection). The tables, triggers and key indexes of every configured
     mapping (`mappings`) are checked."""
-    from outbox_sync.claims import claimed_elsewhere  # here, as TypesenseIndex above
+    from outbox_sync import claims  # here, as TypesenseIndex above
     from outbox_sync.reconcile import last_audit
     from outbox_sync.schema import missing_tables, trigger_problems, unindexed_keys
 
@@ -62,8 +62,10 @@ def gather(
         one["documents"] = None
         try:
             one["documents"] = index.count()
-            if index.server is None and (other := claimed_elsewhere(db, index)):
-                one["claimed_by"] = other  # its daemon refuses the collection: on-call's why
+            if index.server is None and (other := claims.other_claim(db, index)):
+                # another database's daemon feeds it (this one's refuses it: on-call's why), or
+                # fed it last (they take turns, each audit deleting the other's documents)
+                one["claimed_by" if claims.fresh(other) else "last_fed_by"] = claims.holder(other)
         except TypesenseError as error:
             figures["typesense_ok"] = False
             figures["typesense_error"] = explain(error)
@@ -131,6 +133,15 @@ def verdict(
                 (
                     CRITICAL,
                     f"collection {name} is synced from another database: {one['claimed_by']}",
+                )
+            )
+        elif "last_fed_by" in one:
+            found.append(
+                (
+                    WARNING,
+                    f"collection {name} was last synced from another database: "
+                    f"{one['last_fed_by']} (if both sync it, each audit deletes the other's "
+                    "documents)",
                 )
             )
     if not figures["table_ok"]:

@@ -76,11 +76,20 @@ def test_a_second_database_on_a_collection_is_refused_until_the_first_gives_it_b
     assert "claimed_by" not in mine["collections"][daemon_env["OUTBOX_SYNC_COLLECTION"]]
     first.process.send_signal(signal.SIGTERM)
     assert first.wait() == 0
-    assert claim_of(served, daemon_env["OUTBOX_SYNC_COLLECTION"]) is None  # given back
-    assert run_module(["check"], env=env).stdout.count("another database") == 0
+    given_back = claim_of(served, daemon_env["OUTBOX_SYNC_COLLECTION"])
+    assert given_back is not None and given_back["stopped"]
+    waiting = run_module(["check"], env=env).stdout  # the first stopped: no longer CRITICAL
+    assert "is synced from another database" not in waiting
+    assert "was last synced from another database" in waiting
     synced = run_module(["run", "--once", "--audit-every", "0"], env=env)
     assert synced.returncode == 0, synced.stderr
+    assert '"claim_taken_over"' in synced.stderr
     assert app_connection(other).execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+    assert "another database" not in run_module(["check"], env=env).stdout
+    # the first database is told: if both go on (their `run --once` taking turns), each
+    # one's audit deletes the other's documents
+    told = run_module(["check"], env=daemon_env)  # CRITICAL: no daemon runs there now
+    assert f"was last synced from another database: {other.resolve()} on " in told.stdout
 
 
 def test_a_reindex_run_without_a_daemon_claims_too(
@@ -96,7 +105,10 @@ def test_a_reindex_run_without_a_daemon_claims_too(
     assert run_module(["run", "--once", "--audit-every", "0"], env=daemon_env).returncode == 0
     env = daemon_env | {"OUTBOX_SYNC_DB": str(second_database(tmp_path))}
     first = start_daemon("--audit-every", "0")
-    wait_until(lambda: claim_of(served, collection), what="the first daemon's claim")
+    wait_until(
+        lambda: not (claim_of(served, collection) or {"stopped": True}).get("stopped"),
+        what="the first daemon's claim (its run --once left one marked stopped)",
+    )
     refused = run_module(["reindex"], env=env)
     assert refused.returncode == 1 and "is synced from another database" in refused.stderr
     assert export(served, collection).keys() == {"1"}  # the first database's, as they were
@@ -104,7 +116,8 @@ def test_a_reindex_run_without_a_daemon_claims_too(
     assert first.wait() == 0
     reindexed = run_module(["reindex"], env=env)
     assert reindexed.returncode == 0, reindexed.stderr
-    assert claim_of(served, collection) is None  # given back
+    given_back = claim_of(served, collection)
+    assert given_back is not None and given_back["stopped"]
 
 
 def test_a_copy_of_the_database_elsewhere_is_another_database(
@@ -195,7 +208,8 @@ def test_a_claim_is_refreshed_given_back_and_kept_out_of_the_metrics(
     assert refreshed is not None and refreshed["seen_at"] > first["seen_at"]
     assert seen == []  # not the sync's requests: its metrics and weekly report leave them out
     claimed.give_back()
-    assert claim_of(served, index.collection) is None
+    given_back = claim_of(served, index.collection)
+    assert given_back is not None and given_back["stopped"]
 
 
 def test_of_two_databases_claiming_at_the_same_moment_one_is_refused(
