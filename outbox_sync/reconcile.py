@@ -243,7 +243,8 @@ class Reconciler:
             self.log.warning("audit_failed", **fields)
         else:
             (self.log.info if outcome.consistent else self.log.warning)("audit_done", **fields)
-            self.telemetry.audit_done(outcome.drift, outcome.finished_unix)
+            drift = {name: one["drift"] for name, one in outcome.collections.items()}
+            self.telemetry.audit_done(drift, outcome.finished_unix)
         # a busy database only loses the record (a power cut too: the commit does not wait
         # for the disk, and so holds the application's write lock ~1 ms less)
         with contextlib.suppress(OutboxSyncError), self.db.without_fsync():

@@ -85,9 +85,9 @@ class Metrics:
         )
         self.audit_drift = Gauge(
             "outbox_sync_audit_drift",
-            "Records the last audit found drifted, by kind "
+            "Records the last audit found drifted, by collection and kind "
             "(missing, extra, stale, invalid, shared).",
-            ["kind"],
+            ["collection", "kind"],
             registry=self.registry,
         )
         self.audit_last_success = Gauge(
@@ -160,10 +160,12 @@ class Telemetry:
         with self._lock:
             self._stats_section("outages", []).append([round(started, 3), round(ended, 3)])
 
-    def audit_done(self, drift: dict[str, int], finished_unix: float) -> None:
+    def audit_done(self, drift: dict[str, dict[str, int]], finished_unix: float) -> None:
+        """A finished audit: `drift` by collection, then by kind."""
         if self.metrics is not None:
-            for kind, count in drift.items():
-                self.metrics.audit_drift.labels(kind).set(count)
+            for collection, kinds in drift.items():
+                for kind, count in kinds.items():
+                    self.metrics.audit_drift.labels(collection, kind).set(count)
             self.metrics.audit_last_success.set(finished_unix)
 
     def ready(self) -> None:

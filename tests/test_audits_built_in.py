@@ -66,7 +66,7 @@ def test_the_daemon_audits_on_schedule_repairs_and_reports(
         what="the repair",
     )
     scraped = httpx.get(f"http://{metrics}/metrics").text
-    assert 'outbox_sync_audit_drift{kind="missing"}' in scraped
+    assert f'outbox_sync_audit_drift{{collection="{collection}",kind="missing"}} 1.0' in scraped
     assert "outbox_sync_audit_last_success_timestamp_seconds 0.0" not in scraped
     status = invoke(["status", "--json"], typesense_server, db_path, collection)
     last = json.loads(status.output)["last_audit"]
