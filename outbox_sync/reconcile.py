@@ -72,11 +72,14 @@ class AuditRecord:
     # wrote, whose figures are every collection's
     collections: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def of(self, collections: Sequence[str]) -> "AuditRecord":
-        """The record of these collections only (what `status --collection` shows)."""
-        if not self.collections:
+    def of(self, collections: Sequence[str]) -> "AuditRecord | None":
+        """The record of these collections only (what `status --collection` shows); None when
+        the audit did not cover them (a mapping added since). A failed audit stays one."""
+        if not self.ok or not self.collections:
             return self
         ours = {name: one for name, one in self.collections.items() if name in collections}
+        if not ours:
+            return None
         drift = {
             kind: sum(one["drift"].get(kind, 0) for one in ours.values()) for kind in self.drift
         }

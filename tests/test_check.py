@@ -228,3 +228,31 @@ def test_a_reindex_holding_the_daemon_lock_is_no_daemon(
             invoke(["status", "--json"], typesense_server, db_path, collection).output
         )
         assert figures["daemon_pid"] == str(os.getpid()) and "lock_holder" not in figures
+
+
+def test_an_audit_record_narrowed_to_collections_it_did_not_cover_is_none() -> None:
+    # `status --collection NEW`, a mapping added after the daemon's last audit: that audit
+    # never looked at it, so it says nothing of it (it read "consistent")
+    parts = {
+        "sequences": {"drift": {"missing": 2, "extra": 0}, "enqueued": 2},
+        "characters": {"drift": {"missing": 0, "extra": 1}, "enqueued": 1},
+    }
+    record = AuditRecord(
+        reason="schedule",
+        finished_at="2026-01-01T00:00:00Z",
+        finished_unix=0.0,
+        ok=True,
+        consistent=False,
+        drift={"missing": 2, "extra": 1},
+        enqueued=3,
+        duration_s=0.1,
+        collections=parts,
+    )
+    assert record.of(["places"]) is None
+    characters = record.of(["characters"])
+    assert characters is not None
+    assert (characters.drift, characters.enqueued) == ({"missing": 0, "extra": 1}, 1)
+    both = record.of(["sequences", "characters"])
+    assert both is not None and (both.drift, both.consistent) == (record.drift, False)
+    failed = AuditRecord(**(asdict(record) | {"ok": False, "error": "Typesense down"}))
+    assert failed.of(["places"]) is failed  # a failed audit is one for every collection
