@@ -35,6 +35,12 @@ def claim_of(server: Server, collection: str) -> dict[str, Any] | None:
     return None if response.status_code == 404 else dict(response.json())
 
 
+def running_claim(server: Server, collection: str) -> bool:
+    """Whether a running daemon holds the collection's claim (not one marked stopped)."""
+    claim = claim_of(server, collection)
+    return claim is not None and not claim.get("stopped")
+
+
 def second_database(tmp_path: Path) -> Path:
     path = tmp_path / "other" / "app.db"
     path.parent.mkdir()
@@ -53,10 +59,8 @@ def test_a_second_database_on_a_collection_is_refused_until_the_first_gives_it_b
 ) -> None:
     # the second instance's settings forgot OUTBOX_SYNC_COLLECTION: both say `sequences`
     first = start_daemon("--audit-every", "0")
-    wait_until(
-        lambda: first.logged("started") and claim_of(served, daemon_env["OUTBOX_SYNC_COLLECTION"]),
-        what="the first daemon's claim",
-    )
+    collection = daemon_env["OUTBOX_SYNC_COLLECTION"]
+    wait_until(lambda: running_claim(served, collection), what="the first daemon's claim")
     other = second_database(tmp_path)
     app_connection(other).execute(ROW_SQL, make_row(1))
     env = daemon_env | {"OUTBOX_SYNC_DB": str(other)}
@@ -73,10 +77,10 @@ def test_a_second_database_on_a_collection_is_refused_until_the_first_gives_it_b
     (one,) = status["collections"].values()
     assert one["claimed_by"].startswith(str(db_path.resolve()))
     mine = json.loads(run_module(["status", "--json"], env=daemon_env).stdout)
-    assert "claimed_by" not in mine["collections"][daemon_env["OUTBOX_SYNC_COLLECTION"]]
+    assert "claimed_by" not in mine["collections"][collection]
     first.process.send_signal(signal.SIGTERM)
     assert first.wait() == 0
-    given_back = claim_of(served, daemon_env["OUTBOX_SYNC_COLLECTION"])
+    given_back = claim_of(served, collection)
     assert given_back is not None and given_back["stopped"]
     waiting = run_module(["check"], env=env).stdout  # the first stopped: no longer CRITICAL
     assert "is synced from another database" not in waiting
@@ -105,10 +109,8 @@ def test_a_reindex_run_without_a_daemon_claims_too(
     assert run_module(["run", "--once", "--audit-every", "0"], env=daemon_env).returncode == 0
     env = daemon_env | {"OUTBOX_SYNC_DB": str(second_database(tmp_path))}
     first = start_daemon("--audit-every", "0")
-    wait_until(
-        lambda: not (claim_of(served, collection) or {"stopped": True}).get("stopped"),
-        what="the first daemon's claim (its run --once left one marked stopped)",
-    )
+    # (not the claim its `run --once` left, marked stopped)
+    wait_until(lambda: running_claim(served, collection), what="the first daemon's claim")
     refused = run_module(["reindex"], env=env)
     assert refused.returncode == 1 and "is synced from another database" in refused.stderr
     assert export(served, collection).keys() == {"1"}  # the first database's, as they were
@@ -129,7 +131,8 @@ def test_a_copy_of_the_database_elsewhere_is_another_database(
 ) -> None:
     # the copy holds the same database id: its path tells it apart
     first = start_daemon("--audit-every", "0")
-    wait_until(lambda: claim_of(served, daemon_env["OUTBOX_SYNC_COLLECTION"]), what="a claim")
+    collection = daemon_env["OUTBOX_SYNC_COLLECTION"]
+    wait_until(lambda: running_claim(served, collection), what="the first daemon's claim")
     copy = tmp_path / "copy.db"
     shutil.copyfile(db_path, copy)
     refused = run_module(["run", "--once"], env=daemon_env | {"OUTBOX_SYNC_DB": str(copy)})
@@ -142,9 +145,9 @@ def test_the_same_database_takes_its_claim_back_after_a_kill(
 ) -> None:
     first = start_daemon("--audit-every", "0")
     collection = daemon_env["OUTBOX_SYNC_COLLECTION"]
-    wait_until(lambda: claim_of(served, collection), what="a claim")
-    first.kill()  # SIGKILL: the claim stays
-    assert claim_of(served, collection) is not None
+    wait_until(lambda: running_claim(served, collection), what="a claim")
+    first.kill()  # SIGKILL: the claim stays, as a running daemon's
+    assert running_claim(served, collection)
     again = run_module(["run", "--once", "--audit-every", "0"], env=daemon_env)
     assert again.returncode == 0, again.stderr
 
