@@ -369,10 +369,7 @@ class TypesenseIndex:
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}"
         name = f"{self.collection}_v{stamp}"
         try:
-            self._call_retrying(
-                "collection",
-                lambda: self.client.collections.create(self.configured.collection_schema(name)),
-            )
+            self.create_collection(self.configured.collection_schema(name))
         except TypesenseRejectedError as error:  # a field option Typesense does not take
             if error.http_status != 400:
                 raise
@@ -383,7 +380,7 @@ class TypesenseIndex:
         return name
 
     def create_collection(self, schema: dict[str, Any]) -> None:
-        """Create a collection of this schema, as it is (not the mapping's: see claims.py)."""
+        """Create a collection of this schema, as it is (the mapping's, or the claims')."""
         self._call_retrying("collection", lambda: self.client.collections.create(schema))
 
     def point_alias(self, target: str) -> None:
