@@ -38,8 +38,8 @@ class CollectionClaimedError(OutboxSyncError):
 
 
 class Claims:
-    """A loop job (every CLAIM_REFRESH_S, and first before anything is written): claim the
-    daemon's collections, or raise CollectionClaimedError. `give_back` at stop."""
+    """Claim the daemon's collections, or raise CollectionClaimedError: `keep` as a loop job
+    (first, before anything is written), `give_back` at stop."""
 
     def __init__(self, db: Database, indexes: Sequence[TypesenseIndex]) -> None:
         self.names = [index.collection for index in indexes]
@@ -62,8 +62,8 @@ class Claims:
         self.log = structlog.get_logger("outbox_sync")
 
     def keep(self, now: float) -> None:
-        """Claim now if CLAIM_REFRESH_S has passed since the last claim (for a long chore that
-        is not the loop's: a reindex run without a daemon)."""
+        """Claim now if CLAIM_REFRESH_S has passed since the last claim (the loop asks every
+        turn, a long chore between its chunks)."""
         if now >= self.next_at:
             self(now)
 

@@ -22,7 +22,7 @@ import structlog
 
 from outbox_sync import reindex, stats
 from outbox_sync.batch import Applier
-from outbox_sync.claims import CLAIM_REFRESH_S, Claims
+from outbox_sync.claims import Claims
 from outbox_sync.config import DEFAULT_BATCH_SIZE
 from outbox_sync.db import Database, is_busy
 from outbox_sync.errors import (
@@ -566,7 +566,9 @@ def daemon(
     reconciler = Reconciler(db, indexes, telemetry, every_s=audit_every_s)
     jobs = []
     if claimed is not None:
-        jobs.append(Job("claims", CLAIM_REFRESH_S, claimed, at_stop=claimed.give_back, first=True))
+        # every turn asks; `keep` claims once CLAIM_REFRESH_S has passed since its last claim,
+        # the heartbeat's during a long chore included: one schedule for both
+        jobs.append(Job("claims", 0, claimed.keep, at_stop=claimed.give_back, first=True))
     jobs += [
         Job("file", REFRESH_INTERVAL_S, lambda now: check_files()),
         Job("schema", 0, SchemaWatch(db, mappings, reconciler.request)),

@@ -206,7 +206,7 @@ def test_a_claim_is_refreshed_given_back_and_kept_out_of_the_metrics(
     first = claim_of(served, index.collection)
     assert first is not None
     time.sleep(1.1)  # seen_at counts seconds
-    claimed(time.monotonic())  # the job's next run
+    claimed(time.monotonic())  # a refresh, as `keep` makes once CLAIM_REFRESH_S has passed
     refreshed = claim_of(served, index.collection)
     assert refreshed is not None and refreshed["seen_at"] > first["seen_at"]
     assert seen == []  # not the sync's requests: its metrics and weekly report leave them out
@@ -300,3 +300,20 @@ def test_a_claim_lost_during_a_fill_or_reindex_stops_the_daemon(
         worker.jobs["reindex"].run(time.monotonic())
     assert app_connection(db_path).execute("SELECT count(*) FROM outbox").fetchone() == (0,)
     other.close()
+
+
+def test_the_loop_refreshes_its_claims_when_due(
+    db: Database, index: TypesenseIndex, served: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(claims, "CLAIM_REFRESH_S", 1.0)  # 60 s as shipped
+    worker = daemon(db, [index], claims=True)
+    worker.loop(time.monotonic(), threading.Event())
+    first = claim_of(served, index.collection)
+    assert first is not None and not first.get("stopped")
+    time.sleep(0.5)
+    worker.loop(time.monotonic(), threading.Event())  # not due yet
+    assert claim_of(served, index.collection) == first
+    time.sleep(0.6)  # seen_at counts seconds
+    worker.loop(time.monotonic(), threading.Event())  # due
+    refreshed = claim_of(served, index.collection)
+    assert refreshed is not None and refreshed["seen_at"] > first["seen_at"]
