@@ -145,15 +145,26 @@ def same_database(claim: dict[str, Any], database: str | None, path: str) -> boo
     return (claim.get("database"), claim.get("path")) == (database, path)
 
 
+def seen_at(claim: dict[str, Any]) -> float:
+    """When the claim's daemon was last seen (Unix time); 0, never, when the claim does not say
+    in a number (written by hand, or by another version): its age is unknown, as if missing."""
+    seen = claim.get("seen_at")
+    return float(seen) if isinstance(seen, int | float) and not isinstance(seen, bool) else 0.0
+
+
+def stopped(claim: dict[str, Any]) -> bool:
+    return claim.get("stopped") is True  # "no", written by hand, is no stop
+
+
 def fresh(claim: dict[str, Any]) -> bool:
     """Whether the claim's daemon runs: not stopped, and seen less than CLAIM_FRESH_S ago."""
-    return not claim.get("stopped") and time.time() - claim.get("seen_at", 0) < CLAIM_FRESH_S
+    return not stopped(claim) and time.time() - seen_at(claim) < CLAIM_FRESH_S
 
 
 def holder(claim: dict[str, Any]) -> str:
     """Who holds a claim, as people find it: the database's path, its host, the daemon."""
-    seen = time.time() - claim.get("seen_at", 0)
-    daemon = "stopped" if claim.get("stopped") else f"pid {claim.get('pid')}, seen"
+    seen = time.time() - seen_at(claim)
+    daemon = "stopped" if stopped(claim) else f"pid {claim.get('pid')}, seen"
     return f"{claim.get('path')} on {claim.get('host')} (its daemon {daemon} {seen:.0f} s ago)"
 
 

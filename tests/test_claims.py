@@ -317,3 +317,39 @@ def test_the_loop_refreshes_its_claims_when_due(
     worker.loop(time.monotonic(), threading.Event())  # due
     refreshed = claim_of(served, index.collection)
     assert refreshed is not None and refreshed["seen_at"] > first["seen_at"]
+
+
+def test_a_claim_of_unexpected_fields_is_read_as_a_stale_one(
+    db: Database,
+    index: TypesenseIndex,
+    served: Server,
+    daemon_env: dict[str, str],
+    collection: str,
+) -> None:
+    # written by hand, or by another version into a claims collection of its own schema: the
+    # daemon and `check` must not crash on it (a TypeError stopped both); a claim whose age
+    # cannot be read is read as one whose age is missing: stale, taken over with a warning
+    httpx.delete(
+        f"{served.url}/collections/{CLAIMS_COLLECTION}",
+        headers={"X-TYPESENSE-API-KEY": served.api_key},
+    )
+    httpx.post(
+        f"{served.url}/collections",
+        headers={"X-TYPESENSE-API-KEY": served.api_key},
+        json={"name": CLAIMS_COLLECTION, "fields": [{"name": ".*", "type": "auto"}]},
+    ).raise_for_status()
+    odd = {"id": collection, "database": "x", "path": "/elsewhere", "seen_at": "yesterday"}
+    odd |= {"stopped": "no", "pid": "?"}
+    httpx.post(
+        f"{served.url}/collections/{CLAIMS_COLLECTION}/documents",
+        headers={"X-TYPESENSE-API-KEY": served.api_key},
+        json=odd,
+    ).raise_for_status()
+    checked = run_module(["check"], env=daemon_env)
+    assert "Traceback" not in checked.stderr, checked.stderr
+    assert "was last synced from another database: /elsewhere on " in checked.stdout
+    with capture_logs() as logs:
+        Claims(db, [index])(time.monotonic())
+    assert [log["event"] for log in logs] == ["claim_taken_over"]
+    claim = claim_of(served, collection)
+    assert claim is not None and claim["path"] == str(Path(db.path).resolve())
