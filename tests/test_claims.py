@@ -35,6 +35,14 @@ def claim_of(server: Server, collection: str) -> dict[str, Any] | None:
     return None if response.status_code == 404 else dict(response.json())
 
 
+def claims_collection(server: Server, fields: list[dict[str, str]] | None = None) -> None:
+    """The claims collection, made anew (of these fields: CLAIMS_SCHEMA's unless given)."""
+    headers = {"X-TYPESENSE-API-KEY": server.api_key}
+    httpx.delete(f"{server.url}/collections/{CLAIMS_COLLECTION}", headers=headers)
+    made = claims.CLAIMS_SCHEMA | ({} if fields is None else {"fields": fields})
+    httpx.post(f"{server.url}/collections", headers=headers, json=made).raise_for_status()
+
+
 def running_claim(server: Server, collection: str) -> bool:
     """Whether a running daemon holds the collection's claim (not one marked stopped)."""
     claim = claim_of(server, collection)
@@ -223,6 +231,7 @@ def test_of_two_databases_claiming_at_the_same_moment_one_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # two daemons started together: each looks before the other has written its claim
+    claims_collection(served)  # (the first to make it looks again, as tests before this did)
     other = Database(second_database(tmp_path))
     first, second = Claims(db, [index]), Claims(other, [index])
     look = first.claims.retrieve
@@ -329,15 +338,7 @@ def test_a_claim_of_unexpected_fields_is_read_as_a_stale_one(
     # written by hand, or by another version into a claims collection of its own schema: the
     # daemon and `check` must not crash on it (a TypeError stopped both); a claim whose age
     # cannot be read is read as one whose age is missing: stale, taken over with a warning
-    httpx.delete(
-        f"{served.url}/collections/{CLAIMS_COLLECTION}",
-        headers={"X-TYPESENSE-API-KEY": served.api_key},
-    )
-    httpx.post(
-        f"{served.url}/collections",
-        headers={"X-TYPESENSE-API-KEY": served.api_key},
-        json={"name": CLAIMS_COLLECTION, "fields": [{"name": ".*", "type": "auto"}]},
-    ).raise_for_status()
+    claims_collection(served, [{"name": ".*", "type": "auto"}])
     odd = {"id": collection, "database": "x", "path": "/elsewhere", "seen_at": "yesterday"}
     odd |= {"stopped": "no", "pid": "?"}
     httpx.post(
@@ -353,3 +354,5 @@ def test_a_claim_of_unexpected_fields_is_read_as_a_stale_one(
     assert [log["event"] for log in logs] == ["claim_taken_over"]
     claim = claim_of(served, collection)
     assert claim is not None and claim["path"] == str(Path(db.path).resolve())
+    claims_collection(served)  # as shipped, for the tests after this one
+
