@@ -19,7 +19,12 @@ from typing import Any
 import structlog
 
 from outbox_sync.db import Database
-from outbox_sync.errors import CollectionNotFoundError, OutboxSyncError, TypesenseRejectedError
+from outbox_sync.errors import (
+    CollectionNotFoundError,
+    OutboxSyncError,
+    TypesenseRejectedError,
+    TypesenseUnavailableError,
+)
 from outbox_sync.typesense_index import TypesenseIndex
 
 CLAIMS_COLLECTION = "outbox_sync_claims"
@@ -73,7 +78,16 @@ class Claims:
             return
         try:
             for name in self.names:
-                self._claim(name)
+                try:
+                    self._claim(name)
+                except TypesenseUnavailableError as error:
+                    if name not in self.held:  # at start: the loop waits for Typesense
+                        raise
+                    # A claim held stays fresh for CLAIM_FRESH_S: a refresh failing for a
+                    # moment (a 503, a restart) must not end a long reindex or fill between
+                    # two chunks (each chunk has its retry); the next one looks again, and
+                    # finds another database's claim if one came meanwhile.
+                    self.log.warning("claim_not_refreshed", collection=name, reason=str(error))
         except TypesenseRejectedError as error:  # a key scoped to the synced collections
             self.off = True
             self.log.warning(

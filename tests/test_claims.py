@@ -23,6 +23,7 @@ from outbox_sync.worker import daemon
 from tests.support.app import ROW_SQL, app_connection, make_row
 from tests.support.cli import run_module
 from tests.support.daemon import Daemon
+from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.typesense import Server, export
 from tests.support.wait import wait_until
 
@@ -356,3 +357,31 @@ def test_a_claim_of_unexpected_fields_is_read_as_a_stale_one(
     assert claim is not None and claim["path"] == str(Path(db.path).resolve())
     claims_collection(served)  # as shipped, for the tests after this one
 
+
+def test_a_refresh_that_fails_for_a_moment_ends_nothing(
+    db: Database,
+    db_path: Path,
+    served: Server,
+    collection: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a reindex of millions of rows survives a 503 on a chunk (retried); the claim it holds is
+    # fresh for minutes: a 503 on a refresh between two chunks failed the whole reindex
+    monkeypatch.setattr(claims, "CLAIM_REFRESH_S", 0.0)  # a refresh due at every beat
+    app_connection(db_path).execute(ROW_SQL, make_row(1))
+    with FaultProxy(served.url) as proxy:
+        index = TypesenseIndex([proxy.url], served.api_key, collection)
+        index.ensure_collection()
+        worker = daemon(db, [index], claims=True)
+        worker.loop(time.monotonic(), threading.Event())  # claims, then applies the row
+        reindex.request(db, [collection])
+        proxy.add(Fault("status", status=503, path=f"/{CLAIMS_COLLECTION}/documents/"))
+        with capture_logs() as logs:
+            worker.jobs["reindex"].run(time.monotonic())
+        assert json.loads(db.get_meta(reindex.STATUS_KEY) or "{}")["state"] == "done"
+        assert [log["event"] for log in logs if log["event"].startswith("claim")] == [
+            "claim_not_refreshed"
+        ]
+        assert proxy.pending_faults() == []  # the refresh did meet it
+        claim = claim_of(served, collection)
+        assert claim is not None and claim["path"] == str(db_path.resolve())
