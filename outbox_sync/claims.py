@@ -124,6 +124,19 @@ class Claims:
                     previous=claim,
                     note="if both databases sync it, each audit deletes the other's documents",
                 )
+        elif claim is not None and name in self.held and not self._written_by_me(claim):
+            # Our database id and path, another daemon: a copy of the file at the same path on
+            # another host (a backup restored there, one image on two hosts). Not refused: it
+            # is also what a restart after a crash looks like, on a host renamed since.
+            self.log.warning(
+                "claim_shared",
+                collection=name,
+                other=f"pid {claim.get('pid')} on {claim.get('host')}",
+                note="a copy of this database (same id in outbox_sync_meta, same path) syncs "
+                "this collection too: each audit deletes the other's documents; stop one, or "
+                f"delete its {DATABASE_ID_KEY!r} from outbox_sync_meta and give it a collection "
+                "of its own",
+            )
         line = {"id": name, **self.me, "seen_at": int(time.time())}
         # No claim seen: create, not upsert. Two daemons started together both see none, and
         # an upsert let both write theirs (the last one stayed) and sync for a minute, each
@@ -140,6 +153,9 @@ class Claims:
 
     def _mine(self, claim: dict[str, Any]) -> bool:
         return same_database(claim, self.database, self.path)
+
+    def _written_by_me(self, claim: dict[str, Any]) -> bool:
+        return (claim.get("host"), claim.get("pid")) == (self.me["host"], self.me["pid"])
 
     def give_back(self) -> None:
         """At stop: mark the claims this daemon holds stopped (another database's daemon may

@@ -385,3 +385,29 @@ def test_a_refresh_that_fails_for_a_moment_ends_nothing(
         assert proxy.pending_faults() == []  # the refresh did meet it
         claim = claim_of(served, collection)
         assert claim is not None and claim["path"] == str(db_path.resolve())
+
+
+def test_a_copy_at_the_same_path_on_another_host_is_not_silent(
+    db: Database, index: TypesenseIndex, served: Server
+) -> None:
+    # a backup restored on a second host at the same path (or one image on two hosts): the same
+    # database id and path, so each daemon takes the other's claim for its own, and both synced
+    # in silence, each audit deleting the other's documents; the refresh sees another daemon's
+    # claim in place of its own
+    claimed = Claims(db, [index])
+    claimed(time.monotonic())
+    mine = claim_of(served, index.collection)
+    assert mine is not None
+    theirs = mine | {"host": "other-host", "pid": 4242, "seen_at": int(time.time())}
+    httpx.post(
+        f"{served.url}/collections/{CLAIMS_COLLECTION}/documents?action=upsert",
+        headers={"X-TYPESENSE-API-KEY": served.api_key},
+        content=json.dumps(theirs),
+    ).raise_for_status()
+    with capture_logs() as logs:
+        claimed(time.monotonic())
+    shared = [log for log in logs if log["event"] == "claim_shared"]
+    assert len(shared) == 1 and shared[0]["other"] == "pid 4242 on other-host"
+    with capture_logs() as logs:
+        claimed(time.monotonic())  # its own claim, as it just wrote it: nothing to say
+    assert logs == []
