@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -335,9 +337,12 @@ class Database:
             _supersede(conn, records, utc_now(), keep=())
 
     def enqueue(self, mapping: str, entries: Sequence[tuple[Any, str]]) -> None:
-        """Add (key, op) markers of a mapping to the outbox, as the triggers would (ENQUEUE_SQL)."""
+        """Add (key, op) markers of a mapping to the outbox, in order, as the triggers would
+        (`enqueue_statement`): a run of keys with one statement goes in one executemany."""
+        statements = [enqueue_statement(mapping, key, op) for key, op in entries]
         with self.write() as conn:
-            conn.executemany(ENQUEUE_SQL, [outbox_entry(mapping, key, op) for key, op in entries])
+            for sql, run in groupby(statements, key=itemgetter(0)):
+                conn.executemany(sql, [params for _, params in run])
 
     def data_version(self) -> int:
         """Changes whenever another connection commits (cheap: poll it to wake up)."""
@@ -439,7 +444,7 @@ class Database:
                 if written(line):
                     found.append((key, line, ()))
                 else:  # read again for the mapper (gone meanwhile: left out)
-                    marks, bound = _as_stored(row[:width])
+                    marks, bound = _all_stored(row[:width])
                     by_key = f"{again} WHERE ({order}) = ({marks}){covered}"
                     for values in self.fetch_raw(by_key, bound):
                         found.append((values[0], None, values))
@@ -549,26 +554,23 @@ def file_identity(path: Path) -> tuple[int, int] | None:
     return stat.st_dev, stat.st_ino
 
 
-def as_stored(flag: int, key: int) -> str:
-    """SQL for a key bound as parameters ?flag (whether it is RawText) and ?key, as its row
-    stores it: a RawText (TEXT that is not UTF-8, which binds as a BLOB, another key) as the
-    TEXT it was read from."""
-    return f"CASE WHEN ?{flag} THEN CAST(?{key} AS TEXT) ELSE ?{key} END"
+def as_stored(value: Any) -> tuple[str, Any]:
+    """The placeholder and the parameter that bind a value read raw so that it compares equal
+    to the value its row stores: a RawText (TEXT that is not UTF-8) as the TEXT of its bytes.
+    Bound as it is, it would be a BLOB, another key; decoded with replacement characters,
+    another text, which sorts elsewhere (a page would skip the rows between) and names no
+    row (a row read again would be lost)."""
+    if type(value) is RawText:
+        return "CAST(? AS TEXT)", bytes(value)
+    return "?", value
 
 
-def stored(key: Any) -> tuple[bool, Any]:
-    """The parameters ?flag and ?key of as_stored, for this key."""
-    return type(key) is RawText, key
-
-
-# One outbox entry, its parameters made by outbox_entry(): a RawText key stored as the TEXT it was
-# read from, as the triggers write it (bound as it is, it would be a BLOB, another key).
-ENQUEUE_SQL = f"INSERT INTO outbox (mapping, record_key, op) VALUES (?1, {as_stored(2, 3)}, ?4)"
-
-
-def outbox_entry(mapping: str, key: Any, op: str) -> tuple[str, bool, Any, str]:
-    """The parameters of ENQUEUE_SQL."""
-    return (mapping, *stored(key), op)
+def enqueue_statement(mapping: str, key: Any, op: str) -> tuple[str, tuple[str, Any, str]]:
+    """The SQL and the parameters of one outbox entry, its key stored as the triggers write it
+    (`as_stored`)."""
+    mark, bound = as_stored(key)
+    sql = f"INSERT INTO outbox (mapping, record_key, op) VALUES (?, {mark}, ?)"
+    return sql, (mapping, bound, op)
 
 
 def record_keys(key: Any) -> list[Any]:
@@ -589,11 +591,11 @@ def covers(conn: sqlite3.Connection, mapping: Mapping, key: Any) -> bool:
     NULL key too (a loose table may hold many), a RawText one as the TEXT it was read from,
     and never another key the column's collation takes for it (`Mapping.select_claimed`)."""
     where = f" AND ({mapping.where})" if mapping.where else ""
-    column, value = quote_identifier(mapping.key), as_stored(1, 2)
+    column, (value, bound) = quote_identifier(mapping.key), as_stored(key)
     row = conn.execute(
         f"SELECT 1 FROM {quote_identifier(mapping.table)}"
         f" WHERE {column} IS {value} AND {column} IS {value} COLLATE BINARY{where} LIMIT 1",
-        stored(key),
+        (bound, bound),
     ).fetchone()
     return row is not None
 
@@ -691,7 +693,7 @@ def pages(
     condition = f"({where}) AND " if where else ""
     while rows:
         yield rows
-        marks, last = _as_stored(rows[-1][:width])
+        marks, last = _all_stored(rows[-1][:width])
         rows = fetch(
             conn,
             f"{select} WHERE {condition}({order_by}) > ({marks}) ORDER BY {order_by} LIMIT ?",
@@ -708,13 +710,10 @@ def _text(value: RawText) -> str | RawText:
         return value
 
 
-def _as_stored(values: Sequence[Any]) -> tuple[str, list[Any]]:
-    """Placeholders and parameters that compare equal to these values read raw, as stored: a
-    RawText (TEXT that is not UTF-8) as the TEXT of its bytes. Decoded with replacement
-    characters it would be another text, which sorts elsewhere (a page would skip the rows
-    between) and names no row (a row read again would be lost)."""
-    marks = ", ".join("CAST(? AS TEXT)" if type(v) is RawText else "?" for v in values)
-    return marks, [bytes(v) if type(v) is RawText else v for v in values]
+def _all_stored(values: Sequence[Any]) -> tuple[str, list[Any]]:
+    """`as_stored` of several values: their placeholders, comma-separated, and parameters."""
+    bound = [as_stored(value) for value in values]
+    return ", ".join(mark for mark, _ in bound), [parameter for _, parameter in bound]
 
 
 def keys_json(keys: Sequence[Any]) -> str:

@@ -13,14 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from outbox_sync.db import (
-    ENQUEUE_SQL,
     Database,
     as_stored,
     covers,
-    outbox_entry,
+    enqueue_statement,
     pages,
     record_keys,
-    stored,
     table_exists,
     utc_now,
 )
@@ -95,10 +93,10 @@ def get(db: Database, error_id: int, mappings: Lookup[str, Mapping]) -> dict[str
     error["record_exists"] = None if mapping is None else bool(_row_keys(db.conn, mapping, key))
     error["pending"] = sum(
         db.conn.execute(
-            f"SELECT count(*) FROM outbox WHERE mapping = ?1 AND record_key IS {as_stored(2, 3)}",
-            (error["mapping"], *stored(form)),
+            f"SELECT count(*) FROM outbox WHERE mapping = ? AND record_key IS {mark}",
+            (error["mapping"], bound),
         ).fetchone()[0]
-        for form in record_keys(key)
+        for mark, bound in map(as_stored, record_keys(key))
     )
     return error
 
@@ -159,7 +157,7 @@ def _retry_records(
         held = _row_keys(conn, mappings[name], key)
         op = "upsert" if held else "delete"
         queued = held[0] if held else key  # as its row holds it: a RawText as TEXT
-        outbox_id = conn.execute(ENQUEUE_SQL, outbox_entry(name, queued, op)).lastrowid
+        outbox_id = conn.execute(*enqueue_statement(name, queued, op)).lastrowid
         assert outbox_id is not None  # an INSERT always sets it
         conn.execute(
             "UPDATE sync_errors SET resolved_at = ?, resolution = 'retried', note = ?"

@@ -1058,3 +1058,20 @@ def test_a_text_key_that_is_not_utf8_at_a_page_end_does_not_hide_the_rows_after_
     )
     assert len(open_errors) == 1, f"the key that is not UTF-8 has no sync error: {open_errors}"
     assert summary.rows == DEFAULT_PAGE_ROWS + 2, summary
+
+
+def test_enqueue_keeps_the_order_and_stores_a_key_that_is_not_utf8_as_text(db: Database) -> None:
+    """`Database.enqueue` writes its entries in the order given, whatever their keys: a RawText
+    as the TEXT it was read from (as the triggers write it), bytes as a BLOB, others as they
+    are."""
+    entries = [(1, "upsert"), (RawText(b"a\xff"), "delete"), (b"\xff", "upsert"), ("x", "upsert")]
+    db.enqueue("sequences", entries)
+    rows = db.conn.execute(
+        "SELECT typeof(record_key), CAST(record_key AS BLOB), op FROM outbox ORDER BY id"
+    ).fetchall()
+    assert rows == [
+        ("integer", b"1", "upsert"),
+        ("text", b"a\xff", "delete"),
+        ("blob", b"\xff", "upsert"),
+        ("text", b"x", "upsert"),
+    ]
