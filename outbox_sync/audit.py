@@ -67,7 +67,7 @@ from outbox_sync.errors import (
 )
 from outbox_sync.mapping import Found, Mapping
 from outbox_sync.typesense_index import MAX_DELETE_IDS, TypesenseIndex, export_document
-from outbox_sync.values import INT64, RawText, json_key
+from outbox_sync.values import INT64, RawText, shown_key
 
 # "shared": a key more than one row holds (a table whose key is not unique): one document
 # can show only one of them, and only the application can make it right.
@@ -585,7 +585,7 @@ def audit_json(
         count = summary.known_errors if kind == "known" else summary.counts[kind]
         name = "with_open_error" if kind == "known" else kind
         yield f', "{name}": {{"count": {count}, "ids": ['
-        yield from _joined(json.dumps(json_key(key), default=str) for key, _ in audit.ids(kind))
+        yield from _joined(json.dumps(shown_key(key), default=str) for key, _ in audit.ids(kind))
         yield "]"
         if kind in ("stale", "invalid", "shared", "known"):  # what differs, per id
             yield ', "details": {'

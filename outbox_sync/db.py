@@ -720,10 +720,12 @@ def keys_json(keys: Sequence[Any]) -> str:
     """Keys as the JSON array `select_by_keys` reads: an infinite REAL (a key column that is
     not the rowid may hold one) as 9e999, which SQLite reads back as it (json.dumps writes
     Infinity, which SQLite refuses: the whole read failed, and the daemon stopped)."""
-    return f"[{','.join(map(_key_json, keys))}]"
+    return f"[{','.join(map(_key_for_sqlite, keys))}]"
 
 
-def _key_json(key: Any) -> str:
+def _key_for_sqlite(key: Any) -> str:
+    """One key as JSON that SQLite reads back as the same value, the key to look up (not
+    what people are shown: `values.shown_key`)."""
     if type(key) is float and math.isinf(key):
         return "9e999" if key > 0 else "-9e999"
     return json.dumps(key)

@@ -302,9 +302,10 @@ def _inf(value: float) -> str:
     return "Inf" if value > 0 else "-Inf"
 
 
-def json_key(key: Any) -> Any:
-    """A record key as JSON output holds it: an infinite REAL (a key column that is not the
-    rowid may hold one), which no JSON number is, as the text SQLite writes for it."""
+def shown_key(key: Any) -> Any:
+    """A record key as our JSON output shows it to people: an infinite REAL (a key column that
+    is not the rowid may hold one), which no JSON number is, as the text SQLite writes for it.
+    Never read back as a key (SQLite is given keys by `db.keys_json`)."""
     return _inf(key) if type(key) is float and math.isinf(key) else key
 
 

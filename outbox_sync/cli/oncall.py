@@ -21,7 +21,7 @@ from outbox_sync.config import Settings, parse_duration
 from outbox_sync.errors import CollectionNotFoundError, TypesenseRejectedError
 from outbox_sync.report import DEFAULT_SINCE, build_report, iso
 from outbox_sync.report_page import INSTALL_HINT, check_chart_library, page
-from outbox_sync.values import json_key
+from outbox_sync.values import shown_key
 
 if TYPE_CHECKING:  # see cli/__init__.py
     from outbox_sync.typesense_index import TypesenseIndex
@@ -83,7 +83,7 @@ def errors_list(
     if as_json:
         click.echo(
             json.dumps(
-                [row | {"record_key": json_key(row["record_key"])} for row in rows], default=str
+                [row | {"record_key": shown_key(row["record_key"])} for row in rows], default=str
             )
         )
     elif not rows:
@@ -106,7 +106,7 @@ def errors_show(settings: Settings, error_id: int, as_json: bool) -> None:
     opened = open_database(settings)
     error = sync_errors.get(opened.db, error_id, opened.by_name)
     if as_json:
-        click.echo(json.dumps(error | {"record_key": json_key(error["record_key"])}, default=str))
+        click.echo(json.dumps(error | {"record_key": shown_key(error["record_key"])}, default=str))
     else:
         render.echo_lines(render.error_details(error))
 
