@@ -456,29 +456,23 @@ class SchemaWatch:
         seen, self.roots = self.roots, self._roots()
         rebuilt = [t for t in self.tables if seen is not None and seen.get(t) != self.roots.get(t)]
         if problems:
-            self.log.warning(
-                "triggers_repaired",
-                problems=problems,
-                note="auditing: changes made meanwhile left no outbox entry",
-            )
-            self.request("triggers repaired")
+            note = "auditing: changes made meanwhile left no outbox entry"
+            self._audit("triggers repaired", "triggers_repaired", problems=problems, note=note)
         elif went_back:
-            self.log.warning(
-                "database_went_back",
-                note="the outbox counter went back (a backup restored in place?): auditing",
-            )
-            self.request("database restored")
+            note = "the outbox counter went back (a backup restored in place?): auditing"
+            self._audit("database restored", "database_went_back", note=note)
         elif rebuilt:
-            self.log.warning(
-                "tables_rebuilt",
-                tables=rebuilt,
-                note="rows copied into a new table leave no outbox entry: auditing",
-            )
-            self.request("tables rebuilt")
+            note = "rows copied into a new table leave no outbox entry: auditing"
+            self._audit("tables rebuilt", "tables_rebuilt", tables=rebuilt, note=note)
         elif self.db.get_meta(RECONCILE_REQUEST_KEY) is not None:
             self.db.set_meta(RECONCILE_REQUEST_KEY, None)
             self.request("init repaired the triggers")
         self._check_key_kinds()
+
+    def _audit(self, reason: str, event: str, **fields: object) -> None:
+        """Say why rows may have changed with no outbox entry, and ask for an audit."""
+        self.log.warning(event, **fields)
+        self.request(reason)
 
     def _check_key_kinds(self) -> None:
         """A key column a migration gave another type (INTEGER to TEXT) makes other document
