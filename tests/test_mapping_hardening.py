@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 from outbox_sync import schema, sync_errors, worker
-from outbox_sync.db import Database
 from outbox_sync.errors import DatabaseError
 from outbox_sync.mapping import Dependency, Field, Mapping
 from outbox_sync.typesense_index import TypesenseIndex
@@ -18,7 +17,7 @@ from tests.support.characters import (
     characters_index,
     initialized_characters,
 )
-from tests.support.daemon import drain
+from tests.support.daemon import drain, mapping_worker
 from tests.support.typesense import API_KEY, Server, export
 
 
@@ -83,12 +82,7 @@ def test_an_item_deleted_with_its_tags_held_as_real_leaves_no_document(
         "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL);"
         "CREATE TABLE item_tags (item_id REAL, tag TEXT);"
     )
-    db = Database(path, create=True)
-    schema.init(db, [items_mapping(collection)])
-    [items] = schema.check(db, [items_mapping(collection)])
-    index = TypesenseIndex([typesense_server.url], API_KEY, collection, mapping=items)
-    index.ensure_collection()
-    sync = worker.daemon(db, [index])
+    db, sync = mapping_worker(path, items_mapping(collection), typesense_server, collection)
     app.execute("INSERT INTO items (id, name) VALUES (5, 'five')")
     app.execute("INSERT INTO item_tags (item_id, tag) VALUES (5, 'red')")
     drain(sync)
@@ -126,12 +120,7 @@ def test_a_table_depended_on_through_two_key_columns_resyncs_the_documents_of_bo
         "CREATE TABLE friendships (a TEXT, b TEXT);"
         "INSERT INTO people VALUES ('ann'), ('bob'), ('cy');"
     )
-    db = Database(path, create=True)
-    schema.init(db, [people], backfill=True)
-    [people] = schema.check(db, [people])
-    index = TypesenseIndex([typesense_server.url], API_KEY, collection, mapping=people)
-    index.ensure_collection()
-    sync = worker.daemon(db, [index])
+    _, sync = mapping_worker(path, people, typesense_server, collection, backfill=True)
     app.execute("INSERT INTO friendships VALUES ('ann', 'bob')")
     drain(sync)
     found = {slug: doc["friends"] for slug, doc in export(typesense_server, collection).items()}

@@ -36,7 +36,7 @@ from tests.support.characters import (
     insert_not_utf8,
 )
 from tests.support.cli import invoke, run_module, without_settings
-from tests.support.daemon import Daemon, drain
+from tests.support.daemon import Daemon, drain, mapping_worker
 from tests.support.typesense import API_KEY, Server, export
 from tests.support.wait import wait_until
 
@@ -333,12 +333,7 @@ def test_a_key_no_document_can_have_is_an_error_only_while_its_row_is_covered(
     path = tmp_path / "app.db"
     app = app_connection(path)
     app.executescript(f"{CHARACTERS}; {TAGS};")
-    db = Database(path, create=True)
-    schema.init(db, [characters_mapping(collection)])
-    [mapping] = schema.check(db, [characters_mapping(collection)])
-    index = TypesenseIndex([typesense_server.url], API_KEY, collection, mapping=mapping)
-    index.ensure_collection()
-    sync = worker.daemon(db, [index])
+    db, sync = mapping_worker(path, characters_mapping(collection), typesense_server, collection)
     app.execute("INSERT INTO character_tags (slug, tag) VALUES ('', 'orphan')")
     drain(sync)
     assert sync_errors.find(db) == []
@@ -402,12 +397,7 @@ def test_a_dependency_holding_the_key_as_another_type_syncs_its_record(
         "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL);"
         "CREATE TABLE item_tags (item_id TEXT, tag TEXT);"
     )
-    db = Database(tmp_path / "items.db", create=True)
-    schema.init(db, [items])
-    [items] = schema.check(db, [items])
-    index = TypesenseIndex([typesense_server.url], API_KEY, collection, mapping=items)
-    index.ensure_collection()
-    sync = worker.daemon(db, [index])
+    db, sync = mapping_worker(tmp_path / "items.db", items, typesense_server, collection)
     app.execute("INSERT INTO items (id, name) VALUES (5, 'five')")
     app.execute("INSERT INTO item_tags (item_id, tag) VALUES (5, NULL)")  # not a string
     drain(sync)

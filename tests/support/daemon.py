@@ -1,6 +1,7 @@
 """The daemon as the tests run it: a real process (`Daemon`, and the processes it started:
-`children`), or its worker in this process, drained once (`drain`) or running in a thread
-(`running`); and a failure recorded as the worker records one (`record_failure`)."""
+`children`), or its worker in this process (`mapping_worker`), drained once (`drain`) or
+running in a thread (`running`); and a failure recorded as the worker records one
+(`record_failure`)."""
 
 import contextlib
 import json
@@ -11,8 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from outbox_sync import schema
 from outbox_sync.db import Database, SyncFailure
-from outbox_sync.worker import Worker
+from outbox_sync.mapping import Mapping
+from outbox_sync.typesense_index import TypesenseIndex
+from outbox_sync.worker import Worker, daemon
+from tests.support.typesense import Server
 
 
 class Daemon:
@@ -63,6 +68,19 @@ def children(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(entry.name))
     return found
+
+
+def mapping_worker(
+    path: Path, mapping: Mapping, server: Server, collection: str, *, backfill: bool = False
+) -> tuple[Database, Worker]:
+    """The daemon's side of the file at `path` after `init` of one mapping (with `backfill`,
+    its rows queued), and the worker `run` makes of it, its collection on `server` made."""
+    db = Database(path, create=True)
+    schema.init(db, [mapping], backfill=backfill)
+    [bound] = schema.check(db, [mapping])
+    index = TypesenseIndex([server.url], server.api_key, collection, mapping=bound)
+    index.ensure_collection()
+    return db, daemon(db, [index])
 
 
 def drain(worker: Worker) -> None:
