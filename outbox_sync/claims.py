@@ -34,7 +34,8 @@ CLAIM_REFRESH_S = 60.0
 CLAIM_FRESH_S = 300.0
 # outbox_sync_meta: the database's own id, made at its daemon's first start. With the file's
 # path it tells the database apart from a copy of it elsewhere; a backup restored in place, or
-# the file seen from a new container, is the same database.
+# the file seen from a new container at the same path, is the same database (at another path,
+# a mount moved, it is another one: refused while the old claim is fresh, then taken over).
 DATABASE_ID_KEY = "database_id"
 
 
@@ -112,8 +113,9 @@ class Claims:
                 raise CollectionClaimedError(
                     f"collection {name!r} is synced from another database: {holder(claim)}. "
                     "Two databases in one collection undo each other (each audit deletes the "
-                    "other's documents): give this one a collection of its own (--collection, "
-                    "OUTBOX_SYNC_COLLECTION, a mapping's `collection`), or stop that daemon (a "
+                    "other's documents): give this one a collection of its own (--collection or "
+                    "OUTBOX_SYNC_COLLECTION for the built-in mapping, `collection` in a "
+                    "--config file's [[sync]] entry), or stop that daemon (a "
                     "daemon that did not stop cleanly gives its claim back after "
                     f"{CLAIM_FRESH_S / 60:.0f} min)"
                 )
@@ -193,9 +195,10 @@ def fresh(claim: dict[str, Any]) -> bool:
 
 def holder(claim: dict[str, Any]) -> str:
     """Who holds a claim, as people find it: the database's path, its host, the daemon."""
-    seen = time.time() - seen_at(claim)
+    seen = seen_at(claim)
+    ago = f"{time.time() - seen:.0f} s ago" if seen else "at a time the claim does not say"
     daemon = "stopped" if stopped(claim) else f"pid {claim.get('pid')}, seen"
-    return f"{claim.get('path')} on {claim.get('host')} (its daemon {daemon} {seen:.0f} s ago)"
+    return f"{claim.get('path')} on {claim.get('host')} (its daemon {daemon} {ago})"
 
 
 def other_claim(db: Database, index: TypesenseIndex) -> dict[str, Any] | None:

@@ -350,6 +350,7 @@ def test_a_claim_of_unexpected_fields_is_read_as_a_stale_one(
     checked = run_module(["check"], env=daemon_env)
     assert "Traceback" not in checked.stderr, checked.stderr
     assert "was last synced from another database: /elsewhere on " in checked.stdout
+    assert "seen at a time the claim does not say" in checked.stdout, checked.stdout
     with capture_logs() as logs:
         Claims(db, [index])(time.monotonic())
     assert [log["event"] for log in logs] == ["claim_taken_over"]
