@@ -21,12 +21,19 @@ from outbox_sync.errors import DatabaseBusyError, DatabaseError, TableMissingErr
 from outbox_sync.mapping import Found, Mapping
 from outbox_sync.values import RawText, quote_identifier
 
-# How long a write waits for another connection's write lock before giving up (and retrying
+# How long a statement waits for another connection's lock before giving up (and retrying
 # later: a busy database never loses an entry).
 DEFAULT_BUSY_TIMEOUT_S = 30.0
-# Retry delays of our own write-lock wait (see Database._begin_immediate).
+# Retry delays of our own lock wait (see Database.wait_for_lock).
 WRITE_RETRY_MIN_S = 0.0002
 WRITE_RETRY_MAX_S = 0.002
+# Once the daemon is stopping, how much longer a wait for the lock goes on: room for a lock held
+# a moment (an application's commit), far within systemd's TimeoutStopSec even for the few
+# writes a stop makes one after the other.
+STOPPING_WAIT_S = 0.5
+# While a wait for the lock lasts, `Database.on_wait` is called this often (the daemon's
+# heartbeat: a wait is bounded, but as long as the busy timeout).
+WAIT_BEAT_INTERVAL_S = 1.0
 # Rows per read when paging through a table: a few MB at most, each read a short transaction.
 DEFAULT_PAGE_ROWS = 5000
 
@@ -93,6 +100,26 @@ def enqueue_rows(conn: sqlite3.Connection, mapping: Mapping) -> int:
     ).rowcount
 
 
+class Connection(sqlite3.Connection):
+    """sqlite3's connection, but a statement outside a transaction that finds another
+    connection's lock waits for it in Python (`wait_for_lock`), where the wait can keep the
+    loop's heartbeat and end when the daemon stops. SQLite's busy handler waited without a
+    word: a read in a rollback journal, which an application's exclusive lock holds up too,
+    for up to the whole busy timeout."""
+
+    wait_for_lock: Callable[[Callable[[], sqlite3.Cursor]], sqlite3.Cursor]
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.OperationalError as error:
+            # inside a transaction SQLite's handler waits (see Database.write): a statement
+            # there that was refused may not be tried again, SQLite says, but rolled back
+            if self.in_transaction or not is_busy(error):
+                raise
+        return self.wait_for_lock(lambda: sqlite3.Connection.execute(self, sql, parameters))
+
+
 class Database:
     """One connection to the database file, in autocommit mode."""
 
@@ -101,9 +128,13 @@ class Database:
     ) -> None:
         self.path = path
         self.busy_timeout_s = busy_timeout_s
-        # Called as a write starts waiting for another connection's lock (the daemon keeps its
-        # loop's heartbeat there: each wait is bounded, but one turn may wait several times).
+        # Called as a statement starts waiting for another connection's lock, and then every
+        # WAIT_BEAT_INTERVAL_S (the daemon keeps its loop's heartbeat there: each wait is bounded,
+        # but one turn may wait several times).
         self.on_wait: Callable[[], None] = lambda: None
+        # Whether the daemon is stopping: a wait for the lock then ends within STOPPING_WAIT_S,
+        # as one that timed out (systemd's TimeoutStopSec would not wait for a few of 30 s).
+        self.stopping: Callable[[], bool] = lambda: False
         if not path.parent.is_dir():
             raise DatabaseError(
                 f"directory {path.parent} does not exist: create it, or give another --db"
@@ -113,9 +144,12 @@ class Database:
                 f"database {path} does not exist: create it with `outbox-sync init --db {path}`"
             )
         try:
+            # SQLite's own busy handler only inside a write transaction (`write`): a statement
+            # outside one waits in Connection.execute
             self.conn = sqlite3.connect(
-                path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+                path, timeout=0, isolation_level=None, check_same_thread=False, factory=Connection
             )
+            self.conn.wait_for_lock = self.wait_for_lock
             self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.Error as error:
             raise DatabaseError(f"cannot open database {path}: {error}") from None
@@ -156,6 +190,8 @@ class Database:
             if isinstance(error, sqlite3.OperationalError):
                 raise self._write_error(error) from None
             raise
+        finally:
+            self.conn.execute("PRAGMA busy_timeout = 0")  # see _begin_immediate
 
     @contextmanager
     def without_fsync(self) -> Iterator[None]:
@@ -174,27 +210,43 @@ class Database:
             self.conn.execute(f"PRAGMA synchronous = {int(level)}")
 
     def _begin_immediate(self) -> None:
-        """BEGIN IMMEDIATE, retried every few hundred microseconds up to the busy timeout.
-        SQLite's own busy handler sleeps 1, 2, 5 ... 100 ms between tries: under an application
-        committing thousands of times a second that stalled an acknowledgement for up to 80 ms
-        (measured by tests/bench), while the lock was free again within a millisecond."""
-        self.conn.execute("PRAGMA busy_timeout = 0")
-        try:
-            deadline = time.monotonic() + self.busy_timeout_s
-            delay = WRITE_RETRY_MIN_S
-            while True:
-                try:
-                    self.conn.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as error:
-                    if not is_busy(error) or time.monotonic() >= deadline:
-                        raise
-                if delay == WRITE_RETRY_MIN_S:  # the first refusal: a wait begins
-                    self.on_wait()
-                time.sleep(delay)
-                delay = min(delay * 2, WRITE_RETRY_MAX_S)
-        finally:
-            self.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+        """BEGIN IMMEDIATE, its wait for the lock ours (`wait_for_lock`). Inside the transaction
+        SQLite's busy handler waits instead, up to the busy timeout: a statement there refused
+        the lock (a commit in a rollback journal waiting for readers to finish) may not be
+        tried again, but rolled back."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+
+    def wait_for_lock(self, attempt: Callable[[], sqlite3.Cursor]) -> sqlite3.Cursor:
+        """Try again a statement another connection's lock refused, every few hundred
+        microseconds up to the busy timeout (then SQLite's "database is locked" error), with
+        `on_wait` as the wait begins and every second, and at most STOPPING_WAIT_S more once
+        the daemon is `stopping`. SQLite's own busy handler sleeps 1, 2, 5 ... 100 ms between
+        tries: under an application committing thousands of times a second that stalled an
+        acknowledgement for up to 80 ms (measured by tests/bench), while the lock was free
+        again within a millisecond."""
+        now = time.monotonic()
+        deadline, beat_at = now + self.busy_timeout_s, now + WAIT_BEAT_INTERVAL_S
+        delay = WRITE_RETRY_MIN_S
+        stopping = False
+        self.on_wait()
+        while True:
+            time.sleep(delay)
+            delay = min(delay * 2, WRITE_RETRY_MAX_S)
+            try:
+                return attempt()
+            except sqlite3.OperationalError as error:
+                if not is_busy(error):
+                    raise
+                now = time.monotonic()
+                if not stopping and self.stopping():  # a moment more, not the busy timeout
+                    stopping = True
+                    deadline = min(deadline, now + STOPPING_WAIT_S)
+                if now >= deadline:
+                    raise
+            if now >= beat_at:
+                self.on_wait()
+                beat_at = now + WAIT_BEAT_INTERVAL_S
 
     def _write_error(self, error: sqlite3.OperationalError) -> DatabaseError:
         if is_busy(error):

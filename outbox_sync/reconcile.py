@@ -204,6 +204,7 @@ class Reconciler:
         db = None
         try:
             db = Database(Path(self.db.path), busy_timeout_s=self.db.busy_timeout_s)
+            db.stopping = self.stopping.is_set  # a stop ends its waits for the lock too
             drift: Counter[str] = Counter()
             for index in self.indexes:  # one collection after the other
                 with Audit(db, index, progress=self._go_on) as audit:

@@ -530,11 +530,14 @@ def daemon(
     telemetry = telemetry or Telemetry()
     for index in indexes:
         index.observe = telemetry.request
-    # A write the application's lock holds up waits up to the busy timeout (30 s), and a turn
-    # may make several (statistics, an audit's record: they give up and the turn goes on, then
-    # the acknowledgement): a heartbeat as each wait begins keeps the gap to one wait, within
-    # the watchdog's 90 s. A loop stuck anywhere else still misses it.
+    # A statement the application's lock holds up waits up to the busy timeout (30 s), and a
+    # turn may make several (reads, in a rollback journal; statistics, an audit's record: they
+    # give up and the turn goes on, then the acknowledgement): the loop's heartbeat goes on
+    # while they wait, and a stop ends a wait within a moment (Database.wait_for_lock), or a
+    # few such waits went past the watchdog's 90 s or systemd's TimeoutStopSec. A loop stuck
+    # anywhere else still misses the watchdog.
     db.on_wait = lambda: telemetry.loop_alive(time.monotonic())
+    db.stopping = lambda: worker.stopping is not None and worker.stopping.is_set()
 
     backlog = Job("backlog", REFRESH_INTERVAL_S, lambda now: telemetry.backlog(*db.backlog()))
     # before the first write to a collection: another database's may be there

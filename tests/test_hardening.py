@@ -34,7 +34,14 @@ from outbox_sync.telemetry import Telemetry, serve_metrics
 from outbox_sync.typesense_index import ImportResult, TypesenseIndex
 from outbox_sync.values import RawText
 from outbox_sync.worker import Worker, daemon
-from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
+from tests.support.app import (
+    ROW_SQL,
+    app_connection,
+    insert_rows,
+    make_row,
+    sqlite_documents,
+    switched_to_delete,
+)
 from tests.support.characters import (
     CHARACTER_SQL,
     CHARACTERS,
@@ -647,13 +654,6 @@ def test_metrics_answer_while_an_idle_connection_stays_open() -> None:
     finally:
         server.shutdown()
         server.server_close()
-
-
-def switched_to_delete(app: sqlite3.Connection) -> bool:
-    try:
-        return bool(app.execute("PRAGMA journal_mode=DELETE").fetchone()[0] == "delete")
-    except sqlite3.OperationalError:
-        return False
 
 
 def test_a_file_switched_to_rollback_journal_and_locked_pauses_the_daemon(

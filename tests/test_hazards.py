@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,7 +30,14 @@ from outbox_sync.reconcile import Reconciler
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import STATS_SAVE_INTERVAL_S, Stop, Worker, daemon
-from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
+from tests.support.app import (
+    ROW_SQL,
+    app_connection,
+    insert_rows,
+    make_row,
+    sqlite_documents,
+    switched_to_delete,
+)
 from tests.support.cli import error_lines, invoke, run_module, without_settings
 from tests.support.daemon import Daemon, running
 from tests.support.typesense import Server, export
@@ -191,6 +199,87 @@ def test_a_turn_under_the_applications_write_lock_keeps_its_heartbeat(
     beats = [started, *[at for at in telemetry.at if at > started], ended]
     longest = max(later - earlier for earlier, later in itertools.pairwise(beats))
     assert longest < 1.5 * busy_s, f"{longest:.2f} s without a heartbeat (busy timeout {busy_s} s)"
+
+
+def outbox_entries(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+
+@pytest.mark.slow
+def test_sigterm_while_a_write_waits_for_the_applications_lock_stops_the_daemon_at_once(
+    db_path: Path, index: TypesenseIndex, start_daemon: Callable[..., Daemon]
+) -> None:
+    """The acknowledgement waits for the lock the application holds, up to the busy timeout
+    (30 s), and the writes a stop makes (the statistics) would each wait as long: systemd's
+    TimeoutStopSec (60 s) ran out, and it killed the daemon (found by a review). A stop ends
+    each wait within a moment; the entry stays queued for the next start."""
+    app = app_connection(db_path)
+    daemon = start_daemon()
+    app.execute(ROW_SQL, make_row(1))
+    wait_until(lambda: daemon.logged("audit_done") and index.retrieve("1"), what="a start")
+    app.execute(ROW_SQL, make_row(2))
+    app.execute("BEGIN IMMEDIATE")  # the application's long transaction, right after
+    assert outbox_entries(app) == 1  # not yet acknowledged
+    wait_until(lambda: index.retrieve("2"), what="the import")  # the acknowledgement waits
+    time.sleep(0.5)
+    daemon.process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        daemon.process.wait(20)
+    took = time.monotonic() - signalled
+    assert daemon.process.poll() == 0 and took < 5, f"exit {daemon.process.poll()} in {took:.1f} s"
+    assert daemon.logged("stopping") and daemon.logged("stopped")
+    assert outbox_entries(app) == 1
+    app.execute("ROLLBACK")
+    assert start_daemon("--once").wait(60) == 0
+    assert outbox_entries(app) == 0
+
+
+@pytest.mark.slow
+def test_a_read_the_applications_exclusive_lock_holds_up_keeps_the_heartbeat_and_ends_at_a_stop(
+    db_path: Path,
+    daemon_env: dict[str, str],
+    index: TypesenseIndex,
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """In a rollback journal an application's exclusive lock (BEGIN EXCLUSIVE, or a write
+    transaction that spilled its cache) holds reads up too, and they waited in SQLite's busy
+    handler, up to 30 s each without a heartbeat: two in one turn went past the watchdog's
+    90 s (found by a review). The heartbeat now goes on while a read waits (WATCHDOG=1 is sent
+    at most every half WATCHDOG_USEC: 0.5 s here), and a stop ends the wait."""
+    app = app_connection(db_path)
+    wait_until(lambda: switched_to_delete(app), what="the switch to a rollback journal")
+    name = f"outbox-sync-test-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind("\0" + name)
+        listener.settimeout(0.1)
+        daemon = start_daemon(
+            env=daemon_env | {"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "1000000"}
+        )
+        app.execute(ROW_SQL, make_row(1))
+        wait_until(lambda: daemon.logged("audit_done") and index.retrieve("1"), what="a start")
+        app.execute("BEGIN EXCLUSIVE")
+        app.execute(ROW_SQL, make_row(2))
+        pings = []
+        held = time.monotonic()
+        while time.monotonic() < held + 5:
+            with contextlib.suppress(TimeoutError):
+                if listener.recv(4096) == b"WATCHDOG=1":
+                    pings.append(time.monotonic())
+        beats = [held, *pings, time.monotonic()]
+        longest = max(later - earlier for earlier, later in itertools.pairwise(beats))
+        assert longest < 2, f"{longest:.1f} s without WATCHDOG=1 while the lock was held"
+        daemon.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            daemon.process.wait(20)
+        took = time.monotonic() - signalled
+    assert daemon.process.poll() == 0 and took < 5, f"exit {daemon.process.poll()} in {took:.1f} s"
+    assert daemon.logged("stopping") and daemon.logged("stopped")
+    app.execute("COMMIT")
+    assert outbox_entries(app) == 1
+    assert start_daemon("--once").wait(60) == 0
+    assert outbox_entries(app) == 0 and index.retrieve("2")
 
 
 APPLICATION_INSERT = (

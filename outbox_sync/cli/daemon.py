@@ -5,6 +5,7 @@ import gc
 import json
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -25,6 +26,7 @@ from outbox_sync.cli.base import (
     with_settings,
 )
 from outbox_sync.config import Settings, parse_duration
+from outbox_sync.db import Database, is_busy
 from outbox_sync.errors import AlreadyRunningError, ConfigError, StoppingError
 from outbox_sync.lock import DaemonLock
 
@@ -143,7 +145,18 @@ def run(settings: Settings, once: bool) -> None:
         )
         with quiet_garbage_collector():
             worker.run(stop, once=once)
-    log.info("stopped", pending=db.backlog()[0])
+    log.info("stopped", pending=pending(db))
+
+
+def pending(db: Database) -> int | None:
+    """The outbox entries left, for the last line; None when the application's lock keeps the
+    stopping daemon from counting them (a rollback journal: its exclusive lock holds reads up)."""
+    try:
+        return db.backlog()[0]
+    except sqlite3.OperationalError as error:
+        if not is_busy(error):
+            raise
+        return None
 
 
 # Allocations between two collections of the youngest generation (Python's default: 700).

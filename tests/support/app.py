@@ -17,6 +17,15 @@ def app_connection(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(path, timeout=30, isolation_level=None)
 
 
+def switched_to_delete(app: sqlite3.Connection) -> bool:
+    """Whether the file is in rollback-journal mode now (leaving WAL takes the file alone: a
+    connection a fixture left may still be closing)."""
+    try:
+        return bool(app.execute("PRAGMA journal_mode=DELETE").fetchone()[0] == "delete")
+    except sqlite3.OperationalError:
+        return False
+
+
 def make_row(i: int, **changes: Any) -> tuple[Any, ...]:
     """The values of row `i` for ROW_SQL, with `changes` by column name."""
     row = {
