@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
@@ -182,16 +183,16 @@ class Database:
             raise self._write_error(error) from None
         try:
             yield self.conn
-            self.conn.execute("COMMIT")
+            self.conn.execute("PRAGMA busy_timeout = 0")
+            self._commit()
         except BaseException as error:
             if self.conn.in_transaction:  # some errors end the transaction themselves
                 self.conn.execute("ROLLBACK")
+            self.conn.execute("PRAGMA busy_timeout = 0")
             # A read-only file may still let BEGIN IMMEDIATE through: the first write says so.
             if isinstance(error, sqlite3.OperationalError):
                 raise self._write_error(error) from None
             raise
-        finally:
-            self.conn.execute("PRAGMA busy_timeout = 0")  # see _begin_immediate
 
     @contextmanager
     def without_fsync(self) -> Iterator[None]:
@@ -212,10 +213,23 @@ class Database:
     def _begin_immediate(self) -> None:
         """BEGIN IMMEDIATE, its wait for the lock ours (`wait_for_lock`). Inside the transaction
         SQLite's busy handler waits instead, up to the busy timeout: a statement there refused
-        the lock (a commit in a rollback journal waiting for readers to finish) may not be
-        tried again, but rolled back."""
+        the lock (in a rollback journal, a cache spilled) may not be tried again, but rolled
+        back. Only the COMMIT may (`_commit`)."""
         self.conn.execute("BEGIN IMMEDIATE")
         self.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+
+    def _commit(self) -> None:
+        """COMMIT, its wait for the lock ours too: in a rollback journal it waits for the
+        application's readers to finish, and refused, it leaves the transaction open, to be
+        tried again ("the COMMIT can be retried later after the reader has had a chance to
+        clear", SQLite's documentation of transactions). WAL never makes it wait."""
+        commit = partial(sqlite3.Connection.execute, self.conn, "COMMIT")
+        try:
+            commit()
+        except sqlite3.OperationalError as error:
+            if not is_busy(error):
+                raise
+            self.wait_for_lock(commit)
 
     def wait_for_lock(self, attempt: Callable[[], sqlite3.Cursor]) -> sqlite3.Cursor:
         """Try again a statement another connection's lock refused, every few hundred

@@ -235,18 +235,39 @@ def test_sigterm_while_a_write_waits_for_the_applications_lock_stops_the_daemon_
     assert outbox_entries(app) == 0
 
 
+def exclusive_lock(db_path: Path) -> tuple[sqlite3.Connection, str]:
+    """The application's exclusive lock, and its change held in it (BEGIN EXCLUSIVE, or a
+    write transaction that spilled its cache): it holds the daemon's reads up."""
+    app = app_connection(db_path)
+    app.execute("BEGIN EXCLUSIVE")
+    app.execute(ROW_SQL, make_row(2))
+    return app, "COMMIT"
+
+
+def read_transaction(db_path: Path) -> tuple[sqlite3.Connection, str]:
+    """The application's change, then a read transaction of its left open: the daemon's
+    commit (its acknowledgement) waits for the reader to finish."""
+    app_connection(db_path).execute(ROW_SQL, make_row(2))
+    reader = app_connection(db_path)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM sequences").fetchone()
+    return reader, "ROLLBACK"
+
+
 @pytest.mark.slow
-def test_a_read_the_applications_exclusive_lock_holds_up_keeps_the_heartbeat_and_ends_at_a_stop(
+@pytest.mark.parametrize("hold", [exclusive_lock, read_transaction])
+def test_a_wait_for_the_lock_in_a_rollback_journal_keeps_the_heartbeat_and_ends_at_a_stop(
     db_path: Path,
     daemon_env: dict[str, str],
     index: TypesenseIndex,
     start_daemon: Callable[..., Daemon],
+    hold: Callable[[Path], tuple[sqlite3.Connection, str]],
 ) -> None:
-    """In a rollback journal an application's exclusive lock (BEGIN EXCLUSIVE, or a write
-    transaction that spilled its cache) holds reads up too, and they waited in SQLite's busy
-    handler, up to 30 s each without a heartbeat: two in one turn went past the watchdog's
-    90 s (found by a review). The heartbeat now goes on while a read waits (WATCHDOG=1 is sent
-    at most every half WATCHDOG_USEC: 0.5 s here), and a stop ends the wait."""
+    """In a rollback journal an application's exclusive lock holds reads up too, and an
+    application's reader holds up a commit; both waited in SQLite's busy handler, up to 30 s
+    each without a heartbeat: two in one turn went past the watchdog's 90 s (found by a
+    review). The heartbeat now goes on while a statement waits (WATCHDOG=1 is sent at most
+    every half WATCHDOG_USEC: 0.5 s here), and a stop ends the wait."""
     app = app_connection(db_path)
     wait_until(lambda: switched_to_delete(app), what="the switch to a rollback journal")
     name = f"outbox-sync-test-{os.getpid()}-{time.monotonic_ns()}"
@@ -258,8 +279,7 @@ def test_a_read_the_applications_exclusive_lock_holds_up_keeps_the_heartbeat_and
         )
         app.execute(ROW_SQL, make_row(1))
         wait_until(lambda: daemon.logged("audit_done") and index.retrieve("1"), what="a start")
-        app.execute("BEGIN EXCLUSIVE")
-        app.execute(ROW_SQL, make_row(2))
+        holder, release = hold(db_path)
         pings = []
         held = time.monotonic()
         while time.monotonic() < held + 5:
@@ -276,7 +296,7 @@ def test_a_read_the_applications_exclusive_lock_holds_up_keeps_the_heartbeat_and
         took = time.monotonic() - signalled
     assert daemon.process.poll() == 0 and took < 5, f"exit {daemon.process.poll()} in {took:.1f} s"
     assert daemon.logged("stopping") and daemon.logged("stopped")
-    app.execute("COMMIT")
+    holder.execute(release)
     assert outbox_entries(app) == 1
     assert start_daemon("--once").wait(60) == 0
     assert outbox_entries(app) == 0 and index.retrieve("2")
