@@ -537,7 +537,6 @@ def daemon(
     # few such waits went past the watchdog's 90 s or systemd's TimeoutStopSec. A loop stuck
     # anywhere else still misses the watchdog.
     db.on_wait = lambda: telemetry.loop_alive(time.monotonic())
-    db.stopping = lambda: worker.stopping is not None and worker.stopping.is_set()
 
     backlog = Job("backlog", REFRESH_INTERVAL_S, lambda now: telemetry.backlog(*db.backlog()))
     # before the first write to a collection: another database's may be there
@@ -631,4 +630,7 @@ def daemon(
         embedded=server is not None,
         **loop_options,
     )
+    # here, not above: a wait for the lock before the worker is made (the claims' first write
+    # of the database's id) asked a worker that was not there yet, and the daemon crashed
+    db.stopping = lambda: worker.stopping is not None and worker.stopping.is_set()
     return worker

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from outbox_sync import schema, sync_errors
+from outbox_sync import claims, schema, sync_errors
 from outbox_sync.db import Database
 from outbox_sync.errors import DatabaseError
 from outbox_sync.mapping import SEQUENCES, Field, Mapping
@@ -199,6 +199,20 @@ def test_a_turn_under_the_applications_write_lock_keeps_its_heartbeat(
     beats = [started, *[at for at in telemetry.at if at > started], ended]
     longest = max(later - earlier for earlier, later in itertools.pairwise(beats))
     assert longest < 1.5 * busy_s, f"{longest:.2f} s without a heartbeat (busy timeout {busy_s} s)"
+
+
+def test_a_wait_for_the_lock_while_the_daemon_is_made_is_waited_out(
+    db: Database, db_path: Path, index: TypesenseIndex
+) -> None:
+    """The daemon's first start writes the database's id (claims.py) before its loop exists:
+    a wait for the application's lock there asked the loop whether it was stopping, and the
+    daemon crashed with a NameError (found by tests/test_daemon.py's writers)."""
+    app = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    app.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.3, app.execute, ("ROLLBACK",)).start()
+    daemon(db, [index], claims=True)
+    assert db.get_meta(claims.DATABASE_ID_KEY) is not None
+    assert not db.stopping()  # and now it asks the loop
 
 
 def outbox_entries(conn: sqlite3.Connection) -> int:
