@@ -104,9 +104,9 @@ def enqueue_rows(conn: sqlite3.Connection, mapping: Mapping) -> int:
 class Connection(sqlite3.Connection):
     """sqlite3's connection, but a statement outside a transaction that finds another
     connection's lock waits for it in Python (`wait_for_lock`), where the wait can keep the
-    loop's heartbeat and end when the daemon stops. SQLite's busy handler waited without a
-    word: a read in a rollback journal, which an application's exclusive lock holds up too,
-    for up to the whole busy timeout."""
+    loop's heartbeat and end when the daemon stops. SQLite's busy handler (the connection has
+    none) waited without a word: a read in a rollback journal, which an application's
+    exclusive lock holds up too, for up to the whole busy timeout."""
 
     wait_for_lock: Callable[[Callable[[], sqlite3.Cursor]], sqlite3.Cursor]
 
@@ -114,8 +114,8 @@ class Connection(sqlite3.Connection):
         try:
             return super().execute(sql, parameters)
         except sqlite3.OperationalError as error:
-            # inside a transaction SQLite's handler waits (see Database.write): a statement
-            # there that was refused may not be tried again, SQLite says, but rolled back
+            # inside a transaction only the COMMIT waits (Database.write): another statement
+            # refused may not be tried again, SQLite says, but rolled back
             if self.in_transaction or not is_busy(error):
                 raise
         return self.wait_for_lock(lambda: sqlite3.Connection.execute(self, sql, parameters))
@@ -145,8 +145,10 @@ class Database:
                 f"database {path} does not exist: create it with `outbox-sync init --db {path}`"
             )
         try:
-            # SQLite's own busy handler only inside a write transaction (`write`): a statement
-            # outside one waits in Connection.execute
+            # no busy handler: a statement waits in Connection.execute, a COMMIT in `write`
+            # (a handler's PRAGMAs around each write transaction, two statements more while it
+            # held the application's lock, made 50 % more of the application's commits find it
+            # taken: tests.bench `--only lock`)
             self.conn = sqlite3.connect(
                 path, timeout=0, isolation_level=None, check_same_thread=False, factory=Connection
             )
@@ -176,19 +178,22 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """A short write transaction. BEGIN IMMEDIATE waits for the lock up front (a deferred
-        transaction upgrading to a writer would fail at once, ignoring the busy timeout)."""
+        transaction upgrading to a writer would fail at once, ignoring the busy timeout); in a
+        rollback journal the COMMIT waits for the application's readers to finish (`_commit`).
+        Nothing else in it waits: in WAL nothing can, and in a rollback journal a page cache
+        spilled to the file mid-transaction needs the readers gone too, but SQLite keeps the
+        pages in memory instead when it cannot have the lock at once (its busy handler, had the
+        connection one, would wait there up to the busy timeout)."""
         try:
-            self._begin_immediate()
+            self.conn.execute("BEGIN IMMEDIATE")  # its wait: Connection.execute
         except sqlite3.OperationalError as error:
             raise self._write_error(error) from None
         try:
             yield self.conn
-            self.conn.execute("PRAGMA busy_timeout = 0")
             self._commit()
         except BaseException as error:
             if self.conn.in_transaction:  # some errors end the transaction themselves
                 self.conn.execute("ROLLBACK")
-            self.conn.execute("PRAGMA busy_timeout = 0")
             # A read-only file may still let BEGIN IMMEDIATE through: the first write says so.
             if isinstance(error, sqlite3.OperationalError):
                 raise self._write_error(error) from None
@@ -209,14 +214,6 @@ class Database:
             yield
         finally:
             self.conn.execute(f"PRAGMA synchronous = {int(level)}")
-
-    def _begin_immediate(self) -> None:
-        """BEGIN IMMEDIATE, its wait for the lock ours (`wait_for_lock`). Inside the transaction
-        SQLite's busy handler waits instead, up to the busy timeout: a statement there refused
-        the lock (in a rollback journal, a cache spilled) may not be tried again, but rolled
-        back. Only the COMMIT may (`_commit`)."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        self.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
 
     def _commit(self) -> None:
         """COMMIT, its wait for the lock ours too: in a rollback journal it waits for the
