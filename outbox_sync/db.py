@@ -125,7 +125,12 @@ class Database:
     """One connection to the database file, in autocommit mode."""
 
     def __init__(
-        self, path: Path, *, create: bool = False, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S
+        self,
+        path: Path,
+        *,
+        create: bool = False,
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.path = path
         self.busy_timeout_s = busy_timeout_s
@@ -135,7 +140,8 @@ class Database:
         self.on_wait: Callable[[], None] = lambda: None
         # Whether the daemon is stopping: a wait for the lock then ends within STOPPING_WAIT_S,
         # as one that timed out (systemd's TimeoutStopSec would not wait for a few of 30 s).
-        self.stopping: Callable[[], bool] = lambda: False
+        # Given here, it ends the first read's wait too, as the connection opens.
+        self.stopping = stopping
         if not path.parent.is_dir():
             raise DatabaseError(
                 f"directory {path.parent} does not exist: create it, or give another --db"

@@ -203,8 +203,12 @@ class Reconciler:
         record["consistent"], record["collections"] = False, {}
         db = None
         try:
-            db = Database(Path(self.db.path), busy_timeout_s=self.db.busy_timeout_s)
-            db.stopping = self.stopping.is_set  # a stop ends its waits for the lock too
+            # a stop ends its waits for the lock, the first read's as it opens too
+            db = Database(
+                Path(self.db.path),
+                busy_timeout_s=self.db.busy_timeout_s,
+                stopping=self.stopping.is_set,
+            )
             drift: Counter[str] = Counter()
             for index in self.indexes:  # one collection after the other
                 with Audit(db, index, progress=self._go_on) as audit:

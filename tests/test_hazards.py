@@ -215,6 +215,37 @@ def test_a_wait_for_the_lock_while_the_daemon_is_made_is_waited_out(
     assert not db.stopping()  # and now it asks the loop
 
 
+def test_a_stop_ends_the_audit_threads_wait_for_the_lock_as_it_opens_its_connection(
+    db_path: Path, index: TypesenseIndex
+) -> None:
+    """In a rollback journal an application's exclusive lock holds up the audit thread's first
+    read, as it opens its own connection. That wait did not know of a stop (the thread told
+    its database once it was open): the loop's stop waited out STOP_WAIT_S (10 s) for the
+    thread, then left it waiting for the lock (found by a review)."""
+    app = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    wait_until(lambda: switched_to_delete(app), what="the switch to a rollback journal")
+    db = Database(db_path)
+    worker = daemon(db, [index], audit_every_s=3600.0)
+    reconciler = worker.jobs["audit"].run
+    assert isinstance(reconciler, Reconciler)
+    stop = threading.Event()
+    worker.stopping = stop  # as the loop's turn sets it
+    app.execute("BEGIN EXCLUSIVE")  # readers wait too, in this journal mode
+    try:
+        reconciler(time.monotonic())  # the start audit: its thread opens its connection
+        stop.set()
+        started = time.monotonic()
+        reconciler.stop()  # the loop's at_stop
+        took = time.monotonic() - started
+        audit = reconciler.thread
+    finally:
+        app.execute("ROLLBACK")
+    if audit is not None:
+        audit.join(30)
+    db.close()
+    assert took < 5, f"the stop waited {took:.1f} s for the audit thread"
+
+
 def outbox_entries(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
