@@ -246,6 +246,17 @@ def test_a_stop_ends_the_audit_threads_wait_for_the_lock_as_it_opens_its_connect
     assert took < 5, f"the stop waited {took:.1f} s for the audit thread"
 
 
+def assert_stops_at_once(daemon: Daemon) -> None:
+    """SIGTERM: the daemon stops as on any stop, exit 0, within a few seconds."""
+    daemon.process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        daemon.process.wait(20)
+    took = time.monotonic() - signalled
+    assert daemon.process.poll() == 0 and took < 5, f"exit {daemon.process.poll()} in {took:.1f} s"
+    assert daemon.logged("stopping") and daemon.logged("stopped")
+
+
 def outbox_entries(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
@@ -267,13 +278,7 @@ def test_sigterm_while_a_write_waits_for_the_applications_lock_stops_the_daemon_
     assert outbox_entries(app) == 1  # not yet acknowledged
     wait_until(lambda: index.retrieve("2"), what="the import")  # the acknowledgement waits
     time.sleep(0.5)
-    daemon.process.send_signal(signal.SIGTERM)
-    signalled = time.monotonic()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        daemon.process.wait(20)
-    took = time.monotonic() - signalled
-    assert daemon.process.poll() == 0 and took < 5, f"exit {daemon.process.poll()} in {took:.1f} s"
-    assert daemon.logged("stopping") and daemon.logged("stopped")
+    assert_stops_at_once(daemon)
     assert outbox_entries(app) == 1
     app.execute("ROLLBACK")
     assert start_daemon("--once").wait(60) == 0
@@ -334,13 +339,7 @@ def test_a_wait_for_the_lock_in_a_rollback_journal_keeps_the_heartbeat_and_ends_
         beats = [held, *pings, time.monotonic()]
         longest = max(later - earlier for earlier, later in itertools.pairwise(beats))
         assert longest < 2, f"{longest:.1f} s without WATCHDOG=1 while the lock was held"
-        daemon.process.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            daemon.process.wait(20)
-        took = time.monotonic() - signalled
-    assert daemon.process.poll() == 0 and took < 5, f"exit {daemon.process.poll()} in {took:.1f} s"
-    assert daemon.logged("stopping") and daemon.logged("stopped")
+        assert_stops_at_once(daemon)
     holder.execute(release)
     assert outbox_entries(app) == 1
     assert start_daemon("--once").wait(60) == 0
