@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
@@ -114,9 +113,12 @@ class Connection(sqlite3.Connection):
         try:
             return super().execute(sql, parameters)
         except sqlite3.OperationalError as error:
-            # inside a transaction only the COMMIT waits (Database.write): another statement
-            # refused may not be tried again, SQLite says, but rolled back
-            if self.in_transaction or not is_busy(error):
+            # Inside a transaction only a COMMIT is tried again: refused (in a rollback journal,
+            # for the application's readers), it leaves the transaction open for that ("the
+            # COMMIT can be retried later after the reader has had a chance to clear", SQLite's
+            # documentation of transactions); another statement refused there may not be, but
+            # rolled back. In WAL nothing inside waits.
+            if (self.in_transaction and sql != "COMMIT") or not is_busy(error):
                 raise
         return self.wait_for_lock(lambda: sqlite3.Connection.execute(self, sql, parameters))
 
@@ -151,7 +153,7 @@ class Database:
                 f"database {path} does not exist: create it with `outbox-sync init --db {path}`"
             )
         try:
-            # no busy handler: a statement waits in Connection.execute, a COMMIT in `write`.
+            # no busy handler: a statement waits in Connection.execute, a COMMIT too.
             # A handler set after each BEGIN and taken away before the COMMIT is two statements
             # more while the daemon holds the application's lock: the application's commits
             # found it taken 8.3 times in ~3,000 against 5.3 with one such statement, and 5.2
@@ -186,7 +188,7 @@ class Database:
     def write(self) -> Iterator[sqlite3.Connection]:
         """A short write transaction. BEGIN IMMEDIATE waits for the lock up front (a deferred
         transaction upgrading to a writer would fail at once, ignoring the busy timeout); in a
-        rollback journal the COMMIT waits for the application's readers to finish (`_commit`).
+        rollback journal the COMMIT waits for the application's readers to finish.
         Nothing else in it waits: in WAL nothing can, and in a rollback journal a page cache
         spilled to the file mid-transaction needs the readers gone too, but SQLite keeps the
         pages in memory instead when it cannot have the lock at once (its busy handler, had the
@@ -197,7 +199,7 @@ class Database:
             raise self._write_error(error) from None
         try:
             yield self.conn
-            self._commit()
+            self.conn.execute("COMMIT")  # its wait too: Connection.execute
         except BaseException as error:
             if self.conn.in_transaction:  # some errors end the transaction themselves
                 self.conn.execute("ROLLBACK")
@@ -221,19 +223,6 @@ class Database:
             yield
         finally:
             self.conn.execute(f"PRAGMA synchronous = {int(level)}")
-
-    def _commit(self) -> None:
-        """COMMIT, its wait for the lock ours too: in a rollback journal it waits for the
-        application's readers to finish, and refused, it leaves the transaction open, to be
-        tried again ("the COMMIT can be retried later after the reader has had a chance to
-        clear", SQLite's documentation of transactions). WAL never makes it wait."""
-        commit = partial(sqlite3.Connection.execute, self.conn, "COMMIT")
-        try:
-            commit()
-        except sqlite3.OperationalError as error:
-            if not is_busy(error):
-                raise
-            self.wait_for_lock(commit)
 
     def wait_for_lock(self, attempt: Callable[[], sqlite3.Cursor]) -> sqlite3.Cursor:
         """Try again a statement another connection's lock refused, every few hundred
