@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -283,6 +284,36 @@ def test_sigterm_while_a_write_waits_for_the_applications_lock_stops_the_daemon_
     app.execute("ROLLBACK")
     assert start_daemon("--once").wait(60) == 0
     assert outbox_entries(app) == 0
+
+
+def test_sigterm_while_the_daemons_set_up_waits_for_the_lock_stops_it_at_once(
+    db_path: Path, typesense_server: Server, collection: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon's first start writes the database's id (claims.py) after its signal handlers
+    are set and before its loop runs; in a rollback journal that write's commit waits for the
+    application's readers. A stop there was only seen by the loop: the wait went on to the
+    busy timeout (30 s), then the daemon exited 1, "stayed locked" (the last stop's finding).
+    In-process: the reader starts as the id is made, right before its write."""
+    app = app_connection(db_path)
+    wait_until(lambda: switched_to_delete(app), what="the switch to a rollback journal")
+    make_id = uuid.uuid4
+
+    def made_as_a_reader_starts() -> uuid.UUID:
+        monkeypatch.setattr(claims.uuid, "uuid4", make_id)  # once
+        app.execute("BEGIN")
+        app.execute("SELECT count(*) FROM sequences").fetchone()
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        return make_id()
+
+    monkeypatch.setattr(claims.uuid, "uuid4", made_as_a_reader_starts)
+    started = time.monotonic()
+    result = invoke(["run"], typesense_server, db_path, collection)
+    took = time.monotonic() - started
+    app.execute("ROLLBACK")
+    assert result.exit_code == 0 and took < 5, (result.exit_code, took, result.output)
+    events = [json.loads(line)["event"] for line in result.output.splitlines() if line[:1] == "{"]
+    assert events[-2:] == ["stopping", "stopped"], events
+    assert Database(db_path).get_meta(claims.DATABASE_ID_KEY) is None  # it gave up at the stop
 
 
 def exclusive_lock(db_path: Path) -> tuple[sqlite3.Connection, str]:

@@ -27,7 +27,12 @@ from outbox_sync.cli.base import (
 )
 from outbox_sync.config import Settings, parse_duration
 from outbox_sync.db import Database, is_busy
-from outbox_sync.errors import AlreadyRunningError, ConfigError, StoppingError
+from outbox_sync.errors import (
+    AlreadyRunningError,
+    ConfigError,
+    DatabaseBusyError,
+    StoppingError,
+)
 from outbox_sync.lock import DaemonLock
 
 if TYPE_CHECKING:  # see cli/__init__.py
@@ -97,6 +102,9 @@ def run(settings: Settings, once: bool) -> None:
     db = opened.db
     db.check_writable()
     stop = Stop()
+    # from the signal handlers on, a stop ends a wait for the application's lock within a
+    # moment, during the set-up too (the claims' first write); the loop's stop once it runs
+    db.stopping = stop.is_set
 
     def request_stop(signum: int, _: Any) -> None:
         # No log line here: the signal may land while this thread writes one, holding the
@@ -122,29 +130,35 @@ def run(settings: Settings, once: bool) -> None:
             indexes = cleanup.enter_context(
                 typesense(settings, opened, start_embedded=True, heartbeat=starting)
             )
-        except StoppingError:
+            log.info(
+                "started",
+                db=str(settings.db_path),
+                collections=[index.collection for index in indexes],
+                nodes=list(settings.typesense_urls) or ["embedded"],
+                batch_size=settings.batch_size,
+                once=once,
+            )
+            worker = daemon(
+                db,
+                indexes,
+                batch_size=settings.batch_size,
+                telemetry=telemetry,
+                audit_every_s=settings.audit_every_s,
+                server=indexes[0].server,
+                lock=lock,
+                claims=indexes[0].server is None,  # an embedded server is the database's own
+            )
+        except (StoppingError, DatabaseBusyError, sqlite3.OperationalError) as error:
+            if not stop.is_set() or not (
+                isinstance(error, (StoppingError, DatabaseBusyError)) or is_busy(error)
+            ):
+                raise
+            # stopped during the set-up: the embedded server's start, a wait for the lock (a
+            # write's, or a read's in a rollback journal)
             log.info("stopping", signal=stop.signal)  # the loop's line: it never ran
-            return
-        log.info(
-            "started",
-            db=str(settings.db_path),
-            collections=[index.collection for index in indexes],
-            nodes=list(settings.typesense_urls) or ["embedded"],
-            batch_size=settings.batch_size,
-            once=once,
-        )
-        worker = daemon(
-            db,
-            indexes,
-            batch_size=settings.batch_size,
-            telemetry=telemetry,
-            audit_every_s=settings.audit_every_s,
-            server=indexes[0].server,
-            lock=lock,
-            claims=indexes[0].server is None,  # an embedded server is the database's own
-        )
-        with quiet_garbage_collector():
-            worker.run(stop, once=once)
+        else:
+            with quiet_garbage_collector():
+                worker.run(stop, once=once)
     log.info("stopped", pending=pending(db))
 
 
