@@ -139,12 +139,11 @@ class Claims:
                 f"delete its {DATABASE_ID_KEY!r} from outbox_sync_meta and give it a collection "
                 "of its own",
             )
-        line = {"id": name, **self.me, "seen_at": int(time.time())}
         # No claim seen: create, not upsert. Two daemons started together both see none, and
         # an upsert let both write theirs (the last one stayed) and sync for a minute, each
         # audit deleting the other's documents; a create fails (409) for the later one.
         action = "create" if claim is None else "upsert"
-        (result,) = self.claims.import_jsonl(json.dumps(line).encode(), 1, action=action)
+        (result,) = self.claims.import_jsonl(self._line(name), 1, action=action)
         if result.http_status == 409:  # another daemon claimed it since we looked: look again
             self._claim(name)
             return
@@ -152,6 +151,10 @@ class Claims:
             raise TypesenseRejectedError(f"Typesense refused the claim: {result.error}")
         if name not in self.held:
             self.held.append(name)
+
+    def _line(self, name: str, **more: Any) -> bytes:
+        """This daemon's claim on collection `name`, seen now, as an import line."""
+        return json.dumps({"id": name, **self.me, "seen_at": int(time.time()), **more}).encode()
 
     def _mine(self, claim: dict[str, Any]) -> bool:
         return same_database(claim, self.database, self.path)
@@ -166,8 +169,7 @@ class Claims:
             try:
                 claim = self.claims.retrieve(name)
                 if claim is not None and self._mine(claim):
-                    line = {"id": name, **self.me, "seen_at": int(time.time()), "stopped": True}
-                    self.claims.import_jsonl(json.dumps(line).encode(), 1)
+                    self.claims.import_jsonl(self._line(name, stopped=True), 1)
             except OutboxSyncError as error:  # it goes stale by itself (CLAIM_FRESH_S)
                 self.log.warning("claim_kept", collection=name, reason=str(error))
         self.held = []
