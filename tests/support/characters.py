@@ -19,6 +19,7 @@ from outbox_sync.mapping import Mapping
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.values import RawText, quote_identifier
 from tests.support.app import app_connection
+from tests.support.daemon import mapping_index
 from tests.support.typesense import Server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,10 +73,7 @@ def characters_index(
     db: Database, mapping: Mapping, server: Server, collection: str = "characters"
 ) -> TypesenseIndex:
     """The index of `characters` on `server`, its collection made, as the daemon makes it."""
-    [mapping] = schema.check(db, [mapping])
-    index = TypesenseIndex([server.url], server.api_key, collection, mapping=mapping)
-    index.ensure_collection()
-    return index
+    return mapping_index(db, mapping, server, collection)
 
 
 def insert_not_utf8(conn: sqlite3.Connection, slug: bytes = NOT_UTF8) -> None:

@@ -77,10 +77,18 @@ def mapping_worker(
     its rows queued), and the worker `run` makes of it, its collection on `server` made."""
     db = Database(path, create=True)
     schema.init(db, [mapping], backfill=backfill)
+    return db, daemon(db, [mapping_index(db, mapping, server, collection)])
+
+
+def mapping_index(
+    db: Database, mapping: Mapping, server: Server, collection: str
+) -> TypesenseIndex:
+    """The index of `mapping` on `server`, bound to the file's table and its collection made, as
+    the daemon makes it."""
     [bound] = schema.check(db, [mapping])
     index = TypesenseIndex([server.url], server.api_key, collection, mapping=bound)
     index.ensure_collection()
-    return db, daemon(db, [index])
+    return index
 
 
 def drain(worker: Worker) -> None:
