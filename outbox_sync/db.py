@@ -709,8 +709,14 @@ def written(line: bytes | None) -> bool:
 
 
 def is_busy(error: sqlite3.Error) -> bool:
-    """SQLite's "database is locked" / "database is busy": another connection holds the lock."""
-    return "locked" in str(error) or "busy" in str(error)
+    """SQLITE_BUSY ("database is locked"): another connection holds the lock, and the statement
+    may be tried again. Not SQLITE_LOCKED ("database table is locked", which the words matched
+    until 2026-12-02): a conflict inside this connection or its shared cache, which no wait
+    ends; it was tried again for the whole busy timeout."""
+    code = getattr(error, "sqlite_errorcode", None)  # set on what SQLite raised (3.11+)
+    if code is None:  # an error made by hand
+        return str(error).startswith(("database is locked", "database is busy"))
+    return bool(code & 0xFF == sqlite3.SQLITE_BUSY)  # SQLITE_BUSY_RECOVERY, _SNAPSHOT, _TIMEOUT too
 
 
 def fetch(

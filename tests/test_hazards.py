@@ -24,7 +24,7 @@ import pytest
 import structlog
 
 from outbox_sync import claims, schema, sync_errors
-from outbox_sync.db import Database
+from outbox_sync.db import Database, is_busy
 from outbox_sync.errors import DatabaseError
 from outbox_sync.mapping import SEQUENCES, Field, Mapping
 from outbox_sync.reconcile import Reconciler
@@ -314,6 +314,29 @@ def test_sigterm_while_the_daemons_set_up_waits_for_the_lock_stops_it_at_once(
     events = [json.loads(line)["event"] for line in result.output.splitlines() if line[:1] == "{"]
     assert events[-2:] == ["stopping", "stopped"], events
     assert Database(db_path).get_meta(claims.DATABASE_ID_KEY) is None  # it gave up at the stop
+
+
+def test_only_another_connections_lock_is_waited_for(tmp_path: Path) -> None:
+    """Database.wait_for_lock tries again what `is_busy` says: SQLITE_BUSY, another connection's
+    lock, which ends. SQLITE_LOCKED ("database table is locked": a conflict in a shared cache,
+    or inside one connection) ends with no wait, and was tried again for the whole busy
+    timeout: the words "locked" matched both (the last stop's finding)."""
+    path = tmp_path / "busy.db"
+    first, second = (sqlite3.connect(path, isolation_level=None, timeout=0) for _ in range(2))
+    first.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError) as busy:
+        second.execute("BEGIN IMMEDIATE")
+    assert is_busy(busy.value) and is_busy(sqlite3.OperationalError("database is locked"))
+    uri = f"file:{tmp_path / 'shared.db'}?cache=shared"
+    writer, reader = (sqlite3.connect(uri, uri=True, isolation_level=None) for _ in range(2))
+    writer.execute("CREATE TABLE t (x)")
+    writer.execute("BEGIN")
+    writer.execute("INSERT INTO t VALUES (1)")
+    with pytest.raises(sqlite3.OperationalError, match="database table is locked") as locked:
+        reader.execute("SELECT * FROM t").fetchall()
+    assert not is_busy(locked.value)
+    for conn in (first, second, writer, reader):
+        conn.close()
 
 
 def exclusive_lock(db_path: Path) -> tuple[sqlite3.Connection, str]:
