@@ -297,17 +297,22 @@ def test_sigterm_while_the_daemons_set_up_waits_for_the_lock_stops_it_at_once(
     app = app_connection(db_path)
     wait_until(lambda: switched_to_delete(app), what="the switch to a rollback journal")
     make_id = uuid.uuid4
+    # SIGTERM to this process, which the command's handler takes; cancelled once it returns
+    sigterm = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
 
     def made_as_a_reader_starts() -> uuid.UUID:
         monkeypatch.setattr(claims.uuid, "uuid4", make_id)  # once
         app.execute("BEGIN")
         app.execute("SELECT count(*) FROM sequences").fetchone()
-        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        sigterm.start()
         return make_id()
 
     monkeypatch.setattr(claims.uuid, "uuid4", made_as_a_reader_starts)
     started = time.monotonic()
-    result = invoke(["run"], typesense_server, db_path, collection)
+    try:
+        result = invoke(["run"], typesense_server, db_path, collection)
+    finally:
+        sigterm.cancel()
     took = time.monotonic() - started
     app.execute("ROLLBACK")
     assert result.exit_code == 0 and took < 5, (result.exit_code, took, result.output)
