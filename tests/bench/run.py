@@ -652,9 +652,14 @@ def drain_rows(ctx: Context, n: int, naive_rates: list[float]) -> list[Row]:
         # Where the time goes: on 2 cores, the CPU the process takes is taken from Typesense
         cpu = statistics.median(run.cpu_s for run in process_runs)
         server = statistics.median(run.server_cpu_s for run in process_runs)
+        # Each round's run against that round's raw import: the hour moves both (the raw
+        # import of 100k varied by 40 % across ten rounds on one server, 2026-12-02)
+        rounds = [
+            raw_s / run.seconds for raw_s, run in zip(ctx.ceilings[n], process_runs, strict=True)
+        ]
         note += (
             f"; CPU: its own {cpu:.2f} s, Typesense's {server:.2f} s (the raw import: Typesense"
-            f" {raw_cpu:.2f} s)"
+            f" {raw_cpu:.2f} s); per round: {', '.join(f'{r:.3g}x' for r in rounds)}"
         )
         return ratio_row(
             f"{what} {n:,}: rate vs raw import ({ctx.batch_size:,}/request)",
