@@ -149,8 +149,8 @@ def run(settings: Settings, once: bool) -> None:
                 claims=indexes[0].server is None,  # an embedded server is the database's own
             )
         except (StoppingError, DatabaseBusyError, sqlite3.OperationalError) as error:
-            if not stop.is_set() or not (
-                isinstance(error, (StoppingError, DatabaseBusyError)) or is_busy(error)
+            if not stop.is_set() or (
+                isinstance(error, sqlite3.OperationalError) and not is_busy(error)
             ):
                 raise
             # stopped during the set-up: the embedded server's start, a wait for the lock (a
