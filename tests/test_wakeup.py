@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import errno
 import gc
+import itertools
 import os
 import select
 import signal
@@ -397,3 +398,91 @@ def test_busy_files_beside_the_database_do_not_wake_the_watch(
         assert watch.wait(TIMEOUT_S) is True
         while watch.wait(2 * RECHECK_WINDOW_S):
             pass
+
+
+class SimulatedTime:
+    """wakeup's `time` and `select` on a simulated clock: a sleep advances the clock instead
+    of waiting, in steps of `write_every_s`; with `stream` set, each step writes one page to
+    that file (a writer streaming into the WAL). The inotify events are the kernel's own, for
+    real writes: only the clock is simulated, so the schedule of looks can be counted exactly."""
+
+    def __init__(self, stream: Path | None = None, write_every_s: float = 0.00005) -> None:
+        self.now, self.stream, self.write_every_s = 1000.0, stream, write_every_s
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def write(self, path: Path) -> None:
+        with open(path, "ab") as file:
+            file.write(bytes(4096))
+
+    def select(
+        self, fds: list[int], writable: list[int], exceptional: list[int], timeout: float
+    ) -> tuple[list[int], list[int], list[int]]:
+        end = self.now + timeout
+        while True:
+            readable, _, _ = select.select(fds, writable, exceptional, 0)
+            if readable or self.now >= end:
+                return readable, [], []
+            self.now = min(end, self.now + self.write_every_s)
+            if self.stream is not None:
+                self.write(self.stream)
+
+
+@pytest.fixture
+def wal_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A database and its -wal as plain files: the watch only sees writes to them."""
+    db, wal = tmp_path / "app.db", tmp_path / "app.db-wal"
+    db.write_bytes(b"")
+    wal.write_bytes(b"")
+    return db, wal
+
+
+def simulated(monkeypatch: pytest.MonkeyPatch, clock: SimulatedTime) -> None:
+    monkeypatch.setattr(wakeup, "time", clock)
+    monkeypatch.setattr(wakeup, "select", clock)
+
+
+def test_a_commits_next_page_brings_a_recheck_not_a_paced_look(
+    wal_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A commit writes its pages to the WAL one write() each, and becomes visible after the
+    # last (with synchronous=NORMAL, ~0.05 ms later). The first page's event brings a look that
+    # finds nothing yet; the next page's event must bring the recheck a commit's first event
+    # would, not one paced LOOK_PACE_S (1 ms) after the first look: that made the wake-up p99
+    # 1-1.5 ms in WAL mode with synchronous=NORMAL (0.3 ms since, tests/bench/idle.py).
+    db, wal = wal_files
+    clock = SimulatedTime()
+    simulated(monkeypatch, clock)
+    with ChangeWatch(db) as watch:
+        while watch.wait(1.0):  # quiet first: the writes above are past
+            pass
+        clock.write(wal)  # the commit's first page
+        assert watch.wait(1.0) is True
+        looked_at = clock.now
+        clock.now += 0.00005
+        clock.write(wal)  # its next page, before the look's answer came back
+        assert watch.wait(1.0) is True
+        assert clock.now - looked_at <= wakeup.RECHECK_MIN_S + 1e-9
+
+
+def test_a_writer_streaming_into_the_wal_is_looked_at_no_more_than_paced(
+    wal_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A big transaction streams pages into the WAL, a write every 50 us: one look per write
+    # would be 20,000 look-ups a second. Once the burst is older than a few rechecks, looks
+    # come LOOK_PACE_S apart (the 1 ms poll's rate, no more).
+    db, wal = wal_files
+    clock = SimulatedTime()
+    simulated(monkeypatch, clock)
+    with ChangeWatch(db) as watch:
+        while watch.wait(1.0):
+            pass
+        clock.stream = wal
+        started, looks = clock.now, []
+        while clock.now - started < 0.1:
+            assert watch.wait(1.0) is True
+            looks.append(clock.now - started)
+        later = [b - a for a, b in itertools.pairwise(looks) if a > 0.005]
+        assert later and min(later) >= wakeup.LOOK_PACE_S - 1e-9
+        assert len(looks) <= 0.1 / wakeup.LOOK_PACE_S + 15
