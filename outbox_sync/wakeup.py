@@ -67,7 +67,7 @@ RECHECK_WINDOW_S = 0.1
 # pages into the WAL): today's 1 ms poll, no more. Spacing every event's look this far from the
 # last one held back the look that saw a commit: a commit writes its pages one write() each,
 # so its next page's event came while the look the first one brought found nothing yet, and
-# the commit was seen 1 ms after that look (wake-up p99 1-1.5 ms in WAL mode with
+# the commit was seen 1 ms after that look (wake-up p99 0.9-1.5 ms in WAL mode with
 # synchronous=NORMAL; 0.25-0.32 ms since, tests/bench/idle.py).
 LOOK_PACE_S = 0.001
 

@@ -450,7 +450,7 @@ def test_a_commits_next_page_brings_a_recheck_not_a_paced_look(
     # last (with synchronous=NORMAL, ~0.05 ms later). The first page's event brings a look that
     # finds nothing yet; the next page's event must bring the recheck a commit's first event
     # would, not one paced LOOK_PACE_S (1 ms) after the first look: that made the wake-up p99
-    # 1-1.5 ms in WAL mode with synchronous=NORMAL (0.3 ms since, tests/bench/idle.py).
+    # 0.9-1.5 ms in WAL mode with synchronous=NORMAL (0.25-0.32 ms since, tests/bench/idle.py).
     db, wal = wal_files
     clock = SimulatedTime()
     simulated(monkeypatch, clock)
