@@ -434,59 +434,53 @@ class SimulatedTime:
 
 
 @pytest.fixture
-def wal_files(tmp_path: Path) -> tuple[Path, Path]:
-    """A database and its -wal as plain files: the watch only sees writes to them."""
+def simulated_watch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[ChangeWatch, SimulatedTime, Path]]:
+    """A watch on a simulated clock, on a database and its -wal made as plain files (it only
+    sees writes to them), once quiet; yields it, its clock and the -wal."""
     db, wal = tmp_path / "app.db", tmp_path / "app.db-wal"
     db.write_bytes(b"")
     wal.write_bytes(b"")
-    return db, wal
-
-
-def simulated(monkeypatch: pytest.MonkeyPatch, clock: SimulatedTime) -> None:
+    clock = SimulatedTime()
     monkeypatch.setattr(wakeup, "time", clock)
     monkeypatch.setattr(wakeup, "select", clock)
+    with ChangeWatch(db) as watch:
+        while watch.wait(1.0):  # the writes above are past
+            pass
+        yield watch, clock, wal
 
 
 def test_a_commits_next_page_brings_a_recheck_not_a_paced_look(
-    wal_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    simulated_watch: tuple[ChangeWatch, SimulatedTime, Path],
 ) -> None:
     # A commit writes its pages to the WAL one write() each, and becomes visible after the
     # last (with synchronous=NORMAL, ~0.05 ms later). The first page's event brings a look that
     # finds nothing yet; the next page's event must bring the recheck a commit's first event
     # would, not one paced LOOK_PACE_S (1 ms) after the first look: that made the wake-up p99
     # 0.9-1.5 ms in WAL mode with synchronous=NORMAL (0.25-0.32 ms since, tests/bench/idle.py).
-    db, wal = wal_files
-    clock = SimulatedTime()
-    simulated(monkeypatch, clock)
-    with ChangeWatch(db) as watch:
-        while watch.wait(1.0):  # quiet first: the writes above are past
-            pass
-        clock.write(wal)  # the commit's first page
-        assert watch.wait(1.0) is True
-        looked_at = clock.now
-        clock.now += 0.00005
-        clock.write(wal)  # its next page, before the look's answer came back
-        assert watch.wait(1.0) is True
-        assert clock.now - looked_at <= wakeup.RECHECK_MIN_S + clock.late_s + 1e-9
+    watch, clock, wal = simulated_watch
+    clock.write(wal)  # the commit's first page
+    assert watch.wait(1.0) is True
+    looked_at = clock.now
+    clock.now += 0.00005
+    clock.write(wal)  # its next page, before the look's answer came back
+    assert watch.wait(1.0) is True
+    assert clock.now - looked_at <= wakeup.RECHECK_MIN_S + clock.late_s + 1e-9
 
 
 def test_a_writer_streaming_into_the_wal_is_looked_at_no_more_than_paced(
-    wal_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    simulated_watch: tuple[ChangeWatch, SimulatedTime, Path],
 ) -> None:
     # A big transaction streams pages into the WAL, a write every 50 us: one look per write
     # would be 20,000 look-ups a second. Once the burst is older than a few rechecks, looks
     # come LOOK_PACE_S apart (the 1 ms poll's rate, no more).
-    db, wal = wal_files
-    clock = SimulatedTime()
-    simulated(monkeypatch, clock)
-    with ChangeWatch(db) as watch:
-        while watch.wait(1.0):
-            pass
-        clock.stream = wal
-        started, looks = clock.now, []
-        while clock.now - started < 0.1:
-            assert watch.wait(1.0) is True
-            looks.append(clock.now - started)
-        later = [b - a for a, b in itertools.pairwise(looks) if a > 0.005]
-        assert later and min(later) >= wakeup.LOOK_PACE_S - 1e-9
-        assert len(looks) <= 0.1 / wakeup.LOOK_PACE_S + 15
+    watch, clock, wal = simulated_watch
+    clock.stream = wal
+    started, looks = clock.now, []
+    while clock.now - started < 0.1:
+        assert watch.wait(1.0) is True
+        looks.append(clock.now - started)
+    later = [b - a for a, b in itertools.pairwise(looks) if a > 0.005]
+    assert later and min(later) >= wakeup.LOOK_PACE_S - 1e-9
+    assert len(looks) <= 0.1 / wakeup.LOOK_PACE_S + 15
