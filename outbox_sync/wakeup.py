@@ -56,10 +56,11 @@ DEFAULT_FALLBACK_POLL_S = 0.25
 RECHECK_MIN_S = 0.0001
 RECHECK_GROWTH = 0.5
 # While a rollback journal holds looks back (see _journal_busy), recheck it no more often than
-# this when no event comes (the writer's pages bring checks as any event does). Its unlink (the commit) comes before the writer lets go of its lock: with
-# synchronous=FULL the directory is fsync'ed in between, and a look then sleeps 1 ms in
-# SQLite's busy handler. Checks 0.1 ms apart, each pacing the next look by LOOK_PACE_S, made
-# the wake-up p50 0.59 ms in DELETE mode, against 0.33 ms with these (tests/bench/idle.py).
+# this when no event comes (the writer's pages bring checks as any event does). Its unlink
+# (the commit) comes before the writer lets go of its lock: with synchronous=FULL the
+# directory is fsync'ed in between, and a look then sleeps 1 ms in SQLite's busy handler.
+# Checks 0.1 ms apart, each pacing the next look by LOOK_PACE_S, made the wake-up p50 0.59 ms
+# in DELETE mode, against 0.33 ms with these (tests/bench/idle.py).
 HELD_RECHECK_S = 0.0005
 RECHECK_WINDOW_S = 0.1
 # Events that keep coming bring looks spaced as the rechecks after an event are, counted from
