@@ -170,7 +170,7 @@ class ChangeWatch:
         while True:
             now = time.monotonic()
             if self._read_events():
-                if now - self._event_at > LOOK_PACE_S:
+                if self._quiet():
                     self._burst_at = now
                 self._event_at = now
             look_at = self._next_look()
@@ -208,12 +208,17 @@ class ChangeWatch:
         return self._looked_at + max(shortest, age * RECHECK_GROWTH)
 
     def _pace(self) -> float:
-        """How soon after the last look an event may bring the next one (see LOOK_PACE_S).
-        An event more than LOOK_PACE_S after the one before begins a new burst."""
-        if self._looked_at - self._event_at > LOOK_PACE_S:  # the next event begins a burst
+        """How soon after the last look an event may bring the next one (see LOOK_PACE_S)."""
+        if self._quiet():
             return RECHECK_MIN_S
         age = self._looked_at - self._burst_at
         return min(LOOK_PACE_S, max(RECHECK_MIN_S, age * RECHECK_GROWTH))
+
+    def _quiet(self) -> bool:
+        """Whether no event came in the last LOOK_PACE_S before the last look: the next one
+        begins a burst. Judged at the look, not when the next is read: a wake-up that comes
+        late (a busy machine) must not end a burst whose writer wrote on meanwhile."""
+        return self._looked_at - self._event_at > LOOK_PACE_S
 
     def _journal_busy(self, now: float) -> bool:
         """Whether a rollback-journal transaction is writing (its -journal has content) and

@@ -412,6 +412,7 @@ class SimulatedTime:
     ) -> None:
         self.now, self.stream, self.write_every_s = 1000.0, stream, write_every_s
         self.late_s = late_s
+        self.stall_at, self.stall_s = float("inf"), 0.0  # one sleep this much later, once
 
     def monotonic(self) -> float:
         return self.now
@@ -424,6 +425,8 @@ class SimulatedTime:
         self, fds: list[int], writable: list[int], exceptional: list[int], timeout: float
     ) -> tuple[list[int], list[int], list[int]]:
         end = self.now + timeout + self.late_s
+        if self.now >= self.stall_at:  # the machine was busy: this wake-up comes very late
+            end, self.stall_at = end + self.stall_s, float("inf")
         while True:
             readable, _, _ = select.select(fds, writable, exceptional, 0)
             if readable or self.now >= end:
@@ -474,9 +477,11 @@ def test_a_writer_streaming_into_the_wal_is_looked_at_no_more_than_paced(
 ) -> None:
     # A big transaction streams pages into the WAL, a write every 50 us: one look per write
     # would be 20,000 look-ups a second. Once the burst is older than a few rechecks, looks
-    # come LOOK_PACE_S apart (the 1 ms poll's rate, no more).
+    # come LOOK_PACE_S apart (the 1 ms poll's rate, no more), a wake-up that comes 1.5 ms late
+    # included: the writer kept writing meanwhile, so the burst goes on.
     watch, clock, wal = simulated_watch
     clock.stream = wal
+    clock.stall_at, clock.stall_s = clock.now + 0.02, 0.0015
     started, looks = clock.now, []
     while clock.now - started < 0.1:
         assert watch.wait(1.0) is True
