@@ -4,6 +4,7 @@ import gc
 import json
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import click
@@ -218,6 +219,25 @@ def test_the_daemon_sets_aside_what_it_made_at_start_from_garbage_collections() 
     with quiet_garbage_collector():
         assert gc.get_threshold()[0] == GC_THRESHOLD and gc.get_freeze_count() > 0
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_the_process_turns_the_collector_off_before_the_command_lines_imports() -> None:
+    """The console script imports the command line from outbox_sync/__main__.py (as `python
+    -m outbox_sync` runs it), which turns Python's collector off first: it collected 22
+    times while `--version` imported the command line (see cli.entry)."""
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "outbox-sync"]
+    assert script.value == "outbox_sync.__main__:entry"
+    code = (  # what the console script runs; counted from the first import of click
+        "import atexit, gc, sys; made = []; atexit.register(lambda: print(len(made)));"
+        " gc.callbacks.append(lambda phase, _: phase == 'stop' and 'click' in sys.modules"
+        " and made.append(phase)); sys.argv = ['outbox-sync', '--version'];"
+        " from outbox_sync.__main__ import entry; sys.exit(entry())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["outbox-sync, version 0.1.0", "0"]
 
 
 # A `run --once` process that notes the garbage collections made from its entry point on: how
