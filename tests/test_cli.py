@@ -189,6 +189,15 @@ def test_the_command_line_is_built_without_the_libraries_of_the_commands() -> No
     assert loaded.stdout.strip() == "[]"
 
 
+def python(code: str, env: dict[str, str] | None = None) -> "subprocess.CompletedProcess[str]":
+    """`python -c code` from the repository, in a process of its own, which must exit 0."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 @pytest.mark.parametrize("metrics", [False, True], ids=["metrics off", "metrics on"])
 def test_the_daemon_imports_prometheus_client_only_to_serve_metrics(
     daemon_env: dict[str, str], db_path: Path, metrics: bool
@@ -203,10 +212,7 @@ def test_the_daemon_imports_prometheus_client_only_to_serve_metrics(
         "import atexit, sys; atexit.register(lambda: print('prometheus_client' in sys.modules));"
         " sys.argv = ['outbox-sync', 'run', '--once']; from outbox_sync.cli import entry; entry()"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
+    done = python(code, env)
     assert done.stdout.splitlines()[-1] == str(metrics)
     assert "pending=0" in done.stderr or '"pending": 0' in done.stderr, done.stderr
 
@@ -233,11 +239,7 @@ def test_the_process_turns_the_collector_off_before_the_command_lines_imports() 
         " and made.append(phase)); sys.argv = ['outbox-sync', '--version'];"
         " from outbox_sync.__main__ import entry; sys.exit(entry())"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["outbox-sync, version 0.1.0", "0"]
+    assert python(code).stdout.splitlines() == ["outbox-sync, version 0.1.0", "0"]
 
 
 # A `run --once` process that notes the garbage collections made from its entry point on: how
@@ -276,15 +278,7 @@ def test_a_command_process_collects_no_garbage_while_it_starts(
     started (15-25 ms of ~0.25 s): it is off until the command has made its clients, then on
     for the work, the start's objects set aside."""
     insert_rows(db_path, range(1, 4))
-    done = subprocess.run(
-        [sys.executable, "-c", NOTE_COLLECTIONS],
-        env=daemon_env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
+    done = python(NOTE_COLLECTIONS, daemon_env)
     assert json.loads(done.stdout.splitlines()[-1]) == {
         "collections at start": 0,
         "collector on": True,
@@ -301,11 +295,7 @@ def test_a_command_process_sets_aside_its_objects_from_the_collections_at_exit()
         " sys.argv = ['outbox-sync', 'init', '--help']; from outbox_sync.cli import entry;"
         " entry()"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[-1] == "True"
+    assert python(code).stdout.splitlines()[-1] == "True"
 
 
 @pytest.mark.parametrize(
