@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import pytest
 
+from outbox_sync import __version__
 from outbox_sync.cli import main
 from outbox_sync.cli.daemon import GC_THRESHOLD, quiet_garbage_collector
 from outbox_sync.db import Database
@@ -239,7 +240,7 @@ def test_the_process_turns_the_collector_off_before_the_command_lines_imports() 
         " and made.append(phase)); sys.argv = ['outbox-sync', '--version'];"
         " from outbox_sync.__main__ import entry; sys.exit(entry())"
     )
-    assert python(code).stdout.splitlines() == ["outbox-sync, version 0.1.0", "0"]
+    assert python(code).stdout.splitlines() == [f"outbox-sync, version {__version__}", "0"]
 
 
 # A `run --once` process that notes the garbage collections made from its entry point on: how

@@ -236,10 +236,11 @@ def started() -> None:
     """The command's start is over (its modules imported, its clients made): the garbage
     collector, off since cli.entry began, runs from here on, as usual, for the work (a drain,
     an audit). What the start made lives to the end of the process: it is set aside
-    (gc.freeze), never walked. A command that talks to no Typesense (init, errors, report,
-    config) ends with the collector off: each reads or writes SQLite in SQL statements and
-    makes a bounded number of objects. In a process of its own only: commands run in a
-    test's process leave its collector as it is."""
+    (gc.freeze), never walked, with what it left in cycles (the embedded server's failed
+    polls while it starts: ten a second, for a minute at most). A command that talks to no
+    Typesense (init, errors, report, config) ends with the collector off: each reads or
+    writes SQLite in SQL statements and makes a bounded number of objects. In a process of
+    its own only: commands run in a test's process leave its collector as it is."""
     if not gc.isenabled():
         gc.freeze()
         gc.enable()
