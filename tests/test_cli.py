@@ -276,7 +276,7 @@ def test_a_command_process_collects_no_garbage_while_it_starts(
     daemon_env: dict[str, str], db_path: Path
 ) -> None:
     """Python's collector walked the objects the imports made 86 times while `run --once`
-    started (15-25 ms of ~0.25 s): it is off until the command has made its clients, then on
+    started (15-27 ms of ~0.25 s): it is off until the command has made its clients, then on
     for the work, the start's objects set aside."""
     insert_rows(db_path, range(1, 4))
     done = python(NOTE_COLLECTIONS, daemon_env)

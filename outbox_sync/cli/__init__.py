@@ -23,7 +23,7 @@ def entry() -> None:
     the libraries are imported, and they live to its end. So the collector is off while a
     command starts (from the process's first import: outbox_sync/__main__.py), until it has
     made its Typesense clients (base.started): it collected 86 times while `run --once`
-    started, for 15-25 ms of its ~0.25 s. And it is kept from them at exit (0.08 s,
+    started, for 15-27 ms of its ~0.25 s. And it is kept from them at exit (0.08 s,
     docs/performance.md): every command has closed what it opened by then (its database
     through click's context, the rest in `with` blocks), so those objects are set aside
     (gc.freeze) and left to the end of the process."""
