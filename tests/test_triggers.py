@@ -185,20 +185,31 @@ def twelve_step_rebuild(app: App) -> None:
 
 
 def sqlite_utils_transform(app: App) -> None:
-    """The same through a real migration tool."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sqlite_utils",
-            "transform",
-            str(app.path),
-            app.table.name,
-            "--column-order",
-            app.nullable,
-        ],
-        check=True,
-    )
+    """The same through a real migration tool, run again when it gave up on the lock, as whoever
+    migrates would. Its connection waits 5 s for the write lock, and a writer that commits
+    without a pause can hold it that long: SQLite's lock is not fair, and its busy handler
+    sleeps between tries (seen here with sqlite-utils 3.39.1 to 4.2.1 against such a writer
+    alone, no daemon: `database is locked` after 5.01 s, in 2 to 6 of 10 runs). The migration
+    is one transaction: a run that gave up changed nothing."""
+    for _ in range(10):
+        migrated = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sqlite_utils",
+                "transform",
+                str(app.path),
+                app.table.name,
+                "--column-order",
+                app.nullable,
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if migrated.returncode == 0:
+            return
+        assert migrated.stderr.rstrip().endswith("database is locked"), migrated.stderr
+    raise AssertionError(f"the migration never had the lock: {migrated.stderr}")
 
 
 def rename_away(app: App) -> None:
