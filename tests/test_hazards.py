@@ -133,8 +133,12 @@ def test_a_writer_holding_the_write_lock_is_waited_out_and_nothing_is_lost(
     db = Database(db_path, busy_timeout_s=busy_timeout_s)
     worker = daemon(db, [index], batch_size=100, min_backoff_s=0.05, max_backoff_s=0.2)
     with structlog.testing.capture_logs() as logs, running(worker) as thread:
-        wait_until(lambda: Database(db_path).counts(SEQUENCES)["pending"] < 2_000, 30, "a drain")
+        # the application takes the write lock once the first batch is acknowledged, with the
+        # rest still to do: checked every 50 ms, the drain of 2,000 could end unseen (it did)
+        pending = "SELECT count(*) FROM outbox"
+        wait_until(lambda: conn.execute(pending).fetchone()[0] < 2_000, 30, "a drain", 0.001)
         conn.execute("BEGIN IMMEDIATE")  # the application holds the write lock for 1.5 s
+        assert conn.execute(pending).fetchone()[0] > 0  # acknowledgements wait for it
         conn.execute("UPDATE sequences SET comment = 'under lock' WHERE id % 2 = 0")
         conn.execute("DELETE FROM sequences WHERE id % 5 = 0")
         time.sleep(1.5)

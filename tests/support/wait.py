@@ -7,8 +7,11 @@ from typing import Any
 import pytest
 
 
-def wait_until(predicate: Callable[[], Any], timeout_s: float = 60, what: str = "") -> Any:
-    """Poll until predicate() is truthy and return its value; fail (not hang) after timeout_s."""
+def wait_until(
+    predicate: Callable[[], Any], timeout_s: float = 60, what: str = "", every_s: float = 0.05
+) -> Any:
+    """Poll every `every_s` until predicate() is truthy and return its value; fail (not hang)
+    after timeout_s."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
@@ -16,4 +19,4 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float = 60, what: str = 
             return value
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s} s waiting for {what or predicate}")
-        time.sleep(0.05)
+        time.sleep(every_s)
