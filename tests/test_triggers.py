@@ -188,9 +188,9 @@ def sqlite_utils_transform(app: App) -> None:
     """The same through a real migration tool, run again when it gave up on the lock, as whoever
     migrates would. Its connection waits 5 s for the write lock, and a writer that commits
     without a pause can hold it that long: SQLite's lock is not fair, and its busy handler
-    sleeps between tries (seen here with sqlite-utils 3.39.1 to 4.2.1 against such a writer
-    alone, no daemon: `database is locked` after 5.01 s, in 2 to 6 of 10 runs). The migration
-    is one transaction: a run that gave up changed nothing."""
+    sleeps between tries (seen here with sqlite-utils 3.39.1, 4.1.1, 4.2 and 4.2.1 against
+    such a writer alone, no daemon: `database is locked` after 5.01 s, in 17-60 % of the
+    runs). The migration is one transaction: a run that gave up changed nothing."""
     for _ in range(10):
         migrated = subprocess.run(
             [
