@@ -136,10 +136,9 @@ def test_a_writer_holding_the_write_lock_is_waited_out_and_nothing_is_lost(
         # the application takes the write lock once the first batch is acknowledged, with the
         # rest still to do: checked every 50 ms, ~1,000 went between two checks (300-1,200
         # were left at the lock in six runs), and once none was, the test failed
-        pending = "SELECT count(*) FROM outbox"
-        wait_until(lambda: conn.execute(pending).fetchone()[0] < 2_000, 30, "a drain", 0.001)
+        wait_until(lambda: outbox_entries(conn) < 2_000, 30, "a drain", 0.001)
         conn.execute("BEGIN IMMEDIATE")  # the application holds the write lock for 1.5 s
-        assert conn.execute(pending).fetchone()[0] > 0  # acknowledgements wait for it
+        assert outbox_entries(conn) > 0  # acknowledgements wait for it
         conn.execute("UPDATE sequences SET comment = 'under lock' WHERE id % 2 = 0")
         conn.execute("DELETE FROM sequences WHERE id % 5 = 0")
         time.sleep(1.5)
