@@ -160,4 +160,13 @@ def private_typesense(tmp_path: Path) -> Iterator[LocalTypesense]:
     server = LocalTypesense(tmp_path / "typesense", api_key=API_KEY, port=free_port())
     server.start()
     yield server
-    server.stop()
+    discard(server)
+
+
+def discard(server: LocalTypesense) -> None:
+    """A teardown's stop: SIGKILL. Nothing reads this data again, so the snapshot and the
+    graceful exit of stop() (~2 s per test) buy nothing."""
+    if server.process is not None:
+        server.process.kill()
+        server.process.wait()
+        server.process = None
