@@ -29,7 +29,7 @@ from outbox_sync.worker import Worker, daemon
 from tests.support.cli import ROOT, without_settings
 from tests.support.daemon import Daemon
 from tests.support.faultproxy import SHAPES, FaultProxy
-from tests.support.typesense import API_KEY, Server, healthy
+from tests.support.typesense import API_KEY, Server, discard, healthy
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -172,12 +172,3 @@ def private_typesense(tmp_path: Path) -> Iterator[LocalTypesense]:
     server.start()
     yield server
     discard(server)
-
-
-def discard(server: LocalTypesense) -> None:
-    """A teardown's stop: SIGKILL. Nothing reads this data again, so the snapshot and the
-    graceful exit of stop() (~2 s per test) buy nothing."""
-    if server.process is not None:
-        server.process.kill()
-        server.process.wait()
-        server.process = None

@@ -15,7 +15,7 @@ from outbox_sync.localserver import LocalTypesense, free_port
 from outbox_sync.mapping import SEQUENCES
 from tests.support.app import app_connection, insert_rows, sqlite_documents
 from tests.support.daemon import Daemon
-from tests.support.typesense import API_KEY, Server, export
+from tests.support.typesense import API_KEY, Server, discard, export
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ def cluster(tmp_path: Path) -> Iterator[list[LocalTypesense]]:
         yield servers
     finally:
         for server in servers:
-            server.stop()
+            discard(server)
 
 
 def state(server: LocalTypesense) -> int | None:
@@ -97,9 +97,7 @@ def test_killing_the_leader_while_writes_flow_loses_nothing(
         )
         first = leader(cluster)
         assert first is not None and first.process is not None
-        first.process.send_signal(signal.SIGKILL)
-        first.process.wait()
-        first.process = None
+        discard(first)
         survivors = [server for server in cluster if server is not first]
         wait_until(lambda: leader(survivors) is not None, timeout_s=90, what="a new leader")
         at_kill = written

@@ -21,6 +21,15 @@ class Server:
     local: LocalTypesense | None = None
 
 
+def discard(server: LocalTypesense) -> None:
+    """Kill the server (SIGKILL), a crash: no snapshot, no graceful exit. Also a teardown's
+    stop, when nothing reads the data again (stop() costs ~2 s)."""
+    if server.process is not None:
+        server.process.kill()
+        server.process.wait()
+        server.process = None
+
+
 def healthy(url: str) -> bool:
     with contextlib.suppress(httpx.HTTPError, ValueError):
         return bool(httpx.get(f"{url}/health", timeout=1).json().get("ok"))
