@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench.run import markdown, saved_rows
+from tests.bench.run import history, markdown, saved_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -61,15 +61,39 @@ def test_every_test_named_as_proof_exists(page: Path) -> None:
         )
 
 
-def test_the_benchmark_tables_are_the_saved_runs_they_name() -> None:
-    """docs/performance.md holds each table as `python -m tests.bench --markdown RUN.json`
+BENCH_PAGES = [ROOT / "docs" / "performance.md", ROOT / "docs" / "performance-history.md"]
+SAVED_RUNS = sorted((ROOT / "docs" / "bench").glob("*.json"))
+
+
+@pytest.mark.parametrize("page", BENCH_PAGES, ids=lambda page: page.name)
+def test_the_benchmark_tables_are_the_saved_runs_they_name(page: Path) -> None:
+    """The performance pages hold each table as `python -m tests.bench --markdown RUN.json`
     prints it from the run it names: a figure cannot be edited by hand, nor a run replaced
     without its table."""
-    page = (ROOT / "docs" / "performance.md").read_text()
-    runs = re.findall(r"`(docs/bench/[\w.-]+\.json)`", page)
-    assert runs, "docs/performance.md names no saved run"
+    text = page.read_text()
+    runs = re.findall(r"`(docs/bench/[\w.-]+\.json)`", text)
+    assert runs, f"{page.name} names no saved run"
     for run in runs:
-        assert markdown(saved_rows(ROOT / run)) in page, (
-            f"docs/performance.md does not hold the table of {run}: paste the output of "
+        assert markdown(saved_rows(ROOT / run)) in text, (
+            f"{page.name} does not hold the table of {run}: paste the output of "
             f"`python -m tests.bench --markdown {run}`"
         )
+
+
+def test_every_saved_run_is_shown_and_counted() -> None:
+    """Every run saved in docs/bench/ has its table on a performance page, and the summary of
+    all of them on docs/performance.md is what `python -m tests.bench --history` prints now:
+    a run cannot be saved and left out of the verdicts."""
+    named = {
+        ROOT / run
+        for page in BENCH_PAGES
+        for run in re.findall(r"`(docs/bench/[\w.-]+\.json)`", page.read_text())
+    }
+    assert SAVED_RUNS, "docs/bench/ holds no saved run"
+    assert not set(SAVED_RUNS) - named, (
+        f"no performance page shows {sorted(p.name for p in set(SAVED_RUNS) - named)}"
+    )
+    assert history(SAVED_RUNS) in BENCH_PAGES[0].read_text(), (
+        "docs/performance.md does not hold the summary of the saved runs: paste the output of "
+        "`python -m tests.bench --history docs/bench/*.json`"
+    )

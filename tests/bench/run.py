@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import sqlite3
@@ -1278,6 +1279,36 @@ def saved_rows(path: Path) -> list[Row]:
     return [Row(**{**row, "spread": row["spread"] and tuple(row["spread"])}) for row in rows]
 
 
+BATCH = re.compile(r" \([\d,]+/request\)")  # the raw import's batch size, in a row's name
+
+
+def history(paths: Sequence[Path]) -> str:
+    """Every row with a target across saved runs, as Markdown: in how many runs it was met,
+    and its ratios' median and min-max. Rows keep the order of the newest whole suite (a
+    run's file is named DATE-COMMIT.json, or DATE-COMMIT-BENCHMARK.json for a part); the raw
+    import's batch size, which the bench picks anew in each run, is left out of the names."""
+    runs = sorted(paths, key=lambda path: (path.stem.count("-") == 3, path.name), reverse=True)
+    figures: dict[tuple[str, str], list[Row]] = {}
+    for path in runs:
+        for row in saved_rows(path):
+            if row.target and row.ratio is not None:
+                figures.setdefault((BATCH.sub("", row.name), row.target), []).append(row)
+    lines = ["| figure | target | runs | met | median | min-max |", "| --- " * 6 + "|"]
+    for (name, target), rows in figures.items():
+        # A target in x judges the ratio; one in MB or % of a core, the value itself.
+        relative = target.endswith("x")
+        unit = "x" if relative else f" {rows[0].unit}"
+        measured = [row.ratio if relative else row.value for row in rows]
+        found = [figure for figure in measured if figure is not None]
+        met = sum(1 for row in rows if row.met)
+        lines.append(
+            f"| {name.replace('|', chr(92) + '|')} | {target} | {len(rows)} | {met} | "
+            f"{number(statistics.median(found))}{unit} | "
+            f"{number(min(found))}-{number(max(found))}{unit} |"
+        )
+    return "\n".join(lines)
+
+
 def environment(ctx: Context) -> dict[str, Any]:
     commit = subprocess.run(
         ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
@@ -1310,7 +1341,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="print the table of a run saved with --json as Markdown (as docs/performance.md "
         "holds it), and run nothing",
     )
+    parser.add_argument(
+        "--history",
+        metavar="RUN.json",
+        type=Path,
+        nargs="+",
+        help="print, for every figure with a target, in how many of these saved runs it was "
+        "met and its ratios' spread (as docs/performance.md holds it), and run nothing",
+    )
     args = parser.parse_args(argv)
+    if args.history:
+        print(history(args.history))
+        return 0
     if args.markdown:
         print(markdown(saved_rows(args.markdown)))
         return 0
