@@ -2,12 +2,14 @@
 test a page names as the proof of a promise exists, and the benchmark tables are the saved runs
 they name."""
 
+import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from tests.bench.run import history, markdown, saved_rows
+from tests.bench.run import Row, history, markdown, saved_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -97,3 +99,39 @@ def test_every_saved_run_is_shown_and_counted() -> None:
         "docs/performance.md does not hold the summary of the saved runs: paste the output of "
         "`python -m tests.bench --history docs/bench/*.json`"
     )
+
+
+def test_the_summary_counts_each_figure_across_runs(tmp_path: Path) -> None:
+    """`--history` pools a figure whose name differs only by the raw import's batch size, counts
+    the runs that met its target, judges a relative target by the ratio and an absolute one by
+    the value, and leaves out the rows without a target."""
+
+    def save(name: str, *rows: Row) -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps({"environment": {}, "rows": [asdict(r) for r in rows]}))
+        return path
+
+    def drain(batch: str, ratio: float) -> Row:
+        return Row(
+            f"drain 100,000: rate vs raw import ({batch}/request)",
+            "docs/s",
+            1.0,
+            1.0,
+            ratio,
+            ">= 0.9x",
+            ratio >= 0.9,
+        )
+
+    def rss(value: float) -> Row:
+        return Row("peak RSS", "MB", value, 50.0, value / 50, "<= 100 MB", value <= 100)
+
+    runs = [
+        save("2026-01-01-aaaaaaa.json", drain("5,000", 0.8), rss(60), Row("start", "s", 1, 1, 1)),
+        save("2026-01-02-bbbbbbb-drain.json", drain("10,000", 0.95)),
+        save("2026-01-03-ccccccc.json", drain("10,000", 0.85), rss(120)),
+    ]
+    lines = history(runs).splitlines()
+    assert lines[2:] == [
+        "| drain 100,000: rate vs raw import | >= 0.9x | 3 | 1 | 0.85x | 0.8-0.95x |",
+        "| peak RSS | <= 100 MB | 2 | 1 | 90 MB | 60-120 MB |",
+    ]
