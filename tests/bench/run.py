@@ -1284,7 +1284,8 @@ BATCH = re.compile(r" \([\d,]+/request\)")  # the raw import's batch size, in a 
 
 def history(paths: Sequence[Path]) -> str:
     """Every row with a target across saved runs, as Markdown: in how many runs it was met,
-    and its ratios' median and min-max. Rows keep the order of the newest whole suite (a
+    and the median and min-max of what its target judges (the ratio, or the value where the
+    target is absolute: MB, % of a core). Rows keep the order of the newest whole suite (a
     run's file is named DATE-COMMIT.json, or DATE-COMMIT-BENCHMARK.json for a part); the raw
     import's batch size, which the bench picks anew in each run, is left out of the names."""
     runs = sorted(paths, key=lambda path: (path.stem.count("-") == 3, path.name), reverse=True)
@@ -1295,14 +1296,14 @@ def history(paths: Sequence[Path]) -> str:
                 figures.setdefault((BATCH.sub("", row.name), row.target), []).append(row)
     lines = ["| figure | target | runs | met | median | min-max |", "| --- " * 6 + "|"]
     for (name, target), rows in figures.items():
-        # A target in x judges the ratio; one in MB or % of a core, the value itself.
         relative = target.endswith("x")
         unit = "x" if relative else f" {rows[0].unit}"
         measured = [row.ratio if relative else row.value for row in rows]
         found = [figure for figure in measured if figure is not None]
         met = sum(1 for row in rows if row.met)
+        cell = name.replace("|", "\\|")
         lines.append(
-            f"| {name.replace('|', chr(92) + '|')} | {target} | {len(rows)} | {met} | "
+            f"| {cell} | {target} | {len(rows)} | {met} | "
             f"{number(statistics.median(found))}{unit} | "
             f"{number(min(found))}-{number(max(found))}{unit} |"
         )
@@ -1347,7 +1348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         nargs="+",
         help="print, for every figure with a target, in how many of these saved runs it was "
-        "met and its ratios' spread (as docs/performance.md holds it), and run nothing",
+        "met, with its median and spread (as docs/performance.md holds it), and run nothing",
     )
     args = parser.parse_args(argv)
     if args.history:
