@@ -65,6 +65,7 @@ def test_every_test_named_as_proof_exists(page: Path) -> None:
 
 BENCH_PAGES = [ROOT / "docs" / "performance.md", ROOT / "docs" / "performance-history.md"]
 SAVED_RUNS = sorted((ROOT / "docs" / "bench").glob("*.json"))
+SAVED_RUN = re.compile(r"`(docs/bench/[\w.-]+\.json)`")  # a page naming a saved run
 
 
 @pytest.mark.parametrize("page", BENCH_PAGES, ids=lambda page: page.name)
@@ -73,7 +74,7 @@ def test_the_benchmark_tables_are_the_saved_runs_they_name(page: Path) -> None:
     prints it from the run it names: a figure cannot be edited by hand, nor a run replaced
     without its table."""
     text = page.read_text()
-    runs = re.findall(r"`(docs/bench/[\w.-]+\.json)`", text)
+    runs = SAVED_RUN.findall(text)
     assert runs, f"{page.name} names no saved run"
     for run in runs:
         assert markdown(saved_rows(ROOT / run)) in text, (
@@ -86,11 +87,7 @@ def test_every_saved_run_is_shown_and_counted() -> None:
     """Every run saved in docs/bench/ has its table on a performance page, and the summary of
     all of them on docs/performance.md is what `python -m tests.bench --history` prints now:
     a run cannot be saved and left out of the verdicts."""
-    named = {
-        ROOT / run
-        for page in BENCH_PAGES
-        for run in re.findall(r"`(docs/bench/[\w.-]+\.json)`", page.read_text())
-    }
+    named = {ROOT / run for page in BENCH_PAGES for run in SAVED_RUN.findall(page.read_text())}
     assert SAVED_RUNS, "docs/bench/ holds no saved run"
     assert not set(SAVED_RUNS) - named, (
         f"no performance page shows {sorted(p.name for p in set(SAVED_RUNS) - named)}"
