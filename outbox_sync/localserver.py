@@ -38,6 +38,10 @@ DEFAULT_SNAPSHOT_TIMEOUT_S = 10.0
 # 0.24.1 checks its snapshot timer once a minute, so 60 s is the shortest interval it honours.
 # A snapshot of 1M documents costs well under a second (a RocksDB checkpoint: hard links).
 SNAPSHOT_INTERVAL_S = 60
+# The server's log (its stdout and stderr, `<db>.typesense/typesense.log`): 0.24.1 writes ~55
+# bytes a second when idle (its raft status every 10 s, a snapshot a minute), 4.8 MB a day for
+# ever. Past this size its lines go to `typesense.log.1` (see LocalTypesense.trim_log).
+LOG_MAX_BYTES = 16 * 2**20
 HOST = "127.0.0.1"
 API_KEY_FILE = "api-key"
 PORTS_FILE = "ports.json"
@@ -259,6 +263,7 @@ class LocalTypesense:
         # leader without a quorum can never commit (it then waits for it at shutdown, forever).
         self.single_node = not any(arg.startswith("--nodes") for arg in extra_args)
         self.log_file = log_file or data_dir / "typesense.log"
+        self.trim_failed = False  # said once (see trim_log)
         self.process: subprocess.Popen[bytes] | None = None
         self.started_empty = False  # the last start found no data kept (see start)
 
@@ -297,7 +302,8 @@ class LocalTypesense:
         # environment only to the same user. No other TYPESENSE_* setting of ours leaks in.
         env = {k: v for k, v in os.environ.items() if not k.startswith("TYPESENSE_")}
         env["TYPESENSE_API_KEY"] = self.api_key
-        with open(self.log_file, "ab") as log:
+        self.trim_log()
+        with open(self.log_file, "ab") as log:  # to append: see trim_log
             self.process = subprocess.Popen(
                 command,
                 env=env,
@@ -382,6 +388,30 @@ class LocalTypesense:
         raise OutboxSyncError(
             f"embedded Typesense not ready after {timeout_s:.0f} s: see {self.log_file}"
         )
+
+    def trim_log(self, max_bytes: int | None = None) -> bool:
+        """Past `max_bytes` (LOG_MAX_BYTES), the log's lines go to `<log>.1`, replacing the
+        file there, and the log starts again empty; True if it did. The server writes on
+        through the descriptor it was started with, opened to append: at the new end. A line
+        written between the copy and the truncation is lost, as with logrotate's copytruncate
+        (the server cannot be told to open its log again)."""
+        limit = LOG_MAX_BYTES if max_bytes is None else max_bytes
+        try:
+            if self.log_file.stat().st_size <= limit:
+                return False
+            shutil.copyfile(self.log_file, self.log_file.with_name(self.log_file.name + ".1"))
+            os.truncate(self.log_file, 0)
+        except FileNotFoundError:
+            return False  # no log yet
+        except OSError as error:
+            if not self.trim_failed:  # once, not at every look
+                structlog.get_logger("outbox_sync").warning(
+                    "embedded_log_not_trimmed", path=str(self.log_file), reason=str(error)
+                )
+            self.trim_failed = True
+            return False
+        self.trim_failed = False
+        return True
 
     def snapshot(self, timeout_s: float = DEFAULT_SNAPSHOT_TIMEOUT_S) -> bool:
         """Take a raft snapshot in the data directory now; True once taken. The next start

@@ -457,8 +457,10 @@ def supervise(
 ) -> None:
     """Start the embedded server again if it died, then audit: it may have come back without
     writes it had acknowledged. Waiting for it to be ready (up to a minute) keeps the loop's
-    `heartbeat`; the daemon stopping ends the wait (the server is stopped with the daemon)."""
+    `heartbeat`; the daemon stopping ends the wait (the server is stopped with the daemon).
+    Its log is kept under LOG_MAX_BYTES (LocalTypesense.trim_log)."""
     if server.process is None or server.process.poll() is None:
+        server.trim_log()
         return
     structlog.get_logger("outbox_sync").warning(
         "embedded_typesense_exited",

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
+from outbox_sync import localserver
 from outbox_sync.errors import ConfigError
 from outbox_sync.localserver import (
     PORTS_FILE,
@@ -28,6 +30,7 @@ from outbox_sync.localserver import (
     server_binary,
 )
 from outbox_sync.mapping import SEQUENCES
+from outbox_sync.worker import supervise
 from tests.support.app import expected_document, make_row
 from tests.support.typesense import API_KEY
 
@@ -346,3 +349,56 @@ def test_the_installed_binary_is_its_halves_joined() -> None:
     assert binary.stat().st_size == sum(half.stat().st_size for half in halves)
     completed = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=30)
     assert "--data-dir" in completed.stdout + completed.stderr
+
+
+def test_a_log_past_its_limit_goes_to_log_1(tmp_path: Path) -> None:
+    server = LocalTypesense(tmp_path / "sequences.db.typesense", api_key=API_KEY)
+    log, older = server.log_file, server.log_file.with_name("typesense.log.1")
+    assert not server.trim_log(max_bytes=10)  # no log yet
+    log.parent.mkdir()
+    log.write_bytes(b"a line\n" * 100)
+    older.write_bytes(b"the log before\n")
+    assert not server.trim_log(max_bytes=700)  # at the limit, not past it
+    assert log.stat().st_size == 700
+    with log.open("ab") as more:
+        more.write(b"one more\n")
+    assert server.trim_log(max_bytes=700)
+    assert log.read_bytes() == b""
+    assert older.read_bytes() == b"a line\n" * 100 + b"one more\n"
+
+
+def test_a_log_that_cannot_be_trimmed_is_said_once(tmp_path: Path) -> None:
+    server = LocalTypesense(tmp_path / "sequences.db.typesense", api_key=API_KEY)
+    server.log_file.parent.mkdir()
+    server.log_file.write_bytes(b"a line\n" * 100)
+    server.log_file.with_name("typesense.log.1").mkdir()  # in the way: EISDIR, even as root
+    with capture_logs() as logs:
+        assert not server.trim_log(max_bytes=10)
+        assert not server.trim_log(max_bytes=10)
+    assert [entry["event"] for entry in logs] == ["embedded_log_not_trimmed"]
+    assert server.log_file.stat().st_size == 700  # kept whole
+
+
+def test_the_server_writes_on_at_the_start_of_its_trimmed_log(
+    tmp_path: Path, stopped: list[LocalTypesense], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon trims the log at each start and in its supervision, every few seconds. The
+    server keeps the descriptor it was started with: opened to append, it writes at the new
+    end; opened to write, its next line would land at its old offset, after a hole of NULs."""
+    data_dir = tmp_path / "sequences.db.typesense"
+    data_dir.mkdir()
+    (data_dir / "typesense.log").write_bytes(b"a line of an earlier start\n" * 10)
+    monkeypatch.setattr(localserver, "LOG_MAX_BYTES", 100)
+    server = started(stopped, data_dir)
+    log, older = server.log_file, server.log_file.with_name("typesense.log.1")
+    assert older.read_bytes() == b"a line of an earlier start\n" * 10  # trimmed at the start
+    assert log.stat().st_size > 100  # the server's start, in the log
+    supervise(server, reconciler=None)  # type: ignore[arg-type]  # alive: no restart, no audit
+    assert b"Starting Typesense" in older.read_bytes()
+    assert server.snapshot()  # a few lines of the server's, at once
+    deadline = time.monotonic() + 10
+    while b"snapshot" not in log.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    written = log.read_bytes()
+    assert b"snapshot" in written
+    assert b"\0" not in written
