@@ -1,5 +1,5 @@
 """The embedded Typesense: restarts keep what it acknowledged and its ports; clear errors when
-its port or its directory is unusable.
+its port or its directory is unusable; its binary is run whole, and its log kept bounded.
 
 Set OUTBOX_SYNC_LONG_TESTS=1 for 20 restart cycles instead of 3.
 """
