@@ -389,15 +389,14 @@ class LocalTypesense:
             f"embedded Typesense not ready after {timeout_s:.0f} s: see {self.log_file}"
         )
 
-    def trim_log(self, max_bytes: int | None = None) -> bool:
-        """Past `max_bytes` (LOG_MAX_BYTES), the log's lines go to `<log>.1`, replacing the
-        file there, and the log starts again empty; True if it did. The server writes on
-        through the descriptor it was started with, opened to append: at the new end. A line
-        written between the copy and the truncation is lost, as with logrotate's copytruncate
-        (the server cannot be told to open its log again)."""
-        limit = LOG_MAX_BYTES if max_bytes is None else max_bytes
+    def trim_log(self) -> bool:
+        """Past LOG_MAX_BYTES, the log's lines go to `<log>.1`, replacing the file there, and
+        the log starts again empty; True if it did. The server writes on through the descriptor
+        it was started with, opened to append: at the new end. A line written between the copy
+        and the truncation is lost, as with logrotate's copytruncate (the server cannot be told
+        to open its log again)."""
         try:
-            if self.log_file.stat().st_size <= limit:
+            if self.log_file.stat().st_size <= LOG_MAX_BYTES:
                 return False
             shutil.copyfile(self.log_file, self.log_file.with_name(self.log_file.name + ".1"))
             os.truncate(self.log_file, 0)

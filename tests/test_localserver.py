@@ -351,30 +351,36 @@ def test_the_installed_binary_is_its_halves_joined() -> None:
     assert "--data-dir" in completed.stdout + completed.stderr
 
 
-def test_a_log_past_its_limit_goes_to_log_1(tmp_path: Path) -> None:
+def test_a_log_past_its_limit_goes_to_log_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(localserver, "LOG_MAX_BYTES", 700)
     server = LocalTypesense(tmp_path / "sequences.db.typesense", api_key=API_KEY)
     log, older = server.log_file, server.log_file.with_name("typesense.log.1")
-    assert not server.trim_log(max_bytes=10)  # no log yet
+    assert not server.trim_log()  # no log yet
     log.parent.mkdir()
     log.write_bytes(b"a line\n" * 100)
     older.write_bytes(b"the log before\n")
-    assert not server.trim_log(max_bytes=700)  # at the limit, not past it
+    assert not server.trim_log()  # at the limit, not past it
     assert log.stat().st_size == 700
     with log.open("ab") as more:
         more.write(b"one more\n")
-    assert server.trim_log(max_bytes=700)
+    assert server.trim_log()
     assert log.read_bytes() == b""
     assert older.read_bytes() == b"a line\n" * 100 + b"one more\n"
 
 
-def test_a_log_that_cannot_be_trimmed_is_said_once(tmp_path: Path) -> None:
+def test_a_log_that_cannot_be_trimmed_is_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(localserver, "LOG_MAX_BYTES", 10)
     server = LocalTypesense(tmp_path / "sequences.db.typesense", api_key=API_KEY)
     server.log_file.parent.mkdir()
     server.log_file.write_bytes(b"a line\n" * 100)
     server.log_file.with_name("typesense.log.1").mkdir()  # in the way: EISDIR, even as root
     with capture_logs() as logs:
-        assert not server.trim_log(max_bytes=10)
-        assert not server.trim_log(max_bytes=10)
+        assert not server.trim_log()
+        assert not server.trim_log()
     assert [entry["event"] for entry in logs] == ["embedded_log_not_trimmed"]
     assert server.log_file.stat().st_size == 700  # kept whole
 
