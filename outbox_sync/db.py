@@ -17,7 +17,12 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from outbox_sync.errors import DatabaseBusyError, DatabaseError, TableMissingError
+from outbox_sync.errors import (
+    DatabaseBusyError,
+    DatabaseError,
+    DatabaseFullError,
+    TableMissingError,
+)
 from outbox_sync.mapping import Found, Mapping
 from outbox_sync.values import RawText, quote_identifier
 
@@ -196,7 +201,7 @@ class Database:
         try:
             self.conn.execute("BEGIN IMMEDIATE")  # its wait: Connection.execute
         except sqlite3.OperationalError as error:
-            raise self._write_error(error) from None
+            raise self.explain(error) from None
         try:
             yield self.conn
             self.conn.execute("COMMIT")  # its wait too: Connection.execute
@@ -205,7 +210,7 @@ class Database:
                 self.conn.execute("ROLLBACK")
             # A read-only file may still let BEGIN IMMEDIATE through: the first write says so.
             if isinstance(error, sqlite3.OperationalError):
-                raise self._write_error(error) from None
+                raise self.explain(error) from None
             raise
 
     @contextmanager
@@ -255,9 +260,16 @@ class Database:
                 self.on_wait()
                 beat_at = now + WAIT_BEAT_INTERVAL_S
 
-    def _write_error(self, error: sqlite3.OperationalError) -> DatabaseError:
+    def explain(self, error: sqlite3.OperationalError) -> DatabaseError:
+        """What SQLite's error means for this file: a lock held past the busy timeout, no room
+        left (both retryable), or something else a write ran into."""
         if is_busy(error):
             return DatabaseBusyError(f"database {self.path} stayed locked: {error}")
+        if is_full(error):
+            return DatabaseFullError(
+                f"cannot write to database {self.path}: {error}. Free space on its file system "
+                "(or in TMPDIR, where SQLite sorts)"
+            )
         return DatabaseError(f"cannot write to database {self.path}: {error}")
 
     def check_writable(self) -> None:
@@ -706,6 +718,16 @@ def written(line: bytes | None) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def is_full(error: sqlite3.Error) -> bool:
+    """SQLITE_FULL ("database or disk is full"): the file system holding the database, its
+    journal or SQLite's temporary files has no room left (or the file is at its
+    max_page_count)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is None:  # an error made by hand
+        return str(error).startswith("database or disk is full")
+    return bool(code & 0xFF == sqlite3.SQLITE_FULL)
 
 
 def is_busy(error: sqlite3.Error) -> bool:

@@ -27,6 +27,14 @@ class DatabaseBusyError(DatabaseError):
     retryable = True
 
 
+class DatabaseFullError(DatabaseError):
+    """SQLite could not write: the file system holding the database (or the temporary files
+    SQLite sorts in) is full. Retryable: the daemon waits for space, and nothing is lost: an
+    entry Typesense has is acknowledged once the write goes through."""
+
+    retryable = True
+
+
 class TableMissingError(DatabaseError):
     """The synced table is gone (dropped, or renamed away by a migration). Retryable: the daemon
     waits for a table of that name, deleting nothing from Typesense on a guess."""

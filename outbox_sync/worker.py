@@ -28,6 +28,7 @@ from outbox_sync.db import Database, is_busy
 from outbox_sync.errors import (
     CollectionNotFoundError,
     DatabaseBusyError,
+    DatabaseFullError,
     OutboxSyncError,
     StoppingError,
     TypesenseUnavailableError,
@@ -445,7 +446,7 @@ def save_stats(db: Database, telemetry: Telemetry, *, when_due: bool = False) ->
     if taken is not None:
         try:
             stats.save(db, *taken)
-        except DatabaseBusyError as error:  # statistics are not worth blocking the sync
+        except (DatabaseBusyError, DatabaseFullError) as error:  # not worth blocking the sync
             telemetry.give_back(*taken)  # the next save tries again
             structlog.get_logger("outbox_sync").warning("stats_not_saved", reason=str(error))
 

@@ -16,21 +16,21 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import structlog
 
-from outbox_sync import claims, schema, sync_errors
-from outbox_sync.db import Database, is_busy
-from outbox_sync.errors import DatabaseError
+from outbox_sync import claims, schema, stats, sync_errors
+from outbox_sync.db import Database, is_busy, is_full
+from outbox_sync.errors import DatabaseError, DatabaseFullError
 from outbox_sync.mapping import SEQUENCES, Field, Mapping
 from outbox_sync.reconcile import Reconciler
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
-from outbox_sync.worker import STATS_SAVE_INTERVAL_S, Stop, Worker, daemon
+from outbox_sync.worker import STATS_SAVE_INTERVAL_S, Stop, Worker, daemon, save_stats
 from tests.support.app import (
     ROW_SQL,
     app_connection,
@@ -346,6 +346,87 @@ def test_only_another_connections_lock_is_waited_for(tmp_path: Path) -> None:
     assert not is_busy(locked.value)
     for conn in (first, second, writer, reader):
         conn.close()
+
+
+def test_a_full_disk_is_told_apart_from_other_write_errors(db_path: Path) -> None:
+    """SQLITE_FULL, here the file at its max_page_count (the same error a full file system
+    gives), is a DatabaseFullError: retryable, and its words say what to free."""
+    db = Database(db_path)
+    (pages,) = db.conn.execute("PRAGMA page_count").fetchone()
+    db.conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(DatabaseFullError) as full:
+        db.set_meta("ballast", "x" * 100_000)
+    assert full.value.retryable
+    assert str(full.value) == (
+        f"cannot write to database {db_path}: database or disk is full. Free space on its file "
+        "system (or in TMPDIR, where SQLite sorts)"
+    )
+    assert is_full(sqlite3.OperationalError("database or disk is full"))
+    assert not is_full(sqlite3.OperationalError("database is locked"))
+    db.conn.execute(f"PRAGMA max_page_count = {pages * 100}")
+    db.set_meta("ballast", "x" * 100_000)  # room again: the same write goes through
+    assert db.get_meta("ballast") == "x" * 100_000
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a tmpfs of 1 MiB of the test's own, to fill (mounting needs root)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system to fill needs root")
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)]
+    mounted = subprocess.run(mount, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield where
+    subprocess.run(["umount", "--lazy", str(where)], check=True)
+
+
+def fill(where: Path) -> Path:
+    """A file taking all the room left on `where`'s file system."""
+    ballast = where / "ballast"
+    with open(ballast, "wb", buffering=0) as file, contextlib.suppress(OSError):  # ENOSPC
+        while file.write(bytes(4096)):
+            pass
+    return ballast
+
+
+def test_a_full_disk_pauses_the_sync_until_there_is_room_and_nothing_is_lost(
+    small_filesystem: Path, index: TypesenseIndex, typesense_server: Server, collection: str
+) -> None:
+    """The application's rows are committed, then the disk fills: the daemon applies them to
+    Typesense but cannot acknowledge them (a commit appends to the -wal file). It stopped with
+    exit 1 until 2026-12-04, and systemd started it again every 5 s, each start auditing the
+    whole table and sending the batch again; now the loop pauses, says why, and acknowledges
+    once there is room."""
+    path = small_filesystem / "app.db"
+    database = Database(path, create=True)
+    schema.init(database, [SEQUENCES])
+    database.close()
+    conn = app_connection(path)
+    conn.execute("BEGIN")
+    insert_rows(conn, range(1, 301))
+    conn.execute("COMMIT")
+    ballast = fill(small_filesystem)
+    worker = daemon(Database(path), [index], min_backoff_s=0.05, max_backoff_s=0.2)
+    with structlog.testing.capture_logs() as logs, running(worker) as thread:
+        wait_until(lambda: any(e["event"] == "sync_paused" for e in logs), 30, "a pause")
+        assert thread.is_alive()
+        assert outbox_entries(conn) == 300  # applied, maybe, but not acknowledged
+        assert "database or disk is full" in worker.telemetry.paused_reason  # for /healthz
+        kept = Telemetry(metrics=False)  # statistics the full disk refuses: kept for next time
+        kept.batch_applied(0, 7, 0, [])
+        save_stats(Database(path), kept)
+        ballast.unlink()
+        wait_until(lambda: outbox_entries(conn) == 0, 30, "the acknowledgement")
+    assert not thread.is_alive()
+    save_stats(Database(path), kept)
+    assert sum(data["applied"]["delete"] for _, data in stats.scan(Database(path), 0)) == 7
+    assert export(typesense_server, collection) == sqlite_documents(path)
+    paused = [e for e in logs if e["event"] == "sync_paused"]
+    assert f"cannot write to database {path}: database or disk is full" in paused[0]["reason"]
+    assert any(e["event"] == "sync_resumed" for e in logs)
 
 
 def exclusive_lock(db_path: Path) -> tuple[sqlite3.Connection, str]:
