@@ -454,6 +454,11 @@ class LocalTypesense:
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
+                # seen with its disk full: 0.24.1 hung in "CollectionManager dispose"
+                structlog.get_logger("outbox_sync").warning(
+                    "embedded_typesense_killed",
+                    note=f"it did not stop within {timeout_s:g} s of SIGTERM; see {self.log_file}",
+                )
                 self.process.kill()
                 self.process.wait()
         self.process = None

@@ -6,6 +6,7 @@ Set OUTBOX_SYNC_LONG_TESTS=1 for 20 restart cycles instead of 3.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -198,6 +199,30 @@ def test_stop_right_after_start_does_not_wait_for_a_snapshot(
     server.start(wait=False)
     server.stop()
     assert server.process is None
+
+
+@pytest.mark.slow
+def test_a_server_that_does_not_stop_is_killed_and_said(
+    tmp_path: Path, stopped: list[LocalTypesense]
+) -> None:
+    """A server that ignores SIGTERM (here stopped by SIGSTOP; seen for real with its disk
+    full) is killed after the timeout, with a line saying so, where the stop took its 30 s
+    without a word."""
+    server = started(stopped, tmp_path)
+    assert server.process is not None
+    process = server.process
+    os.kill(process.pid, signal.SIGSTOP)
+    with capture_logs() as logged:
+        server.stop(timeout_s=1)
+    assert process.returncode == -signal.SIGKILL
+    killed = [entry for entry in logged if entry["event"] == "embedded_typesense_killed"]
+    assert killed == [
+        {
+            "event": "embedded_typesense_killed",
+            "log_level": "warning",
+            "note": f"it did not stop within 1 s of SIGTERM; see {server.log_file}",
+        }
+    ]
 
 
 def test_the_embedded_port_in_use_says_which_option_moves_it(tmp_path: Path) -> None:
