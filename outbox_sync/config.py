@@ -138,7 +138,10 @@ OPTIONS = (
     Option(
         "batch_size",
         "OUTBOX_SYNC_BATCH_SIZE",
-        "Outbox entries applied per Typesense request.",
+        (
+            "Outbox entries applied per batch, at most: fewer while rows are large (a batch "
+            "holds about 16 MiB of documents, and a request no more)."
+        ),
         DEFAULT_BATCH_SIZE,
         int,
         "N",

@@ -18,6 +18,7 @@ import pytest
 from structlog.testing import capture_logs
 from typesense import exceptions as ts
 
+from outbox_sync import typesense_index
 from outbox_sync.errors import (
     CollectionNotFoundError,
     ConfigError,
@@ -30,6 +31,7 @@ from outbox_sync.localserver import free_port
 from outbox_sync.typesense_index import (
     MAX_DELETE_IDS,
     MAX_FILTER_URL_CHARS,
+    ImportResult,
     TypesenseIndex,
     _lines,
     classify,
@@ -37,6 +39,7 @@ from outbox_sync.typesense_index import (
     id_filters,
     parse_line,
     parse_node,
+    split_lines,
     status_error,
 )
 from outbox_sync.values import MAX_ID_BYTES
@@ -191,6 +194,36 @@ def test_a_missing_document_is_none_or_false_a_missing_collection_is_an_error(
     with pytest.raises(CollectionNotFoundError):
         list(missing.export_documents())
     assert missing.target() is None
+
+
+def test_split_lines_cuts_between_lines_within_the_limit() -> None:
+    body = b"\n".join([b"a" * 3, b"b" * 4, b"c" * 12, b"d", b"e" * 2])
+    assert next(split_lines(body, len(body))) is body  # short enough: no copy
+    parts = list(split_lines(body, 9))
+    assert parts == [b"aaa\nbbbb", b"c" * 12, b"d\nee"]  # a line over the limit goes alone
+    assert list(split_lines(b"x" * 20, 9)) == [b"x" * 20]
+    assert list(split_lines(b"abc\n" + b"x" * 20, 9)) == [b"abc", b"x" * 20]
+
+
+def test_a_body_over_the_limit_is_imported_in_parts(
+    index: TypesenseIndex, typesense_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each request carries at most IMPORT_MAX_BYTES (but a line longer than that, alone),
+    cut between lines: every line is sent once, in order, and has its verdict."""
+    monkeypatch.setattr(typesense_index, "IMPORT_MAX_BYTES", 1000)
+    line = '{"id":"%d","element_type":"a","element_id":1,"sequence_number":1,"created_at":"x",'
+    lines = [(line % i + '"comment":"%s"}' % ("w " * (i * 7 % 200))).encode() for i in range(60)]
+    lines[30] = (line % 30 + '"comment":"%s"}' % ("long " * 500)).encode()
+    body = b"\n".join(lines)
+    sent: list[bytes] = []
+    imported = index.writes.import_
+    monkeypatch.setattr(
+        index.writes, "import_", lambda part, params: sent.append(part) or imported(part, params)
+    )
+    assert index.import_jsonl(body, len(lines)) == [ImportResult(True)] * len(lines)
+    assert b"\n".join(sent) == body and len(sent) > 5
+    assert [len(part) for part in sent if len(part) > 1000] == [len(lines[30])]
+    assert sorted(map(int, export(typesense_server, index.collection))) == list(range(60))
 
 
 # Ids a filter value of 0.24.1 reads as another (the spaces around it dropped, a backslash

@@ -7,14 +7,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 import structlog
 from structlog.testing import capture_logs
 
+from outbox_sync import typesense_index
 from outbox_sync import worker as worker_module
-from outbox_sync.batch import Applier
+from outbox_sync.batch import FIRST_CLAIM, Applier
 from outbox_sync.db import Database
 from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.localserver import LocalTypesense, free_port
@@ -23,9 +24,10 @@ from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import ImportResult, TypesenseIndex
 from outbox_sync.wakeup import ChangeWatch
 from outbox_sync.worker import Index, Job, Progress, Turn, Worker, daemon
-from tests.support.app import app_connection, insert_rows
-from tests.support.daemon import running
+from tests.support.app import app_connection, insert_rows, sqlite_documents
+from tests.support.daemon import drain, running
 from tests.support.fake_index import FakeIndex
+from tests.support.typesense import Server, export
 from tests.support.wait import wait_until
 
 
@@ -273,3 +275,39 @@ def test_the_chores_run_once_a_second_under_a_writer_that_never_pauses(db: Datab
         writer.join()
         during = len(chores)
     assert during >= 3, f"the chores ran {during} times in the writer's ~3 s"
+
+
+def test_large_rows_make_smaller_batches_and_requests_and_every_row_syncs(
+    db: Database, served: Server, collection: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of 60 KB, 5,000 to a batch, peaked the daemon at 1.4 GB of memory (the batches
+    prepared and in flight, each request's copies of its body). The first claim takes
+    FIRST_CLAIM entries; each later one as many as make about IMPORT_MAX_BYTES at the last
+    batch's size per entry; no request carries more than that."""
+    monkeypatch.setattr(typesense_index, "IMPORT_MAX_BYTES", 40_000)
+    batches: list[int] = []  # entries per batch of upserts
+
+    class Recording(TypesenseIndex):
+        def import_jsonl(self, body: bytes, count: int, *, action: str = "upsert") -> Any:
+            batches.append(count)
+            return super().import_jsonl(body, count, action=action)
+
+    index = Recording([served.url], served.api_key, collection)
+    index.ensure_collection()
+    sent: list[int] = []  # bytes per request
+    imported = index.writes.import_
+    monkeypatch.setattr(
+        index.writes,
+        "import_",
+        lambda part, params: sent.append(len(part)) or imported(part, params),
+    )
+    conn = app_connection(db.path)
+    conn.execute("BEGIN")
+    for key in range(1, 301):  # ~4 KB a line
+        insert_rows(conn, [key], comment=f"{key} " + "words " * 660)
+    conn.execute("COMMIT")
+    drain(daemon(db, [index], batch_size=200))
+    assert export(served, collection) == sqlite_documents(db.path)
+    assert sum(batches) == 300 and batches[0] == FIRST_CLAIM
+    assert max(batches[1:]) <= 10  # 40,000 bytes of ~4,000-byte lines
+    assert max(sent) <= 40_000 and len(sent) > len(batches)  # the first batch, in parts
