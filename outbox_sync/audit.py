@@ -58,7 +58,7 @@ from typing import Any
 
 import structlog
 
-from outbox_sync.db import Database, pages, row_key
+from outbox_sync.db import READ_MAX_BYTES, Database, pages, row_key
 from outbox_sync.errors import (
     InvalidRecordError,
     OutboxSyncError,
@@ -236,9 +236,12 @@ class Audit:
         index: TypesenseIndex,
         *,
         chunk: int = DEFAULT_CHUNK,
+        chunk_bytes: int = READ_MAX_BYTES,
         progress: Progress | None = None,
     ) -> None:
-        self.db, self.index, self.chunk = db, index, chunk
+        """Rows and exported documents are read `chunk` at a time, and the export's chunk
+        ends early at `chunk_bytes` (large documents)."""
+        self.db, self.index, self.chunk, self.chunk_bytes = db, index, chunk, chunk_bytes
         self.mapping = index.mapping
         self.progress = progress or (lambda phase, done, total: None)
         # exported lines, given as one JSON array: each document under the key its id (text)
@@ -423,9 +426,12 @@ class Audit:
         ):
             conn.execute("CREATE TABLE actual (key PRIMARY KEY, doc TEXT NOT NULL)")
             batch: list[str] = []
+            size = 0  # of the lines in `batch`: large documents make short chunks
             for line in lines:
                 batch.append(line)
-                if len(batch) >= self.chunk:
+                size += len(line)
+                if len(batch) >= self.chunk or size >= self.chunk_bytes:
+                    size = 0
                     self.exported += self._flush_actual(conn, batch)
                     if stop.is_set():
                         return self.exported

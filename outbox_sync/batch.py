@@ -19,8 +19,17 @@ from typing import Any, Protocol
 
 import structlog
 
-from outbox_sync import typesense_index
-from outbox_sync.db import Claimed, Database, OutboxEntry, SyncFailure, is_busy, row_key, written
+from outbox_sync.db import (
+    FIRST_READ_ROWS,
+    Claimed,
+    Database,
+    OutboxEntry,
+    SyncFailure,
+    is_busy,
+    row_key,
+    rows_fitting,
+    written,
+)
 from outbox_sync.errors import InvalidRecordError, TypesenseUnavailableError
 from outbox_sync.mapping import Mapping
 from outbox_sync.telemetry import Telemetry
@@ -42,11 +51,6 @@ TRICKLE_SLICE_S = 1.0
 # (a batch's worth of entries goes at once): a writer committing 1,000 rows a second makes
 # hundreds of small batches a second, and each acknowledgement is a write transaction.
 ACK_INTERVAL_S = 0.1
-
-# The entries a daemon's first claim takes. Later claims take as many as make about
-# IMPORT_MAX_BYTES of documents at the last batch's size per entry, up to the batch size: a
-# first claim of 5,000 rows of 20 KB held 100 MB, and the daemon peaked at 434 MB.
-FIRST_CLAIM = 100
 
 
 class Stopping(Protocol):
@@ -124,7 +128,7 @@ class Applier:
         self.db, self.indexes = db, indexes
         self.batch_size, self.telemetry = batch_size, telemetry
         # the next claim's: the first is small, as the rows' size is not known yet (_prepare)
-        self.claim_size = min(batch_size, FIRST_CLAIM)
+        self.claim_size = min(batch_size, FIRST_READ_ROWS)
         self.log = structlog.get_logger("outbox_sync")
         self.unknown_logged: set[str] = set()
 
@@ -207,9 +211,8 @@ class Applier:
         """Claim the entries after id `after`, read their records' current rows (SQLite writes
         the JSON lines, in the statement that reads each mapping's entries) and sort them into
         upserts, deletes and failures (SQLite and CPU only). The next claim takes as many
-        entries as make about IMPORT_MAX_BYTES of documents at this batch's size per entry (up
-        to batch_size), so that large rows keep the daemon's memory bounded: the batches
-        prepared and in flight, and each request's copies of its body."""
+        entries as make about READ_MAX_BYTES of documents at this batch's size per entry (up to
+        batch_size: `rows_fitting`), so that large rows keep the daemon's memory bounded."""
         asked = self.claim_size
         claimed = self.db.claim(asked, after=after)
         if not claimed:
@@ -224,8 +227,7 @@ class Applier:
             else:  # the mapping as the collection lets it be (see ensure_collection)
                 self._prepare_mapping(batch, index.mapping, after)
         size = sum(len(line) for work in batch.work.values() for _, _, line in work.upserts)
-        fitting = entries * typesense_index.IMPORT_MAX_BYTES // max(size, 1)
-        self.claim_size = max(1, min(self.batch_size, fitting))
+        self.claim_size = rows_fitting(entries, size, self.batch_size)
         return batch
 
     def _prepare_mapping(self, batch: Batch, mapping: Mapping, after: int) -> None:

@@ -41,6 +41,12 @@ STOPPING_WAIT_S = 0.5
 WAIT_BEAT_INTERVAL_S = 1.0
 # Rows per read when paging through a table: a few MB at most, each read a short transaction.
 DEFAULT_PAGE_ROWS = 5000
+# A read of documents' lines (a drain's claim; a page of a fill, a reindex or an audit) takes
+# FIRST_READ_ROWS rows, then as many as make about READ_MAX_BYTES at the last read's size per
+# row (`rows_fitting`), up to its own limit. Rows of 60 KB, 5,000 to a batch, peaked a drain at
+# 1.43 GB of memory (the batches prepared and in flight, each request's copies of its body).
+FIRST_READ_ROWS = 100
+READ_MAX_BYTES = 16 * 1024 * 1024
 
 
 # An outbox entry as `Database.read_claimed` reads it with its record's row: (id, whether it is
@@ -508,7 +514,14 @@ class Database:
             f" AND ({where})" if where else "",
         )
         columns = f"{quote_identifier(mapping.key)}, {mapping.line_sql(sort_keys=sort_keys)}"
-        for rows in pages(self.conn, table, order, columns, where=where, chunk=chunk, raw=True):
+
+        def fit(rows: list[tuple[Any, ...]]) -> int:  # each row's line is its last column
+            return rows_fitting(len(rows), sum(len(row[-1] or b"") for row in rows), chunk)
+
+        first = min(chunk, FIRST_READ_ROWS)
+        for rows in pages(
+            self.conn, table, order, columns, where=where, chunk=first, fit=fit, raw=True
+        ):
             found: list[Found] = []
             for row in rows:
                 key, line = row[width:]
@@ -720,6 +733,12 @@ def written(line: bytes | None) -> bool:
     return True
 
 
+def rows_fitting(rows: int, size: int, most: int) -> int:
+    """How many rows the next read takes, after one of `rows` rows with `size` bytes of lines:
+    about READ_MAX_BYTES of them, at least 1 and at most `most`."""
+    return max(1, min(most, rows * READ_MAX_BYTES // max(size, 1)))
+
+
 def is_full(error: sqlite3.Error) -> bool:
     """SQLITE_FULL ("database or disk is full"): the file system holding the database, its
     journal or SQLite's temporary files has no room left (or the file is at its
@@ -763,12 +782,13 @@ def pages(
     where: str = "",
     params: Sequence[Any] = (),
     chunk: int = DEFAULT_PAGE_ROWS,
+    fit: Callable[[list[tuple[Any, ...]]], int] | None = None,
     raw: bool = False,
 ) -> Iterator[list[tuple[Any, ...]]]:
     """The rows of `table` in `order_by` order (a unique, non-NULL column, or several, comma-
-    separated), `chunk` per query, each (*order_by values, *columns). No read transaction is
-    held between pages, so a large table never holds back the application or the WAL
-    checkpoint. raw=True reads TEXT as RawText."""
+    separated), `chunk` per query (or, with `fit`, as many as it says after each page), each
+    (*order_by values, *columns). No read transaction is held between pages, so a large table
+    never holds back the application or the WAL checkpoint. raw=True reads TEXT as RawText."""
     width = order_by.count(",") + 1
     select = f"SELECT {order_by}, {columns} FROM {table}"
     rows = fetch(
@@ -780,6 +800,8 @@ def pages(
     condition = f"({where}) AND " if where else ""
     while rows:
         yield rows
+        if fit is not None:
+            chunk = fit(rows)
         marks, last = _all_stored(rows[-1][:width])
         rows = fetch(
             conn,

@@ -19,7 +19,7 @@ import pytest
 from outbox_sync import audit as audit_module
 from outbox_sync import schema, sync_errors
 from outbox_sync.audit import Audit, document_key, document_key_sql
-from outbox_sync.db import Database
+from outbox_sync.db import FIRST_READ_ROWS, Database
 from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.localserver import free_port
 from outbox_sync.mapping import SEQUENCES
@@ -617,3 +617,40 @@ def test_a_key_more_than_one_row_holds_is_shared_drift(
     assert result.exit_code == 1  # until the application makes the key unique
     assert "6 rows, 4 documents: drift found" in result.output
     assert "shared: 2 keys more than one row holds" in result.output
+
+
+def test_large_rows_are_read_and_exported_in_short_chunks_and_audited_exactly(
+    db: Database,
+    worker: Worker,
+    index: TypesenseIndex,
+    typesense_server: Server,
+    collection: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pages of rows (an audit's, a fill's, a reindex's) and the export's chunks end at about
+    READ_MAX_BYTES: 5,000 rows of 20 KB made chunks of 100 MB on each side of an audit."""
+    monkeypatch.setattr("outbox_sync.db.READ_MAX_BYTES", 40_000)
+    conn = app_connection(db.path)
+    conn.execute("BEGIN")
+    for key in range(1, 301):  # ~4 KB a line
+        insert_rows(conn, [key], comment=f"{key} " + "words " * 660)
+    conn.execute("COMMIT")
+    drain(worker)
+    read = [len(rows) for rows in db.scan_rows(SEQUENCES)]
+    assert read[0] == FIRST_READ_ROWS and max(read[1:]) <= 10 and sum(read) == 300
+    flushed: list[int] = []
+    flush = Audit._flush_actual
+    monkeypatch.setattr(
+        Audit,
+        "_flush_actual",
+        lambda self, conn, batch: flushed.append(len(batch)) or flush(self, conn, batch),
+    )
+    documents = f"/collections/{collection}/documents"
+    by_hand(typesense_server, "PATCH", f"{documents}/150", json={"comment": "edited by hand"})
+    with Audit(db, index, chunk_bytes=40_000) as audit:
+        summary = audit.run()
+        stale = list(audit.ids("stale"))
+    assert (summary.rows, summary.documents) == (300, 300)
+    assert summary.counts["stale"] == 1 and sum(summary.counts.values()) == 1
+    assert stale == [(150, "comment")]
+    assert sum(flushed) == 300 and max(flushed) <= 11

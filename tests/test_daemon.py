@@ -13,8 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from outbox_sync.batch import FIRST_CLAIM
-from outbox_sync.db import Database
+from outbox_sync.db import FIRST_READ_ROWS, Database
 from outbox_sync.localserver import LocalTypesense, free_port, port_in_use
 from outbox_sync.mapping import SEQUENCES
 from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
@@ -43,7 +42,7 @@ def test_sigterm_finishes_the_batch_and_exits_0(
     left = pending(db_path)
     synced = export(typesense_server, collection)
     assert len(synced) + left == 20_000
-    assert (len(synced) - FIRST_CLAIM) % 500 == 0  # whole batches only (the first is smaller)
+    assert (len(synced) - FIRST_READ_ROWS) % 500 == 0  # whole batches only (the first is smaller)
     expected = sqlite_documents(db_path)
     assert all(synced[doc_id] == expected[doc_id] for doc_id in synced)
 

@@ -15,8 +15,8 @@ from structlog.testing import capture_logs
 
 from outbox_sync import typesense_index
 from outbox_sync import worker as worker_module
-from outbox_sync.batch import FIRST_CLAIM, Applier
-from outbox_sync.db import Database
+from outbox_sync.batch import Applier
+from outbox_sync.db import FIRST_READ_ROWS, Database
 from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.localserver import LocalTypesense, free_port
 from outbox_sync.mapping import SEQUENCES
@@ -282,8 +282,9 @@ def test_large_rows_make_smaller_batches_and_requests_and_every_row_syncs(
 ) -> None:
     """Rows of 60 KB, 5,000 to a batch, peaked the daemon at 1.4 GB of memory (the batches
     prepared and in flight, each request's copies of its body). The first claim takes
-    FIRST_CLAIM entries; each later one as many as make about IMPORT_MAX_BYTES at the last
-    batch's size per entry; no request carries more than that."""
+    FIRST_READ_ROWS entries; each later one as many as make about READ_MAX_BYTES at the last
+    batch's size per entry; no request carries more than IMPORT_MAX_BYTES."""
+    monkeypatch.setattr("outbox_sync.db.READ_MAX_BYTES", 40_000)
     monkeypatch.setattr(typesense_index, "IMPORT_MAX_BYTES", 40_000)
     batches: list[int] = []  # entries per batch of upserts
 
@@ -308,6 +309,6 @@ def test_large_rows_make_smaller_batches_and_requests_and_every_row_syncs(
     conn.execute("COMMIT")
     drain(daemon(db, [index], batch_size=200))
     assert export(served, collection) == sqlite_documents(db.path)
-    assert sum(batches) == 300 and batches[0] == FIRST_CLAIM
+    assert sum(batches) == 300 and batches[0] == FIRST_READ_ROWS
     assert max(batches[1:]) <= 10  # 40,000 bytes of ~4,000-byte lines
     assert max(sent) <= 40_000 and len(sent) > len(batches)  # the first batch, in parts
