@@ -239,8 +239,8 @@ class Audit:
         chunk_bytes: int = READ_MAX_BYTES,
         progress: Progress | None = None,
     ) -> None:
-        """Rows and exported documents are read `chunk` at a time, and the export's chunk
-        ends early at `chunk_bytes` (large documents)."""
+        """Rows and exported documents are read at most `chunk` at a time (rows: fewer when
+        they are large, `Database.scan_rows`), and the export's chunk ends at `chunk_bytes`."""
         self.db, self.index, self.chunk, self.chunk_bytes = db, index, chunk, chunk_bytes
         self.mapping = index.mapping
         self.progress = progress or (lambda phase, done, total: None)

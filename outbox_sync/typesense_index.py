@@ -53,8 +53,8 @@ IN_FLIGHT = 2
 # Ids per filter_by of a delete or an export by id.
 MAX_DELETE_IDS = 1000
 # The most bytes of documents one import request carries: a longer body goes in several, each
-# cut after a whole line. Rows of 20 KB made requests of 100 MB at 5,000 a batch, and the
-# daemon peaked at 641 MB of memory to drain 5,000 of them, 959 MB for 10,000.
+# cut after a whole line. Reads of rows stay near db.READ_MAX_BYTES, but a read is sized by the
+# one before it: this bounds each request's copies of its body whatever its batch holds.
 IMPORT_MAX_BYTES = 16 * 1024 * 1024
 # Characters a filter_by of ids may take in the URL, percent-encoded (`id_filters`); a count
 # alone does not bound it: 1,000 URLs as keys make ~100 KB, and httpx refuses a query over
