@@ -25,7 +25,14 @@ from outbox_sync.localserver import free_port
 from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
-from tests.support.app import ROW_SQL, app_connection, insert_rows, make_row, sqlite_documents
+from tests.support.app import (
+    ROW_SQL,
+    app_connection,
+    insert_large_rows,
+    insert_rows,
+    make_row,
+    sqlite_documents,
+)
 from tests.support.characters import (
     CHARACTER_SQL,
     character,
@@ -630,11 +637,7 @@ def test_large_rows_are_read_and_exported_in_short_chunks_and_audited_exactly(
     """Pages of rows (an audit's, a fill's, a reindex's) and the export's chunks end at about
     READ_MAX_BYTES: 5,000 rows of 20 KB made chunks of 100 MB on each side of an audit."""
     monkeypatch.setattr("outbox_sync.db.READ_MAX_BYTES", 40_000)
-    conn = app_connection(db.path)
-    conn.execute("BEGIN")
-    for key in range(1, 301):  # ~4 KB a line
-        insert_rows(conn, [key], comment=f"{key} " + "words " * 660)
-    conn.execute("COMMIT")
+    insert_large_rows(db.path, 300)  # ~4 KB a line
     drain(worker)
     read = [len(rows) for rows in db.scan_rows(SEQUENCES)]
     assert read[0] == FIRST_READ_ROWS and max(read[1:]) <= 10 and sum(read) == 300

@@ -24,7 +24,7 @@ from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import ImportResult, TypesenseIndex
 from outbox_sync.wakeup import ChangeWatch
 from outbox_sync.worker import Index, Job, Progress, Turn, Worker, daemon
-from tests.support.app import app_connection, insert_rows, sqlite_documents
+from tests.support.app import app_connection, insert_large_rows, insert_rows, sqlite_documents
 from tests.support.daemon import drain, running
 from tests.support.fake_index import FakeIndex
 from tests.support.typesense import Server, export
@@ -302,11 +302,7 @@ def test_large_rows_make_smaller_batches_and_requests_and_every_row_syncs(
         "import_",
         lambda part, params: sent.append(len(part)) or imported(part, params),
     )
-    conn = app_connection(db.path)
-    conn.execute("BEGIN")
-    for key in range(1, 301):  # ~4 KB a line
-        insert_rows(conn, [key], comment=f"{key} " + "words " * 660)
-    conn.execute("COMMIT")
+    insert_large_rows(db.path, 300)  # ~4 KB a line
     drain(daemon(db, [index], batch_size=200))
     assert export(served, collection) == sqlite_documents(db.path)
     assert sum(batches) == 300 and batches[0] == FIRST_READ_ROWS

@@ -54,6 +54,16 @@ def insert_rows(target: Path | sqlite3.Connection, keys: Iterable[int], **change
         conn.close()
 
 
+def insert_large_rows(path: Path, count: int) -> None:
+    """Rows 1..count with comments of ~4 KB, each its own, in one transaction."""
+    conn = app_connection(path)
+    conn.execute("BEGIN")
+    for key in range(1, count + 1):
+        insert_rows(conn, [key], comment=f"{key} " + "words " * 660)
+    conn.execute("COMMIT")
+    conn.close()
+
+
 def expected_document(row: tuple[Any, ...]) -> dict[str, Any]:
     """The document Typesense should hold for a row of `sequences`."""
     key, element_type, element_id, sequence_number, comment, created_at = row
