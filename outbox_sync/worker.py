@@ -311,7 +311,7 @@ class Worker:
         except sqlite3.OperationalError as error:  # a read the application's lock held up
             if not is_busy(error):
                 raise
-            self._pause(DatabaseBusyError(f"database {self.db.path} stayed locked: {error}"), stop)
+            self._pause(self.db.explain(error), stop)  # "stayed locked"
             return Turn(paused=True)
         outage_s = self.backoff.succeeded(time.monotonic())
         self.telemetry.paused(None)
