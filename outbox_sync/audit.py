@@ -58,7 +58,8 @@ from typing import Any
 
 import structlog
 
-from outbox_sync.db import READ_MAX_BYTES, Database, pages, row_key
+from outbox_sync import db as database
+from outbox_sync.db import Database, pages, row_key
 from outbox_sync.errors import (
     InvalidRecordError,
     OutboxSyncError,
@@ -236,12 +237,11 @@ class Audit:
         index: TypesenseIndex,
         *,
         chunk: int = DEFAULT_CHUNK,
-        chunk_bytes: int = READ_MAX_BYTES,
         progress: Progress | None = None,
     ) -> None:
-        """Rows and exported documents are read at most `chunk` at a time (rows: fewer when
-        they are large, `Database.scan_rows`), and the export's chunk ends at `chunk_bytes`."""
-        self.db, self.index, self.chunk, self.chunk_bytes = db, index, chunk, chunk_bytes
+        """Rows and exported documents are read at most `chunk` at a time, and about
+        db.READ_MAX_BYTES of them (rows: `Database.scan_rows`; the export: `_load_actual`)."""
+        self.db, self.index, self.chunk = db, index, chunk
         self.mapping = index.mapping
         self.progress = progress or (lambda phase, done, total: None)
         # exported lines, given as one JSON array: each document under the key its id (text)
@@ -426,11 +426,11 @@ class Audit:
         ):
             conn.execute("CREATE TABLE actual (key PRIMARY KEY, doc TEXT NOT NULL)")
             batch: list[str] = []
-            size = 0  # of the lines in `batch`: large documents make short chunks
+            size, most = 0, database.READ_MAX_BYTES  # bytes: large documents, short chunks
             for line in lines:
                 batch.append(line)
                 size += len(line)
-                if len(batch) >= self.chunk or size >= self.chunk_bytes:
+                if len(batch) >= self.chunk or size >= most:
                     size = 0
                     self.exported += self._flush_actual(conn, batch)
                     if stop.is_set():

@@ -650,7 +650,7 @@ def test_large_rows_are_read_and_exported_in_short_chunks_and_audited_exactly(
     )
     documents = f"/collections/{collection}/documents"
     by_hand(typesense_server, "PATCH", f"{documents}/150", json={"comment": "edited by hand"})
-    with Audit(db, index, chunk_bytes=40_000) as audit:
+    with Audit(db, index) as audit:
         summary = audit.run()
         stale = list(audit.ids("stale"))
     assert (summary.rows, summary.documents) == (300, 300)
