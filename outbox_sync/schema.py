@@ -20,6 +20,7 @@ import structlog
 
 from outbox_sync.config_file import ConfigFileError
 from outbox_sync.db import (
+    TABLES,
     Database,
     count_rows,
     enqueue_rows,
@@ -32,7 +33,6 @@ from outbox_sync.mapping import BUILT_IN, SEQUENCES, Mapping, Trigger, key_kind
 from outbox_sync.values import quote_identifier
 
 SCHEMA_VERSION = "2"
-TABLES = ("outbox", "sync_errors", "sync_stats", "outbox_sync_meta")
 # Set by `init` when it had to repair the triggers: the running daemon (or the next one to
 # start) then compares Typesense with the tables, which changed unseen meanwhile.
 RECONCILE_REQUEST_KEY = "reconcile_requested"
@@ -324,11 +324,7 @@ def check(db: Database, mappings: Sequence[Mapping], *, prepared: bool = True) -
             bound.append(replace(mapping, key_kind=""))
     if not prepared:
         return bound
-    names = {
-        row[0] for row in db.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-    }
-    missing = [name for name in TABLES if name not in names]
-    if missing:
+    if missing := missing_own_tables(db.conn):
         raise DatabaseError(
             f"database {db.path} is missing {', '.join(missing)}: "
             f"run `outbox-sync init --db {db.path}`"
@@ -399,6 +395,11 @@ def repair_indexes(db: Database, mappings: Sequence[Mapping]) -> list[str]:
         return []
     with db.write() as conn:
         return index_keys(conn, mappings)
+
+
+def missing_own_tables(conn: sqlite3.Connection) -> list[str]:
+    names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return [table for table in TABLES if table not in names]
 
 
 class SchemaWatch:
@@ -500,3 +501,82 @@ class SchemaWatch:
                     f"was made {now} while the daemon ran ({was} when it started): it stops, "
                     "and reads the table as it is when it starts again"
                 )
+
+
+# A trigger or view of someone else's that names one of outbox-sync's tables.
+_USES_OUR_TABLES = re.compile(r"\b(?:" + "|".join(TABLES) + r")\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What outbox-sync keeps in a database, as `uninstall` finds it."""
+
+    triggers: list[tuple[str, str]]  # (name, table): every trigger that writes the outbox
+    indexes: list[tuple[str, str]]  # (name, table): the key indexes `init` made
+    tables: list[str]  # its own tables (TABLES) that are there
+    pending: int  # outbox entries not applied yet
+    open_errors: int  # sync errors not resolved
+    users: list[str]  # "trigger T on table X", "view V": others' that use its tables
+
+    @property
+    def empty(self) -> bool:
+        return not (self.triggers or self.indexes or self.tables)
+
+    def refuse_users(self, path: object) -> None:
+        """DatabaseError while a trigger or a view of someone else's uses outbox-sync's tables:
+        once they are gone it would fail, a trigger every write of the application's that
+        fires it."""
+        if self.users:
+            raise DatabaseError(
+                f"{'; '.join(self.users)} in {path} uses outbox-sync's tables, and would fail "
+                "once they are gone (a trigger, every write that fires it): drop or change it "
+                "first. Nothing was removed"
+            )
+
+
+def installed(conn: sqlite3.Connection) -> Installed:
+    triggers, indexes, users = [], [], []
+    for kind, name, table, sql in conn.execute(
+        "SELECT type, name, tbl_name, sql FROM sqlite_master"
+        " WHERE type IN ('trigger', 'index', 'view') ORDER BY tbl_name, name"
+    ):
+        if kind == "trigger" and OUR_TRIGGER.search(sql):
+            triggers.append((name, table))
+        elif (
+            kind == "index"
+            and name.startswith("outbox_sync_")
+            and str(sql).startswith(f"CREATE INDEX {quote_identifier(name)} ON ")
+        ):
+            indexes.append((name, table))
+        elif kind != "index" and _USES_OUR_TABLES.search(sql):
+            users.append(f"view {name}" if kind == "view" else f"trigger {name} on table {table}")
+    gone = missing_own_tables(conn)
+    tables = [table for table in TABLES if table not in gone]
+
+    def count(sql: str) -> int:
+        return int(conn.execute(sql).fetchone()[0])
+
+    pending = count("SELECT count(*) FROM outbox") if "outbox" in tables else 0
+    open_errors = (
+        count("SELECT count(*) FROM sync_errors WHERE resolved_at IS NULL")
+        if "sync_errors" in tables
+        else 0
+    )
+    return Installed(triggers, indexes, tables, pending, open_errors, users)
+
+
+def uninstall(db: Database) -> Installed:
+    """Remove outbox-sync from the database in one write transaction: every trigger that writes
+    the outbox (of any mapping, configured or not), the key indexes `init` made, and its
+    tables; what it removed. The application's tables and rows stay as they are. Nothing is
+    changed while others' triggers or views use those tables (Installed.refuse_users)."""
+    with db.write() as conn:
+        found = installed(conn)
+        found.refuse_users(db.path)
+        for name, _ in found.triggers:
+            conn.execute(f"DROP TRIGGER {quote_identifier(name)}")
+        for name, _ in found.indexes:
+            conn.execute(f"DROP INDEX {quote_identifier(name)}")
+        for table in found.tables:
+            conn.execute(f"DROP TABLE {quote_identifier(table)}")
+    return found

@@ -1,7 +1,7 @@
 """The command line, a thin skin over the library: parse options, call the library, turn its
 errors into one clear line. base.py holds the group, the shared options and the error mapping;
-daemon.py the daemon's commands (init, run, reindex, status); oncall.py the on-call commands
-(errors, audit, search, report), which print through render.py.
+daemon.py the daemon's commands (init, uninstall, run, reindex, status); oncall.py the on-call
+commands (errors, audit, search, report); both print through render.py.
 
 A command imports the modules it works with when it runs, not when the command line is built:
 the Typesense client, httpx, structlog and prometheus_client took ~0.4 s to import here, which

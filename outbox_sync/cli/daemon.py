@@ -1,4 +1,4 @@
-"""The daemon's commands: init, run, reindex, status."""
+"""The daemon's commands: init, uninstall, run, reindex, status."""
 
 import contextlib
 import gc
@@ -74,6 +74,41 @@ def init(settings: Settings, backfill: bool) -> None:
 
 
 @main.command()
+@with_settings()
+@click.option("--yes", is_flag=True, help="Remove without asking (for scripts).")
+def uninstall(settings: Settings, yes: bool) -> None:
+    """Remove outbox-sync from the database: the triggers that write the outbox, the key
+    indexes `init` made, and its tables (`outbox`, `sync_errors`, `sync_stats`,
+    `outbox_sync_meta`), in one transaction, after saying what it removes and asking. The
+    application's tables and rows stay as they are, and so do the collections in Typesense and
+    the embedded server's data. Refused while a daemon or a reindex works the database: stop
+    the service first. `init` installs it again (the daemon then indexes each table anew)."""
+    from outbox_sync import schema
+
+    db = command_database(settings.db_path)
+    with DaemonLock(settings.db_path, role="uninstall") as lock:
+        found = schema.installed(db.conn)
+        if not found.empty:
+            found.refuse_users(db.path)
+            if not yes:
+                render.echo_lines(render.installed(found, db.path))
+                click.confirm("Remove them?", abort=True)
+            found = schema.uninstall(db)
+        lock.path.unlink(missing_ok=True)
+    if found.empty:
+        click.echo(f"nothing of outbox-sync's in {db.path}")
+        return
+    left = f" (and the embedded server's data in {settings.embedded_dir})"
+    click.echo(
+        f"removed outbox-sync from {db.path}: {len(found.triggers)} triggers, "
+        f"{len(found.indexes)} key indexes, tables {', '.join(found.tables) or 'none'}"
+        + f" (pending changes: {found.pending}; open sync errors: {found.open_errors})"
+        + ". The collections in Typesense stay as they are"
+        + (left if settings.embedded and settings.embedded_dir.exists() else "")
+    )
+
+
+@main.command()
 @with_settings(daemon=True)
 @click.option("--once", is_flag=True, help="Drain the outbox, then exit (for cron or scripts).")
 def run(settings: Settings, once: bool) -> None:
@@ -89,6 +124,7 @@ def run(settings: Settings, once: bool) -> None:
     """
     import structlog
 
+    from outbox_sync import schema
     from outbox_sync.telemetry import Telemetry
     from outbox_sync.worker import Stop, daemon
 
@@ -120,6 +156,7 @@ def run(settings: Settings, once: bool) -> None:
             raise StoppingError("the daemon stopped while its embedded Typesense started")
 
     with DaemonLock(settings.db_path) as lock, contextlib.ExitStack() as cleanup:
+        schema.check(db, settings.mappings)  # again: an `uninstall` may have held the lock
         cleanup.callback(stop.close)
         telemetry = Telemetry(metrics=settings.metrics_address is not None)
         if settings.metrics_address is not None:
@@ -232,7 +269,7 @@ def reindex_command(settings: Settings) -> None:
     applying changes while it rebuilds, then applies what was committed meanwhile) and follows
     its progress; otherwise it does it itself, holding the daemon lock.
     """
-    from outbox_sync import reindex
+    from outbox_sync import reindex, schema
     from outbox_sync.claims import Claims
 
     opened = open_database(settings)
@@ -255,6 +292,7 @@ def reindex_command(settings: Settings) -> None:
             results = reindex.follow(opened.db, lock, collections, progress)
         else:
             try:
+                schema.check(opened.db, settings.mappings)  # again, as `run` does
                 with (
                     typesense(settings, opened, start_embedded=True) as indexes,
                     quiet_garbage_collector(),

@@ -15,6 +15,7 @@ from outbox_sync.stats import LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:  # imported by `audit` when it runs (see cli/__init__.py)
     from outbox_sync.audit import Audit, AuditSummary, RepairSummary
+    from outbox_sync.schema import Installed
 
 # Ids shown per kind of drift on a terminal; --json lists them all.
 SHOWN_IDS = 20
@@ -329,3 +330,30 @@ def toml_lines(effective: dict[str, Any]) -> Iterator[str]:
             yield "[[sync.depends_on]]"
             for key, value in dependency.items():
                 yield f"{key} = {toml_value(value)}"
+
+
+def installed(found: "Installed", path: object) -> Iterator[str]:
+    """What `uninstall` is about to remove."""
+
+    def named(items: list[tuple[str, str]]) -> str:
+        by_table = itertools.groupby(items, key=lambda item: item[1])
+        return "; ".join(
+            f"{', '.join(name for name, _ in names)} on {table}" for table, names in by_table
+        )
+
+    yield f"outbox-sync in {path}, to remove:"
+    if found.triggers:
+        yield f"  triggers: {named(found.triggers)}"
+    if found.indexes:
+        yield f"  key indexes: {named(found.indexes)}"
+    if found.tables:
+        yield f"  tables: {', '.join(found.tables)}"
+    if found.pending or found.open_errors:
+        yield (
+            f"  with them: pending changes (not in Typesense yet): {found.pending}; open sync "
+            f"errors: {found.open_errors} (`outbox-sync errors list --json` keeps a copy)"
+        )
+    yield (
+        "The application's tables and rows, the collections in Typesense and the embedded "
+        "server's data stay as they are."
+    )

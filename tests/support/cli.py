@@ -31,11 +31,13 @@ def invoke(
     db_path: Path | None = None,
     collection: str | None = None,
     color: bool = False,
+    input: str | None = None,
     **env: str | None,
 ) -> Result:
     """`outbox-sync ARGS` in-process, with no outbox-sync setting from this environment; the
     server, database and collection, when given, set through their environment variables, then
-    `env` (None unsets a variable). color: as on a terminal (click keeps the styling)."""
+    `env` (None unsets a variable). color: as on a terminal (click keeps the styling). input:
+    what the command reads on stdin (none: an empty stdin)."""
     environment: dict[str, str | None] = {
         name: None for name in os.environ if name.startswith(SETTING_PREFIXES)
     }
@@ -46,7 +48,7 @@ def invoke(
     if collection is not None:
         environment.update(OUTBOX_SYNC_COLLECTION=collection)
     environment.update(env)
-    return CliRunner().invoke(main, list(args), env=environment, color=color)
+    return CliRunner().invoke(main, list(args), input=input, env=environment, color=color)
 
 
 def run_module(
