@@ -7,6 +7,7 @@ network I/O: other applications write to this file at the same time.
 import json
 import math
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,7 @@ from outbox_sync.errors import (
     DatabaseBusyError,
     DatabaseError,
     DatabaseFullError,
+    OwnTableMissingError,
     TableMissingError,
 )
 from outbox_sync.mapping import Found, Mapping
@@ -269,10 +271,15 @@ class Database:
                 beat_at = now + WAIT_BEAT_INTERVAL_S
 
     def explain(self, error: sqlite3.OperationalError) -> DatabaseError:
-        """What SQLite's error means for this file: a lock held past the busy timeout, no room
-        left (both retryable), or something else a write ran into."""
+        """What SQLite's error means for this file: a lock held past the busy timeout, one of
+        our tables dropped, no room left (all retryable), or something else a write ran into."""
         if is_busy(error):
             return DatabaseBusyError(f"database {self.path} stayed locked: {error}")
+        if (table := own_table_missing(error)) is not None:
+            return OwnTableMissingError(
+                f"outbox-sync's table {table} is gone from {self.path}, dropped under the "
+                "daemon: it makes it again"
+            )
         if is_full(error):
             return DatabaseFullError(
                 f"cannot write to database {self.path}: {error}. Free space on its file system "
@@ -739,6 +746,13 @@ def rows_fitting(rows: int, size: int, most: int) -> int:
     """How many rows the next read takes, after one of `rows` rows with `size` bytes of lines:
     about READ_MAX_BYTES of them, at least 1 and at most `most`."""
     return max(1, min(most, rows * READ_MAX_BYTES // max(size, 1)))
+
+
+def own_table_missing(error: sqlite3.Error) -> str | None:
+    """Which of outbox-sync's own tables SQLite says is not there ("no such table: outbox"),
+    or None."""
+    match = re.fullmatch(r"no such table: (?:main\.)?(\w+)", str(error))
+    return match[1] if match and match[1] in TABLES else None
 
 
 def is_full(error: sqlite3.Error) -> bool:

@@ -27,6 +27,14 @@ class DatabaseBusyError(DatabaseError):
     retryable = True
 
 
+class OwnTableMissingError(DatabaseError):
+    """One of outbox-sync's own tables was dropped under the running daemon (a migration that
+    drops the tables it does not know). Retryable: the daemon's schema check makes it again at
+    its next turn, and asks for an audit."""
+
+    retryable = True
+
+
 class DatabaseFullError(DatabaseError):
     """SQLite could not write: the file system holding the database (or the temporary files
     SQLite sorts in) is full. Retryable: the daemon waits for space, and nothing is lost: an

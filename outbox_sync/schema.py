@@ -397,6 +397,28 @@ def repair_indexes(db: Database, mappings: Sequence[Mapping]) -> list[str]:
         return index_keys(conn, mappings)
 
 
+def restore_tables(db: Database, mappings: Sequence[Mapping]) -> list[str]:
+    """Make outbox-sync's own tables again where something dropped them under the running
+    daemon (a declarative migration dropping the tables it does not know; `uninstall` is
+    refused while a daemon runs), in one write transaction; which were gone (empty: nothing
+    written). Until the outbox is back, each write of the application that fires our triggers
+    fails. A new outbox_sync_meta says what the daemon knows: the schema's version, and that
+    each mapping's table has been indexed (the audit asked for then finds what is not)."""
+    if not (gone := missing_own_tables(db.conn)):
+        return []
+    with db.write() as conn:
+        gone = missing_own_tables(conn)  # again, in the transaction: more may be gone by now
+        for statement in schema_statements():
+            if statement.startswith("CREATE TABLE") and "EXISTS sequences" not in statement:
+                conn.execute(statement)
+        conn.execute(schema_statements_index())
+        if "outbox_sync_meta" in gone:
+            meta = [("schema_version", SCHEMA_VERSION)]
+            meta += [(f"backfilled:{mapping.name}", utc_now()) for mapping in mappings]
+            conn.executemany("INSERT INTO outbox_sync_meta (key, value) VALUES (?, ?)", meta)
+    return gone
+
+
 def missing_own_tables(conn: sqlite3.Connection) -> list[str]:
     names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     return [table for table in TABLES if table not in names]
@@ -444,6 +466,7 @@ class SchemaWatch:
         version = self.db.schema_version()
         if version == self.version and not went_back:
             return
+        restored = restore_tables(self.db, self.mappings)  # before the triggers write them
         problems = repair_triggers(self.db, self.mappings)  # TableMissingError: paused
         if indexed := repair_indexes(self.db, self.mappings):
             self.log.warning(
@@ -453,10 +476,22 @@ class SchemaWatch:
             )
         # The version read before the checks: a migration committed since is seen next turn.
         # Our own repairs change it too, so after one the next turn checks again.
-        self.version = None if problems or indexed else version
+        self.version = None if restored or problems or indexed else version
         seen, self.roots = self.roots, self._roots()
         rebuilt = [t for t in self.tables if seen is not None and seen.get(t) != self.roots.get(t)]
-        if problems:
+        if restored:
+            note = (
+                "dropped under the daemon (`outbox-sync uninstall` removes outbox-sync): the "
+                "changes its outbox held went with it: auditing"
+            )
+            self._audit(
+                "own tables dropped",
+                "own_tables_restored",
+                tables=restored,
+                triggers=problems,
+                note=note,
+            )
+        elif problems:
             note = "auditing: changes made meanwhile left no outbox entry"
             self._audit("triggers repaired", "triggers_repaired", problems=problems, note=note)
         elif went_back:

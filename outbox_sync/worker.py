@@ -308,10 +308,11 @@ class Worker:
                 raise
             self._pause(error, stop)
             return Turn(paused=True)
-        except sqlite3.OperationalError as error:  # a read the application's lock held up
-            if not is_busy(error):
+        except sqlite3.OperationalError as error:  # a read the application's lock held up, or
+            explained = self.db.explain(error)  # one of our tables dropped under the daemon
+            if not explained.retryable:
                 raise
-            self._pause(self.db.explain(error), stop)  # "stayed locked"
+            self._pause(explained, stop)
             return Turn(paused=True)
         outage_s = self.backoff.succeeded(time.monotonic())
         self.telemetry.paused(None)

@@ -899,3 +899,33 @@ def test_bad_values_land_in_sync_errors_naming_the_field_and_the_daemon_goes_on(
     assert len(failed) == len(BAD_ROWS) and daemon.process.poll() is None
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0
+
+
+def test_an_outbox_dropped_between_the_schema_check_and_the_drain_pauses_the_sync_only(
+    db_path: Path, worker: Worker, typesense_server: Server, collection: str
+) -> None:
+    """The loop's schema check makes outbox-sync's tables again when they are dropped under it
+    (tests/test_triggers.py); a drop that lands between that check and the drain's read of the
+    outbox is a pause, named, not a crash: the next turn's check makes the table again."""
+    app = app_connection(db_path)
+    insert_rows(app, range(1, 11))
+    drain = worker.applier.drain
+
+    def dropped_first(stop: Stop) -> object:
+        worker.applier.drain = drain  # once
+        app.execute("DROP TABLE outbox")
+        return drain(stop)
+
+    worker.applier.drain = dropped_first  # type: ignore[method-assign]
+    stop = Stop()
+    with structlog.testing.capture_logs() as logs:
+        assert worker.loop(time.monotonic(), stop).paused
+        (paused,) = [entry for entry in logs if entry["event"] == "sync_paused"]
+        assert paused["reason"].startswith(f"outbox-sync's table outbox is gone from {db_path}")
+        assert not [entry for entry in logs if entry["event"] == "own_tables_restored"]
+        worker.loop(time.monotonic(), stop)
+    (restored,) = [entry for entry in logs if entry["event"] == "own_tables_restored"]
+    assert restored["tables"] == ["outbox"]
+    insert_rows(app, range(11, 21))  # the application writes again, its changes recorded
+    worker.loop(time.monotonic(), stop)
+    assert set(export(typesense_server, collection)) >= {str(i) for i in range(11, 21)}

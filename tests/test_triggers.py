@@ -409,3 +409,37 @@ def test_init_puts_back_triggers_a_migration_took_and_says_so(
     assert Database(app.path).get_meta(schema.RECONCILE_REQUEST_KEY) is None
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0
+
+
+def test_its_own_tables_dropped_while_the_daemon_runs_are_made_again_and_audited(
+    app: App,
+    start_daemon: Callable[..., Daemon],
+    typesense_server: Server,
+    collection: str,
+) -> None:
+    """A migration tool that drops the tables it does not know (a declarative schema sync)
+    drops outbox-sync's. Our triggers, left on the application's tables, then fail each of its
+    writes ("no such table: main.outbox"), and the daemon's next read of the outbox failed: it
+    exited with a traceback, and at each restart asked for `init`. It makes them again at once,
+    and audits: the changes the dropped outbox held are found and applied."""
+    app.insert(app.conn, range(1, 101), "")
+    daemon = start_daemon("--audit-every", "0", env=app.env)
+    wait_until(lambda: matching(typesense_server, collection, app), what="the first sync")
+    app.conn.execute("BEGIN")
+    app.insert(app.conn, range(101, 151), "lost with the outbox")
+    app.conn.execute(app.delete, app.keys([1]))
+    for table in ("outbox", "sync_errors", "sync_stats", "outbox_sync_meta"):
+        app.conn.execute(f"DROP TABLE {table}")
+    app.conn.execute("COMMIT")
+    wait_until(lambda: events(daemon, "own_tables_restored"), what="the tables made again")
+    app.insert(app.conn, range(151, 161), "")  # the application writes again
+    wait_until(lambda: matching(typesense_server, collection, app), what="the match")
+    (restored,) = events(daemon, "own_tables_restored")
+    assert restored["tables"] == ["outbox", "sync_errors", "sync_stats", "outbox_sync_meta"]
+    assert [e["reason"] for e in events(daemon, "audit_done")] == ["own tables dropped"]
+    db = Database(app.path)
+    schema.check(db, [app.mapping])  # a daemon started again takes the file as it is
+    assert db.get_meta(f"backfilled:{app.mapping.name}") is not None  # and fills nothing anew
+    assert db.counts(app.mapping)["sync_errors_open"] == 0
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.wait() == 0
