@@ -28,10 +28,10 @@ from outbox_sync.errors import (
 from outbox_sync.mapping import Found, Mapping
 from outbox_sync.values import RawText, quote_identifier
 
-# How long a statement waits for another connection's lock before giving up (and retrying
-# later: a busy database never loses an entry).
 # outbox-sync's own tables (schema.sql), beside the application's.
 TABLES = ("outbox", "sync_errors", "sync_stats", "outbox_sync_meta")
+# How long a statement waits for another connection's lock before giving up (and retrying
+# later: a busy database never loses an entry).
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 # Retry delays of our own lock wait (see Database.wait_for_lock).
 WRITE_RETRY_MIN_S = 0.0002

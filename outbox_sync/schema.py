@@ -1,7 +1,7 @@
 """The schema outbox-sync keeps in the application's database: the shared tables (schema.sql),
 the triggers it owns on each mapped table (made from the mappings), the checks that say what is
-missing, the repair that puts triggers back where a migration took them away, and the upgrade
-of a database an older version wrote.
+missing, the repair that puts triggers (and our own tables) back where a migration took them
+away, the upgrade of a database an older version wrote, and the removal of it all (uninstall).
 
 Migrations move and drop triggers without a word: SQLite's 12-step table rebuild (what Django,
 Alembic and `sqlite-utils transform` do) drops them with the old table; renaming the table away
@@ -570,6 +570,7 @@ class Installed:
 
 
 def installed(conn: sqlite3.Connection) -> Installed:
+    """What outbox-sync keeps in the database (and who else uses its tables)."""
     triggers, indexes, users = [], [], []
     for kind, name, table, sql in conn.execute(
         "SELECT type, name, tbl_name, sql FROM sqlite_master"
