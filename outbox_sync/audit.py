@@ -59,7 +59,7 @@ from typing import Any
 import structlog
 
 from outbox_sync import db as database
-from outbox_sync.db import Database, pages, row_key
+from outbox_sync.db import Database, damaged, pages, row_key
 from outbox_sync.errors import (
     InvalidRecordError,
     OutboxSyncError,
@@ -292,8 +292,9 @@ class Audit:
     # -- the audit ------------------------------------------------------------------------------
 
     def run(self) -> AuditSummary:
-        """Compare both sides completely; raises TypesenseError, DatabaseError, or
-        OutboxSyncError when SQLite fails under it (a full disk for the scratch file). A
+        """Compare both sides completely; raises TypesenseError, DatabaseError (the database
+        damaged too), or OutboxSyncError when SQLite fails under it otherwise (a full disk for
+        the scratch file). A
         reindex that points the name at its new collection while the audit exports the old
         one (and drops it: the export breaks off, or hangs until the timeout) has the audit
         start again on the new one, at most SWITCH_RESTARTS times."""
@@ -302,8 +303,10 @@ class Audit:
             exported = self._target()
             try:
                 return self._run()
-            except sqlite3.Error as error:
-                raise OutboxSyncError(scratch_problem(error)) from None
+            except sqlite3.Error as error:  # the application's file damaged, or the scratch's
+                raise damaged(error, self.db.path) or OutboxSyncError(
+                    scratch_problem(error)
+                ) from None
             except TypesenseError:
                 now = self._target()
                 if restarts == SWITCH_RESTARTS or now is None or now == exported:

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 from outbox_sync.errors import (
     DatabaseBusyError,
+    DatabaseDamagedError,
     DatabaseError,
     DatabaseFullError,
     OwnTableMissingError,
@@ -753,6 +754,21 @@ def own_table_missing(error: sqlite3.Error) -> str | None:
     or None."""
     match = re.fullmatch(r"no such table: (?:main\.)?(\w+)", str(error))
     return match[1] if match and match[1] in TABLES else None
+
+
+def damaged(error: sqlite3.Error, path: object) -> DatabaseDamagedError | None:
+    """What to do about a file SQLite found damaged ("database disk image is malformed"), as
+    one line; None for any other error. Nothing outbox-sync can mend: the application's rows
+    are in that file."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is None or code & 0xFF not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return None
+    return DatabaseDamagedError(
+        f"database {path} is damaged ({error}): stop the application and the daemon, look with "
+        f"`sqlite3 {path} 'PRAGMA integrity_check'`, and restore the file from a backup (or "
+        f"keep what `sqlite3 {path} .recover` reads), then `outbox-sync audit --repair` brings "
+        "Typesense in line with it"
+    )
 
 
 def is_full(error: sqlite3.Error) -> bool:

@@ -27,6 +27,10 @@ class DatabaseBusyError(DatabaseError):
     retryable = True
 
 
+class DatabaseDamagedError(DatabaseError):
+    """SQLite found the file damaged (SQLITE_CORRUPT, SQLITE_NOTADB): a human restores it."""
+
+
 class OwnTableMissingError(DatabaseError):
     """One of outbox-sync's own tables was dropped under the running daemon (a migration that
     drops the tables it does not know). Retryable: the daemon's schema check makes it again at

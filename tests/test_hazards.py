@@ -929,3 +929,39 @@ def test_an_outbox_dropped_between_the_schema_check_and_the_drain_pauses_the_syn
     insert_rows(app, range(11, 21))  # the application writes again, its changes recorded
     worker.loop(time.monotonic(), stop)
     assert set(export(typesense_server, collection)) >= {str(i) for i in range(11, 21)}
+
+
+def damaged_database(path: Path) -> None:
+    """A database whose `sequences` has five pages zeroed, as a bad disk or a copy taken
+    while the file was written leaves it. The table is filled before `init`, so its rows fill
+    the pages after the first few, with no outbox entry among them."""
+    conn = app_connection(path)
+    conn.execute(schema.schema_statements()[0])  # schema.sql's `sequences`
+    insert_rows(conn, range(1, 3001))
+    conn.close()
+    with contextlib.closing(Database(path)) as db:
+        schema.init(db, [SEQUENCES])
+    with open(path, "r+b") as file:
+        file.seek(4096 * 9)
+        file.write(bytes(4096 * 5))
+
+
+def test_a_damaged_database_is_one_line_for_each_command_and_critical_for_check(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """SQLite's "database disk image is malformed" was a traceback from every command that
+    read the damaged pages, `check` among them: exit 1, a WARNING to a monitor."""
+    path = tmp_path / "damaged.db"
+    damaged_database(path)
+    advice = f"database {path} is damaged (database disk image is malformed): stop the"
+    for args, status in ((["status"], 1), (["run", "--once"], 1), (["audit"], 2)):
+        result = invoke(args, typesense_server, path, collection)
+        assert result.exit_code == status, result.output
+        assert "Traceback" not in result.output
+        (line,) = error_lines(result.output)
+        assert line.startswith(f"Error: {advice}"), line
+        assert f"`sqlite3 {path} 'PRAGMA integrity_check'`" in line
+    result = invoke(["check"], typesense_server, path, collection)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"OUTBOX-SYNC CRITICAL - {advice}")
+    assert len(result.output.splitlines()) == 1

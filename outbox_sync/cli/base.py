@@ -4,6 +4,7 @@ mapping of our errors to one line on stderr with advice and an exit status."""
 import contextlib
 import functools
 import gc
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,7 +17,7 @@ import click
 from outbox_sync import __version__
 from outbox_sync.config import OPTIONS, Option, Settings, build_settings
 from outbox_sync.config_file import ConfigFileError
-from outbox_sync.db import Database
+from outbox_sync.db import Database, damaged
 from outbox_sync.errors import (
     CollectionNotFoundError,
     OutboxSyncError,
@@ -82,6 +83,10 @@ def with_settings(
                 ) from None
             except OutboxSyncError as error:
                 raise failure(advise(error, settings)) from None
+            except sqlite3.DatabaseError as error:  # a damaged file: one line, no traceback
+                if settings is None or (damage := damaged(error, settings.db_path)) is None:
+                    raise
+                raise failure(str(damage)) from None
 
         decorated: Callable[..., Any] = wrapper
         for option in reversed(options):

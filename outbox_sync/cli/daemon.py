@@ -26,7 +26,7 @@ from outbox_sync.cli.base import (
     with_settings,
 )
 from outbox_sync.config import Settings, parse_duration
-from outbox_sync.db import Database, is_busy
+from outbox_sync.db import Database, damaged, is_busy
 from outbox_sync.errors import (
     AlreadyRunningError,
     ConfigError,
@@ -397,7 +397,8 @@ def check(settings: Settings, max_lag: str, max_audit_age: str, as_json: bool) -
     """Check the sync for a monitor (Nagios/Icinga plugin convention).
 
     CRITICAL (exit 2): no daemon runs on the database, Typesense does not answer, the table or
-    the triggers are not intact, or the oldest change waits longer than --max-lag. WARNING (1):
+    the triggers are not intact, the database is damaged, or the oldest change waits longer
+    than --max-lag. WARNING (1):
     open sync errors, or the daemon's last audit failed, found drift, or is older than
     --max-audit-age. OK (0) otherwise; UNKNOWN (3) when the check itself cannot run. Prints
     one line (with performance data after `|`), for cron, systemd timers and monitors.
@@ -405,16 +406,22 @@ def check(settings: Settings, max_lag: str, max_audit_age: str, as_json: bool) -
     max_lag_s = parse_duration(max_lag, "--max-lag")
     max_audit_age_s = parse_duration(max_audit_age, "--max-audit-age")
     opened = open_database(settings)
-    with typesense(settings, opened, start_embedded=False) as indexes:
-        figures = health.gather(
-            opened.db,
-            indexes,
-            opened.mappings,
-            DaemonLock(settings.db_path),
-            health.trouble,
-            asked=opened.asked,
-        )
-    code, line = health.verdict(figures, max_lag_s=max_lag_s, max_audit_age_s=max_audit_age_s)
+    try:
+        with typesense(settings, opened, start_embedded=False) as indexes:
+            figures = health.gather(
+                opened.db,
+                indexes,
+                opened.mappings,
+                DaemonLock(settings.db_path),
+                health.trouble,
+                asked=opened.asked,
+            )
+    except sqlite3.DatabaseError as error:  # a finding, not a check that could not run
+        if (damage := damaged(error, settings.db_path)) is None:
+            raise
+        code, line, figures = health.CRITICAL, f"OUTBOX-SYNC CRITICAL - {damage}", {}
+    else:
+        code, line = health.verdict(figures, max_lag_s=max_lag_s, max_audit_age_s=max_audit_age_s)
     if as_json:
         click.echo(json.dumps({"status": health.STATES[code], "summary": line, **figures}))
     else:
