@@ -223,10 +223,12 @@ def reached_port(data_dir: Path, configured: int) -> int:
 
 
 def _die_with_parent() -> None:
-    # Linux: the server gets SIGTERM if the daemon dies, even by SIGKILL, so no orphan keeps
-    # the port and the data directory.
+    # Linux: the server is killed when the daemon dies without stopping it (SIGKILL, a second
+    # Ctrl-C while it waits for the server to stop), so no orphan keeps the port and the data
+    # directory. Not SIGTERM: a server that hangs at SIGTERM (seen with its disk full, or its
+    # data directory deleted) has no parent left to kill it after the wait, and stayed for good.
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class LocalTypesense:

@@ -33,6 +33,7 @@ from outbox_sync.localserver import (
 from outbox_sync.mapping import SEQUENCES
 from outbox_sync.worker import supervise
 from tests.support.app import expected_document, make_row
+from tests.support.cli import ROOT
 from tests.support.typesense import API_KEY
 
 LONG = os.environ.get("OUTBOX_SYNC_LONG_TESTS") == "1"
@@ -433,3 +434,50 @@ def test_the_server_writes_on_at_the_start_of_its_trimmed_log(
     written = log.read_bytes()
     assert b"snapshot" in written
     assert b"\0" not in written
+
+
+# A parent starting a child as localserver starts the server, which ignores SIGTERM (as a
+# server hung in its SIGTERM handler does: seen with its disk full, its data deleted), and
+# says the child's pid once the child is ready.
+DEAF_CHILD = """
+import subprocess, sys, time
+from outbox_sync.localserver import _die_with_parent
+child = subprocess.Popen(
+    [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+     " signal.signal(signal.SIGHUP, signal.SIG_IGN); print(flush=True); time.sleep(120)"],
+    preexec_fn=_die_with_parent, stdout=subprocess.PIPE,
+)
+child.stdout.readline()
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie no one reaped counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_server_deaf_to_sigterm_dies_with_the_daemon_that_started_it() -> None:
+    """When the daemon dies without stopping its server (SIGKILL, or a second Ctrl-C while it
+    waits for the server to stop), the kernel signals the server. SIGTERM left one hung in its
+    handler running for good, an orphan holding the port and the data directory (seen here: the
+    next `run` failed with the port in use). It is SIGKILL."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", DEAF_CHILD], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    try:
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 5
+        while not gone(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone(child)
+    finally:
+        if not gone(child):
+            os.kill(child, signal.SIGKILL)
