@@ -167,10 +167,7 @@ def bind(conn: sqlite3.Connection, mapping: Mapping, path: object) -> Mapping:
     for dependency in mapping.depends_on:
         if not table_exists(conn, dependency.table):
             raise TableMissingError(dependency.table, path)
-        columns = {
-            r[1] for r in conn.execute(f"PRAGMA table_info({quote_identifier(dependency.table)})")
-        }
-        if dependency.key not in columns:
+        if dependency.key not in declared_types(conn, dependency.table):
             raise mistake(
                 f"{mapping.origin}: depends_on {dependency.table}: it has no column "
                 f"{dependency.key!r}"
@@ -212,9 +209,11 @@ def _backticked(sql: str | None) -> str | None:
 
 
 def declared_types(conn: sqlite3.Connection, table: str) -> dict[str, str]:
-    """Each column of the table with its declared type."""
+    """Each column of the table with its declared type, generated columns included (a JSON
+    field pulled out of a document column, say), which `PRAGMA table_info` leaves out."""
     return {
-        row[1]: str(row[2]) for row in conn.execute(f"PRAGMA table_info({quote_identifier(table)})")
+        row[1]: str(row[2])
+        for row in conn.execute(f"PRAGMA table_xinfo({quote_identifier(table)})")
     }
 
 

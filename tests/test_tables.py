@@ -431,3 +431,39 @@ def test_a_key_that_is_not_utf8_found_by_init_is_a_sync_error_too(
     assert set(export(typesense_server, collection)) == {"good"}
     [error] = sync_errors.find(db)
     assert error["error"] == "slug: is not valid UTF-8 (bad byte at offset 1)"
+
+
+def test_generated_columns_map_like_any_other(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """A field read from a generated column (here JSON pulled out of a document column, VIRTUAL
+    and STORED) was refused: "table notes has no column title, slug", for `PRAGMA table_info`
+    leaves generated columns out. Filled, updated through the column they come from, and
+    audited, as a plain column is."""
+    db_path, config = tmp_path / "notes.db", tmp_path / "outbox-sync.toml"
+    config.write_text(
+        f'[[sync]]\ntable = "notes"\nkey = "id"\ncollection = "{collection}"\nfields = [\n'
+        '  { name = "title", type = "string" },\n'
+        '  { name = "slug", type = "string", optional = true },\n]\n'
+    )
+    app = app_connection(db_path)
+    app.execute(
+        "CREATE TABLE notes (id INTEGER PRIMARY KEY, data TEXT NOT NULL,"
+        " title TEXT GENERATED ALWAYS AS (json_extract(data, '$.title')) VIRTUAL,"
+        " slug TEXT GENERATED ALWAYS AS (lower(json_extract(data, '$.slug'))) STORED)"
+    )
+    insert = "INSERT INTO notes (id, data) VALUES (?, ?)"
+    app.execute(insert, (1, '{"title": "Hello", "slug": "HeLLo"}'))
+    env = {"OUTBOX_SYNC_CONFIG": str(config)}
+    for command in (["init"], ["run", "--once"]):
+        result = invoke(command, typesense_server, db_path, **env)
+        assert result.exit_code == 0, result.output
+    app.execute("UPDATE notes SET data = ? WHERE id = 1", ('{"title": "Changed", "slug": "X"}',))
+    app.execute(insert, (2, '{"title": "Two"}'))
+    assert invoke(["run", "--once"], typesense_server, db_path, **env).exit_code == 0
+    assert export(typesense_server, collection) == {
+        "1": {"id": "1", "title": "Changed", "slug": "x"},
+        "2": {"id": "2", "title": "Two"},
+    }
+    audit = invoke(["audit"], typesense_server, db_path, **env)
+    assert audit.exit_code == 0, audit.output
