@@ -705,16 +705,17 @@ def page_key(conn: sqlite3.Connection, table: str) -> str:
     """What to page `table` by: its rowid, under a name no column hides (rowid, _rowid_, oid:
     an application may have a column called rowid), or the primary key of a WITHOUT ROWID
     table."""
-    columns = {row[1].lower() for row in conn.execute(f"PRAGMA table_xinfo({table})")}
+    name = quote_identifier(table)
+    columns = {row[1].lower() for row in conn.execute(f"PRAGMA table_xinfo({name})")}
     for alias in ("rowid", "_rowid_", "oid"):
         if alias in columns:
             continue
         try:
-            conn.execute(f"SELECT {alias} FROM {table} LIMIT 0").fetchall()
+            conn.execute(f"SELECT {alias} FROM {name} LIMIT 0").fetchall()
             return alias
         except sqlite3.OperationalError:
             break  # WITHOUT ROWID: no alias of the rowid exists
-    key = [row for row in conn.execute(f"PRAGMA table_info({table})") if row[5]]
+    key = [row for row in conn.execute(f"PRAGMA table_info({name})") if row[5]]
     if not key:
         raise DatabaseError(
             f"table {table} has no primary key and every name of its rowid is a column: "

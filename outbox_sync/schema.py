@@ -279,7 +279,7 @@ def init(db: Database, mappings: Sequence[Mapping], *, backfill: bool = False) -
                 meta.append((fill_key(mapping.name), utc_now()))
             if backfill or not done:
                 meta.append((f"backfilled:{mapping.name}", utc_now()))
-        repaired = [problem for problem in repaired if problem.split()[0] not in new]
+        repaired = [p for p in repaired if not any(p.startswith(f"{n} was ") for n in new)]
         if repaired:  # changes made meanwhile left no outbox entry: the daemon audits
             meta.append((RECONCILE_REQUEST_KEY, "; ".join(repaired)))
         conn.executemany("INSERT OR REPLACE INTO outbox_sync_meta (key, value) VALUES (?, ?)", meta)
@@ -291,9 +291,15 @@ def _bind_for_init(conn: sqlite3.Connection, mapping: Mapping, db: Database) -> 
         return bind(conn, mapping, db.path)
     except TableMissingError as error:
         named = conn.execute(  # SQLite's names are one in any case; outbox-sync's exact
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ? COLLATE NOCASE",
+            "SELECT name, type FROM sqlite_master WHERE type IN ('table', 'view')"
+            " AND name = ? COLLATE NOCASE",
             (error.table,),
         ).fetchone()
+        if named is not None and named[1] == "view":
+            raise DatabaseError(
+                f"{mapping.origin}: {named[0]} in {db.path} is a view: outbox-sync syncs tables "
+                "(no trigger sees a view's rows change); map the table it reads, with a `where`"
+            ) from None
         if named is not None:
             raise DatabaseError(
                 f"{mapping.origin}: table {error.table} does not exist in {db.path}, but "

@@ -35,7 +35,7 @@ from tests.support.characters import (
     initialized_characters,
     insert_not_utf8,
 )
-from tests.support.cli import invoke, run_module, without_settings
+from tests.support.cli import invoke, one_line, run_module, without_settings
 from tests.support.daemon import Daemon, drain, mapping_worker
 from tests.support.typesense import API_KEY, Server, export
 from tests.support.wait import wait_until
@@ -467,3 +467,65 @@ def test_generated_columns_map_like_any_other(
     }
     audit = invoke(["audit"], typesense_server, db_path, **env)
     assert audit.exit_code == 0, audit.output
+
+
+def test_a_table_whose_names_need_quoting_is_filled_synced_audited_and_reindexed(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """A table named with a space, its key column too, a column named like an SQL keyword, in
+    a STRICT table. The fill, the audit and the reindex page the table by a rowid SQL named
+    with the table's name unquoted: `near "notes": syntax error`, so the fill queued every row
+    instead, and every audit failed. And the first `init` said it had put back triggers that
+    were only new (each problem was matched to the new triggers by its first word)."""
+    db_path, config = tmp_path / "notes.db", tmp_path / "outbox-sync.toml"
+    config.write_text(
+        f'[[sync]]\ntable = "my notes"\nkey = "note id"\ncollection = "{collection}"\n'
+        'fields = [\n  { name = "first_name", column = "first name", type = "string" },\n'
+        '  { name = "order", type = "int32" },\n]\n'
+    )
+    app = app_connection(db_path)
+    app.execute(
+        'CREATE TABLE "my notes" ("note id" INTEGER PRIMARY KEY, "first name" TEXT NOT NULL,'
+        ' "order" INTEGER NOT NULL) STRICT'
+    )
+    insert = 'INSERT INTO "my notes" VALUES (?, ?, ?)'
+    app.executemany(insert, [(1, "ana", 3), (2, "bo", 1)])
+    env = {"OUTBOX_SYNC_CONFIG": str(config)}
+    result = invoke(["init"], typesense_server, db_path, **env)
+    assert result.output.startswith("initialised"), result.output  # nothing "put back"
+    result = invoke(["run", "--once"], typesense_server, db_path, **env)
+    logs = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [e["rows"] for e in logs if e["event"] == "fill_finished"] == [2], result.output
+    app.execute('UPDATE "my notes" SET "first name" = \'cy\' WHERE "note id" = 2')
+    app.execute(insert, (3, "di", 2))
+    assert invoke(["run", "--once"], typesense_server, db_path, **env).exit_code == 0
+    expected = {
+        "1": {"id": "1", "first_name": "ana", "order": 3},
+        "2": {"id": "2", "first_name": "cy", "order": 1},
+        "3": {"id": "3", "first_name": "di", "order": 2},
+    }
+    assert export(typesense_server, collection) == expected
+    audit = invoke(["audit"], typesense_server, db_path, **env)
+    assert audit.exit_code == 0, audit.output
+    reindexed = invoke(["reindex"], typesense_server, db_path, **env)
+    assert reindexed.output.startswith(f"reindexed 3 rows of '{collection}'"), reindexed.output
+    assert export(typesense_server, collection) == expected
+
+
+def test_a_view_mapped_as_a_table_is_refused_saying_it_is_a_view(tmp_path: Path) -> None:
+    """No trigger sees a view's rows change: init said the view "does not exist"."""
+    db_path, config = tmp_path / "shop.db", tmp_path / "outbox-sync.toml"
+    config.write_text(
+        '[[sync]]\ntable = "Cheap"\nkey = "id"\ncollection = "cheap"\n'
+        'fields = [{ name = "name", type = "string" }]\n'
+    )
+    app = app_connection(db_path)
+    app.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, price REAL)")
+    app.execute("CREATE VIEW cheap AS SELECT * FROM items WHERE price < 2")
+    line = one_line(invoke(["init"], db_path=db_path, OUTBOX_SYNC_CONFIG=str(config)))
+    assert line == (
+        f"Error: {config}, [[sync]] 1 (table Cheap): cheap in {db_path} is a view: outbox-sync "
+        "syncs tables (no trigger sees a view's rows change); map the table it reads, with a "
+        "`where`"
+    )
+    assert "outbox" not in {row[0] for row in app.execute("SELECT name FROM sqlite_master")}
