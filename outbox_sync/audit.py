@@ -294,10 +294,9 @@ class Audit:
     def run(self) -> AuditSummary:
         """Compare both sides completely; raises TypesenseError, DatabaseError (the database
         damaged too), or OutboxSyncError when SQLite fails under it otherwise (a full disk for
-        the scratch file). A
-        reindex that points the name at its new collection while the audit exports the old
-        one (and drops it: the export breaks off, or hangs until the timeout) has the audit
-        start again on the new one, at most SWITCH_RESTARTS times."""
+        the scratch file). A reindex that points the name at its new collection while the
+        audit exports the old one (and drops it: the export breaks off, or hangs until the
+        timeout) has the audit start again on the new one, at most SWITCH_RESTARTS times."""
         restarts = 0
         while True:
             exported = self._target()

@@ -398,10 +398,10 @@ def check(settings: Settings, max_lag: str, max_audit_age: str, as_json: bool) -
 
     CRITICAL (exit 2): no daemon runs on the database, Typesense does not answer, the table or
     the triggers are not intact, the database is damaged, or the oldest change waits longer
-    than --max-lag. WARNING (1):
-    open sync errors, or the daemon's last audit failed, found drift, or is older than
-    --max-audit-age. OK (0) otherwise; UNKNOWN (3) when the check itself cannot run. Prints
-    one line (with performance data after `|`), for cron, systemd timers and monitors.
+    than --max-lag. WARNING (1): open sync errors, or the daemon's last audit failed, found
+    drift, or is older than --max-audit-age. OK (0) otherwise; UNKNOWN (3) when the check
+    itself cannot run. Prints one line (with performance data after `|`), for cron, systemd
+    timers and monitors.
     """
     max_lag_s = parse_duration(max_lag, "--max-lag")
     max_audit_age_s = parse_duration(max_audit_age, "--max-audit-age")
