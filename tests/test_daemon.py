@@ -29,15 +29,25 @@ def pending(path: Path) -> int:
     return int(Database(path).counts(SEQUENCES)["pending"])
 
 
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda signum: signum.name
+)
 def test_sigterm_finishes_the_batch_and_exits_0(
-    db_path: Path, start_daemon: Callable[..., Daemon], typesense_server: Server, collection: str
+    db_path: Path,
+    start_daemon: Callable[..., Daemon],
+    typesense_server: Server,
+    collection: str,
+    signum: signal.Signals,
 ) -> None:
+    """SIGINT is Ctrl-C; SIGHUP a terminal closed (it killed the daemon without a word)."""
     insert_rows(db_path, range(1, 20_001))
     daemon = start_daemon("--batch-size", "500")
     wait_until(lambda: pending(db_path) < 19_000, what="the drain to start")
-    daemon.process.send_signal(signal.SIGTERM)
+    daemon.process.send_signal(signum)
     assert daemon.wait() == 0
-    assert daemon.logged("stopping") and daemon.logged("stopped")
+    (stopping,) = [event for event in daemon.events() if event["event"] == "stopping"]
+    assert stopping["signal"] == signum.name
+    assert daemon.logged("stopped")
     # whatever was acknowledged is in Typesense; the rest is still queued, nothing in between
     left = pending(db_path)
     synced = export(typesense_server, collection)

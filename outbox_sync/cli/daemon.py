@@ -118,8 +118,8 @@ def run(settings: Settings, once: bool) -> None:
     killed reindex left (a `NAME_v<time>` collection no alias points at), and first indexes the
     rows `init` found in a table, straight from the table. While Typesense is
     unreachable, entries stay queued and the daemon retries with a capped backoff.
-    SIGTERM or Ctrl-C finishes the current batch (or a fill's or reindex's requests in flight)
-    and exits 0; a second one exits at once.
+    SIGTERM, Ctrl-C or SIGHUP (its terminal closed) finishes the current batch (or a fill's or
+    reindex's requests in flight) and exits 0; a second one exits at once.
     Only one daemon may work a database file at a time.
     """
     import structlog
@@ -161,7 +161,9 @@ def run(settings: Settings, once: bool) -> None:
         telemetry = Telemetry(metrics=settings.metrics_address is not None)
         if settings.metrics_address is not None:
             cleanup.enter_context(metrics_server(telemetry, settings.metrics_address))
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP too: a terminal closed or an SSH session dropped killed the daemon without a
+        # word, mid-batch, and its embedded server without a snapshot
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             cleanup.callback(signal.signal, signum, signal.signal(signum, request_stop))
         try:
             indexes = cleanup.enter_context(
