@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
 from click.testing import CliRunner, Result
 
 from outbox_sync.cli import main
@@ -48,7 +49,14 @@ def invoke(
     if collection is not None:
         environment.update(OUTBOX_SYNC_COLLECTION=collection)
     environment.update(env)
-    return CliRunner().invoke(main, list(args), input=input, env=environment, color=color)
+    # The command configures structlog for its run (its level, a stderr that is CliRunner's
+    # buffer): put back this process's own after, or a later test in it logs through them
+    # (`--log-level error` left capture_logs seeing nothing, in the tests that ran after).
+    saved = structlog.get_config()
+    try:
+        return CliRunner().invoke(main, list(args), input=input, env=environment, color=color)
+    finally:
+        structlog.configure(**saved)
 
 
 def run_module(
