@@ -160,9 +160,15 @@ def bind(conn: sqlite3.Connection, mapping: Mapping, path: object) -> Mapping:
     mistake = ConfigError if mapping.origin == BUILT_IN else ConfigFileError
     wanted = [mapping.key] + [f.column or f.name for f in mapping.fields if not f.sql]
     if missing := [column for column in wanted if column not in declared]:
+        other = (  # an application's own table that happens to be called `sequences`
+            "; a table of another shape syncs through a mapping of your own: --config FILE "
+            "(OUTBOX_SYNC_CONFIG) with a [[sync]] entry (docs/tables.md)"
+            if mapping.origin == BUILT_IN
+            else ""
+        )
         raise mistake(
             f"{mapping.origin}: table {mapping.table} has no column {', '.join(missing)} (the "
-            f"mapping reads {', '.join(wanted)})"
+            f"mapping reads {', '.join(wanted)}){other}"
         )
     for dependency in mapping.depends_on:
         if not table_exists(conn, dependency.table):

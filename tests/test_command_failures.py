@@ -74,6 +74,10 @@ def test_a_table_init_could_not_sync_says_what_it_lacks(
     app_connection(plain).execute("CREATE TABLE sequences (id INTEGER PRIMARY KEY)")
     line = one_line(invoke(args, typesense_server, plain, "x"))
     assert "table sequences has no column element_type, element_id," in line
+    assert line.endswith(
+        "syncs through a mapping of your own: --config FILE (OUTBOX_SYNC_CONFIG)"
+        " with a [[sync]] entry (docs/tables.md)"
+    )
 
 
 @pytest.mark.parametrize("problem", TYPESENSE_PROBLEMS)
