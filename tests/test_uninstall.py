@@ -4,6 +4,7 @@ works the file or while something else uses its tables, and a daemon that was wa
 lock does not make them again. `init` installs outbox-sync again, and the daemon then indexes
 the tables anew, against a real Typesense."""
 
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from tests.support.typesense import Server, export
 def schema_of(path: Path) -> list[tuple[str, str, str]]:
     """Every table, index, trigger and view of the file, as SQLite keeps them (but its own
     sqlite_sequence, which AUTOINCREMENT makes and no one may drop)."""
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         return conn.execute(
             "SELECT type, name, sql FROM sqlite_master WHERE name != 'sqlite_sequence'"
             " ORDER BY type, name"
@@ -143,8 +144,7 @@ def test_uninstall_is_refused_while_a_daemon_works_the_file(db_path: Path) -> No
 def test_uninstall_is_refused_while_something_else_uses_its_tables(
     db_path: Path, sql: str, named: str
 ) -> None:
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(sql)
+    app_connection(db_path).execute(sql)
     before = schema_of(db_path)
     line = one_line(invoke(["uninstall", "--yes"], db_path=db_path))
     assert line.startswith(f"Error: {named} in {db_path} uses outbox-sync's tables"), line
