@@ -7,7 +7,7 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ from outbox_sync import health
 from outbox_sync.cli import render
 from outbox_sync.cli.base import (
     Failed,
+    Opened,
     advise,
     command_database,
     main,
@@ -32,6 +33,7 @@ from outbox_sync.errors import (
     ConfigError,
     DatabaseBusyError,
     StoppingError,
+    TypesenseError,
 )
 from outbox_sync.lock import DaemonLock
 
@@ -343,20 +345,26 @@ def status(settings: Settings, as_json: bool) -> None:
     made), last_audit (the daemon's last audit: when, why, what it found and repaired). Exits 0
     whatever it finds (it is for reading: `outbox-sync check` is for monitoring).
     """
-    opened = open_database(settings)
-    with typesense(settings, opened, start_embedded=False) as indexes:
-        figures = health.gather(
-            opened.db,
-            indexes,
-            opened.mappings,
-            DaemonLock(settings.db_path),
-            lambda error: advise(error, settings),
-            asked=opened.asked,
-        )
+    figures = gathered(settings, open_database(settings), lambda error: advise(error, settings))
     if as_json:
         click.echo(json.dumps(figures))
     else:
         render.echo_lines(render.status_lines(figures))
+
+
+def gathered(
+    settings: Settings, opened: Opened, trouble: Callable[[TypesenseError], str]
+) -> dict[str, Any]:
+    """What `status` and `check` show: health.gather over the mappings asked for."""
+    with typesense(settings, opened, start_embedded=False) as indexes:
+        return health.gather(
+            opened.db,
+            indexes,
+            opened.mappings,
+            DaemonLock(settings.db_path),
+            trouble,
+            asked=opened.asked,
+        )
 
 
 class CheckFailed(Failed):
@@ -409,15 +417,7 @@ def check(settings: Settings, max_lag: str, max_audit_age: str, as_json: bool) -
     max_audit_age_s = parse_duration(max_audit_age, "--max-audit-age")
     opened = open_database(settings)
     try:
-        with typesense(settings, opened, start_embedded=False) as indexes:
-            figures = health.gather(
-                opened.db,
-                indexes,
-                opened.mappings,
-                DaemonLock(settings.db_path),
-                health.trouble,
-                asked=opened.asked,
-            )
+        figures = gathered(settings, opened, health.trouble)
     except sqlite3.DatabaseError as error:  # a finding, not a check that could not run
         if (damage := damaged(error, settings.db_path)) is None:
             raise
