@@ -504,6 +504,12 @@ class SchemaWatch:
             )
         elif problems:
             note = "auditing: changes made meanwhile left no outbox entry"
+            if any(problem.endswith(" was of no mapping") for problem in problems):
+                note += (  # `init` run with a mapping the daemon was not started with
+                    "; triggers of a mapping this daemon does not have were dropped: for a "
+                    "mapping just added, restart the daemon, which puts them back and fills "
+                    "its table whole"
+                )
             self._audit("triggers repaired", "triggers_repaired", problems=problems, note=note)
         elif went_back:
             note = "the outbox counter went back (a backup restored in place?): auditing"

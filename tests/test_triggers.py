@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,12 +26,16 @@ from outbox_sync import schema
 from outbox_sync.db import Database
 from outbox_sync.errors import ConfigError
 from outbox_sync.mapping import SEQUENCES, Mapping
+from outbox_sync.worker import Stop, Worker
 from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
 from tests.support.characters import (
     CHARACTER_COLUMNS,
+    CHARACTERS,
     CHARACTERS_TABLE,
+    TAGS,
     TAGS_TABLE,
     characters_config,
+    characters_mapping,
     expected_characters,
     initialized_characters,
     insert_characters,
@@ -443,3 +448,28 @@ def test_its_own_tables_dropped_while_the_daemon_runs_are_made_again_and_audited
     assert db.counts(app.mapping)["sync_errors_open"] == 0
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0
+
+
+def test_a_mapping_init_added_under_a_running_daemon_is_said_to_need_a_restart(
+    db_path: Path, worker: Worker
+) -> None:
+    """`init` with a new mapping while a daemon runs: the daemon, started without it, takes
+    its triggers for a removed mapping's and drops them (nothing is lost: the restart puts
+    them back and fills the table whole). Its warning said only "auditing"; it says to restart
+    it."""
+    app = app_connection(db_path)
+    app.executescript(f"{CHARACTERS}; {TAGS};")
+    stop = Stop()
+    worker.loop(time.monotonic(), stop)  # the schema as the daemon starts with it
+    with contextlib.closing(Database(db_path)) as other:
+        schema.init(other, [SEQUENCES, characters_mapping()])
+    with capture_logs() as logs:
+        worker.loop(time.monotonic(), stop)
+    stop.close()
+    (repaired,) = [entry for entry in logs if entry["event"] == "triggers_repaired"]
+    assert "characters_outbox_insert was of no mapping" in repaired["problems"]
+    assert repaired["note"].endswith(
+        "for a mapping just added, restart the daemon, which puts them back and fills its "
+        "table whole"
+    )
+    assert schema.trigger_problems(app, [SEQUENCES]) == []
