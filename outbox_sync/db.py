@@ -761,8 +761,7 @@ def damaged(error: sqlite3.Error, path: object) -> DatabaseDamagedError | None:
     """What to do about a file SQLite found damaged ("database disk image is malformed"), as
     one line; None for any other error. Nothing outbox-sync can mend: the application's rows
     are in that file."""
-    code = getattr(error, "sqlite_errorcode", None)
-    if code is None or code & 0xFF not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+    if not _coded(error, (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)):
         return None
     return DatabaseDamagedError(
         f"database {path} is damaged ({error}): stop the application and the daemon, look with "
@@ -776,10 +775,7 @@ def is_full(error: sqlite3.Error) -> bool:
     """SQLITE_FULL ("database or disk is full"): the file system holding the database, its
     journal or SQLite's temporary files has no room left (or the file is at its
     max_page_count)."""
-    code = getattr(error, "sqlite_errorcode", None)
-    if code is None:  # an error made by hand
-        return str(error).startswith("database or disk is full")
-    return bool(code & 0xFF == sqlite3.SQLITE_FULL)
+    return _coded(error, (sqlite3.SQLITE_FULL,), ("database or disk is full",))
 
 
 def is_busy(error: sqlite3.Error) -> bool:
@@ -787,10 +783,17 @@ def is_busy(error: sqlite3.Error) -> bool:
     may be tried again. Not SQLITE_LOCKED ("database table is locked", which the words matched
     until 2026-12-02): a conflict inside this connection or its shared cache, which no wait
     ends; it was tried again for the whole busy timeout."""
+    # SQLITE_BUSY_RECOVERY, _SNAPSHOT and _TIMEOUT too: their primary code is SQLITE_BUSY
+    return _coded(error, (sqlite3.SQLITE_BUSY,), ("database is locked", "database is busy"))
+
+
+def _coded(error: sqlite3.Error, codes: tuple[int, ...], words: tuple[str, ...] = ()) -> bool:
+    """Whether SQLite's primary result code for `error` is one of `codes`; for an error made
+    by hand, which has none, whether its message starts with one of `words`."""
     code = getattr(error, "sqlite_errorcode", None)  # set on what SQLite raised (3.11+)
-    if code is None:  # an error made by hand
-        return str(error).startswith(("database is locked", "database is busy"))
-    return bool(code & 0xFF == sqlite3.SQLITE_BUSY)  # SQLITE_BUSY_RECOVERY, _SNAPSHOT, _TIMEOUT too
+    if code is None:
+        return str(error).startswith(words)
+    return code & 0xFF in codes
 
 
 def fetch(
