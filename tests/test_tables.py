@@ -433,6 +433,18 @@ def test_a_key_that_is_not_utf8_found_by_init_is_a_sync_error_too(
     assert error["error"] == "slug: is not valid UTF-8 (bad byte at offset 1)"
 
 
+def one_mapping(
+    tmp_path: Path, schema_sql: str, entry: str
+) -> tuple[sqlite3.Connection, Path, Path]:
+    """An application's database made by `schema_sql`, and beside it a configuration file of
+    the one [[sync]] `entry`: the application's connection, the database and the file."""
+    db_path, config = tmp_path / "app.db", tmp_path / "outbox-sync.toml"
+    config.write_text(f"[[sync]]\n{entry}")
+    app = app_connection(db_path)
+    app.executescript(schema_sql)
+    return app, db_path, config
+
+
 def test_generated_columns_map_like_any_other(
     tmp_path: Path, typesense_server: Server, collection: str
 ) -> None:
@@ -440,17 +452,14 @@ def test_generated_columns_map_like_any_other(
     and STORED) was refused: "table notes has no column title, slug", for `PRAGMA table_info`
     leaves generated columns out. Filled, updated through the column they come from, and
     audited, as a plain column is."""
-    db_path, config = tmp_path / "notes.db", tmp_path / "outbox-sync.toml"
-    config.write_text(
-        f'[[sync]]\ntable = "notes"\nkey = "id"\ncollection = "{collection}"\nfields = [\n'
-        '  { name = "title", type = "string" },\n'
-        '  { name = "slug", type = "string", optional = true },\n]\n'
-    )
-    app = app_connection(db_path)
-    app.execute(
+    app, db_path, config = one_mapping(
+        tmp_path,
         "CREATE TABLE notes (id INTEGER PRIMARY KEY, data TEXT NOT NULL,"
         " title TEXT GENERATED ALWAYS AS (json_extract(data, '$.title')) VIRTUAL,"
-        " slug TEXT GENERATED ALWAYS AS (lower(json_extract(data, '$.slug'))) STORED)"
+        " slug TEXT GENERATED ALWAYS AS (lower(json_extract(data, '$.slug'))) STORED)",
+        f'table = "notes"\nkey = "id"\ncollection = "{collection}"\nfields = [\n'
+        '  { name = "title", type = "string" },\n'
+        '  { name = "slug", type = "string", optional = true },\n]\n',
     )
     insert = "INSERT INTO notes (id, data) VALUES (?, ?)"
     app.execute(insert, (1, '{"title": "Hello", "slug": "HeLLo"}'))
@@ -477,16 +486,13 @@ def test_a_table_whose_names_need_quoting_is_filled_synced_audited_and_reindexed
     with the table's name unquoted: `near "notes": syntax error`, so the fill queued every row
     instead, and every audit failed. And the first `init` said it had put back triggers that
     were only new (each problem was matched to the new triggers by its first word)."""
-    db_path, config = tmp_path / "notes.db", tmp_path / "outbox-sync.toml"
-    config.write_text(
-        f'[[sync]]\ntable = "my notes"\nkey = "note id"\ncollection = "{collection}"\n'
-        'fields = [\n  { name = "first_name", column = "first name", type = "string" },\n'
-        '  { name = "order", type = "int32" },\n]\n'
-    )
-    app = app_connection(db_path)
-    app.execute(
+    app, db_path, config = one_mapping(
+        tmp_path,
         'CREATE TABLE "my notes" ("note id" INTEGER PRIMARY KEY, "first name" TEXT NOT NULL,'
-        ' "order" INTEGER NOT NULL) STRICT'
+        ' "order" INTEGER NOT NULL) STRICT',
+        f'table = "my notes"\nkey = "note id"\ncollection = "{collection}"\n'
+        'fields = [\n  { name = "first_name", column = "first name", type = "string" },\n'
+        '  { name = "order", type = "int32" },\n]\n',
     )
     insert = 'INSERT INTO "my notes" VALUES (?, ?, ?)'
     app.executemany(insert, [(1, "ana", 3), (2, "bo", 1)])
@@ -514,14 +520,13 @@ def test_a_table_whose_names_need_quoting_is_filled_synced_audited_and_reindexed
 
 def test_a_view_mapped_as_a_table_is_refused_saying_it_is_a_view(tmp_path: Path) -> None:
     """No trigger sees a view's rows change: init said the view "does not exist"."""
-    db_path, config = tmp_path / "shop.db", tmp_path / "outbox-sync.toml"
-    config.write_text(
-        '[[sync]]\ntable = "Cheap"\nkey = "id"\ncollection = "cheap"\n'
-        'fields = [{ name = "name", type = "string" }]\n'
+    app, db_path, config = one_mapping(
+        tmp_path,
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, price REAL);"
+        " CREATE VIEW cheap AS SELECT * FROM items WHERE price < 2;",
+        'table = "Cheap"\nkey = "id"\ncollection = "cheap"\n'
+        'fields = [{ name = "name", type = "string" }]\n',
     )
-    app = app_connection(db_path)
-    app.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, price REAL)")
-    app.execute("CREATE VIEW cheap AS SELECT * FROM items WHERE price < 2")
     line = one_line(invoke(["init"], db_path=db_path, OUTBOX_SYNC_CONFIG=str(config)))
     assert line == (
         f"Error: {config}, [[sync]] 1 (table Cheap): cheap in {db_path} is a view: outbox-sync "
