@@ -14,6 +14,7 @@ import re
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import cache
 from importlib import resources
 
 import structlog
@@ -36,8 +37,12 @@ SCHEMA_VERSION = "2"
 # Set by `init` when it had to repair the triggers: the running daemon (or the next one to
 # start) then compares Typesense with the tables, which changed unseen meanwhile.
 RECONCILE_REQUEST_KEY = "reconcile_requested"
-# What every trigger of ours does, and no other trigger does: write our outbox.
-OUR_TRIGGER = re.compile(r"\bINSERT\s+INTO\s+outbox\b", re.IGNORECASE)
+# What every trigger of ours does, and no other trigger does: write our outbox's columns (an
+# application's own `outbox`, which `init` refuses to share, has triggers of its own).
+OUR_TRIGGER = re.compile(
+    r"\bINSERT\s+INTO\s+[\"`\[]?outbox[\"`\]]?\s*\(\s*[\"`\[]?(?:mapping|record_key|sequence_id)\b",
+    re.IGNORECASE,
+)
 # Version 1 (one table, `sequences`): the outbox and sync_errors had no mapping column and
 # called the key sequence_id. Renaming the column rewrites the old triggers too; they are then
 # put back as version 2 writes them.
@@ -245,11 +250,18 @@ def init(db: Database, mappings: Sequence[Mapping], *, backfill: bool = False) -
     per mapping, to index the rows its table already holds (a fill: reindex.serve_fills), or
     with backfill=True queue an upsert of every row, as the triggers would. All in one
     transaction: the fill reads the table after the triggers are in, so no row slips between.
+    Refused, with nothing changed, where the application has a table of its own under one of
+    outbox-sync's names (`foreign_tables`).
 
     A fill reads the table in order where the outbox would write, claim and delete an entry per
     row: `init` and the first `run --once` on 100k rows took 4.42 s, against 4.69 s through
     the outbox, and on 1M rows 57.3 s against 60.5 s (tests/bench, alternating runs)."""
     try:
+        refuse_foreign_tables(
+            db.conn,
+            db.path,
+            "Rename yours (and what uses it), then run init again. Nothing was changed",
+        )
         db.conn.execute("PRAGMA journal_mode=WAL")
     except sqlite3.Error as error:
         raise DatabaseError(f"cannot initialise database {db.path}: {error}") from None
@@ -340,6 +352,13 @@ def check(db: Database, mappings: Sequence[Mapping], *, prepared: bool = True) -
             f"database {db.path} is missing {', '.join(missing)}: "
             f"run `outbox-sync init --db {db.path}`"
         )
+    refuse_foreign_tables(
+        db.conn,
+        db.path,
+        "An older outbox-sync's init took them for its own: its triggers fail each write to a "
+        f"mapped table. `outbox-sync uninstall --db {db.path}` removes what is outbox-sync's, "
+        "and leaves yours",
+    )
     version = db.get_meta("schema_version")
     if version != SCHEMA_VERSION:
         raise DatabaseError(
@@ -433,6 +452,43 @@ def restore_tables(db: Database, mappings: Sequence[Mapping]) -> list[str]:
 def missing_own_tables(conn: sqlite3.Connection) -> list[str]:
     names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     return [table for table in TABLES if table not in names]
+
+
+@cache
+def _own_columns() -> dict[str, frozenset[str]]:
+    """The columns of each of outbox-sync's tables, as schema.sql makes them."""
+    conn = sqlite3.connect(":memory:")
+    for statement in schema_statements():
+        if statement.startswith("CREATE TABLE") and "EXISTS sequences" not in statement:
+            conn.execute(statement)
+    return {table: frozenset(declared_types(conn, table)) for table in TABLES}
+
+
+def foreign_tables(conn: sqlite3.Connection) -> dict[str, list[str]]:
+    """The tables (or views) that have one of outbox-sync's names, in any case, but not its
+    columns, nor version 1's (no mapping, the key called sequence_id): an application's own
+    `outbox`, say. Each with its columns. `init` would take it for its own, and our triggers,
+    writing columns it lacks, would fail every write of the application to a mapped table."""
+    found = {}
+    for table, ours in _own_columns().items():
+        shapes = [ours]
+        if "record_key" in ours:
+            shapes.append(ours - {"mapping", "record_key"} | {"sequence_id"})
+        columns = list(declared_types(conn, table))
+        if columns and not any(shape <= set(columns) for shape in shapes):
+            found[table] = columns
+    return found
+
+
+def refuse_foreign_tables(conn: sqlite3.Connection, path: object, advice: str) -> None:
+    """DatabaseError naming each table of another shape that has one of outbox-sync's names."""
+    if found := foreign_tables(conn):
+        named = "; ".join(f"{t} (columns {', '.join(c)})" for t, c in found.items())
+        raise DatabaseError(
+            f"{path} has its own {named}: outbox-sync keeps its records in tables named "
+            f"{', '.join(TABLES[:-1])} and {TABLES[-1]}, and cannot share a name with a table "
+            f"of another shape. {advice}"
+        )
 
 
 class SchemaWatch:
@@ -555,17 +611,13 @@ class SchemaWatch:
                 )
 
 
-# A trigger or view of someone else's that names one of outbox-sync's tables.
-_USES_OUR_TABLES = re.compile(r"\b(?:" + "|".join(TABLES) + r")\b", re.IGNORECASE)
-
-
 @dataclass(frozen=True)
 class Installed:
     """What outbox-sync keeps in a database, as `uninstall` finds it."""
 
     triggers: list[tuple[str, str]]  # (name, table): every trigger that writes the outbox
     indexes: list[tuple[str, str]]  # (name, table): the key indexes `init` made
-    tables: list[str]  # its own tables (TABLES) that are there
+    tables: list[str]  # its own tables (TABLES) that are there (not an application's own)
     pending: int  # outbox entries not applied yet
     open_errors: int  # sync errors not resolved
     users: list[str]  # "trigger T on table X", "view V": others' that use its tables
@@ -588,6 +640,11 @@ class Installed:
 
 def installed(conn: sqlite3.Connection) -> Installed:
     """What outbox-sync keeps in the database (and who else uses its tables)."""
+    foreign = foreign_tables(conn)
+    gone = missing_own_tables(conn)
+    tables = [table for table in TABLES if table not in gone and table not in foreign]
+    # a trigger or view of someone else's that names one of those
+    uses = re.compile(r"\b(?:" + "|".join(tables or ["(?!)"]) + r")\b", re.IGNORECASE)
     triggers, indexes, users = [], [], []
     for kind, name, table, sql in conn.execute(
         "SELECT type, name, tbl_name, sql FROM sqlite_master"
@@ -601,10 +658,8 @@ def installed(conn: sqlite3.Connection) -> Installed:
             and str(sql).startswith(f"CREATE INDEX {quote_identifier(name)} ON ")
         ):
             indexes.append((name, table))
-        elif kind != "index" and _USES_OUR_TABLES.search(sql):
+        elif kind != "index" and uses.search(sql):
             users.append(f"view {name}" if kind == "view" else f"trigger {name} on table {table}")
-    gone = missing_own_tables(conn)
-    tables = [table for table in TABLES if table not in gone]
 
     def count(sql: str) -> int:
         return int(conn.execute(sql).fetchone()[0])

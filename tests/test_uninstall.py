@@ -192,3 +192,56 @@ def test_uninstall_removes_the_triggers_of_a_mapping_no_longer_configured(
     assert schema_of(path) == before
     insert_characters(conn, range(41, 43))
     conn.execute("DELETE FROM character_tags")
+
+
+MAIL = (
+    "CREATE TABLE outbox (id INTEGER PRIMARY KEY, recipient TEXT, body TEXT);"
+    " CREATE TRIGGER mail_new_character AFTER INSERT ON characters BEGIN"
+    " INSERT INTO outbox (recipient, body) VALUES ('editor@example.com', NEW.name); END"
+)
+
+
+def test_an_application_table_named_outbox_is_refused_by_init_and_left_by_uninstall(
+    tmp_path: Path, typesense_server: Server, collection: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An application with an `outbox` of its own (its mail, say). `init` took it for its own:
+    it made the other tables, and triggers that write columns the table lacks, which then
+    failed every write to a mapped table, while `status` and `run` crashed on it. `init`
+    refuses it now, changing nothing; on a file an older `init` prepared so, every command
+    says what happened, and `uninstall` removes what is outbox-sync's, leaving the
+    application's table, its rows and its trigger."""
+    conn, path, config = characters_app(tmp_path, collection)
+    conn.executescript(MAIL)
+    insert_characters(conn, [41])
+    before, mail = schema_of(path), conn.execute("SELECT * FROM outbox").fetchall()
+    assert len(mail) == 1  # the application's own trigger wrote it
+    env = {"OUTBOX_SYNC_CONFIG": str(config)}
+    refused = one_line(invoke(["init"], typesense_server, path, **env))
+    assert f"{path} has its own outbox (columns id, recipient, body)" in refused
+    assert "Nothing was changed" in refused
+    assert schema_of(path) == before
+
+    # the file an older init left: it did not look at the shape of the outbox
+    monkeypatch.setattr(schema, "foreign_tables", lambda conn: {})
+    assert invoke(["init"], typesense_server, path, **env).exit_code == 0
+    monkeypatch.undo()
+    with pytest.raises(sqlite3.OperationalError, match="has no column named mapping"):
+        insert_characters(conn, [42])
+    for command in (["status"], ["run", "--once"], ["errors", "list"]):
+        said = one_line(invoke(command, typesense_server, path, **env))
+        assert "has its own outbox (columns id, recipient, body)" in said, command
+        assert "An older outbox-sync's init took them for its own" in said
+        assert f"`outbox-sync uninstall --db {path}`" in said
+
+    result = invoke(["uninstall", "--yes"], typesense_server, path, **env)
+    assert result.exit_code == 0, result.output
+    assert "tables sync_errors, sync_stats, outbox_sync_meta (" in result.output
+    assert schema_of(path) == before  # the application's outbox and trigger among it
+    # its rows too (a read: a connection SQLite failed to prepare a statement for compiles the
+    # next against the schema it last read until a transaction reads the file again)
+    assert conn.execute("SELECT * FROM outbox").fetchall() == mail
+    insert_characters(conn, [42])
+    assert conn.execute("SELECT * FROM outbox").fetchall() == [
+        *mail,
+        (2, "editor@example.com", f"Name of {slug(42)}"),
+    ]
