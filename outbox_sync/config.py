@@ -75,6 +75,7 @@ class Option:
     metavar: str | None = None
     bounds: tuple[int, int] | None = None  # of an integer
     daemon_only: bool = False  # an option of `run` alone
+    file: bool = False  # names a file: shells complete file names
 
     @property
     def flag(self) -> str:
@@ -88,8 +89,9 @@ OPTIONS = (
         "TOML file with [[sync]] mappings of your own tables, and settings (flags and variables "
         "win over it). Unset: the built-in mapping of `sequences`.",
         metavar="FILE",
+        file=True,
     ),
-    Option("db", "OUTBOX_SYNC_DB", "SQLite database file.", DEFAULT_DB, metavar="PATH"),
+    Option("db", "OUTBOX_SYNC_DB", "SQLite database file.", DEFAULT_DB, metavar="PATH", file=True),
     Option(
         "typesense_url",
         "TYPESENSE_URL",
@@ -104,6 +106,7 @@ OPTIONS = (
         f"File holding the Typesense API key; otherwise the key is read from {API_KEY_ENV}. "
         "Never pass the key itself on the command line.",
         metavar="PATH",
+        file=True,
     ),
     Option(
         "collection",
@@ -134,6 +137,7 @@ OPTIONS = (
         "OUTBOX_SYNC_CA_FILE",
         "CA bundle to verify an https Typesense with.",
         metavar="PATH",
+        file=True,
     ),
     Option(
         "batch_size",

@@ -335,3 +335,42 @@ def test_ctrl_c_exits_130_not_a_verdict(
     monkeypatch.setattr(Audit, "run", interrupted)
     result = invoke(["audit"], typesense_server, db_path, collection)
     assert (result.exit_code, result.output.strip()) == (130, "Aborted!")
+
+
+def test_bash_completes_commands_options_and_file_names() -> None:
+    """The script docs/configuration.md says to source, in a real bash: commands, a group's
+    subcommands, options, and the shell's own file names for each option naming a file (bash
+    completed nothing after --db)."""
+    program = Path(sys.executable).parent / "outbox-sync"  # the console script pip installs
+    if not program.exists():
+        pytest.skip(f"no console script at {program}: the package is not installed")
+    script = subprocess.run(
+        [program], env={"_OUTBOX_SYNC_COMPLETE": "bash_source"}, capture_output=True, text=True
+    )
+    assert script.returncode == 0, script.stderr
+
+    def complete(*words: str) -> list[str]:
+        """What bash offers after `words`; `compopt -o default` where it completes files itself
+        (compopt works only while readline completes: here a function prints what it asked)."""
+        line = " ".join(f"'{word}'" for word in words)
+        done = subprocess.run(
+            [
+                "bash",
+                "-c",
+                f'{script.stdout}\ncompopt() {{ echo "compopt $1 $2"; }}\n'
+                f"COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}\n"
+                f'_outbox_sync_completion {program}; printf "%s\\n" "${{COMPREPLY[@]}}"',
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout.split("\n")[:-1]
+
+    assert complete("outbox-sync", "un") == ["uninstall"]
+    assert complete("outbox-sync", "errors", "re") == ["resolve", "retry"]
+    assert "--once" in complete("outbox-sync", "run", "--")
+    assert complete("outbox-sync", "--log-level", "w") == ["warning"]
+    for option in ("--db", "--config", "--api-key-file", "--ca-file"):
+        assert complete("outbox-sync", "status", option, "ap") == ["compopt -o default", ""]
+    assert complete("outbox-sync", "status", "--collection", "ap") == [""]

@@ -52,7 +52,15 @@ def click_option(option: Option) -> Callable[[Callable[..., Any]], Callable[...,
         type=click.IntRange(*option.bounds) if option.bounds else option.type,
         metavar=option.metavar,
         help=f"{option.help} [{default}env: {option.env}]",
+        shell_complete=_file_names if option.file else None,
     )
+
+
+def _file_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Completion of a file name: the shell's own (what click.Path asks for)."""
+    from click.shell_completion import CompletionItem
+
+    return [CompletionItem(incomplete, type="file")]
 
 
 def with_settings(
