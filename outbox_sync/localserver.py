@@ -289,7 +289,9 @@ class LocalTypesense:
             data = self.data_dir / "data"
             # nothing kept: a first start, or the data was removed (damaged, say) since the
             # last; the daemon then audits (worker.daemon), whatever its schedule
-            self.started_empty = not (data.is_dir() and any(data.iterdir()))
+            # (the raft state: without it the server empties data/db as it starts)
+            state = data / "state"
+            self.started_empty = not (state.is_dir() and any(state.iterdir()))
             data.mkdir(parents=True, exist_ok=True)
             # left behind by a stop that was cut short
             shutil.rmtree(self.data_dir / SNAPSHOT_COPY_DIR, ignore_errors=True)
@@ -312,6 +314,7 @@ class LocalTypesense:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
                 preexec_fn=_die_with_parent,
                 # Its own process group: Ctrl-C in a terminal signals the whole foreground
                 # group, and a server already shutting down on its own cannot take the
@@ -346,7 +349,10 @@ class LocalTypesense:
     def _command(self) -> list[str]:
         command = [
             server_binary(),
-            f"--data-dir={self.data_dir / 'data'}",
+            # relative to the directory it runs in (Popen's cwd): its raft library removes every
+            # space from the path of the state it keeps (log, snapshots), which went to another
+            # directory ("my data" -> "mydata"), outside ours
+            "--data-dir=data",
             f"--api-address={HOST}",
             f"--api-port={self.port}",
             f"--peering-address={HOST}",

@@ -31,15 +31,17 @@ def embedded_env(tmp_path: Path) -> dict[str, str]:
 
 
 def servers_of(data_dir: Path) -> list[int]:
-    """The typesense-server processes running on `data_dir` (whoever their parent is)."""
+    """The typesense-server processes running on `data_dir` (whoever their parent is): each
+    runs in its directory, given `--data-dir=data` (see LocalTypesense._command)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
+                cwd = (entry / "cwd").resolve(strict=True)
             except OSError:
                 continue
-            if f"--data-dir={data_dir / 'data'}".encode() in argv:
+            if b"--data-dir=data" in argv and cwd == data_dir.resolve():
                 found.append(int(entry.name))
     return found
 

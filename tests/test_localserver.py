@@ -6,6 +6,7 @@ Set OUTBOX_SYNC_LONG_TESTS=1 for 20 restart cycles instead of 3.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -189,6 +190,30 @@ def test_stop_leaves_one_raft_snapshot_and_no_copy(
     assert not (tmp_path / SNAPSHOT_COPY_DIR).exists()
     snapshots = list((tmp_path / "data" / "state" / "snapshot").iterdir())
     assert [path.name.startswith("snapshot_") for path in snapshots] == [True]
+
+
+def test_a_directory_named_with_spaces_keeps_the_whole_state_inside_it(
+    tmp_path: Path, stopped: list[LocalTypesense]
+) -> None:
+    """Typesense's raft library removes every space from the path of the state it keeps (its
+    log and snapshots): given `my data/…` it wrote them to `mydata/…`, outside the directory,
+    where a backup or a removal of `<db>.typesense` misses them. A state found only there
+    counts as nothing kept (the server empties data/db without it), so the daemon audits."""
+    data_dir = tmp_path / "my data" / "app db.typesense"
+    server = started(stopped, data_dir)
+    assert server.started_empty
+    write_through_aliases(server)
+    server.stop()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["my data"]
+    assert any((data_dir / "data" / "state" / "snapshot").iterdir())
+    server = started(stopped, data_dir)
+    assert not server.started_empty
+    assert counts(server) == {f"t{k}": DOCUMENTS for k in range(ALIASES)}
+    server.stop()
+
+    shutil.rmtree(data_dir / "data" / "state")  # where an older outbox-sync's server kept it
+    server = started(stopped, data_dir)
+    assert server.started_empty
 
 
 @pytest.mark.slow
