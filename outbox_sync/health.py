@@ -61,7 +61,10 @@ def gather(
         one = db.counts(index.mapping)
         one["documents"] = None
         try:
-            one["documents"] = index.count()
+            info = index.info()
+            one["documents"] = int(info["num_documents"])
+            if changed := index.fields_changed(info):
+                one["fields_changed"] = "; ".join(changed)
             if index.server is None and (other := claims.other_claim(db, index)):
                 # another database's daemon feeds it (this one's refuses it: on-call's why), or
                 # fed it last (they take turns, each audit deleting the other's documents)
@@ -128,6 +131,15 @@ def verdict(
     if not figures["typesense_ok"]:
         found.append((CRITICAL, figures["typesense_error"]))
     for name, one in figures.get("collections", {}).items():
+        if "fields_changed" in one:
+            found.append(
+                (
+                    CRITICAL,
+                    f"collection {name} no longer has the mapping's fields "
+                    f"({one['fields_changed']}): searches on them fail; the running daemon "
+                    f"rebuilds it within a minute, or `outbox-sync reindex --collection {name}`",
+                )
+            )
         if "claimed_by" in one:
             found.append(
                 (

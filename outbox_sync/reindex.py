@@ -55,6 +55,9 @@ REQUEST_KEY = "reindex_request"
 STATUS_KEY = "reindex_status"
 # Rows per read and per import while filling (the daemon's batch size, for the same reasons).
 DEFAULT_CHUNK = 5000
+# How often the daemon looks at its collections' fields in Typesense (FieldsWatch): one GET
+# of each collection.
+FIELDS_WATCH_INTERVAL_S = 60.0
 # How often the daemon publishes its progress to a waiting `outbox-sync reindex`.
 PROGRESS_INTERVAL_S = 0.5
 # How long the running daemon has to pick up a request (it looks every second, every 15 s
@@ -327,6 +330,64 @@ def serve_fills(
         else:
             log.info("fill_finished", **asdict(result))
     return bool(asked)
+
+
+class FieldsWatch:
+    """A loop job, every FIELDS_WATCH_INTERVAL_S: each collection's fields as Typesense has
+    them now. Someone may alter them behind the daemon (PATCH /collections/NAME: a field
+    dropped, or dropped and added with another type); searches on such a field fail, the
+    audit, comparing documents, finds nothing, and the daemon saw it only at its next start,
+    which then refused the collection. It rebuilds such a collection from SQLite with the
+    mapping's fields, as `reindex` does (no downtime), with one `collection_fields_changed`
+    warning. Trouble the loop waits out leaves it for a later turn; a rebuild that fails
+    otherwise, or leaves the fields as they were, is said once and not tried again (`check`
+    says it meanwhile, and the next start refuses the collection)."""
+
+    def __init__(
+        self,
+        db: Database,
+        indexes: Sequence[TypesenseIndex],
+        heartbeat: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.db, self.indexes, self.heartbeat = db, indexes, heartbeat
+        self.given_up: set[str] = set()
+        self.log = structlog.get_logger("outbox_sync")
+
+    def __call__(self, now: float) -> None:
+        for index in self.indexes:
+            if index.collection in self.given_up or not (changed := index.fields_changed()):
+                continue
+            self.log.warning(
+                "collection_fields_changed",
+                collection=index.collection,
+                changed=changed,
+                note="someone altered them in Typesense: rebuilding it from SQLite with the "
+                "mapping's fields (no downtime); to change the fields, change the mapping",
+            )
+            try:
+                result = rebuild(self.db, index, progress=lambda done, total: self.heartbeat())
+            except OutboxSyncError as error:
+                if isinstance(error.__cause__, StoppingError):
+                    return  # the old collection stays: seen again at the next start
+                if isinstance(error.__cause__, CollectionNotFoundError | CollectionClaimedError):
+                    raise error.__cause__ from None  # as serve_request
+                if _passing(error.__cause__):
+                    raise error.__cause__ from None
+                self._give_up(index, str(error))
+                continue
+            self.log.info("reindex_finished", reason="collection fields changed", **asdict(result))
+            if still := index.fields_changed():
+                self._give_up(index, "; ".join(still))
+
+    def _give_up(self, index: TypesenseIndex, reason: str) -> None:
+        self.given_up.add(index.collection)
+        self.log.error(
+            "collection_fields_not_rebuilt",
+            collection=index.collection,
+            reason=reason,
+            note=f"run `outbox-sync reindex --collection {index.collection}`; not tried again "
+            "until the daemon starts again",
+        )
 
 
 def _passing(error: BaseException | None) -> TypeGuard[BaseException]:

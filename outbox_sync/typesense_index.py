@@ -290,6 +290,14 @@ class TypesenseIndex:
             )
         return False
 
+    def fields_changed(self, existing: dict[str, Any] | None = None) -> list[str]:
+        """What keeps the collection, as Typesense has it now (`existing`: its `info()`), from
+        taking the configured mapping's documents (`Mapping.against`); empty when nothing does.
+        Its fields can change after the daemon checked them at start: Typesense alters a
+        collection in place (PATCH /collections/NAME, a field dropped or given another type)."""
+        existing = self.info() if existing is None else existing
+        return self.configured.against(existing.get("fields", []))[1]
+
     def recover_name(self) -> str | None:
         """For a name that is missing: point it at the newest rebuilt collection, if there is
         one (a reindex that failed between dropping a plain collection and pointing the alias

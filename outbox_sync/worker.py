@@ -589,6 +589,12 @@ def daemon(
             ),
         ),
         Job(
+            "fields",
+            reindex.FIELDS_WATCH_INTERVAL_S,
+            reindex.FieldsWatch(db, indexes, heartbeat),
+            due_at_start=False,  # the start checked them (ensure_collection)
+        ),
+        Job(
             "stats",
             STATS_SAVE_INTERVAL_S,
             lambda now: save_stats(db, telemetry, when_due=True),

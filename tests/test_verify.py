@@ -4,26 +4,30 @@ audit that failed just before a stop, a lock file removed under it, a sync pause
 behind /healthz. A hostile review broke each one;
 every test failed on the code before its fix."""
 
+import json
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
+from structlog.testing import capture_logs
 
-from outbox_sync import reconcile, schema, sync_errors
+from outbox_sync import reconcile, reindex, schema, sync_errors
 from outbox_sync import telemetry as telemetry_module
 from outbox_sync.db import Database
-from outbox_sync.errors import DatabaseError
+from outbox_sync.errors import DatabaseError, OutboxSyncError, TypesenseUnavailableError
 from outbox_sync.localserver import free_port
 from outbox_sync.mapping import Field, Mapping
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
-from tests.support.app import ROW_SQL, app_connection, make_row
-from tests.support.daemon import Daemon, drain
-from tests.support.typesense import Server, export
+from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
+from tests.support.cli import invoke
+from tests.support.daemon import Daemon, drain, running
+from tests.support.typesense import Server, by_hand, export
 from tests.support.wait import wait_until
 
 
@@ -218,3 +222,98 @@ def test_a_key_column_a_migration_made_text_stops_the_daemon_to_read_it_anew(
     assert sync_errors.find(db) == []
     [again] = schema.check(db, [mapping])  # the next start
     assert again.key_kind == "text"
+
+
+def searched(server: Server, collection: str, field: str, text: str) -> int | None:
+    """How many documents a search of `field` finds; None when Typesense refuses the search
+    (a field the collection does not have)."""
+    answer = httpx.get(
+        f"{server.url}/collections/{collection}/documents/search",
+        params={"q": text, "query_by": field},
+        headers={"X-TYPESENSE-API-KEY": server.api_key},
+        timeout=10,
+    )
+    return int(answer.json()["found"]) if answer.status_code == 200 else None
+
+
+def test_a_collection_whose_fields_were_altered_in_typesense_is_rebuilt_and_said(
+    db: Database,
+    index: TypesenseIndex,
+    typesense_server: Server,
+    collection: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Someone drops a field of the collection in Typesense (PATCH): searches on it fail, the
+    audit (it compares documents) said consistent, `check` said OK, and the daemon saw it only
+    at its next start, which refused the collection. `check` and `status` say it now, and the
+    running daemon rebuilds the collection from SQLite with the mapping's fields."""
+    monkeypatch.setattr(reindex, "FIELDS_WATCH_INTERVAL_S", 0.1)
+    path = Path(db.path)
+    app_connection(path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    drain(daemon(db, [index], audit_every_s=0))
+    assert searched(typesense_server, collection, "comment", "number") == 5
+    assert "fields" not in invoke(["check"], typesense_server, path, collection).output
+
+    drop = {"fields": [{"name": "comment", "drop": True}]}
+    by_hand(typesense_server, "PATCH", f"/collections/{collection}", json=drop)
+    assert searched(typesense_server, collection, "comment", "number") is None
+    checked = invoke(["check"], typesense_server, path, collection)
+    assert checked.exit_code == 2
+    assert (
+        f"collection {collection} no longer has the mapping's fields (field comment is missing)"
+        in checked.output
+    )
+    status = json.loads(invoke(["status", "--json"], typesense_server, path, collection).output)
+    assert status["collections"][collection]["fields_changed"] == "field comment is missing"
+    assert invoke(["reindex"], typesense_server, path, collection).exit_code == 0  # its advice
+    assert searched(typesense_server, collection, "comment", "number") == 5
+
+    with capture_logs() as logged, running(daemon(db, [index], audit_every_s=0)):
+        by_hand(typesense_server, "PATCH", f"/collections/{collection}", json=drop)
+        wait_until(
+            lambda: searched(typesense_server, collection, "comment", "number") == 5,
+            what="the collection rebuilt with its comment field",
+        )
+        app_connection(path).execute(ROW_SQL, make_row(6))  # the sync goes on after it
+        wait_until(lambda: "6" in export(typesense_server, collection), what="the sync")
+    [changed] = [e for e in logged if e["event"] == "collection_fields_changed"]
+    assert changed["changed"] == ["field comment is missing"]
+    assert [e["reason"] for e in logged if e["event"] == "reindex_finished"] == [
+        "collection fields changed"
+    ]
+    assert export(typesense_server, collection) == sqlite_documents(path)
+    status = json.loads(invoke(["status", "--json"], typesense_server, path, collection).output)
+    assert "fields_changed" not in status["collections"][collection]
+
+
+def test_a_rebuild_of_altered_fields_that_fails_is_said_once_and_not_tried_again(
+    db: Database,
+    index: TypesenseIndex,
+    typesense_server: Server,
+    collection: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Typesense trouble leaves the rebuild for a later turn (the loop waits it out); any other
+    failure is said once and not tried at every turn after it: a rebuild is a whole table."""
+    app_connection(Path(db.path)).execute(ROW_SQL, make_row(1))
+    drain(daemon(db, [index], audit_every_s=0))
+    drop = {"fields": [{"name": "comment", "drop": True}]}
+    by_hand(typesense_server, "PATCH", f"/collections/{collection}", json=drop)
+    failures = [TypesenseUnavailableError("Typesense unreachable"), ValueError("refused")]
+    tried = []
+
+    def failing(*args: object, **kwargs: object) -> None:
+        tried.append(failures[0])
+        raise OutboxSyncError("rebuild failed") from failures.pop(0)
+
+    monkeypatch.setattr(reindex, "rebuild", failing)
+    watch = reindex.FieldsWatch(db, [index])
+    with capture_logs() as logged:
+        with pytest.raises(TypesenseUnavailableError):
+            watch(0.0)
+        for _ in range(3):
+            watch(0.0)
+    assert len(tried) == 2
+    [given_up] = [e for e in logged if e["event"] == "collection_fields_not_rebuilt"]
+    assert given_up["reason"] == "rebuild failed"
+    assert f"outbox-sync reindex --collection {collection}" in given_up["note"]

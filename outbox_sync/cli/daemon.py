@@ -338,7 +338,8 @@ def status(settings: Settings, as_json: bool) -> None:
 
     Fields: pending (outbox entries), oldest_pending_age_s, sync_errors_open (of the collection
     --collection names, else of all), rows (in `sequences`), documents (in Typesense; null when
-    unreachable), typesense_ok, fill_pending (collections whose rows `init` found, which the
+    unreachable; per collection, fields_changed: how its fields, altered in Typesense, differ
+    from the mapping's), typesense_ok, fill_pending (collections whose rows `init` found, which the
     daemon indexes when it starts), daemon_pid (null: no daemon runs; lock_holder then names a
     reindex holding the daemon lock), table_ok, triggers_ok (and trigger_problems),
     key_indexes_ok (and unindexed_keys: key columns a migration left without the index init
