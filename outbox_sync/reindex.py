@@ -55,9 +55,8 @@ REQUEST_KEY = "reindex_request"
 STATUS_KEY = "reindex_status"
 # Rows per read and per import while filling (the daemon's batch size, for the same reasons).
 DEFAULT_CHUNK = 5000
-# How often the daemon looks at its collections' fields in Typesense (FieldsWatch): one GET
-# of each collection.
-FIELDS_WATCH_INTERVAL_S = 60.0
+# How often the daemon looks at its collections in Typesense (CollectionWatch): one GET each.
+COLLECTION_WATCH_INTERVAL_S = 60.0
 # How often the daemon publishes its progress to a waiting `outbox-sync reindex`.
 PROGRESS_INTERVAL_S = 0.5
 # How long the running daemon has to pick up a request (it looks every second, every 15 s
@@ -332,30 +331,50 @@ def serve_fills(
     return bool(asked)
 
 
-class FieldsWatch:
-    """A loop job, every FIELDS_WATCH_INTERVAL_S: each collection's fields as Typesense has
-    them now. Someone may alter them behind the daemon (PATCH /collections/NAME: a field
-    dropped, or dropped and added with another type); searches on such a field fail, the
-    audit, comparing documents, finds nothing, and the daemon saw it only at its next start,
-    which then refused the collection. It rebuilds such a collection from SQLite with the
-    mapping's fields, as `reindex` does (no downtime), with one `collection_fields_changed`
-    warning. Trouble the loop waits out leaves it for a later turn; a rebuild that fails
-    otherwise, or leaves the fields as they were, is said once and not tried again (`check`
-    says it meanwhile, and the next start refuses the collection)."""
+class CollectionWatch:
+    """A loop job, every COLLECTION_WATCH_INTERVAL_S: each collection as Typesense has it now
+    (one request each). Two things can change there behind the daemon:
+
+    - Its fields: Typesense alters a collection in place (PATCH /collections/NAME: a field
+      dropped, or dropped and added with another type). Searches on such a field fail, the
+      audit, comparing documents, finds nothing, and the daemon saw it only at its next start,
+      which then refused the collection. It rebuilds such a collection from SQLite with the
+      mapping's fields, as `reindex` does (no downtime), with one `collection_fields_changed`
+      warning. Trouble the loop waits out leaves it for a later turn; a rebuild that fails
+      otherwise, or leaves the fields as they were, is said once and not tried again (`check`
+      says it meanwhile, and the next start refuses the collection).
+    - Where its name points: someone moves the alias to another collection. The daemon went on
+      writing to the one it found at start, which no search reads, and its audits, reading
+      through the name, queued the same repairs for ever. It writes to the one the name points
+      at now, with one `collection_repointed` warning, and audits it (`request`)."""
 
     def __init__(
         self,
         db: Database,
         indexes: Sequence[TypesenseIndex],
+        request: Callable[[str], None],
         heartbeat: Callable[[], None] = lambda: None,
     ) -> None:
-        self.db, self.indexes, self.heartbeat = db, indexes, heartbeat
+        self.db, self.indexes, self.request, self.heartbeat = db, indexes, request, heartbeat
         self.given_up: set[str] = set()
         self.log = structlog.get_logger("outbox_sync")
 
     def __call__(self, now: float) -> None:
         for index in self.indexes:
-            if index.collection in self.given_up or not (changed := index.fields_changed()):
+            existing = index.info()
+            if (before := index.follow(existing)) is not None:
+                self.log.warning(
+                    "collection_repointed",
+                    collection=index.collection,
+                    before=before,
+                    now=index.written,
+                    note="someone pointed the name at another collection: writing there now, "
+                    "and auditing it against SQLite",
+                )
+                self.request("collection repointed")
+            if index.collection in self.given_up:
+                continue
+            if not (changed := index.fields_changed(existing)):
                 continue
             self.log.warning(
                 "collection_fields_changed",

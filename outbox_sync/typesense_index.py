@@ -217,6 +217,7 @@ class TypesenseIndex:
         # collection it needs, and dropped (7 of 10 restarts lost documents so, 0 of 12 with
         # the real name; tests/test_localserver.py).
         self.writes: Any = self.documents
+        self.written = collection  # the real name writes go to
         # Called with (operation, outcome, seconds) after every request: metrics and stats.
         self.observe: Callable[[str, str, float], None] | None = None
         # The embedded server this index talks to, when it is the embedded one.
@@ -325,6 +326,18 @@ class TypesenseIndex:
     def retarget(self, name: str) -> None:
         """Send writes to this real collection (the alias's target)."""
         self.writes = self.client.collections[name].documents
+        self.written = name
+
+    def follow(self, existing: dict[str, Any]) -> str | None:
+        """Where our name now points at another collection than the one written to (`existing`:
+        its `info()`; someone moved the alias), write to that one, taking the mapping as it
+        lets it be: the collection written to before; None when the name has not moved."""
+        if (now := str(existing.get("name", self.collection))) == self.written:
+            return None
+        before = self.written
+        self.retarget(now)
+        self._take(existing)
+        return before
 
     def info(self) -> dict[str, Any]:
         """The collection as Typesense describes it (CollectionNotFoundError if absent)."""
@@ -411,6 +424,7 @@ class TypesenseIndex:
         other = copy.copy(self)
         other.collection = name
         other.documents = other.writes = self.client.collections[name].documents
+        other.written = name
         other.mapping = mapping or self.mapping
         other.configured = mapping or self.configured
         return other

@@ -589,10 +589,10 @@ def daemon(
             ),
         ),
         Job(
-            "fields",
-            reindex.FIELDS_WATCH_INTERVAL_S,
-            reindex.FieldsWatch(db, indexes, heartbeat),
-            due_at_start=False,  # the start checked them (ensure_collection)
+            "collections",
+            reindex.COLLECTION_WATCH_INTERVAL_S,
+            reindex.CollectionWatch(db, indexes, reconciler.request, heartbeat),
+            due_at_start=False,  # the start looked (ensure_collection)
         ),
         Job(
             "stats",

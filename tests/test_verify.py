@@ -20,7 +20,7 @@ from outbox_sync import telemetry as telemetry_module
 from outbox_sync.db import Database
 from outbox_sync.errors import DatabaseError, OutboxSyncError, TypesenseUnavailableError
 from outbox_sync.localserver import free_port
-from outbox_sync.mapping import Field, Mapping
+from outbox_sync.mapping import SEQUENCES, Field, Mapping
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import Worker, daemon
@@ -247,7 +247,7 @@ def test_a_collection_whose_fields_were_altered_in_typesense_is_rebuilt_and_said
     audit (it compares documents) said consistent, `check` said OK, and the daemon saw it only
     at its next start, which refused the collection. `check` and `status` say it now, and the
     running daemon rebuilds the collection from SQLite with the mapping's fields."""
-    monkeypatch.setattr(reindex, "FIELDS_WATCH_INTERVAL_S", 0.1)
+    monkeypatch.setattr(reindex, "COLLECTION_WATCH_INTERVAL_S", 0.1)
     path = Path(db.path)
     app_connection(path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
     drain(daemon(db, [index], audit_every_s=0))
@@ -307,7 +307,7 @@ def test_a_rebuild_of_altered_fields_that_fails_is_said_once_and_not_tried_again
         raise OutboxSyncError("rebuild failed") from failures.pop(0)
 
     monkeypatch.setattr(reindex, "rebuild", failing)
-    watch = reindex.FieldsWatch(db, [index])
+    watch = reindex.CollectionWatch(db, [index], lambda reason: None)
     with capture_logs() as logged:
         with pytest.raises(TypesenseUnavailableError):
             watch(0.0)
@@ -317,3 +317,34 @@ def test_a_rebuild_of_altered_fields_that_fails_is_said_once_and_not_tried_again
     [given_up] = [e for e in logged if e["event"] == "collection_fields_not_rebuilt"]
     assert given_up["reason"] == "rebuild failed"
     assert f"outbox-sync reindex --collection {collection}" in given_up["note"]
+
+
+def test_a_name_pointed_at_another_collection_is_followed_and_audited(
+    db: Database,
+    index: TypesenseIndex,
+    typesense_server: Server,
+    collection: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Someone points the collection's name (its alias) at another collection: searches read
+    that one, the daemon went on writing to the one it found at start, and its audits, reading
+    through the name, queued the same repairs for ever, while `check` said OK. The daemon
+    writes where the name points now and audits it: searches find every row again."""
+    monkeypatch.setattr(reindex, "COLLECTION_WATCH_INTERVAL_S", 0.1)
+    path = Path(db.path)
+    app_connection(path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    drain(daemon(db, [index], audit_every_s=0))
+    before = index.target()
+    other = f"{collection}_by_hand"
+    by_hand(typesense_server, "POST", "/collections", json=SEQUENCES.collection_schema(other))
+    with capture_logs() as logged, running(daemon(db, [index], audit_every_s=0)):
+        by_hand(typesense_server, "PUT", f"/aliases/{collection}", json={"collection_name": other})
+        app_connection(path).execute(ROW_SQL, make_row(6))
+        wait_until(
+            lambda: export(typesense_server, collection) == sqlite_documents(path),
+            what="every row in the collection the name points at",
+        )
+    [moved] = [e for e in logged if e["event"] == "collection_repointed"]
+    assert (moved["before"], moved["now"]) == (before, other)
+    assert [e["reason"] for e in logged if e["event"] == "audit_done"] == ["collection repointed"]
+    assert index.target() == other
