@@ -236,6 +236,12 @@ def searched(server: Server, collection: str, field: str, text: str) -> int | No
     return int(answer.json()["found"]) if answer.status_code == 200 else None
 
 
+def drop_comment(server: Server, collection: str) -> None:
+    """What someone with curl does to the collection: drop its `comment` field in place."""
+    drop = {"fields": [{"name": "comment", "drop": True}]}
+    by_hand(server, "PATCH", f"/collections/{collection}", json=drop)
+
+
 def test_a_collection_whose_fields_were_altered_in_typesense_is_rebuilt_and_said(
     db: Database,
     index: TypesenseIndex,
@@ -254,8 +260,7 @@ def test_a_collection_whose_fields_were_altered_in_typesense_is_rebuilt_and_said
     assert searched(typesense_server, collection, "comment", "number") == 5
     assert "fields" not in invoke(["check"], typesense_server, path, collection).output
 
-    drop = {"fields": [{"name": "comment", "drop": True}]}
-    by_hand(typesense_server, "PATCH", f"/collections/{collection}", json=drop)
+    drop_comment(typesense_server, collection)
     assert searched(typesense_server, collection, "comment", "number") is None
     checked = invoke(["check"], typesense_server, path, collection)
     assert checked.exit_code == 2
@@ -269,7 +274,7 @@ def test_a_collection_whose_fields_were_altered_in_typesense_is_rebuilt_and_said
     assert searched(typesense_server, collection, "comment", "number") == 5
 
     with capture_logs() as logged, running(daemon(db, [index], audit_every_s=0)):
-        by_hand(typesense_server, "PATCH", f"/collections/{collection}", json=drop)
+        drop_comment(typesense_server, collection)
         wait_until(
             lambda: searched(typesense_server, collection, "comment", "number") == 5,
             what="the collection rebuilt with its comment field",
@@ -297,8 +302,7 @@ def test_a_rebuild_of_altered_fields_that_fails_is_said_once_and_not_tried_again
     failure is said once and not tried at every turn after it: a rebuild is a whole table."""
     app_connection(Path(db.path)).execute(ROW_SQL, make_row(1))
     drain(daemon(db, [index], audit_every_s=0))
-    drop = {"fields": [{"name": "comment", "drop": True}]}
-    by_hand(typesense_server, "PATCH", f"/collections/{collection}", json=drop)
+    drop_comment(typesense_server, collection)
     failures = [TypesenseUnavailableError("Typesense unreachable"), ValueError("refused")]
     tried = []
 
