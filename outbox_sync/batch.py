@@ -131,6 +131,10 @@ class Applier:
         self.claim_size = min(batch_size, FIRST_READ_ROWS)
         self.log = structlog.get_logger("outbox_sync")
         self.unknown_logged: set[str] = set()
+        # The highest entry id acknowledged (None until the first acknowledgement), and what
+        # to call when entries no acknowledgement removed are gone (`_missing`).
+        self.acked: int | None = None
+        self.on_missing: Callable[[int], None] = lambda count: None
 
     def apply_once(self) -> BatchReport:
         """Apply the oldest batch of outbox entries and acknowledge it. Raises
@@ -217,10 +221,11 @@ class Applier:
         claimed = self.db.claim(asked, after=after)
         if not claimed:
             return None
-        last_id = max(last for _, _, last in claimed)
-        entries = sum(count for _, count, _ in claimed)
+        last_id = max(last for _, _, last, _ in claimed)
+        entries = sum(count for _, count, _, _ in claimed)
+        self._missing(after, min(first for _, _, _, first in claimed), last_id, entries)
         batch = Batch(last_id, BatchReport(entries=entries), full=entries == asked)
-        for name, count, _ in claimed:
+        for name, count, _, _ in claimed:
             index = self.indexes.get(name)
             if index is None:
                 self._unknown(name, count)
@@ -354,11 +359,24 @@ class Applier:
                 attempts=2,
             )
 
+    def _missing(self, after: int, first: int, last: int, entries: int) -> None:
+        """Call `on_missing` with how many entries are gone that no acknowledgement removed
+        (someone deleted them: "clearing" a grown outbox), if any. The
+        outbox has no gaps otherwise: one writer at a time, AUTOINCREMENT ids, and a rollback
+        gives its ids back. The claim after id `after` (0: from the oldest, with the first
+        id the one after the last acknowledged) holds `entries` ids from `first` to `last`."""
+        start = after + 1 if after else None if self.acked is None else self.acked + 1
+        # (a first id below the expected one: ids went back, which SchemaWatch sees)
+        gone = last - first + 1 - entries + max(0, first - (start or first))
+        if gone > 0:
+            self.on_missing(gone)
+
     def _ack(self, batches: list[Batch]) -> None:
         """Acknowledge applied batches, consecutive ones, in one write transaction."""
         self.db.ack_batches(
             batches[-1].last_id, [(batch.synced, batch.report.failures) for batch in batches]
         )
+        self.acked = batches[-1].last_id
         for report in (batch.report for batch in batches):
             self.telemetry.batch_applied(
                 report.upserted,

@@ -303,11 +303,11 @@ class Database:
 
     # -- the queue ------------------------------------------------------------------------------
 
-    def claim(self, limit: int, after: int = 0) -> list[tuple[str, int, int]]:
+    def claim(self, limit: int, after: int = 0) -> list[tuple[str, int, int, int]]:
         """What the oldest `limit` outbox entries with an id above `after` hold, per mapping:
-        (mapping, how many, the highest id). `read_claimed` reads them."""
+        (mapping, how many, the highest id, the lowest). `read_claimed` reads them."""
         return self.conn.execute(
-            "SELECT mapping, count(*), max(id)"
+            "SELECT mapping, count(*), max(id), min(id)"
             " FROM (SELECT id, mapping FROM outbox WHERE id > ? ORDER BY id LIMIT ?)"
             " GROUP BY mapping",
             (after, limit),

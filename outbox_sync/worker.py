@@ -629,6 +629,18 @@ def daemon(
 
     by_name = {index.mapping.name: index for index in indexes}
     applier = Applier(db, by_name, batch_size=batch_size, telemetry=telemetry)
+
+    def entries_missing(count: int) -> None:
+        """Someone deleted outbox entries the daemon had not applied: their changes reach
+        Typesense only through an audit (else the next scheduled one, a day later)."""
+        structlog.get_logger("outbox_sync").warning(
+            "outbox_entries_deleted",
+            entries=count,
+            note="changes not yet applied were deleted from the outbox by hand; auditing",
+        )
+        reconciler.request("outbox entries deleted")
+
+    applier.on_missing = entries_missing
     worker = Worker(
         db,
         indexes,

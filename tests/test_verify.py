@@ -352,3 +352,38 @@ def test_a_name_pointed_at_another_collection_is_followed_and_audited(
     assert (moved["before"], moved["now"]) == (before, other)
     assert [e["reason"] for e in logged if e["event"] == "audit_done"] == ["collection repointed"]
     assert index.target() == other
+
+
+@pytest.mark.parametrize("deleted", [(2, 3, 4), (4,)], ids=["the oldest", "one between"])
+def test_outbox_entries_deleted_by_hand_are_seen_and_audited_back(
+    db: Database,
+    index: TypesenseIndex,
+    typesense_server: Server,
+    collection: str,
+    deleted: tuple[int, ...],
+) -> None:
+    """An operator "clears" outbox entries the daemon has not applied yet (a bulk import's
+    backlog looks like a log): their changes were lost until the next scheduled audit, a day
+    later, or never with --audit-every 0. The outbox has no gaps otherwise (one
+    writer at a time, AUTOINCREMENT ids a rollback gives back): the daemon sees the ids it
+    skips, says so, and audits."""
+    path = Path(db.path)
+    app = app_connection(path)
+    worker = daemon(db, [index], audit_every_s=0)
+    with capture_logs() as logged:
+        app.execute(ROW_SQL, make_row(1))
+        drain(worker)
+        app.execute("BEGIN")
+        app.executemany(ROW_SQL, [make_row(i) for i in range(2, 7)])
+        app.execute("COMMIT")
+        app.execute("BEGIN")  # a transaction rolled back gives its ids back: no gap
+        app.execute(ROW_SQL, make_row(99))
+        app.execute("ROLLBACK")
+        assert [row[0] for row in app.execute("SELECT id FROM outbox")] == [2, 3, 4, 5, 6]
+        app.execute(f"DELETE FROM outbox WHERE id IN ({', '.join(map(str, deleted))})")
+        app.execute(ROW_SQL, make_row(7))
+        drain(worker)
+    [said] = [e for e in logged if e["event"] == "outbox_entries_deleted"]
+    assert said["entries"] == len(deleted)
+    assert [e["reason"] for e in logged if e["event"] == "audit_done"] == ["outbox entries deleted"]
+    assert export(typesense_server, collection) == sqlite_documents(path)
