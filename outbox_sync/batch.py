@@ -361,10 +361,10 @@ class Applier:
 
     def _missing(self, after: int, first: int, last: int, entries: int) -> None:
         """Call `on_missing` with how many entries are gone that no acknowledgement removed
-        (someone deleted them: "clearing" a grown outbox), if any. The
-        outbox has no gaps otherwise: one writer at a time, AUTOINCREMENT ids, and a rollback
-        gives its ids back. The claim after id `after` (0: from the oldest, with the first
-        id the one after the last acknowledged) holds `entries` ids from `first` to `last`."""
+        (someone deleted them: "clearing" a grown outbox), if any. The outbox has no gaps
+        otherwise: one writer at a time, AUTOINCREMENT ids, and a rollback gives its ids back.
+        The claim after id `after` (0: from the oldest, whose id follows the last one
+        acknowledged) holds `entries` ids from `first` to `last`."""
         start = after + 1 if after else None if self.acked is None else self.acked + 1
         # (a first id below the expected one: ids went back, which SchemaWatch sees)
         gone = last - first + 1 - entries + max(0, first - (start or first))

@@ -135,9 +135,10 @@ def verdict(
             found.append(
                 (
                     CRITICAL,
-                    f"collection {name} no longer has the mapping's fields "
-                    f"({one['fields_changed']}): searches on them fail; the running daemon "
-                    f"rebuilds it within a minute, or `outbox-sync reindex --collection {name}`",
+                    f"collection {name} does not have the mapping's fields "
+                    f"({one['fields_changed']}): `outbox-sync reindex --collection {name}` "
+                    "rebuilds it (a running daemon does, within a minute, where someone "
+                    "altered it in Typesense)",
                 )
             )
         if "claimed_by" in one:

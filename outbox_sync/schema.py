@@ -9,6 +9,7 @@ takes them along to the old name. So the daemon checks its triggers by name, tab
 text, at start and whenever `PRAGMA schema_version` changes, and reinstalls them.
 """
 
+import contextlib
 import json
 import re
 import sqlite3
@@ -457,11 +458,11 @@ def missing_own_tables(conn: sqlite3.Connection) -> list[str]:
 @cache
 def _own_columns() -> dict[str, frozenset[str]]:
     """The columns of each of outbox-sync's tables, as schema.sql makes them."""
-    conn = sqlite3.connect(":memory:")
-    for statement in schema_statements():
-        if statement.startswith("CREATE TABLE") and "EXISTS sequences" not in statement:
-            conn.execute(statement)
-    return {table: frozenset(declared_types(conn, table)) for table in TABLES}
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        for statement in schema_statements():
+            if statement.startswith("CREATE TABLE") and "EXISTS sequences" not in statement:
+                conn.execute(statement)
+        return {table: frozenset(declared_types(conn, table)) for table in TABLES}
 
 
 def foreign_tables(conn: sqlite3.Connection) -> dict[str, list[str]]:

@@ -265,7 +265,7 @@ def test_a_collection_whose_fields_were_altered_in_typesense_is_rebuilt_and_said
     checked = invoke(["check"], typesense_server, path, collection)
     assert checked.exit_code == 2
     assert (
-        f"collection {collection} no longer has the mapping's fields (field comment is missing)"
+        f"collection {collection} does not have the mapping's fields (field comment is missing)"
         in checked.output
     )
     status = json.loads(invoke(["status", "--json"], typesense_server, path, collection).output)
