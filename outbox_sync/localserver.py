@@ -117,6 +117,14 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def free_port_but(taken: int) -> int:
+    """A free port other than `taken`: the API port, free until the server binds it, which
+    free_port may give again (two ports of one server, and it fails to start)."""
+    while (port := free_port()) == taken:
+        pass
+    return port
+
+
 def port_in_use(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex((HOST, port)) == 0
@@ -258,7 +266,7 @@ class LocalTypesense:
             port = saved_api_port
         self.port = port or free_port()
         self.peering_port_given = peering_port is not None
-        self.peering_port = peering_port or saved.get("peering_port") or free_port()
+        self.peering_port = peering_port or saved.get("peering_port") or free_port_but(self.port)
         self.extra_args = extra_args
         # The snapshots below are for a server on its own: in a cluster a restarted node
         # catches up from the others, and 0.24.1 follows each snapshot with a write that a
@@ -333,7 +341,7 @@ class LocalTypesense:
                 "(OUTBOX_SYNC_EMBEDDED_PORT), or set TYPESENSE_URL to use a Typesense server "
                 "you run yourself"
             )
-        if port_in_use(self.peering_port):
+        if self.peering_port == self.port or port_in_use(self.peering_port):
             if self.peering_port_given:
                 raise ConfigError(
                     f"peering port {self.peering_port} on {HOST} is already in use: stop what "
@@ -342,9 +350,10 @@ class LocalTypesense:
             structlog.get_logger("outbox_sync").warning(
                 "embedded_peering_port_taken",
                 port=self.peering_port,
-                note="something else listens there; taking another (this start is slower)",
+                note="something else listens there (or the API: --embedded-port names the "
+                "peering port a start kept); taking another (this start is slower)",
             )
-            self.peering_port = free_port()
+            self.peering_port = free_port_but(self.port)
 
     def _command(self) -> list[str]:
         command = [

@@ -166,6 +166,25 @@ def test_a_saved_peering_port_taken_by_another_program_is_replaced(
     assert saved == {"api_port": server.port, "peering_port": server.peering_port}
 
 
+def test_the_peering_port_is_never_the_api_port(
+    tmp_path: Path, stopped: list[LocalTypesense], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API port is free until the server binds it, so free_port may give it again as the
+    peering port. And a start kept a peering port that --embedded-port may name later: the
+    server was given both ports the same and exited at once (code 255)."""
+    api, other = free_port(), free_port()
+    given = iter([api, api, other])
+    monkeypatch.setattr(localserver, "free_port", lambda: next(given))
+    assert LocalTypesense(tmp_path / "a", api_key=API_KEY, port=api).peering_port == other
+    monkeypatch.undo()
+
+    (tmp_path / PORTS_FILE).write_text(json.dumps({"api_port": 1, "peering_port": api}))
+    server = started(stopped, tmp_path, port=api)  # --embedded-port names the kept one
+    assert server.port == api != server.peering_port
+    with client(server) as http:
+        assert http.get("/health").json() == {"ok": True}
+
+
 def test_an_explicit_peering_port_in_use_is_refused(tmp_path: Path) -> None:
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
