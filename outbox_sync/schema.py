@@ -78,6 +78,15 @@ def schema_statements() -> list[str]:
     return statements
 
 
+def own_table_statements() -> list[str]:
+    """The statements of schema.sql that make outbox-sync's own tables (TABLES)."""
+    return [
+        statement
+        for statement in schema_statements()
+        if statement.startswith("CREATE TABLE") and "EXISTS sequences" not in statement
+    ]
+
+
 def is_builtin(mapping: Mapping) -> bool:
     """The built-in `sequences` mapping (whatever collection it writes to)."""
     return (mapping.table, mapping.key, mapping.fields) == (
@@ -439,9 +448,8 @@ def restore_tables(db: Database, mappings: Sequence[Mapping]) -> list[str]:
         return []
     with db.write() as conn:
         gone = missing_own_tables(conn)  # again, in the transaction: more may be gone by now
-        for statement in schema_statements():
-            if statement.startswith("CREATE TABLE") and "EXISTS sequences" not in statement:
-                conn.execute(statement)
+        for statement in own_table_statements():
+            conn.execute(statement)
         conn.execute(schema_statements_index())
         if "outbox_sync_meta" in gone:
             meta = [("schema_version", SCHEMA_VERSION)]
@@ -459,9 +467,8 @@ def missing_own_tables(conn: sqlite3.Connection) -> list[str]:
 def _own_columns() -> dict[str, frozenset[str]]:
     """The columns of each of outbox-sync's tables, as schema.sql makes them."""
     with contextlib.closing(sqlite3.connect(":memory:")) as conn:
-        for statement in schema_statements():
-            if statement.startswith("CREATE TABLE") and "EXISTS sequences" not in statement:
-                conn.execute(statement)
+        for statement in own_table_statements():
+            conn.execute(statement)
         return {table: frozenset(declared_types(conn, table)) for table in TABLES}
 
 
