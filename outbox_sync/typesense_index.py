@@ -217,7 +217,6 @@ class TypesenseIndex:
         # collection it needs, and dropped (7 of 10 restarts lost documents so, 0 of 12 with
         # the real name; tests/test_localserver.py).
         self.writes: Any = self.documents
-        self.written = collection  # the real name writes go to
         # Called with (operation, outcome, seconds) after every request: metrics and stats.
         self.observe: Callable[[str, str, float], None] | None = None
         # The embedded server this index talks to, when it is the embedded one.
@@ -326,7 +325,11 @@ class TypesenseIndex:
     def retarget(self, name: str) -> None:
         """Send writes to this real collection (the alias's target)."""
         self.writes = self.client.collections[name].documents
-        self.written = name
+
+    @property
+    def written(self) -> str:
+        """The real name writes go to."""
+        return str(self.writes.collection_name)
 
     def follow(self, existing: dict[str, Any]) -> str | None:
         """Where our name now points at another collection than the one written to (`existing`:
@@ -424,7 +427,6 @@ class TypesenseIndex:
         other = copy.copy(self)
         other.collection = name
         other.documents = other.writes = self.client.collections[name].documents
-        other.written = name
         other.mapping = mapping or self.mapping
         other.configured = mapping or self.configured
         return other
