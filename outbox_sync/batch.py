@@ -365,9 +365,9 @@ class Applier:
         otherwise: one writer at a time, AUTOINCREMENT ids, and a rollback gives its ids back.
         The claim after id `after` (0: from the oldest, whose id follows the last one
         acknowledged) holds `entries` ids from `first` to `last`."""
-        start = after + 1 if after else None if self.acked is None else self.acked + 1
-        # (a first id below the expected one: ids went back, which SchemaWatch sees)
-        gone = last - first + 1 - entries + max(0, first - (start or first))
+        follows = after or self.acked  # the id the claim's first should follow; None: unknown
+        skipped = 0 if follows is None else first - follows - 1  # < 0: ids went back (SchemaWatch)
+        gone = last - first + 1 - entries + max(0, skipped)
         if gone > 0:
             self.on_missing(gone)
 
