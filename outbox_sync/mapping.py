@@ -296,25 +296,23 @@ class Mapping:
         would not. Never another key that the column's collation takes for it (NOCASE,
         RTRIM): that is another document, and a delete must not become its upsert (the
         first `=` lets SQLite use the key's index, the second compares the bytes; an INTEGER
-        key has no text to compare, and its drain is spared the second). The entries' columns
-        get names of our own, so every other name means the table's (a column the table lacks
-        is an error, not an outbox column). Made once per mapping: the drain asks for it every
-        batch (25 us to build)."""
+        key has no text to compare, and its drain is spared the second). The row is read by a
+        query of its own, where every name is the table's: a column the table lacks is an
+        error, not an outbox column, and no column clashes with one of ours. SQLite flattens
+        it into the join: one key lookup per entry, as a plain join. Made once per mapping:
+        the drain asks for it every batch (25 us to build)."""
         table, key = quote_identifier(self.table), quote_identifier(self.key)
-        where = f" AND ({self.where})" if self.where else ""
-        exact = (
-            f" AND {table}.{key} = outbox_sync_key COLLATE BINARY"
-            if self.key_kind == "text"
-            else ""
-        )
+        where = f" WHERE {self.where}" if self.where else ""
+        found, line = "record.outbox_sync_key", "record.outbox_sync_line"
+        exact = f" AND {found} = entry.record_key COLLATE BINARY"
         return (
-            f"SELECT outbox_sync_id, outbox_sync_delete, coalesce({table}.{key}, outbox_sync_key),"
-            f" CASE WHEN {table}.{key} IS NOT NULL THEN coalesce({self.line_sql()}, x'') END"
-            " FROM (SELECT id AS outbox_sync_id, op = 'delete' AS outbox_sync_delete,"
-            " record_key AS outbox_sync_key FROM outbox WHERE id > ? AND id <= ? AND mapping = ?)"
-            f" LEFT JOIN {table} ON {table}.{key} = outbox_sync_key"
-            f" AND typeof(outbox_sync_key) IN ('integer', 'real', 'text'){exact}{where}"
-            " ORDER BY outbox_sync_id"
+            f"SELECT entry.id, entry.op = 'delete', coalesce({found}, entry.record_key),"
+            f" CASE WHEN {found} IS NOT NULL THEN coalesce({line}, x'') END"
+            f" FROM outbox AS entry LEFT JOIN (SELECT {key} AS outbox_sync_key, {self.line_sql()}"
+            f" AS outbox_sync_line FROM {table}{where}) AS record ON {found} = entry.record_key"
+            " AND typeof(entry.record_key) IN ('integer', 'real', 'text')"
+            f"{exact if self.key_kind == 'text' else ''}"
+            " WHERE entry.id > ? AND entry.id <= ? AND entry.mapping = ? ORDER BY entry.id"
         )
 
     # -- triggers --------------------------------------------------------------------------------

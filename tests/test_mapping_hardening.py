@@ -129,3 +129,57 @@ def test_a_table_depended_on_through_two_key_columns_resyncs_the_documents_of_bo
     drain(sync)
     found = {slug: doc["friends"] for slug, doc in export(typesense_server, collection).items()}
     assert found == {"ann": ["cy"], "bob": [], "cy": ["ann"]}
+
+
+OUR_NAMES = "outbox_sync_id INTEGER, outbox_sync_delete INTEGER NOT NULL, outbox_sync_line TEXT"
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        (f"CREATE TABLE notes (id INTEGER PRIMARY KEY, outbox_sync_key TEXT, {OUR_NAMES})", "id"),
+        (
+            f"CREATE TABLE notes (outbox_sync_key TEXT PRIMARY KEY, id INT, {OUR_NAMES})",
+            "outbox_sync_key",
+        ),
+    ],
+    ids=["integer-key", "text-key-named-as-ours"],
+)
+def test_a_table_with_columns_named_as_the_drains_own_syncs_them(
+    tmp_path: Path, typesense_server: Server, collection: str, table: str, key: str
+) -> None:
+    """The drain's query named the outbox's columns `outbox_sync_id`, `outbox_sync_key` and
+    `outbox_sync_delete` beside the table's: a table with a column of one of those names made
+    every change of it a sync error ("ambiguous column name"). The table's columns are its
+    own, in the mapping's fields and its `where` too."""
+    path = tmp_path / "notes.db"
+    app = app_connection(path)
+    app.execute(table)
+    mapping = Mapping(
+        table="notes",
+        key=key,
+        collection=collection,
+        fields=(Field("outbox_sync_id", "int32"), Field("outbox_sync_line", "string")),
+        where="outbox_sync_delete = 0",
+    )
+    db, sync = mapping_worker(path, mapping, typesense_server, collection)
+    insert = (
+        f"INSERT INTO notes ({key}, outbox_sync_id, outbox_sync_delete, outbox_sync_line)"
+        " VALUES (?, ?, ?, ?)"
+    )
+    app.executemany(insert, [(1, 10, 0, "kept"), (2, 20, 1, "left out"), (3, 30, 0, "third")])
+    drain(sync)
+    assert sync_errors.find(db) == []
+    found = {
+        k: (d["outbox_sync_id"], d["outbox_sync_line"])
+        for k, d in export(typesense_server, collection).items()
+    }
+    assert found == {"1": (10, "kept"), "3": (30, "third")}
+    app.execute(f"UPDATE notes SET outbox_sync_delete = 1 WHERE {key} = 1")
+    app.execute(f"DELETE FROM notes WHERE {key} = 3")
+    app.execute(f"UPDATE notes SET outbox_sync_delete = 0 WHERE {key} = 2")
+    drain(sync)
+    assert sync_errors.find(db) == []
+    assert {k: d["outbox_sync_line"] for k, d in export(typesense_server, collection).items()} == {
+        "2": "left out"
+    }
