@@ -341,8 +341,10 @@ class CollectionWatch:
       which then refused the collection. It rebuilds such a collection from SQLite with the
       mapping's fields, as `reindex` does (no downtime), with one `collection_fields_changed`
       warning. Trouble the loop waits out leaves it for a later turn; a rebuild that fails
-      otherwise, or leaves the fields as they were, is said once and not tried again (`check`
-      says it meanwhile, and the next start refuses the collection).
+      otherwise, or leaves the fields as they were, is said once and not tried again until the
+      collection is right again (rebuilt by hand) or the daemon starts again (`check` and the
+      `outbox_sync_collection_fields_changed` metric say it meanwhile; the next start refuses
+      the collection).
     - Where its name points: someone moves the alias to another collection. The daemon went on
       writing to the one it found at start, which no search reads, and its audits, reading
       through the name, queued the same repairs for ever. It writes to the one the name points
@@ -354,8 +356,10 @@ class CollectionWatch:
         indexes: Sequence[TypesenseIndex],
         request: Callable[[str], None],
         heartbeat: Callable[[], None] = lambda: None,
+        seen: Callable[[str, bool], None] = lambda collection, changed: None,
     ) -> None:
         self.db, self.indexes, self.request, self.heartbeat = db, indexes, request, heartbeat
+        self.seen = seen  # (collection, whether its fields are changed): the metric
         self.given_up: set[str] = set()
         self.log = structlog.get_logger("outbox_sync")
 
@@ -372,9 +376,12 @@ class CollectionWatch:
                     "and auditing it against SQLite",
                 )
                 self.request("collection repointed")
-            if index.collection in self.given_up:
+            changed = index.fields_changed(existing)
+            self.seen(index.collection, bool(changed))
+            if not changed:
+                self.given_up.discard(index.collection)  # rebuilt by hand: the next is ours
                 continue
-            if not (changed := index.fields_changed(existing)):
+            if index.collection in self.given_up:
                 continue
             self.log.warning(
                 "collection_fields_changed",
@@ -395,7 +402,9 @@ class CollectionWatch:
                 self._give_up(index, str(error))
                 continue
             self.log.info("reindex_finished", reason="collection fields changed", **asdict(result))
-            if still := index.fields_changed():
+            still = index.fields_changed()
+            self.seen(index.collection, bool(still))
+            if still:
                 self._give_up(index, "; ".join(still))
 
     def _give_up(self, index: TypesenseIndex, reason: str) -> None:
@@ -405,7 +414,7 @@ class CollectionWatch:
             collection=index.collection,
             reason=reason,
             note=f"run `outbox-sync reindex --collection {index.collection}`; not tried again "
-            "until the daemon starts again",
+            "until the collection is right again or the daemon starts again",
         )
 
 

@@ -95,6 +95,20 @@ class Metrics:
             "Unix time the last audit finished (0 before the first one).",
             registry=self.registry,
         )
+        self.sync_paused = Gauge(
+            "outbox_sync_sync_paused",
+            "1 while the sync waits out trouble (Typesense unavailable, the database locked, "
+            "a table gone, a full disk), else 0.",
+            registry=self.registry,
+        )
+        self.fields_changed = Gauge(
+            "outbox_sync_collection_fields_changed",
+            "1 while the collection, as the daemon last looked (every minute), lacks the "
+            "mapping's fields: someone altered it in Typesense. The daemon rebuilds it; one "
+            "that stays 1 it could not rebuild.",
+            ["collection"],
+            registry=self.registry,
+        )
 
 
 class Telemetry:
@@ -154,6 +168,13 @@ class Telemetry:
     def paused(self, since: float | None, reason: str = "") -> None:
         """The loop waits out trouble (since `since`), or (None) it works again."""
         self.paused_since, self.paused_reason = since, reason
+        if self.metrics is not None:
+            self.metrics.sync_paused.set(0 if since is None else 1)
+
+    def collection_fields(self, collection: str, changed: bool) -> None:
+        """Whether the collection, as the daemon looked at it now, lacks the mapping's fields."""
+        if self.metrics is not None:
+            self.metrics.fields_changed.labels(collection).set(1 if changed else 0)
 
     def outage_ended(self, started: float, ended: float) -> None:
         """An outage, in Unix time, for the weekly report's "longest outage"."""

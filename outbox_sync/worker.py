@@ -591,7 +591,9 @@ def daemon(
         Job(
             "collections",
             reindex.COLLECTION_WATCH_INTERVAL_S,
-            reindex.CollectionWatch(db, indexes, reconciler.request, heartbeat),
+            reindex.CollectionWatch(
+                db, indexes, reconciler.request, heartbeat, telemetry.collection_fields
+            ),
             due_at_start=False,  # the start looked (ensure_collection)
         ),
         Job(

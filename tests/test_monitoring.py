@@ -272,6 +272,25 @@ def test_alert_unit_tests_pass() -> None:
             id="audit-guard",
         ),
         pytest.param("for: 26h", "for: 20h", id="never-audited-for"),
+        # Without the guard, a Typesense outage fires this alert beside its own.
+        pytest.param(
+            "outbox_sync_sync_paused == 1\n          and on (instance, job)\n"
+            "          outbox_sync_typesense_up == 1\n",
+            "outbox_sync_sync_paused == 1\n",
+            id="paused-guard",
+        ),
+        pytest.param(
+            "outbox_sync_sync_paused == 1\n          and on (instance, job)\n"
+            "          outbox_sync_typesense_up == 1\n        for: 5m",
+            "outbox_sync_sync_paused == 1\n          and on (instance, job)\n"
+            "          outbox_sync_typesense_up == 1\n        for: 3m",
+            id="paused-for",
+        ),
+        pytest.param(
+            "outbox_sync_collection_fields_changed == 1\n        for: 5m",
+            "outbox_sync_collection_fields_changed == 1\n        for: 1m",
+            id="fields-for",
+        ),
         pytest.param("the last audit found {{ $value }}", "the last audit found", id="annotation"),
     ],
 )
@@ -304,6 +323,8 @@ REQUIRED_ALERTS = {
         "outbox_sync_documents_failed_total",
     },
     "OutboxSyncTypesenseDown": {"outbox_sync_typesense_up"},
+    "OutboxSyncPaused": {"outbox_sync_sync_paused", "outbox_sync_typesense_up"},
+    "OutboxSyncCollectionFieldsChanged": {"outbox_sync_collection_fields_changed"},
     "OutboxSyncDown": {"up"},
     "OutboxSyncTargetMissing": {"up"},
     "OutboxSyncAuditDrift": {"outbox_sync_audit_drift"},

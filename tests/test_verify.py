@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -164,16 +165,20 @@ def test_healthz_says_so_when_the_sync_has_been_paused_for_long(
     out the busy timeout and fails, the loop backs off and sends it again, for as long as the
     lock is held. /healthz answered 200 "ok" throughout: the loop turns (its pause keeps the
     heartbeat) and Typesense answers, and a paused sync is neither. The same for a mapped table
-    that is gone ("sync_paused") and for anything else that pauses the loop."""
+    that is gone ("sync_paused") and for anything else that pauses the loop. Prometheus had no
+    metric for it either: `outbox_sync_sync_paused`."""
     monkeypatch.setattr(telemetry_module, "LOOP_STALL_S", 1.0)
     app = app_connection(db_path)
     db = Database(db_path, busy_timeout_s=0.1)
-    telemetry = Telemetry(metrics=False)
+    telemetry = Telemetry()
+    assert telemetry.metrics is not None
+    paused = partial(telemetry.metrics.registry.get_sample_value, "outbox_sync_sync_paused")
     worker = daemon(db, [index], telemetry=telemetry, min_backoff_s=0.05, max_backoff_s=0.1)
     stop = threading.Event()
     app.execute(ROW_SQL, make_row(100))
     assert worker.loop(time.monotonic(), stop).applied == 1
     assert telemetry.health(time.monotonic()) == (True, "ok")
+    assert paused() == 0
     app.executemany(ROW_SQL, [make_row(i) for i in range(1, 4)])
     app.execute("BEGIN IMMEDIATE")  # the application's long write transaction
     try:
@@ -182,8 +187,13 @@ def test_healthz_says_so_when_the_sync_has_been_paused_for_long(
             assert worker.loop(time.monotonic(), stop).paused
         assert db.backlog()[0] == 3  # nothing acknowledged
         assert telemetry.health(time.monotonic())[0] is False, telemetry.health(time.monotonic())
+        assert paused() == 1  # Prometheus sees it too
     finally:
         app.execute("ROLLBACK")
+    try:
+        assert worker.loop(time.monotonic(), stop).applied == 3
+        assert paused() == 0
+    finally:
         worker.jobs["audit"].run.stop()
         db.close()
 
@@ -310,8 +320,19 @@ def test_a_rebuild_of_altered_fields_that_fails_is_said_once_and_not_tried_again
         tried.append(failures[0])
         raise OutboxSyncError("rebuild failed") from failures.pop(0)
 
+    real_rebuild = reindex.rebuild
     monkeypatch.setattr(reindex, "rebuild", failing)
-    watch = reindex.CollectionWatch(db, [index], lambda reason: None)
+    telemetry = Telemetry()
+    watch = reindex.CollectionWatch(
+        db, [index], lambda reason: None, seen=telemetry.collection_fields
+    )
+
+    def metric() -> float | None:  # what Prometheus scrapes: the alert's
+        assert telemetry.metrics is not None
+        return telemetry.metrics.registry.get_sample_value(
+            "outbox_sync_collection_fields_changed", {"collection": collection}
+        )
+
     with capture_logs() as logged:
         with pytest.raises(TypesenseUnavailableError):
             watch(0.0)
@@ -321,6 +342,15 @@ def test_a_rebuild_of_altered_fields_that_fails_is_said_once_and_not_tried_again
     [given_up] = [e for e in logged if e["event"] == "collection_fields_not_rebuilt"]
     assert given_up["reason"] == "rebuild failed"
     assert f"outbox-sync reindex --collection {collection}" in given_up["note"]
+    assert metric() == 1
+    real_rebuild(db, index)  # on-call follows the advice
+    watch(0.0)
+    assert metric() == 0
+    monkeypatch.setattr(reindex, "rebuild", real_rebuild)
+    drop_comment(typesense_server, collection)  # and a later change is the daemon's again
+    watch(0.0)
+    assert searched(typesense_server, collection, "comment", "number") == 1
+    assert metric() == 0
 
 
 def test_a_name_pointed_at_another_collection_is_followed_and_audited(
