@@ -280,6 +280,12 @@ def test_a_collection_whose_fields_were_altered_in_typesense_is_rebuilt_and_said
     )
     status = json.loads(invoke(["status", "--json"], typesense_server, path, collection).output)
     assert status["collections"][collection]["fields_changed"] == "field comment is missing"
+    audited = invoke(["audit"], typesense_server, path, collection)  # the documents are alike
+    assert audited.exit_code == 1
+    assert (
+        f"collection {collection} does not have the mapping's fields (field comment is missing)"
+        in audited.output
+    )
     assert invoke(["reindex"], typesense_server, path, collection).exit_code == 0  # its advice
     assert searched(typesense_server, collection, "comment", "number") == 5
 
@@ -299,6 +305,7 @@ def test_a_collection_whose_fields_were_altered_in_typesense_is_rebuilt_and_said
     assert export(typesense_server, collection) == sqlite_documents(path)
     status = json.loads(invoke(["status", "--json"], typesense_server, path, collection).output)
     assert "fields_changed" not in status["collections"][collection]
+    assert invoke(["audit"], typesense_server, path, collection).exit_code == 0
 
 
 def test_a_rebuild_of_altered_fields_that_fails_is_said_once_and_not_tried_again(

@@ -192,6 +192,7 @@ def audit(settings: Settings, repair: bool, max_lag: str, as_json: bool) -> None
     reports drift: missing (row, no document), extra (document, no
     row), stale (different content) and invalid (a row that fails validation with no open sync
     error). Records waiting in the outbox, and records with an open sync error, are not drift.
+    A collection whose fields are not the mapping's (altered in Typesense) is drift too.
 
     Exit status: 0 consistent, 1 drift found (also with --repair) or a change waiting longer
     than --max-lag, 2 error. Safe while the daemon and the application run; memory stays flat
@@ -219,6 +220,15 @@ def audit(settings: Settings, repair: bool, max_lag: str, as_json: bool) -> None
                     render.echo_lines(
                         render.audit_lines(index.collection, checked, summary, repaired)
                     )
+            if changed := index.fields_changed():  # its documents compare alike: searches fail
+                consistent = False
+                click.echo(
+                    f"collection {index.collection} does not have the mapping's fields "
+                    f"({'; '.join(changed)}): searches on them fail; `outbox-sync reindex "
+                    f"--collection {index.collection}` rebuilds it (a running daemon does, "
+                    "within a minute, where someone altered it in Typesense)",
+                    err=as_json,
+                )
     if waiting := [i.collection for i in indexes if opened.db.fill_asked(i.mapping.name)]:
         click.echo(
             f"not filled yet: {', '.join(waiting)}: `init` found rows in the table, which the "
