@@ -39,9 +39,12 @@ SCHEMA_VERSION = "2"
 # start) then compares Typesense with the tables, which changed unseen meanwhile.
 RECONCILE_REQUEST_KEY = "reconcile_requested"
 # What every trigger of ours does, and no other trigger does: write our outbox's columns (an
-# application's own `outbox`, which `init` refuses to share, has triggers of its own).
+# application's own `outbox`, which `init` refuses to share, has triggers of its own). Or did:
+# the outbox renamed (ALTER TABLE outbox RENAME TO outbox_old), SQLite rewrites our triggers to
+# write there (`elsewhere`), and the daemon makes the outbox again and puts them back.
 OUR_TRIGGER = re.compile(
-    r"\bINSERT\s+INTO\s+[\"`\[]?outbox[\"`\]]?\s*\(\s*[\"`\[]?(?:mapping|record_key|sequence_id)\b",
+    r"\bINSERT\s+INTO\s+(?:[\"`\[]?outbox[\"`\]]?\s*\(\s*[\"`\[]?(?:mapping|record_key|sequence_id)\b"
+    r"|(?P<elsewhere>\"(?:[^\"]|\"\")*\"|`[^`]*`|\[[^\]]*\]|\w+)\s*\(\s*mapping\s*,\s*record_key\s*,\s*op\s*\))",
     re.IGNORECASE,
 )
 # Version 1 (one table, `sequences`): the outbox and sync_errors had no mapping column and
@@ -117,7 +120,11 @@ def trigger_problems(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> l
         elif present[trigger.name][0] != trigger.table:
             problems.append(f"{trigger.name} was on table {present[trigger.name][0]}")
         elif present[trigger.name][1].split() != trigger.sql.split():
-            problems.append(f"{trigger.name} was not outbox-sync's")
+            ours = OUR_TRIGGER.search(present[trigger.name][1])
+            if ours is not None and ours["elsewhere"] is not None:
+                problems.append(f"{trigger.name} wrote into {ours['elsewhere']}, not outbox")
+            else:
+                problems.append(f"{trigger.name} was not outbox-sync's")
     names = {trigger.name for trigger in wanted}
     for name, (_, sql) in present.items():
         if name not in names and OUR_TRIGGER.search(sql):
@@ -134,7 +141,8 @@ def missing_tables(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> lis
 
 def _reinstall(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> list[str]:
     """Inside a write transaction: drop every trigger of ours and create the mappings' again,
-    when anything about them is wrong."""
+    when anything about them is wrong. DatabaseError, naming it, when a trigger of the
+    application's has the name one of ours must have."""
     problems = trigger_problems(conn, mappings)
     if problems:
         for name, sql in conn.execute(
@@ -142,7 +150,16 @@ def _reinstall(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> list[st
         ).fetchall():
             if OUR_TRIGGER.search(sql):
                 conn.execute(f"DROP TRIGGER {quote_identifier(name)}")
+        left = conn.execute("SELECT lower(name) FROM sqlite_master WHERE type = 'trigger'")
+        taken = {row[0] for row in left}
         for trigger in owned_triggers(mappings):
+            if trigger.name.lower() in taken:  # SQLite's names are one in any case
+                raise DatabaseError(
+                    f"the trigger {trigger.name} is not outbox-sync's (it writes no outbox "
+                    f"entry), and outbox-sync names its trigger on {trigger.table} so: rename "
+                    f"or drop that one (DROP TRIGGER {quote_identifier(trigger.name)}), then "
+                    "run `outbox-sync init` again"
+                )
             conn.execute(trigger.sql)
     return problems
 

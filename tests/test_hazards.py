@@ -931,6 +931,60 @@ def test_an_outbox_dropped_between_the_schema_check_and_the_drain_pauses_the_syn
     assert set(export(typesense_server, collection)) >= {str(i) for i in range(11, 21)}
 
 
+def test_an_outbox_renamed_under_the_daemon_is_made_again_and_its_triggers_put_back(
+    db_path: Path, worker: Worker, typesense_server: Server, collection: str
+) -> None:
+    """`ALTER TABLE outbox RENAME TO outbox_old` (someone keeping the backlog aside): SQLite
+    rewrote our triggers to write there. The daemon made the outbox again, then stopped at
+    every start on "trigger sequences_outbox_insert already exists", for its triggers no
+    longer looked like its own, and `check` said it repairs them. It puts them back and audits,
+    and the changes recorded in outbox_old reach search; that table is left as it is."""
+    app = app_connection(db_path)
+    insert_rows(app, range(1, 11))
+    stop = Stop()
+    worker.loop(time.monotonic(), stop)
+    app.execute("ALTER TABLE outbox RENAME TO outbox_old")
+    insert_rows(app, range(11, 21))  # recorded in outbox_old
+    with structlog.testing.capture_logs() as logs:
+        wait_until(
+            lambda: (
+                worker.loop(time.monotonic(), stop)
+                and set(export(typesense_server, collection)) >= {str(i) for i in range(1, 21)}
+            ),
+            what="the changes kept in outbox_old synced",
+        )
+    (restored,) = [entry for entry in logs if entry["event"] == "own_tables_restored"]
+    assert restored["tables"] == ["outbox"]
+    assert 'sequences_outbox_insert wrote into "outbox_old", not outbox' in restored["triggers"]
+    insert_rows(app, range(21, 31))  # into the outbox again
+    assert app.execute("SELECT count(*) FROM outbox").fetchone() == (10,)
+    worker.loop(time.monotonic(), stop)
+    assert set(export(typesense_server, collection)) == {str(i) for i in range(1, 31)}
+    assert app.execute("SELECT count(*) FROM outbox_old").fetchone() == (10,)
+    assert schema.trigger_problems(app, [SEQUENCES]) == []
+
+
+def test_an_applications_trigger_under_one_of_our_names_is_refused_naming_it(
+    db_path: Path,
+) -> None:
+    """A trigger of the application's own named as outbox-sync names its trigger: the repair
+    failed on "trigger sequences_outbox_insert already exists", as if the database could not
+    be written, at every start. `init` names that trigger, changing nothing."""
+    app = app_connection(db_path)
+    app.executescript(
+        "DROP TRIGGER sequences_outbox_insert;"
+        "CREATE TABLE audit_log (what TEXT);"
+        "CREATE TRIGGER Sequences_Outbox_Insert AFTER INSERT ON sequences"
+        " BEGIN INSERT INTO audit_log (what) VALUES ('inserted'); END;"
+    )
+    before = app.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+    with contextlib.closing(Database(db_path)) as db, pytest.raises(DatabaseError) as refused:
+        schema.init(db, [SEQUENCES])
+    assert "the trigger sequences_outbox_insert is not outbox-sync's" in str(refused.value)
+    assert "DROP TRIGGER" in str(refused.value)
+    assert app.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall() == before
+
+
 def damaged_database(path: Path) -> None:
     """A database whose `sequences` has five pages zeroed, as a bad disk or a copy taken
     while the file was written leaves it. The table is filled before `init`, so its rows fill
