@@ -348,7 +348,12 @@ class CollectionWatch:
     - Where its name points: someone moves the alias to another collection. The daemon went on
       writing to the one it found at start, which no search reads, and its audits, reading
       through the name, queued the same repairs for ever. It writes to the one the name points
-      at now, with one `collection_repointed` warning, and audits it (`request`)."""
+      at now, with one `collection_repointed` warning, and audits it (`request`).
+    - How many documents it holds: a count that moved while the daemon sent it no write is
+      another's doing (a delete by filter, an import by hand, a script with the admin key),
+      which waited for the daily audit. It audits now, with one
+      `documents_changed_elsewhere` warning. A change made while the daemon writes too is
+      left to that audit: the count cannot tell it from the daemon's own."""
 
     def __init__(
         self,
@@ -361,6 +366,8 @@ class CollectionWatch:
         self.db, self.indexes, self.request, self.heartbeat = db, indexes, request, heartbeat
         self.seen = seen  # (collection, whether its fields are changed): the metric
         self.given_up: set[str] = set()
+        # per collection, at the last look: (the real collection, its documents, index.sent)
+        self.counted: dict[str, tuple[str, int, int]] = {}
         self.log = structlog.get_logger("outbox_sync")
 
     def __call__(self, now: float) -> None:
@@ -376,6 +383,7 @@ class CollectionWatch:
                     "and auditing it against SQLite",
                 )
                 self.request("collection repointed")
+            self._count(index, existing)
             changed = index.fields_changed(existing)
             self.seen(index.collection, bool(changed))
             if not changed:
@@ -406,6 +414,24 @@ class CollectionWatch:
             self.seen(index.collection, bool(still))
             if still:
                 self._give_up(index, "; ".join(still))
+
+    def _count(self, index: TypesenseIndex, existing: dict[str, Any]) -> None:
+        """Audit when the collection's documents changed between two looks at the same
+        collection while the daemon sent it no write."""
+        now = (str(existing.get("name")), int(existing.get("num_documents", 0)), index.sent)
+        before = self.counted.get(index.collection)
+        self.counted[index.collection] = now
+        if before is None or before[0] != now[0] or before[2] != now[2] or before[1] == now[1]:
+            return
+        self.log.warning(
+            "documents_changed_elsewhere",
+            collection=index.collection,
+            before=before[1],
+            now=now[1],
+            note="its documents changed while the daemon sent it nothing: someone else wrote "
+            "to it (a delete by filter, an import by hand): auditing it against SQLite",
+        )
+        self.request("documents changed in Typesense")
 
     def _give_up(self, index: TypesenseIndex, reason: str) -> None:
         self.given_up.add(index.collection)

@@ -221,6 +221,9 @@ class TypesenseIndex:
         self.observe: Callable[[str, str, float], None] | None = None
         # The embedded server this index talks to, when it is the embedded one.
         self.server: LocalTypesense | None = None
+        # Moves with every write request (imports, deletes; `_write`): how the collection watch
+        # tells a change of the documents by another from the daemon's own.
+        self.sent = 0
         # What a refused key asks for: the embedded server's own words when it has them.
         self.key_advice = KEY_ADVICE
 
@@ -257,6 +260,16 @@ class TypesenseIndex:
         """`_call` under RETRY_ONCE."""
         result: T = RETRY_ONCE.copy()(self._call, operation, request, about=about)
         return result
+
+    def _write(self, operation: str, request: Callable[[], T]) -> T:
+        """`_call_retrying` of a request that writes documents, counted in `sent` as it goes
+        and once it is answered: a look at the collection while it is in flight sees `sent`
+        move by the next look."""
+        self.sent += 1
+        try:
+            return self._call_retrying(operation, request)
+        finally:
+            self.sent += 1
 
     # -- collection -----------------------------------------------------------------------------
 
@@ -468,7 +481,7 @@ class TypesenseIndex:
         IMPORT_MAX_BYTES goes in several requests."""
         results: list[ImportResult] = []
         for part in split_lines(body, IMPORT_MAX_BYTES):
-            response = self._call_retrying(
+            response = self._write(
                 "import", functools.partial(self.writes.import_, part, {"action": action})
             )
             # "\n" only: a refused line echoes its document, and JSON leaves U+2028, U+2029
@@ -493,7 +506,7 @@ class TypesenseIndex:
         deleted = 0
         for filter_by in id_filters(listed):
             params = {"filter_by": filter_by}
-            response: dict[str, Any] = self._call_retrying(
+            response: dict[str, Any] = self._write(
                 "delete", functools.partial(self.writes.delete, params)
             )
             deleted += int(response.get("num_deleted", 0))
@@ -525,7 +538,7 @@ class TypesenseIndex:
         there."""
         document = self.writes[quote(doc_id, safe="")]
         try:
-            self._call_retrying("delete", document.delete)
+            self._write("delete", document.delete)
         except CollectionNotFoundError:
             raise
         except NotFoundError:

@@ -439,6 +439,8 @@ def test_its_own_tables_dropped_while_the_daemon_runs_are_made_again_and_audited
     wait_until(lambda: events(daemon, "own_tables_restored"), what="the tables made again")
     app.insert(app.conn, range(151, 161), "")  # the application writes again
     wait_until(lambda: matching(typesense_server, collection, app), what="the match")
+    # the audit logs its result after it queued the repairs, which the drain may apply first
+    wait_until(lambda: events(daemon, "audit_done"), what="the audit's result")
     (restored,) = events(daemon, "own_tables_restored")
     assert restored["tables"] == ["outbox", "sync_errors", "sync_stats", "outbox_sync_meta"]
     assert [e["reason"] for e in events(daemon, "audit_done")] == ["own tables dropped"]

@@ -385,10 +385,64 @@ def test_a_name_pointed_at_another_collection_is_followed_and_audited(
             lambda: export(typesense_server, collection) == sqlite_documents(path),
             what="every row in the collection the name points at",
         )
+        # the audit's result is logged after its repairs are queued, which may be applied first
+        wait_until(lambda: [e for e in logged if e["event"] == "audit_done"], what="its result")
     [moved] = [e for e in logged if e["event"] == "collection_repointed"]
     assert (moved["before"], moved["now"]) == (before, other)
     assert [e["reason"] for e in logged if e["event"] == "audit_done"] == ["collection repointed"]
     assert index.target() == other
+
+
+def test_documents_deleted_in_typesense_by_another_are_seen_and_audited_back(
+    db: Database,
+    index: TypesenseIndex,
+    typesense_server: Server,
+    collection: str,
+) -> None:
+    """Someone deletes documents in Typesense (a delete by filter, a script with the admin
+    key): they were missing from search until the daily audit, or for ever with
+    --audit-every 0. The daemon's look at the collection each minute sees its count move while
+    it sent no write, says so, and audits; its own writes move the count without a word."""
+    path = Path(db.path)
+    app = app_connection(path)
+    app.executemany(ROW_SQL, [make_row(i) for i in range(1, 11)])
+    worker = daemon(db, [index], audit_every_s=0)
+    drain(worker)
+    requests: list[str] = []
+    watch = reindex.CollectionWatch(db, [index], requests.append)
+    with capture_logs() as logged:
+        watch(0.0)  # the first look counts
+        app.executemany(ROW_SQL, [make_row(i) for i in range(11, 16)])
+        app.execute("DELETE FROM sequences WHERE id = 1")
+        drain(worker)
+        watch(0.0)  # its own writes
+        assert requests == []
+        path_ = f"/collections/{collection}/documents"
+        by_hand(typesense_server, "DELETE", path_, params={"filter_by": "id:[2,3,4]"})
+        watch(0.0)
+    assert requests == ["documents changed in Typesense"]
+    [seen] = [e for e in logged if e["event"] == "documents_changed_elsewhere"]
+    assert (seen["before"], seen["now"]) == (14, 11)
+
+    look, stop = worker.jobs["collections"].run, threading.Event()  # the daemon's own watch
+    look(0.0)
+    by_hand(typesense_server, "DELETE", path_, params={"filter_by": "id:[5,6]"})
+    try:
+        with capture_logs() as logged:
+            look(0.0)
+            wait_until(
+                lambda: (
+                    worker.loop(time.monotonic(), stop)
+                    and export(typesense_server, collection) == sqlite_documents(path)
+                    and [e for e in logged if e["event"] == "audit_done"]
+                ),
+                what="the deleted documents back, and the audit's result",
+            )
+    finally:
+        worker.jobs["audit"].run.stop()
+    assert [e["reason"] for e in logged if e["event"] == "audit_done"] == [
+        "documents changed in Typesense"
+    ]
 
 
 @pytest.mark.parametrize("deleted", [(2, 3, 4), (4,)], ids=["the oldest", "one between"])
