@@ -513,6 +513,8 @@ REQUIRED_PANELS: dict[str, Callable[[str], bool]] = {
     "daemon up": lambda e: metric_names(e) == {"up"} and f'job="{JOB}"' in e,
     "audit drift": lambda e: "outbox_sync_audit_drift" in metric_names(e),
     "last audit": lambda e: "outbox_sync_audit_last_success_timestamp_seconds" in metric_names(e),
+    "sync paused": lambda e: "outbox_sync_sync_paused" in metric_names(e),
+    "fields changed": lambda e: "outbox_sync_collection_fields_changed" in metric_names(e),
     "failures by reason": lambda e: (
         "outbox_sync_documents_failed_total" in metric_names(e) and "reason" in grouping_labels(e)
     ),
@@ -775,9 +777,14 @@ def test_prometheus_scrapes_the_daemon_and_the_dashboard_shows_it(
         where: prometheus.query(as_promql(query, rate_interval="10s"))
         for where, query in dashboard_queries(dashboard()).items()
     }
-    # Before the first audit, the daemon exports no drift series (one per kind, once audited).
-    audit = {"Audit drift / A", "Audit drift by kind / A"}
-    empty = [where for where, result in results.items() if not result and where not in audit]
+    # Before the first audit, the daemon exports no drift series (one per kind, once audited),
+    # and before its first look at the collections (a minute after its start) no fields series.
+    later = {
+        "Audit drift / A",
+        "Audit drift by kind / A",
+        "Collections lacking the mapping's fields / A",
+    }
+    empty = [where for where, result in results.items() if not result and where not in later]
     assert empty == []
 
     def labels(where: str, label: str) -> set[str]:
@@ -793,5 +800,6 @@ def test_prometheus_scrapes_the_daemon_and_the_dashboard_shows_it(
     assert labels("Records given up on, by reason / A", "reason") == {"validation"}
     assert [s["value"][1] for s in results["Open sync errors / A"]] == ["1"]
     assert [s["value"][1] for s in results["Typesense up / A"]] == ["1"]
+    assert [s["value"][1] for s in results["Sync paused / A"]] == ["0"]
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0
