@@ -591,10 +591,11 @@ def daemon(
         Job(
             "collections",
             reindex.COLLECTION_WATCH_INTERVAL_S,
+            # at the first turn too: the document count it takes is what a change by another
+            # is told from (one taken a minute later missed what was deleted meanwhile)
             reindex.CollectionWatch(
                 db, indexes, reconciler.request, heartbeat, telemetry.collection_fields
             ),
-            due_at_start=False,  # the start looked (ensure_collection)
         ),
         Job(
             "stats",
