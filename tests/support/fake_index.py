@@ -23,6 +23,7 @@ class FakeIndex:
         self.documents: dict[str, bytes] = {}
         self.observe = None
         self.mapping = SEQUENCES
+        self.sent = 0  # as TypesenseIndex.sent: moves with every write (the collection watch)
 
     def ensure_collection(self) -> bool:
         return False
@@ -33,10 +34,22 @@ class FakeIndex:
     def target(self) -> str | None:
         return self.collection  # no alias: no reindex switches it
 
+    # What the loop's collection watch reads, at its first turn and every minute: a collection
+    # of the mapping's fields that its name keeps pointing at (its outage is the drain's).
+    def info(self) -> dict[str, Any]:
+        return {"name": self.collection, "num_documents": len(self.documents)}
+
+    def follow(self, existing: dict[str, Any]) -> str | None:
+        return None
+
+    def fields_changed(self, existing: dict[str, Any] | None = None) -> list[str]:
+        return []
+
     def restart_watch(self) -> RestartWatch:
         return RestartWatch([], verify=False)  # no node to watch
 
     def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
+        self.sent += 1
         self._answer(counts=True)
         lines = body.split(b"\n")
         ids = document_ids(body)
@@ -52,6 +65,7 @@ class FakeIndex:
         return results
 
     def delete_ids(self, ids: list[str]) -> int:
+        self.sent += 1
         for doc_id in ids:
             self.documents.pop(doc_id, None)
         return len(ids)
