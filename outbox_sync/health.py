@@ -102,6 +102,15 @@ def gather(
     return figures
 
 
+def fields_advice(collection: str, changed: str) -> str:
+    """What `check` and `audit` say of a collection that lacks the mapping's fields."""
+    return (
+        f"collection {collection} does not have the mapping's fields ({changed}): searches on "
+        f"them fail; `outbox-sync reindex --collection {collection}` rebuilds it (a running "
+        "daemon does, within a minute, where someone altered it in Typesense)"
+    )
+
+
 def restart_watch_off(db: Database, daemon_pid: str | None) -> list[str]:
     """The nodes the running daemon no longer watches for restarts, each with why (what an
     earlier daemon wrote tells nothing of this one)."""
@@ -132,15 +141,7 @@ def verdict(
         found.append((CRITICAL, figures["typesense_error"]))
     for name, one in figures.get("collections", {}).items():
         if "fields_changed" in one:
-            found.append(
-                (
-                    CRITICAL,
-                    f"collection {name} does not have the mapping's fields "
-                    f"({one['fields_changed']}): `outbox-sync reindex --collection {name}` "
-                    "rebuilds it (a running daemon does, within a minute, where someone "
-                    "altered it in Typesense)",
-                )
-            )
+            found.append((CRITICAL, fields_advice(name, one["fields_changed"])))
         if "claimed_by" in one:
             found.append(
                 (

@@ -333,7 +333,7 @@ def serve_fills(
 
 class CollectionWatch:
     """A loop job, every COLLECTION_WATCH_INTERVAL_S: each collection as Typesense has it now
-    (one request each). Two things can change there behind the daemon:
+    (one request each). Three things can change there behind the daemon:
 
     - Its fields: Typesense alters a collection in place (PATCH /collections/NAME: a field
       dropped, or dropped and added with another type). Searches on such a field fail, the

@@ -199,6 +199,7 @@ def audit(settings: Settings, repair: bool, max_lag: str, as_json: bool) -> None
     however large the table.
     """
     from outbox_sync.audit import Audit, audit_json
+    from outbox_sync.health import fields_advice
 
     max_lag_s = parse_duration(max_lag, "--max-lag")
     opened = open_database(settings)
@@ -222,13 +223,7 @@ def audit(settings: Settings, repair: bool, max_lag: str, as_json: bool) -> None
                     )
             if changed := index.fields_changed():  # its documents compare alike: searches fail
                 consistent = False
-                click.echo(
-                    f"collection {index.collection} does not have the mapping's fields "
-                    f"({'; '.join(changed)}): searches on them fail; `outbox-sync reindex "
-                    f"--collection {index.collection}` rebuilds it (a running daemon does, "
-                    "within a minute, where someone altered it in Typesense)",
-                    err=as_json,
-                )
+                click.echo(fields_advice(index.collection, "; ".join(changed)), err=as_json)
     if waiting := [i.collection for i in indexes if opened.db.fill_asked(i.mapping.name)]:
         click.echo(
             f"not filled yet: {', '.join(waiting)}: `init` found rows in the table, which the "
