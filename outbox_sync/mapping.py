@@ -317,10 +317,20 @@ class Mapping:
 
     # -- triggers --------------------------------------------------------------------------------
 
-    def triggers(self) -> list["Trigger"]:
-        """The triggers that write this mapping's outbox entries, as SQLite keeps their text."""
+    def triggers(self, uniques: dict[str, list["Unique"]] | None = None) -> list["Trigger"]:
+        """The triggers that write this mapping's outbox entries, as SQLite keeps their text;
+        with each table's unique constraints (`schema.unique_constraints`), the triggers that
+        note the rows a REPLACE removes through them too."""
+        uniques = uniques or {}
         own = self.table if self.name == self.table else f"{self.table}_{self.name}"
-        made = _table_triggers(f"{own}_outbox", self.table, self.name, [self.key], dependency=False)
+        made = _table_triggers(
+            f"{own}_outbox",
+            self.table,
+            self.name,
+            [self.key],
+            uniques.get(self.table, []),
+            dependency=False,
+        )
         # one set per table: a table depended on through two columns (a friendship naming a
         # person in each) gets an entry per column from each trigger, not two triggers of a name
         keys: dict[str, list[str]] = {}
@@ -328,7 +338,12 @@ class Mapping:
             keys.setdefault(dep.table, []).append(dep.key)
         for table, columns in keys.items():
             made += _table_triggers(
-                f"{table}_outbox_{self.name}", table, self.name, columns, dependency=True
+                f"{table}_outbox_{self.name}",
+                table,
+                self.name,
+                columns,
+                uniques.get(table, []),
+                dependency=True,
             )
         return made
 
@@ -344,11 +359,22 @@ class Trigger:
     sql: str  # as SQLite keeps it: without IF NOT EXISTS
 
 
+# A unique constraint of a table: its columns, each with the collation it compares by.
+Unique = tuple[tuple[str, str], ...]
+
+
 def _table_triggers(
-    prefix: str, table: str, mapping: str, keys: Sequence[str], *, dependency: bool
+    prefix: str,
+    table: str,
+    mapping: str,
+    keys: Sequence[str],
+    uniques: Sequence[Unique],
+    *,
+    dependency: bool,
 ) -> list[Trigger]:
     """Insert, update and delete triggers on `table` writing (mapping, key, op) outbox entries,
-    for each of the `keys` columns.
+    for each of the `keys` columns; and where `uniques` can make a REPLACE remove a row of
+    another key, the triggers that note it (`_replaced`).
 
     On the mapping's own table a change of key is a delete of the old document and an upsert
     of the new one (a change the column's collation does not see, 'Bob' to 'bob' in a NOCASE
@@ -380,6 +406,58 @@ def _table_triggers(
             f"\nBEGIN\n{body}END",
         )
         for event, body in bodies.items()
+    ] + _replaced_triggers(prefix, table, name, keys, uniques, gone, dependency=dependency)
+
+
+def _replaced_triggers(
+    prefix: str,
+    table: str,
+    name: str,
+    keys: Sequence[str],
+    uniques: Sequence[Unique],
+    op: str,
+    *,
+    dependency: bool,
+) -> list[Trigger]:
+    """A REPLACE (`INSERT OR REPLACE`, `REPLACE INTO`, `UPDATE OR REPLACE`) removes the rows it
+    conflicts with and fires no delete trigger for them (unless the application's connection
+    sets `PRAGMA recursive_triggers`). Where the conflict is on a unique constraint that does
+    not hold the key (or holds it by another collation: `BOB` replacing `bob`), the removed row
+    may be of another record. So a trigger before each insert, and each update of those
+    columns, writes an entry for every row of another key the new values would conflict with:
+    one index lookup per constraint. A conflict that does not end in a REPLACE (the statement
+    fails, or is ignored, or updates the row: an upsert) leaves at most an entry of a row that
+    is still there, which the daemon syncs as it is."""
+    into = "outbox (mapping, record_key, op)"
+    body, columns = "", []
+    for unique in uniques:
+        match = " AND ".join(
+            f"{quote_identifier(column)} = NEW.{quote_identifier(column)}"
+            f" COLLATE {_trigger_name(collation)}"  # NOCASE, or an application's own, quoted
+            for column, collation in unique
+        )
+        for key in keys:
+            if (key, "BINARY") in ((c, collation.upper()) for c, collation in unique):
+                continue  # the row replaced has the key of the new row, whose entry names it
+            q = quote_identifier(key)
+            known = f" AND {q} IS NOT NULL" if dependency else ""
+            body += (
+                f"    INSERT INTO {into} SELECT {name}, {q}, '{op}' FROM {quote_identifier(table)}"
+                f" WHERE {match} AND {q} IS NOT NEW.{q} COLLATE BINARY{known};\n"
+            )
+            columns += [column for column, _ in unique if column not in columns]
+    if not body:
+        return []
+    of = ", ".join(map(quote_identifier, columns))
+    events = {"insert": "INSERT", "update": f"UPDATE OF {of}"}
+    return [
+        Trigger(
+            f"{prefix}_{event}_replaced",
+            table,
+            f"CREATE TRIGGER {_trigger_name(f'{prefix}_{event}_replaced')} BEFORE {clause}"
+            f" ON {quote_identifier(table)}\nBEGIN\n{body}END",
+        )
+        for event, clause in events.items()
     ]
 
 

@@ -31,7 +31,7 @@ from outbox_sync.db import (
     utc_now,
 )
 from outbox_sync.errors import ConfigError, DatabaseError, TableMissingError
-from outbox_sync.mapping import BUILT_IN, SEQUENCES, Mapping, Trigger, key_kind
+from outbox_sync.mapping import BUILT_IN, SEQUENCES, Mapping, Trigger, Unique, key_kind
 from outbox_sync.values import quote_identifier
 
 SCHEMA_VERSION = "2"
@@ -99,8 +99,38 @@ def is_builtin(mapping: Mapping) -> bool:
     )
 
 
-def owned_triggers(mappings: Sequence[Mapping]) -> list[Trigger]:
-    return [trigger for mapping in mappings for trigger in mapping.triggers()]
+def owned_triggers(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> list[Trigger]:
+    """The mappings' triggers as the tables are now (their unique constraints)."""
+    made = []
+    for mapping in mappings:
+        uniques = {table: unique_constraints(conn, table) for table in mapping.tables}
+        made += mapping.triggers(uniques)
+    return made
+
+
+def unique_constraints(conn: sqlite3.Connection, table: str) -> list[Unique]:
+    """The constraints through which a REPLACE can remove a row of `table`: each unique index
+    (UNIQUE, a PRIMARY KEY that is not the rowid) and an INTEGER PRIMARY KEY (the rowid), as
+    (column, collation) pairs, in a stable order. One on an expression is left out: no
+    trigger can name its columns (docs/guarantees.md, known limits)."""
+    found: set[Unique] = set()
+    for index, unique in conn.execute(
+        'SELECT name, "unique" FROM pragma_index_list(?)', (table,)
+    ).fetchall():
+        parts = conn.execute(
+            "SELECT cid, name, coll FROM pragma_index_xinfo(?) WHERE key ORDER BY seqno", (index,)
+        ).fetchall()
+        if unique and all(cid >= 0 for cid, _, _ in parts):
+            found.add(tuple((column, collation) for _, column, collation in parts))
+    primary = conn.execute(
+        "SELECT name, type FROM pragma_table_info(?) WHERE pk", (table,)
+    ).fetchall()
+    has_pk_index = conn.execute(
+        "SELECT 1 FROM pragma_index_list(?) WHERE origin = 'pk'", (table,)
+    ).fetchone()
+    if len(primary) == 1 and primary[0][1].upper() == "INTEGER" and not has_pk_index:
+        found.add(((primary[0][0], "BINARY"),))
+    return sorted(found)
 
 
 def trigger_problems(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> list[str]:
@@ -112,7 +142,7 @@ def trigger_problems(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> l
             "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'trigger'"
         )
     }
-    wanted = owned_triggers(mappings)
+    wanted = owned_triggers(conn, mappings)
     problems = []
     for trigger in wanted:
         if trigger.name not in present:
@@ -123,12 +153,19 @@ def trigger_problems(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> l
             ours = OUR_TRIGGER.search(present[trigger.name][1])
             if ours is not None and ours["elsewhere"] is not None:
                 problems.append(f"{trigger.name} wrote into {ours['elsewhere']}, not outbox")
+            elif ours is not None and trigger.name.endswith("_replaced"):
+                problems.append(f"{trigger.name} was for other unique constraints")
             else:
                 problems.append(f"{trigger.name} was not outbox-sync's")
     names = {trigger.name for trigger in wanted}
+    # the triggers noting rows a REPLACE removes exist only while a table has such constraints
+    guards = {f"{t.name}_replaced" for m in mappings for t in m.triggers()}
     for name, (_, sql) in present.items():
         if name not in names and OUR_TRIGGER.search(sql):
-            problems.append(f"{name} was of no mapping")
+            if name in guards:
+                problems.append(f"{name} was for unique constraints no longer there")
+            else:
+                problems.append(f"{name} was of no mapping")
     return problems
 
 
@@ -152,7 +189,7 @@ def _reinstall(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> list[st
                 conn.execute(f"DROP TRIGGER {quote_identifier(name)}")
         left = conn.execute("SELECT lower(name) FROM sqlite_master WHERE type = 'trigger'")
         taken = {row[0] for row in left}
-        for trigger in owned_triggers(mappings):
+        for trigger in owned_triggers(conn, mappings):
             if trigger.name.lower() in taken:  # SQLite's names are one in any case
                 raise DatabaseError(
                     f"the trigger {trigger.name} is not outbox-sync's (it writes no outbox "
@@ -316,7 +353,7 @@ def init(db: Database, mappings: Sequence[Mapping], *, backfill: bool = False) -
                 "SELECT 1 FROM outbox_sync_meta WHERE key = ?", (f"backfilled:{mapping.name}",)
             ).fetchone()
             if not done:  # a new mapping: its triggers are installed, not repaired
-                new.update(trigger.name for trigger in mapping.triggers())
+                new.update(trigger.name for trigger in owned_triggers(conn, [mapping]))
             if backfill:  # queued instead: no fill is needed any more
                 enqueued[mapping.name] = enqueue_rows(conn, mapping)
             elif not done and (rows := count_rows(conn, mapping)):

@@ -553,40 +553,6 @@ def test_the_application_adding_a_column_changes_nothing(
     assert sync_errors.find(db) == []
 
 
-def test_a_row_replaced_through_another_unique_constraint_needs_recursive_triggers(
-    tmp_path: Path, typesense_server: Server, collection: str, index: TypesenseIndex
-) -> None:
-    """INSERT OR REPLACE that removes a row through a UNIQUE constraint other than `id` fires no
-    delete trigger unless the application's connection has PRAGMA recursive_triggers=ON (SQLite's
-    rule): the removed row's document stays behind. A known limit, asserted so
-    docs/guarantees.md stays true; `outbox-sync audit --repair` finds such leftovers."""
-    path = tmp_path / "unique.db"
-    conn = app_connection(path)
-    conn.execute(
-        "CREATE TABLE sequences (id INTEGER PRIMARY KEY, element_type TEXT NOT NULL,"
-        " element_id INTEGER NOT NULL, sequence_number INTEGER NOT NULL, comment TEXT,"
-        " created_at TEXT NOT NULL, UNIQUE (element_type, element_id))"
-    )
-    db = Database(path, create=True)
-    schema.init(db, [SEQUENCES])
-    worker = daemon(db, [index])
-    replace = ROW_SQL.replace("INSERT", "INSERT OR REPLACE")
-    same = {"element_type": "script", "element_id": 7}
-    conn.execute(ROW_SQL, make_row(1, **same))
-    worker.applier.apply_once()  # record 1 is in search
-    conn.execute(replace, make_row(2, **same))  # removes row 1
-    while worker.applier.apply_once().entries:
-        pass
-    assert list(sqlite_documents(path)) == ["2"]
-    assert set(export(typesense_server, collection)) == {"1", "2"}  # "1" is a leftover
-    conn.execute("PRAGMA recursive_triggers = ON")  # the application's fix
-    conn.execute(replace, make_row(3, **same))  # removes row 2 (synced already)
-    while worker.applier.apply_once().entries:
-        pass
-    assert list(sqlite_documents(path)) == ["3"]
-    assert set(export(typesense_server, collection)) == {"1", "3"}  # "2" went, as it should
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "change",

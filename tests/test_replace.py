@@ -1,0 +1,190 @@
+"""A REPLACE removes the rows it conflicts with and fires no delete trigger for them (SQLite's
+rule, unless the application's connection sets PRAGMA recursive_triggers). Where the conflict
+is on a unique constraint other than the key, the removed row was another record: the triggers
+made from the table's unique constraints note it, so its document goes too. Against a real
+Typesense."""
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from outbox_sync import schema
+from outbox_sync.db import Database
+from outbox_sync.mapping import SEQUENCES, Dependency, Field, Mapping
+from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
+from tests.support.daemon import drain, mapping_worker
+from tests.support.typesense import Server, export
+
+SEQUENCES_UNIQUE = (
+    "CREATE TABLE sequences (id INTEGER PRIMARY KEY, element_type TEXT NOT NULL,"
+    " element_id INTEGER NOT NULL, sequence_number INTEGER NOT NULL, comment TEXT,"
+    " created_at TEXT NOT NULL, UNIQUE (element_type, element_id))"
+)
+COLUMNS = "(id, element_type, element_id, sequence_number, comment, created_at)"
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        f"INSERT OR REPLACE INTO sequences {COLUMNS} VALUES (3, 'script', 7, 3, 'new', 'x')",
+        f"REPLACE INTO sequences {COLUMNS} VALUES (3, 'script', 7, 3, 'new', 'x')",
+        "INSERT OR REPLACE INTO sequences (element_type, element_id, sequence_number,"
+        " created_at) VALUES ('script', 7, 3, 'x')",
+        "UPDATE OR REPLACE sequences SET element_type = 'script', element_id = 7 WHERE id = 2",
+        # no REPLACE: nothing is removed, and what the guard notes syncs as it is
+        f"INSERT OR IGNORE INTO sequences {COLUMNS} VALUES (3, 'script', 7, 3, 'new', 'x')",
+        f"INSERT INTO sequences {COLUMNS} VALUES (3, 'script', 7, 3, 'new', 'x')"
+        " ON CONFLICT (element_type, element_id) DO UPDATE SET comment = 'upserted'",
+        "UPDATE sequences SET comment = 'edited', element_id = 8 WHERE id = 2",
+    ],
+    ids=[
+        "insert-or-replace",
+        "replace",
+        "replace-new-id",
+        "update-or-replace",
+        "ignore",
+        "upsert",
+        "update",
+    ],
+)
+def test_a_row_replaced_through_another_unique_constraint_leaves_search(
+    tmp_path: Path, typesense_server: Server, collection: str, statement: str
+) -> None:
+    """Row 1 (script 7) is synced; the statement conflicts with it on (element_type,
+    element_id). Search then holds exactly the rows SQLite holds."""
+    path = tmp_path / "unique.db"
+    app = app_connection(path)
+    app.execute(SEQUENCES_UNIQUE)
+    app.execute(ROW_SQL, make_row(1, element_type="script", element_id=7))
+    app.execute(ROW_SQL, make_row(2, element_type="section", element_id=7))
+    _, sync = mapping_worker(path, SEQUENCES, typesense_server, collection, backfill=True)
+    drain(sync)
+    assert set(export(typesense_server, collection)) == {"1", "2"}
+    app.execute(statement)
+    drain(sync)
+    assert export(typesense_server, collection) == sqlite_documents(path)
+
+
+def test_a_key_replaced_by_another_spelling_under_its_collation_leaves_search(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """A NOCASE key takes `BOB` and `bob` for one: REPLACE INTO of `BOB` removes the row `bob`,
+    the document `bob` with it."""
+    tags = Mapping(
+        table="tags", key="name", collection=collection, fields=(Field("uses", "int32"),)
+    )
+    path = tmp_path / "tags.db"
+    app = app_connection(path)
+    app.executescript(
+        "CREATE TABLE tags (name TEXT PRIMARY KEY COLLATE NOCASE, uses INTEGER NOT NULL);"
+        "INSERT INTO tags VALUES ('bob', 1), ('ann', 2);"
+    )
+    _, sync = mapping_worker(path, tags, typesense_server, collection, backfill=True)
+    drain(sync)
+    app.execute("REPLACE INTO tags VALUES ('BOB', 3)")
+    drain(sync)
+    found = {name: doc["uses"] for name, doc in export(typesense_server, collection).items()}
+    assert found == {"BOB": 3, "ann": 2}
+
+
+def test_a_row_of_a_table_depended_on_replaced_through_its_rowid_resyncs_its_old_document(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """Tag 1 of item `a` replaced (same id) by a tag of item `b`: `a` no longer has it."""
+    items = Mapping(
+        table="items",
+        key="slug",
+        collection=collection,
+        fields=(
+            Field(
+                "tags",
+                "string[]",
+                sql="(SELECT json_group_array(tag) FROM tags WHERE tags.item = items.slug)",
+            ),
+        ),
+        depends_on=(Dependency("tags", "item"),),
+    )
+    path = tmp_path / "items.db"
+    app = app_connection(path)
+    app.executescript(
+        "CREATE TABLE items (slug TEXT PRIMARY KEY);"
+        "CREATE TABLE tags (id INTEGER PRIMARY KEY, item TEXT, tag TEXT);"
+        "INSERT INTO items VALUES ('a'), ('b');"
+        "INSERT INTO tags VALUES (1, 'a', 'red');"
+    )
+    _, sync = mapping_worker(path, items, typesense_server, collection, backfill=True)
+    drain(sync)
+    assert export(typesense_server, collection)["a"]["tags"] == ["red"]
+    app.execute("REPLACE INTO tags VALUES (1, 'b', 'blue')")
+    drain(sync)
+    found = {slug: doc["tags"] for slug, doc in export(typesense_server, collection).items()}
+    assert found == {"a": [], "b": ["blue"]}
+
+
+def test_a_unique_index_added_or_dropped_under_the_daemon_changes_its_triggers(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """The daemon's schema watch makes the trigger for a UNIQUE index an application adds (and
+    audits: a REPLACE may have come first); once the index is dropped, it takes the trigger's
+    lookup away, so that the column can be dropped too."""
+    path = tmp_path / "later.db"
+    app = app_connection(path)
+    app.execute(SEQUENCES_UNIQUE.replace(", UNIQUE (element_type, element_id)", ""))
+    db, sync = mapping_worker(path, SEQUENCES, typesense_server, collection)
+    audits: list[str] = []
+    watch = schema.SchemaWatch(db, [SEQUENCES], audits.append)
+    watch(0.0)
+    app.execute(ROW_SQL, make_row(1, comment="one"))
+    app.execute("CREATE UNIQUE INDEX sequences_comment ON sequences (comment)")
+    watch(1.0)
+    assert audits == ["triggers repaired"]
+    assert schema.trigger_problems(db.conn, [SEQUENCES]) == []
+    drain(sync)
+    app.execute(ROW_SQL.replace("INSERT", "REPLACE"), make_row(2, comment="one"))
+    drain(sync)
+    assert export(typesense_server, collection) == sqlite_documents(path)
+    assert list(export(typesense_server, collection)) == ["2"]
+    app.execute("DROP INDEX sequences_comment")
+    assert schema.trigger_problems(db.conn, [SEQUENCES]) == [
+        "sequences_outbox_insert_replaced was for unique constraints no longer there",
+        "sequences_outbox_update_replaced was for unique constraints no longer there",
+    ]
+    with pytest.raises(sqlite3.OperationalError, match="sequences_outbox_insert_replaced"):
+        app.execute("ALTER TABLE sequences DROP COLUMN comment")  # the trigger reads it
+    watch(2.0)
+    assert schema.trigger_problems(db.conn, [SEQUENCES]) == []
+    app.execute("ALTER TABLE sequences DROP COLUMN comment")
+
+
+def test_the_unique_constraints_are_those_a_replace_removes_rows_through(tmp_path: Path) -> None:
+    app = app_connection(tmp_path / "shapes.db")
+    app.executescript(
+        "CREATE TABLE rowid_key (id INTEGER PRIMARY KEY, a TEXT UNIQUE COLLATE NOCASE, b, c);"
+        "CREATE UNIQUE INDEX pair ON rowid_key (c, b);"
+        "CREATE UNIQUE INDEX partial ON rowid_key (b) WHERE b > 0;"
+        "CREATE UNIQUE INDEX expression ON rowid_key (lower(c));"
+        "CREATE INDEX plain ON rowid_key (c);"
+        "CREATE TABLE int_key (id INT PRIMARY KEY, a);"
+        "CREATE TABLE no_rowid (k TEXT, n INTEGER, PRIMARY KEY (n, k)) WITHOUT ROWID;"
+        "CREATE TABLE implicit (a, b);"
+    )
+    assert schema.unique_constraints(app, "rowid_key") == [
+        (("a", "NOCASE"),),
+        (("b", "BINARY"),),
+        (("c", "BINARY"), ("b", "BINARY")),
+        (("id", "BINARY"),),
+    ]
+    assert schema.unique_constraints(app, "int_key") == [(("id", "BINARY"),)]
+    assert schema.unique_constraints(app, "no_rowid") == [(("n", "BINARY"), ("k", "BINARY"))]
+    assert schema.unique_constraints(app, "implicit") == []
+    assert schema.unique_constraints(app, "absent") == []
+
+
+def test_the_built_in_table_as_init_makes_it_has_no_replace_triggers(tmp_path: Path) -> None:
+    """Its only unique constraint is its key: the application's inserts pay no lookup."""
+    db = Database(tmp_path / "plain.db", create=True)
+    schema.init(db, [SEQUENCES])
+    names = [t.name for t in schema.owned_triggers(db.conn, [SEQUENCES])]
+    assert names == [t.name for t in SEQUENCES.triggers()]
+    assert not [n for n in names if n.endswith("_replaced")]
