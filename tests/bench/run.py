@@ -316,10 +316,14 @@ def reading(ctx: Context, collection: str) -> Iterator[None]:
 # -- SQLite and the daemon --------------------------------------------------------------------
 
 
-def init_db(ctx: Context, db: Path) -> None:
-    """A database prepared with `outbox-sync init`."""
+def init_db(ctx: Context, db: Path, table: str | None = None) -> None:
+    """A database prepared with `outbox-sync init` (after `table`, SQL that makes `sequences`,
+    where given)."""
     for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
         stale.unlink(missing_ok=True)
+    if table is not None:
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+            conn.execute(table)
     subprocess.run(
         [sys.executable, "-m", "outbox_sync", "init"],
         env=ctx.env(db, "unused"),
@@ -995,6 +999,10 @@ def bench_lag(ctx: Context) -> list[Row]:
 # -- 3. writer overhead -----------------------------------------------------------------------
 
 WRITER_KINDS = ("plain", "triggers", "daemon")
+# A table with a unique constraint besides its key, after init: with the triggers that note the
+# rows a REPLACE removes through it (guarded), and with those two dropped (unique).
+UNIQUE_KINDS = ("unique", "guarded")
+UNIQUE_DDL = SEQUENCES_DDL.replace("\n);", ",\n    UNIQUE (element_type, sequence_number)\n);")
 
 
 def write_rate(ctx: Context, kind: str, mode: str) -> float:
@@ -1008,7 +1016,11 @@ def write_rate(ctx: Context, kind: str, mode: str) -> float:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(SEQUENCES_DDL)
     else:
-        init_db(ctx, db)
+        init_db(ctx, db, UNIQUE_DDL if kind in UNIQUE_KINDS else None)
+    if kind == "unique":
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+            for event in ("insert", "update"):
+                conn.execute(f"DROP TRIGGER sequences_outbox_{event}_replaced")
     draining = daemon(ctx, db, ctx.fresh_name("writer")) if kind == "daemon" else None
     with draining or contextlib.nullcontext(), contextlib.closing(app.connect(db)) as conn:
         settle(ctx)
@@ -1047,6 +1059,22 @@ def bench_writer(ctx: Context) -> list[Row]:
                 (">=", 0.8),
             )
         )
+    rates = {kind: [] for kind in UNIQUE_KINDS}
+    for _ in range(ctx.plan.repeats):
+        for kind in UNIQUE_KINDS:
+            rates[kind].append(write_rate(ctx, kind, "bulk"))
+        say("writer bulk, UNIQUE: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()))
+    rows.append(
+        ratio_row(
+            "writer bulk, UNIQUE (element_type, sequence_number): with the REPLACE triggers vs "
+            "without",
+            rates["guarded"],
+            rates["unique"],
+            "rows/s",
+            note="what those triggers cost the application's inserts (a table whose only unique "
+            "constraint is its key, as the built-in one, has none)",
+        )
+    )
     return rows
 
 
