@@ -1,9 +1,12 @@
-"""A REPLACE removes the rows it conflicts with and fires no delete trigger for them (SQLite's
+"""Rows SQLite changes on its own, against a real Typesense.
+
+A REPLACE removes the rows it conflicts with and fires no delete trigger for them (SQLite's
 rule, unless the application's connection sets PRAGMA recursive_triggers). Where the conflict
 is on a unique constraint other than the key, the removed row was another record: the triggers
-made from the table's unique constraints note it, so its document goes too. Against a real
-Typesense."""
+made from the table's unique constraints note it, so its document goes too. A foreign key's
+actions fire triggers; incremental BLOB I/O fires none (a known limit the audit covers)."""
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from outbox_sync import schema
 from outbox_sync.db import Database
 from outbox_sync.mapping import SEQUENCES, Dependency, Field, Mapping
 from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
+from tests.support.cli import invoke
 from tests.support.daemon import drain, mapping_worker
 from tests.support.typesense import Server, export
 
@@ -188,3 +192,56 @@ def test_the_built_in_table_as_init_makes_it_has_no_replace_triggers(tmp_path: P
     names = [t.name for t in schema.owned_triggers(db.conn, [SEQUENCES])]
     assert names == [t.name for t in SEQUENCES.triggers()]
     assert not [n for n in names if n.endswith("_replaced")]
+
+
+def test_rows_a_foreign_key_deletes_or_changes_sync(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """ON DELETE CASCADE deletes rows of `sequences`, ON DELETE SET NULL changes others: SQLite
+    fires their triggers, so search follows."""
+    path = tmp_path / "keys.db"
+    app = app_connection(path)
+    app.executescript(
+        "PRAGMA foreign_keys = ON;"
+        "CREATE TABLE scripts (id INTEGER PRIMARY KEY);"
+        "CREATE TABLE sequences (id INTEGER PRIMARY KEY, element_type TEXT NOT NULL,"
+        " element_id INTEGER NOT NULL REFERENCES scripts (id) ON DELETE CASCADE,"
+        " sequence_number INTEGER NOT NULL, comment TEXT, created_at TEXT NOT NULL,"
+        " seen_in INTEGER REFERENCES scripts (id) ON DELETE SET NULL);"
+        "INSERT INTO scripts VALUES (1), (2);"
+    )
+    for i, (script, seen_in) in enumerate([(1, 2), (2, 1), (2, 2)], start=1):
+        app.execute(
+            ROW_SQL.replace("created_at)", "created_at, seen_in)").replace("?)", "?, ?)"),
+            (*make_row(i, element_id=script), seen_in),
+        )
+    _, sync = mapping_worker(path, SEQUENCES, typesense_server, collection, backfill=True)
+    drain(sync)
+    assert set(export(typesense_server, collection)) == {"1", "2", "3"}
+    app.execute("UPDATE sequences SET comment = NULL")  # synced: the next change must show
+    drain(sync)
+    app.execute("DELETE FROM scripts WHERE id = 1")  # cascades to 1, sets 2's seen_in NULL
+    queued = app.execute("SELECT record_key, op FROM outbox").fetchall()
+    assert sorted(queued) == [(1, "delete"), (2, "upsert")]
+    drain(sync)
+    assert export(typesense_server, collection) == sqlite_documents(path)
+    assert set(export(typesense_server, collection)) == {"2", "3"}
+
+
+def test_a_value_rewritten_through_blob_io_fires_no_trigger_and_the_audit_finds_it(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    path = tmp_path / "blob.db"
+    app = app_connection(path)
+    app.execute(SEQUENCES_UNIQUE)
+    app.execute(ROW_SQL, make_row(1, comment="aaaa"))
+    _, sync = mapping_worker(path, SEQUENCES, typesense_server, collection, backfill=True)
+    drain(sync)
+    with app.blobopen("sequences", "comment", 1) as blob:
+        blob.write(b"bbbb")
+    assert app.execute("SELECT count(*) FROM outbox").fetchone() == (0,)  # no trigger fired
+    result = invoke(["audit", "--repair", "--json"], typesense_server, path, collection)
+    assert result.exit_code == 1, result.output
+    assert json.loads(result.stdout)["stale"]["ids"] == [1]
+    drain(sync)
+    assert export(typesense_server, collection)["1"]["comment"] == "bbbb"
