@@ -15,7 +15,7 @@ import pytest
 from outbox_sync import schema
 from outbox_sync.db import Database
 from outbox_sync.mapping import SEQUENCES, Dependency, Field, Mapping
-from tests.support.app import ROW_SQL, app_connection, make_row, sqlite_documents
+from tests.support.app import ROW_SQL, app_connection, make_row, schema_of, sqlite_documents
 from tests.support.cli import invoke
 from tests.support.daemon import drain, mapping_worker
 from tests.support.typesense import Server, export
@@ -245,3 +245,18 @@ def test_a_value_rewritten_through_blob_io_fires_no_trigger_and_the_audit_finds_
     assert json.loads(result.stdout)["stale"]["ids"] == [1]
     drain(sync)
     assert export(typesense_server, collection)["1"]["comment"] == "bbbb"
+
+
+def test_uninstall_removes_the_replace_triggers_with_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "gone.db"
+    app = app_connection(path)
+    app.execute(SEQUENCES_UNIQUE)
+    before = schema_of(path)
+    db = Database(path, create=True)
+    schema.init(db, [SEQUENCES])
+    removed = schema.uninstall(db)
+    assert sorted(name for name, _ in removed.triggers if name.endswith("_replaced")) == [
+        "sequences_outbox_insert_replaced",
+        "sequences_outbox_update_replaced",
+    ]
+    assert schema_of(path) == before

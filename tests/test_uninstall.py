@@ -4,7 +4,6 @@ works the file or while something else uses its tables, and a daemon that was wa
 lock does not make them again. `init` installs outbox-sync again, and the daemon then indexes
 the tables anew, against a real Typesense."""
 
-import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from outbox_sync import schema
 from outbox_sync.db import Database
 from outbox_sync.lock import DaemonLock
-from tests.support.app import app_connection
+from tests.support.app import app_connection, schema_of
 from tests.support.characters import (
     CHARACTERS,
     TAGS,
@@ -25,16 +24,6 @@ from tests.support.characters import (
 from tests.support.cli import invoke, one_line
 from tests.support.daemon import record_failure
 from tests.support.typesense import Server, export
-
-
-def schema_of(path: Path) -> list[tuple[str, str, str]]:
-    """Every table, index, trigger and view of the file, as SQLite keeps them (but its own
-    sqlite_sequence, which AUTOINCREMENT makes and no one may drop)."""
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        return conn.execute(
-            "SELECT type, name, sql FROM sqlite_master WHERE name != 'sqlite_sequence'"
-            " ORDER BY type, name"
-        ).fetchall()
 
 
 def characters_app(tmp_path: Path, collection: str) -> tuple[sqlite3.Connection, Path, Path]:

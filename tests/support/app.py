@@ -1,6 +1,7 @@
 """The application's side of the database: its own connection, the rows it writes, and the
 documents search should hold for them."""
 
+import contextlib
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
@@ -87,3 +88,13 @@ def sqlite_documents(path: Path) -> dict[str, dict[str, Any]]:
     ).fetchall()
     conn.close()
     return {str(row[0]): expected_document(row) for row in rows}
+
+
+def schema_of(path: Path) -> list[tuple[str, str, str]]:
+    """Every table, index, trigger and view of the file, as SQLite keeps them (but its own
+    sqlite_sequence, which AUTOINCREMENT makes and no one may drop)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE name != 'sqlite_sequence'"
+            " ORDER BY type, name"
+        ).fetchall()
