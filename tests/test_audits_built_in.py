@@ -125,7 +125,8 @@ def test_changes_keep_flowing_while_an_audit_runs(
         wait_until(lambda: index.retrieve("500"), what="the change, during the audit")
         assert not release.is_set()  # the audit is still held: it held nothing up
         release.set()
-        wait_until(lambda: reconcile.last_audit(db), what="the audit to finish")
+        beside = Database(db_path)  # the worker's thread has `db`: its raw reads cross ours
+        wait_until(lambda: reconcile.last_audit(beside), what="the audit to finish")
     finally:
         release.set()
         stop.set()

@@ -127,8 +127,9 @@ def test_a_reindex_request_that_fails_is_answered_and_never_crashes_the_daemon(
     token = reindex.request(db, [index.collection])
     app_connection(db_path).execute(ROW_SQL, make_row(1))
     worker = daemon(db, [index])
+    beside = Database(db_path)  # the worker's thread has `db` (see failed_reindex)
     with running(worker):
-        wait_until(lambda: reindex.status(db, token), what="the daemon's answer")
+        wait_until(lambda: reindex.status(beside, token), what="the daemon's answer")
         wait_until(lambda: index.retrieve("1"), what="the sync to go on")
     state = reindex.status(db, token)
     assert state is not None and state["state"] == "failed"
@@ -421,10 +422,13 @@ def failing_once(monkeypatch: pytest.MonkeyPatch, *, made: bool = False) -> None
 
 
 def failed_reindex(db: Database, collection: str) -> None:
-    """Ask the running daemon to reindex `collection`; its answer must be that it failed."""
-    token = reindex.request(db, [collection])
+    """Ask the running daemon to reindex `collection`; its answer must be that it failed. On a
+    connection of its own: the worker's thread uses `db`, and its raw reads switch the
+    connection's text factory meanwhile (a status read on it came back as "b'...'")."""
+    beside = Database(Path(db.path))
+    token = reindex.request(beside, [collection])
     state = wait_until(
-        lambda: (s := reindex.status(db, token)) and s["state"] != "running" and s,
+        lambda: (s := reindex.status(beside, token)) and s["state"] != "running" and s,
         what="the reindex outcome",
     )
     assert state["state"] == "failed"

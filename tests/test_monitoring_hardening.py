@@ -2,6 +2,7 @@
 held against what is true: a real SQLite file and a real Typesense, faults put between them by
 the fault proxy."""
 
+import contextlib
 import re
 import threading
 import time
@@ -84,9 +85,12 @@ def test_the_backlog_gauges_count_while_the_daemon_reindexes(
 
     monkeypatch.setattr(reindex, "rebuild", long_rebuild)
     token = reindex.request(db, [index.collection])
-    with running(worker):
+    # read on a connection of its own: the worker's thread reads `db` raw now and then (its
+    # text factory bytes-like meanwhile), so a status read on it came back as "b'...'" once
+    watched = Database(db_path)
+    with running(worker), contextlib.closing(watched):
         wait_until(
-            lambda: (reindex.status(db, token) or {}).get("state") == "done",
+            lambda: (reindex.status(watched, token) or {}).get("state") == "done",
             what="the reindex to finish",
         )
     assert seen == [1.0], "the pending gauge kept its value from before the reindex"
