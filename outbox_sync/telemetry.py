@@ -109,6 +109,13 @@ class Metrics:
             ["collection"],
             registry=self.registry,
         )
+        self.wal_uncheckpointed = Gauge(
+            "outbox_sync_database_wal_uncheckpointed_bytes",
+            "Bytes of the database's WAL a checkpoint could not copy back, as the daemon last "
+            "looked (every minute): a reader holding an old snapshot keeps the -wal file "
+            "growing with every write.",
+            registry=self.registry,
+        )
 
 
 class Telemetry:
@@ -175,6 +182,10 @@ class Telemetry:
         """Whether the collection, as the daemon looked at it now, lacks the mapping's fields."""
         if self.metrics is not None:
             self.metrics.fields_changed.labels(collection).set(1 if changed else 0)
+
+    def wal(self, uncheckpointed_bytes: int) -> None:
+        if self.metrics is not None:
+            self.metrics.wal_uncheckpointed.set(uncheckpointed_bytes)
 
     def outage_ended(self, started: float, ended: float) -> None:
         """An outage, in Unix time, for the weekly report's "longest outage"."""

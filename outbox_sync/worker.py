@@ -61,6 +61,8 @@ RESTART_WATCH_INTERVAL_S = HEALTH_PROBE_INTERVAL_S
 OUTAGE_LOG_INTERVAL_S = 60.0
 # While changes flow, one `synced` line this often (nothing while idle).
 PROGRESS_INTERVAL_S = 60.0
+# How often the WAL's uncheckpointed bytes are measured for /metrics (a checkpoint each).
+WAL_LOOK_INTERVAL_S = 60.0
 # Saving the per-minute statistics into their minute's row: this often while there is work (so
 # `report` counts the current minute too, at most this late), when the loop ends, and while idle
 # once a minute (Telemetry.stats_due). A save is one write transaction on the application's
@@ -606,6 +608,12 @@ def daemon(
         Job("audit", 0, reconciler, settle=reconciler.settle, at_stop=reconciler.stop),
         Job("progress", PROGRESS_INTERVAL_S, Progress(db, telemetry), due_at_start=False),
     ]
+    if telemetry.metrics is not None:  # a figure for /metrics alone: no look without it
+        jobs.append(
+            Job(
+                "wal", WAL_LOOK_INTERVAL_S, lambda now: telemetry.wal(db.wal_uncheckpointed_bytes())
+            )
+        )
     if server is not None and server.started_empty:
         # documents synced before the server's data went are in no outbox entry: only an
         # audit puts them back (with --audit-every 0 nothing else would; on a first start it

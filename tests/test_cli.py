@@ -90,6 +90,7 @@ def test_status_json_reports_backlog_and_documents(
     assert status["sync_errors_open"] == 0
     assert status["documents"] == 0 and status["typesense_ok"] is True
     assert 0 <= status["oldest_pending_age_s"] < 60
+    assert status["wal_uncheckpointed_bytes"] == 0  # no reader holds the WAL back
 
 
 def test_status_when_typesense_is_unreachable(db_path: Path) -> None:

@@ -94,6 +94,35 @@ class BusyWriter:
             self.largest_wal = max(self.largest_wal, wal_size(self.db_path))
 
 
+def test_a_reader_holding_an_old_snapshot_is_measured_as_uncheckpointed_wal(
+    db_path: Path, db: Database
+) -> None:
+    """A connection that keeps a read transaction open holds back every checkpoint: the -wal
+    file grows with each write. The daemon's figure for it (outbox_sync_database_wal_
+    uncheckpointed_bytes) is the WAL past that reader's snapshot, and 0 once it ends."""
+    app, reader = app_connection(db_path), app_connection(db_path)
+    telemetry = Telemetry(metrics=True)
+    assert telemetry.metrics is not None
+    insert_rows(app, range(1, 11))
+    assert db.wal_uncheckpointed_bytes() == 0
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM sequences").fetchone()
+    for start in range(11, 3011, 100):  # 30 commits past the reader's snapshot
+        insert_rows(app, range(start, start + 100))
+    held = db.wal_uncheckpointed_bytes()
+    assert 100_000 < held <= wal_size(db_path)
+    telemetry.wal(held)
+    assert telemetry.metrics.wal_uncheckpointed._value.get() == held
+    assert db.wal_uncheckpointed_bytes() == held  # still held: nothing more could be copied
+    reader.execute("COMMIT")
+    assert db.wal_uncheckpointed_bytes() == 0
+    reader.close()
+    db.close()
+    assert switched_to_delete(app)  # a rollback journal has no WAL to hold back
+    with contextlib.closing(Database(db_path)) as again:
+        assert again.wal_uncheckpointed_bytes() == 0
+
+
 def test_a_long_drain_under_a_busy_writer_keeps_the_wal_bounded(
     db_path: Path, db: Database, index: TypesenseIndex, typesense_server: Server, collection: str
 ) -> None:

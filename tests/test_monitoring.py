@@ -291,6 +291,10 @@ def test_alert_unit_tests_pass() -> None:
             "outbox_sync_collection_fields_changed == 1\n        for: 1m",
             id="fields-for",
         ),
+        pytest.param(
+            "* 1024 * 1024\n        for: 30m", "* 1024 * 1024\n        for: 15m", id="wal-for"
+        ),
+        pytest.param("> 512 * 1024 * 1024", "> 256 * 1024 * 1024", id="wal-threshold"),
         pytest.param("the last audit found {{ $value }}", "the last audit found", id="annotation"),
     ],
 )
@@ -325,6 +329,7 @@ REQUIRED_ALERTS = {
     "OutboxSyncTypesenseDown": {"outbox_sync_typesense_up"},
     "OutboxSyncPaused": {"outbox_sync_sync_paused", "outbox_sync_typesense_up"},
     "OutboxSyncCollectionFieldsChanged": {"outbox_sync_collection_fields_changed"},
+    "OutboxSyncWalHeldBack": {"outbox_sync_database_wal_uncheckpointed_bytes"},
     "OutboxSyncDown": {"up"},
     "OutboxSyncTargetMissing": {"up"},
     "OutboxSyncAuditDrift": {"outbox_sync_audit_drift"},
@@ -515,6 +520,7 @@ REQUIRED_PANELS: dict[str, Callable[[str], bool]] = {
     "last audit": lambda e: "outbox_sync_audit_last_success_timestamp_seconds" in metric_names(e),
     "sync paused": lambda e: "outbox_sync_sync_paused" in metric_names(e),
     "fields changed": lambda e: "outbox_sync_collection_fields_changed" in metric_names(e),
+    "wal held back": lambda e: "outbox_sync_database_wal_uncheckpointed_bytes" in metric_names(e),
     "failures by reason": lambda e: (
         "outbox_sync_documents_failed_total" in metric_names(e) and "reason" in grouping_labels(e)
     ),
@@ -798,5 +804,7 @@ def test_prometheus_scrapes_the_daemon_and_the_dashboard_shows_it(
     assert [s["value"][1] for s in results["Sync paused / A"]] == ["0"]
     fields = results["Collections lacking the mapping's fields / A"]  # its first turn looked
     assert [s["value"][1] for s in fields] == ["0"]
+    wal = results["Database WAL held back by a reader / A"]  # no reader holds it back
+    assert [s["value"][1] for s in wal] == ["0"]
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0

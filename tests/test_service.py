@@ -91,6 +91,25 @@ def test_metrics_match_what_happened_and_healthz_follows_typesense(
     assert daemon.wait() == 0
 
 
+def test_the_wal_a_reader_holds_back_is_in_the_metrics(
+    db_path: Path, start_daemon: Callable[..., Daemon], daemon_env: dict[str, str]
+) -> None:
+    """The daemon measures it at its first turn, then every minute, only when it serves
+    /metrics (a PASSIVE checkpoint each time)."""
+    port = free_port()
+    reader = app_connection(db_path)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM sequences").fetchone()
+    insert_rows(db_path, range(1, 2001))
+    daemon = start_daemon(env=daemon_env | {"OUTBOX_SYNC_METRICS_ADDRESS": f"127.0.0.1:{port}"})
+    wait_until(lambda: Database(db_path).counts(SEQUENCES)["pending"] == 0, what="the drain")
+    held = scrape(f"http://127.0.0.1:{port}")[("outbox_sync_database_wal_uncheckpointed_bytes", ())]
+    assert held > 100_000
+    reader.execute("COMMIT")
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
 def test_notify_protocol_ready_watchdog_status_stopping(
     tmp_path: Path, db_path: Path, start_daemon: Callable[..., Daemon], daemon_env: dict[str, str]
 ) -> None:
