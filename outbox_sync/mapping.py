@@ -428,7 +428,7 @@ def _replaced_triggers(
     one index lookup per constraint. A conflict that does not end in a REPLACE (the statement
     fails, or is ignored, or updates the row: an upsert) leaves at most an entry of a row that
     is still there, which the daemon syncs as it is."""
-    into = "outbox (mapping, record_key, op)"
+    into, on = "outbox (mapping, record_key, op)", quote_identifier(table)
     body, columns = "", []
     for unique in uniques:
         match = " AND ".join(
@@ -442,7 +442,7 @@ def _replaced_triggers(
             q = quote_identifier(key)
             known = f" AND {q} IS NOT NULL" if dependency else ""
             body += (
-                f"    INSERT INTO {into} SELECT {name}, {q}, '{op}' FROM {quote_identifier(table)}"
+                f"    INSERT INTO {into} SELECT {name}, {q}, '{op}' FROM {on}"
                 f" WHERE {match} AND {q} IS NOT NEW.{q} COLLATE BINARY{known};\n"
             )
             columns += [column for column, _ in unique if column not in columns]
@@ -455,7 +455,7 @@ def _replaced_triggers(
             f"{prefix}_{event}_replaced",
             table,
             f"CREATE TRIGGER {_trigger_name(f'{prefix}_{event}_replaced')} BEFORE {clause}"
-            f" ON {quote_identifier(table)}\nBEGIN\n{body}END",
+            f" ON {on}\nBEGIN\n{body}END",
         )
         for event, clause in events.items()
     ]

@@ -418,16 +418,19 @@ class CollectionWatch:
     def _count(self, index: TypesenseIndex, existing: dict[str, Any]) -> None:
         """Audit when the collection's documents changed between two looks at the same
         collection while the daemon sent it no write."""
-        now = (str(existing.get("name")), int(existing.get("num_documents", 0)), index.sent)
+        name, documents = str(existing.get("name")), int(existing.get("num_documents", 0))
         before = self.counted.get(index.collection)
-        self.counted[index.collection] = now
-        if before is None or before[0] != now[0] or before[2] != now[2] or before[1] == now[1]:
+        self.counted[index.collection] = (name, documents, index.sent)
+        if before is None:
             return
+        was_name, was_documents, was_sent = before
+        if (was_name, was_sent) != (name, index.sent) or was_documents == documents:
+            return  # another collection, a write of the daemon's own, or no change
         self.log.warning(
             "documents_changed_elsewhere",
             collection=index.collection,
-            before=before[1],
-            now=now[1],
+            before=was_documents,
+            now=documents,
             note="its documents changed while the daemon sent it nothing: someone else wrote "
             "to it (a delete by filter, an import by hand): auditing it against SQLite",
         )

@@ -114,9 +114,10 @@ def unique_constraints(conn: sqlite3.Connection, table: str) -> list[Unique]:
     (column, collation) pairs, in a stable order. One on an expression is left out: no
     trigger can name its columns (docs/guarantees.md, known limits)."""
     found: set[Unique] = set()
-    for index, unique in conn.execute(
-        'SELECT name, "unique" FROM pragma_index_list(?)', (table,)
-    ).fetchall():
+    indexes = conn.execute(
+        'SELECT name, "unique", origin FROM pragma_index_list(?)', (table,)
+    ).fetchall()
+    for index, unique, _ in indexes:
         parts = conn.execute(
             "SELECT cid, name, coll FROM pragma_index_xinfo(?) WHERE key ORDER BY seqno", (index,)
         ).fetchall()
@@ -125,10 +126,8 @@ def unique_constraints(conn: sqlite3.Connection, table: str) -> list[Unique]:
     primary = conn.execute(
         "SELECT name, type FROM pragma_table_info(?) WHERE pk", (table,)
     ).fetchall()
-    has_pk_index = conn.execute(
-        "SELECT 1 FROM pragma_index_list(?) WHERE origin = 'pk'", (table,)
-    ).fetchone()
-    if len(primary) == 1 and primary[0][1].upper() == "INTEGER" and not has_pk_index:
+    rowid = not any(origin == "pk" for _, _, origin in indexes)  # else the key has an index
+    if len(primary) == 1 and primary[0][1].upper() == "INTEGER" and rowid:
         found.add(((primary[0][0], "BINARY"),))
     return sorted(found)
 
