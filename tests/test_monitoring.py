@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker" / "compose.yml"
 PROMETHEUS_DIR = REPO / "docker" / "prometheus"
 RULES = PROMETHEUS_DIR / "alerts.yml"
-RULE_TESTS = PROMETHEUS_DIR / "alerts.test.yml"
+# the unit tests of the rules; the second file holds the cases on a scale of days
+RULE_TESTS = (PROMETHEUS_DIR / "alerts.test.yml", PROMETHEUS_DIR / "alerts.days.test.yml")
 PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 GRAFANA_DIR = REPO / "docker" / "grafana"
 DASHBOARD = GRAFANA_DIR / "dashboards" / "outbox-sync.json"
@@ -171,12 +172,13 @@ def promtool(*arguments: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def copy_rules(directory: Path, rules_text: str | None = None) -> Path:
-    """alerts.yml (or `rules_text` in its place) and alerts.test.yml side by side in directory;
-    returns the test file's path."""
+def copy_rules(directory: Path, rules_text: str | None = None) -> list[str]:
+    """alerts.yml (or `rules_text` in its place) and its unit tests side by side in directory;
+    returns the test files' paths."""
     (directory / RULES.name).write_text(RULES.read_text() if rules_text is None else rules_text)
-    shutil.copy(RULE_TESTS, directory / RULE_TESTS.name)
-    return directory / RULE_TESTS.name
+    for tests in RULE_TESTS:
+        shutil.copy(tests, directory / tests.name)
+    return [str(directory / tests.name) for tests in RULE_TESTS]
 
 
 def changed(text: str, old: str, new: str) -> str:
@@ -230,8 +232,9 @@ def test_rules_pass_promtool_check(tmp_path: Path) -> None:
 
 @needs_promtool
 def test_alert_unit_tests_pass() -> None:
-    """alerts.test.yml: input series, and the alerts that must and must not fire."""
-    result = promtool("test", "rules", str(RULE_TESTS))
+    """alerts.test.yml and alerts.days.test.yml: input series, and the alerts that must and
+    must not fire."""
+    result = promtool("test", "rules", *map(str, RULE_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
@@ -302,16 +305,16 @@ def test_alert_unit_tests_catch_a_changed_rule(tmp_path: Path, old: str, new: st
     """Proves the unit tests above can fail: each change to a rule breaks at least one case."""
     tests = copy_rules(tmp_path, changed(RULES.read_text(), old, new))
     assert promtool("check", "rules", str(tmp_path / RULES.name)).returncode == 0  # still valid
-    result = promtool("test", "rules", str(tests))
+    result = promtool("test", "rules", *tests)
     assert result.returncode != 0
     assert "FAILED" in result.stdout + result.stderr
 
 
 def test_every_alert_is_tested_firing_and_quiet() -> None:
-    """Each alert of alerts.yml has a case in alerts.test.yml where it fires and one where it
+    """Each alert of alerts.yml has a case in its unit tests where it fires and one where it
     must not."""
     cases: dict[str, list[bool]] = {}
-    for test in load_yaml(RULE_TESTS)["tests"]:
+    for test in (test for tests in RULE_TESTS for test in load_yaml(tests)["tests"]):
         for case in test.get("alert_rule_test", []):
             cases.setdefault(case["alertname"], []).append(bool(case.get("exp_alerts")))
     for rule in alert_rules():
