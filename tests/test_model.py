@@ -2,15 +2,17 @@
 over two mappings at once: the built-in `sequences`, and the custom `characters` of
 docs/tables.md (TEXT keys with `/ % ? # , ' "`, a backtick, spaces and non-ASCII; a soft delete
 by its `where`; int32, float, bool and string[] fields, optional ones; the tags of
-`character_tags`, a table it depends on).
+`character_tags`, a table it depends on; a unique index on the name, NOCASE, through which a
+REPLACE removes another character).
 
-An application makes random inserts, updates, deletes and key changes on both tables, soft-deletes
-and undeletes characters, adds, removes and moves their tags (some in multi-statement
-transactions, some rolled back, some with invalid values); the daemon takes steps (one batch,
-`Applier.apply_once`, or the pipelined `Applier.drain` its loop runs); it is killed at any point
-of a step (after its claim, before or after Typesense accepted a request, just before its
-acknowledgement commits) and restarted as fresh objects; the application writes while a batch
-is in flight; a fault proxy drops, delays, truncates and refuses requests.
+An application starts with a few characters, makes random inserts, updates, deletes and key
+changes on both tables, soft-deletes and undeletes characters, gives them a name another holds
+(an UPDATE or INSERT OR REPLACE removes that one), adds, removes and moves their tags (some in
+multi-statement transactions, some rolled back, some with invalid values); the daemon takes
+steps (one batch, `Applier.apply_once`, or the pipelined `Applier.drain` its loop runs); it is
+killed at any point of a step (after its claim, before or after Typesense accepted a request,
+just before its acknowledgement commits) and restarted as fresh objects; the application writes
+while a batch is in flight; a fault proxy drops, delays, truncates and refuses requests.
 
 What each committed state should be is what the mapping's Python reference (`Mapping.line`)
 makes of the rows SQLite holds right after the commit.
@@ -52,6 +54,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     invariant,
     precondition,
     rule,
@@ -124,6 +127,11 @@ def mostly(valid: st.SearchStrategy[Any], *invalid: st.SearchStrategy[Any]) -> A
 
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+# Names that the characters' unique index (NOCASE: `CHARACTER_NAMES`) takes for one: an
+# INSERT OR REPLACE or an UPDATE OR REPLACE with one of them removes the character holding it,
+# which SQLite does without firing a delete trigger.
+NAMES = st.sampled_from(["Ann", "ann"])
+CHARACTER_NAMES = "CREATE UNIQUE INDEX characters_name ON characters (name COLLATE NOCASE)"
 SEQUENCE_FIELDS = st.fixed_dictionaries(
     {
         "element_type": mostly(
@@ -151,7 +159,7 @@ SEQUENCE_FIELDS = st.fixed_dictionaries(
 CHARACTER_FIELDS = st.fixed_dictionaries(
     {
         "name": mostly(
-            TEXT,
+            TEXT | NAMES,
             st.just(NotUtf8(b"n\xffme")),
             st.just(b"\x00blob"),
             st.just(Long("n" * (MAX_TEXT_BYTES + 1))),
@@ -199,6 +207,14 @@ CHARACTER_OPERATIONS = st.one_of(
         SLUGS,
     ),
     st.tuples(st.just("characters"), st.just("move"), SLUGS, SLUGS, st.booleans()),
+    st.tuples(
+        st.just("characters"),
+        st.just("name"),
+        SLUGS,
+        NAMES,
+        # an UPDATE OR REPLACE needs the character there: twice as often as the others
+        st.sampled_from(["update", "update_or_replace", "update_or_replace", "insert_or_replace"]),
+    ),
     st.tuples(st.just("characters"), st.just("tag"), SLUGS, TAG),
     st.tuples(st.just("characters"), st.just("retag"), SLUGS, SLUGS),
 )
@@ -270,7 +286,8 @@ def write_character(conn: sqlite3.Connection, operation: tuple[Any, ...], versio
         marks, values = zip(*(value_sql(operation[2][c]) for c in CHARACTER_COLUMNS), strict=True)
         if kind == "update":
             sets = ", ".join(f"{c} = {m}" for c, m in zip(CHARACTER_COLUMNS, marks, strict=True))
-            conn.execute(f"UPDATE characters SET {sets} WHERE slug = ?", (*values, slug))
+            with contextlib.suppress(sqlite3.IntegrityError):  # the name is taken
+                conn.execute(f"UPDATE characters SET {sets} WHERE slug = ?", (*values, slug))
             return
         verb = "INSERT" if kind == "insert" else "INSERT OR REPLACE"
         with contextlib.suppress(sqlite3.IntegrityError):
@@ -285,6 +302,15 @@ def write_character(conn: sqlite3.Connection, operation: tuple[Any, ...], versio
         conn.execute("UPDATE characters SET deleted_at = ? WHERE slug = ?", (version, slug))
     elif kind == "undelete":
         conn.execute("UPDATE characters SET deleted_at = NULL WHERE slug = ?", (slug,))
+    elif kind == "name":  # a name another character may hold
+        statement = {
+            "update": "UPDATE characters SET name = ?2 WHERE slug = ?1",
+            "update_or_replace": "UPDATE OR REPLACE characters SET name = ?2 WHERE slug = ?1",
+            "insert_or_replace": "INSERT OR REPLACE INTO characters (slug, name, active)"
+            " VALUES (?1, ?2, 1)",
+        }[operation[3]]
+        with contextlib.suppress(sqlite3.IntegrityError):  # update: the name is taken
+            conn.execute(statement, (slug, operation[2]))
     elif kind == "move":
         verb = "UPDATE OR REPLACE" if operation[3] else "UPDATE"
         with contextlib.suppress(sqlite3.IntegrityError):
@@ -329,7 +355,7 @@ class SyncMachine(RuleBasedStateMachine):
         self.app = sqlite3.connect(
             self.path, timeout=30, isolation_level=None, check_same_thread=False
         )
-        self.app.executescript(f"{CHARACTERS}; {TAGS};")
+        self.app.executescript(f"{CHARACTERS}; {TAGS}; {CHARACTER_NAMES};")
         prefix = f"model_{uuid.uuid4().hex[:12]}"
         wanted = [
             replace(m, collection=f"{prefix}_{m.name}") for m in (SEQUENCES, characters_mapping())
@@ -441,6 +467,19 @@ class SyncMachine(RuleBasedStateMachine):
         return [(index, name) for index in self.worker.indexes for name in names]
 
     # -- rules ---------------------------------------------------------------------------------
+
+    @initialize(
+        operations=st.lists(
+            st.tuples(st.just("characters"), st.just("upsert"), SLUGS, CHARACTER_FIELDS),
+            min_size=2,
+            max_size=5,
+        )
+    )
+    def application_has_characters(self, operations: list[tuple[Any, ...]]) -> None:
+        """A few characters to begin with: the rules' own inserts are few among their
+        operations, and a name taken by another character, tags moved between characters and
+        keys moved onto another's need more than one."""
+        self.apply(operations)
 
     @rule(operations=st.lists(OPERATIONS, min_size=1, max_size=3))
     def application_writes(self, operations: list[tuple[Any, ...]]) -> None:
