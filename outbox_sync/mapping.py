@@ -359,8 +359,9 @@ class Trigger:
     sql: str  # as SQLite keeps it: without IF NOT EXISTS
 
 
-# A unique constraint of a table: its columns, each with the collation it compares by.
-Unique = tuple[tuple[str, str], ...]
+# A unique constraint of a table: its columns, each with the collation it compares by and
+# whether it is a generated column.
+Unique = tuple[tuple[str, str, bool], ...]
 
 
 def _table_triggers(
@@ -429,15 +430,16 @@ def _replaced_triggers(
     fails, or is ignored, or updates the row: an upsert) leaves at most an entry of a row that
     is still there, which the daemon syncs as it is."""
     into, on = "outbox (mapping, record_key, op)", quote_identifier(table)
-    body, columns = "", []
+    body = ""
+    columns: dict[str, bool] = {}  # each column of the constraints: whether it is generated
     for unique in uniques:
         match = " AND ".join(
             f"{quote_identifier(column)} = NEW.{quote_identifier(column)}"
             f" COLLATE {_trigger_name(collation)}"  # NOCASE, or an application's own, quoted
-            for column, collation in unique
+            for column, collation, _ in unique
         )
         for key in keys:
-            if (key, "BINARY") in ((c, collation.upper()) for c, collation in unique):
+            if (key, "BINARY") in ((c, collation.upper()) for c, collation, _ in unique):
                 continue  # the row replaced has the key of the new row, whose entry names it
             q = quote_identifier(key)
             known = f" AND {q} IS NOT NULL" if dependency else ""
@@ -445,11 +447,16 @@ def _replaced_triggers(
                 f"    INSERT INTO {into} SELECT {name}, {q}, '{op}' FROM {on}"
                 f" WHERE {match} AND {q} IS NOT NEW.{q} COLLATE BINARY{known};\n"
             )
-            columns += [column for column, _ in unique if column not in columns]
+            columns |= {column: generated for column, _, generated in unique}
     if not body:
         return []
+    # A generated column changes with the columns it is made of, which UPDATE OF cannot name
+    # (it fires only for columns the statement sets): then every update looks.
     of = ", ".join(map(quote_identifier, columns))
-    events = {"insert": "INSERT", "update": f"UPDATE OF {of}"}
+    events = {
+        "insert": "INSERT",
+        "update": "UPDATE" if any(columns.values()) else f"UPDATE OF {of}",
+    }
     return [
         Trigger(
             f"{prefix}_{event}_replaced",

@@ -111,24 +111,31 @@ def owned_triggers(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> lis
 def unique_constraints(conn: sqlite3.Connection, table: str) -> list[Unique]:
     """The constraints through which a REPLACE can remove a row of `table`: each unique index
     (UNIQUE, a PRIMARY KEY that is not the rowid) and an INTEGER PRIMARY KEY (the rowid), as
-    (column, collation) pairs, in a stable order. One on an expression is left out: no
-    trigger can name its columns (docs/guarantees.md, known limits)."""
+    (column, collation, whether the column is generated) triples, in a stable order. One on an
+    expression is left out: no trigger can name its columns (docs/guarantees.md, known
+    limits)."""
     found: set[Unique] = set()
     indexes = conn.execute(
         'SELECT name, "unique", origin FROM pragma_index_list(?)', (table,)
     ).fetchall()
+    generated = {  # hidden 2 and 3: a VIRTUAL and a STORED generated column
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM pragma_table_xinfo(?) WHERE hidden IN (2, 3)", (table,)
+        )
+    }
     for index, unique, _ in indexes:
         parts = conn.execute(
             "SELECT cid, name, coll FROM pragma_index_xinfo(?) WHERE key ORDER BY seqno", (index,)
         ).fetchall()
         if unique and all(cid >= 0 for cid, _, _ in parts):
-            found.add(tuple((column, collation) for _, column, collation in parts))
+            found.add(tuple((c, collation, c in generated) for _, c, collation in parts))
     primary = conn.execute(
         "SELECT name, type FROM pragma_table_info(?) WHERE pk", (table,)
     ).fetchall()
     rowid = not any(origin == "pk" for _, _, origin in indexes)  # else the key has an index
     if len(primary) == 1 and primary[0][1].upper() == "INTEGER" and rowid:
-        found.add(((primary[0][0], "BINARY"),))
+        found.add(((primary[0][0], "BINARY", False),))
     return sorted(found)
 
 

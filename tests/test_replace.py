@@ -172,15 +172,24 @@ def test_the_unique_constraints_are_those_a_replace_removes_rows_through(tmp_pat
         "CREATE TABLE int_key (id INT PRIMARY KEY, a);"
         "CREATE TABLE no_rowid (k TEXT, n INTEGER, PRIMARY KEY (n, k)) WITHOUT ROWID;"
         "CREATE TABLE implicit (a, b);"
+        "CREATE TABLE made (a TEXT PRIMARY KEY, b GENERATED ALWAYS AS (lower(a)) UNIQUE,"
+        " c GENERATED ALWAYS AS (upper(a)) STORED, UNIQUE (c, a));"
     )
     assert schema.unique_constraints(app, "rowid_key") == [
-        (("a", "NOCASE"),),
-        (("b", "BINARY"),),
-        (("c", "BINARY"), ("b", "BINARY")),
-        (("id", "BINARY"),),
+        (("a", "NOCASE", False),),
+        (("b", "BINARY", False),),
+        (("c", "BINARY", False), ("b", "BINARY", False)),
+        (("id", "BINARY", False),),
     ]
-    assert schema.unique_constraints(app, "int_key") == [(("id", "BINARY"),)]
-    assert schema.unique_constraints(app, "no_rowid") == [(("n", "BINARY"), ("k", "BINARY"))]
+    assert schema.unique_constraints(app, "int_key") == [(("id", "BINARY", False),)]
+    assert schema.unique_constraints(app, "no_rowid") == [
+        (("n", "BINARY", False), ("k", "BINARY", False))
+    ]
+    assert schema.unique_constraints(app, "made") == [
+        (("a", "BINARY", False),),
+        (("b", "BINARY", True),),
+        (("c", "BINARY", True), ("a", "BINARY", False)),
+    ]
     assert schema.unique_constraints(app, "implicit") == []
     assert schema.unique_constraints(app, "absent") == []
 
@@ -260,3 +269,29 @@ def test_uninstall_removes_the_replace_triggers_with_the_others(tmp_path: Path) 
         "sequences_outbox_update_replaced",
     ]
     assert schema_of(path) == before
+
+
+@pytest.mark.parametrize("kind", ["VIRTUAL", "STORED"])
+def test_a_row_replaced_through_a_unique_generated_column_leaves_search(
+    tmp_path: Path, typesense_server: Server, collection: str, kind: str
+) -> None:
+    """UNIQUE on a generated column (the email lowercased): an UPDATE OR REPLACE of the email
+    conflicts through it, though the statement never names the generated column."""
+    users = Mapping(
+        table="users", key="slug", collection=collection, fields=(Field("email", "string"),)
+    )
+    path = tmp_path / "users.db"
+    app = app_connection(path)
+    app.executescript(
+        "CREATE TABLE users (slug TEXT PRIMARY KEY, email TEXT NOT NULL,"
+        f" email_lower TEXT GENERATED ALWAYS AS (lower(email)) {kind} UNIQUE);"
+        "INSERT INTO users (slug, email) VALUES ('a', 'Ann@example.org'), ('b', 'bob@x.org');"
+    )
+    _, sync = mapping_worker(path, users, typesense_server, collection, backfill=True)
+    drain(sync)
+    app.execute("UPDATE OR REPLACE users SET email = 'ANN@example.org' WHERE slug = 'b'")
+    app.execute("INSERT OR REPLACE INTO users (slug, email) VALUES ('c', 'ann@EXAMPLE.org')")
+    drain(sync)
+    assert {slug: doc["email"] for slug, doc in export(typesense_server, collection).items()} == {
+        "c": "ann@EXAMPLE.org"
+    }
