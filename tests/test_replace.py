@@ -295,3 +295,28 @@ def test_a_row_replaced_through_a_unique_generated_column_leaves_search(
     assert {slug: doc["email"] for slug, doc in export(typesense_server, collection).items()} == {
         "c": "ann@EXAMPLE.org"
     }
+
+
+def test_a_constraint_that_resolves_conflicts_by_replace_is_followed_by_plain_statements(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """`UNIQUE ... ON CONFLICT REPLACE` in the table's definition: a plain INSERT or UPDATE
+    replaces, with no OR REPLACE in the statement to tell."""
+    users = Mapping(
+        table="users", key="slug", collection=collection, fields=(Field("email", "string"),)
+    )
+    path = tmp_path / "users.db"
+    app = app_connection(path)
+    app.executescript(
+        "CREATE TABLE users (slug TEXT PRIMARY KEY, email TEXT UNIQUE ON CONFLICT REPLACE);"
+        "INSERT INTO users VALUES ('a', 'a@x.org'), ('b', 'b@x.org'), ('c', 'c@x.org');"
+    )
+    _, sync = mapping_worker(path, users, typesense_server, collection, backfill=True)
+    drain(sync)
+    app.execute("INSERT INTO users VALUES ('d', 'a@x.org')")  # removes a
+    app.execute("UPDATE users SET email = 'b@x.org' WHERE slug = 'c'")  # removes b
+    drain(sync)
+    assert {slug: doc["email"] for slug, doc in export(typesense_server, collection).items()} == {
+        "c": "b@x.org",
+        "d": "a@x.org",
+    }
