@@ -139,6 +139,28 @@ def unique_constraints(conn: sqlite3.Connection, table: str) -> list[Unique]:
     return sorted(found)
 
 
+def unfollowed_uniques(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> list[str]:
+    """The unique indexes on an expression of the mapped tables, `INDEX on TABLE`: a REPLACE
+    through one removes a row no trigger of ours notes (`unique_constraints` leaves them out).
+    Said, so that on-call knows why a document may stay until the scheduled audit."""
+    found = []
+    for table in sorted({table for mapping in mappings for table in mapping.tables}):
+        for (index,) in conn.execute(
+            'SELECT name FROM pragma_index_list(?) WHERE "unique" ORDER BY name', (table,)
+        ).fetchall():
+            parts = "SELECT 1 FROM pragma_index_xinfo(?) WHERE key AND cid = -2"
+            if conn.execute(parts, (index,)).fetchone():
+                found.append(f"{index} on {table}")
+    return found
+
+
+UNFOLLOWED_NOTE = (
+    "a REPLACE through a unique index on an expression removes rows no trigger notes (SQLite "
+    "fires none for them): their documents stay until the scheduled audit. A unique index on "
+    "a generated column of that expression is followed (docs/guarantees.md, known limits)"
+)
+
+
 def trigger_problems(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> list[str]:
     """What is wrong with our triggers: missing, on another table, not our SQL text, or left
     behind by a mapping that is no more."""
@@ -582,6 +604,7 @@ class SchemaWatch:
         self.roots: dict[str, int] | None = None  # the mapped tables' root pages, last seen
         self.outbox_seq: int | None = None  # the outbox's AUTOINCREMENT counter, last seen
         self.kinds: dict[str, str] | None = None  # each mapping's key kind, at the first turn
+        self.unfollowed: set[str] = set()  # `unfollowed_uniques`, said when one is new
 
     def _roots(self) -> dict[str, int]:
         return dict(
@@ -612,6 +635,10 @@ class SchemaWatch:
         # The version read before the checks: a migration committed since is seen next turn.
         # Our own repairs change it too, so after one the next turn checks again.
         self.version = None if restored or problems or indexed else version
+        unfollowed = unfollowed_uniques(self.db.conn, self.mappings)
+        if set(unfollowed) - self.unfollowed:
+            self.log.warning("unique_index_not_followed", indexes=unfollowed, note=UNFOLLOWED_NOTE)
+        self.unfollowed = set(unfollowed)
         seen, self.roots = self.roots, self._roots()
         rebuilt = [t for t in self.tables if seen is not None and seen.get(t) != self.roots.get(t)]
         if restored:

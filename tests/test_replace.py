@@ -11,6 +11,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from outbox_sync import schema
 from outbox_sync.db import Database
@@ -331,3 +332,37 @@ def test_a_constraint_that_resolves_conflicts_by_replace_is_followed_by_plain_st
         "c": "b@x.org",
         "d": "a@x.org",
     }
+
+
+def test_a_unique_index_on_an_expression_is_said_not_followed(tmp_path: Path) -> None:
+    """No trigger can follow it (a known limit): `init` says so, and the daemon's schema watch
+    says so once for each such index that appears, so that on-call knows why a document may
+    wait for the scheduled audit."""
+    path = tmp_path / "sequences.db"
+    app = app_connection(path)
+    app.execute(SEQUENCES_UNIQUE)
+    app.execute("CREATE UNIQUE INDEX by_comment ON sequences (lower(comment))")
+    app.execute("CREATE UNIQUE INDEX by_number ON sequences (sequence_number)")  # followed
+    result = invoke(["init"], db_path=path)
+    assert result.exit_code == 0, result.output
+    assert "note: by_comment on sequences: a REPLACE through a unique index on an expression" in (
+        result.output
+    )
+    assert "by_number" not in result.output
+    db = Database(path)
+    watch = schema.SchemaWatch(db, [SEQUENCES], lambda reason: None)
+    with capture_logs() as logged:
+        watch(0.0)
+        app.execute("CREATE INDEX plain ON sequences (lower(element_type))")  # not unique
+        watch(1.0)
+        app.execute("CREATE UNIQUE INDEX by_type ON sequences (upper(element_type), element_id)")
+        watch(2.0)
+        app.execute("DROP INDEX by_comment")
+        watch(3.0)
+    said = [e["indexes"] for e in logged if e["event"] == "unique_index_not_followed"]
+    assert said == [
+        ["by_comment on sequences"],
+        ["by_comment on sequences", "by_type on sequences"],
+    ]
+    assert schema.unfollowed_uniques(db.conn, [SEQUENCES]) == ["by_type on sequences"]
+    db.close()

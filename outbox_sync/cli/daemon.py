@@ -56,9 +56,8 @@ def init(settings: Settings, backfill: bool) -> None:
     triggers a migration took away. Safe to run again."""
     from outbox_sync import schema
 
-    result = schema.init(
-        command_database(settings.db_path, create=True), settings.mappings, backfill=backfill
-    )
+    db = command_database(settings.db_path, create=True)
+    result = schema.init(db, settings.mappings, backfill=backfill)
     if result.upgraded:
         click.echo(f"upgraded {settings.db_path} to schema {schema.SCHEMA_VERSION}: nothing lost")
     if result.repaired:
@@ -73,6 +72,8 @@ def init(settings: Settings, backfill: bool) -> None:
         f"initialised {settings.db_path}: existing rows to sync: {'; '.join(rows) or 'none'}"
         + (" (the daemon indexes them when it starts)" if rows else "")
     )
+    if unfollowed := schema.unfollowed_uniques(db.conn, settings.mappings):
+        click.echo(f"note: {', '.join(unfollowed)}: {schema.UNFOLLOWED_NOTE}")
 
 
 @main.command()
