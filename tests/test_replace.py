@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from outbox_sync import schema
+from outbox_sync import health, schema
+from outbox_sync.cli import render
 from outbox_sync.db import Database
+from outbox_sync.lock import DaemonLock
 from outbox_sync.mapping import SEQUENCES, Dependency, Field, Mapping
 from tests.support.app import ROW_SQL, app_connection, make_row, schema_of, sqlite_documents
 from tests.support.cli import invoke
@@ -365,4 +367,12 @@ def test_a_unique_index_on_an_expression_is_said_not_followed(tmp_path: Path) ->
         ["by_comment on sequences", "by_type on sequences"],
     ]
     assert schema.unfollowed_uniques(db.conn, [SEQUENCES]) == ["by_type on sequences"]
+    figures = health.gather(db, [], [SEQUENCES], DaemonLock(path))  # what `status` shows
+    assert figures["unique_indexes_not_followed"] == ["by_type on sequences"]
+    lines = list(render.status_lines(figures))
+    assert "unique_indexes_not_followed by_type on sequences" in lines
+    width = len("unique_indexes_not_followed ")  # the longest name: the others pad to it
+    assert [line[width:] for line in lines if line.startswith("pending".ljust(width))] == ["0"]
+    app.execute("DROP INDEX by_type")
+    assert "unique_indexes_not_followed" not in health.gather(db, [], [SEQUENCES], DaemonLock(path))
     db.close()

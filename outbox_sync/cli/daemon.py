@@ -344,8 +344,10 @@ def status(settings: Settings, as_json: bool) -> None:
     daemon indexes when it starts), daemon_pid (null: no daemon runs; lock_holder then names a
     reindex holding the daemon lock), table_ok, triggers_ok (and trigger_problems),
     key_indexes_ok (and unindexed_keys: key columns a migration left without the index init
-    made), last_audit (the daemon's last audit: when, why, what it found and repaired). Exits 0
-    whatever it finds (it is for reading: `outbox-sync check` is for monitoring).
+    made), unique_indexes_not_followed (unique indexes on an expression: a REPLACE through one
+    leaves a document until the scheduled audit), last_audit (the daemon's last audit: when,
+    why, what it found and repaired). Exits 0 whatever it finds (it is for reading:
+    `outbox-sync check` is for monitoring).
     """
     figures = gathered(settings, open_database(settings), lambda error: advise(error, settings))
     if as_json:

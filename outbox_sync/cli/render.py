@@ -125,6 +125,7 @@ def audit_lines(
 
 
 def status_lines(figures: dict[str, Any]) -> Iterator[str]:
+    width = max(map(len, figures), default=0)
     for name, value in figures.items():
         if name == "collections":
             continue
@@ -138,10 +139,10 @@ def status_lines(figures: dict[str, Any]) -> Iterator[str]:
             )
         elif isinstance(value, list):
             value = "; ".join(value)
-        yield f"{name:24} {'-' if value is None else value}"
+        yield f"{name:{width}} {'-' if value is None else value}"
     for collection, one in figures.get("collections", {}).items():
         shown = ", ".join(f"{k} {'-' if v is None else v}" for k, v in one.items())
-        yield f"{'collection ' + collection:24} {shown}"
+        yield f"{'collection ' + collection:{width}} {shown}"
 
 
 def search_lines(collection: str, mapping: Mapping, result: dict[str, Any]) -> Iterator[str]:
