@@ -587,6 +587,8 @@ class SchemaWatch:
     triggers are ours, putting them back if not; then ask for an audit (`request(reason)`):
     changes made while they were gone left no outbox entry. The key indexes `init` made are
     put back too (no audit: their absence loses nothing, it only makes every lookup a scan).
+    A unique index on an expression, which no trigger can follow, is said once when it
+    appears (`unique_index_not_followed`).
 
     Rows can also change with no outbox entry while the triggers stay as they were: a mapped
     table rebuilt with its triggers copied back (SQLite's own 12-step ALTER: a new root page),

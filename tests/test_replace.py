@@ -9,6 +9,7 @@ actions fire triggers; incremental BLOB I/O fires none (a known limit the audit 
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -29,6 +30,28 @@ SEQUENCES_UNIQUE = (
     " created_at TEXT NOT NULL, UNIQUE (element_type, element_id))"
 )
 COLUMNS = "(id, element_type, element_id, sequence_number, comment, created_at)"
+
+
+def users_mapping(collection: str) -> Mapping:
+    return Mapping(
+        table="users", key="slug", collection=collection, fields=(Field("email", "string"),)
+    )
+
+
+def synced(
+    tmp_path: Path, server: Server, mapping: Mapping, script: str, *statements: str
+) -> dict[str, dict[str, Any]]:
+    """What search holds, by document id, once the rows `script` makes are synced, then
+    `statements` run and are synced too."""
+    path = tmp_path / "app.db"
+    app = app_connection(path)
+    app.executescript(script)
+    _, sync = mapping_worker(path, mapping, server, mapping.collection, backfill=True)
+    drain(sync)
+    for statement in statements:
+        app.execute(statement)
+    drain(sync)
+    return export(server, mapping.collection)
 
 
 @pytest.mark.parametrize(
@@ -81,18 +104,15 @@ def test_a_key_replaced_by_another_spelling_under_its_collation_leaves_search(
     tags = Mapping(
         table="tags", key="name", collection=collection, fields=(Field("uses", "int32"),)
     )
-    path = tmp_path / "tags.db"
-    app = app_connection(path)
-    app.executescript(
+    found = synced(
+        tmp_path,
+        typesense_server,
+        tags,
         "CREATE TABLE tags (name TEXT PRIMARY KEY COLLATE NOCASE, uses INTEGER NOT NULL);"
-        "INSERT INTO tags VALUES ('bob', 1), ('ann', 2);"
+        "INSERT INTO tags VALUES ('bob', 1), ('ann', 2);",
+        "REPLACE INTO tags VALUES ('BOB', 3)",
     )
-    _, sync = mapping_worker(path, tags, typesense_server, collection, backfill=True)
-    drain(sync)
-    app.execute("REPLACE INTO tags VALUES ('BOB', 3)")
-    drain(sync)
-    found = {name: doc["uses"] for name, doc in export(typesense_server, collection).items()}
-    assert found == {"BOB": 3, "ann": 2}
+    assert {name: doc["uses"] for name, doc in found.items()} == {"BOB": 3, "ann": 2}
 
 
 def test_a_row_of_a_table_depended_on_replaced_through_its_rowid_resyncs_its_old_document(
@@ -293,22 +313,16 @@ def test_a_row_replaced_through_a_unique_generated_column_leaves_search(
 ) -> None:
     """UNIQUE on a generated column (the email lowercased): an UPDATE OR REPLACE of the email
     conflicts through it, though the statement never names the generated column."""
-    users = Mapping(
-        table="users", key="slug", collection=collection, fields=(Field("email", "string"),)
+    found = synced(
+        tmp_path,
+        typesense_server,
+        users_mapping(collection),
+        ddl
+        + "INSERT INTO users (slug, email) VALUES ('a', 'Ann@example.org'), ('b', 'bob@x.org');",
+        "UPDATE OR REPLACE users SET email = 'ANN@example.org' WHERE slug = 'b'",
+        "INSERT OR REPLACE INTO users (slug, email) VALUES ('c', 'ann@EXAMPLE.org')",
     )
-    path = tmp_path / "users.db"
-    app = app_connection(path)
-    app.executescript(
-        ddl + "INSERT INTO users (slug, email) VALUES ('a', 'Ann@example.org'), ('b', 'bob@x.org');"
-    )
-    _, sync = mapping_worker(path, users, typesense_server, collection, backfill=True)
-    drain(sync)
-    app.execute("UPDATE OR REPLACE users SET email = 'ANN@example.org' WHERE slug = 'b'")
-    app.execute("INSERT OR REPLACE INTO users (slug, email) VALUES ('c', 'ann@EXAMPLE.org')")
-    drain(sync)
-    assert {slug: doc["email"] for slug, doc in export(typesense_server, collection).items()} == {
-        "c": "ann@EXAMPLE.org"
-    }
+    assert {slug: doc["email"] for slug, doc in found.items()} == {"c": "ann@EXAMPLE.org"}
 
 
 def test_a_constraint_that_resolves_conflicts_by_replace_is_followed_by_plain_statements(
@@ -316,21 +330,16 @@ def test_a_constraint_that_resolves_conflicts_by_replace_is_followed_by_plain_st
 ) -> None:
     """`UNIQUE ... ON CONFLICT REPLACE` in the table's definition: a plain INSERT or UPDATE
     replaces, with no OR REPLACE in the statement to tell."""
-    users = Mapping(
-        table="users", key="slug", collection=collection, fields=(Field("email", "string"),)
-    )
-    path = tmp_path / "users.db"
-    app = app_connection(path)
-    app.executescript(
+    found = synced(
+        tmp_path,
+        typesense_server,
+        users_mapping(collection),
         "CREATE TABLE users (slug TEXT PRIMARY KEY, email TEXT UNIQUE ON CONFLICT REPLACE);"
-        "INSERT INTO users VALUES ('a', 'a@x.org'), ('b', 'b@x.org'), ('c', 'c@x.org');"
+        "INSERT INTO users VALUES ('a', 'a@x.org'), ('b', 'b@x.org'), ('c', 'c@x.org');",
+        "INSERT INTO users VALUES ('d', 'a@x.org')",  # removes a
+        "UPDATE users SET email = 'b@x.org' WHERE slug = 'c'",  # removes b
     )
-    _, sync = mapping_worker(path, users, typesense_server, collection, backfill=True)
-    drain(sync)
-    app.execute("INSERT INTO users VALUES ('d', 'a@x.org')")  # removes a
-    app.execute("UPDATE users SET email = 'b@x.org' WHERE slug = 'c'")  # removes b
-    drain(sync)
-    assert {slug: doc["email"] for slug, doc in export(typesense_server, collection).items()} == {
+    assert {slug: doc["email"] for slug, doc in found.items()} == {
         "c": "b@x.org",
         "d": "a@x.org",
     }
