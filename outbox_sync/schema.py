@@ -182,7 +182,8 @@ def trigger_problems(conn: sqlite3.Connection, mappings: Sequence[Mapping]) -> l
             if ours is not None and ours["elsewhere"] is not None:
                 problems.append(f"{trigger.name} wrote into {ours['elsewhere']}, not outbox")
             elif ours is not None and trigger.name.endswith("_replaced"):
-                problems.append(f"{trigger.name} was for other unique constraints")
+                # the table's unique constraints changed, or an older version made it
+                problems.append(f"{trigger.name} was not as the table's unique constraints make it")
             else:
                 problems.append(f"{trigger.name} was not outbox-sync's")
     names = {trigger.name for trigger in wanted}

@@ -325,6 +325,35 @@ def test_a_row_replaced_through_a_unique_generated_column_leaves_search(
     assert {slug: doc["email"] for slug, doc in found.items()} == {"c": "ann@EXAMPLE.org"}
 
 
+def test_the_update_trigger_the_last_version_made_for_a_generated_column_is_replaced(
+    tmp_path: Path,
+) -> None:
+    """It was BEFORE UPDATE OF the generated column, which never fires: the daemon's first turn
+    puts the new one in place, and audits for what it missed."""
+    path = tmp_path / "users.db"
+    app = app_connection(path)
+    app.execute(
+        "CREATE TABLE users (slug TEXT PRIMARY KEY, email TEXT,"
+        " email_lower TEXT GENERATED ALWAYS AS (lower(email)) VIRTUAL UNIQUE)"
+    )
+    users = users_mapping("users")
+    db = Database(path, create=True)
+    schema.init(db, [users])
+    name = "users_outbox_update_replaced"
+    (made,) = app.execute("SELECT sql FROM sqlite_schema WHERE name = ?", (name,)).fetchone()
+    assert made.startswith(f"CREATE TRIGGER {name} BEFORE UPDATE ON `users`")
+    app.execute(f"DROP TRIGGER {name}")
+    app.execute(made.replace("BEFORE UPDATE ON", "BEFORE UPDATE OF `email_lower` ON"))
+    assert schema.trigger_problems(db.conn, [users]) == [
+        f"{name} was not as the table's unique constraints make it"
+    ]
+    audits: list[str] = []
+    schema.SchemaWatch(db, [users], audits.append)(0.0)
+    assert audits == ["triggers repaired"]
+    assert schema.trigger_problems(db.conn, [users]) == []
+    db.close()
+
+
 def test_a_constraint_that_resolves_conflicts_by_replace_is_followed_by_plain_statements(
     tmp_path: Path, typesense_server: Server, collection: str
 ) -> None:
