@@ -115,25 +115,20 @@ def unique_constraints(conn: sqlite3.Connection, table: str) -> list[Unique]:
     expression is left out: no trigger can name its columns (docs/guarantees.md, known
     limits)."""
     found: set[Unique] = set()
-    indexes = conn.execute(
-        'SELECT name, "unique", origin FROM pragma_index_list(?)', (table,)
-    ).fetchall()
     generated = {  # hidden 2 and 3: a VIRTUAL and a STORED generated column
         name
         for (name,) in conn.execute(
             "SELECT name FROM pragma_table_xinfo(?) WHERE hidden IN (2, 3)", (table,)
         )
     }
-    for index, unique, _ in indexes:
-        parts = conn.execute(
-            "SELECT cid, name, coll FROM pragma_index_xinfo(?) WHERE key ORDER BY seqno", (index,)
-        ).fetchall()
-        if unique and all(cid >= 0 for cid, _, _ in parts):
+    indexes = _unique_indexes(conn, table)
+    for _, _, parts in indexes:
+        if all(cid >= 0 for cid, _, _ in parts):
             found.add(tuple((c, collation, c in generated) for _, c, collation in parts))
     primary = conn.execute(
         "SELECT name, type FROM pragma_table_info(?) WHERE pk", (table,)
     ).fetchall()
-    rowid = not any(origin == "pk" for _, _, origin in indexes)  # else the key has an index
+    rowid = not any(origin == "pk" for _, origin, _ in indexes)  # else the key has an index
     if len(primary) == 1 and primary[0][1].upper() == "INTEGER" and rowid:
         found.add(((primary[0][0], "BINARY", False),))
     return sorted(found)
@@ -143,15 +138,32 @@ def unfollowed_uniques(conn: sqlite3.Connection, mappings: Sequence[Mapping]) ->
     """The unique indexes on an expression of the mapped tables, `INDEX on TABLE`: a REPLACE
     through one removes a row no trigger of ours notes (`unique_constraints` leaves them out).
     Said, so that on-call knows why a document may stay until the scheduled audit."""
-    found = []
-    for table in sorted({table for mapping in mappings for table in mapping.tables}):
-        for (index,) in conn.execute(
-            'SELECT name FROM pragma_index_list(?) WHERE "unique" ORDER BY name', (table,)
-        ).fetchall():
-            parts = "SELECT 1 FROM pragma_index_xinfo(?) WHERE key AND cid = -2"
-            if conn.execute(parts, (index,)).fetchone():
-                found.append(f"{index} on {table}")
-    return found
+    return [
+        f"{index} on {table}"
+        for table in sorted({table for mapping in mappings for table in mapping.tables})
+        for index, _, parts in sorted(_unique_indexes(conn, table))
+        if any(cid == -2 for cid, _, _ in parts)  # -2: an expression
+    ]
+
+
+def _unique_indexes(
+    conn: sqlite3.Connection, table: str
+) -> list[tuple[str, str, list[tuple[int, str, str]]]]:
+    """Each unique index of `table`: its name, its origin (`u` UNIQUE, `pk` PRIMARY KEY, `c`
+    CREATE INDEX) and its key parts in order (column id, column name, collation)."""
+    return [
+        (
+            index,
+            origin,
+            conn.execute(
+                "SELECT cid, name, coll FROM pragma_index_xinfo(?) WHERE key ORDER BY seqno",
+                (index,),
+            ).fetchall(),
+        )
+        for index, origin in conn.execute(
+            'SELECT name, origin FROM pragma_index_list(?) WHERE "unique"', (table,)
+        ).fetchall()
+    ]
 
 
 UNFOLLOWED_NOTE = (
