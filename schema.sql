@@ -68,7 +68,7 @@ END;
 -- A change of id is a delete of the old document and an upsert of the new one.
 CREATE TRIGGER IF NOT EXISTS sequences_outbox_update AFTER UPDATE ON `sequences`
 BEGIN
-    INSERT INTO outbox (mapping, record_key, op) SELECT 'sequences', OLD.`id`, 'delete' WHERE OLD.`id` IS NOT NEW.`id`;
+    INSERT INTO outbox (mapping, record_key, op) SELECT 'sequences', OLD.`id`, 'delete' WHERE OLD.`id` IS NOT NEW.`id` COLLATE BINARY;
     INSERT INTO outbox (mapping, record_key, op) SELECT 'sequences', NEW.`id`, 'upsert';
 END;
 

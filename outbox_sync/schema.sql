@@ -1,7 +1,8 @@
 -- outbox-sync schema, version 2. Applied by `outbox-sync init` inside one transaction; every
 -- statement is idempotent, so running init again changes nothing. The triggers of every mapping
 -- are made from the mapping (outbox_sync/mapping.py); the built-in mapping's are below, exactly
--- as the generator writes them (a test holds them to it).
+-- as the generator writes them (a test holds them to it). A mapped table with a unique
+-- constraint besides its key gets two more, made from it, that note the rows a REPLACE removes.
 
 -- The built-in mapping's table. Created only when absent, and only when the built-in mapping is
 -- in use: an application may already own it, with looser column types; outbox-sync validates

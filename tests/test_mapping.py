@@ -12,6 +12,8 @@ import math
 import re
 import sqlite3
 import sys
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -346,6 +348,14 @@ def test_the_generator_writes_exactly_the_triggers_schema_sql_holds() -> None:
     ]
     made = [" ".join(trigger.sql.split()) for trigger in SEQUENCES.triggers()]
     assert held == made and len(made) == 3
+
+
+def test_the_schema_sql_people_read_is_the_one_init_applies() -> None:
+    """The top-level schema.sql (the one an application's developer reads) had drifted from the
+    package's, which `init` applies and the test above holds: it lacked the update trigger's
+    COLLATE BINARY, so a database prepared from it got an update trigger `init` then replaced."""
+    top = Path(__file__).resolve().parents[1] / "schema.sql"
+    assert top.read_text() == resources.files("outbox_sync").joinpath("schema.sql").read_text()
 
 
 def test_the_built_in_mapping_is_the_source_documents() -> None:
