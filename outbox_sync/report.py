@@ -15,12 +15,12 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from outbox_sync import stats
+from outbox_sync.config import SECONDS_PER_UNIT
 from outbox_sync.db import Database, pages
 from outbox_sync.stats import LATENCY_BUCKETS_S, STATS_BUCKET_S, STATS_RETENTION_S, percentile
 
 DEFAULT_SINCE = "7d"
-DURATION = re.compile(r"(\d+)\s*([smhdw])")
-SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+DURATION = re.compile(r"(\d+)\s*([smhdw])")  # a whole number and its unit (2024 may be a year)
 PERCENTILES = {"p50_s": 0.50, "p95_s": 0.95, "p99_s": 0.99}
 # The series of the charts: statistics per hour (168 points a week), sync errors per day.
 HOUR_S = 3600
