@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     enqueued_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
 );
 
--- Records given up on, for a human. Rows are closed (resolved_at), never deleted.
+-- Records given up on, for a human. Rows are closed (resolved_at); only `errors prune` deletes
+-- closed ones.
 CREATE TABLE IF NOT EXISTS sync_errors (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     outbox_id   INTEGER NOT NULL,

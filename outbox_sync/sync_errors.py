@@ -1,8 +1,9 @@
 """The on-call workflow over `sync_errors`: find, show, retry through the outbox, resolve by hand.
 
-A row of `sync_errors` is never deleted; it closes with a resolution: 'superseded' (a later sync
-of the record succeeded: the daemon closes it), 'retried' (sent through the outbox again) or
-'resolved' (closed by hand, with a note).
+A row of `sync_errors` closes with a resolution: 'superseded' (a later sync of the record
+succeeded: the daemon closes it), 'retried' (sent through the outbox again) or 'resolved' (closed
+by hand, with a note). Nothing deletes one but `prune`, which an operator runs: closed rows older
+than an age they choose.
 """
 
 import json
@@ -34,6 +35,8 @@ STATUSES = ("open", "resolved", "all")
 # Records retried per write transaction: `errors retry --all` over thousands of errors must not
 # hold the application's write lock for all of it.
 RETRY_CHUNK = 200
+# Rows deleted per write transaction by `prune`, for the same reason.
+PRUNE_CHUNK = 1000
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,40 @@ def resolve(db: Database, error_ids: Sequence[int], note: str) -> None:
             " WHERE id = ?",
             [(now, note, error_id) for error_id in error_ids],
         )
+
+
+def prune(
+    db: Database, before: str, only: Sequence[str] | None = None, *, dry_run: bool = False
+) -> int:
+    """Delete the closed errors (of the mappings in `only`, if given) that closed by `before`
+    (an ISO time, as `resolved_at` writes it: whole seconds); how many (would be, with dry_run)
+    deleted. Open errors are never deleted. In short transactions of PRUNE_CHUNK rows each; ids
+    are never reused (AUTOINCREMENT)."""
+    closed = "resolved_at IS NOT NULL AND resolved_at <= ?" + (
+        " AND mapping IN (SELECT value FROM json_each(?))" if only is not None else ""
+    )
+    params = (before, json.dumps(list(only))) if only is not None else (before,)
+    if dry_run:
+        counted = db.conn.execute(f"SELECT count(*) FROM sync_errors WHERE {closed}", params)
+        return int(counted.fetchone()[0])
+    deleted, last = 0, 0
+    while True:
+        with db.write() as conn:
+            ids = [
+                error_id
+                for (error_id,) in conn.execute(
+                    f"SELECT id FROM sync_errors WHERE id > ? AND {closed} ORDER BY id LIMIT ?",
+                    (last, *params, PRUNE_CHUNK),
+                )
+            ]
+            conn.execute(
+                "DELETE FROM sync_errors WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(ids),),
+            )
+        deleted += len(ids)
+        if len(ids) < PRUNE_CHUNK:
+            return deleted
+        last = ids[-1]
 
 
 def _open_errors(conn: sqlite3.Connection, error_ids: Sequence[int]) -> list[tuple[int, str, Any]]:

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from outbox_sync import config_file, schema, sync_errors
 from outbox_sync.db import Database
 from outbox_sync.mapping import SEQUENCES
@@ -267,3 +269,52 @@ def test_since_before_the_year_1000_lists_every_error(db_path: Path, db: Databas
     result = invoke(["errors", "list", "--json", "--since", "0999-01-01"], None, db_path)
     assert result.exit_code == 0, result.output
     assert [e["record_key"] for e in json.loads(result.stdout)] == [7]
+
+
+def test_prune_deletes_only_errors_closed_longer_ago_than_the_age(
+    tmp_path: Path, db_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "outbox-sync.toml"
+    config.write_text(EXAMPLE)
+    _, mappings = config_file.load(config, {})
+    app_connection(db_path).executescript(f"{CHARACTERS}; {TAGS};")
+    schema.init(db, list(mappings))
+    for outbox_id, key in enumerate([1, 2, 3, 4, 5, 6, 7], start=1):
+        record_failure(db, outbox_id, key, "refused", http_status=400, attempts=2)
+    record_failure(db, 8, "a", "refused", mapping="characters", http_status=400, attempts=2)
+    record_failure(db, 9, "b", "refused", mapping="characters", http_status=400, attempts=2)
+    sync_errors.resolve(db, [1, 2, 3, 4, 5, 8], "fixed")  # 6, 7 and 9 stay open
+    old = "UPDATE sync_errors SET failed_at = '2020-01-01T00:00:00Z', resolved_at = ?"
+    db.conn.execute(f"{old} WHERE id IN (1, 2, 3, 4, 6, 8, 9)", ("2020-01-02T00:00:00Z",))
+    db.conn.execute("UPDATE sync_errors SET resolved_at = NULL WHERE id IN (6, 9)")
+    env = {"OUTBOX_SYNC_CONFIG": str(config)}
+
+    def prune(*args: str, collection: str | None = None) -> str:
+        result = invoke(["errors", "prune", *args], None, db_path, collection, **env)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    def left() -> list[int]:
+        return [e["id"] for e in sync_errors.find(db, status="all")]
+
+    assert prune("--older-than", "90d", "--dry-run").startswith("would delete 5 closed")
+    assert left() == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert prune("--older-than", "90d", collection="characters").startswith("deleted 1 ")
+    assert left() == [1, 2, 3, 4, 5, 6, 7, 9]
+    monkeypatch.setattr(sync_errors, "PRUNE_CHUNK", 2)  # 1, 2 | 3, 4 | none: three chunks
+    assert prune("--older-than", "90d").startswith("deleted 4 closed sync errors (closed by")
+    assert left() == [5, 6, 7, 9]  # closed today, and the open ones however old
+    assert prune("--older-than", "0").startswith("deleted 1 ")
+    assert left() == [6, 7, 9]
+    record_failure(db, 10, 10, "refused", http_status=400, attempts=2)
+    assert max(left()) == 10  # AUTOINCREMENT: no id comes back
+
+    for bad, says in [
+        ("soon", "is not a duration such as 90d"),
+        ("99999999999w", "reaches back before 1970"),
+    ]:
+        result = invoke(["errors", "prune", "--older-than", bad], None, db_path, **env)
+        assert result.exit_code == 2 and says in result.output
+    missing = invoke(["errors", "prune"], None, db_path, **env)
+    assert missing.exit_code == 2 and "--older-than" in missing.output
+    assert left() == [6, 7, 9, 10]

@@ -1,6 +1,7 @@
 """The on-call commands: errors, audit, search, report (how they print: render.py)."""
 
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from outbox_sync.cli.base import (
     with_settings,
 )
 from outbox_sync.config import Settings, parse_duration
-from outbox_sync.errors import CollectionNotFoundError, TypesenseRejectedError
+from outbox_sync.errors import CollectionNotFoundError, ConfigError, TypesenseRejectedError
 from outbox_sync.report import DEFAULT_SINCE, build_report, iso
 from outbox_sync.report_page import INSTALL_HINT, check_chart_library, page
 from outbox_sync.values import shown_key
@@ -164,6 +165,49 @@ def errors_resolve(settings: Settings, error_ids: tuple[int, ...], note: str) ->
     closing = tuple(dict.fromkeys(error_ids))  # an id given twice closes one error
     sync_errors.resolve(open_database(settings).db, closing, note)
     click.echo(f"closed {len(closing)} sync error{'s' * (len(closing) != 1)} as resolved")
+
+
+@errors.command("prune")
+@with_settings()
+@click.option(
+    "--older-than",
+    required=True,
+    metavar="DURATION",
+    help="Delete the errors closed longer ago than this: 90d, 12w (0 for every closed one).",
+)
+@click.option("--dry-run", is_flag=True, help="Only count them; delete nothing.")
+def errors_prune(settings: Settings, older_than: str, dry_run: bool) -> None:
+    """Delete closed sync errors older than an age.
+
+    Only errors closed (superseded, retried or resolved) longer ago than --older-than go; open
+    errors are never deleted, and nothing else deletes a sync error. With --collection, only
+    that collection's. `report` counts the errors of its window: keep them at least as long as
+    your reviews look back (7d by default). Safe while the daemon runs (short transactions).
+
+    \b
+    Example, from a weekly timer:
+      outbox-sync errors prune --older-than 90d
+    """
+    try:
+        cutoff = time.time() - parse_duration(older_than, "--older-than")
+    except ConfigError:  # a usage error (2), as click's own
+        raise click.BadParameter(
+            f"{older_than!r} is not a duration such as 90d or 12w", param_hint="--older-than"
+        ) from None
+    if cutoff < 0:  # before 1970, which no error is: iso() wrote a negative year, or failed
+        raise click.BadParameter(
+            f"{older_than!r} reaches back before 1970", param_hint="--older-than"
+        )
+    before = iso(cutoff)
+    opened = open_database(settings)
+    count = sync_errors.prune(
+        opened.db,
+        before,
+        None if settings.collection is None else [m.name for m in opened.selected],
+        dry_run=dry_run,
+    )
+    errors = f"closed sync error{'s' * (count != 1)} (closed by {before})"
+    click.echo(f"{'would delete' if dry_run else 'deleted'} {count} {errors}; open ones are kept")
 
 
 @main.command()
