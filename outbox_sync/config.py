@@ -255,10 +255,11 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def build_settings(given: Mapping_[str, Any]) -> Settings:
+def build_settings(given: Mapping_[str, Any], *, key_needed: bool = True) -> Settings:
     """Settings from option values by name (from flags or the environment) over the
     configuration file's; an option that is absent or None takes its default. Raises
-    ConfigError naming what is wrong."""
+    ConfigError naming what is wrong; a Typesense URL without an API key too, unless
+    `key_needed` is False (a command that never asks Typesense)."""
     values = {option.name: option.default for option in OPTIONS}
     config_file = given.get("config")
     mappings: tuple[Mapping, ...] = ()
@@ -285,7 +286,7 @@ def build_settings(given: Mapping_[str, Any]) -> Settings:
         for url in urls:
             parse_node(url)  # raises ConfigError with the URL in it
     api_key = _api_key(values["api_key_file"])
-    if urls and not api_key:
+    if urls and not api_key and key_needed:
         raise ConfigError(
             f"no Typesense API key: set {API_KEY_ENV} or pass --api-key-file "
             "(never the key itself on the command line)"

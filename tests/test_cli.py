@@ -10,11 +10,12 @@ from pathlib import Path
 import click
 import pytest
 
-from outbox_sync import __version__
+from outbox_sync import __version__, schema, sync_errors
 from outbox_sync.cli import main
 from outbox_sync.cli.daemon import GC_THRESHOLD, quiet_garbage_collector
 from outbox_sync.db import Database
 from outbox_sync.localserver import free_port
+from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
 from tests.support.app import app_connection, insert_rows
 from tests.support.cli import ROOT, invoke, run_module, without_settings
@@ -148,6 +149,34 @@ def test_bad_configuration_is_one_clear_line(
     assert result.exit_code != 0
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_commands_on_the_database_alone_need_no_api_key(db_path: Path) -> None:
+    """An instance's settings (systemd/outbox-sync.env.example) set TYPESENSE_URL; the key comes
+    from a credential only the daemon's unit loads. On-call's `errors list` with those settings
+    said "no Typesense API key", as did every command that never asks Typesense."""
+    db = Database(db_path)
+    schema.init(db, [SEQUENCES])
+    record_failure(db, 1, 7, "refused", http_status=400, attempts=2)
+    env = {"TYPESENSE_URL": "http://127.0.0.1:1", "OUTBOX_SYNC_DB": str(db_path)}
+    for args in (
+        ["init"],
+        ["errors", "list"],
+        ["errors", "show", "1"],
+        ["errors", "retry", "1"],
+        ["errors", "prune", "--older-than", "0"],
+        ["report"],
+    ):
+        result = invoke(args, **env)
+        assert result.exit_code == 0, (args, result.output)
+    assert [e["resolution"] for e in sync_errors.find(db, status="all")] == []  # retried, pruned
+    for args in (["status"], ["audit"], ["search", "x"], ["reindex"], ["run", "--once"]):
+        result = invoke(args, **env)
+        assert result.exit_code in (1, 2), args
+        assert "no Typesense API key" in result.output, args
+    assert "no Typesense API key" in invoke(["check"], **env).output
+    uninstalled = invoke(["uninstall", "--yes"], **env)
+    assert uninstalled.exit_code == 0, uninstalled.output
 
 
 def test_an_api_key_file_readable_by_others_is_refused(tmp_path: Path, db_path: Path) -> None:

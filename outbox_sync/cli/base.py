@@ -64,10 +64,12 @@ def _file_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> 
 
 
 def with_settings(
-    *, daemon: bool = False, failure: type[Failed] = Failed
+    *, daemon: bool = False, failure: type[Failed] = Failed, asks_typesense: bool = True
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give the command the shared options (and the daemon's, with daemon=True), and call it
-    with the Settings they make. Our errors end it with one line with advice, as `failure`."""
+    with the Settings they make. Our errors end it with one line with advice, as `failure`.
+    asks_typesense=False: the command works on the database alone, and runs with the
+    instance's settings (TYPESENSE_URL) whether or not it is given the API key."""
     options = [option for option in OPTIONS if daemon or not option.daemon_only]
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -77,7 +79,8 @@ def with_settings(
 
             settings = None
             try:
-                settings = build_settings({o.name: values.pop(o.name) for o in options})
+                given = {o.name: values.pop(o.name) for o in options}
+                settings = build_settings(given, key_needed=asks_typesense)
                 logs.configure(
                     click.get_current_context().find_root().params["log_level"],
                     (settings.api_key or "",),

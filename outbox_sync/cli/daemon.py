@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # see cli/__init__.py
 
 
 @main.command()
-@with_settings()
+@with_settings(asks_typesense=False)
 @click.option(
     "--backfill",
     is_flag=True,
@@ -77,7 +77,7 @@ def init(settings: Settings, backfill: bool) -> None:
 
 
 @main.command()
-@with_settings()
+@with_settings(asks_typesense=False)
 @click.option("--yes", is_flag=True, help="Remove without asking (for scripts).")
 def uninstall(settings: Settings, yes: bool) -> None:
     """Remove outbox-sync from the database: the triggers that write the outbox, the key

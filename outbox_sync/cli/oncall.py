@@ -37,7 +37,7 @@ def errors() -> None:
 
 
 @errors.command("list")
-@with_settings()
+@with_settings(asks_typesense=False)
 @click.option(
     "--status",
     type=click.Choice(sync_errors.STATUSES),
@@ -95,7 +95,7 @@ def errors_list(
 
 
 @errors.command("show")
-@with_settings()
+@with_settings(asks_typesense=False)
 @click.argument("error_id", metavar="ID", type=ERROR_ID)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def errors_show(settings: Settings, error_id: int, as_json: bool) -> None:
@@ -113,7 +113,7 @@ def errors_show(settings: Settings, error_id: int, as_json: bool) -> None:
 
 
 @errors.command("retry")
-@with_settings()
+@with_settings(asks_typesense=False)
 @click.argument("error_ids", metavar="[ID]...", nargs=-1, type=ERROR_ID)
 @click.option(
     "--all", "retry_all", is_flag=True, help="Retry every open sync error (of --collection's)."
@@ -150,7 +150,7 @@ def errors_retry(settings: Settings, error_ids: tuple[int, ...], retry_all: bool
 
 
 @errors.command("resolve")
-@with_settings()
+@with_settings(asks_typesense=False)
 @click.argument("error_ids", metavar="ID...", nargs=-1, type=ERROR_ID, required=True)
 @click.option(
     "--note",
@@ -168,7 +168,7 @@ def errors_resolve(settings: Settings, error_ids: tuple[int, ...], note: str) ->
 
 
 @errors.command("prune")
-@with_settings()
+@with_settings(asks_typesense=False)
 @click.option(
     "--older-than",
     required=True,
@@ -397,7 +397,7 @@ def _search(
 
 
 @main.command()
-@with_settings()
+@with_settings(asks_typesense=False)
 @click.option(
     "--since",
     callback=since_value,
