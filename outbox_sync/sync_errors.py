@@ -8,8 +8,8 @@ than an age they choose.
 
 import json
 import sqlite3
+from collections.abc import Iterator, Sequence
 from collections.abc import Mapping as Lookup
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,9 +58,22 @@ def find(
     op: str | None = None,
     mappings: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows of `sync_errors`, oldest first. status: 'open', 'resolved' or 'all'; since: an ISO
-    time (as in failed_at) the failure happened at or after; op: 'upsert' or 'delete';
-    mappings: only those of these mappings (by name)."""
+    """Rows of `sync_errors`, oldest first (`scan`, as a list)."""
+    return list(scan(db, status=status, since=since, op=op, mappings=mappings))
+
+
+def scan(
+    db: Database,
+    *,
+    status: str = "open",
+    since: str | None = None,
+    op: str | None = None,
+    mappings: Sequence[str] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Rows of `sync_errors`, oldest first, read a page at a time (a flood of errors is
+    listed in flat memory). status: 'open', 'resolved' or 'all'; since: an ISO time (as in
+    failed_at) the failure happened at or after; op: 'upsert' or 'delete'; mappings: only
+    those of these mappings (by name)."""
     if status not in STATUSES:
         raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
     conditions, params = [], []
@@ -75,10 +88,11 @@ def find(
     if mappings is not None:
         conditions.append("mapping IN (SELECT value FROM json_each(?))")
         params.append(json.dumps(list(mappings)))
-    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
-    cursor = db.conn.execute(f"SELECT {COLUMNS} FROM sync_errors{where} ORDER BY id", params)
-    names = [column[0] for column in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor]
+    names = [name.strip() for name in COLUMNS.split(",")]
+    where = " AND ".join(conditions)
+    for rows in pages(db.conn, "sync_errors", "id", COLUMNS, where=where, params=params):
+        for row in rows:
+            yield dict(zip(names, row[1:], strict=True))  # after `pages`' own id
 
 
 def get(db: Database, error_id: int, mappings: Lookup[str, Mapping]) -> dict[str, Any]:

@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import Result
 
 from outbox_sync import config_file, schema, sync_errors
+from outbox_sync.cli import render
 from outbox_sync.db import Database
 from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
@@ -318,3 +320,55 @@ def test_prune_deletes_only_errors_closed_longer_ago_than_the_age(
     missing = invoke(["errors", "prune"], None, db_path, **env)
     assert missing.exit_code == 2 and "--older-than" in missing.output
     assert left() == [6, 7, 9, 10]
+
+
+def test_a_flood_of_errors_is_listed_a_page_at_a_time_and_limit_shows_the_oldest(
+    db_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`errors list` read every row into memory before it printed one: 300,000 errors took
+    380 MB, 880 MB with --json. They are read a page at a time now (more rows than one page
+    here), and written in parts (a few lines each here); the output is what it was."""
+    db.conn.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 10003)"
+        " INSERT INTO sync_errors (outbox_id, mapping, record_key, op, document, error,"
+        " attempts, failed_at, resolved_at, resolution) SELECT i, 'sequences', i, 'upsert',"
+        " '{\"id\":\"' || i || '\"}', 'refused: ' || i, 2, '2026-01-01T00:00:00Z',"
+        " CASE WHEN i % 1000 = 0 THEN '2026-01-02T00:00:00Z' END,"
+        " CASE WHEN i % 1000 = 0 THEN 'resolved' END FROM n"
+    )
+    monkeypatch.setattr(render, "ECHO_LINES", 7)
+    rows = [row | {"collection": "sequences"} for row in sync_errors.find(db)]
+    assert len(rows) == 9993 and rows[-1]["record_key"] == 10003
+
+    def listed(*args: str) -> Result:
+        result = invoke(["errors", "list", *args], None, db_path)
+        assert result.exit_code == 0, result.output
+        return result
+
+    assert listed("--json").stdout == json.dumps(rows, default=str) + "\n"
+    table = listed().stdout.splitlines()
+    assert len(table) == 1 + 9993 and table[-1].split()[:3] == ["10003", "sequences", "10003"]
+    assert listed("--all", "--json").stdout.count('"outbox_id"') == 10003
+    read = []
+    monkeypatch.setattr(sync_errors, "pages", _counted(sync_errors.pages, read))
+    first = listed("--limit", "3")
+    assert [len(page) for page in read] == [5000]  # of two: read as printed, the rest never
+    assert [line.split()[0] for line in first.stdout.splitlines()] == ["ID", "1", "2", "3"]
+    assert "more sync errors match: these are the first 3 (--limit)" in first.stderr
+    assert json.loads(listed("--limit", "2", "--json").stdout) == rows[:2]
+    whole = listed("--status", "resolved", "--limit", "10", "--json")
+    assert [e["record_key"] for e in json.loads(whole.stdout)] == list(range(1000, 10001, 1000))
+    assert whole.stderr == ""  # exactly as many as match: nothing more to say
+    assert listed("--status", "resolved", "--limit", "11").stderr == ""
+    assert listed("--status", "resolved", "--limit", "9").stderr != ""
+
+
+def _counted(pages: Any, read: list[list[Any]]) -> Any:
+    """`pages` that keeps each page it yields in `read`."""
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        for page in pages(*args, **kwargs):
+            read.append(page)
+            yield page
+
+    return counting

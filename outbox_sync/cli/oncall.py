@@ -1,5 +1,6 @@
 """The on-call commands: errors, audit, search, report (how they print: render.py)."""
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -54,6 +55,12 @@ def errors() -> None:
 @click.option(
     "--op", type=click.Choice(["upsert", "delete"]), help="Only errors of this operation."
 )
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Only the first (oldest) N; a line on stderr says when more match.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of objects.")
 def errors_list(
     settings: Settings,
@@ -61,6 +68,7 @@ def errors_list(
     include_resolved: bool,
     since: float | None,
     op: str | None,
+    limit: int | None,
     as_json: bool,
 ) -> None:
     """List sync errors, oldest first.
@@ -71,7 +79,7 @@ def errors_list(
         raise click.UsageError("--all means --status all: give one or the other")
     status = "all" if include_resolved else status or "open"
     opened = open_database(settings)
-    rows = sync_errors.find(
+    rows = sync_errors.scan(
         opened.db,
         status=status,
         since=None if since is None else iso(since),
@@ -79,19 +87,26 @@ def errors_list(
         mappings=None if settings.collection is None else [m.name for m in opened.selected],
     )
     collections = {m.name: m.collection for m in opened.mappings}
-    for row in rows:
-        row["collection"] = collections.get(row["mapping"])
-    if as_json:
-        click.echo(
-            json.dumps(
-                [row | {"record_key": shown_key(row["record_key"])} for row in rows], default=str
-            )
-        )
-    elif not rows:
-        which = "open sync errors" if status == "open" else "sync errors"
-        click.echo(f"no {which}" + (" matching" if since is not None or op else ""))
+    shown = (row | {"collection": collections.get(row["mapping"])} for row in rows)
+    listed = itertools.islice(shown, limit)  # read as printed: a flood of errors in flat memory
+    if as_json:  # the array written a part at a time, as json.dumps writes a list
+        encode = json.JSONEncoder(default=str).encode
+        items = (encode(row | {"record_key": shown_key(row["record_key"])}) for row in listed)
+        click.echo("[", nl=False)
+        separator = ""
+        while part := list(itertools.islice(items, render.ECHO_LINES)):
+            click.echo(separator + ", ".join(part), nl=False)
+            separator = ", "
+        click.echo("]")
     else:
-        render.echo_lines(render.error_table(rows))
+        first = next(listed, None)
+        if first is None:
+            which = "open sync errors" if status == "open" else "sync errors"
+            click.echo(f"no {which}" + (" matching" if since is not None or op else ""))
+        else:
+            render.echo_lines(render.error_table(itertools.chain([first], listed)))
+    if limit is not None and next(shown, None) is not None:
+        click.echo(f"more sync errors match: these are the first {limit} (--limit)", err=True)
 
 
 @errors.command("show")

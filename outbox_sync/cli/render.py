@@ -21,9 +21,15 @@ if TYPE_CHECKING:  # imported by `audit` when it runs (see cli/__init__.py)
 SHOWN_IDS = 20
 
 
+# Lines per write: click.echo looks at the terminal and flushes at every call, which took more
+# time than the rest when listing 300,000 sync errors.
+ECHO_LINES = 1000
+
+
 def echo_lines(lines: Iterable[str]) -> None:
-    for line in lines:
-        click.echo(line)
+    lines = iter(lines)
+    while chunk := list(itertools.islice(lines, ECHO_LINES)):
+        click.echo("\n".join(chunk))
 
 
 def shorten(text: str, width: int) -> str:
@@ -31,7 +37,7 @@ def shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def error_table(rows: list[dict[str, Any]]) -> Iterator[str]:
+def error_table(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
     yield (
         f"{'ID':>6}  {'COLLECTION':12}  {'RECORD':>10}  {'OP':6}  {'HTTP':4}  {'FAILED AT':20}  "
         f"{'STATUS':10}  ERROR"
