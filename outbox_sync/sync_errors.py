@@ -50,16 +50,9 @@ class Retry:
     closed_error_ids: tuple[int, ...]
 
 
-def find(
-    db: Database,
-    *,
-    status: str = "open",
-    since: str | None = None,
-    op: str | None = None,
-    mappings: Sequence[str] | None = None,
-) -> list[dict[str, Any]]:
-    """Rows of `sync_errors`, oldest first (`scan`, as a list)."""
-    return list(scan(db, status=status, since=since, op=op, mappings=mappings))
+def find(db: Database, **filters: Any) -> list[dict[str, Any]]:
+    """Rows of `sync_errors`, oldest first: `scan`'s, as a list."""
+    return list(scan(db, **filters))
 
 
 def scan(
