@@ -152,12 +152,11 @@ def errors_retry(settings: Settings, error_ids: tuple[int, ...], retry_all: bool
     if not retries:
         click.echo("no open sync errors to retry")
         return
-    for retry in retries:
-        closed = ", ".join(str(error_id) for error_id in retry.closed_error_ids)
-        click.echo(
-            f"record {retry.key!r} of {retry.mapping}: {retry.op} enqueued as outbox entry "
-            f"{retry.outbox_id}; errors {closed} closed as retried"
-        )
+    render.echo_lines(
+        f"record {retry.key!r} of {retry.mapping}: {retry.op} enqueued as outbox entry "
+        f"{retry.outbox_id}; errors {', '.join(map(str, retry.closed_error_ids))} closed as retried"
+        for retry in retries
+    )
     click.echo(
         f"{len(retries)} records enqueued: the daemon applies them next "
         "(`outbox-sync errors list` shows any that fail again)"
