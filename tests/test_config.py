@@ -146,8 +146,8 @@ def settings_of(
     """The settings `outbox-sync run ARGS` builds with this environment (it stops right there)."""
     built: list[Settings] = []
 
-    def build(given: dict[str, Any]) -> Settings:
-        built.append(build_settings(given))
+    def build(given: dict[str, Any], **options: Any) -> Settings:
+        built.append(build_settings(given, **options))
         raise ConfigError("built")
 
     monkeypatch.setattr(cli_base, "build_settings", build)
