@@ -37,6 +37,9 @@ STATUSES = ("open", "resolved", "all")
 RETRY_CHUNK = 200
 # Rows deleted per write transaction by `prune`, for the same reason.
 PRUNE_CHUNK = 1000
+# Rows `scan` reads at a time: a row keeps the document sent, or the row, which may be large
+# (a text of 70 KB failed validation).
+PAGE_ROWS = 500
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,9 @@ def scan(
         params.append(json.dumps(list(mappings)))
     names = [name.strip() for name in COLUMNS.split(",")]
     where = " AND ".join(conditions)
-    for rows in pages(db.conn, "sync_errors", "id", COLUMNS, where=where, params=params):
+    for rows in pages(
+        db.conn, "sync_errors", "id", COLUMNS, where=where, params=params, chunk=PAGE_ROWS
+    ):
         for row in rows:
             yield dict(zip(names, row[1:], strict=True))  # after `pages`' own id
 

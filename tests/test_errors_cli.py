@@ -352,7 +352,7 @@ def test_a_flood_of_errors_is_listed_a_page_at_a_time_and_limit_shows_the_oldest
     read = []
     monkeypatch.setattr(sync_errors, "pages", _counted(sync_errors.pages, read))
     first = listed("--limit", "3")
-    assert [len(page) for page in read] == [5000]  # of two: read as printed, the rest never
+    assert [len(page) for page in read] == [sync_errors.PAGE_ROWS]  # of 20: read as printed
     assert [line.split()[0] for line in first.stdout.splitlines()] == ["ID", "1", "2", "3"]
     assert "more sync errors match: these are the first 3 (--limit)" in first.stderr
     assert json.loads(listed("--limit", "2", "--json").stdout) == rows[:2]
