@@ -173,6 +173,7 @@ class Database:
         self.path = path
         self.busy_timeout_s = busy_timeout_s
         self._backlogs: dict[tuple[str, ...] | None, _Backlog] = {}  # `backlog`'s, last read
+        self._aside = 0  # own row changes made `aside`: not a change of the backlog
         # Called as a statement starts waiting for another connection's lock, and then every
         # WAIT_BEAT_INTERVAL_S (the daemon keeps its loop's heartbeat there: each wait is bounded,
         # but one turn may wait several times).
@@ -244,6 +245,16 @@ class Database:
             if isinstance(error, sqlite3.OperationalError):
                 raise self.explain(error) from None
             raise
+
+    @contextmanager
+    def aside(self) -> Iterator[None]:
+        """Own writes inside change nothing `backlog` reads (the statistics, the last audit's
+        record): they are no reason to count the outbox and the open errors again."""
+        before = self.conn.total_changes
+        try:
+            yield
+        finally:
+            self._aside += self.conn.total_changes - before
 
     @contextmanager
     def without_fsync(self) -> Iterator[None]:
@@ -505,11 +516,12 @@ class Database:
 
         The daemon asks every second. The figures are read again only once the file has
         changed (`PRAGMA data_version`: another connection committed; `total_changes`: this
-        one wrote), and the open errors, whose count walks each of them, no more often than
-        keeps that count to OPEN_ERRORS_COUNT_SHARE of the time (OPEN_ERRORS_COUNT_FREE_S)."""
+        one wrote, but for its writes `aside`), and the open errors, whose count walks each
+        of them, no more often than keeps that count to OPEN_ERRORS_COUNT_SHARE of the time
+        (OPEN_ERRORS_COUNT_FREE_S)."""
         names = tuple(mappings or ())
         chosen = "" if mappings is None else f"mapping IN ({', '.join('?' * len(names))})"
-        changed = (self.data_version(), self.conn.total_changes)
+        changed = (self.data_version(), self.conn.total_changes - self._aside)
         now = time.monotonic()
         key = None if mappings is None else names
         seen = self._backlogs.get(key) or _Backlog()

@@ -255,6 +255,6 @@ class Reconciler:
             self.telemetry.audit_done(drift, outcome.finished_unix)
         # a busy database only loses the record (a power cut too: the commit does not wait
         # for the disk, and so holds the application's write lock ~1 ms less)
-        with contextlib.suppress(OutboxSyncError), self.db.without_fsync():
+        with contextlib.suppress(OutboxSyncError), self.db.without_fsync(), self.db.aside():
             self.db.set_meta(LAST_AUDIT_KEY, json.dumps(asdict(outcome)))
         return outcome

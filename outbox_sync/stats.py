@@ -72,8 +72,9 @@ def percentile(counts: list[int], fraction: float) -> float | None:
 def save(db: Database, bucket: int, data: dict[str, Any]) -> None:
     """Add one interval's statistics to its minute's row; prune rows past the retention. The
     commit does not wait for the disk (`Database.without_fsync`): statistics are not worth
-    holding the application's write lock for."""
-    with db.without_fsync(), db.write() as conn:
+    holding the application's write lock for, nor a reason for `Database.backlog` to count
+    again (`aside`): saved once a minute while idle, each recounted the open errors."""
+    with db.aside(), db.without_fsync(), db.write() as conn:
         row = conn.execute("SELECT data FROM sync_stats WHERE bucket = ?", (bucket,)).fetchone()
         merged = merge(json.loads(row[0]), data) if row else data
         conn.execute(

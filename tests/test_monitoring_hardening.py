@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from outbox_sync import db as db_module
-from outbox_sync import reindex, sync_errors
+from outbox_sync import reindex, stats, sync_errors
 from outbox_sync.db import Database
 from outbox_sync.lock import DaemonLock
 from outbox_sync.telemetry import Telemetry
@@ -203,6 +203,8 @@ def test_the_backlog_counts_open_errors_again_only_once_the_file_changed(
 
     assert backlog(0) == (0, False, 3) and len(counted()) == 2  # the outbox and the errors
     assert backlog(1) == (0, False, 3) and statements == ["PRAGMA data_version"]  # idle
+    stats.save(db, 0, {"retried": 1})  # the daemon's own statistics, once a minute idle
+    assert backlog(1.5) == (0, False, 3) and counted() == []
     app_connection(db_path).execute(ROW_SQL, make_row(1))  # another connection commits
     sync_errors.resolve(Database(db_path), [1], "fixed")
     # the outbox at once; the errors, whose last count took 0.25 s, not before 25 s
