@@ -93,6 +93,15 @@ class ImportResult:
 ACCEPTED = ImportResult(True)  # one for every accepted line (an import has thousands)
 
 
+def path_segment(doc_id: str) -> str:
+    """A document id as one segment of a URL's path: every character percent-encoded but
+    letters, digits and `_.-~`, and `.` and `..` too, which an HTTP client resolves as a path:
+    the repair's DELETE of a document `..` went to /collections/NAME/ and dropped the whole
+    collection (found by a hostile review)."""
+    segment = quote(doc_id, safe="")
+    return segment.replace(".", "%2E") if segment in (".", "..") else segment
+
+
 def classify(error: Exception, collection: str | None, key_advice: str = KEY_ADVICE) -> Exception:
     """Map a client or transport exception onto our hierarchy. `collection`: the collection
     the request was about, when a 404 means that it is missing; None when a 404 means a
@@ -525,7 +534,7 @@ class TypesenseIndex:
 
     def retrieve(self, doc_id: str) -> dict[str, Any] | None:
         """One document, or None when the collection has no such id."""
-        document = self.documents[quote(doc_id, safe="")]
+        document = self.documents[path_segment(doc_id)]
         try:
             return dict(self._call("retrieve", document.retrieve))
         except CollectionNotFoundError:
@@ -536,7 +545,7 @@ class TypesenseIndex:
     def delete_document(self, doc_id: str) -> bool:
         """Delete one document by id, whatever characters the id holds. False when it was not
         there."""
-        document = self.writes[quote(doc_id, safe="")]
+        document = self.writes[path_segment(doc_id)]
         try:
             self._write("delete", document.delete)
         except CollectionNotFoundError:

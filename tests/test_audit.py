@@ -105,6 +105,32 @@ def test_drift_behind_the_daemons_back_is_found_exactly_and_repaired(
     assert export(typesense_server, collection) == sqlite_documents(db_path)
 
 
+def test_documents_named_dot_and_dot_dot_are_repaired_one_by_one_not_the_collection(
+    db_path: Path,
+    worker: Worker,
+    served: Server,
+    typesense_server: Server,
+    collection: str,
+) -> None:
+    """The repair deletes a document no integer key can name by its URL, .../documents/ID:
+    for the id `..` the HTTP client resolved it to the collection's URL, and the repair (the
+    daemon's audits too) dropped the whole collection; for `.` Typesense refused the request
+    (400), and the repair failed before it queued the rest (found by a hostile review)."""
+    insert_rows(db_path, range(1, 6))
+    drain(worker)
+    documents = f"/collections/{collection}/documents"
+    for doc_id in ("..", ".", "..."):
+        by_hand(typesense_server, "POST", documents, json={"id": doc_id, **DOCUMENT})
+    by_hand(typesense_server, "DELETE", f"{documents}/3")
+
+    code, report = audit(served, db_path, collection, "--repair")
+    assert code == 1 and report["missing"]["ids"] == [3]
+    assert sorted(report["repaired"]["deleted"]) == [".", "..", "..."]
+    drain(worker)
+    assert audit(served, db_path, collection)[0] == 0
+    assert export(typesense_server, collection) == sqlite_documents(db_path)
+
+
 def test_the_terminal_view_caps_the_ids_and_says_what_to_do(
     db_path: Path, worker: Worker, typesense_server: Server, collection: str
 ) -> None:
