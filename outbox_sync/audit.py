@@ -397,8 +397,14 @@ class Audit:
         self.scratch.execute("COMMIT")
 
     def _snapshot_pending(self) -> None:
+        """The keys of the records waiting in the outbox, also as their rows hold them: a
+        dependency's TEXT column queues an integer key as text ('1'), which the drain matches
+        to row 1 (SQLite converts it) and the scratch file, without column types, did not: the
+        record waiting was drift (found by a hostile review)."""
         for keys in self.db.scan_outbox_keys(self.mapping.name, self.chunk):
-            self._insert("INSERT OR IGNORE INTO pending (key) VALUES (?)", [(k,) for k in keys])
+            forms = [(key,) for key in keys]
+            forms += [(document_key(self.mapping, key),) for key in keys if type(key) is str]
+            self._insert("INSERT OR IGNORE INTO pending (key) VALUES (?)", forms)
 
     def _load_both(self, total_documents: int) -> tuple[int, int]:
         """Both sides into the scratch files at once: (documents, rows). The export's thread

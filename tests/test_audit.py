@@ -131,6 +131,45 @@ def test_documents_named_dot_and_dot_dot_are_repaired_one_by_one_not_the_collect
     assert export(typesense_server, collection) == sqlite_documents(db_path)
 
 
+def test_a_record_a_text_dependency_queued_is_waiting_not_drift(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """A `depends_on` column of TEXT affinity queues an integer key as text ('1'); the drain
+    finds row 1 by it, and the audit took the record waiting for stale drift (exit 1; --repair
+    queued it again): its scratch file compared '1' with 1 (found by a hostile review)."""
+    path, config = tmp_path / "app.db", tmp_path / "app.toml"
+    config.write_text(
+        f'[[sync]]\ntable = "posts"\nkey = "id"\ncollection = "{collection}"\nfields = [\n'
+        '  { name = "title", type = "string" },\n'
+        '  { name = "comments", type = "int32", sql = "(SELECT count(*) FROM comments AS c'
+        ' WHERE c.post_id = posts.id)" },\n]\n'
+        '[[sync.depends_on]]\ntable = "comments"\nkey = "post_id"\n'
+    )
+    app = app_connection(path)
+    app.executescript(
+        "CREATE TABLE posts (id INTEGER PRIMARY KEY, title TEXT NOT NULL);"
+        "CREATE TABLE comments (id INTEGER PRIMARY KEY, post_id TEXT, body TEXT);"
+        "INSERT INTO posts VALUES (1, 'hello');"
+    )
+    env = {"OUTBOX_SYNC_CONFIG": str(config)}
+
+    def command(*args: str) -> Any:
+        result = invoke(list(args), typesense_server, path, None, **env)
+        assert result.exit_code in (0, 1), result.output
+        return result
+
+    command("init")
+    command("run", "--once", "--audit-every", "0")
+    app.execute("INSERT INTO comments (post_id, body) VALUES (1, 'first')")
+    assert app.execute("SELECT record_key FROM outbox").fetchall() == [("1",)]
+    waiting = command("audit", "--json")
+    report = json.loads(waiting.stdout)
+    assert waiting.exit_code == 0 and report["consistent"] is True, report
+    assert report["waiting_in_outbox"] == 1 and report["stale"]["count"] == 0
+    command("run", "--once", "--audit-every", "0")
+    assert export(typesense_server, collection)["1"]["comments"] == 1
+
+
 def test_the_terminal_view_caps_the_ids_and_says_what_to_do(
     db_path: Path, worker: Worker, typesense_server: Server, collection: str
 ) -> None:
