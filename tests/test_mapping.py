@@ -469,3 +469,32 @@ def test_describe_row_keeps_the_columns_and_cuts_long_text() -> None:
         "twelve",
         None,
     )
+
+
+def test_a_string_of_json_made_by_sqlites_json_functions_is_written_as_a_string() -> None:
+    """json_extract of an object or an array (in an `sql` field, or a generated column as
+    docs/tables.md suggests) is text SQLite marks as JSON, and json_object wrote it as an
+    object: Typesense was sent an object for a string field, where the mapper writes the text
+    (found by a hostile review)."""
+    conn = sqlite3.connect(":memory:")
+    conn.text_factory = RawText
+    conn.execute(
+        "CREATE TABLE docs (id INTEGER PRIMARY KEY, payload TEXT, address TEXT GENERATED ALWAYS"
+        " AS (json_extract(payload, '$.address')) VIRTUAL)"
+    )
+    conn.execute(
+        "INSERT INTO docs (id, payload) VALUES (1, ?)",
+        ('{"address": {"city": "Oslo"}, "tags": ["a"], "name": "Ann"}',),
+    )
+    for field, text in [
+        (Field("address", "string"), '{"city":"Oslo"}'),
+        (Field("found", "string", sql="json_extract(payload, '$.address')"), '{"city":"Oslo"}'),
+        (Field("found", "string", sql="json_extract(payload, '$.tags')"), '["a"]'),
+        (Field("found", "string", sql="json_extract(payload, '$.name')"), "Ann"),
+        (Field("found", "string", sql="json_extract(payload, '$.none')", optional=True), None),
+    ]:
+        mapping = Mapping(table="docs", key="id", collection="docs", fields=(field,))
+        (line,) = conn.execute(f"SELECT {mapping.line_sql()} FROM docs").fetchone()
+        row = conn.execute(f"SELECT {mapping.columns()} FROM docs").fetchone()
+        assert line == mapping.line(row)
+        assert json.loads(line).get(field.name) == text
