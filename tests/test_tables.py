@@ -373,6 +373,32 @@ def test_a_key_that_is_not_utf8_is_an_error_and_never_names_another_record(
     assert sync_errors.find(db) == []  # closed: the record is gone
 
 
+def items_tagged_by_text(
+    tmp_path: Path,
+    server: Server,
+    collection: str,
+    fields: tuple[Field, ...],
+    where: str | None = None,
+) -> tuple[sqlite3.Connection, Database, worker.Worker]:
+    """`items` (INTEGER key) mapped with a dependency `item_tags` whose item_id is TEXT: the
+    application's connection, the daemon's database and its worker."""
+    items = Mapping(
+        table="items",
+        key="id",
+        collection=collection,
+        fields=fields,
+        where=where,
+        depends_on=(Dependency("item_tags", "item_id"),),
+    )
+    app = app_connection(tmp_path / "items.db")
+    app.executescript(
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL);"
+        "CREATE TABLE item_tags (item_id TEXT, tag TEXT);"
+    )
+    db, sync = mapping_worker(tmp_path / "items.db", items, server, collection)
+    return app, db, sync
+
+
 def test_a_dependency_holding_the_key_as_another_type_syncs_its_record(
     tmp_path: Path, typesense_server: Server, collection: str
 ) -> None:
@@ -385,19 +411,8 @@ def test_a_dependency_holding_the_key_as_another_type_syncs_its_record(
         "(SELECT json_group_array(tag) FROM"
         " (SELECT tag FROM item_tags t WHERE t.item_id = items.id ORDER BY tag))"
     )
-    items = Mapping(
-        table="items",
-        key="id",
-        collection=collection,
-        fields=(Field("name", "string"), Field("tags", "string[]", sql=tags)),
-        depends_on=(Dependency("item_tags", "item_id"),),
-    )
-    app = app_connection(tmp_path / "items.db")
-    app.executescript(
-        "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL);"
-        "CREATE TABLE item_tags (item_id TEXT, tag TEXT);"
-    )
-    db, sync = mapping_worker(tmp_path / "items.db", items, typesense_server, collection)
+    fields = (Field("name", "string"), Field("tags", "string[]", sql=tags))
+    app, db, sync = items_tagged_by_text(tmp_path, typesense_server, collection, fields)
     app.execute("INSERT INTO items (id, name) VALUES (5, 'five')")
     app.execute("INSERT INTO item_tags (item_id, tag) VALUES (5, NULL)")  # not a string
     drain(sync)
@@ -417,20 +432,9 @@ def test_a_dependency_of_another_type_taking_its_row_out_of_where_removes_the_do
     nothing else, the drain finds no row the mapping covers, and no document id in the text
     of an INTEGER mapping: it took the record for one no document can have, and document 5
     stayed in search until the daily audit (found by a hostile review)."""
-    items = Mapping(
-        table="items",
-        key="id",
-        collection=collection,
-        fields=(Field("name", "string"),),
-        where="EXISTS (SELECT 1 FROM item_tags AS t WHERE t.item_id = items.id)",
-        depends_on=(Dependency("item_tags", "item_id"),),
-    )
-    app = app_connection(tmp_path / "items.db")
-    app.executescript(
-        "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL);"
-        "CREATE TABLE item_tags (item_id TEXT, tag TEXT);"
-    )
-    db, sync = mapping_worker(tmp_path / "items.db", items, typesense_server, collection)
+    where = "EXISTS (SELECT 1 FROM item_tags AS t WHERE t.item_id = items.id)"
+    fields = (Field("name", "string"),)
+    app, db, sync = items_tagged_by_text(tmp_path, typesense_server, collection, fields, where)
     app.execute("INSERT INTO items (id, name) VALUES (5, 'five')")
     app.execute("INSERT INTO item_tags (item_id, tag) VALUES (5, 'shown')")
     drain(sync)
