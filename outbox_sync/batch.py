@@ -26,7 +26,7 @@ from outbox_sync.db import (
     Database,
     OutboxEntry,
     SyncFailure,
-    is_busy,
+    is_row_error,
     row_key,
     rows_fitting,
     written,
@@ -274,18 +274,20 @@ class Applier:
         SQLite cannot read as the mapping says (an `sql` field failing on its value: malformed
         JSON, an integer overflow) fails the statement for every entry: they are read one by
         one then, and each whose row fails is given up on with SQLite's words, so that the
-        others sync and the daemon goes on."""
+        others sync and the daemon goes on. Any other failure (the disk, the memory, the lock)
+        is raised, its entries left queued: a disk I/O error became sync errors, its changes
+        acknowledged and never applied (found by a hostile review)."""
         try:
             return self.db.read_claimed(mapping, after, batch.last_id)
         except sqlite3.OperationalError as error:
-            if is_busy(error):
+            if not is_row_error(error):
                 raise
         read: list[Claimed] = []
         for entry_id, deleted, key in self.db.claimed_entries(mapping, after, batch.last_id):
             try:
                 read += self.db.read_claimed(mapping, entry_id - 1, entry_id)
             except sqlite3.OperationalError as error:
-                if is_busy(error):
+                if not is_row_error(error):
                     raise
                 entry = OutboxEntry(entry_id, mapping.name, key, _op(deleted))
                 batch.fail(entry, None, f"SQLite cannot read its row as the mapping says: {error}")

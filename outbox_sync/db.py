@@ -841,6 +841,13 @@ def is_full(error: sqlite3.Error) -> bool:
     return _coded(error, (sqlite3.SQLITE_FULL,), ("database or disk is full",))
 
 
+def is_row_error(error: sqlite3.Error) -> bool:
+    """SQLITE_ERROR: the statement failed on what it read (an `sql` field's function on a row's
+    value: "malformed JSON", "integer overflow"), not for want of the disk, the memory or the
+    lock, which another try may not meet ("disk I/O error" is SQLITE_IOERR)."""
+    return _coded(error, (sqlite3.SQLITE_ERROR,), ("malformed JSON", "integer overflow"))
+
+
 def is_busy(error: sqlite3.Error) -> bool:
     """SQLITE_BUSY ("database is locked"): another connection holds the lock, and the statement
     may be tried again. Not SQLITE_LOCKED ("database table is locked", which the words matched

@@ -3,6 +3,7 @@ sleeping, no patched clock."""
 
 import contextlib
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -308,3 +309,34 @@ def test_large_rows_make_smaller_batches_and_requests_and_every_row_syncs(
     assert sum(batches) == 300 and batches[0] == FIRST_READ_ROWS
     assert max(batches[1:]) <= 10  # 40,000 bytes of ~4,000-byte lines
     assert max(sent) <= 40_000 and len(sent) > len(batches)  # the first batch, in parts
+
+
+def test_a_read_failing_for_want_of_the_disk_leaves_the_entries_queued(
+    db_path: Path,
+    db: Database,
+    index: TypesenseIndex,
+    typesense_server: Server,
+    collection: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch whose read failed fell back to reading its entries one by one, meant for a row
+    an `sql` field cannot read; when the trouble was the disk's ("disk I/O error") for those
+    reads too, each entry became a sync error and was acknowledged, never applied (found by a
+    hostile review)."""
+    insert_rows(db_path, range(1, 4))
+    applier = Applier(db, {"sequences": index}, batch_size=100, telemetry=Telemetry())
+    read = Database.read_claimed
+
+    def failing(*args: Any) -> Any:
+        error = sqlite3.OperationalError("disk I/O error")
+        error.sqlite_errorcode = sqlite3.SQLITE_IOERR  # as SQLite sets it
+        raise error
+
+    monkeypatch.setattr(Database, "read_claimed", failing)
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        applier.apply_once()
+    assert db.conn.execute("SELECT count(*) FROM outbox").fetchone() == (3,)
+    assert db.conn.execute("SELECT count(*) FROM sync_errors").fetchone() == (0,)
+    monkeypatch.setattr(Database, "read_claimed", read)
+    assert applier.apply_once().upserted == 3
+    assert export(typesense_server, collection) == sqlite_documents(db_path)
