@@ -68,6 +68,16 @@ def json_value(field_: "Field", value: Any) -> Any:
     return [_element(field_, position, item) for position, item in enumerate(items)]
 
 
+def _encodable(text: str) -> bool:
+    """Whether UTF-8 can hold `text`: JSON's escapes can spell a lone surrogate, which the
+    daemon could neither encode nor record (it stopped at every start; found by a review)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _scalar(name: str, kind: str, value: Any) -> Any:
     if kind == "string":
         if type(value) is not RawText:
@@ -116,6 +126,13 @@ def _element(field_: "Field", position: int, item: Any) -> Any:
     """One element of a JSON array, judged as json_each sees it (SQLite reads an integer past
     int64 as a real)."""
     kind = field_.element
+    if isinstance(item, str) and not _encodable(item):  # "\\ud83d": half an emoji, escaped
+        shown = item.encode("utf-8", "backslashreplace").decode()
+        raise InvalidRecordError(
+            field_.name,
+            f"element {position} is text {sql_text(_shown(shown))} with a lone surrogate, "
+            "which UTF-8 cannot hold",
+        )
     if type(item) is int and not INT64[0] <= item <= INT64[1]:
         try:
             item = float(item)

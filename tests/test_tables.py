@@ -570,3 +570,39 @@ def test_a_view_mapped_as_a_table_is_refused_saying_it_is_a_view(tmp_path: Path)
         "`where`"
     )
     assert "outbox" not in {row[0] for row in app.execute("SELECT name FROM sqlite_master")}
+
+
+def test_an_escaped_lone_surrogate_in_an_array_is_a_sync_error_not_a_crash(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """`["\\ud83d"]` (half an emoji, as JavaScript's JSON.stringify writes it) goes to the
+    Python mapper, for its escape, and json.loads makes a lone surrogate of it, which UTF-8
+    cannot hold: the daemon failed on it at every start, and nothing synced (found by a hostile
+    review)."""
+    items = Mapping(
+        table="items",
+        key="id",
+        collection=collection,
+        fields=(Field("tags", "string[]"), Field("counts", "int32[]", optional=True)),
+    )
+    app = app_connection(tmp_path / "items.db")
+    app.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, tags TEXT, counts TEXT)")
+    db, sync = mapping_worker(tmp_path / "items.db", items, typesense_server, collection)
+    app.executemany(
+        "INSERT INTO items (id, tags, counts) VALUES (?, ?, ?)",
+        [
+            (1, '["fine"]', None),
+            (2, '["ok", "\\ud83d"]', None),
+            (3, '["fine too"]', '["\\ud83d"]'),
+            (4, '["\\ud83d\\ude00"]', None),  # a whole emoji, escaped: valid
+        ],
+    )
+    drain(sync)
+    assert sorted(export(typesense_server, collection)) == ["1", "4"]
+    assert export(typesense_server, collection)["4"]["tags"] == ["\U0001f600"]
+    errors = {e["record_key"]: e["error"] for e in sync_errors.find(db)}
+    assert errors == {
+        2: "tags: element 1 is text '\\ud83d' with a lone surrogate, which UTF-8 cannot hold",
+        3: "counts: element 0 is text '\\ud83d' with a lone surrogate, which UTF-8 cannot hold",
+    }
+    assert db.conn.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
