@@ -32,7 +32,7 @@ from outbox_sync.db import (
     written,
 )
 from outbox_sync.errors import InvalidRecordError, TypesenseUnavailableError
-from outbox_sync.mapping import Mapping
+from outbox_sync.mapping import Found, Mapping
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import ACCEPTED, IN_FLIGHT, ImportResult, free_request_bodies
 from outbox_sync.values import RawText
@@ -258,9 +258,11 @@ class Applier:
         if not judged:
             return
         # read again, raw (one gone meanwhile is left out)
-        rows = {row_key(row[0]): row for row in self.db.read_rows(mapping, [e.key for e in judged])}
+        rows = self._read_rows(batch, mapping, judged)
         for entry in judged:
-            row = rows.get(entry.key)
+            if entry.id not in rows:
+                continue  # SQLite could not read it: given up on
+            row = rows[entry.id]
             if row is None:
                 self._gone(batch, work, mapping, entry)
                 continue
@@ -268,6 +270,36 @@ class Applier:
                 work.upserts.append((entry.id, entry.key, mapping.judge(row)))
             except InvalidRecordError as error:
                 batch.fail(entry, mapping.describe_row(row[2]), str(error))
+
+    def _read_rows(
+        self, batch: Batch, mapping: Mapping, entries: list[OutboxEntry]
+    ) -> dict[int, Found | None]:
+        """The raw row of each entry (None: gone meanwhile), by entry id; none for one given
+        up on. Reading the raw values reads every `sql` field, which the verdict may not have
+        (an earlier check failed first): one SQLite fails on failed the read, and the daemon
+        stopped at every start (found by a hostile review). Then each is read alone, and one
+        that fails is given up on with SQLite's words, as in `_read`."""
+
+        def read(some: list[OutboxEntry]) -> dict[int, Found | None]:
+            found = {
+                row_key(row[0]): row for row in self.db.read_rows(mapping, [e.key for e in some])
+            }
+            return {entry.id: found.get(entry.key) for entry in some}
+
+        try:
+            return read(entries)
+        except sqlite3.OperationalError as error:
+            if not is_row_error(error):
+                raise
+        rows: dict[int, Found | None] = {}
+        for entry in entries:
+            try:
+                rows |= read([entry])
+            except sqlite3.OperationalError as error:
+                if not is_row_error(error):
+                    raise
+                batch.fail(entry, None, f"SQLite cannot read its row as the mapping says: {error}")
+        return rows
 
     def _read(self, batch: Batch, mapping: Mapping, after: int) -> list[Claimed]:
         """The batch's entries of `mapping` with their rows (`Database.read_claimed`). A row

@@ -606,3 +606,36 @@ def test_an_escaped_lone_surrogate_in_an_array_is_a_sync_error_not_a_crash(
         3: "counts: element 0 is text '\\ud83d' with a lone surrogate, which UTF-8 cannot hold",
     }
     assert db.conn.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+
+
+def test_an_invalid_row_whose_sql_field_sqlite_fails_on_is_a_sync_error(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """The verdict stops at the first check that fails (a required field NULL), so SQLite did
+    not meet the `sql` field it fails on until the row was read again for the Python mapper:
+    that read failed for the whole batch, and the daemon stopped at every start, nothing
+    synced (found by a hostile review)."""
+    items = Mapping(
+        table="items",
+        key="id",
+        collection=collection,
+        fields=(
+            Field("name", "string"),
+            Field("color", "string", optional=True, sql="json_extract(data, '$.color')"),
+        ),
+    )
+    app = app_connection(tmp_path / "items.db")
+    app.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, data TEXT)")
+    db, sync = mapping_worker(tmp_path / "items.db", items, typesense_server, collection)
+    app.executemany(
+        "INSERT INTO items VALUES (?, ?, ?)",
+        [(1, "one", '{"color": "red"}'), (2, None, "not json"), (3, None, "{}"), (4, "four", None)],
+    )
+    drain(sync)
+    assert sorted(export(typesense_server, collection)) == ["1", "4"]
+    errors = {e["record_key"]: e["error"] for e in sync_errors.find(db)}
+    assert errors == {
+        2: "SQLite cannot read its row as the mapping says: malformed JSON",
+        3: "name: is NULL but the field is required",
+    }
+    assert db.conn.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
