@@ -103,6 +103,10 @@ class Batch:
     synced: list[tuple[str, Any]] = field(default_factory=list)  # (mapping, key)
     records: set[tuple[str, Any]] = field(default_factory=set)  # (mapping, key) it touches
 
+    def unreadable(self, entry: OutboxEntry, error: sqlite3.Error) -> None:
+        """Give up on `entry`'s record: SQLite fails on its row (an `sql` field on its value)."""
+        self.fail(entry, None, f"SQLite cannot read its row as the mapping says: {error}")
+
     def fail(self, entry: OutboxEntry, document: str | None, error: str, **result: Any) -> None:
         """Give up on `entry`'s record: a sync error after one attempt (validation), or with
         the attempts and HTTP status Typesense's answers add."""
@@ -298,7 +302,7 @@ class Applier:
             except sqlite3.OperationalError as error:
                 if not is_row_error(error):
                     raise
-                batch.fail(entry, None, f"SQLite cannot read its row as the mapping says: {error}")
+                batch.unreadable(entry, error)
         return rows
 
     def _read(self, batch: Batch, mapping: Mapping, after: int) -> list[Claimed]:
@@ -322,7 +326,7 @@ class Applier:
                 if not is_row_error(error):
                     raise
                 entry = OutboxEntry(entry_id, mapping.name, key, _op(deleted))
-                batch.fail(entry, None, f"SQLite cannot read its row as the mapping says: {error}")
+                batch.unreadable(entry, error)
         return read
 
     def _gone(self, batch: Batch, work: Work, mapping: Mapping, entry: OutboxEntry) -> None:

@@ -68,16 +68,6 @@ def json_value(field_: "Field", value: Any) -> Any:
     return [_element(field_, position, item) for position, item in enumerate(items)]
 
 
-def _encodable(text: str) -> bool:
-    """Whether UTF-8 can hold `text`: JSON's escapes can spell a lone surrogate, which the
-    daemon could neither encode nor record (it stopped at every start; found by a review)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _scalar(name: str, kind: str, value: Any) -> Any:
     if kind == "string":
         if type(value) is not RawText:
@@ -126,20 +116,24 @@ def _element(field_: "Field", position: int, item: Any) -> Any:
     """One element of a JSON array, judged as json_each sees it (SQLite reads an integer past
     int64 as a real)."""
     kind = field_.element
-    if isinstance(item, str) and not _encodable(item):  # "\\ud83d": half an emoji, escaped
-        shown = item.encode("utf-8", "backslashreplace").decode()
-        raise InvalidRecordError(
-            field_.name,
-            f"element {position} is text {sql_text(_shown(shown))} with a lone surrogate, "
-            "which UTF-8 cannot hold",
-        )
+    if isinstance(item, str):
+        try:
+            size = len(item.encode())
+        except UnicodeEncodeError:  # "\\ud83d": half an emoji, escaped, which UTF-8 cannot
+            # hold: the daemon could neither encode nor record it, and stopped at every start
+            shown = item.encode("utf-8", "backslashreplace").decode()
+            raise InvalidRecordError(
+                field_.name,
+                f"element {position} is text {sql_text(_shown(shown))} with a lone surrogate, "
+                "which UTF-8 cannot hold",
+            ) from None
     if type(item) is int and not INT64[0] <= item <= INT64[1]:
         try:
             item = float(item)
         except OverflowError:  # past the largest double too: SQLite reads Inf
             item = math.inf if item > 0 else -math.inf
     if kind == "string":
-        ok = isinstance(item, str) and len(item.encode()) <= MAX_TEXT_BYTES
+        ok = isinstance(item, str) and size <= MAX_TEXT_BYTES
     elif kind in BOUNDS:
         ok = type(item) is int and BOUNDS[kind][0] <= item <= BOUNDS[kind][1]
     elif kind == "float":
