@@ -257,7 +257,7 @@ class TypesenseIndex:
             else:
                 outcome = "error"
             if type(classified) is NotFoundError and about == "documents":
-                self.info()  # CollectionNotFoundError when that is what is missing
+                self.look_for_collection()
             raise classified from None
         finally:
             if self.observe is not None:
@@ -363,6 +363,22 @@ class TypesenseIndex:
         self.retarget(now)
         self._take(existing)
         return before
+
+    def look_for_collection(self) -> None:
+        """After a 404 about documents: CollectionNotFoundError when the collection is what is
+        missing, by our name or the real one writes go to. A blue/green swap by hand (the
+        alias pointed at a new collection, the old one dropped) leaves the name whole and the
+        writes' collection gone: the daemon stopped at its next import (found by a review)."""
+        self.info()
+        if self.written == self.collection:
+            return
+        written = self.client.collections[self.written]
+        try:
+            self._call("collection", written.retrieve, about="other")
+        except NotFoundError:
+            raise CollectionNotFoundError(
+                self.collection, f"{self.written!r}, which it named when writes began, is gone"
+            ) from None
 
     def info(self) -> dict[str, Any]:
         """The collection as Typesense describes it (CollectionNotFoundError if absent)."""
@@ -596,7 +612,7 @@ class TypesenseIndex:
                 except Exception as error:
                     classified = classify(error, None, self.key_advice)
                     if type(classified) is NotFoundError:
-                        self.info()  # CollectionNotFoundError when that is what is missing
+                        self.look_for_collection()
                     last = position + 1 == len(config.nodes)
                     if started or last or not isinstance(classified, TypesenseUnavailableError):
                         raise classified from None

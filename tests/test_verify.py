@@ -479,3 +479,37 @@ def test_outbox_entries_deleted_by_hand_are_seen_and_audited_back(
     assert said["entries"] == len(deleted)
     assert [e["reason"] for e in logged if e["event"] == "audit_done"] == ["outbox entries deleted"]
     assert export(typesense_server, collection) == sqlite_documents(path)
+
+
+def test_a_swap_by_hand_that_drops_the_collection_written_to_is_followed(
+    db: Database,
+    index: TypesenseIndex,
+    typesense_server: Server,
+    collection: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A blue/green swap by hand: the name pointed at a new collection and the old one, which
+    the daemon writes to, dropped, before the collection watch looks. The next import was a
+    plain 404 and the daemon stopped; it now adopts the collection the name points at and
+    audits it: searches find every row, the ones written before the swap included."""
+    monkeypatch.setattr(reindex, "COLLECTION_WATCH_INTERVAL_S", 3600.0)
+    path = Path(db.path)
+    app_connection(path).executemany(ROW_SQL, [make_row(i) for i in range(1, 6)])
+    worker = daemon(db, [index], audit_every_s=0)
+    with capture_logs() as logged, running(worker) as thread:
+        wait_until(lambda: db.backlog()[0] == 0, what="the first rows applied")
+        before = index.target()
+        assert before is not None and before == index.written
+        other = f"{collection}_blue"
+        by_hand(typesense_server, "POST", "/collections", json=SEQUENCES.collection_schema(other))
+        by_hand(typesense_server, "PUT", f"/aliases/{collection}", json={"collection_name": other})
+        by_hand(typesense_server, "DELETE", f"/collections/{before}")
+        app_connection(path).execute(ROW_SQL, make_row(6))
+        wait_until(
+            lambda: export(typesense_server, collection) == sqlite_documents(path),
+            what="every row in the collection the name points at",
+        )
+        assert thread.is_alive()
+    [missing] = [e for e in logged if e["event"] == "collection_missing"]
+    assert repr(before) in missing["reason"]
+    assert index.written == other
