@@ -301,15 +301,32 @@ class Mapping:
         error, not an outbox column, and no column clashes with one of ours. SQLite flattens
         it into the join: one key lookup per entry, as a plain join. Made once per mapping:
         the drain asks for it every batch (25 us to build)."""
+        return self._select_claimed(self.line_sql())
+
+    @cached_property
+    def select_claimed_keys(self) -> str:
+        """`select_claimed` without the lines: (id, is a delete, key), the key the row's own
+        when the table has a row of it, covered or not. It runs neither the fields' `sql` nor
+        `where`: no row can fail it, so it names the records of entries whose rows do."""
+        return self._select_claimed(None)
+
+    def _select_claimed(self, line_sql: str | None) -> str:
         table, key = quote_identifier(self.table), quote_identifier(self.key)
-        where = f" WHERE {self.where}" if self.where else ""
         found, line = "record.outbox_sync_key", "record.outbox_sync_line"
         exact = f" AND {found} = entry.record_key COLLATE BINARY"
+        if line_sql is None:
+            selected, record = "", f"SELECT {key} AS outbox_sync_key FROM {table}"
+        else:
+            where = f" WHERE {self.where}" if self.where else ""
+            selected = f", CASE WHEN {found} IS NOT NULL THEN coalesce({line}, x'') END"
+            record = (
+                f"SELECT {key} AS outbox_sync_key, {line_sql} AS outbox_sync_line"
+                f" FROM {table}{where}"
+            )
         return (
-            f"SELECT entry.id, entry.op = 'delete', coalesce({found}, entry.record_key),"
-            f" CASE WHEN {found} IS NOT NULL THEN coalesce({line}, x'') END"
-            f" FROM outbox AS entry LEFT JOIN (SELECT {key} AS outbox_sync_key, {self.line_sql()}"
-            f" AS outbox_sync_line FROM {table}{where}) AS record ON {found} = entry.record_key"
+            f"SELECT entry.id, entry.op = 'delete', coalesce({found}, entry.record_key)"
+            f"{selected} FROM outbox AS entry LEFT JOIN ({record}) AS record"
+            f" ON {found} = entry.record_key"
             " AND typeof(entry.record_key) IN ('integer', 'real', 'text')"
             f"{exact if self.key_kind == 'text' else ''}"
             " WHERE entry.id > ? AND entry.id <= ? AND entry.mapping = ? ORDER BY entry.id"

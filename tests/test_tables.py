@@ -639,3 +639,32 @@ def test_an_invalid_row_whose_sql_field_sqlite_fails_on_is_a_sync_error(
         3: "name: is NULL but the field is required",
     }
     assert db.conn.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+
+
+def test_a_row_sqlite_fails_on_found_through_a_dependency_of_another_type_is_its_records_error(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """A tag made item 5's `sql` field fail, and the dependency queued the text '5': the batch
+    was read entry by entry, and the error recorded under '5', which the row's key 5 never
+    closes: it stayed open once the row synced, beside any error under 5 (found by a
+    hostile review)."""
+    color = (
+        "(SELECT json_extract(tag, '$.color') FROM item_tags AS t"
+        " WHERE t.item_id = items.id ORDER BY tag LIMIT 1)"
+    )
+    fields = (Field("name", "string"), Field("color", "string", optional=True, sql=color))
+    app, db, sync = items_tagged_by_text(tmp_path, typesense_server, collection, fields)
+    app.executemany("INSERT INTO items (id, name) VALUES (?, ?)", [(5, "five"), (6, "six")])
+    drain(sync)
+    app.execute("INSERT INTO item_tags (item_id, tag) VALUES ('5', 'not json')")
+    app.execute("UPDATE items SET name = 'SIX' WHERE id = 6")
+    assert app.execute("SELECT record_key FROM outbox ORDER BY id").fetchall() == [("5",), (6,)]
+    drain(sync)
+    [error] = sync_errors.find(db)
+    assert error["record_key"] == 5
+    assert error["error"] == "SQLite cannot read its row as the mapping says: malformed JSON"
+    assert export(typesense_server, collection)["6"]["name"] == "SIX"
+    app.execute("""UPDATE item_tags SET tag = '{"color": "red"}' WHERE item_id = '5'""")
+    drain(sync)
+    assert export(typesense_server, collection)["5"]["color"] == "red"
+    assert sync_errors.find(db) == []
