@@ -331,7 +331,17 @@ class Applier:
 
     def _gone(self, batch: Batch, work: Work, mapping: Mapping, entry: OutboxEntry) -> None:
         """An entry whose record has no row the mapping covers (gone, or outside `where`), or
-        whose key no document can have."""
+        whose key no document can have. A row whose `where` SQLite fails on (a NULL key's:
+        the claim does not look it up) is given up on, as a batch's read does: it stopped
+        the daemon at every start (found by a hostile review)."""
+        try:
+            self._judge_gone(batch, work, mapping, entry)
+        except sqlite3.OperationalError as error:
+            if not is_row_error(error):
+                raise
+            batch.unreadable(entry, error)
+
+    def _judge_gone(self, batch: Batch, work: Work, mapping: Mapping, entry: OutboxEntry) -> None:
         doc_id = mapping.document_id(entry.key)  # only a delete needs it: the line has it
         if doc_id is None and type(entry.key) is str:  # a dependency's TEXT '5' for INTEGER 5,
             # whose row left the mapping's `where`: it names 5's document, unless a row of 5

@@ -18,6 +18,7 @@ from outbox_sync.db import (
     as_stored,
     covers,
     enqueue_statement,
+    is_row_error,
     pages,
     record_keys,
     table_exists,
@@ -253,4 +254,15 @@ def _row_keys(conn: sqlite3.Connection, mapping: Mapping, key: Any) -> list[Any]
     gone (the daemon waits for it)."""
     if not table_exists(conn, mapping.table):
         return []
-    return [form for form in record_keys(key) if covers(conn, mapping, form)]
+    return [form for form in record_keys(key) if _holds(conn, mapping, form)]
+
+
+def _holds(conn: sqlite3.Connection, mapping: Mapping, key: Any) -> bool:
+    """`covers`, with a row whose `where` SQLite fails on counted in: it is there, and the
+    daemon gives up on it again, saying why (it failed `errors show` and `retry`)."""
+    try:
+        return covers(conn, mapping, key)
+    except sqlite3.OperationalError as error:
+        if not is_row_error(error):
+            raise
+        return True

@@ -668,3 +668,36 @@ def test_a_row_sqlite_fails_on_found_through_a_dependency_of_another_type_is_its
     drain(sync)
     assert export(typesense_server, collection)["5"]["color"] == "red"
     assert sync_errors.find(db) == []
+
+
+def test_a_null_key_row_whose_where_sqlite_fails_on_is_a_sync_error_and_can_be_retried(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """A row with a NULL key, which the claim does not look up, is judged by whether the
+    mapping covers it: its `where` failed on the row's text (not JSON), and the daemon
+    stopped at every start; `errors show` and `errors retry` failed on it too (found by a
+    hostile review)."""
+    items = Mapping(
+        table="items",
+        key="code",
+        collection=collection,
+        fields=(Field("name", "string"),),
+        where="json_extract(data, '$.shown') = 1",
+    )
+    app = app_connection(tmp_path / "items.db")
+    app.execute("CREATE TABLE items (code TEXT, name TEXT, data TEXT)")
+    db, sync = mapping_worker(tmp_path / "items.db", items, typesense_server, collection)
+    rows = [("a", "one", '{"shown": 1}'), (None, "two", "not json")]
+    app.executemany("INSERT INTO items VALUES (?, ?, ?)", rows)
+    drain(sync)
+    assert list(export(typesense_server, collection)) == ["a"]
+    [error] = sync_errors.find(db)
+    assert error["record_key"] is None
+    assert error["error"] == "SQLite cannot read its row as the mapping says: malformed JSON"
+    assert sync_errors.get(db, error["id"], {items.name: items})["record_exists"] is True
+    [retried] = sync_errors.retry(db, {items.name: items}, [error["id"]])
+    assert retried.op == "upsert"
+    drain(sync)
+    [again] = sync_errors.find(db)
+    assert (again["record_key"], again["error"]) == (None, error["error"])
+    assert again["id"] != error["id"]
