@@ -294,6 +294,17 @@ def bind(conn: sqlite3.Connection, mapping: Mapping, path: object) -> Mapping:
         conn.execute(f"{select} LIMIT 0", ("[]",)).fetchall()
     except sqlite3.Error as error:
         raise mistake(f"{mapping.origin}: SQLite refuses its sql or where: {error}") from None
+    table = quote_identifier(bound.table)
+    for field in [f for f in bound.fields if f.sql]:  # an aggregate (max(score)) makes every
+        # row one: the drain took it, and the backfill and the audit never ended (found by a
+        # hostile review); SQLite refuses one in a WHERE
+        try:
+            conn.execute(f"SELECT 1 FROM {table} WHERE ({field.sql}) IS NULL LIMIT 0")
+        except sqlite3.Error as error:
+            raise mistake(
+                f"{mapping.origin}: field {field.name}: its sql must give a value of each "
+                f"row, not of all rows together (an aggregate, a window): {error}"
+            ) from None
     strict = replace(
         bound,
         where=_backticked(bound.where),

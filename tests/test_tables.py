@@ -295,6 +295,11 @@ def test_with_a_collection_asked_for_the_last_audit_is_that_collections(
             "(table characters): SQLite refuses its sql or where",
         ),
         (
+            ('"int32", optional = true', '"int32", sql = "max(age)", optional = true'),
+            "(table characters): field age: its sql must give a value of each row, not of all "
+            "rows together (an aggregate, a window): misuse of aggregate function max()",
+        ),
+        (
             ('key = "slug"', 'key = "handle"'),
             "(table characters): table characters has no column handle",
         ),
