@@ -78,7 +78,7 @@ class Claims:
         if self.off:
             return
         try:
-            for name in self.names:
+            for position, name in enumerate(self.names):
                 try:
                     self._claim(name)
                 except TypesenseUnavailableError as error:
@@ -87,8 +87,15 @@ class Claims:
                     # A claim held stays fresh for CLAIM_FRESH_S: a refresh failing for a
                     # moment (a 503, a restart) must not end a long reindex or fill between
                     # two chunks (each chunk has its retry); the next one looks again, and
-                    # finds another database's claim if one came meanwhile.
-                    self.log.warning("claim_not_refreshed", collection=name, reason=str(error))
+                    # finds another database's claim if one came meanwhile. The others wait
+                    # for it too: a timeout each held the loop, and a stop, a minute with six.
+                    self.log.warning(
+                        "claim_not_refreshed",
+                        collection=name,
+                        also=self.names[position + 1 :],
+                        reason=str(error),
+                    )
+                    break
         except TypesenseRejectedError as error:  # a key scoped to the synced collections
             self.off = True
             self.log.warning(
@@ -164,14 +171,20 @@ class Claims:
 
     def give_back(self) -> None:
         """At stop: mark the claims this daemon holds stopped (another database's daemon may
-        take them; the mark stays, so that `check` here can tell if one did)."""
-        for name in self.held:
+        take them; the mark stays, so that `check` here can tell if one did). Typesense
+        unreachable, the rest are kept too: a timeout each passed systemd's TimeoutStopSec
+        with six collections (found by a hostile review)."""
+        for position, name in enumerate(self.held):
             try:
                 claim = self.claims.retrieve(name)
                 if claim is not None and self._mine(claim):
                     self.claims.import_jsonl(self._line(name, stopped=True), 1)
             except OutboxSyncError as error:  # it goes stale by itself (CLAIM_FRESH_S)
-                self.log.warning("claim_kept", collection=name, reason=str(error))
+                unreachable = isinstance(error, TypesenseUnavailableError)
+                also = self.held[position + 1 :] if unreachable else []
+                self.log.warning("claim_kept", collection=name, also=also, reason=str(error))
+                if unreachable:
+                    break
         self.held = []
 
 

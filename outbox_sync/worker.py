@@ -271,7 +271,9 @@ class Worker:
             if isinstance(stop, Stop) and stop.signal is not None:  # said here, not by the handler
                 self.log.info("stopping", signal=stop.signal)
                 notify("STOPPING=1")
-            for job in self.jobs.values():
+            for job in reversed(self.jobs.values()):  # the first started last: the owed
+                # audit and the statistics are saved before the claims, given back over the
+                # network, wait for a Typesense that may be away
                 if job.at_stop is not None:
                     job.at_stop()
             if self.watch is not None:

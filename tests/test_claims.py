@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 from outbox_sync import claims, reindex, schema
 from outbox_sync.claims import CLAIM_FRESH_S, CLAIMS_COLLECTION, Claims, CollectionClaimedError
 from outbox_sync.db import Database, fill_key
+from outbox_sync.localserver import free_port
 from outbox_sync.mapping import SEQUENCES
 from outbox_sync.typesense_index import TypesenseIndex
 from outbox_sync.worker import daemon
@@ -412,3 +413,43 @@ def test_a_copy_at_the_same_path_on_another_host_is_not_silent(
     with capture_logs() as logs:
         claimed(time.monotonic())  # its own claim, as it just wrote it: nothing to say
     assert logs == []
+
+
+def test_with_typesense_away_one_failed_request_keeps_every_claim(
+    db: Database, index: TypesenseIndex, served: Server
+) -> None:
+    """Typesense away (a timeout each, 10 s by default): the claims' refresh, and their giving
+    back at stop, waited for it once per collection; a stop with six passed systemd's
+    TimeoutStopSec (found by a hostile review). One failed request stands for them all."""
+    names = [f"{index.collection}_{n}" for n in range(3)]
+    claimed = Claims(db, [index.on_collection(name) for name in names])
+    claimed(time.monotonic())
+    assert claimed.held == names
+    away = TypesenseIndex([f"http://127.0.0.1:{free_port()}"], served.api_key, CLAIMS_COLLECTION)
+    asked: list[str] = []
+    away.observe = lambda operation, outcome, seconds: asked.append(outcome)
+    claimed.claims = away
+    with capture_logs() as logs:
+        claimed(time.monotonic())  # a refresh
+        claimed.give_back()
+    assert asked == ["unavailable", "unavailable"]
+    assert [(log["event"], log["collection"], log["also"]) for log in logs] == [
+        ("claim_not_refreshed", names[0], names[1:]),
+        ("claim_kept", names[0], names[1:]),
+    ]
+    assert all(running_claim(served, name) for name in names)  # stale in CLAIM_FRESH_S
+
+
+def test_the_claims_are_given_back_after_the_other_jobs_stop(
+    db: Database, index: TypesenseIndex
+) -> None:
+    """The owed audit and the statistics are saved first: giving the claims back asks a
+    Typesense that may be away."""
+    worker = daemon(db, [index], claims=True)
+    stopped: list[str] = []
+    for job in worker.jobs.values():
+        if (then := job.at_stop) is not None:
+            job.at_stop = lambda name=job.name, then=then: (stopped.append(name), then())
+    worker.run(threading.Event(), once=True)
+    assert stopped[-1] == "claims"
+    assert {"audit", "stats"} <= set(stopped[:-1])
