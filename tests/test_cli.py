@@ -2,6 +2,8 @@
 
 import gc
 import json
+import shutil
+import sqlite3
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -404,3 +406,28 @@ def test_bash_completes_commands_options_and_file_names() -> None:
     for option in ("--db", "--config", "--api-key-file", "--ca-file"):
         assert complete("outbox-sync", "status", option, "ap") == ["compopt -o default", ""]
     assert complete("outbox-sync", "status", "--collection", "ap") == [""]
+
+
+def test_a_database_keeping_its_text_in_utf16_is_refused_saying_how_to_convert_it(
+    tmp_path: Path,
+) -> None:
+    """A UTF-16 file (PRAGMA encoding, set before its first table) made every record a sync
+    error ("Bad JSON": SQLite's lines are read as bytes) and failed every audit (found by a
+    hostile review). init and the daemon refuse it; the conversion they name works."""
+    path = tmp_path / "wide.db"
+    wide = sqlite3.connect(path)
+    wide.execute("PRAGMA encoding = 'UTF-16le'")
+    wide.execute("CREATE TABLE t (x)")
+    wide.close()
+    for command, status in ((["init"], 1), (["run", "--once"], 1), (["audit"], 2)):
+        result = invoke([*command, "--db", str(path)])
+        assert result.exit_code == status, (command, result.output)
+        assert "keeps its text in UTF-16le (PRAGMA encoding)" in result.output
+        assert f"sqlite3 {path} .dump | sqlite3 NEW.db" in result.output
+    if shutil.which("sqlite3") is None:
+        pytest.skip("the sqlite3 shell is not installed: the conversion the error names")
+    converted = tmp_path / "NEW.db"
+    dump = subprocess.run(["sqlite3", str(path), ".dump"], capture_output=True, check=True)
+    subprocess.run(["sqlite3", str(converted)], input=dump.stdout, check=True)
+    result = invoke(["init", "--db", str(converted)])
+    assert result.exit_code == 0, result.output
