@@ -64,6 +64,10 @@ class Field:
     index: bool = True
     infix: bool = False
     locale: str = ""
+    # Whether the value may be made by SQLite's JSON functions (an `sql` field, a VIRTUAL
+    # generated column), whose subtype json_object keeps; `schema.bind` clears it for a column
+    # as stored, sparing its text a copy (`json_value_sql`).
+    from_json: bool = True
 
     @property
     def source(self) -> str:

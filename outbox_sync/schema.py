@@ -288,7 +288,11 @@ def bind(conn: sqlite3.Connection, mapping: Mapping, path: object) -> Mapping:
                 f"{mapping.origin}: depends_on {dependency.table}: it has no column "
                 f"{dependency.key!r}"
             )
-    bound = replace(mapping, key_kind=key_kind(declared[mapping.key]))
+    virtual = virtual_columns(conn, mapping.table)
+    fields = tuple(
+        replace(f, from_json=bool(f.sql) or (f.column or f.name) in virtual) for f in mapping.fields
+    )
+    bound = replace(mapping, key_kind=key_kind(declared[mapping.key]), fields=fields)
     try:
         select = bound.select_by_keys(f"{bound.columns()}, {bound.line_sql()}")
         conn.execute(f"{select} LIMIT 0", ("[]",)).fetchall()
@@ -342,6 +346,13 @@ def declared_types(conn: sqlite3.Connection, table: str) -> dict[str, str]:
         row[1]: str(row[2])
         for row in conn.execute(f"PRAGMA table_xinfo({quote_identifier(table)})")
     }
+
+
+def virtual_columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    """The table's VIRTUAL generated columns (`hidden` 2 in `PRAGMA table_xinfo`): computed as
+    they are read, so a JSON function's value keeps its subtype (a STORED one's does not)."""
+    rows = conn.execute(f"PRAGMA table_xinfo({quote_identifier(table)})")
+    return {row[1] for row in rows if row[6] == 2}
 
 
 def _upgrade(conn: sqlite3.Connection) -> bool:

@@ -253,7 +253,7 @@ def json_value_sql(field_: "Field") -> str:
         return f"(SELECT json_group_array({element}) FROM json_each({v}) AS e)"
     if field_.element == "bool":
         return f"json(CASE WHEN {v} THEN 'true' ELSE 'false' END)"
-    if field_.element == "string":
+    if field_.element == "string" and field_.from_json:
         # `|| ''` drops the JSON subtype of a text SQLite's JSON functions made (json_extract of
         # an object, in an `sql` field or a generated column): json_object wrote it as an object
         # where the mapper writes a string (found by a hostile review)
