@@ -68,7 +68,7 @@ from outbox_sync.errors import (
 )
 from outbox_sync.mapping import Found, Mapping
 from outbox_sync.typesense_index import MAX_DELETE_IDS, TypesenseIndex, export_document
-from outbox_sync.values import INT64, RawText, shown_key
+from outbox_sync.values import RawText, shown_key
 
 # "shared": a key more than one row holds (a table whose key is not unique): one document
 # can show only one of them, and only the application can make it right.
@@ -172,32 +172,6 @@ def same_document(actual: str | None, expected: str | None) -> bool:
     return canonical(json.loads(actual)) == canonical(json.loads(expected))
 
 
-def document_key(mapping: Mapping, doc_id: str) -> int | str:
-    """The key a document id stands for: for an integer key, the integer when the id is one as
-    the daemon writes it, else the id itself, which no valid row can have; for a text key, the
-    id."""
-    if mapping.key_kind != "integer":
-        return doc_id
-    body = doc_id[1:] if doc_id.startswith("-") else doc_id
-    if body.isascii() and body.isdigit():
-        value = int(doc_id)
-        if str(value) == doc_id and INT64[0] <= value <= INT64[1]:
-            return value
-    return doc_id
-
-
-def document_key_sql(mapping: Mapping, doc_id: str) -> str:
-    """SQL: `document_key` of the text `doc_id`. CAST reads the leading number of any text and
-    saturates outside 64 bits: an id that is no integer as the daemon writes it comes back as
-    another text, and stays text."""
-    if mapping.key_kind != "integer":
-        return doc_id
-    return (
-        f"CASE WHEN CAST(CAST({doc_id} AS INTEGER) AS TEXT) = {doc_id}"
-        f" THEN CAST({doc_id} AS INTEGER) ELSE {doc_id} END"
-    )
-
-
 def scratch_problem(error: Exception) -> str:
     """What to say when SQLite fails under the audit: most likely, its scratch file's disk."""
     return (
@@ -248,7 +222,7 @@ class Audit:
         # stands for
         self.insert_actual = (
             "INSERT OR REPLACE INTO actual (key, doc)"
-            f" SELECT {document_key_sql(self.mapping, EXPORTED_ID)}, e.value FROM json_each(?) AS e"
+            f" SELECT {self.mapping.key_of_sql(EXPORTED_ID)}, e.value FROM json_each(?) AS e"
             " WHERE CASE WHEN e.type = 'object' THEN json_type(e.value, '$.id') = 'text' END"
         )
         self._open_scratch()
@@ -403,7 +377,7 @@ class Audit:
         record waiting was drift (found by a hostile review)."""
         for keys in self.db.scan_outbox_keys(self.mapping.name, self.chunk):
             forms = [(key,) for key in keys]
-            forms += [(document_key(self.mapping, key),) for key in keys if type(key) is str]
+            forms += [(self.mapping.key_of(key),) for key in keys if type(key) is str]
             self._insert("INSERT OR IGNORE INTO pending (key) VALUES (?)", forms)
 
     def _load_both(self, total_documents: int) -> tuple[int, int]:
@@ -553,7 +527,7 @@ class Audit:
                 holders[row_key(row[0])] += 1
             documents = {}
             for document in self.index.export_ids([ids[key] or "" for key in keys]):
-                documents[document_key(self.mapping, str(document.get("id")))] = document
+                documents[self.mapping.key_of(str(document.get("id")))] = document
             drifted = []
             for _, key, kind, detail in chunk:
                 if ids[key] is not None:

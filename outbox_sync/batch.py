@@ -19,7 +19,6 @@ from typing import Any, Protocol
 
 import structlog
 
-from outbox_sync.audit import document_key
 from outbox_sync.db import (
     FIRST_READ_ROWS,
     Claimed,
@@ -346,7 +345,7 @@ class Applier:
         if doc_id is None and type(entry.key) is str:  # a dependency's TEXT '5' for INTEGER 5,
             # whose row left the mapping's `where`: it names 5's document, unless a row of 5
             # is covered still (a loose key column may hold both) (found by a review)
-            key = document_key(mapping, entry.key)
+            key = mapping.key_of(entry.key)
             if key is not entry.key and not self.db.covers(mapping, key):
                 doc_id = mapping.document_id(key)
         if doc_id is not None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from outbox_sync.errors import InvalidRecordError
 from outbox_sync.values import (
+    INT64,
     MAX_ID_BYTES,
     RawText,
     check_sql,
@@ -180,6 +181,30 @@ class Mapping:
             return self._id(key)
         except InvalidRecordError:
             return None
+
+    def key_of(self, doc_id: str) -> int | str:
+        """The key a document id stands for (`document_id` backwards): for an integer key, the
+        integer when the id is one as the daemon writes it, else the id itself, which no valid
+        row can have; for a text key, the id."""
+        if self.key_kind != "integer":
+            return doc_id
+        body = doc_id[1:] if doc_id.startswith("-") else doc_id
+        if body.isascii() and body.isdigit():
+            value = int(doc_id)
+            if str(value) == doc_id and INT64[0] <= value <= INT64[1]:
+                return value
+        return doc_id
+
+    def key_of_sql(self, doc_id: str) -> str:
+        """SQL: `key_of` the text `doc_id`. CAST reads the leading number of any text and
+        saturates outside 64 bits: an id that is no integer as the daemon writes it comes back
+        as another text, and stays text."""
+        if self.key_kind != "integer":
+            return doc_id
+        return (
+            f"CASE WHEN CAST(CAST({doc_id} AS INTEGER) AS TEXT) = {doc_id}"
+            f" THEN CAST({doc_id} AS INTEGER) ELSE {doc_id} END"
+        )
 
     def key_problem(self, key: Any) -> str | None:
         """Why no document can have this key (None: one can)."""

@@ -18,7 +18,7 @@ import pytest
 
 from outbox_sync import audit as audit_module
 from outbox_sync import schema, sync_errors
-from outbox_sync.audit import Audit, document_key, document_key_sql
+from outbox_sync.audit import Audit
 from outbox_sync.db import FIRST_READ_ROWS, Database
 from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.localserver import free_port
@@ -308,10 +308,10 @@ def test_memory_stays_flat_however_many_rows(
     assert peak < 1_500_000, f"audit peaked at {peak / 1e6:.1f} MB"
 
 
-def test_document_key_maps_only_the_ids_the_daemon_writes_to_integers() -> None:
-    assert [document_key(SEQUENCES, i) for i in ("12", "-3", "0")] == [12, -3, 0]
+def test_key_of_maps_only_the_ids_the_daemon_writes_to_integers() -> None:
+    assert [SEQUENCES.key_of(i) for i in ("12", "-3", "0")] == [12, -3, 0]
     odd = ("007", "abc", "1e3", "+4", "99999999999999999999")
-    assert [document_key(SEQUENCES, i) for i in odd] == [
+    assert [SEQUENCES.key_of(i) for i in odd] == [
         "007",
         "abc",
         "1e3",
@@ -320,13 +320,13 @@ def test_document_key_maps_only_the_ids_the_daemon_writes_to_integers() -> None:
     ]
 
 
-def test_sqlite_files_an_exported_id_under_the_key_document_key_gives() -> None:
+def test_sqlite_files_an_exported_id_under_the_key_key_of_gives() -> None:
     ids = ("12", "-3", "0", "-0", "007", "abc", "1e3", "+4", " 5", "5 ", "0x10", "1_000", "٣")
     ids += ("9223372036854775807", "-9223372036854775808", "9223372036854775808", "", "7.0")
     conn = sqlite3.connect(":memory:")
     for doc_id in ids:
-        (key,) = conn.execute(f"SELECT {document_key_sql(SEQUENCES, '?1')}", (doc_id,)).fetchone()
-        expected = document_key(SEQUENCES, doc_id)
+        (key,) = conn.execute(f"SELECT {SEQUENCES.key_of_sql('?1')}", (doc_id,)).fetchone()
+        expected = SEQUENCES.key_of(doc_id)
         assert (key, type(key)) == (expected, type(expected)), doc_id
 
 
