@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 import tomllib
 import uuid
 from collections.abc import Iterator
@@ -25,9 +26,13 @@ import httpx
 import pytest
 import yaml
 
+from outbox_sync import sync_errors
 from outbox_sync.cli import main
-from outbox_sync.config import API_KEY_ENV
+from outbox_sync.config import API_KEY_ENV, parse_duration
+from outbox_sync.db import Database
 from outbox_sync.localserver import LocalTypesense, free_port
+from tests.support.cli import run_module, without_settings
+from tests.support.daemon import record_failure
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "outbox-sync.service"
@@ -35,6 +40,8 @@ UNIT = REPO / "systemd" / "outbox-sync.service"
 TEMPLATE = REPO / "systemd" / "outbox-sync@.service"
 CHECK_SERVICE = REPO / "systemd" / "outbox-sync-check@.service"
 CHECK_TIMER = REPO / "systemd" / "outbox-sync-check@.timer"
+PRUNE_SERVICE = REPO / "systemd" / "outbox-sync-prune@.service"
+PRUNE_TIMER = REPO / "systemd" / "outbox-sync-prune@.timer"
 # Instance names the templates are tried with: two databases on one host.
 INSTANCES = ("sequences", "archive")
 ENV_EXAMPLE = REPO / "systemd" / "outbox-sync.env.example"
@@ -639,9 +646,12 @@ def timespan_us(value: str) -> int:
 
 
 @needs_systemd_analyze
-@pytest.mark.parametrize("unit", [TEMPLATE, CHECK_SERVICE, CHECK_TIMER], ids=lambda u: u.name)
+@pytest.mark.parametrize(
+    "unit", [TEMPLATE, CHECK_SERVICE, CHECK_TIMER, PRUNE_SERVICE, PRUNE_TIMER], ids=lambda u: u.name
+)
 def test_templates_pass_systemd_analyze_verify(tmp_path: Path, unit: Path) -> None:
-    for companion in (TEMPLATE, CHECK_SERVICE, CHECK_TIMER):  # a timer's service beside it
+    for companion in (TEMPLATE, CHECK_SERVICE, CHECK_TIMER, PRUNE_SERVICE, PRUNE_TIMER):
+        # a timer's service beside it
         (tmp_path / companion.name).write_text(installable(companion.read_text()))
     text = unit.read_text()
     if unit.suffix == ".service":
@@ -659,6 +669,7 @@ def test_templates_pass_systemd_analyze_verify(tmp_path: Path, unit: Path) -> No
         pytest.param(CHECK_SERVICE, "TimeoutStartSec=2min", "TimeoutStartSec=soon", id="bad-time"),
         pytest.param(CHECK_TIMER, "OnUnitActiveSec=5min", "OnUnitActiveSec=often", id="bad-span"),
         pytest.param(CHECK_TIMER, "[Timer]", "[Timers]", id="no-timer-section"),
+        pytest.param(PRUNE_TIMER, "OnCalendar=weekly", "OnCalendar=weakly", id="bad-calendar"),
     ],
 )
 def test_verify_check_catches_a_broken_template(
@@ -741,3 +752,43 @@ def test_the_timer_starts_the_check_every_few_minutes() -> None:
     assert timespan_us("1min") <= timespan_us(timer["OnUnitActiveSec"]) <= timespan_us("10min")
     assert "OnBootSec" in timer  # OnUnitActiveSec= alone never fires before a first start
     assert entries_of(CHECK_TIMER, "Install") == [("WantedBy", "timers.target")]
+
+
+# --- systemd: the prune timer -----------------------------------------------------------------
+
+# What only the prune has: a oneshot with a time limit, its command, and no key (it asks no
+# Typesense); the rest of its [Service] is the daemon's.
+PRUNE_ONLY = ("Type", "ExecStart", "TimeoutStartSec")
+
+
+def test_the_prune_runs_in_the_daemons_sandbox_without_its_key() -> None:
+    prune = [(k, v) for k, v in entries_of(PRUNE_SERVICE, "Service") if k not in PRUNE_ONLY]
+    daemon = [(k, v) for k, v in entries_of(TEMPLATE, "Service") if k not in DAEMON_ONLY]
+    assert prune == [(k, v) for k, v in daemon if k != "LoadCredential"]
+    assert len(prune) > 20
+    assert service_values("Type", PRUNE_SERVICE) == ["oneshot"]
+    assert service_values("TimeoutStartSec", PRUNE_SERVICE) != []  # a hung one must end
+
+
+def test_the_prune_keeps_the_weekly_reviews_errors(tmp_path: Path) -> None:
+    """Its ExecStart is `errors prune` with options the CLI takes, an age of at least the
+    report's week, and no API key; run as the unit runs it (the instance's settings, no key),
+    it deletes only the errors closed before that age."""
+    (exec_start,) = service_values("ExecStart", PRUNE_SERVICE)
+    program, *arguments = shlex.split(exec_start)
+    assert program == INSTALLED_COMMAND and arguments[:2] == ["errors", "prune"]
+    context = main.commands["errors"].commands["prune"].make_context("prune", arguments[2:])
+    assert parse_duration(context.params["older_than"], "--older-than") >= 7 * 86400
+    settings, _ = env_example()
+    db_path = tmp_path / "sequences.db"
+    environment = without_settings(**(settings | {"OUTBOX_SYNC_DB": str(db_path)}))
+    assert run_module(["init"], env=environment).returncode == 0
+    db = Database(db_path)
+    for key in (1, 2, 3):
+        record_failure(db, key, key, "rejected")
+    old = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 400 * 86400))
+    db.conn.execute("UPDATE sync_errors SET resolved_at = ?, resolution = 'resolved'", (old,))
+    db.conn.execute("UPDATE sync_errors SET resolved_at = NULL, resolution = NULL WHERE id = 3")
+    done = run_module(arguments, env=environment)
+    assert done.returncode == 0, done.stderr
+    assert [e["record_key"] for e in sync_errors.find(db, status="all")] == [3]
