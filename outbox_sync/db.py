@@ -367,10 +367,11 @@ class Database:
     ) -> list[tuple[int, int, Any]]:
         """The outbox entries of `mapping` with an id in (after, last], without their rows:
         (id, is a delete, key), the key as `read_claimed` gives it, the row's own: a
-        dependency's text '5' of an INTEGER key 5 is 5 (`Mapping.select_claimed_keys`). The
-        entry's own, an error recorded under '5' never closed (found by a review)."""
+        dependency's text '5' of an INTEGER key 5 is 5 (`Mapping.select_claimed_keys`; under
+        the entry's '5', an error never closed: found by a review). Once each, where several
+        rows hold the key (a loose key column)."""
         rows = self.fetch_raw(mapping.select_claimed_keys, (after, last, mapping.name))
-        return [(id, deleted, row_key(key)) for id, deleted, key in rows]
+        return list({id: (id, deleted, row_key(key)) for id, deleted, key in rows}.values())
 
     def read_rows(self, mapping: Mapping, keys: Sequence[Any]) -> list[Found]:
         """The rows these keys name that the mapping covers (absent ones are gone, or outside

@@ -706,3 +706,28 @@ def test_a_null_key_row_whose_where_sqlite_fails_on_is_a_sync_error_and_can_be_r
     [again] = sync_errors.find(db)
     assert (again["record_key"], again["error"]) == (None, error["error"])
     assert again["id"] != error["id"]
+
+
+def test_a_key_two_rows_hold_is_given_up_on_once_when_sqlite_fails_on_one(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """The entry-by-entry read names each entry's record by the rows of its key: each entry
+    came once for each row of a key a loose key column holds twice."""
+    items = Mapping(
+        table="items",
+        key="code",
+        collection=collection,
+        fields=(Field("color", "string", optional=True, sql="json_extract(data, '$.color')"),),
+    )
+    app = app_connection(tmp_path / "items.db")
+    app.execute("CREATE TABLE items (code TEXT, data TEXT)")
+    db, sync = mapping_worker(tmp_path / "items.db", items, typesense_server, collection)
+    app.execute("INSERT INTO items VALUES ('b', '{}')")
+    drain(sync)
+    app.execute("""INSERT INTO items VALUES ('a', 'not json'), ('a', '{"color": "red"}')""")
+    app.execute("UPDATE items SET data = '{\"color\": \"blue\"}' WHERE code = 'b'")
+    assert db.claimed_entries(items, 0, 10) == [(2, 0, "a"), (3, 0, "a"), (4, 0, "b")]
+    drain(sync)
+    assert export(typesense_server, collection)["b"]["color"] == "blue"
+    [error] = sync_errors.find(db)
+    assert error["record_key"] == "a"
