@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from outbox_sync import schema
@@ -73,6 +73,7 @@ arrays = st.one_of(
     st.lists(integers, max_size=3).map(json.dumps),
     st.lists(st.booleans(), max_size=3).map(json.dumps),
     st.sampled_from(["[]", "[1,", "{}", "5", '"x"', "[[1]]", '["a\\u00e9"]', "[1e400]"]),
+    st.sampled_from([f"[{INT64[0] - 1}]", f"[{INT64[1] + 1}]"]),  # read as REALs
 )
 # A value as the application may have stored it: (kind, value) for the insert.
 values = st.one_of(
@@ -111,8 +112,17 @@ def conn() -> sqlite3.Connection:
     return connection
 
 
+VALID = {"string": "s", "int32": 1, "int64": 1, "float": 1.5, "bool": 1}
+
+
+def valid_but(**changed: Any) -> list[tuple[str, Any]]:
+    """A valid row's cells, one per field of FIELDS, but for these fields' values."""
+    return [("value", changed.get(f.name, "[]" if f.array else VALID[f.element])) for f in FIELDS]
+
+
 @settings(max_examples=600, deadline=None)
 @given(key=values, cells=st.lists(values, min_size=len(FIELDS), max_size=len(FIELDS)))
+@example(key=("value", 1), cells=valid_but(f_int64_array_req=f"[{INT64[0] - 1}]"))
 def test_sqlite_and_the_python_mapper_agree(
     conn: sqlite3.Connection, key: tuple[str, Any], cells: list[tuple[str, Any]]
 ) -> None:
