@@ -186,7 +186,11 @@ def check_sql(field_: "Field") -> str:
             f"CASE WHEN {v} IS NULL THEN {null}"
             f" WHEN typeof({v}) != 'text' THEN {said} || 'expected a JSON array (text), got ' ||"
             f" {_describe_sql(v)}"
-            f" WHEN NOT json_valid({v}) OR json_type({v}) != 'array' THEN {said} ||"
+            # SQLite's JSON functions read a text up to a NUL: '["a"]' || char(0) || 'x' is no
+            # JSON array, as the mapper says, and was sent as ["a"] (found by a hostile review).
+            # No rare branch can tell: one more scan of the text, ~2 % of a two-array line
+            f" WHEN NOT json_valid({v}) OR json_type({v}) != 'array' OR instr({v}, char(0))"
+            f" THEN {said} ||"
             f" 'expected a JSON array, got ' || {_describe_sql(v)}"
             f" ELSE (SELECT {said} || 'element ' || e.key || ' is ' || {_describe_json_sql()} ||"
             f" {sql_text(', expected ' + field_.element)} FROM json_each({v}) AS e"

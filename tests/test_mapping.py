@@ -74,6 +74,7 @@ arrays = st.one_of(
     st.lists(st.booleans(), max_size=3).map(json.dumps),
     st.sampled_from(["[]", "[1,", "{}", "5", '"x"', "[[1]]", '["a\\u00e9"]', "[1e400]"]),
     st.sampled_from([f"[{INT64[0] - 1}]", f"[{INT64[1] + 1}]"]),  # read as REALs
+    st.sampled_from(['["a"]\x00x', "[1]\x00", "[true] \x00 [false]"]),  # JSON up to a NUL
 )
 # A value as the application may have stored it: (kind, value) for the insert.
 values = st.one_of(
@@ -123,6 +124,7 @@ def valid_but(**changed: Any) -> list[tuple[str, Any]]:
 @settings(max_examples=600, deadline=None)
 @given(key=values, cells=st.lists(values, min_size=len(FIELDS), max_size=len(FIELDS)))
 @example(key=("value", 1), cells=valid_but(f_int64_array_req=f"[{INT64[0] - 1}]"))
+@example(key=("value", 1), cells=valid_but(f_string_array_opt='["a"]\x00x'))
 def test_sqlite_and_the_python_mapper_agree(
     conn: sqlite3.Connection, key: tuple[str, Any], cells: list[tuple[str, Any]]
 ) -> None:
