@@ -9,6 +9,8 @@ real 1.5, text 'abc', a BLOB of 3 bytes. `mapping.py` puts them together into do
 
 import json
 import math
+import sqlite3
+import threading
 from typing import TYPE_CHECKING, Any
 
 from outbox_sync.errors import InvalidRecordError
@@ -290,15 +292,16 @@ def _describe_json_sql() -> str:
 # -- describing values, as SQLite people say them ------------------------------------------------
 
 
+_printer = threading.local()  # SQLite, for `real_text`
+
+
 def real_text(value: float) -> str:
-    """A REAL as SQLite writes it in text and JSON (printf's %!.15g)."""
-    text = f"{value:.15g}"
-    if text in ("-0", "0"):
-        return "0.0"
-    mantissa, e, exponent = text.partition("e")
-    if "." not in mantissa:
-        mantissa += ".0"
-    return mantissa + (f"e{exponent}" if e else "")
+    """A REAL as SQLite writes it in text and JSON (%!.15g), asked of SQLite: its printf, in long
+    double, rounds some 15-digit ties otherwise than Python (7473829253676535.0: ...653e+15)."""
+    if not hasattr(_printer, "connection"):  # a connection serves one thread
+        _printer.connection = sqlite3.connect(":memory:")
+    (text,) = _printer.connection.execute("SELECT CAST(? AS TEXT)", (value,)).fetchone()
+    return str(text)
 
 
 def describe(value: Any) -> str:
