@@ -9,16 +9,19 @@ own collection.
 
 import sqlite3
 import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator
 from collections.abc import Mapping as Lookup
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from itertools import repeat
+from operator import itemgetter
 from typing import Any, Protocol
 
 import structlog
 
+from outbox_sync import db as database
 from outbox_sync.db import (
     FIRST_READ_ROWS,
     Claimed,
@@ -95,9 +98,9 @@ class Work:
 class Batch:
     """Claimed entries on their way through prepare -> apply -> acknowledge."""
 
-    last_id: int  # the highest entry id claimed: acknowledging removes up to it
+    last_id: int  # the highest entry id claimed and read: acknowledging removes up to it
     report: BatchReport
-    full: bool = False  # it holds as many entries as were asked for: more may be waiting
+    full: bool = False  # it holds as many entries as were asked for, or was cut: more may wait
     work: dict[str, Work] = field(default_factory=dict)  # by mapping
     synced: list[tuple[str, Any]] = field(default_factory=list)  # (mapping, key)
     records: set[tuple[str, Any]] = field(default_factory=set)  # (mapping, key) it touches
@@ -218,34 +221,59 @@ class Applier:
     def _prepare(self, after: int) -> Batch | None:
         """Claim the entries after id `after`, read their records' current rows (SQLite writes
         the JSON lines, in the statement that reads each mapping's entries) and sort them into
-        upserts, deletes and failures (SQLite and CPU only). The next claim takes as many
-        entries as make about READ_MAX_BYTES of documents at this batch's size per entry (up to
-        batch_size: `rows_fitting`), so that large rows keep the daemon's memory bounded."""
+        upserts, deletes and failures (SQLite and CPU only). The reads stop once their lines
+        pass READ_MAX_BYTES, the batch ending at the last entry read (`_cut`), and the next
+        claim takes as many entries as make about READ_MAX_BYTES at this batch's size per entry
+        (up to batch_size: `rows_fitting`), so that large rows keep the daemon's memory bounded,
+        even rows larger than the last batch's."""
         asked = self.claim_size
         claimed = self.db.claim(asked, after=after)
         if not claimed:
             return None
-        last_id = max(last for _, _, last, _ in claimed)
         entries = sum(count for _, count, _, _ in claimed)
-        self._missing(after, min(first for _, _, _, first in claimed), last_id, entries)
-        batch = Batch(last_id, BatchReport(entries=entries), full=entries == asked)
+        batch = Batch(
+            max(last for _, _, last, _ in claimed), BatchReport(entries=entries), entries == asked
+        )
+        reads: list[tuple[Mapping, list[Claimed]]] = []
+        size = 0
         for name, count, _, _ in claimed:
             index = self.indexes.get(name)
             if index is None:
                 self._unknown(name, count)
-            else:  # the mapping as the collection lets it be (see ensure_collection)
-                self._prepare_mapping(batch, index.mapping, after)
-        size = sum(len(line) for work in batch.work.values() for _, _, line in work.upserts)
-        self.claim_size = rows_fitting(entries, size, self.batch_size)
+                continue
+            # the mapping as the collection lets it be (see ensure_collection)
+            rows, read, upto = self._read(
+                batch, index.mapping, after, database.READ_MAX_BYTES - size
+            )
+            reads.append((index.mapping, rows))
+            size += read
+            if upto < batch.last_id:
+                size = self._cut(batch, reads, after, upto)
+        first = min(first for _, _, _, first in claimed)
+        self._missing(after, first, batch.last_id, batch.report.entries)
+        for mapping, rows in reads:
+            self._prepare_mapping(batch, mapping, rows)
+        self.claim_size = rows_fitting(batch.report.entries, size, self.batch_size)
         return batch
 
-    def _prepare_mapping(self, batch: Batch, mapping: Mapping, after: int) -> None:
+    def _cut(
+        self, batch: Batch, reads: list[tuple[Mapping, list[Claimed]]], after: int, last: int
+    ) -> int:
+        """End the batch at entry `last`, where a read stopped: the entries read after it are
+        let go, left queued for the next batch; the bytes of the lines kept."""
+        batch.last_id, batch.full = last, True
+        for _, rows in reads:
+            del rows[bisect_right(rows, last, key=itemgetter(0)) :]
+        batch.report.failures = [f for f in batch.report.failures if f.outbox_id <= last]
+        batch.report.entries = self.db.count_entries(after, last)
+        return sum(len(line or b"") for _, rows in reads for *_, line in rows)
+
+    def _prepare_mapping(self, batch: Batch, mapping: Mapping, entries: list[Claimed]) -> None:
         work = batch.work.setdefault(mapping.name, Work())
         # the last entry per record wins; its record's state, read with it, is what goes. By
         # type too: a dependency's REAL 5.0 is 5 to Python, and names no document once the row
         # is gone: it must not take the place of 5's delete (a row found gives its own key).
         # Only a float is set apart: a tuple for every key cost 1 ms more per 5,000 entries
-        entries = self._read(batch, mapping, after)
         latest = {(k if type(k := e[2]) is not float else (float, k)): e for e in entries}
         batch.records.update(zip(repeat(mapping.name), (e[2] for e in latest.values())))
         judged = []  # rows SQLite left to the Python mapper
@@ -304,29 +332,39 @@ class Applier:
                 batch.unreadable(entry, error)
         return rows
 
-    def _read(self, batch: Batch, mapping: Mapping, after: int) -> list[Claimed]:
-        """The batch's entries of `mapping` with their rows (`Database.read_claimed`). A row
-        SQLite cannot read as the mapping says (an `sql` field failing on its value: malformed
-        JSON, an integer overflow) fails the statement for every entry: they are read one by
-        one then, and each whose row fails is given up on with SQLite's words, so that the
-        others sync and the daemon goes on. Any other failure (the disk, the memory, the lock)
-        is raised, its entries left queued: a disk I/O error became sync errors, its changes
-        acknowledged and never applied (found by a hostile review)."""
+    def _read(
+        self, batch: Batch, mapping: Mapping, after: int, max_bytes: int
+    ) -> tuple[list[Claimed], int, int]:
+        """The batch's entries of `mapping` with their rows (`Database.read_claimed`), the bytes
+        of their lines, and the id they are read up to: the batch's last, or an earlier one
+        once the lines passed `max_bytes`. A row SQLite cannot read as the mapping says (an
+        `sql` field failing on its value: malformed JSON, an integer overflow) fails the
+        statement for every entry: they are read one by one then, and each whose row fails is
+        given up on with SQLite's words, so that the others sync and the daemon goes on. Any
+        other failure (the disk, the memory, the lock) is raised, its entries left queued: a
+        disk I/O error became sync errors, its changes acknowledged and never applied (found by
+        a hostile review)."""
         try:
-            return self.db.read_claimed(mapping, after, batch.last_id)
+            rows, size = self.db.read_claimed(mapping, after, batch.last_id, max_bytes)
+            return rows, size, rows[-1][0] if rows and size >= max_bytes else batch.last_id
         except sqlite3.OperationalError as error:
             if not is_row_error(error):
                 raise
         read: list[Claimed] = []
+        size = 0
         for entry_id, deleted, key in self.db.claimed_entries(mapping, after, batch.last_id):
             try:
-                read += self.db.read_claimed(mapping, entry_id - 1, entry_id)
+                rows, line_bytes = self.db.read_claimed(mapping, entry_id - 1, entry_id)
+                read += rows
+                size += line_bytes
             except sqlite3.OperationalError as error:
                 if not is_row_error(error):
                     raise
                 entry = OutboxEntry(entry_id, mapping.name, key, _op(deleted))
                 batch.unreadable(entry, error)
-        return read
+            if size >= max_bytes:
+                return read, size, entry_id
+        return read, size, batch.last_id
 
     def _gone(self, batch: Batch, work: Work, mapping: Mapping, entry: OutboxEntry) -> None:
         """An entry whose record has no row the mapping covers (gone, or outside `where`), or

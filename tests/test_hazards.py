@@ -683,9 +683,10 @@ def test_a_dropped_column_named_as_an_outbox_column_is_an_error_not_the_outbox_s
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
         conn.execute("INSERT INTO tasks VALUES (1, 'write the report')")
         ((last,),) = conn.execute("SELECT max(id) FROM outbox").fetchall()
-        assert db.read_claimed(tasks, 0, last) == [
-            (last, 0, 1, b'{"id":"1","op":"write the report"}')
-        ]
+        assert db.read_claimed(tasks, 0, last) == (
+            [(last, 0, 1, b'{"id":"1","op":"write the report"}')],
+            34,
+        )
         conn.execute("ALTER TABLE tasks DROP COLUMN op")
     with pytest.raises(DatabaseError, match=r"changed under the daemon \(no such column: op\)"):
         db.read_claimed(tasks, 0, last)

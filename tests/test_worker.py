@@ -2,11 +2,13 @@
 sleeping, no patched clock."""
 
 import contextlib
+import json
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,7 +16,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from outbox_sync import typesense_index
+from outbox_sync import schema, typesense_index
 from outbox_sync import worker as worker_module
 from outbox_sync.batch import Applier
 from outbox_sync.db import FIRST_READ_ROWS, Database
@@ -309,6 +311,65 @@ def test_large_rows_make_smaller_batches_and_requests_and_every_row_syncs(
     assert sum(batches) == 300 and batches[0] == FIRST_READ_ROWS
     assert max(batches[1:]) <= 10  # 40,000 bytes of ~4,000-byte lines
     assert max(sent) <= 40_000 and len(sent) > len(batches)  # the first batch, in parts
+
+
+def test_rows_grown_since_the_last_batch_are_read_near_the_bound_and_every_row_syncs(
+    db: Database, served: Server, collection: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim is sized by the batch before it: after small rows it took batch_size entries,
+    and rows of 60 KB made a read of 301 MB. A read stops once its lines pass READ_MAX_BYTES,
+    and the batch ends at the last entry read (found by a hostile review)."""
+    monkeypatch.setattr("outbox_sync.db.READ_MAX_BYTES", 40_000)
+    monkeypatch.setattr("outbox_sync.db.READ_CHUNK_ROWS", 2)
+    bodies: list[tuple[int, int]] = []  # (entries, bytes) per batch of upserts
+
+    class Recording(TypesenseIndex):
+        def import_jsonl(self, body: bytes, count: int, *, action: str = "upsert") -> Any:
+            bodies.append((count, len(body)))
+            return super().import_jsonl(body, count, action=action)
+
+    index = Recording([served.url], served.api_key, collection)
+    index.ensure_collection()
+    worker = daemon(db, [index], batch_size=200)
+    insert_rows(db.path, range(1_001, 1_501))  # ~170 bytes a line: 200 make 34,000
+    drain(worker)
+    assert bodies[-1][0] == 200  # the claims grew to batch_size
+    bodies.clear()
+    insert_large_rows(db.path, 300)  # ~4 KB a line: 200 make 800,000 bytes
+    drain(worker)
+    assert export(served, collection) == sqlite_documents(db.path)
+    assert sum(count for count, _ in bodies) == 300
+    # the bound, and at most one chunk of two rows past it
+    assert max(size for _, size in bodies) <= 40_000 + 2 * 4_100
+
+
+def test_a_batch_cut_where_a_read_stopped_leaves_the_other_mappings_entries_after_it_queued(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that stops ends the batch of two mappings at its last entry: the other mapping's
+    entries after it, read already, are left queued for the next batch, and every row of both
+    mappings arrives."""
+    monkeypatch.setattr("outbox_sync.db.READ_MAX_BYTES", 40_000)
+    monkeypatch.setattr("outbox_sync.db.READ_CHUNK_ROWS", 2)
+    copy = replace(SEQUENCES, name="copy", collection="copy")
+    db = Database(db_path)
+    schema.init(db, [SEQUENCES, copy])
+    indexes = {"sequences": FakeIndex(), "copy": FakeIndex()}
+    indexes["copy"].mapping = copy
+    applier = Applier(db, indexes, batch_size=200, telemetry=Telemetry())  # type: ignore[arg-type]
+    insert_rows(db_path, range(1_001, 1_201))  # an entry of each mapping per row, in turn
+    while applier.apply_once().entries:
+        pass
+    insert_large_rows(db_path, 100)  # ~4 KB a line
+    entries = []  # per batch
+    while count := applier.apply_once().entries:
+        entries.append(count)
+    assert sum(entries) == 200 and max(entries) <= 40_000 // 4_000 + 2 * 2
+    for fake in indexes.values():
+        documents = {doc_id: json.loads(line) for doc_id, line in fake.documents.items()}
+        assert documents == sqlite_documents(db_path)
+    assert db.conn.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+    db.close()
 
 
 def test_a_read_failing_for_want_of_the_disk_leaves_the_entries_queued(
