@@ -78,7 +78,7 @@ def one_line(result: Result) -> str:
     """The output of a failed command, checked to be one line without a traceback."""
     assert result.exit_code != 0, result.output
     assert isinstance(result.exception, SystemExit), result.exception  # not a crash
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1, result.output
     return lines[0]
