@@ -725,6 +725,7 @@ class SchemaWatch:
             self.db.set_meta(RECONCILE_REQUEST_KEY, None)
             self.request("init repaired the triggers")
         self._check_key_kinds()
+        self._check_generated()
 
     def _audit(self, reason: str, event: str, **fields: object) -> None:
         """Say why rows may have changed with no outbox entry, and ask for an audit."""
@@ -756,6 +757,20 @@ class SchemaWatch:
                     f"the key column {mapping.key} of table {mapping.table} in {self.db.path} "
                     f"was made {now} while the daemon ran ({was} when it started): it stops, "
                     "and reads the table as it is when it starts again"
+                )
+
+    def _check_generated(self) -> None:
+        """A column a migration made a VIRTUAL generated one (the table rebuilt) may now hold
+        text SQLite's JSON functions made, which the line, bound at start for a stored column
+        (`Field.from_json`), would write as JSON: the daemon stops, and binds the table as it
+        is when it starts again."""
+        for mapping in self.mappings:
+            stored = [f.column or f.name for f in mapping.fields if not f.from_json]
+            if made := sorted(set(stored) & virtual_columns(self.db.conn, mapping.table)):
+                raise DatabaseError(
+                    f"column {', '.join(made)} of table {mapping.table} in {self.db.path} was "
+                    "made a VIRTUAL generated column while the daemon ran: it stops, and reads "
+                    "the table as it is when it starts again"
                 )
 
 

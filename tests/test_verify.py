@@ -198,6 +198,18 @@ def test_healthz_says_so_when_the_sync_has_been_paused_for_long(
         db.close()
 
 
+def started(
+    path: Path, mapping: Mapping, server: Server
+) -> tuple[Database, TypesenseIndex, Worker]:
+    """The database prepared for the mapping, its index, and a daemon, as `run` starts them."""
+    db = Database(path, create=True)
+    schema.init(db, [mapping])
+    [bound] = schema.check(db, [mapping])
+    index = TypesenseIndex([server.url], server.api_key, mapping.collection, mapping=bound)
+    index.ensure_collection()
+    return db, index, daemon(db, [index], audit_every_s=0)
+
+
 def test_a_key_column_a_migration_made_text_stops_the_daemon_to_read_it_anew(
     tmp_path: Path, typesense_server: Server, collection: str
 ) -> None:
@@ -210,14 +222,7 @@ def test_a_key_column_a_migration_made_text_stops_the_daemon_to_read_it_anew(
     app = app_connection(path)
     app.execute("CREATE TABLE a (id INTEGER PRIMARY KEY, n TEXT NOT NULL)")
     mapping = Mapping(table="a", key="id", collection=collection, fields=(Field("n", "string"),))
-    db = Database(path, create=True)
-    schema.init(db, [mapping])
-    [bound] = schema.check(db, [mapping])
-    index = TypesenseIndex(
-        [typesense_server.url], typesense_server.api_key, collection, mapping=bound
-    )
-    index.ensure_collection()
-    worker = daemon(db, [index], audit_every_s=0)
+    db, _, worker = started(path, mapping, typesense_server)
     app.execute("INSERT INTO a VALUES (1, 'one')")
     drain(worker)
     app.executescript(
@@ -232,6 +237,40 @@ def test_a_key_column_a_migration_made_text_stops_the_daemon_to_read_it_anew(
     assert sync_errors.find(db) == []
     [again] = schema.check(db, [mapping])  # the next start
     assert again.key_kind == "text"
+
+
+def test_a_column_a_migration_made_a_virtual_json_one_stops_the_daemon_to_read_it_anew(
+    tmp_path: Path, typesense_server: Server, collection: str
+) -> None:
+    """The line writes a stored column's text as it is, without the copy that drops a JSON
+    subtype (`Field.from_json`, taken at start). A migration rebuilt the table with that
+    column generated from a JSON document (VIRTUAL): its objects would have gone to Typesense
+    as objects, each a sync error. The daemon stops, and its next start binds the table as it
+    is: the document holds the object's text."""
+    path = tmp_path / "app.db"
+    app = app_connection(path)
+    app.execute("CREATE TABLE a (id INTEGER PRIMARY KEY, place TEXT NOT NULL)")
+    mapping = Mapping(
+        table="a", key="id", collection=collection, fields=(Field("place", "string"),)
+    )
+    db, index, worker = started(path, mapping, typesense_server)
+    app.execute("INSERT INTO a VALUES (1, 'Oslo')")
+    drain(worker)
+    app.executescript(
+        "BEGIN; CREATE TABLE a_new (id INTEGER PRIMARY KEY, doc TEXT, place TEXT GENERATED"
+        " ALWAYS AS (json_extract(doc, '$.place')) VIRTUAL);"
+        " INSERT INTO a_new (id, doc)"
+        " SELECT id, json_object('place', json_object('city', place)) FROM a;"
+        " DROP TABLE a; ALTER TABLE a_new RENAME TO a; COMMIT;"
+    )
+    with pytest.raises(DatabaseError, match=r"column place of table a .* VIRTUAL generated"):
+        drain(worker)
+    worker.jobs["audit"].at_stop()
+    [again] = schema.check(db, [mapping])  # the next start, which audits what it owes
+    index.mapping = again
+    drain(daemon(db, [index], audit_every_s=3600))
+    assert export(typesense_server, collection)["1"]["place"] == '{"city":"Oslo"}'
+    assert sync_errors.find(db) == []
 
 
 def searched(server: Server, collection: str, field: str, text: str) -> int | None:
