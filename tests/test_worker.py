@@ -4,6 +4,7 @@ sleeping, no patched clock."""
 import contextlib
 import json
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -27,7 +28,14 @@ from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import ImportResult, TypesenseIndex
 from outbox_sync.wakeup import ChangeWatch
 from outbox_sync.worker import Index, Job, Progress, Turn, Worker, daemon
-from tests.support.app import app_connection, insert_large_rows, insert_rows, sqlite_documents
+from tests.support.app import (
+    ROW_SQL,
+    app_connection,
+    insert_large_rows,
+    insert_rows,
+    make_row,
+    sqlite_documents,
+)
 from tests.support.daemon import drain, running
 from tests.support.fake_index import FakeIndex
 from tests.support.typesense import Server, export
@@ -343,6 +351,18 @@ def test_rows_grown_since_the_last_batch_are_read_near_the_bound_and_every_row_s
     assert max(size for _, size in bodies) <= 40_000 + 2 * 4_100
 
 
+def two_mappings(db_path: Path, batch_size: int) -> tuple[Database, dict[str, FakeIndex], Applier]:
+    """The database prepared for `sequences` and a copy of it (an entry of each per change, in
+    turn), a fake index for each, and their applier."""
+    copy = replace(SEQUENCES, name="copy", collection="copy")
+    db = Database(db_path)
+    schema.init(db, [SEQUENCES, copy])
+    indexes = {"sequences": FakeIndex(), "copy": FakeIndex()}
+    indexes["copy"].mapping = copy
+    telemetry = Telemetry()
+    return db, indexes, Applier(db, indexes, batch_size=batch_size, telemetry=telemetry)  # type: ignore[arg-type]
+
+
 def test_a_batch_cut_where_a_read_stopped_leaves_the_other_mappings_entries_after_it_queued(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -351,12 +371,7 @@ def test_a_batch_cut_where_a_read_stopped_leaves_the_other_mappings_entries_afte
     mappings arrives."""
     monkeypatch.setattr("outbox_sync.db.READ_MAX_BYTES", 40_000)
     monkeypatch.setattr("outbox_sync.db.READ_CHUNK_ROWS", 2)
-    copy = replace(SEQUENCES, name="copy", collection="copy")
-    db = Database(db_path)
-    schema.init(db, [SEQUENCES, copy])
-    indexes = {"sequences": FakeIndex(), "copy": FakeIndex()}
-    indexes["copy"].mapping = copy
-    applier = Applier(db, indexes, batch_size=200, telemetry=Telemetry())  # type: ignore[arg-type]
+    db, indexes, applier = two_mappings(db_path, batch_size=200)
     insert_rows(db_path, range(1_001, 1_201))  # an entry of each mapping per row, in turn
     while applier.apply_once().entries:
         pass
@@ -401,3 +416,40 @@ def test_a_read_failing_for_want_of_the_disk_leaves_the_entries_queued(
     monkeypatch.setattr(Database, "read_claimed", read)
     assert applier.apply_once().upserted == 3
     assert export(typesense_server, collection) == sqlite_documents(db_path)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batches_cut_at_random_row_sizes_bring_every_change_of_two_mappings(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """Rows whose size jumps from batch to batch, written, rewritten and deleted between drains
+    of two mappings of one table through the pipelined drain, with a bound a few rows pass:
+    the batches are cut where a read stops, anywhere among the two mappings' entries, and each
+    collection ends as the table is."""
+    rng = random.Random(seed)
+    monkeypatch.setattr("outbox_sync.db.READ_MAX_BYTES", 20_000)
+    monkeypatch.setattr("outbox_sync.db.READ_CHUNK_ROWS", 3)
+    db, indexes, applier = two_mappings(db_path, batch_size=60)
+    cuts: list[int] = []
+    cut = Applier._cut
+    monkeypatch.setattr(Applier, "_cut", lambda self, *a: cuts.append(a[-1]) or cut(self, *a))
+    app = app_connection(db_path)
+    for _ in range(6):
+        for _ in range(rng.randrange(20, 120)):
+            key, size = rng.randrange(1, 80), rng.choice([10, 200, 3_000, 9_000])
+            if rng.random() < 0.2:
+                app.execute("DELETE FROM sequences WHERE id = ?", (key,))
+            else:
+                row = make_row(key, comment=f"{key} " + "w" * size)
+                app.execute(
+                    f"{ROW_SQL} ON CONFLICT (id) DO UPDATE SET comment = excluded.comment", row
+                )
+        while applier.drain(threading.Event(), max_seconds=60):
+            pass
+        assert db.conn.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+        for fake in indexes.values():
+            documents = {doc_id: json.loads(line) for doc_id, line in fake.documents.items()}
+            assert documents == sqlite_documents(db_path)
+    assert len(cuts) >= 5  # the case at hand: batches cut where a read stopped
+    app.close()
+    db.close()
