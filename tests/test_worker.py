@@ -23,7 +23,7 @@ from outbox_sync.batch import Applier
 from outbox_sync.db import FIRST_READ_ROWS, Database
 from outbox_sync.errors import TypesenseUnavailableError
 from outbox_sync.localserver import LocalTypesense, free_port
-from outbox_sync.mapping import SEQUENCES
+from outbox_sync.mapping import SEQUENCES, Dependency, Field, Mapping
 from outbox_sync.telemetry import Telemetry
 from outbox_sync.typesense_index import ImportResult, TypesenseIndex
 from outbox_sync.wakeup import ChangeWatch
@@ -452,4 +452,102 @@ def test_batches_cut_at_random_row_sizes_bring_every_change_of_two_mappings(
             assert documents == sqlite_documents(db_path)
     assert len(cuts) >= 5  # the case at hand: batches cut where a read stopped
     app.close()
+    db.close()
+
+
+def test_rows_the_python_mapper_writes_size_the_next_claim_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row SQLite leaves to the Python mapper (an array whose text holds an escape, as
+    `json.dumps(["café"])` writes it) is read with an empty line: its bytes were counted as
+    none, and the claims grew to batch_size however large the rows (800 KB a batch here,
+    against a bound of 40,000). Its line counts once written. The read's stop still cannot see
+    such rows: the first read, of FIRST_READ_ROWS, is as large as they are (found by a hostile
+    review)."""
+    monkeypatch.setattr("outbox_sync.db.READ_MAX_BYTES", 40_000)
+    monkeypatch.setattr("outbox_sync.db.READ_CHUNK_ROWS", 2)
+    docs = Mapping(
+        table="docs",
+        key="id",
+        collection="docs",
+        fields=(Field("body", "string"), Field("tags", "string[]")),
+    )
+    app = app_connection(tmp_path / "app.db")
+    app.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, body TEXT NOT NULL, tags TEXT)")
+    db = Database(tmp_path / "app.db")
+    schema.init(db, [docs])
+    bodies: list[int] = []
+
+    class Recording(FakeIndex):
+        def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
+            bodies.append(len(body))
+            return super().import_jsonl(body, count)
+
+    fake = Recording()
+    fake.mapping = docs
+    applier = Applier(db, {"docs": fake}, batch_size=200, telemetry=Telemetry())  # type: ignore[dict-item]
+    rows = [(key, f"{key} " + "words " * 660, json.dumps(["café"])) for key in range(1, 401)]
+    app.executemany("INSERT INTO docs VALUES (?, ?, ?)", rows)  # ~4 KB a line
+    while applier.apply_once().entries:
+        pass
+    assert len(fake.documents) == 400
+    assert bodies[0] > 100 * 4_000  # the first read: FIRST_READ_ROWS, whatever their size
+    assert max(bodies[1:]) <= 40_000 + 4_100, bodies
+    db.close()
+
+
+@pytest.mark.parametrize("tag_key", ["TEXT", "INTEGER"])
+def test_a_dependencys_text_key_delete_and_the_rows_upsert_are_never_in_flight_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tag_key: str
+) -> None:
+    """The pipeline sends a batch beside the one in flight only when they share no record. A
+    dependency's TEXT '5', whose row is gone, names document 5 (a delete), but its record was
+    ('items', '5'); the next batch's upsert of the row 5, inserted meanwhile, ('items', 5):
+    both flew, the delete landed last, and the row's document was gone (found by a hostile
+    review)."""
+    items = Mapping(
+        table="items",
+        key="id",
+        collection="items",
+        fields=(Field("name", "string"),),
+        depends_on=(Dependency("item_tags", "item_id"),),
+    )
+    path = tmp_path / "items.db"
+    app = app_connection(path)
+    app.executescript(
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL);"
+        f"CREATE TABLE item_tags (item_id {tag_key}, tag TEXT);"
+    )
+    db = Database(path)
+    schema.init(db, [items])
+    imported = threading.Event()
+
+    class SlowDelete(FakeIndex):
+        def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
+            try:
+                return super().import_jsonl(body, count)
+            finally:
+                imported.set()
+
+        def delete_ids(self, ids: list[str]) -> int:
+            imported.wait(2)  # lands after an import sent beside it
+            return super().delete_ids(ids)
+
+    fake = SlowDelete()
+    [fake.mapping] = schema.check(db, [items])
+    applier = Applier(db, {"items": fake}, batch_size=1, telemetry=Telemetry())  # type: ignore[dict-item]
+    app.execute("INSERT INTO item_tags VALUES ('5', 'red')")  # no row 5 yet
+    prepare = applier._prepare
+
+    def prepared(after: int) -> Any:  # the row 5 commits once the first batch is read
+        batch = prepare(after)
+        if not app.execute("SELECT 1 FROM items").fetchall():
+            app.execute("INSERT INTO items VALUES (5, 'five')")
+        return batch
+
+    monkeypatch.setattr(applier, "_prepare", prepared)
+    while applier.drain(threading.Event()):
+        pass
+    assert db.conn.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+    assert "5" in fake.documents
     db.close()
