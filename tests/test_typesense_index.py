@@ -496,10 +496,15 @@ class SlowOnceHandler(http.server.BaseHTTPRequestHandler):
         self.asked.append(time.monotonic())
         if self.slow:
             time.sleep(self.slow.pop())
-        self.send_response(200)
-        self.send_header("Content-Length", "11")
-        self.end_headers()
-        self.wfile.write(b'{"ok":true}')
+        try:
+            self.send_response(200)
+            self.send_header("Content-Length", "11")
+            self.end_headers()
+            self.wfile.write(b'{"ok":true}')
+        except (BrokenPipeError, ConnectionResetError):  # the watch gave up on the late answer:
+            # said by socketserver on stderr, from a thread that outlives the test, it landed in
+            # another test's CliRunner output as a traceback (CI failed twice so)
+            pass
 
     def log_message(self, *args: Any) -> None:
         pass
