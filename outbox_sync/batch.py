@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from collections.abc import Mapping as Lookup
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import itemgetter
@@ -106,9 +107,16 @@ class Batch:
     records: set[tuple[str, Any]] = field(default_factory=set)  # (mapping, key) it touches
     judged_bytes: int = 0  # of the lines the Python mapper wrote (SQLite's read them as empty)
 
-    def unreadable(self, entry: OutboxEntry, error: sqlite3.Error) -> None:
-        """Give up on `entry`'s record: SQLite fails on its row (an `sql` field on its value)."""
-        self.fail(entry, None, f"SQLite cannot read its row as the mapping says: {error}")
+    @contextmanager
+    def reading(self, entry: OutboxEntry) -> Iterator[None]:
+        """Give up on `entry`'s record where SQLite fails on its row as the mapping says (an
+        `sql` field or `where` on its value: `is_row_error`); any other failure is raised."""
+        try:
+            yield
+        except sqlite3.OperationalError as error:
+            if not is_row_error(error):
+                raise
+            self.fail(entry, None, f"SQLite cannot read its row as the mapping says: {error}")
 
     def fail(self, entry: OutboxEntry, document: str | None, error: str, **result: Any) -> None:
         """Give up on `entry`'s record: a sync error after one attempt (validation), or with
@@ -336,12 +344,8 @@ class Applier:
                 raise
         rows: dict[int, Found | None] = {}
         for entry in entries:
-            try:
+            with batch.reading(entry):
                 rows |= read([entry])
-            except sqlite3.OperationalError as error:
-                if not is_row_error(error):
-                    raise
-                batch.unreadable(entry, error)
         return rows
 
     def _read(
@@ -365,15 +369,10 @@ class Applier:
         read: list[Claimed] = []
         size = 0
         for entry_id, deleted, key in self.db.claimed_entries(mapping, after, batch.last_id):
-            try:
+            with batch.reading(OutboxEntry(entry_id, mapping.name, key, _op(deleted))):
                 rows, line_bytes = self.db.read_claimed(mapping, entry_id - 1, entry_id)
                 read += rows
                 size += line_bytes
-            except sqlite3.OperationalError as error:
-                if not is_row_error(error):
-                    raise
-                entry = OutboxEntry(entry_id, mapping.name, key, _op(deleted))
-                batch.unreadable(entry, error)
             if size >= max_bytes:
                 return read, size, entry_id
         return read, size, batch.last_id
@@ -383,12 +382,8 @@ class Applier:
         whose key no document can have. A row whose `where` SQLite fails on (a NULL key's:
         the claim does not look it up) is given up on, as a batch's read does: it stopped
         the daemon at every start (found by a hostile review)."""
-        try:
+        with batch.reading(entry):
             self._judge_gone(batch, work, mapping, entry)
-        except sqlite3.OperationalError as error:
-            if not is_row_error(error):
-                raise
-            batch.unreadable(entry, error)
 
     def _judge_gone(self, batch: Batch, work: Work, mapping: Mapping, entry: OutboxEntry) -> None:
         doc_id = mapping.document_id(entry.key)  # only a delete needs it: the line has it
