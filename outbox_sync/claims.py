@@ -82,7 +82,10 @@ class Claims:
                 try:
                     self._claim(name)
                 except TypesenseUnavailableError as error:
-                    if name not in self.held:  # at start: the loop waits for Typesense
+                    if name not in self.held:  # at start: the loop waits for Typesense and
+                        # claims again at its next turn, not CLAIM_REFRESH_S later: it syncs
+                        # meanwhile, into a collection it has not claimed (a hostile review)
+                        self.next_at = float("-inf")
                         raise
                     # A claim held stays fresh for CLAIM_FRESH_S: a refresh failing for a
                     # moment (a 503, a restart) must not end a long reindex or fill between

@@ -453,3 +453,25 @@ def test_the_claims_are_given_back_after_the_other_jobs_stop(
     worker.run(threading.Event(), once=True)
     assert stopped[-1] == "claims"
     assert {"audit", "stats"} <= set(stopped[:-1])
+
+
+def test_a_claim_that_fails_at_start_after_another_succeeded_is_tried_at_the_next_turn(
+    db: Database, db_path: Path, served: Server, collection: str
+) -> None:
+    """The first collection claimed, the second's claim answered 503: the loop waits, and its
+    next turn claims again. It waited CLAIM_REFRESH_S (a minute) and synced the second
+    collection unclaimed meanwhile (found by a hostile review)."""
+    names = [collection, f"{collection}_b"]
+    app_connection(db_path).execute(ROW_SQL, make_row(1))
+    with FaultProxy(served.url) as proxy:
+        indexes = [TypesenseIndex([proxy.url], served.api_key, name) for name in names]
+        for index in indexes:
+            index.ensure_collection()
+        worker = daemon(db, indexes, claims=True)
+        worker.backoff.delay_s = 0.01
+        proxy.add(Fault("status", status=503, path=f"/{CLAIMS_COLLECTION}/documents/{names[1]}"))
+        assert worker.loop(time.monotonic(), threading.Event()).paused
+        assert running_claim(served, names[0]) and not running_claim(served, names[1])
+        worker.loop(time.monotonic(), threading.Event())
+        assert proxy.pending_faults() == []
+        assert running_claim(served, names[1])
