@@ -151,6 +151,11 @@ class Applier:
         # to call when entries no acknowledgement removed are gone (`_missing`).
         self.acked: int | None = None
         self.on_missing: Callable[[int], None] = lambda count: None
+        # The schema version the loop's watch last checked (None: none to keep to): a drain
+        # ends where it changed, before a batch read by a schema the mappings were not bound
+        # to is sent (`_batches`).
+        self.schema_seen: Callable[[], int | None] = lambda: None
+        self.schema_moved = False  # the last drain ended so
 
     def apply_once(self) -> BatchReport:
         """Apply the oldest batch of outbox entries and acknowledge it. Raises
@@ -174,7 +179,7 @@ class Applier:
         is sent. Acknowledgements go in outbox order and are coalesced (`Acks`); all that was
         applied is acknowledged before the drain returns or raises."""
         acks = Acks(self._ack, self.batch_size)
-        started = time.monotonic()
+        started, self.schema_moved = time.monotonic(), False
         batches = self._batches(stop, started + max_seconds)
         try:
             batch = next(batches, None)
@@ -217,9 +222,17 @@ class Applier:
                 wait([answer for _, answer in flights])  # no request left running behind an error
 
     def _batches(self, stop: Stopping, until: float) -> Iterator[Batch]:
-        """Prepared batches in outbox order, while there are entries, time and no stop."""
+        """Prepared batches in outbox order, while there are entries, time and no stop, and
+        the schema the watch last checked: a batch read after a migration is let go, its
+        entries left queued, and the loop's watch looks before another is read. A drain goes on
+        for DRAIN_SLICE_S: rows a migration made VIRTUAL JSON columns of went to Typesense as
+        objects meanwhile, each a sync error (found by a hostile review)."""
         batch = self._prepare(after=0)
         while batch is not None:
+            seen = self.schema_seen()  # after the read: a migration it may have seen shows
+            if seen is not None and self.db.schema_version() != seen:
+                self.schema_moved = True
+                return
             yield batch
             now = time.monotonic()
             self.telemetry.loop_alive(now)  # a drain is the loop at work

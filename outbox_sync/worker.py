@@ -160,10 +160,12 @@ class Job:
 
 @dataclass(frozen=True)
 class Turn:
-    """What one turn of the loop did: entries applied, or paused (it waited out trouble)."""
+    """What one turn of the loop did: entries applied, or paused (it waited out trouble), or
+    the drain ended at a schema change, which the next turn's watch looks at (`again`)."""
 
     applied: int = 0
     paused: bool = False
+    again: bool = False
 
 
 class Backoff:
@@ -260,7 +262,7 @@ class Worker:
             while not stop.is_set():
                 version = self._data_version()
                 turn = self.loop(time.monotonic(), stop)
-                if turn.paused or turn.applied:
+                if turn.paused or turn.applied or turn.again:
                     continue
                 if once:
                     if any([job.settle(stop) for job in self.jobs.values() if job.settle]):
@@ -325,7 +327,7 @@ class Worker:
         if self.typesense_down:  # and back now
             self.typesense_down = False
             self.after_outage()
-        return Turn(applied)
+        return Turn(applied, again=self.applier.schema_moved)
 
     def _show_backlog(self) -> None:
         """The backlog figures (metrics, systemd's status) while the loop, at start, waits for
@@ -581,7 +583,7 @@ def daemon(
         jobs.append(Job("claims", 0, claimed.keep, at_stop=claimed.give_back, first=True))
     jobs += [
         Job("file", REFRESH_INTERVAL_S, lambda now: check_files()),
-        Job("schema", 0, SchemaWatch(db, mappings, reconciler.request)),
+        Job("schema", 0, watch := SchemaWatch(db, mappings, reconciler.request)),
         backlog,
         # the fills `init` asked for, then a requested reindex, run here, pausing the sync
         Job(
@@ -654,6 +656,7 @@ def daemon(
         reconciler.request("outbox entries deleted")
 
     applier.on_missing = entries_missing
+    applier.schema_seen = lambda: watch.version
     worker = Worker(
         db,
         indexes,

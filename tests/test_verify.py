@@ -273,6 +273,55 @@ def test_a_column_a_migration_made_a_virtual_json_one_stops_the_daemon_to_read_i
     assert sync_errors.find(db) == []
 
 
+@pytest.mark.parametrize("claim_before", [1, 2])
+def test_a_migration_committed_during_a_drain_is_seen_before_another_batch_is_read(
+    tmp_path: Path, typesense_server: Server, collection: str, claim_before: int
+) -> None:
+    """A drain goes on for up to DRAIN_SLICE_S before the loop's schema watch looks again. The
+    backlog's rows read after a migration made their column a VIRTUAL JSON one went to Typesense
+    as objects, each a sync error, before the watch stopped the daemon (found by a hostile
+    review). The drain now ends at a schema change: the rows wait for the next start. Before
+    its first batch too (committed after the watch looked): `run --once` then ended as if the
+    outbox were empty."""
+    path = tmp_path / "app.db"
+    app = app_connection(path)
+    app.execute("CREATE TABLE a (id INTEGER PRIMARY KEY, place TEXT NOT NULL)")
+    mapping = Mapping(
+        table="a", key="id", collection=collection, fields=(Field("place", "string"),)
+    )
+    db = Database(path, create=True)
+    schema.init(db, [mapping])
+    [bound] = schema.check(db, [mapping])
+    index = TypesenseIndex(
+        [typesense_server.url], typesense_server.api_key, collection, mapping=bound
+    )
+    index.ensure_collection()
+    worker = daemon(db, [index], audit_every_s=0, batch_size=10)
+    app.executemany("INSERT INTO a VALUES (?, 'Oslo')", [(n,) for n in range(1, 101)])
+    claim, claims = db.claim, 0
+
+    def claim_after_a_migration(limit: int, after: int = 0) -> list[tuple[str, int, int, int]]:
+        nonlocal claims
+        claims += 1
+        if claims == claim_before:  # that batch is read after the migration
+            app.executescript(
+                "BEGIN; CREATE TABLE a_new (id INTEGER PRIMARY KEY, doc TEXT, place TEXT"
+                " GENERATED ALWAYS AS (json_extract(doc, '$.place')) VIRTUAL);"
+                " INSERT INTO a_new (id, doc)"
+                " SELECT id, json_object('place', json_object('city', place)) FROM a;"
+                " DROP TABLE a; ALTER TABLE a_new RENAME TO a; COMMIT;"
+            )
+        return claim(limit, after)
+
+    db.claim = claim_after_a_migration  # type: ignore[method-assign]
+    with pytest.raises(DatabaseError, match=r"column place of table a .* VIRTUAL generated"):
+        drain(worker)
+    assert sync_errors.find(db) == []
+    applied = 10 * (claim_before - 1)  # the batches read before it
+    assert len(export(typesense_server, collection)) == applied
+    assert db.backlog()[0] == 100 - applied
+
+
 def searched(server: Server, collection: str, field: str, text: str) -> int | None:
     """How many documents a search of `field` finds; None when Typesense refuses the search
     (a field the collection does not have)."""
