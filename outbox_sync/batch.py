@@ -270,28 +270,30 @@ class Applier:
             reads.append((index.mapping, rows))
             size += read
             if upto < batch.last_id:
-                size = self._cut(batch, reads, after, upto)
+                self._cut(batch, reads, after, upto)
         first = min(first for _, _, _, first in claimed)
         self._missing(after, first, batch.last_id, batch.report.entries)
         for mapping, rows in reads:
             self._prepare_mapping(batch, mapping, rows)
-        # the lines the mapper wrote count too: read as empty, a claim of such rows grew to
-        # batch_size however large they were (found by a hostile review)
-        size += batch.judged_bytes
+        # the next claim is sized by the lines that go: SQLite's, and the mapper's, read as
+        # empty (a claim of such rows grew to batch_size however large they were: found by a
+        # hostile review); the read's estimate of the latter is left out
+        size = batch.judged_bytes
+        for _, rows in reads:
+            size += sum(map(len, filter(None, map(itemgetter(3), rows))))
         self.claim_size = rows_fitting(batch.report.entries, size, self.batch_size)
         return batch
 
     def _cut(
         self, batch: Batch, reads: list[tuple[Mapping, list[Claimed]]], after: int, last: int
-    ) -> int:
+    ) -> None:
         """End the batch at entry `last`, where a read stopped: the entries read after it are
-        let go, left queued for the next batch; the bytes of the lines kept."""
+        let go, left queued for the next batch."""
         batch.last_id, batch.full = last, True
         for _, rows in reads:
             del rows[bisect_right(rows, last, key=itemgetter(0)) :]
         batch.report.failures = [f for f in batch.report.failures if f.outbox_id <= last]
         batch.report.entries = self.db.count_entries(after, last)
-        return sum(len(line or b"") for _, rows in reads for *_, line in rows)
 
     def _prepare_mapping(self, batch: Batch, mapping: Mapping, entries: list[Claimed]) -> None:
         work = batch.work.setdefault(mapping.name, Work())

@@ -333,6 +333,22 @@ class Mapping:
         return self._select_claimed(self.line_sql())
 
     @cached_property
+    def select_raw_size(self) -> str:
+        """The bytes of the stored columns' values in the rows of these keys (a JSON array, the
+        only parameter): about the size of the lines the Python mapper writes for them, which
+        `select_claimed` reads as empty. No `sql` field and no `where`: nothing SQLite can
+        fail on."""
+        sizes = " + ".join(
+            f"coalesce(length(CAST({quote_identifier(f.column or f.name)} AS BLOB)), 0)"
+            for f in self.fields
+            if not f.sql
+        )
+        return (
+            f"SELECT coalesce(sum({sizes or 0}), 0) FROM {quote_identifier(self.table)}"
+            f" WHERE {quote_identifier(self.key)} IN (SELECT value FROM json_each(?))"
+        )
+
+    @cached_property
     def select_claimed_keys(self) -> str:
         """`select_claimed` without the lines: (id, is a delete, key), the key the row's own
         when the table has a row of it, covered or not. It runs neither the fields' `sql` nor

@@ -455,15 +455,16 @@ def test_batches_cut_at_random_row_sizes_bring_every_change_of_two_mappings(
     db.close()
 
 
-def test_rows_the_python_mapper_writes_size_the_next_claim_too(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("small_first", [False, True])
+def test_rows_the_python_mapper_writes_count_toward_the_reads_stop_and_the_next_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_first: bool
 ) -> None:
     """A row SQLite leaves to the Python mapper (an array whose text holds an escape, as
     `json.dumps(["café"])` writes it) is read with an empty line: its bytes were counted as
     none, and the claims grew to batch_size however large the rows (800 KB a batch here,
-    against a bound of 40,000). Its line counts once written. The read's stop still cannot see
-    such rows: the first read, of FIRST_READ_ROWS, is as large as they are (found by a hostile
-    review)."""
+    against a bound of 40,000). Its line counts once written, and its values' bytes stop the
+    read: the first read, of FIRST_READ_ROWS, and one after small rows, which the claim had
+    sized at batch_size, were taken whole (found by a hostile review)."""
     monkeypatch.setattr("outbox_sync.db.READ_MAX_BYTES", 40_000)
     monkeypatch.setattr("outbox_sync.db.READ_CHUNK_ROWS", 2)
     docs = Mapping(
@@ -486,13 +487,22 @@ def test_rows_the_python_mapper_writes_size_the_next_claim_too(
     fake = Recording()
     fake.mapping = docs
     applier = Applier(db, {"docs": fake}, batch_size=200, telemetry=Telemetry())  # type: ignore[dict-item]
+    small = 400 if small_first else 0
+    app.executemany(
+        "INSERT INTO docs VALUES (?, 'a', '[]')", [(key,) for key in range(1, small + 1)]
+    )
+    while applier.apply_once().entries:
+        pass
+    assert applier.claim_size == (200 if small_first else 100)  # FIRST_READ_ROWS
+    bodies.clear()
     rows = [(key, f"{key} " + "words " * 660, json.dumps(["café"])) for key in range(1, 401)]
-    app.executemany("INSERT INTO docs VALUES (?, ?, ?)", rows)  # ~4 KB a line
+    app.executemany("INSERT OR REPLACE INTO docs VALUES (?, ?, ?)", rows)  # ~4 KB a line
     while applier.apply_once().entries:
         pass
     assert len(fake.documents) == 400
-    assert bodies[0] > 100 * 4_000  # the first read: FIRST_READ_ROWS, whatever their size
-    assert max(bodies[1:]) <= 40_000 + 4_100, bodies
+    assert json.loads(fake.documents["400"])["tags"] == ["café"]
+    assert max(bodies) <= 40_000 + 2 * 4_100, bodies  # the bound and a chunk past it
+    assert sum(bodies) >= 400 * 4_000
     db.close()
 
 
