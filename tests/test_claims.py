@@ -455,12 +455,13 @@ def test_the_claims_are_given_back_after_the_other_jobs_stop(
     assert {"audit", "stats"} <= set(stopped[:-1])
 
 
-def test_a_claim_that_fails_at_start_after_another_succeeded_is_tried_at_the_next_turn(
-    db: Database, db_path: Path, served: Server, collection: str
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_claim_that_fails_at_start_is_tried_at_the_next_turn(
+    db: Database, db_path: Path, served: Server, collection: str, failing: int
 ) -> None:
-    """The first collection claimed, the second's claim answered 503: the loop waits, and its
-    next turn claims again. It waited CLAIM_REFRESH_S (a minute) and synced the second
-    collection unclaimed meanwhile (found by a hostile review)."""
+    """A collection's claim answered 503 at start, the first's or the second's after the first
+    was made: the loop waits, and its next turn claims again. It waited CLAIM_REFRESH_S (a
+    minute) and synced the collection unclaimed meanwhile (found by a hostile review)."""
     names = [collection, f"{collection}_b"]
     app_connection(db_path).execute(ROW_SQL, make_row(1))
     with FaultProxy(served.url) as proxy:
@@ -469,9 +470,10 @@ def test_a_claim_that_fails_at_start_after_another_succeeded_is_tried_at_the_nex
             index.ensure_collection()
         worker = daemon(db, indexes, claims=True)
         worker.backoff.delay_s = 0.01
-        proxy.add(Fault("status", status=503, path=f"/{CLAIMS_COLLECTION}/documents/{names[1]}"))
+        path = f"/{CLAIMS_COLLECTION}/documents/{names[failing]}"
+        proxy.add(Fault("status", status=503, path=path))
         assert worker.loop(time.monotonic(), threading.Event()).paused
-        assert running_claim(served, names[0]) and not running_claim(served, names[1])
+        assert [running_claim(served, name) for name in names] == [failing == 1, False]
         worker.loop(time.monotonic(), threading.Event())
         assert proxy.pending_faults() == []
-        assert running_claim(served, names[1])
+        assert all(running_claim(served, name) for name in names)
