@@ -391,12 +391,11 @@ class Database:
         """The bytes of the rows of a read's chunk that SQLite left to the Python mapper (read
         as empty lines): counted as none, a read of 5,000 such rows after small ones was taken
         whole, whatever their size (found by a hostile review)."""
-        keys = [_text(key) if type(key) is RawText else key for _, _, key, line in chunk]
-        empty = [  # a key that is not UTF-8 names no document: not the mapper's (`_prepare`)
-            key
-            for key, (*_, line) in zip(keys, chunk, strict=True)
-            if line == b"" and type(key) is not RawText
+        keys = [
+            _text(key) if type(key) is RawText else key for *_, key, line in chunk if line == b""
         ]
+        # a key that is not UTF-8 names no document: not the mapper's (`Applier._prepare`)
+        empty = [key for key in keys if type(key) is not RawText]
         (size,) = self.conn.execute(mapping.select_raw_size, (keys_json(empty),)).fetchone()
         return int(size)
 

@@ -336,8 +336,10 @@ class Mapping:
     def select_raw_size(self) -> str:
         """The bytes of the stored columns' values in the rows of these keys (a JSON array, the
         only parameter): about the size of the lines the Python mapper writes for them, which
-        `select_claimed` reads as empty. No `sql` field and no `where`: nothing SQLite can
-        fail on."""
+        `select_claimed` reads as empty. No `sql` field and no `where`. A VIRTUAL column
+        SQLite fails on for a row (`json_extract` of text that is not JSON) fails it, as it
+        fails the mapper's read of the row's values: the entry is given up on with SQLite's
+        words either way (`Applier._read`)."""
         sizes = " + ".join(
             f"coalesce(length(CAST({quote_identifier(f.column or f.name)} AS BLOB)), 0)"
             for f in self.fields
