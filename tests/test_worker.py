@@ -457,7 +457,11 @@ def test_batches_cut_at_random_row_sizes_bring_every_change_of_two_mappings(
 
 @pytest.mark.parametrize("small_first", [False, True])
 def test_rows_the_python_mapper_writes_count_toward_the_reads_stop_and_the_next_claim(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_first: bool
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    typesense_server: Server,
+    collection: str,
+    small_first: bool,
 ) -> None:
     """A row SQLite leaves to the Python mapper (an array whose text holds an escape, as
     `json.dumps(["café"])` writes it) is read with an empty line: its bytes were counted as
@@ -470,23 +474,27 @@ def test_rows_the_python_mapper_writes_count_toward_the_reads_stop_and_the_next_
     docs = Mapping(
         table="docs",
         key="id",
-        collection="docs",
+        collection=collection,
         fields=(Field("body", "string"), Field("tags", "string[]")),
     )
     app = app_connection(tmp_path / "app.db")
     app.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, body TEXT NOT NULL, tags TEXT)")
     db = Database(tmp_path / "app.db")
     schema.init(db, [docs])
+    [bound] = schema.check(db, [docs])
+    index = TypesenseIndex(
+        [typesense_server.url], typesense_server.api_key, collection, mapping=bound
+    )
+    index.ensure_collection()
     bodies: list[int] = []
+    send = index.import_jsonl
 
-    class Recording(FakeIndex):
-        def import_jsonl(self, body: bytes, count: int) -> list[ImportResult]:
-            bodies.append(len(body))
-            return super().import_jsonl(body, count)
+    def recording(body: bytes, count: int, **options: Any) -> list[ImportResult]:
+        bodies.append(len(body))
+        return send(body, count, **options)
 
-    fake = Recording()
-    fake.mapping = docs
-    applier = Applier(db, {"docs": fake}, batch_size=200, telemetry=Telemetry())  # type: ignore[dict-item]
+    index.import_jsonl = recording  # type: ignore[method-assign]
+    applier = Applier(db, {"docs": index}, batch_size=200, telemetry=Telemetry())
     small = 400 if small_first else 0
     app.executemany(
         "INSERT INTO docs VALUES (?, 'a', '[]')", [(key,) for key in range(1, small + 1)]
@@ -499,8 +507,8 @@ def test_rows_the_python_mapper_writes_count_toward_the_reads_stop_and_the_next_
     app.executemany("INSERT OR REPLACE INTO docs VALUES (?, ?, ?)", rows)  # ~4 KB a line
     while applier.apply_once().entries:
         pass
-    assert len(fake.documents) == 400
-    assert json.loads(fake.documents["400"])["tags"] == ["café"]
+    documents = export(typesense_server, collection)
+    assert len(documents) == 400 and documents["400"]["tags"] == ["café"]
     assert max(bodies) <= 40_000 + 2 * 4_100, bodies  # the bound and a chunk past it
     assert sum(bodies) >= 400 * 4_000
     db.close()
