@@ -190,6 +190,11 @@ class Database:
             raise DatabaseError(
                 f"directory {path.parent} does not exist: create it, or give another --db"
             )
+        if path.is_dir():
+            raise DatabaseError(
+                f"{path} is a directory: give --db the database file's path, such as "
+                f"{path / 'sequences.db'}"
+            )
         if not create and not path.exists():
             raise DatabaseError(
                 f"database {path} does not exist: create it with `outbox-sync init --db {path}`"

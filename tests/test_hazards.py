@@ -747,6 +747,18 @@ def test_init_in_a_missing_directory_is_one_clear_line(
     assert f"directory {path.parent} does not exist" in one_clear_line(result)
 
 
+@pytest.mark.parametrize("command", [["run", "--once"], ["status"], ["init"]])
+def test_a_directory_given_as_the_database_is_one_clear_line(
+    tmp_path: Path, cli_env: dict[str, str], command: list[str]
+) -> None:
+    result = invoke([*command, "--db", str(tmp_path)], **cli_env)
+    assert result.exit_code == 1
+    assert f"{tmp_path} is a directory: give --db the database file's path, such as " in (
+        one_clear_line(result)
+    )
+    assert not list(tmp_path.iterdir())  # nothing made in it
+
+
 def without_write_permission_bypass() -> None:
     """In the child, before exec: as root, drop the capabilities that ignore file modes, so a
     read-only file is read-only to it as to anyone."""
