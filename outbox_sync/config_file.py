@@ -15,6 +15,7 @@ more `[[sync]]` mappings. Every mistake is one line naming the file, the entry a
     key = "slug"
 """
 
+import json
 import re
 import tomllib
 from collections.abc import Mapping as Lookup
@@ -120,6 +121,11 @@ def _mapping(path: Path, number: int, entry: Any) -> Mapping:
     origin = f"{path}, [[sync]] {number}"
     if isinstance(entry, dict) and isinstance(entry.get("table"), str):
         origin += f" (table {entry['table']})"
+    if isinstance(entry, dict) and isinstance(entry.get("fields"), dict):
+        raise ConfigFileError(
+            f"{origin}: fields: expected an array of tables, one per field, got a table: write "
+            f"fields = [{_fields_hint(entry['fields'])}]"
+        )
     _table(origin, entry, ENTRY_KEYS)
     for key in REQUIRED:
         if key not in entry:
@@ -161,6 +167,19 @@ def _mapping(path: Path, number: int, entry: Any) -> Mapping:
         default_sorting_field=sorting,
         name=entry.get("name", ""),
         origin=origin,
+    )
+
+
+def _fields_hint(given: dict[str, Any]) -> str:
+    """`fields` as it should be written, from the table a user may try first: `name = "type"`
+    pairs, or a `[sync.fields.NAME]` table each."""
+    items = [
+        {"name": name, **(v if isinstance(v, dict) else {"type": v})} for name, v in given.items()
+    ]
+    if not items or not all(type(v) in (str, bool, int) for i in items for v in i.values()):
+        return '{ name = "title", type = "string" }, ...'
+    return ", ".join(
+        "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in item.items()) + " }" for item in items
     )
 
 

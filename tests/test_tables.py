@@ -329,6 +329,35 @@ def test_a_mistake_in_the_file_is_one_line_naming_the_file_the_entry_and_the_key
         assert says in lines[0], lines[0]
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        'fields = { name = "string", bio = "string" }',
+        '[sync.fields.name]\ntype = "string"\nfacet = true\n[sync.fields.bio]\ntype = "string"',
+    ],
+)
+def test_fields_given_as_a_table_are_one_line_showing_them_as_the_array_to_write(
+    tmp_path: Path, fields: str
+) -> None:
+    env, _ = example(tmp_path, f"http://127.0.0.1:{free_port()}")
+    config = Path(env["OUTBOX_SYNC_CONFIG"])
+    entry = '[[sync]]\ntable = "characters"\nkey = "slug"\ncollection = "characters"\n'
+    config.write_text(entry + fields + "\n")
+    result = run_module(["config"], env=env)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    said = f"Error: {config}, [[sync]] 1 (table characters): fields: expected an array of tables"
+    assert line.startswith(said), line
+    written = line.split("got a table: write ", 1)[1]
+    assert written.startswith("fields = [{ name = ")
+    config.write_text(entry + written + "\n")  # what it says to write is the same mapping
+    result = run_module(["config"], env=env)
+    assert result.returncode == 0, result.stderr
+    facet = ", facet = true" if "facet" in fields else ""
+    assert f'{{ name = "name", type = "string"{facet} }},' in result.stdout
+    assert '{ name = "bio", type = "string" },' in result.stdout
+
+
 def test_a_key_no_document_can_have_is_an_error_only_while_its_row_is_covered(
     tmp_path: Path, typesense_server: Server, collection: str
 ) -> None:
