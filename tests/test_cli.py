@@ -137,6 +137,10 @@ def test_errors_list_json(db_path: Path) -> None:
         (["status", "--collection", "a/b"], {}, "collection name 'a/b' must be"),
         (["run", "--batch-size", "0"], {}, "Invalid value for '--batch-size'"),
         (["status", "--api-key-file", "nope"], {"TYPESENSE_URL": "http://x"}, "cannot read"),
+        (["run", "--batch-size", "abc"], {}, "'abc' is not a valid integer. (see"),
+        (["errors", "show", "abc"], {}, "'abc' is not a valid integer. (see"),
+        (["errors", "list", "--limit", "x"], {}, "'x' is not a valid integer. (see"),
+        (["search", "q", "--limit", "x"], {}, "'x' is not a valid integer. (see"),
     ],
 )
 def test_bad_configuration_is_one_clear_line(

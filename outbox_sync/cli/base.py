@@ -43,13 +43,20 @@ class FailedWith2(Failed):
     exit_code = 2
 
 
+class Integer(click.IntRange):
+    """A whole number within bounds. click calls the type "integer range": "'abc' is not a
+    valid integer range" sounds as if a range were asked for."""
+
+    name = "integer"
+
+
 def click_option(option: Option) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     default = "" if option.default is None else f"default: {option.default}; "
     return click.option(
         option.flag,
         option.name,
         envvar=option.env,
-        type=click.IntRange(*option.bounds) if option.bounds else option.type,
+        type=Integer(*option.bounds) if option.bounds else option.type,
         metavar=option.metavar,
         help=f"{option.help} [{default}env: {option.env}]",
         shell_complete=_file_names if option.file else None,

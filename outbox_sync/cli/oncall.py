@@ -12,6 +12,7 @@ from outbox_sync import sync_errors
 from outbox_sync.cli import render
 from outbox_sync.cli.base import (
     FailedWith2,
+    Integer,
     main,
     open_database,
     progress_bars,
@@ -29,7 +30,7 @@ if TYPE_CHECKING:  # see cli/__init__.py
     from outbox_sync.typesense_index import TypesenseIndex
 
 # Ids of `sync_errors` rows: SQLite integers (a larger number would overflow the binding).
-ERROR_ID = click.IntRange(1, 2**63 - 1)
+ERROR_ID = Integer(1, 2**63 - 1)
 
 
 @main.group()
@@ -57,7 +58,7 @@ def errors() -> None:
 )
 @click.option(
     "--limit",
-    type=click.IntRange(min=1),
+    type=Integer(min=1),
     metavar="N",
     help="Only the first (oldest) N; a line on stderr says when more match.",
 )
@@ -325,7 +326,7 @@ def audit(settings: Settings, repair: bool, max_lag: str, as_json: bool) -> None
 )
 @click.option(
     "--limit",
-    type=click.IntRange(1, 250),
+    type=Integer(1, 250),
     default=10,
     show_default=True,
     help="Documents to show (Typesense gives at most 250 at once).",
