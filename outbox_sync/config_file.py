@@ -170,6 +170,18 @@ def _mapping(path: Path, number: int, entry: Any) -> Mapping:
     )
 
 
+def toml_value(value: Any) -> str:
+    """A value as TOML writes it: JSON's, but for strings, whose characters outside the BMP
+    json.dumps writes as surrogate pairs, which TOML refuses."""
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    return json.dumps(value)
+
+
+def toml_inline_table(items: Lookup[str, Any]) -> str:
+    return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in items.items()) + " }"
+
+
 def _fields_hint(given: dict[str, Any]) -> str:
     """`fields` as it should be written, from the table a user may try first: `name = "type"`
     pairs, or a `[sync.fields.NAME]` table each."""
@@ -178,9 +190,7 @@ def _fields_hint(given: dict[str, Any]) -> str:
     ]
     if not items or not all(type(v) in (str, bool, int) for i in items for v in i.values()):
         return '{ name = "title", type = "string" }, ...'
-    return ", ".join(
-        "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in item.items()) + " }" for item in items
-    )
+    return ", ".join(map(toml_inline_table, items))
 
 
 def _field(where: str, item: Any) -> Field:

@@ -358,6 +358,19 @@ def test_fields_given_as_a_table_are_one_line_showing_them_as_the_array_to_write
     assert '{ name = "bio", type = "string" },' in result.stdout
 
 
+def test_the_fields_to_write_keep_text_outside_the_bmp_as_toml_reads_it(tmp_path: Path) -> None:
+    env, _ = example(tmp_path, f"http://127.0.0.1:{free_port()}")
+    config = Path(env["OUTBOX_SYNC_CONFIG"])
+    entry = '[[sync]]\ntable = "characters"\nkey = "slug"\ncollection = "characters"\n'
+    config.write_text(entry + '[sync.fields.bio]\ntype = "string"\nsql = "bio || \'\U0001f3ad\'"\n')
+    said = run_module(["config"], env=env).stderr.strip()
+    written = said.split("got a table: write ", 1)[1]
+    config.write_text(entry + written + "\n")  # json.dumps's surrogate pairs: TOML refuses them
+    result = run_module(["config"], env=env)
+    assert result.returncode == 0, result.stderr
+    assert "sql = \"bio || '\U0001f3ad'\"" in result.stdout
+
+
 def test_a_key_no_document_can_have_is_an_error_only_while_its_row_is_covered(
     tmp_path: Path, typesense_server: Server, collection: str
 ) -> None:

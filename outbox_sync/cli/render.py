@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from outbox_sync.config import Settings, format_duration
+from outbox_sync.config_file import toml_inline_table, toml_value
 from outbox_sync.mapping import Mapping
 from outbox_sync.stats import LATENCY_BUCKETS_S
 
@@ -305,14 +306,6 @@ def effective_config(settings: Settings) -> dict[str, Any]:
     return effective
 
 
-def toml_value(value: Any) -> str:
-    """A value as TOML writes it: JSON's, but for strings, whose characters outside the BMP
-    json.dumps writes as surrogate pairs, which TOML refuses."""
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    return json.dumps(value)
-
-
 def toml_lines(effective: dict[str, Any]) -> Iterator[str]:
     """The effective configuration as TOML (it reads back as a --config file)."""
     for key, value in effective.items():
@@ -327,8 +320,7 @@ def toml_lines(effective: dict[str, Any]) -> Iterator[str]:
             if key == "fields":
                 yield "fields = ["
                 for field_ in value:
-                    inner = ", ".join(f"{k} = {toml_value(v)}" for k, v in field_.items())
-                    yield f"  {{ {inner} }},"
+                    yield f"  {toml_inline_table(field_)},"
                 yield "]"
             elif key != "depends_on":
                 yield f"{key} = {toml_value(value)}"
